@@ -1,0 +1,283 @@
+"""Structural judgement of an inventory: every check that needs no blob re-hashing.
+
+Input is what the scanner recorded plus parsed manifests; output is a list of findings.
+Nothing here touches the disk except through the manifest store (reads only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from regfsck import layout
+from regfsck.digest import EMPTY_SHA256
+from regfsck.findings import Finding, make_finding
+from regfsck.graph import ManifestStore, Unloadable, find_cycle, walk
+from regfsck.inventory import Inventory, Link, Repository
+from regfsck.manifest import Descriptor, Manifest, ManifestKind
+from regfsck.names import is_upload_id, is_valid_tag, repo_name_problem
+
+DEFAULT_UPLOAD_AGE = timedelta(hours=168)
+
+
+@dataclass
+class FindingSet:
+    """Collects findings, merging repeats of the same problem (their affected tags)."""
+
+    _by_key: dict[tuple[str, str | None, str | None, str], Finding] = field(default_factory=dict)
+
+    def add(self, finding: Finding) -> None:
+        key = (finding.kind, finding.repo, finding.digest, finding.path)
+        old = self._by_key.get(key)
+        if old is None:
+            self._by_key[key] = finding
+        elif finding.affected_tags:
+            merged = tuple(sorted(set(old.affected_tags) | set(finding.affected_tags)))
+            self._by_key[key] = Finding(**{**old.__dict__, "affected_tags": merged})
+
+    def extend(self, findings: Iterable[Finding]) -> None:
+        for finding in findings:
+            self.add(finding)
+
+    def findings(self) -> list[Finding]:
+        return list(self._by_key.values())
+
+
+def valid_revisions(repo: Repository) -> set[str]:
+    """Digests this repository can serve as manifests (revision link valid and matching)."""
+    return {d for d, link in repo.revisions.items() if link.target == d}
+
+
+def linked_layers(repo: Repository) -> set[str]:
+    """Blob digests this repository's `_layers` links make readable (content wins)."""
+    return {link.target for link in repo.layers.values() if link.target is not None}
+
+
+class TreeChecker:
+    """Runs the structural checks of verify over one inventory."""
+
+    def __init__(self, inventory: Inventory, store: ManifestStore, *,
+                 now: datetime, upload_age: timedelta = DEFAULT_UPLOAD_AGE) -> None:
+        self.inv = inventory
+        self.store = store
+        self.now = now
+        self.upload_age = upload_age
+        self.out = FindingSet()
+        self._size_checked: set[tuple[str, int]] = set()
+
+    def run(self, repos: set[str] | None = None) -> list[Finding]:
+        for anomaly in self.inv.anomalies:
+            if repos is not None and anomaly.repo is not None and anomaly.repo not in repos:
+                continue
+            self.out.add(make_finding(anomaly.kind, anomaly.path, anomaly.detail,
+                                      repo=anomaly.repo, digest=anomaly.digest, tag=anomaly.tag))
+        if repos is None:
+            self._check_blobs()
+        for name, repo in sorted(self.inv.repositories.items()):
+            if repos is None or name in repos:
+                self._check_repository(repo)
+        return self.out.findings()
+
+    # -- blobs -----------------------------------------------------------------
+    def _check_blobs(self) -> None:
+        for digest, blob in self.inv.blobs.items():
+            if blob.size == 0 and digest != EMPTY_SHA256:
+                self.out.add(make_finding("blob_empty", blob.path,
+                                          "zero-byte blob data (truncated write?)", digest=digest))
+
+    def _check_size(self, ref: Descriptor, manifest_digest: str, repo: str) -> None:
+        blob = self.inv.blobs.get(ref.digest)
+        if blob is None or ref.size is None or blob.size == ref.size:
+            return
+        if (ref.digest, ref.size) in self._size_checked:
+            return
+        self._size_checked.add((ref.digest, ref.size))
+        self.out.add(make_finding(
+            "blob_size_mismatch", blob.path,
+            f"blob is {blob.size} bytes but manifest {manifest_digest} says {ref.size}",
+            repo=repo, digest=ref.digest))
+
+    # -- repositories ----------------------------------------------------------
+    def _check_repository(self, repo: Repository) -> None:
+        problem = repo_name_problem(repo.name)
+        if problem:
+            self.out.add(make_finding("repo_bad_name", repo.path, problem, repo=repo.name))
+        if repo.has_manifests and not repo.has_layers:
+            self.out.add(make_finding(
+                "repo_no_layers", repo.path,
+                "no _layers directory: registry 2.8's catalog and GC do not see this repository",
+                repo=repo.name))
+        reach = self._tag_reach(repo)
+        self._check_revisions(repo, reach)
+        self._check_layer_links(repo, reach)
+        self._check_tags(repo)
+        self._check_uploads(repo)
+
+    def _tag_reach(self, repo: Repository) -> dict[str, set[str]]:
+        """For every digest a tag of this repository needs, the tags that need it."""
+        reach: dict[str, set[str]] = {}
+        for tag, target in repo.tag_targets().items():
+            for digest, _, _ in walk(self.store, [target]):
+                reach.setdefault(digest, set()).add(tag)
+        return reach
+
+    def _link_content(self, link: Link, repo: str, tag: str | None = None,
+                      expected: str | None = None) -> bool:
+        """Report invalid or mismatching link content; True when the link is usable."""
+        if link.target is None:
+            shown = f" (content {link.raw[:80]!r})" if link.raw is not None else ""
+            self.out.add(make_finding("link_invalid", link.path, f"{link.error}{shown}",
+                                      repo=repo, tag=tag, digest=expected))
+            return False
+        if expected is not None and link.target != expected:
+            self.out.add(make_finding("link_mismatch", link.path,
+                                      f"link holds {link.target}, its path says {expected}",
+                                      repo=repo, tag=tag, digest=expected))
+            return False
+        return True
+
+    def _check_revisions(self, repo: Repository, reach: dict[str, set[str]]) -> None:
+        serving = valid_revisions(repo)
+        layers = linked_layers(repo)
+        for digest, link in sorted(repo.revisions.items()):
+            if not self._link_content(link, repo.name, expected=digest):
+                continue
+            tags = tuple(sorted(reach.get(digest, ())))
+            loaded = self.store.load(digest)
+            if isinstance(loaded, Unloadable):
+                kind = loaded.kind if loaded.kind != "blob_unreadable" else "revision_not_manifest"
+                path = link.path if kind == "revision_blob_missing" else layout.blob_data(digest)
+                self.out.add(make_finding(kind, path, f"manifest {digest}: {loaded.message}",
+                                          repo=repo.name, digest=digest, affected_tags=tags))
+                continue
+            self._check_manifest(repo, digest, loaded, serving, layers, tags)
+
+    def _check_manifest(self, repo: Repository, digest: str, manifest: Manifest,
+                        serving: set[str], layers: set[str], tags: tuple[str, ...]) -> None:
+        where = layout.blob_data(digest)
+        if manifest.kind is ManifestKind.SCHEMA1:
+            self.out.add(make_finding("manifest_schema1", where,
+                                      "schema1 manifest: registry 3.x cannot serve or collect it",
+                                      repo=repo.name, digest=digest, affected_tags=tags))
+        for problem in manifest.problems:
+            self.out.add(make_finding("manifest_bad_descriptor", where,
+                                      f"manifest {digest}: {problem}", repo=repo.name,
+                                      digest=digest, affected_tags=tags))
+        for ref in manifest.references():
+            if ref.is_foreign:
+                continue
+            self._check_size(ref, digest, repo.name)
+            if ref.digest not in self.inv.blobs:
+                self.out.add(make_finding(
+                    "reference_missing", layout.blob_data(ref.digest),
+                    f"{ref.role} {ref.digest} of manifest {digest} does not exist",
+                    repo=repo.name, digest=ref.digest, affected_tags=tags))
+            elif ref.role == "manifest":
+                if ref.digest not in serving:
+                    self.out.add(make_finding(
+                        "child_not_in_repo", layout.revision_link(repo.name, ref.digest),
+                        f"child manifest {ref.digest} of index {digest} has no revision link "
+                        "in this repository", repo=repo.name, digest=ref.digest,
+                        affected_tags=tags))
+            elif ref.digest not in layers:
+                self.out.add(make_finding(
+                    "reference_not_linked", layout.layer_link(repo.name, ref.digest),
+                    f"{ref.role} {ref.digest} of manifest {digest} exists but is not linked in "
+                    "this repository (the registry answers 'blob unknown')",
+                    repo=repo.name, digest=ref.digest, affected_tags=tags))
+        if manifest.subject is not None and manifest.subject.digest not in serving:
+            self.out.add(make_finding(
+                "subject_missing", layout.revision_link(repo.name, digest),
+                f"referrer {digest} refers to subject {manifest.subject.digest}, which is not "
+                "in this repository", repo=repo.name, digest=digest, affected_tags=tags))
+        if manifest.children:
+            cycle = find_cycle(self.store, digest)
+            if cycle is not None:
+                self.out.add(make_finding(
+                    "manifest_cycle", where, "index cycle: " + " -> ".join(cycle),
+                    repo=repo.name, digest=digest, affected_tags=tags))
+
+    def _check_layer_links(self, repo: Repository, reach: dict[str, set[str]]) -> None:
+        for digest, link in sorted(repo.layers.items()):
+            if link.target is None:
+                self._link_content(link, repo.name, expected=digest)
+                continue
+            if link.target != digest:
+                if digest.startswith("sha256:"):
+                    self._link_content(link, repo.name, expected=digest)
+                    continue
+                self.out.add(make_finding("link_alias", link.path,
+                                          f"alias of {link.target}", repo=repo.name,
+                                          digest=digest))
+            if link.target not in self.inv.blobs:
+                tags = tuple(sorted(reach.get(link.target, ())))
+                self.out.add(make_finding(
+                    "layer_link_dangling", link.path,
+                    f"_layers link to {link.target}, which does not exist",
+                    repo=repo.name, digest=link.target, affected_tags=tags))
+
+    def _check_tags(self, repo: Repository) -> None:
+        serving = valid_revisions(repo)
+        for name, tag in sorted(repo.tags.items()):
+            if not is_valid_tag(name):
+                self.out.add(make_finding("tag_bad_name", tag.path,
+                                          "tag name breaks the tag grammar", repo=repo.name,
+                                          tag=name))
+            for digest, link in sorted(tag.index.items()):
+                if self._link_content(link, repo.name, tag=name, expected=digest) and (
+                        digest not in serving):
+                    self.out.add(make_finding(
+                        "tag_index_orphan", link.path,
+                        f"tag history names {digest}, which has no revision any more",
+                        repo=repo.name, tag=name, digest=digest))
+            if tag.current is None:
+                self.out.add(make_finding(
+                    "tag_no_current", layout.tag_current_link(repo.name, name),
+                    "tag has no current/link: listed by the registry but cannot be pulled",
+                    repo=repo.name, tag=name, affected_tags=(name,)))
+                continue
+            if not self._link_content(tag.current, repo.name, tag=name):
+                continue
+            target = tag.current.target
+            assert target is not None
+            if target not in serving:
+                self.out.add(make_finding(
+                    "tag_revision_missing", tag.current.path,
+                    f"tag points at {target}, which has no revision link in this repository",
+                    repo=repo.name, tag=name, digest=target, affected_tags=(name,)))
+            elif target not in self.inv.blobs:
+                self.out.add(make_finding(
+                    "tag_blob_missing", tag.current.path,
+                    f"tag points at {target}, whose manifest blob is missing",
+                    repo=repo.name, tag=name, digest=target, affected_tags=(name,)))
+            if tag.index and target not in tag.index:
+                self.out.add(make_finding(
+                    "tag_index_missing_current", layout.tag_dir(repo.name, name),
+                    f"current digest {target} is not in the tag's index/", repo=repo.name,
+                    tag=name, digest=target))
+
+    def _check_uploads(self, repo: Repository) -> None:
+        for upload in repo.uploads:
+            if not is_upload_id(upload.id):
+                self.out.add(make_finding("upload_bad_name", upload.path,
+                                          "upload directory name is not a UUID (registry ignores "
+                                          "it)", repo=repo.name))
+                continue
+            if upload.started_at is None:
+                why = "no startedat" if upload.startedat_raw is None else "unparsable startedat"
+                self.out.add(make_finding(
+                    "upload_no_startedat", upload.path,
+                    f"{why}: the registry will never purge this upload ({upload.size} bytes)",
+                    repo=repo.name))
+            elif self.now - upload.started_at > self.upload_age:
+                self.out.add(make_finding(
+                    "upload_stale", upload.path,
+                    f"upload started {upload.started_at.isoformat()} ({upload.size} bytes)",
+                    repo=repo.name))
+
+
+def check_tree(inventory: Inventory, store: ManifestStore, *, now: datetime,
+               repos: set[str] | None = None) -> list[Finding]:
+    """All structural findings for `inventory` (optionally only some repositories)."""
+    return TreeChecker(inventory, store, now=now).run(repos)

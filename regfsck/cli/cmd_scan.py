@@ -1,0 +1,87 @@
+"""`regfsck scan`: inventory and disk use."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.table import Table
+
+from regfsck import exitcodes
+from regfsck.cli.app import app
+from regfsck.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    ROOT_ARGUMENT,
+    human_bytes,
+    open_root,
+    print_json,
+    stdout_console,
+)
+from regfsck.findings import safe_text
+from regfsck.graph import ManifestStore
+from regfsck.scanner import Scanner
+from regfsck.storage import FilesystemStorage
+from regfsck.usage import ScanReport, build_scan_report
+
+
+@app.command()
+def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
+         json_output: bool = JSON_OPTION,
+         top: int = 10) -> None:
+    """Index repositories, tags, manifests, blobs and uploads; report disk use."""
+    registry = open_root(root, config)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    report = build_scan_report(inventory, ManifestStore(storage, inventory), datetime.now(UTC))
+    if json_output:
+        print_json(report.to_json())
+    else:
+        render_scan(report, top)
+    raise SystemExit(exitcodes.OK)
+
+
+def render_scan(report: ScanReport, top: int) -> None:
+    console = stdout_console()
+    totals = Table(title="Registry totals", show_header=False)
+    totals.add_row("repositories", str(len(report.repositories)))
+    totals.add_row("tags", str(sum(len(r.tags) for r in report.repositories)))
+    totals.add_row("manifest revisions", str(sum(len(r.manifests) for r in report.repositories)))
+    totals.add_row("layer links", str(sum(r.layer_links for r in report.repositories)))
+    totals.add_row("blobs", f"{report.blob_count} ({human_bytes(report.blob_bytes)})")
+    totals.add_row("unreferenced blobs",
+                   f"{report.unreferenced_count} ({human_bytes(report.unreferenced_bytes)})")
+    stale = [u for u in report.uploads if u.stale]
+    totals.add_row("uploads", f"{len(report.uploads)} ({len(stale)} stale, "
+                   f"{human_bytes(sum(u.size for u in stale))})")
+    totals.add_row("dedup ratio", f"{report.dedup_ratio:.2f}x")
+    totals.add_row("files seen", str(report.files_seen))
+    if report.anomalies:
+        totals.add_row("anomalies", f"{report.anomalies} (run `regfsck verify` for details)")
+    console.print(totals)
+
+    repos = Table(title="Repositories")
+    for column in ("repository", "tags", "manifests", "unique", "shared"):
+        repos.add_column(column, justify="left" if column == "repository" else "right")
+    for usage in report.repositories:
+        repos.add_row(safe_text(usage.name), str(len(usage.tags)), str(len(usage.manifests)),
+                      human_bytes(usage.unique_bytes), human_bytes(usage.shared_bytes))
+    console.print(repos)
+
+    largest = sorted(report.repositories, key=lambda r: r.unique_bytes + r.shared_bytes,
+                     reverse=True)[:top]
+    if largest:
+        big = Table(title=f"Largest {len(largest)} repositories (unique + shared)")
+        big.add_column("repository")
+        big.add_column("bytes", justify="right")
+        for usage in largest:
+            big.add_row(safe_text(usage.name), human_bytes(usage.unique_bytes + usage.shared_bytes))
+        console.print(big)
+    if stale:
+        uploads = Table(title="Stale uploads (gc --apply removes them)")
+        for column in ("repository", "upload", "size", "started"):
+            uploads.add_column(column)
+        for upload in stale:
+            uploads.add_row(safe_text(upload.repo), safe_text(upload.id), human_bytes(upload.size),
+                            upload.started_at or "never (no startedat)")
+        console.print(uploads)

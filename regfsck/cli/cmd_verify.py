@@ -1,0 +1,125 @@
+"""`regfsck verify`: the fsck."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from regfsck import exitcodes
+from regfsck.cli.app import app
+from regfsck.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    ROOT_ARGUMENT,
+    default_jobs,
+    fail,
+    human_bytes,
+    open_root,
+    print_json,
+    show_progress,
+    stderr_console,
+    stdout_console,
+)
+from regfsck.findings import Severity
+from regfsck.verify import (
+    DataProgress,
+    UnknownRepositoryError,
+    VerifyOptions,
+    VerifyReport,
+    run_verify,
+)
+
+
+class RichDataProgress(DataProgress):
+    """A bytes / rate / ETA bar on stderr."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("hashing blobs"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=stderr_console(), transient=True)
+        self.task = self.progress.add_task("hash", total=0)
+        self._lock = threading.Lock()
+
+    def start(self, total_bytes: int, total_blobs: int) -> None:
+        self.progress.update(self.task, total=total_bytes)
+        self.progress.start()
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self.progress.advance(self.task, nbytes)
+
+    def finish(self) -> None:
+        self.progress.stop()
+
+
+@app.command()
+def verify(
+    root: Path | None = ROOT_ARGUMENT,
+    config: Path | None = CONFIG_OPTION,
+    json_output: bool = JSON_OPTION,
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count)."),
+    repo: list[str] = typer.Option([], "--repo", help="Check only this repository "
+                                   "(repeatable); blobs it uses are re-hashed."),
+    no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content "
+                                 "(structure only)."),
+) -> None:
+    """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
+    if jobs < 0:
+        fail("--jobs must be positive", exitcodes.USAGE)
+    registry = open_root(root, config)
+    options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
+                            check_data=not no_data)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        report = run_verify(registry, options, stop=stop,
+                            progress=RichDataProgress() if show_progress(json_output) else None)
+    except UnknownRepositoryError as exc:
+        fail(str(exc), exitcodes.USAGE)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        render_verify(report)
+    if report.summary.interrupted:
+        stderr_console().print("interrupted: the summary covers only what was checked")
+        raise typer.Exit(exitcodes.INTERRUPTED)
+    raise typer.Exit(exitcodes.FINDINGS if report.summary.errors else exitcodes.OK)
+
+
+_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
+
+
+def render_verify(report: VerifyReport) -> None:
+    console = stdout_console()
+    if report.findings:
+        table = Table(title="Findings", show_lines=False)
+        for column in ("severity", "kind", "where", "message"):
+            table.add_column(column, overflow="fold")
+        for finding in report.findings:
+            where = " ".join(x for x in (
+                finding.repo or "", f":{finding.tag}" if finding.tag else "",
+                f"\n{finding.path}") if x)
+            message = finding.message
+            if finding.affected_tags:
+                message += f"\naffects tags: {', '.join(finding.affected_tags)}"
+            table.add_row(f"[{_STYLE[finding.severity]}]{finding.severity}[/]", finding.kind,
+                          where, message)
+        console.print(table)
+    s = report.summary
+    console.print(
+        f"{s.errors} errors, {s.warnings} warnings, {s.infos} notes; "
+        f"{s.blobs_verified} blobs re-hashed ({human_bytes(s.bytes_verified)})")

@@ -1,0 +1,69 @@
+"""Pieces every command shares: root arguments, JSON output, consoles, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from regfsck import exitcodes
+from regfsck.root import RegistryRoot, RootError, resolve
+
+ROOT_ARGUMENT = typer.Argument(
+    None, help="Registry storage root (holding docker/registry/v2) or the v2 directory "
+    "itself. Default: /var/lib/registry.", show_default=False)
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Read the root directory from the registry's config.yml "
+    "(honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY).", show_default=False)
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+APPLY_OPTION = typer.Option(False, "--apply", help="Really do it (default: print the plan).")
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
+    """Print a one-line error on stderr and exit."""
+    stderr_console().print(f"[bold red]regfsck:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def open_root(root: Path | None, config: Path | None) -> RegistryRoot:
+    """Resolve ROOT/--config or exit 3 with what was expected."""
+    try:
+        return resolve(root, config)
+    except RootError as exc:
+        fail(str(exc))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
+    sys.stdout.flush()
+
+
+def default_jobs() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def show_progress(json_output: bool) -> bool:
+    """Progress bars only for people: a terminal on stderr and no --json."""
+    return not json_output and sys.stderr.isatty()

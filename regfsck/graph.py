@@ -1,0 +1,127 @@
+"""The reference graph: which blobs each manifest needs, loaded once and walked safely.
+
+Used by everything that asks "what does this image need?": scan's disk-use figures,
+verify's reference checks, gc's mark phase, inspect and why. Walks are iterative and
+cycle-safe, so a manifest that lists itself cannot make them loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from regfsck.inventory import Inventory
+from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from regfsck.storage import FilesystemStorage, StorageError
+
+
+@dataclass(frozen=True, slots=True)
+class Unloadable:
+    """Why a manifest digest could not be used (missing blob, bad JSON, I/O error)."""
+
+    kind: str
+    message: str
+
+
+class ManifestStore:
+    """Loads and parses manifest blobs on demand, each digest at most once."""
+
+    def __init__(self, storage: FilesystemStorage, inventory: Inventory) -> None:
+        self.storage = storage
+        self.inventory = inventory
+        self._cache: dict[str, Manifest | Unloadable] = {}
+
+    def load(self, digest: str) -> Manifest | Unloadable:
+        cached = self._cache.get(digest)
+        if cached is None:
+            cached = self._load(digest)
+            self._cache[digest] = cached
+        return cached
+
+    def get(self, digest: str) -> Manifest | None:
+        found = self.load(digest)
+        return found if isinstance(found, Manifest) else None
+
+    def raw(self, digest: str) -> bytes:
+        """The manifest's bytes (raises StorageError)."""
+        blob = self.inventory.blobs[digest]
+        return self.storage.read_small(blob.path, MAX_MANIFEST_BYTES)
+
+    def _load(self, digest: str) -> Manifest | Unloadable:
+        blob = self.inventory.blobs.get(digest)
+        if blob is None:
+            return Unloadable("revision_blob_missing", "manifest blob does not exist")
+        if blob.size > MAX_MANIFEST_BYTES:
+            return Unloadable("manifest_too_large",
+                              f"manifest blob is {blob.size} bytes, over the registry's "
+                              f"{MAX_MANIFEST_BYTES}-byte limit")
+        try:
+            raw = self.storage.read_small(blob.path, MAX_MANIFEST_BYTES)
+        except StorageError as exc:
+            return Unloadable("blob_unreadable", exc.message)
+        try:
+            return parse_manifest(raw)
+        except ManifestError as exc:
+            return Unloadable(exc.kind, str(exc))
+
+    def loaded(self) -> dict[str, Manifest | Unloadable]:
+        return self._cache
+
+
+def walk(store: ManifestStore, roots: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
+    """Yield (digest, role, parent) for every blob reachable from the manifest `roots`.
+
+    Roles: "manifest" for the roots and index children, "config", "layer", "fslayer".
+    Each digest is yielded once; children are followed recursively, cycles are cut.
+    """
+    seen: set[str] = set()
+    stack: list[tuple[str, str, str | None]] = [(d, "manifest", None) for d in roots]
+    while stack:
+        digest, role, parent = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        yield digest, role, parent
+        if role != "manifest":
+            continue
+        manifest = store.get(digest)
+        if manifest is None:
+            continue
+        for ref in manifest.references():
+            if ref.is_foreign or ref.digest in seen:
+                continue
+            child_role = "manifest" if ref.role == "manifest" else ref.role
+            stack.append((ref.digest, child_role, digest))
+
+
+def reachable(store: ManifestStore, roots: Iterable[str]) -> set[str]:
+    """Every blob digest reachable from `roots` (the roots included)."""
+    return {digest for digest, _, _ in walk(store, roots)}
+
+
+def find_cycle(store: ManifestStore, start: str) -> list[str] | None:
+    """Return a chain of index digests leading back to one already on the path, if any."""
+    path: list[str] = []
+    on_path: set[str] = set()
+    done: set[str] = set()
+    stack: list[tuple[str, bool]] = [(start, False)]
+    while stack:
+        digest, leaving = stack.pop()
+        if leaving:
+            path.pop()
+            on_path.discard(digest)
+            done.add(digest)
+            continue
+        if digest in on_path:
+            return [*path, digest]
+        if digest in done:
+            continue
+        manifest = store.get(digest)
+        if manifest is None or not manifest.children:
+            done.add(digest)
+            continue
+        path.append(digest)
+        on_path.add(digest)
+        stack.append((digest, True))
+        stack.extend((child.digest, False) for child in manifest.children)
+    return None

@@ -1,0 +1,227 @@
+"""Parse manifest blobs of every media type the registry stores into references.
+
+The registry records no media type on disk: like the registry, we dispatch on the JSON's
+`schemaVersion` and `mediaType`. Parsing is pure (bytes in, data out) and bounded: blobs
+larger than the registry's own 4 MiB manifest limit or nested absurdly deep are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from regfsck.digest import DigestError, parse_digest
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_ARTIFACT = "application/vnd.oci.artifact.manifest.v1+json"
+
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+FOREIGN_LAYER_TYPES = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
+
+
+class ManifestKind(enum.Enum):
+    SCHEMA1 = "schema1"
+    DOCKER_MANIFEST = "docker-manifest"
+    DOCKER_LIST = "docker-manifest-list"
+    OCI_MANIFEST = "oci-manifest"
+    OCI_INDEX = "oci-index"
+
+    @property
+    def is_index(self) -> bool:
+        return self in (ManifestKind.DOCKER_LIST, ManifestKind.OCI_INDEX)
+
+
+class ManifestError(ValueError):
+    """The blob is not a manifest the registry could serve; `kind` is the finding kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A reference from a manifest to another blob."""
+
+    digest: str
+    media_type: str
+    size: int | None
+    role: str  # "config", "layer", "manifest" (index child), "subject", "fslayer"
+    urls: tuple[str, ...] = ()
+    platform: str | None = None
+
+    @property
+    def is_foreign(self) -> bool:
+        """Layers served from elsewhere: the registry never checks they exist."""
+        return bool(self.urls) and (
+            self.media_type in FOREIGN_LAYER_TYPES or self.media_type.startswith("application/vnd.oci")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    kind: ManifestKind
+    media_type: str
+    config: Descriptor | None = None
+    layers: tuple[Descriptor, ...] = ()
+    children: tuple[Descriptor, ...] = ()
+    subject: Descriptor | None = None
+    artifact_type: str | None = None
+    problems: tuple[str, ...] = field(default=())  # non-fatal oddities (bad descriptors)
+
+    def references(self) -> tuple[Descriptor, ...]:
+        """What the registry's GC marks for this manifest (config, layers, children)."""
+        refs: list[Descriptor] = []
+        if self.config is not None:
+            refs.append(self.config)
+        refs.extend(self.layers)
+        refs.extend(self.children)
+        return tuple(refs)
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
+
+
+def _platform_string(platform: Any) -> str | None:
+    if not isinstance(platform, dict):
+        return None
+    parts = [str(platform.get("os", "")), str(platform.get("architecture", ""))]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return "/".join(parts)
+
+
+def _descriptor(value: Any, role: str, problems: list[str]) -> Descriptor | None:
+    if not isinstance(value, dict):
+        problems.append(f"{role} descriptor is not an object")
+        return None
+    digest = value.get("digest")
+    if not isinstance(digest, str):
+        problems.append(f"{role} descriptor has no digest")
+        return None
+    try:
+        parse_digest(digest)
+    except DigestError as exc:
+        problems.append(f"{role} descriptor has an invalid digest: {exc}")
+        return None
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        problems.append(f"{role} descriptor {digest} has no valid size")
+        size = None
+    media_type = value.get("mediaType")
+    urls = value.get("urls")
+    return Descriptor(
+        digest=digest,
+        media_type=media_type if isinstance(media_type, str) else "",
+        size=size,
+        role=role,
+        urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
+        platform=_platform_string(value.get("platform")),
+    )
+
+
+def _descriptor_list(value: Any, role: str, problems: list[str]) -> tuple[Descriptor, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"{role} list is not an array")
+        return ()
+    found = (_descriptor(item, role, problems) for item in value)
+    return tuple(d for d in found if d is not None)
+
+
+def _classify(doc: dict[str, Any]) -> tuple[ManifestKind, str]:
+    version = doc.get("schemaVersion")
+    media_type = doc.get("mediaType")
+    if version == 1:
+        return ManifestKind.SCHEMA1, SCHEMA1_SIGNED if "signatures" in doc else SCHEMA1
+    if version != 2:
+        raise ManifestError("manifest_unknown_type", f"unknown schemaVersion {version!r}")
+    if media_type is None:
+        if "manifests" in doc:
+            return ManifestKind.OCI_INDEX, OCI_INDEX
+        return ManifestKind.OCI_MANIFEST, OCI_MANIFEST
+    by_type = {
+        DOCKER_MANIFEST: ManifestKind.DOCKER_MANIFEST,
+        DOCKER_LIST: ManifestKind.DOCKER_LIST,
+        OCI_MANIFEST: ManifestKind.OCI_MANIFEST,
+        OCI_INDEX: ManifestKind.OCI_INDEX,
+    }
+    if isinstance(media_type, str) and media_type in by_type:
+        return by_type[media_type], media_type
+    raise ManifestError("manifest_unknown_type", f"unknown manifest mediaType {media_type!r}"[:200])
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse a manifest blob; raises ManifestError (with a finding kind) when unusable."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError("manifest_too_large",
+                            f"manifest is {len(raw)} bytes, over the registry's "
+                            f"{MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        doc = json.loads(raw)
+    except RecursionError as exc:
+        raise ManifestError("manifest_too_deep", "JSON nested too deep to parse") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError("manifest_invalid_json", f"not valid JSON: {exc}"[:200]) from exc
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest_invalid_json", "JSON is not an object")
+    if not _depth_ok(doc, MAX_JSON_DEPTH):
+        raise ManifestError("manifest_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    kind, media_type = _classify(doc)
+    problems: list[str] = []
+    if kind is ManifestKind.SCHEMA1:
+        layers = doc.get("fsLayers")
+        descs: list[Descriptor] = []
+        if not isinstance(layers, list):
+            problems.append("fsLayers is not an array")
+            layers = []
+        for item in layers:
+            blob_sum = item.get("blobSum") if isinstance(item, dict) else None
+            try:
+                parse_digest(blob_sum if isinstance(blob_sum, str) else "")
+            except DigestError:
+                problems.append("fsLayers entry without a valid blobSum")
+                continue
+            assert isinstance(blob_sum, str)
+            if all(d.digest != blob_sum for d in descs):
+                descs.append(Descriptor(blob_sum, "", None, "fslayer"))
+        return Manifest(kind, media_type, layers=tuple(descs), problems=tuple(problems))
+    subject = _descriptor(doc["subject"], "subject", problems) if "subject" in doc else None
+    artifact_type = doc.get("artifactType") if isinstance(doc.get("artifactType"), str) else None
+    if kind.is_index:
+        children = _descriptor_list(doc.get("manifests"), "manifest", problems)
+        if not isinstance(doc.get("manifests"), list):
+            problems.append("index has no manifests array")
+        return Manifest(kind, media_type, children=children, subject=subject,
+                        artifact_type=artifact_type, problems=tuple(problems))
+    config = _descriptor(doc.get("config"), "config", problems)
+    layers_t = _descriptor_list(doc.get("layers"), "layer", problems)
+    return Manifest(kind, media_type, config=config, layers=layers_t, subject=subject,
+                    artifact_type=artifact_type, problems=tuple(problems))

@@ -1,0 +1,386 @@
+"""One pass over the `v2` tree that records what is there (see `inventory`).
+
+The walk uses `os.scandir`, never follows or enters a symbolic link, and avoids listing
+leaf directories that should hold a single known file (`data`, `link`): it opens or stats
+that file directly and lists the directory only when the file is not there. Everything
+odd it meets becomes an `Anomaly`; judging severity is the checker's job.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from regfsck import layout
+from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
+from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
+from regfsck.root import RegistryRoot
+from regfsck.storage import FilesystemStorage, StorageError
+
+LINK_READ_LIMIT = 4096
+STARTEDAT_LIMIT = 4096
+MAX_REPO_DEPTH = 64
+KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
+
+ProgressFn = Callable[[int], None]
+
+
+def parse_startedat(raw: bytes) -> datetime | None:
+    """Parse the RFC 3339 time the registry writes into `startedat`; None if unparsable."""
+    try:
+        text = raw.decode("ascii").strip()
+        when = datetime.fromisoformat(text)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when
+
+
+def _is_tmp_leftover(name: str) -> bool:
+    return name.endswith(".tmp")
+
+
+class Scanner:
+    """Walks one tree into an `Inventory`; create one per scan."""
+
+    def __init__(self, storage: FilesystemStorage, root: RegistryRoot,
+                 on_progress: ProgressFn | None = None) -> None:
+        self.storage = storage
+        self.inv = Inventory(root=root)
+        self.on_progress = on_progress
+
+    # -- helpers -------------------------------------------------------------
+    def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
+        self.inv.anomalies.append(Anomaly(kind, path, detail, **kw))
+
+    def _entries(self, path: str, repo: str | None = None) -> list[os.DirEntry[str]] | None:
+        """List a directory; an unreadable one becomes an anomaly and yields None."""
+        try:
+            entries = sorted(self.storage.scandir(path), key=lambda e: e.name)
+        except StorageError as exc:
+            self._anomaly("unreadable", path, exc.message, repo=repo)
+            return None
+        self.inv.dirs_seen += 1
+        return entries
+
+    def _odd_entry(self, entry: os.DirEntry[str], path: str, expected: str,
+                   repo: str | None = None) -> None:
+        """Record an entry that is not what the layout puts there."""
+        if entry.is_symlink():
+            self._anomaly("symlink", path, f"symbolic link where {expected} was expected "
+                          "(not followed)", repo=repo)
+        elif _is_tmp_leftover(entry.name):
+            self._anomaly("tmp_leftover", path, "temporary file left by an interrupted write",
+                          repo=repo)
+        else:
+            what = "directory" if entry.is_dir(follow_symlinks=False) else (
+                "file" if entry.is_file(follow_symlinks=False) else "special file")
+            self._anomaly("unexpected_entry", path, f"unexpected {what} (expected {expected})",
+                          repo=repo)
+
+    def _read_link(self, path: str, repo: str | None, dir_path: str) -> Link | None:
+        """Read a link file; None when the directory holds no `link` at all."""
+        try:
+            raw = self.storage.read_link_fast(path, LINK_READ_LIMIT)
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                self._missing_link(dir_path, repo)
+                return None
+            if exc.errno == errno.ELOOP:
+                self._anomaly("symlink", path, "link file is a symbolic link (not followed)",
+                              repo=repo)
+                return Link(path, None, "symbolic link")
+            if exc.errno in (errno.EINVAL, errno.EISDIR):
+                self._anomaly("link_not_file", path, "link is not a regular file", repo=repo)
+                return Link(path, None, "not a regular file")
+            self._anomaly("unreadable", path, exc.message, repo=repo)
+            return Link(path, None, exc.message)
+        self.inv.files_seen += 1
+        try:
+            target = str(parse_link_content(raw))
+        except DigestError as exc:
+            return Link(path, None, str(exc), raw[:LINK_READ_LIMIT])
+        return Link(path, target)
+
+    def _leaf_is_empty(self, dir_path: str, expected_file: str, repo: str | None) -> bool:
+        """A leaf directory lacks its one file: report what else it holds; True if empty."""
+        entries = self._entries(dir_path, repo)
+        if entries is None:
+            return False
+        for entry in entries:
+            self._odd_entry(entry, layout.join(dir_path, entry.name), expected_file, repo)
+        return not entries
+
+    def _missing_link(self, dir_path: str, repo: str | None) -> None:
+        if self._leaf_is_empty(dir_path, layout.LINK, repo):
+            self._anomaly("empty_dir", dir_path, "empty directory (no link)", repo=repo)
+        else:
+            self._anomaly("missing_link", dir_path, "directory has no link file", repo=repo)
+
+    # -- blobs ---------------------------------------------------------------
+    def scan_blobs(self) -> None:
+        top = self._entries(layout.BLOBS)
+        if top is None:
+            return
+        for alg_entry in top:
+            alg_path = layout.join(layout.BLOBS, alg_entry.name)
+            if not alg_entry.is_dir(follow_symlinks=False) or alg_entry.is_symlink():
+                self._odd_entry(alg_entry, alg_path, "an algorithm directory")
+                continue
+            if alg_entry.name not in HEX_LENGTHS:
+                self._anomaly("blob_bad_name", alg_path, "unknown digest algorithm directory")
+                continue
+            self._scan_blob_algorithm(alg_entry.name, alg_path)
+
+    def _scan_blob_algorithm(self, algorithm: str, alg_path: str) -> None:
+        fanouts = self._entries(alg_path)
+        for fan_entry in fanouts or ():
+            fan_path = layout.join(alg_path, fan_entry.name)
+            if not fan_entry.is_dir(follow_symlinks=False) or fan_entry.is_symlink():
+                self._odd_entry(fan_entry, fan_path, "a two-character fan-out directory")
+                continue
+            fan = fan_entry.name
+            if len(fan) != 2 or not is_valid_hex("sha256", fan * 32):
+                self._anomaly("blob_bad_name", fan_path, "fan-out directory is not two hex chars")
+                continue
+            for hex_entry in self._entries(fan_path) or ():
+                self._scan_blob_dir(algorithm, fan, hex_entry, layout.join(fan_path, hex_entry.name))
+            if self.on_progress is not None:
+                self.on_progress(0)
+
+    def _scan_blob_dir(self, algorithm: str, fan: str, entry: os.DirEntry[str], path: str) -> None:
+        if not entry.is_dir(follow_symlinks=False) or entry.is_symlink():
+            self._odd_entry(entry, path, "a blob directory")
+            return
+        hex_part = entry.name
+        if not is_valid_hex(algorithm, hex_part):
+            self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
+            return
+        digest = f"{algorithm}:{hex_part}"
+        data_path = layout.join(path, layout.DATA)
+        try:
+            st = self.storage.stat(data_path)
+        except StorageError as exc:
+            self._anomaly("unreadable", data_path, exc.message, digest=digest)
+            return
+        if st is None:
+            self._leaf_is_empty(path, layout.DATA, None)
+            self._anomaly("blob_missing_data", path, "blob directory without data", digest=digest)
+            return
+        self.inv.files_seen += 1
+        kind = st.kind.value
+        if kind == "symlink":
+            self._anomaly("symlink", data_path, "blob data is a symbolic link (not followed)",
+                          digest=digest)
+            return
+        if kind != "file":
+            self._anomaly("blob_data_not_file", data_path, f"blob data is a {kind}", digest=digest)
+            return
+        if hex_part[:2] != fan:
+            self._anomaly("blob_wrong_fanout", data_path,
+                          f"blob is under fan-out {fan}/ instead of {hex_part[:2]}/",
+                          digest=digest)
+            self.inv.misplaced_blobs.append(
+                Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode))
+            return
+        self.inv.blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns,
+                                      st.inode)
+
+    # -- repositories ----------------------------------------------------------
+    def scan_repositories(self) -> None:
+        stack: list[tuple[str, tuple[str, ...]]] = [(layout.REPOSITORIES, ())]
+        while stack:
+            path, parts = stack.pop()
+            entries = self._entries(path)
+            if entries is None:
+                continue
+            by_name = {e.name: e for e in entries}
+            name = "/".join(parts)
+            markers = {n for n in (layout.LAYERS_DIR, layout.MANIFESTS_DIR)
+                       if n in by_name and by_name[n].is_dir(follow_symlinks=False)
+                       and not by_name[n].is_symlink()}
+            repo: Repository | None = None
+            if parts and markers:
+                repo = Repository(name=name, path=path,
+                                  has_manifests=layout.MANIFESTS_DIR in markers,
+                                  has_layers=layout.LAYERS_DIR in markers)
+                self.inv.repositories[name] = repo
+            children: list[tuple[str, tuple[str, ...]]] = []
+            for entry in entries:
+                child_path = layout.join(path, entry.name)
+                if entry.name.startswith("_"):
+                    if repo is not None and entry.name in KNOWN_REPO_DIRS:
+                        self._scan_repo_part(repo, entry, child_path)
+                    elif entry.name == layout.UPLOADS_DIR:
+                        self._anomaly("upload_outside_repo", child_path,
+                                      "_uploads outside a repository", repo=name or None)
+                    else:
+                        self._odd_entry(entry, child_path, "a repository name component",
+                                        name or None)
+                    continue
+                if entry.is_dir(follow_symlinks=False) and not entry.is_symlink():
+                    if len(parts) >= MAX_REPO_DEPTH:
+                        self._anomaly("repo_bad_name", child_path, "repository nesting too deep")
+                        continue
+                    children.append((child_path, (*parts, entry.name)))
+                else:
+                    self._odd_entry(entry, child_path, "a repository directory", name or None)
+            stack.extend(reversed(children))
+
+    def _scan_repo_part(self, repo: Repository, entry: os.DirEntry[str], path: str) -> None:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            self._odd_entry(entry, path, "a directory", repo.name)
+            return
+        if entry.name == layout.LAYERS_DIR:
+            self._scan_digest_links(repo, path, repo.layers, allow_legacy=("tarsum",))
+        elif entry.name == layout.MANIFESTS_DIR:
+            self._scan_manifests(repo, path)
+        else:
+            self._scan_uploads(repo, path)
+
+    def _scan_digest_links(self, repo: Repository, path: str, into: dict[str, Link],
+                           allow_legacy: tuple[str, ...] = (), tag: str | None = None) -> None:
+        """Scan `<alg>/<hex>/link` below `path` into `into` (keyed by the path's digest)."""
+        for alg_entry in self._entries(path, repo.name) or ():
+            alg_path = layout.join(path, alg_entry.name)
+            if alg_entry.is_symlink() or not alg_entry.is_dir(follow_symlinks=False):
+                self._odd_entry(alg_entry, alg_path, "an algorithm directory", repo.name)
+                continue
+            if alg_entry.name in allow_legacy:
+                self._anomaly("legacy_entry", alg_path, "legacy tarsum links (ignored)",
+                              repo=repo.name)
+                continue
+            if alg_entry.name not in HEX_LENGTHS:
+                self._anomaly("link_bad_path", alg_path, "unknown digest algorithm directory",
+                              repo=repo.name, tag=tag)
+                continue
+            for hex_entry in self._entries(alg_path, repo.name) or ():
+                hex_path = layout.join(alg_path, hex_entry.name)
+                if hex_entry.is_symlink() or not hex_entry.is_dir(follow_symlinks=False):
+                    self._odd_entry(hex_entry, hex_path, "a digest directory", repo.name)
+                    continue
+                if not is_valid_hex(alg_entry.name, hex_entry.name):
+                    self._anomaly("link_bad_path", hex_path,
+                                  f"not a valid {alg_entry.name} hex name", repo=repo.name, tag=tag)
+                    continue
+                link = self._read_link(layout.join(hex_path, layout.LINK), repo.name, hex_path)
+                if link is not None:
+                    into[f"{alg_entry.name}:{hex_entry.name}"] = link
+
+    def _scan_manifests(self, repo: Repository, path: str) -> None:
+        for entry in self._entries(path, repo.name) or ():
+            child = layout.join(path, entry.name)
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, child, "revisions/ or tags/", repo.name)
+            elif entry.name == layout.REVISIONS:
+                self._scan_digest_links(repo, child, repo.revisions)
+            elif entry.name == layout.TAGS:
+                self._scan_tags(repo, child)
+            else:
+                self._odd_entry(entry, child, "revisions/ or tags/", repo.name)
+
+    def _scan_tags(self, repo: Repository, path: str) -> None:
+        for entry in self._entries(path, repo.name) or ():
+            tag_path = layout.join(path, entry.name)
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, tag_path, "a tag directory", repo.name)
+                continue
+            tag = Tag(name=entry.name, path=tag_path, current=None)
+            repo.tags[entry.name] = tag
+            for part in self._entries(tag_path, repo.name) or ():
+                part_path = layout.join(tag_path, part.name)
+                if part.is_symlink() or not part.is_dir(follow_symlinks=False):
+                    self._odd_entry(part, part_path, "current/ or index/", repo.name)
+                elif part.name == layout.CURRENT:
+                    tag.current = self._read_link(layout.join(part_path, layout.LINK),
+                                                  repo.name, part_path)
+                elif part.name == layout.INDEX:
+                    self._scan_digest_links(repo, part_path, tag.index, tag=entry.name)
+                else:
+                    self._odd_entry(part, part_path, "current/ or index/", repo.name)
+
+    def _scan_uploads(self, repo: Repository, path: str) -> None:
+        for entry in self._entries(path, repo.name) or ():
+            upload_path = layout.join(path, entry.name)
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, upload_path, "an upload directory", repo.name)
+                continue
+            repo.uploads.append(self._scan_upload(repo, entry, upload_path))
+
+    def _scan_upload(self, repo: Repository, entry: os.DirEntry[str], path: str) -> Upload:
+        size = 0
+        startedat_raw: bytes | None = None
+        hashstates: list[str] = []
+        try:
+            mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+        except OSError:
+            mtime_ns = 0
+        for item in self._entries(path, repo.name) or ():
+            item_path = layout.join(path, item.name)
+            if item.is_symlink():
+                self._odd_entry(item, item_path, "an upload file", repo.name)
+            elif item.name == layout.STARTEDAT and item.is_file(follow_symlinks=False):
+                try:
+                    startedat_raw = self.storage.read_link_fast(item_path, STARTEDAT_LIMIT)
+                except StorageError as exc:
+                    self._anomaly("unreadable", item_path, exc.message, repo=repo.name)
+                self.inv.files_seen += 1
+            elif item.name == layout.DATA and item.is_file(follow_symlinks=False):
+                size += item.stat(follow_symlinks=False).st_size
+                self.inv.files_seen += 1
+            elif item.name == layout.HASHSTATES and item.is_dir(follow_symlinks=False):
+                size += self._scan_hashstates(repo, item_path, hashstates)
+            else:
+                self._odd_entry(item, item_path, "startedat, data or hashstates/", repo.name)
+        started_at = parse_startedat(startedat_raw) if startedat_raw is not None else None
+        return Upload(repo.name, entry.name, path, started_at, startedat_raw, size, mtime_ns,
+                      hashstates)
+
+    def _scan_hashstates(self, repo: Repository, path: str, names: list[str]) -> int:
+        size = 0
+        for alg in self._entries(path, repo.name) or ():
+            alg_path = layout.join(path, alg.name)
+            if alg.is_symlink() or not alg.is_dir(follow_symlinks=False):
+                self._odd_entry(alg, alg_path, "a hash algorithm directory", repo.name)
+                continue
+            for state in self._entries(alg_path, repo.name) or ():
+                state_path = layout.join(alg_path, state.name)
+                if state.is_symlink() or not state.is_file(follow_symlinks=False):
+                    self._odd_entry(state, state_path, "a hash state file", repo.name)
+                    continue
+                self.inv.files_seen += 1
+                size += state.stat(follow_symlinks=False).st_size
+                names.append(f"{alg.name}/{state.name}")
+        return size
+
+    # -- top level -------------------------------------------------------------
+    def scan(self) -> Inventory:
+        top = self._entries("")
+        names = {e.name: e for e in top or ()}
+        for entry in top or ():
+            if entry.name not in (layout.BLOBS, layout.REPOSITORIES):
+                self._odd_entry(entry, entry.name, "blobs/ or repositories/")
+        for name in (layout.BLOBS, layout.REPOSITORIES):
+            entry = names.get(name)
+            if entry is None:
+                continue
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, name, "a directory")
+                continue
+            if name == layout.BLOBS:
+                self.scan_blobs()
+            else:
+                self.scan_repositories()
+        return self.inv
+
+
+def scan_tree(root: RegistryRoot, on_progress: ProgressFn | None = None) -> Inventory:
+    """Scan the registry tree at `root` into an inventory."""
+    return Scanner(FilesystemStorage(root.v2), root, on_progress).scan()
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
