@@ -1,0 +1,177 @@
+"""Property tests for the digest, link-content, name and manifest parsers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from regfsck import layout
+from regfsck.digest import DigestError, parse_digest, parse_link_content
+from regfsck.manifest import ManifestError, ManifestKind, parse_manifest
+from regfsck.names import is_upload_id, is_valid_repo_name, is_valid_tag, repo_name_problem
+from regfsck.scanner import parse_startedat
+from regfsck.storage import UnsafePathError, check_relative
+
+HEX = "0123456789abcdef"
+sha256_hex = st.text(alphabet=HEX, min_size=64, max_size=64)
+
+
+@given(sha256_hex)
+def test_valid_digest_roundtrips_through_link_bytes(hex_part: str) -> None:
+    text = f"sha256:{hex_part}"
+    assert str(parse_link_content(text.encode())) == text
+    assert layout.blob_data(text) == f"blobs/sha256/{hex_part[:2]}/{hex_part}/data"
+
+
+@given(sha256_hex, st.sampled_from([b"\n", b"\r\n", b" ", b"\t", b"\x00", b"x"]))
+def test_any_suffix_or_prefix_is_rejected(hex_part: str, junk: bytes) -> None:
+    raw = f"sha256:{hex_part}".encode()
+    for bad in (raw + junk, junk + raw):
+        with pytest.raises(DigestError):
+            parse_link_content(bad)
+
+
+@given(sha256_hex.filter(lambda h: any(c in "abcdef" for c in h)))
+def test_upper_case_hex_is_rejected(hex_part: str) -> None:
+    with pytest.raises(DigestError):
+        parse_link_content(f"sha256:{hex_part.upper()}".encode())
+
+
+@given(st.binary(max_size=200))
+@example(b"")
+@example(b"sha256:")
+@example(b"md5:d41d8cd98f00b204e9800998ecf8427e")
+def test_link_parser_never_crashes_and_accepts_only_canonical(raw: bytes) -> None:
+    try:
+        digest = parse_link_content(raw)
+    except DigestError:
+        return
+    assert str(digest).encode() == raw
+
+
+@given(st.text(max_size=300))
+def test_digest_parser_accepts_only_what_it_prints(text: str) -> None:
+    try:
+        digest = parse_digest(text)
+    except DigestError:
+        return
+    assert str(digest) == text
+
+
+@pytest.mark.parametrize("name", ["a", "library/ubuntu", "a/b/c", "foo_bar/baz-qux",
+                                  "localhost:5000/x", "Foo/bar", "a__b", "a--b"])
+def test_valid_repo_names(name: str) -> None:
+    assert is_valid_repo_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "Foo", "a/B", "a//b", "-a", "a_", "../x", "a/..",
+                                  "/abs", "a\x00b", "a/_layers", "x" * 256, "a b"])
+def test_invalid_repo_names(name: str) -> None:
+    assert repo_name_problem(name) is not None
+
+
+@given(st.text(max_size=80))
+def test_repo_name_check_never_crashes(name: str) -> None:
+    problem = repo_name_problem(name)
+    if problem is None:
+        assert ".." not in name.split("/") and "\x00" not in name
+
+
+@given(st.text(max_size=140))
+def test_tag_grammar(tag: str) -> None:
+    valid = is_valid_tag(tag)
+    if valid:
+        assert 1 <= len(tag) <= 128
+        assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in tag)
+        assert tag[0] not in ".-"
+
+
+def test_upload_ids() -> None:
+    assert is_upload_id("0f9b0f6e-6f3c-4f5a-9d1b-2b7c9a0e1f23")
+    assert not is_upload_id("0F9B0F6E-6f3c-4f5a-9d1b-2b7c9a0e1f23")
+    assert not is_upload_id("not-a-uuid")
+
+
+@given(st.text(max_size=60))
+def test_relative_paths_never_escape(path: str) -> None:
+    try:
+        parts = check_relative(path)
+    except UnsafePathError:
+        return
+    assert ".." not in parts and not path.startswith("/") and "\x00" not in path
+
+
+def test_startedat_formats() -> None:
+    first = parse_startedat(b"2024-03-05T10:11:12Z")
+    assert first is not None and first.utcoffset() is not None and first.second == 12
+    nanos = parse_startedat(b"2024-03-05T10:11:12.123456789Z")
+    assert nanos is not None and nanos.microsecond == 123456
+    assert parse_startedat(b"2024-03-05T10:11:12") is not None  # naive: taken as UTC
+    assert parse_startedat(b"garbage") is None
+    assert parse_startedat(b"\xff") is None
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_manifest_kinds() -> None:
+    cfg, layer = _digest(b"c"), _digest(b"l")
+    docker = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+              "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                         "digest": cfg, "size": 1},
+              "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                          "digest": layer, "size": 1}]}
+    m = parse_manifest(json.dumps(docker).encode())
+    assert m.kind is ManifestKind.DOCKER_MANIFEST
+    assert [d.digest for d in m.references()] == [cfg, layer]
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": "x", "digest": cfg, "size": 3,
+                                                "platform": {"os": "linux",
+                                                             "architecture": "arm64"}}]}
+    m = parse_manifest(json.dumps(index).encode())
+    assert m.kind is ManifestKind.OCI_INDEX and m.children[0].platform == "linux/arm64"
+    schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": layer}, {"blobSum": layer}]}
+    m = parse_manifest(json.dumps(schema1).encode())
+    assert m.kind is ManifestKind.SCHEMA1 and len(m.layers) == 1
+    foreign = dict(docker, layers=[{"mediaType":
+                                    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                                    "digest": layer, "size": 1, "urls": ["http://x"]}])
+    assert parse_manifest(json.dumps(foreign).encode()).layers[0].is_foreign
+
+
+@pytest.mark.parametrize(("raw", "kind"), [
+    (b"not json", "manifest_invalid_json"),
+    (b"[]", "manifest_invalid_json"),
+    (b'{"schemaVersion": 3}', "manifest_unknown_type"),
+    (b'{"schemaVersion": 2, "mediaType": "text/plain"}', "manifest_unknown_type"),
+    (b"[" * 100_000 + b"]" * 100_000, "manifest_too_deep"),
+    (b'{"a":' * 100 + b"1" + b"}" * 100, "manifest_too_deep"),
+    (b" " * (4 * 1024 * 1024 + 1), "manifest_too_large"),
+])
+def test_bad_manifests(raw: bytes, kind: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(raw)
+    assert info.value.kind == kind
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["schemaVersion", "mediaType", "config", "layers",
+                                       "manifests", "digest", "size", "subject", "urls",
+                                       "fsLayers", "blobSum", "platform"]), children, max_size=5),
+    max_leaves=30)
+
+
+@given(json_values)
+def test_manifest_parser_never_crashes(value: object) -> None:
+    try:
+        manifest = parse_manifest(json.dumps(value).encode())
+    except ManifestError:
+        return
+    for ref in manifest.references():
+        parse_digest(ref.digest)
