@@ -197,31 +197,45 @@ class RealRegistry:
             return ""
 
     def start(self) -> RealRegistry:
-        """Write the config, start the process and wait until ``GET /v2/`` answers 200."""
+        """Write the config, start the process and wait until ``GET /v2/`` answers 200.
+
+        Retries with a new port if another process grabbed the chosen one meanwhile.
+        """
         if self._proc is not None:
             raise RealToolError("registry already started")
         self.root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except RealToolError as err:
+                if "address already in use" not in str(err) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> RealRegistry:
         self._tmp = Path(tempfile.mkdtemp(prefix="regfsck-registry-"))
         self.port = free_port()
         write_registry_config(self.config_path, self.root, port=self.port, schema1=self.schema1)
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [REGISTRY_BIN, "serve", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=clean_env(),
             )
+        self._proc = proc
         deadline = time.monotonic() + self.start_timeout
         while True:
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
                 log_text = self.log()
+                self._proc = None
                 self._cleanup()
                 raise RealToolError(
-                    f"docker-registry exited with {self._proc.returncode} at startup:\n{log_text}"
+                    f"docker-registry exited with {proc.returncode} at startup:\n{log_text}"
                 )
             with contextlib.suppress(OSError):
-                if self.request("GET", "/v2/").status == 200:
+                if self.request("GET", "/v2/", timeout=2).status == 200:
                     return self
             if time.monotonic() > deadline:
                 log_text = self.log()
@@ -912,6 +926,7 @@ def pull_every_tag(reg: RealRegistry, dest: Path | str) -> list[str]:
     Returns the references pulled; raises RealToolError on the first failure.
     """
     pulled = []
+    Path(dest).mkdir(parents=True, exist_ok=True)
     for n, repo in enumerate(reg.catalog()):
         for m, tag in enumerate(reg.tags(repo)):
             ref = f"docker://{reg.host}/{repo}:{tag}"
@@ -948,6 +963,8 @@ def build_sample_registry(root: Path | str, *, fixed_upload: bool = False) -> Sa
     * ``legacy/schema1``: docker schema1 manifest ``latest`` (skopeo ``--format v2s1``).
     """
     root = Path(root)
+    if data_dir(root).exists():
+        raise RealToolError(f"{data_dir(root)} already exists; build into an empty root")
     with tempfile.TemporaryDirectory(prefix="regfsck-layout-") as tmp, RealRegistry(root) as reg:
         lay = OCILayoutWriter(Path(tmp) / "layout")
         media_types: dict[str, str] = {}
