@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -16,6 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from regfsck import exitcodes
 from regfsck.cli.app import app
@@ -101,23 +103,32 @@ def verify(
 
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
+_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
 
 
 def render_verify(report: VerifyReport) -> None:
+    """One block per finding (severity, kind, where, what), then counts per kind."""
     console = stdout_console()
+    for finding in report.findings:
+        style = _STYLE[finding.severity]
+        where = finding.repo or ""
+        if finding.tag:
+            where += f":{finding.tag}"
+        console.print(Text.assemble((f"{finding.severity:<7} ", style), (finding.kind, "bold"),
+                                    f"  {where}" if where else ""))
+        console.print(Text(f"        {finding.path}", style="dim"))
+        console.print(Text(f"        {finding.message}"))
+        if finding.affected_tags:
+            console.print(Text(f"        affects tags: {', '.join(finding.affected_tags)}"))
     if report.findings:
-        table = Table(title="Findings", show_lines=False)
-        for column in ("severity", "kind", "where", "message"):
-            table.add_column(column, overflow="fold")
-        for finding in report.findings:
-            where = " ".join(x for x in (
-                finding.repo or "", f":{finding.tag}" if finding.tag else "",
-                f"\n{finding.path}") if x)
-            message = finding.message
-            if finding.affected_tags:
-                message += f"\naffects tags: {', '.join(finding.affected_tags)}"
-            table.add_row(f"[{_STYLE[finding.severity]}]{finding.severity}[/]", finding.kind,
-                          where, message)
+        counts = Counter((f.severity, f.kind) for f in report.findings)
+        table = Table(title="Findings by kind")
+        table.add_column("severity")
+        table.add_column("kind")
+        table.add_column("count", justify="right")
+        for (severity, kind), count in sorted(counts.items(), key=lambda item: (
+                _ORDER[item[0][0]], item[0][1])):
+            table.add_row(Text(str(severity), style=_STYLE[severity]), kind, str(count))
         console.print(table)
     s = report.summary
     console.print(

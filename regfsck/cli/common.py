@@ -33,8 +33,9 @@ def stderr_console() -> Console:
 
 
 def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
-    """Print a one-line error on stderr and exit."""
-    stderr_console().print(f"[bold red]regfsck:[/] {message}", markup=True, highlight=False)
+    """Print a one-line error on stderr (never wrapped, scripts grep it) and exit."""
+    sys.stderr.write(f"regfsck: {' '.join(message.split())}\n")
+    sys.stderr.flush()
     raise typer.Exit(code)
 
 
