@@ -133,3 +133,10 @@ def make_finding(kind: str, path: str, message: str, *, severity: Severity | Non
         digest=digest,
         affected_tags=tuple(safe_text(t) for t in affected_tags),
     )
+
+
+def catalog_markdown() -> str:
+    """The README's table of finding kinds (kept in sync by a test)."""
+    lines = ["| kind | default severity | meaning |", "|---|---|---|"]
+    lines += [f"| `{kind}` | {info.severity} | {info.summary} |" for kind, info in CATALOG.items()]
+    return "\n".join(lines)
