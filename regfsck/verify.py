@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from regfsck.checks import FindingSet, TreeChecker
@@ -23,6 +23,11 @@ class VerifyOptions:
     jobs: int = 1
     repos: set[str] | None = None  # None: whole tree
     check_data: bool = True
+    strict: bool = False  # warnings that make an image unpullable count as errors
+
+
+# Warnings that mean "listed by the registry but cannot be pulled": errors under --strict.
+STRICT_ERRORS = frozenset({"tag_no_current", "layer_link_dangling", "subject_missing"})
 
 
 @dataclass
@@ -130,7 +135,11 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
             if progress is not None:
                 progress.finish()
         summary.interrupted = stop is not None and stop.is_set()
-    report = VerifyReport(sorted(findings.findings(), key=_finding_order), summary)
+    found = findings.findings()
+    if options.strict:
+        found = [replace(f, severity=Severity.ERROR) if f.kind in STRICT_ERRORS else f
+                 for f in found]
+    report = VerifyReport(sorted(found, key=_finding_order), summary)
     for finding in report.findings:
         if finding.severity is Severity.ERROR:
             summary.errors += 1

@@ -352,3 +352,11 @@ def test_unreadable_blob(sample_root: Path, sample_info: SampleInfo) -> None:
     layer = sample_info.blobs["layer/app-v1"]
     data_file(sample_root, layer).chmod(0)
     assert ("blob_unreadable", rel(layout.blob_data(layer)), layer) in errors(verify(sample_root))
+
+
+def test_strict_makes_unpullable_tags_errors(sample_root: Path, sample_info: SampleInfo) -> None:
+    repo = sample_info.zstd[0]
+    (sample_root / V2 / layout.tag_current_link(repo, "latest")).unlink()
+    assert errors(verify(sample_root)) == set()
+    assert errors(verify(sample_root, strict=True)) == {
+        ("tag_no_current", rel(layout.tag_current_link(repo, "latest")), None)}

@@ -76,13 +76,15 @@ def verify(
                                    "(repeatable); blobs it uses are re-hashed."),
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content "
                                  "(structure only)."),
+    strict: bool = typer.Option(False, "--strict", help="Treat tags without current/link, "
+                                "dangling _layers links and referrers without subject as errors."),
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
     registry = open_root(root, config)
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
-                            check_data=not no_data)
+                            check_data=not no_data, strict=strict)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
