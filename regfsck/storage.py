@@ -10,11 +10,12 @@ an absolute part or NUL, and opening a FIFO or device never blocks.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import os
 import stat as stat_module
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -120,6 +121,11 @@ class FilesystemStorage:
     # -- paths ---------------------------------------------------------------
     def full_path(self, path: str) -> str:
         """Absolute path of a relative one (validated, not resolved)."""
+        # Fast path for the millions of clean paths a walk produces: no NUL, not absolute,
+        # no empty component and no component starting with "." (so no "." or "..").
+        if path and "\x00" not in path and path[0] != "/" and path[-1] != "/" and (
+                "/." not in path and "//" not in path and path[0] != "."):
+            return f"{self._base_str}/{path}"
         parts = check_relative(path)
         return os.path.join(self._base_str, *parts) if parts else self._base_str
 
@@ -240,12 +246,312 @@ class FilesystemStorage:
         return fd
 
     def read_link_fast(self, path: str, limit: int = 256) -> bytes:
-        """Read a small file found by the walk (see `open_fd_fast`)."""
-        fd = self.open_fd_fast(path)
+        """Read a small file found by the walk (see `open_fd_fast`).
+
+        Hot path (once per link file): open, fstat, one read, close. O_NONBLOCK is left
+        set because it does not apply to regular files; should a filesystem still answer
+        EAGAIN, the read is retried in blocking mode."""
         try:
-            data = os.read(fd, limit + 1)
+            fd = os.open(self.full_path(path), _OPEN_FLAGS)
         except OSError as exc:
+            raise StorageError(exc.errno, f"cannot open {path}: {exc.strerror}", path) from exc
+        try:
+            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
+            try:
+                data = os.read(fd, limit + 1)
+            except BlockingIOError:
+                os.set_blocking(fd, True)
+                data = os.read(fd, limit + 1)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(exc.errno, f"cannot read {path}: {exc.strerror}", path) from exc
         finally:
             os.close(fd)
         return data
+
+    # -- mutation ------------------------------------------------------------
+    # Used only by regfsck.quarantine (under the root lock): every directory on the way is
+    # opened with O_NOFOLLOW, so no write, rename or delete can land outside the base.
+
+    def _open_dir(self, parts: list[str]) -> int:
+        """Open the directory `parts` below the base, refusing a symlink at every level."""
+        fd = os.open(self._base_str, _DIR_FLAGS)
+        try:
+            for part in parts:
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        """(descriptor of the parent directory, last component) of a non-root path."""
+        parts = check_relative(path)
+        if not parts:
+            raise UnsafePathError("the root directory itself cannot be changed")
+        try:
+            return self._open_dir(parts[:-1]), parts[-1]
+        except OSError as exc:
+            raise self._error(exc, "open the directory of", path) from exc
+
+    @staticmethod
+    def _error(exc: OSError, what: str, path: str) -> StorageError:
+        if exc.errno == errno.ELOOP or exc.errno == errno.ENOTDIR:
+            return StorageError(exc.errno, f"cannot {what} {path}: symbolic link or file on the way",
+                                path)
+        return StorageError(exc.errno, f"cannot {what} {path}: {exc.strerror}", path)
+
+    def lstat_raw(self, path: str) -> os.stat_result | None:
+        """Full lstat (mode, owner, times); None when absent. Symlinks on the way are refused."""
+        parts = check_relative(path)
+        if not parts:
+            return os.lstat(self._base_str)
+        try:
+            dir_fd = self._open_dir(parts[:-1])
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, "stat", path) from exc
+        try:
+            return os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, "stat", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        """Rename `src` to `dst` (same filesystem); never replaces an existing `dst`."""
+        src_fd, src_name = self._parent(src)
+        try:
+            dst_fd, dst_name = self._parent(dst)
+        except BaseException:
+            os.close(src_fd)
+            raise
+        try:
+            if not _renameat2_noreplace(src_fd, src_name, dst_fd, dst_name):
+                # No renameat2 here: check, then rename (callers hold the root lock).
+                try:
+                    os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot move {src} to {dst}: {exc.strerror}", src) from exc
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+
+    def make_dir(self, path: str, mode: int = 0o777) -> None:
+        """Create one directory (the umask applies, as for the registry's own directories)."""
+        dir_fd, name = self._parent(path)
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._error(exc, "create directory", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def remove_empty_dir(self, path: str) -> None:
+        """Remove a directory that must be empty (rmdir fails otherwise)."""
+        dir_fd, name = self._parent(path)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat_module.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._error(exc, "remove directory", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def remove_file(self, path: str) -> None:
+        """Unlink a file (or a symlink itself, never its target)."""
+        dir_fd, name = self._parent(path)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat_module.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._error(exc, "remove", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
+                  owner: tuple[int, int] | None = None) -> None:
+        """Set the mtime (atime kept) and optionally the mode and owner of a file or directory."""
+        dir_fd, name = self._parent(path)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if owner is not None and os.geteuid() == 0 and owner != (st.st_uid, st.st_gid):
+                os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
+            if mode is not None and not stat_module.S_ISLNK(st.st_mode):
+                os.chmod(name, stat_module.S_IMODE(mode), dir_fd=dir_fd)
+            os.utime(name, ns=(st.st_atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            raise self._error(exc, "set the times of", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def fsync_dir(self, path: str) -> None:
+        """Make renames and creations inside directory `path` durable."""
+        try:
+            fd = self._open_dir(check_relative(path))
+        except OSError as exc:
+            raise self._error(exc, "open", path) from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise self._error(exc, "sync", path) from exc
+        finally:
+            os.close(fd)
+
+    def write_new_file(self, path: str, chunks: Iterable[bytes]) -> int:
+        """Write a file that must not exist yet (O_EXCL), fsync it; returns its size."""
+        dir_fd, name = self._parent(path)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | getattr(os, "O_CLOEXEC", 0), 0o666, dir_fd=dir_fd)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise self._error(exc, "create", path) from exc
+        size = 0
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            os.fsync(fd)
+        except OSError as exc:
+            raise self._error(exc, "write", path) from exc
+        finally:
+            os.close(fd)
+            os.close(dir_fd)
+        return size
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """Atomically (re)write a small bookkeeping file: temp file, fsync, rename over."""
+        parts = check_relative(path)
+        tmp = "/".join([*parts[:-1], f".{parts[-1]}.{os.getpid()}.tmp"])
+        if self.stat(tmp) is not None:
+            self.remove_file(tmp)
+        self.write_new_file(tmp, [data])
+        src_fd, src_name = self._parent(tmp)
+        dst_fd, dst_name = self._parent(path)
+        try:
+            os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            raise self._error(exc, "replace", path) from exc
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+
+    def open_append(self, path: str) -> int:
+        """Open (creating) a file for appending; returns the raw descriptor (caller closes)."""
+        dir_fd, name = self._parent(path)
+        try:
+            return os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                           | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._error(exc, "open", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def remove_tree(self, path: str) -> int:
+        """Delete a directory tree for good without following symlinks; returns bytes freed."""
+        dir_fd, name = self._parent(path)
+        try:
+            return _remove_tree_at(dir_fd, name, path)
+        finally:
+            os.close(dir_fd)
+
+    def tree_size(self, path: str) -> int:
+        """Bytes of the regular files below `path` (symlinks not followed)."""
+        try:
+            fd = self._open_dir(check_relative(path))
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise self._error(exc, "open", path) from exc
+        try:
+            return _tree_size_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def _tree_size_fd(fd: int) -> int:
+    total = 0
+    with os.scandir(fd) as it:
+        entries = list(it)
+    for entry in entries:
+        st = entry.stat(follow_symlinks=False)
+        if stat_module.S_ISDIR(st.st_mode):
+            child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+            try:
+                total += _tree_size_fd(child)
+            finally:
+                os.close(child)
+        elif stat_module.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
+
+
+def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
+    """rm -r of `name` in `parent_fd`: descends by O_NOFOLLOW descriptors only."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not stat_module.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent_fd)
+            return st.st_size if stat_module.S_ISREG(st.st_mode) else 0
+        freed = 0
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            with os.scandir(fd) as it:
+                names = [e.name for e in it]
+            for child in names:
+                freed += _remove_tree_at(fd, child, f"{shown}/{child}")
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
+        return freed
+    except OSError as exc:
+        raise StorageError(exc.errno, f"cannot delete {shown}: {exc.strerror}", shown) from exc
+
+
+_RENAME_NOREPLACE = 1
+_AT_RENAMEAT2: list[object] = []
+
+
+def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
+    """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it."""
+    if not _AT_RENAMEAT2:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            func = libc.renameat2
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                             ctypes.c_uint]
+            func.restype = ctypes.c_int
+            _AT_RENAMEAT2.append(func)
+        except (OSError, AttributeError):
+            _AT_RENAMEAT2.append(None)
+    func = _AT_RENAMEAT2[0]
+    if func is None:
+        return False
+    result = func(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name),  # type: ignore[operator]
+                  _RENAME_NOREPLACE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
