@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ from regfsck import layout
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import EntryKind, FilesystemStorage, Stat, StorageError
 
 LINK_READ_LIMIT = 4096
 STARTEDAT_LIMIT = 4096
@@ -43,6 +44,13 @@ def _is_tmp_leftover(name: str) -> bool:
     return name.endswith(".tmp")
 
 
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+_HEX_RE = {alg: re.compile(f"[a-f0-9]{{{n}}}") for alg, n in HEX_LENGTHS.items()}
+
+
 class Scanner:
     """Walks one tree into an `Inventory`; create one per scan."""
 
@@ -59,7 +67,7 @@ class Scanner:
     def _entries(self, path: str, repo: str | None = None) -> list[os.DirEntry[str]] | None:
         """List a directory; an unreadable one becomes an anomaly and yields None."""
         try:
-            entries = sorted(self.storage.scandir(path), key=lambda e: e.name)
+            entries = sorted(self.storage.scandir(path), key=_entry_name)
         except StorageError as exc:
             self._anomaly("unreadable", path, exc.message, repo=repo)
             return None
@@ -81,8 +89,12 @@ class Scanner:
             self._anomaly("unexpected_entry", path, f"unexpected {what} (expected {expected})",
                           repo=repo)
 
-    def _read_link(self, path: str, repo: str | None, dir_path: str) -> Link | None:
-        """Read a link file; None when the directory holds no `link` at all."""
+    def _read_link(self, path: str, repo: str | None, dir_path: str,
+                   expected: str | None = None) -> Link | None:
+        """Read a link file; None when the directory holds no `link` at all.
+
+        `expected` is the digest the path names: content equal to it (the normal case,
+        millions of times) is accepted with one comparison and shares its string."""
         try:
             raw = self.storage.read_link_fast(path, LINK_READ_LIMIT)
         except StorageError as exc:
@@ -99,6 +111,8 @@ class Scanner:
             self._anomaly("unreadable", path, exc.message, repo=repo)
             return Link(path, None, exc.message)
         self.inv.files_seen += 1
+        if expected is not None and raw.decode("latin-1") == expected:
+            return Link(path, expected)
         try:
             target = str(parse_link_content(raw))
         except DigestError as exc:
@@ -138,34 +152,48 @@ class Scanner:
     def _scan_blob_algorithm(self, algorithm: str, alg_path: str) -> None:
         fanouts = self._entries(alg_path)
         for fan_entry in fanouts or ():
-            fan_path = layout.join(alg_path, fan_entry.name)
-            if not fan_entry.is_dir(follow_symlinks=False) or fan_entry.is_symlink():
+            fan = fan_entry.name
+            fan_path = f"{alg_path}/{fan}"
+            if not fan_entry.is_dir(follow_symlinks=False):
                 self._odd_entry(fan_entry, fan_path, "a two-character fan-out directory")
                 continue
-            fan = fan_entry.name
             if len(fan) != 2 or not is_valid_hex("sha256", fan * 32):
                 self._anomaly("blob_bad_name", fan_path, "fan-out directory is not two hex chars")
                 continue
-            for hex_entry in self._entries(fan_path) or ():
-                self._scan_blob_dir(algorithm, fan, hex_entry, layout.join(fan_path, hex_entry.name))
+            self._scan_fanout(algorithm, fan, fan_path)
             if self.on_progress is not None:
                 self.on_progress(0)
 
-    def _scan_blob_dir(self, algorithm: str, fan: str, entry: os.DirEntry[str], path: str) -> None:
-        if not entry.is_dir(follow_symlinks=False) or entry.is_symlink():
-            self._odd_entry(entry, path, "a blob directory")
-            return
-        hex_part = entry.name
-        if not is_valid_hex(algorithm, hex_part):
-            self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
-            return
-        digest = f"{algorithm}:{hex_part}"
-        data_path = layout.join(path, layout.DATA)
-        try:
-            st = self.storage.stat(data_path)
-        except StorageError as exc:
-            self._anomaly("unreadable", data_path, exc.message, digest=digest)
-            return
+    def _scan_fanout(self, algorithm: str, fan: str, fan_path: str) -> None:
+        """The hot loop over blob directories: one lstat of `data` each, no leaf listing."""
+        hex_re = _HEX_RE[algorithm]
+        blobs = self.inv.blobs
+        stat = self.storage.stat
+        file_kind = EntryKind.FILE
+        for entry in self._entries(fan_path) or ():
+            hex_part = entry.name
+            path = f"{fan_path}/{hex_part}"
+            if not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, path, "a blob directory")
+                continue
+            if hex_re.fullmatch(hex_part) is None:
+                self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
+                continue
+            digest = f"{algorithm}:{hex_part}"
+            data_path = f"{path}/data"
+            try:
+                st = stat(data_path)
+            except StorageError as exc:
+                self._anomaly("unreadable", data_path, exc.message, digest=digest)
+                continue
+            if st is not None and st.kind is file_kind and hex_part.startswith(fan):
+                self.inv.files_seen += 1
+                blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode)
+                continue
+            self._odd_blob(digest, fan, hex_part, path, data_path, st)
+
+    def _odd_blob(self, digest: str, fan: str, hex_part: str, path: str, data_path: str,
+                  st: Stat | None) -> None:
         if st is None:
             self._leaf_is_empty(path, layout.DATA, None)
             self._anomaly("blob_missing_data", path, "blob directory without data", digest=digest)
@@ -179,15 +207,33 @@ class Scanner:
         if kind != "file":
             self._anomaly("blob_data_not_file", data_path, f"blob data is a {kind}", digest=digest)
             return
-        if hex_part[:2] != fan:
-            self._anomaly("blob_wrong_fanout", data_path,
-                          f"blob is under fan-out {fan}/ instead of {hex_part[:2]}/",
-                          digest=digest)
-            self.inv.misplaced_blobs.append(
-                Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode))
+        self._anomaly("blob_wrong_fanout", data_path,
+                      f"blob is under fan-out {fan}/ instead of {hex_part[:2]}/", digest=digest)
+        self.inv.misplaced_blobs.append(
+            Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode))
+
+    def _scan_blob_dir(self, algorithm: str, fan: str, entry: os.DirEntry[str], path: str) -> None:
+        """One blob directory (kept for callers; the walk uses `_scan_fanout`)."""
+        if not entry.is_dir(follow_symlinks=False):
+            self._odd_entry(entry, path, "a blob directory")
             return
-        self.inv.blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns,
-                                      st.inode)
+        hex_part = entry.name
+        if not is_valid_hex(algorithm, hex_part):
+            self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
+            return
+        digest = f"{algorithm}:{hex_part}"
+        data_path = f"{path}/data"
+        try:
+            st = self.storage.stat(data_path)
+        except StorageError as exc:
+            self._anomaly("unreadable", data_path, exc.message, digest=digest)
+            return
+        if st is not None and st.kind is EntryKind.FILE and hex_part.startswith(fan):
+            self.inv.files_seen += 1
+            self.inv.blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns,
+                                          st.inode)
+            return
+        self._odd_blob(digest, fan, hex_part, path, data_path, st)
 
     # -- repositories ----------------------------------------------------------
     def scan_repositories(self) -> None:
@@ -244,31 +290,37 @@ class Scanner:
     def _scan_digest_links(self, repo: Repository, path: str, into: dict[str, Link],
                            allow_legacy: tuple[str, ...] = (), tag: str | None = None) -> None:
         """Scan `<alg>/<hex>/link` below `path` into `into` (keyed by the path's digest)."""
-        for alg_entry in self._entries(path, repo.name) or ():
-            alg_path = layout.join(path, alg_entry.name)
-            if alg_entry.is_symlink() or not alg_entry.is_dir(follow_symlinks=False):
-                self._odd_entry(alg_entry, alg_path, "an algorithm directory", repo.name)
+        repo_name = repo.name
+        for alg_entry in self._entries(path, repo_name) or ():
+            alg = alg_entry.name
+            alg_path = f"{path}/{alg}"
+            if not alg_entry.is_dir(follow_symlinks=False):
+                self._odd_entry(alg_entry, alg_path, "an algorithm directory", repo_name)
                 continue
-            if alg_entry.name in allow_legacy:
+            if alg in allow_legacy:
                 self._anomaly("legacy_entry", alg_path, "legacy tarsum links (ignored)",
-                              repo=repo.name)
+                              repo=repo_name)
                 continue
-            if alg_entry.name not in HEX_LENGTHS:
+            hex_re = _HEX_RE.get(alg)
+            if hex_re is None:
                 self._anomaly("link_bad_path", alg_path, "unknown digest algorithm directory",
-                              repo=repo.name, tag=tag)
+                              repo=repo_name, tag=tag)
                 continue
-            for hex_entry in self._entries(alg_path, repo.name) or ():
-                hex_path = layout.join(alg_path, hex_entry.name)
-                if hex_entry.is_symlink() or not hex_entry.is_dir(follow_symlinks=False):
-                    self._odd_entry(hex_entry, hex_path, "a digest directory", repo.name)
+            read_link = self._read_link
+            for hex_entry in self._entries(alg_path, repo_name) or ():
+                name = hex_entry.name
+                hex_path = f"{alg_path}/{name}"
+                if not hex_entry.is_dir(follow_symlinks=False):
+                    self._odd_entry(hex_entry, hex_path, "a digest directory", repo_name)
                     continue
-                if not is_valid_hex(alg_entry.name, hex_entry.name):
+                if hex_re.fullmatch(name) is None:
                     self._anomaly("link_bad_path", hex_path,
-                                  f"not a valid {alg_entry.name} hex name", repo=repo.name, tag=tag)
+                                  f"not a valid {alg} hex name", repo=repo_name, tag=tag)
                     continue
-                link = self._read_link(layout.join(hex_path, layout.LINK), repo.name, hex_path)
+                digest = f"{alg}:{name}"
+                link = read_link(f"{hex_path}/link", repo_name, hex_path, digest)
                 if link is not None:
-                    into[f"{alg_entry.name}:{hex_entry.name}"] = link
+                    into[digest] = link
 
     def _scan_manifests(self, repo: Repository, path: str) -> None:
         for entry in self._entries(path, repo.name) or ():
