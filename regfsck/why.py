@@ -1,0 +1,403 @@
+"""Why a blob exists: who reaches it, whether gc keeps it, what deleting a tag would free.
+
+Everything here is read-only. The reverse graph is built once from every manifest that
+some repository holds a (valid) revision of; answers are derived from it:
+
+* paths: every repository revision whose manifest tree reaches the blob, with the chain
+  of manifests (through indexes) and the tags pointing at that revision;
+* gc verdicts: regfsck gc's two modes (mark from every revision, or only from tags with
+  `--delete-untagged`) and, for comparison, what the official 2.8 collector would do;
+* freed bytes: for each tag, the bytes `rm repo:tag` followed by gc would actually give
+  back (only blobs no other root reaches), counted with one reach pass per root.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from regfsck import layout
+from regfsck.checks import valid_revisions
+from regfsck.graph import ManifestStore, Unloadable
+from regfsck.inventory import Inventory
+from regfsck.layout import V2_PREFIX
+from regfsck.manifest import Manifest
+
+# A root of the mark: (repository, manifest digest).
+Root = tuple[str, str]
+
+
+class ReferenceGraph:
+    """Forward and reverse reference edges of every manifest the repositories hold.
+
+    Nodes are digests; an edge parent -> child carries the role of the child (config,
+    layer, fslayer, manifest). Referrers (a manifest with a `subject`) are kept apart:
+    gc keeps them through their subject, not through a reference.
+    """
+
+    def __init__(self, inventory: Inventory, store: ManifestStore) -> None:
+        self.inv = inventory
+        self.store = store
+        self.revisions: dict[str, set[str]] = {}  # repo -> valid revision digests
+        self.holders: dict[str, set[str]] = {}  # manifest digest -> repos holding a revision
+        self.children: dict[str, list[tuple[str, str]]] = {}  # manifest -> [(child, role)]
+        self.parents: dict[str, set[tuple[str, str]]] = {}  # digest -> {(manifest, role)}
+        self.subject_of: dict[str, str] = {}  # referrer manifest -> its subject digest
+        self.unloadable: dict[str, Unloadable] = {}
+        for name, repo in inventory.repositories.items():
+            revs = valid_revisions(repo)
+            self.revisions[name] = revs
+            for digest in revs:
+                self.holders.setdefault(digest, set()).add(name)
+        pending = deque(sorted(self.holders))
+        while pending:
+            digest = pending.popleft()
+            if digest in self.children or digest in self.unloadable:
+                continue
+            loaded = store.load(digest)
+            if isinstance(loaded, Unloadable):
+                self.unloadable[digest] = loaded
+                self.children[digest] = []
+                continue
+            self._add_manifest(digest, loaded, pending)
+
+    def _add_manifest(self, digest: str, manifest: Manifest, pending: deque[str]) -> None:
+        edges: list[tuple[str, str]] = []
+        for ref in manifest.references():
+            if ref.is_foreign:
+                continue
+            edges.append((ref.digest, ref.role))
+            self.parents.setdefault(ref.digest, set()).add((digest, ref.role))
+            if ref.role == "manifest" and ref.digest not in self.children:
+                pending.append(ref.digest)
+        self.children[digest] = edges
+        if manifest.subject is not None:
+            self.subject_of[digest] = manifest.subject.digest
+
+    # -- reach -------------------------------------------------------------------
+    def reach(self, digests: Iterable[str]) -> set[str]:
+        """Every digest reachable from `digests` through references (they included)."""
+        seen: set[str] = set()
+        stack = list(digests)
+        while stack:
+            digest = stack.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            stack.extend(child for child, _ in self.children.get(digest, ()) if child not in seen)
+        return seen
+
+    def referrers_in(self, repo: str) -> dict[str, list[str]]:
+        """subject digest -> referrer revisions of `repo` attached to it."""
+        out: dict[str, list[str]] = {}
+        for digest in self.revisions.get(repo, ()):
+            subject = self.subject_of.get(digest)
+            if subject is not None:
+                out.setdefault(subject, []).append(digest)
+        return out
+
+    def reach_with_referrers(self, repo: str, digests: Iterable[str],
+                             referrers: dict[str, list[str]] | None = None) -> set[str]:
+        """Reach from `digests`, adding the referrers of `repo` whose subject gets reached."""
+        by_subject = referrers if referrers is not None else self.referrers_in(repo)
+        revs = self.revisions.get(repo, set())
+        reached = self.reach(digests)
+        while True:
+            extra = [r for subject, refs in by_subject.items()
+                     if subject in reached and subject in revs for r in refs if r not in reached]
+            if not extra:
+                return reached
+            reached |= self.reach(extra)
+
+    def tags_of(self, repo: str, digest: str) -> list[str]:
+        repository = self.inv.repositories[repo]
+        return sorted(t for t, d in repository.tag_targets().items() if d == digest)
+
+    def tag_roots(self) -> list[Root]:
+        """(repo, digest) of every tag's current link that names a valid revision."""
+        roots: set[Root] = set()
+        for name, repo in self.inv.repositories.items():
+            revs = self.revisions[name]
+            roots.update((name, d) for d in repo.tag_targets().values() if d in revs)
+        return sorted(roots)
+
+    def revision_roots(self) -> list[Root]:
+        """(repo, digest) of every valid revision whose manifest blob exists."""
+        return sorted((name, d) for name, revs in self.revisions.items() for d in revs
+                      if d in self.inv.blobs)
+
+    def root_reach(self, roots: Iterable[Root], with_referrers: bool) -> dict[Root, set[str]]:
+        """Reach of each root (referrers of the root's repository followed when asked)."""
+        cache: dict[str, dict[str, list[str]]] = {}
+        out: dict[Root, set[str]] = {}
+        for repo, digest in roots:
+            if with_referrers:
+                refs = cache.setdefault(repo, self.referrers_in(repo))
+                out[(repo, digest)] = self.reach_with_referrers(repo, [digest], refs)
+            else:
+                out[(repo, digest)] = self.reach([digest])
+        return out
+
+
+# -- the answer -------------------------------------------------------------------------
+
+
+@dataclass
+class ReferencePath:
+    """One repository revision whose manifest tree reaches the blob."""
+
+    repo: str
+    manifest: str  # the revision (root of this path)
+    chain: list[str]  # manifests from the revision down to the blob's direct parent
+    role: str  # how the last manifest refers to the blob ("self" when the blob is the root)
+    tags: list[str]  # tags of `repo` whose current link is `manifest`
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repo": self.repo, "manifest": self.manifest, "chain": self.chain,
+                "role": self.role, "tags": self.tags, "tagged": bool(self.tags)}
+
+
+@dataclass
+class LayerLinkInfo:
+    repo: str
+    path: str  # relative to ROOT
+    content: str | None  # the digest it holds; None when invalid
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class GcVerdict:
+    """Would a collector keep the blob? `reason` says by which root or why not."""
+
+    mode: str
+    keep: bool
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "keep": self.keep, "reason": self.reason}
+
+
+@dataclass
+class FreedBytes:
+    """What deleting one reference and then running gc would give back."""
+
+    action: str  # "rm repo:tag" or "rm repo@digest"
+    gc_mode: str
+    blobs: int
+    bytes: int
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"action": self.action, "gc_mode": self.gc_mode,
+                                "blobs": self.blobs, "bytes": self.bytes}
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+@dataclass
+class WhyReport:
+    digest: str
+    exists: bool
+    size: int | None
+    path: str  # blob data path relative to ROOT
+    misplaced_at: str | None = None  # stored under a wrong fan-out directory
+    roles: list[str] = field(default_factory=list)
+    revision_of: list[str] = field(default_factory=list)  # repos holding it as a manifest
+    paths: list[ReferencePath] = field(default_factory=list)
+    direct_parents: list[dict[str, str]] = field(default_factory=list)
+    layer_links: list[LayerLinkInfo] = field(default_factory=list)
+    gc: list[GcVerdict] = field(default_factory=list)
+    freed: list[FreedBytes] = field(default_factory=list)
+
+    @property
+    def referenced(self) -> bool:
+        return bool(self.paths or self.direct_parents or self.revision_of)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "exists": self.exists,
+            "size": self.size,
+            "path": self.path,
+            "misplaced_at": self.misplaced_at,
+            "roles": self.roles,
+            "revision_of": self.revision_of,
+            "paths": [p.to_json() for p in self.paths],
+            "direct_parents": self.direct_parents,
+            "layer_links": [link.to_json() for link in self.layer_links],
+            "gc": [v.to_json() for v in self.gc],
+            "freed": [f.to_json() for f in self.freed],
+        }
+
+
+def _root_path(path: str) -> str:
+    return f"{V2_PREFIX}/{path}"
+
+
+def _paths_to(graph: ReferenceGraph, digest: str) -> list[ReferencePath]:
+    """Every (repo, revision) reaching `digest`, each with one shortest chain down to it."""
+    # BFS upwards; `below[m]` = (next manifest towards the blob, role of that hop).
+    below: dict[str, tuple[str | None, str]] = {digest: (None, "self")}
+    queue = deque([digest])
+    while queue:
+        current = queue.popleft()
+        for parent, role in sorted(graph.parents.get(current, ())):
+            if parent not in below:
+                below[parent] = (current, role)
+                queue.append(parent)
+    paths: list[ReferencePath] = []
+    for manifest in below:
+        for repo in sorted(graph.holders.get(manifest, ())):
+            chain: list[str] = []
+            node: str | None = manifest
+            role = "self"
+            while node is not None and node != digest:
+                chain.append(node)
+                node, role = below[node]
+            paths.append(ReferencePath(repo, manifest, chain, role, graph.tags_of(repo, manifest)))
+    paths.sort(key=lambda p: (not p.tags, p.repo, len(p.chain), p.manifest))
+    return paths
+
+
+def _layer_links(inv: Inventory, digest: str) -> list[LayerLinkInfo]:
+    found: list[LayerLinkInfo] = []
+    for name, repo in sorted(inv.repositories.items()):
+        for path_digest, link in sorted(repo.layers.items()):
+            if path_digest == digest or link.target == digest:
+                found.append(LayerLinkInfo(name, _root_path(link.path), link.target, link.error))
+    return found
+
+
+def _count_reach(reaches: dict[Root, set[str]]) -> Counter[str]:
+    """For every digest, how many distinct root digests reach it (repos merged per digest)."""
+    by_digest: dict[str, set[str]] = {}
+    for (_, digest), reached in reaches.items():
+        by_digest.setdefault(digest, set()).update(reached)
+    counts: Counter[str] = Counter()
+    for reached in by_digest.values():
+        counts.update(reached)
+    return counts
+
+
+def _exclusive(graph: ReferenceGraph, reached: set[str], counts: Counter[str]) -> tuple[int, int]:
+    """Blobs (count, bytes) in `reached` that no other root reaches."""
+    gone = [d for d in reached if counts[d] == 1 and d in graph.inv.blobs]
+    return len(gone), sum(graph.inv.blobs[d].size for d in gone)
+
+
+def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
+                 tag_reach: dict[Root, set[str]]) -> list[GcVerdict]:
+    inv = graph.inv
+    verdicts: list[GcVerdict] = []
+    if paths:
+        p = paths[0]
+        verdicts.append(GcVerdict("gc", True, f"reached from revision {p.repo}@{p.manifest}"))
+    else:
+        verdicts.append(GcVerdict("gc", False, "no revision of any repository reaches it"))
+    keepers = sorted(root for root, reached in tag_reach.items() if digest in reached)
+    if keepers:
+        repo, root = keepers[0]
+        tags = graph.tags_of(repo, root)
+        via = f"tag {repo}:{tags[0]}" if tags else f"a referrer kept by a tag of {repo}"
+        verdicts.append(GcVerdict("gc --delete-untagged", True, f"reached from {via}"))
+    else:
+        verdicts.append(GcVerdict("gc --delete-untagged", False, "no tag reaches it"))
+    # The official 2.8 collector (by code reading): repositories need `_layers`; a marked
+    # manifest marks its direct references only (no recursion into index children).
+    for untagged_too, mode in ((True, "registry garbage-collect (2.8)"),
+                               (False, "registry garbage-collect --delete-untagged (2.8)")):
+        marked_by: str | None = None
+        for name, repo in sorted(inv.repositories.items()):
+            if not repo.has_layers:
+                continue
+            tagged = set(repo.tag_targets().values())
+            for rev in sorted(graph.revisions[name]):
+                if rev not in inv.blobs or (not untagged_too and rev not in tagged):
+                    continue
+                if rev == digest or any(c == digest for c, _ in graph.children.get(rev, ())):
+                    marked_by = f"{name}@{rev}"
+                    break
+            if marked_by:
+                break
+        verdicts.append(GcVerdict(mode, marked_by is not None,
+                                  f"marked by {marked_by}" if marked_by else
+                                  "not marked (no direct reference from a kept manifest)"))
+    return verdicts
+
+
+def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
+           tag_reach: dict[Root, set[str]]) -> list[FreedBytes]:
+    """Bytes each referencing tag / revision deletion would give back after gc.
+
+    A tag removal is measured against `gc --delete-untagged` only: under the default gc the
+    revision stays and keeps everything, so it frees nothing by construction."""
+    tag_counts = _count_reach(tag_reach)
+    rev_reach = graph.root_reach(graph.revision_roots(), with_referrers=False)
+    rev_counts = _count_reach(rev_reach)
+    out: list[FreedBytes] = []
+    seen_tags: set[tuple[str, str]] = set()
+    for path in paths:
+        for tag in path.tags:
+            if (path.repo, tag) in seen_tags:
+                continue
+            seen_tags.add((path.repo, tag))
+            action = f"rm {path.repo}:{tag}"
+            others = [t for t in graph.tags_of(path.repo, path.manifest) if t != tag]
+            if others:
+                out.append(FreedBytes(action, "gc --delete-untagged", 0, 0,
+                                      f"still tagged {', '.join(others)}"))
+                continue
+            root = (path.repo, path.manifest)
+            reached = tag_reach.get(root, set())
+            shared_digest = [r for r in tag_reach if r[1] == path.manifest and r != root]
+            if shared_digest:
+                out.append(FreedBytes(action, "gc --delete-untagged", 0, 0,
+                                      f"also tagged in {shared_digest[0][0]}"))
+                continue
+            blobs, size = _exclusive(graph, reached, tag_counts)
+            out.append(FreedBytes(action, "gc --delete-untagged", blobs, size))
+    for path in paths:
+        root = (path.repo, path.manifest)
+        if root not in rev_reach:
+            continue
+        action = f"rm {path.repo}@{path.manifest}"
+        if any(r[1] == path.manifest and r != root for r in rev_reach):
+            out.append(FreedBytes(action, "gc", 0, 0, "the same manifest is in another repository"))
+            continue
+        blobs, size = _exclusive(graph, rev_reach[root], rev_counts)
+        out.append(FreedBytes(action, "gc", blobs, size))
+    return out
+
+
+def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
+                 graph: ReferenceGraph | None = None) -> WhyReport:
+    """Answer `regfsck why` for `digest` (validated by the caller)."""
+    graph = graph or ReferenceGraph(inventory, store)
+    blob = inventory.blobs.get(digest)
+    report = WhyReport(digest=digest, exists=blob is not None,
+                       size=blob.size if blob else None,
+                       path=_root_path(layout.blob_data(digest)))
+    misplaced = [b for b in inventory.misplaced_blobs if b.digest == digest]
+    if misplaced:
+        report.misplaced_at = _root_path(misplaced[0].path)
+        if report.size is None:
+            report.size = misplaced[0].size
+    parents = sorted(graph.parents.get(digest, ()))
+    report.direct_parents = [{"manifest": m, "role": r} for m, r in parents]
+    roles = {r for _, r in parents}
+    report.revision_of = sorted(graph.holders.get(digest, ()))
+    if report.revision_of:
+        roles.add("manifest")
+    report.roles = sorted(roles)
+    report.paths = _paths_to(graph, digest)
+    report.layer_links = _layer_links(inventory, digest)
+    tag_reach = graph.root_reach(graph.tag_roots(), with_referrers=True)
+    report.gc = _gc_verdicts(graph, digest, report.paths, tag_reach)
+    report.freed = _freed(graph, report.paths, tag_reach)
+    return report
