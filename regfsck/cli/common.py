@@ -47,8 +47,33 @@ def open_root(root: Path | None, config: Path | None) -> RegistryRoot:
         fail(str(exc))
 
 
+def _strict_text(text: str) -> str:
+    """Names read from disk may hold undecodable bytes (lone surrogates after os.fsdecode),
+    which strict JSON parsers reject: show those bytes as `\\xNN`, as findings do."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_safe(data: Any) -> Any:
+    """`data` with every string (keys included) valid UTF-8, so any JSON parser accepts it."""
+    if isinstance(data, str):
+        return _strict_text(data)
+    if isinstance(data, dict):
+        return {json_safe(k): json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
+    sys.stdout.write(json.dumps(json_safe(data), indent=2, sort_keys=False, ensure_ascii=True) + "\n")
     sys.stdout.flush()
 
 
