@@ -27,6 +27,17 @@ class RegistryRoot:
     v2: Path
 
 
+def _refuse_symlinks(root: Path) -> None:
+    """`docker`, `registry` and `v2` below ROOT must be real directories: following a link
+    there would put every read, and every move of gc, outside ROOT."""
+    level = root
+    for part in V2_PREFIX.split("/"):
+        level = level / part
+        if level.is_symlink():
+            raise RootError(f"{level} is a symbolic link, and regfsck never follows one inside ROOT; "
+                            f"give the storage root that really holds {V2_PREFIX}")
+
+
 def locate(path: Path) -> RegistryRoot:
     """Accept the storage root or the `v2` directory; anything else is a RootError."""
     path = Path(os.path.abspath(path))
@@ -38,10 +49,12 @@ def locate(path: Path) -> RegistryRoot:
     if not path.is_dir():
         raise RootError(f"{path} is not a directory (expected a registry storage root)")
     candidate = path / V2_PREFIX
-    if candidate.is_dir() and not candidate.is_symlink():
+    _refuse_symlinks(path)
+    if candidate.is_dir():
         return RegistryRoot(path, candidate)
     is_v2 = path.name == "v2" and path.parent.name == "registry" and path.parent.parent.name == "docker"
     if is_v2 and ((path / "blobs").is_dir() or (path / "repositories").is_dir()):
+        _refuse_symlinks(path.parent.parent.parent)
         return RegistryRoot(path.parent.parent.parent, path)
     raise RootError(
         f"{path} is not a registry root: expected {path / V2_PREFIX} "
