@@ -248,12 +248,22 @@ class FilesystemStorage:
     def read_link_fast(self, path: str, limit: int = 256) -> bytes:
         """Read a small file found by the walk (see `open_fd_fast`).
 
-        Hot path (once per link file): open, fstat, one read, close. O_NONBLOCK is left
-        set because it does not apply to regular files; should a filesystem still answer
-        EAGAIN, the read is retried in blocking mode."""
+        Hot path (once per link file): lstat, open, fstat, one read, close. The walk does
+        not list a link's directory, so the lstat is what keeps a device node named `link`
+        from ever being opened (opening runs its driver: a watchdog arms, a tape rewinds).
+        O_NONBLOCK is left set because it does not apply to regular files; should a
+        filesystem still answer EAGAIN, the read is retried in blocking mode."""
+        full = self.full_path(path)
         try:
-            fd = os.open(self.full_path(path), _OPEN_FLAGS)
+            mode = os.lstat(full).st_mode
+            if not stat_module.S_ISREG(mode):
+                if stat_module.S_ISLNK(mode):
+                    raise StorageError(errno.ELOOP, f"{path} is a symbolic link", path)
+                raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
+            fd = os.open(full, _OPEN_FLAGS)
         except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(exc.errno, f"cannot open {path}: {exc.strerror}", path) from exc
         try:
             if not stat_module.S_ISREG(os.fstat(fd).st_mode):
