@@ -1,0 +1,251 @@
+"""Helpers for the hostile-input tests: run the CLI as an operator would, judge its output
+strictly, damage trees, and prove that nothing outside ROOT is opened (inotify).
+
+Used by tests/test_fuzz_*.py, test_hostile_*.py, test_interrupt_*.py, test_readonly_*.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+V2 = "docker/registry/v2"
+CLI_TIMEOUT = 60.0
+
+# Running as root, permission bits do not stop reads: the CLI is then run without the two
+# capabilities that bypass them, so "unreadable" damage is really unreadable.
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def unprivileged_prefix() -> list[str] | None:
+    """Command prefix under which chmod 000 really denies reads; None if there is none."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    probe = subprocess.run([*DROP_DAC, "cat", "/proc/self/status"], capture_output=True, text=True,
+                           check=False)
+    return DROP_DAC if probe.returncode == 0 else None
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "REGFSCK_DEBUG" and not k.startswith("REGISTRY_")}
+    env["COLUMNS"] = "120"
+    return env
+
+
+def cli_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
+    return [*prefix, sys.executable, "-m", "regfsck", *args]
+
+
+def run_cli(*args: str, prefix: Sequence[str] = (), timeout: float = CLI_TIMEOUT,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run regfsck as a subprocess (bytes out: the test judges the encoding itself)."""
+    return subprocess.run(cli_command(*args, prefix=prefix), capture_output=True, timeout=timeout,
+                          env=cli_env(), stdin=subprocess.DEVNULL, check=False, cwd=cwd)
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse stdout as exactly one JSON object a strict parser accepts (UTF-8, no lone
+    surrogates); raises AssertionError saying what is wrong."""
+    text = raw.decode("utf-8")  # strict: raises on invalid UTF-8
+    doc = json.loads(text)
+    assert isinstance(doc, dict), f"JSON output is a {type(doc).__name__}, not an object"
+
+    def check(value: Any) -> None:
+        if isinstance(value, str):
+            value.encode("utf-8")  # raises on lone surrogates
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                check(k)
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+
+    check(doc)
+    return doc
+
+
+def assert_clean_exit(result: subprocess.CompletedProcess[bytes], allowed: Sequence[int],
+                      what: str) -> None:
+    """Exit code allowed, no traceback, no internal error, stderr readable text."""
+    err = result.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, f"{what}: traceback\n{err[-3000:]}"
+    assert "internal error" not in err, f"{what}: {err[-2000:]}"
+    assert result.returncode in allowed, (
+        f"{what}: exit {result.returncode}, expected one of {list(allowed)}\n{err[-2000:]}")
+
+
+# --------------------------------------------------------------------------- tree snapshots
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
+    """Every path under `root` (not following symlinks): kind + content hash, mode, mtime."""
+    result: dict[str, tuple[str, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                what = "l:" + os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    what = "f:" + hashlib.sha256(fh.read()).hexdigest()
+            elif stat.S_ISDIR(st.st_mode):
+                what = "d"
+            else:
+                what = f"o:{stat.S_IFMT(st.st_mode)}"
+            result[os.path.relpath(path, root)] = (what, st.st_mode, st.st_mtime_ns)
+    return result
+
+
+def restore_access(root: Path) -> None:
+    """Give the owner rwx back on every directory and rw on every file (test cleanup)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, 0o644)
+
+
+def remove_tree(root: Path) -> None:
+    restore_access(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- inotify
+
+_IN_ACCESS = 0x001
+_IN_OPEN = 0x020
+_IN_NONBLOCK = 0o4000
+_EVENT = struct.Struct("iIII")
+
+
+@dataclass
+class OpenWatch:
+    """Records every open/read of anything in the watched directories (inotify)."""
+
+    fd: int
+    names: dict[int, str]
+
+    def events(self) -> list[str]:
+        found: list[str] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return found
+            offset = 0
+            while offset < len(buf):
+                wd, mask, _cookie, length = _EVENT.unpack_from(buf, offset)
+                raw = buf[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
+                what = "open" if mask & _IN_OPEN else "read"
+                found.append(f"{what} {self.names.get(wd, '?')}/{raw.decode(errors='replace')}")
+                offset += _EVENT.size + length
+
+
+@contextlib.contextmanager
+def watch_opens(directory: Path) -> Iterator[OpenWatch]:
+    """Watch `directory` and every directory below it for opens and reads."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fd = libc.inotify_init1(_IN_NONBLOCK)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+    names: dict[int, str] = {}
+    try:
+        for dirpath, _dirnames, _files in os.walk(directory):
+            wd = libc.inotify_add_watch(fd, os.fsencode(dirpath), _IN_OPEN | _IN_ACCESS)
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {dirpath}")
+            names[wd] = dirpath
+        watch = OpenWatch(fd, names)
+        watch.events()  # drop the events of the walk above
+        yield watch
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- damage helpers
+
+
+def can_mknod(directory: Path) -> bool:
+    """True when this process may create device nodes (root with CAP_MKNOD)."""
+    probe = directory / ".mknod-probe"
+    try:
+        os.mknod(probe, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return False
+        raise
+    probe.unlink()
+    return True
+
+
+def replace_with(path: Path, kind: str, *, target: str = "", data: bytes = b"") -> None:
+    """Replace whatever is at `path` (file, dir, link) by a new entry of `kind`:
+    file, dir, symlink, fifo, chardev (a /dev/zero node), socket-less variants only."""
+    if path.is_symlink() or path.is_file() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        remove_tree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        path.write_bytes(data)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "symlink":
+        os.symlink(target, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 5))
+    else:
+        raise ValueError(kind)
+
+
+def deep_json(depth: int) -> bytes:
+    """A manifest-shaped JSON document nested `depth` levels deep."""
+    return b'{"schemaVersion":2,"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def padded_manifest(size: int) -> bytes:
+    """A valid OCI image manifest padded with an annotation to `size` bytes."""
+    head = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
+           b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":' \
+           b'"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},' \
+           b'"layers":[],"annotations":{"pad":"'
+    tail = b'"}}'
+    return head + b"x" * max(0, size - len(head) - len(tail)) + tail
+
+
+def index_of(*children: str) -> bytes:
+    """An OCI index listing `children` (digests) as image manifests."""
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d,
+                       "size": 100, "platform": {"os": "linux", "architecture": "amd64"}}
+                      for d in children]}).encode()
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
