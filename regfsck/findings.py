@@ -67,6 +67,12 @@ CATALOG: dict[str, KindInfo] = {
     "reference_not_linked": KindInfo(E, "config/layer exists but has no _layers link in repo"),
     "child_not_in_repo": KindInfo(E, "index child manifest has no revision link in repo"),
     "subject_missing": KindInfo(W, "referrer whose subject manifest is not in the repository"),
+    # layers (verify --deep)
+    "layer_diff_id_mismatch": KindInfo(E, "uncompressed layer does not hash to its config's diff_id"),
+    "layer_not_tar": KindInfo(E, "decompressed layer is not a readable tar stream"),
+    "layer_decompress_error": KindInfo(E, "layer data is truncated or corrupt for its compression"),
+    "layer_compression_mismatch": KindInfo(W, "layer media type names another compression than its bytes"),
+    "config_diff_ids_invalid": KindInfo(E, "image config unreadable or its diff_ids do not match the layers"),
     # repositories and uploads
     "repo_bad_name": KindInfo(E, "repository path breaks the name grammar"),
     "repo_no_layers": KindInfo(W, "repository with _manifests but no _layers (2.8 GC sweeps it)"),
