@@ -1,0 +1,448 @@
+"""The journaled run: every change is undoable byte for byte, crashes are recoverable.
+
+Most tests work on a small hand-made v2 tree (no registry needed); the crash tests kill a
+real child process with SIGKILL at chosen points between journal writes and renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regfsck.quarantine import (
+    QUARANTINE_DIR,
+    RUN_ID_RE,
+    QuarantineError,
+    Run,
+    UndoConflictError,
+    list_runs,
+    new_run_id,
+    purge,
+    recover,
+    undo,
+)
+from regfsck.root import RegistryRoot, locate
+from regfsck.storage import StorageError, UnsafePathError
+
+V2 = "docker/registry/v2"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Snapshot = dict[str, tuple[str, int, int, str]]
+
+
+def tree_snapshot(top: Path) -> Snapshot:
+    """Every path below `top`: (kind, mode, mtime_ns, sha256 of content / link target).
+
+    Directory mtimes are included: undo must restore them too."""
+    snap: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st_ = path.lstat()
+            rel = path.relative_to(top).as_posix()
+            if stat.S_ISLNK(st_.st_mode):
+                snap[rel] = ("link", st_.st_mode, st_.st_mtime_ns, os.readlink(path))
+            elif stat.S_ISDIR(st_.st_mode):
+                snap[rel] = ("dir", st_.st_mode, st_.st_mtime_ns, "")
+            else:
+                snap[rel] = ("file", st_.st_mode, st_.st_mtime_ns,
+                             hashlib.sha256(path.read_bytes()).hexdigest())
+    return snap
+
+
+def registry_snapshot(root: Path) -> Snapshot:
+    """Snapshot of the registry tree proper (`docker/`), the quarantine left out."""
+    return tree_snapshot(root / "docker")
+
+
+def make_tree(root: Path) -> RegistryRoot:
+    """A small v2 tree with old mtimes (so restoring them is visible)."""
+    v2 = root / V2
+    files = {
+        "blobs/sha256/aa/aaaa/data": b"blob a" * 100,
+        "blobs/sha256/bb/bbbb/data": b"blob b",
+        "repositories/r/_layers/sha256/aaaa/link": b"sha256:aaaa",
+        "repositories/r/_manifests/tags/t/current/link": b"sha256:bbbb",
+        "repositories/r/_uploads/u1/data": b"partial",
+        "repositories/r/_uploads/u1/startedat": b"2024-01-01T00:00:00Z",
+    }
+    for rel, data in files.items():
+        path = v2 / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (v2 / "repositories/r/_manifests/tags/empty").mkdir(parents=True)
+    old = 1_600_000_000_000_000_000
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in dirnames + filenames:
+            os.utime(Path(dirpath) / name, ns=(old, old))
+            old += 1_000_000_000
+    return locate(root)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> RegistryRoot:
+    return make_tree(tmp_path / "root")
+
+
+def test_run_id_is_sortable_and_validated() -> None:
+    early = new_run_id(datetime(2024, 1, 1, tzinfo=UTC))
+    late = new_run_id(datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC))
+    assert RUN_ID_RE.fullmatch(early) and early < late
+    with pytest.raises(QuarantineError):
+        undo(locate_dummy(), "../../etc")
+
+
+def locate_dummy() -> RegistryRoot:
+    return RegistryRoot(Path("/nonexistent"), Path("/nonexistent") / V2)
+
+
+def test_every_change_is_undone_byte_for_byte(tree: RegistryRoot) -> None:
+    before = registry_snapshot(tree.root)
+    with Run.begin(tree, "test", {"why": "all ops"}) as run:
+        run.quarantine("blobs/sha256/aa/aaaa")  # a directory
+        run.quarantine("repositories/r/_uploads/u1/data")  # a file
+        run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")  # new dirs
+        run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
+        assert run.remove_empty_dirs(["repositories/r/_manifests/tags/empty",
+                                      "repositories/r/_uploads"]) == [
+            "repositories/r/_manifests/tags/empty"]  # _uploads is not empty: skipped
+        run.finish()
+    v2 = tree.v2
+    assert not (v2 / "blobs/sha256/aa/aaaa").exists()
+    assert (tree.root / run.path / "v2/blobs/sha256/aa/aaaa/data").read_bytes() == b"blob a" * 100
+    assert (v2 / "repositories/r/_manifests/tags/t/current/link").read_bytes() == b"sha256:aaaa"
+    assert (v2 / "repositories/r/_layers/sha256/cccc/link").read_bytes() == b"sha256:cccc"
+    assert not (v2 / "repositories/r/_manifests/tags/empty").exists()
+    assert not list(v2.rglob("*.tmp"))
+    [info] = list_runs(tree)
+    assert (info.run_id, info.command, info.status) == (run.run_id, "test", "complete")
+    assert info.bytes == 600 + len(b"partial") + len(b"sha256:bbbb")
+    assert info.details == {"why": "all ops"}
+
+    result = undo(tree)
+    assert (result.moved_back, result.files_removed, result.dirs_recreated) == (3, 2, 1)
+    assert result.dirs_removed == 1  # cccc/ was created for the new link
+    assert registry_snapshot(tree.root) == before
+    assert [r.status for r in list_runs(tree)] == ["reverted"]
+    assert list((tree.root / run.path / "v2").iterdir()) == []
+    with pytest.raises(QuarantineError, match="already reverted"):
+        undo(tree, run.run_id)
+    with pytest.raises(QuarantineError, match="nothing to undo"):
+        undo(tree)
+
+
+def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
+    first = Run.begin(tree, "one", {})
+    first.quarantine("blobs/sha256/aa/aaaa")
+    first.finish()
+    after_first = registry_snapshot(tree.root)
+    second = Run.begin(tree, "two", {})
+    second.quarantine("blobs/sha256/bb/bbbb")
+    second.finish()
+    assert first.run_id < second.run_id
+    assert undo(tree).run_id == second.run_id
+    assert registry_snapshot(tree.root) == after_first
+    assert undo(tree).run_id == first.run_id
+
+
+def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
+    with Run.begin(tree, "test", {}) as run:
+        run.quarantine("blobs/sha256/bb/bbbb")
+        run.create_file("blobs/sha256/cc/cccc/data", b"new")
+        run.finish()
+    (tree.v2 / "blobs/sha256/bb/bbbb").mkdir()  # something new where the blob was
+    changed = registry_snapshot(tree.root)
+    with pytest.raises(UndoConflictError, match="something new exists"):
+        undo(tree)
+    assert registry_snapshot(tree.root) == changed  # refused before touching anything
+    (tree.v2 / "blobs/sha256/bb/bbbb").rmdir()
+    (tree.v2 / "blobs/sha256/cc/cccc/data").write_bytes(b"NEW")  # same size, other bytes
+    with pytest.raises(UndoConflictError, match="changed since the run created it"):
+        undo(tree)
+    assert (tree.v2 / "blobs/sha256/cc/cccc/data").read_bytes() == b"NEW"  # never deleted
+
+
+def test_create_refuses_an_existing_target_and_unsafe_paths(tree: RegistryRoot) -> None:
+    with Run.begin(tree, "test", {}) as run:
+        with pytest.raises(QuarantineError, match="already exists"):
+            run.create_file("blobs/sha256/bb/bbbb/data", b"x")
+        for bad in ("../outside", "/etc/passwd", "blobs/../../x", "a\x00b"):
+            with pytest.raises(UnsafePathError):
+                run.create_file(bad, b"x")
+            with pytest.raises(UnsafePathError):
+                run.quarantine(bad)
+        with pytest.raises(QuarantineError, match="does not exist"):
+            run.quarantine("blobs/sha256/ff/ffff")
+        run.finish()
+    assert (tree.v2 / "blobs/sha256/bb/bbbb/data").read_bytes() == b"blob b"
+
+
+def test_never_writes_through_a_symlink(tree: RegistryRoot, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"keep me")
+    (tree.v2 / "repositories/evil").symlink_to(outside)
+    before_outside = tree_snapshot(outside)
+    with Run.begin(tree, "test", {}) as run:
+        with pytest.raises(StorageError):
+            run.create_file("repositories/evil/new", b"x")
+        with pytest.raises(StorageError):
+            run.quarantine("repositories/evil/victim")
+        run.quarantine("repositories/evil")  # the link itself moves, not its target
+        run.finish()
+    assert tree_snapshot(outside) == before_outside
+    held = tree.root / run.path / "v2/repositories/evil"
+    assert held.is_symlink() and os.readlink(held) == str(outside)
+    undo(tree)
+    assert (tree.v2 / "repositories/evil").is_symlink()
+    assert tree_snapshot(outside) == before_outside
+
+
+def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
+    before = registry_snapshot(tree.root)
+    with pytest.raises(RuntimeError), Run.begin(tree, "test", {}) as run:
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run.create_file("repositories/r/new/link", b"x")
+        raise RuntimeError("boom")
+    assert registry_snapshot(tree.root) == before
+    [info] = list_runs(tree)
+    assert info.status == "reverted"
+
+
+def test_a_failing_finish_policy_run_keeps_its_changes(tree: RegistryRoot) -> None:
+    with pytest.raises(RuntimeError), Run.begin(tree, "gc", {}, on_crash="finish") as run:
+        run.quarantine("blobs/sha256/aa/aaaa")
+        raise RuntimeError("boom")
+    assert not (tree.v2 / "blobs/sha256/aa/aaaa").exists()
+    [info] = list_runs(tree)
+    assert info.status == "interrupted" and "boom" in (info.note or "")
+    undo(tree)
+    assert (tree.v2 / "blobs/sha256/aa/aaaa/data").exists()
+
+
+def test_streamed_create_and_returned_digest(tree: RegistryRoot, tmp_path: Path) -> None:
+    big = os.urandom(3 * (1 << 20) + 5)
+    source = tmp_path / "big"
+    source.write_bytes(big)
+    with Run.begin(tree, "test", {}) as run, source.open("rb") as handle:
+        digest = run.create_file("blobs/sha256/dd/dddd/data", handle)
+        run.create_file("blobs/sha256/ee/eeee/data", iter([b"a", b"b"]))
+        run.finish()
+    assert digest == "sha256:" + hashlib.sha256(big).hexdigest()
+    assert (tree.v2 / "blobs/sha256/dd/dddd/data").read_bytes() == big
+    assert (tree.v2 / "blobs/sha256/ee/eeee/data").read_bytes() == b"ab"
+
+
+def test_purge_deletes_old_runs_for_good(tree: RegistryRoot) -> None:
+    run = Run.begin(tree, "test", {})
+    run.quarantine("blobs/sha256/aa/aaaa")
+    run.finish()
+    open_run = Run.begin(tree, "test", {})  # still running: never purged
+    young = purge(tree, timedelta(hours=1))
+    assert young.runs == [] and young.bytes_freed == 0
+    later = datetime.now(UTC) + timedelta(hours=2)
+    preview = purge(tree, timedelta(hours=1), dry_run=True, now=later)
+    assert preview.runs == [run.run_id] and preview.bytes_freed >= 600
+    assert (tree.root / run.path).exists()
+    done = purge(tree, timedelta(hours=1), now=later)
+    assert done.runs == [run.run_id] and done.bytes_freed == preview.bytes_freed
+    assert not (tree.root / run.path).exists()
+    assert open_run.run_id in done.kept
+    assert not (tree.v2 / "blobs/sha256/aa/aaaa").exists()  # purged means gone for good
+
+
+# --------------------------------------------------------------------------- property
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["move", "create", "replace", "rmdir"]),
+                         st.integers(0, 50)), max_size=12)
+
+
+@settings(max_examples=int(os.environ.get("QUARANTINE_EXAMPLES", "40")), deadline=None)
+@given(ops=OPS)
+def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPathFactory,
+                                                ops: list[tuple[str, int]]) -> None:
+    root = make_tree(tmp_path_factory.mktemp("prop") / "root")
+    before = registry_snapshot(root.root)
+    with Run.begin(root, "prop", {}) as run:
+        for number, (op, pick) in enumerate(ops):
+            entries = sorted(p.relative_to(root.v2).as_posix() for p in root.v2.rglob("*"))
+            files = [e for e in entries if (root.v2 / e).is_file()]
+            dirs = [e for e in entries if (root.v2 / e).is_dir()]
+            if op == "move" and entries:
+                run.quarantine(entries[pick % len(entries)])
+            elif op == "create" and dirs:
+                run.create_file(f"{dirs[pick % len(dirs)]}/new{number}/f", b"%d" % number)
+            elif op == "replace" and files:
+                run.replace_file(files[pick % len(files)], b"replaced %d" % number)
+            elif op == "rmdir" and dirs:
+                run.remove_empty_dirs([dirs[pick % len(dirs)]])
+        run.finish()
+    undo(root)
+    assert registry_snapshot(root.root) == before
+
+
+# --------------------------------------------------------------------------- crashes
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from regfsck.root import locate
+    from regfsck.storage import FilesystemStorage
+    from regfsck.quarantine import Run
+
+    root, policy, method, match, nth, when = sys.argv[1:7]
+    seen = [0]
+    original = getattr(FilesystemStorage, method)
+
+    def crashing(self, path, *args, **kwargs):
+        hit = match in path and when in ("before", "after")
+        if hit:
+            seen[0] += 1
+        if hit and seen[0] == int(nth) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(self, path, *args, **kwargs)
+        if hit and seen[0] == int(nth) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(FilesystemStorage, method, crashing)
+    run = Run.begin(locate(root), "crashtest", {}, on_crash=policy)
+    run.quarantine("blobs/sha256/aa/aaaa")
+    run.quarantine("repositories/r/_uploads/u1")
+    run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
+    run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
+    run.remove_empty_dirs(["repositories/r/_manifests/tags/empty"])
+    run.finish()
+    print("finished")
+""")
+
+# (storage method, substring of its path argument, which matching call, before/after it):
+# every boundary between a journal write and the change it announces.
+CRASH_POINTS = [
+    ("rename_noreplace", "blobs/sha256/aa", 1, "before"),  # journaled, not moved
+    ("rename_noreplace", "blobs/sha256/aa", 1, "after"),  # moved, "done" not journaled
+    ("rename_noreplace", "current/link", 1, "after"),  # replace: old link out, new one not yet in
+    ("write_new_file", "current/.link", 1, "before"),  # temp file announced, not written
+    ("write_new_file", "current/.link", 1, "after"),  # temp file written, not renamed
+    ("rename_noreplace", "current/.link", 1, "after"),  # new link in place, "done" not journaled
+    ("make_dir", "_layers/sha256/cccc", 1, "after"),  # a directory created for a new file
+    ("remove_empty_dir", "tags/empty", 1, "after"),
+    ("replace_file", "meta.json", 2, "before"),  # finish: journal says finished, meta not yet
+]
+
+
+CrashPoint = tuple[str, str, int, str]
+
+
+def run_crashing(root: Path, policy: str, point: CrashPoint) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(root), policy, *map(str, point)],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS, ids=lambda p: f"{p[0]}-{p[1]}-{p[3]}")
+def test_kill_9_then_recover_reverts(tmp_path: Path, point: CrashPoint) -> None:
+    tree = make_tree(tmp_path / "root")
+    before = registry_snapshot(tree.root)
+    proc = run_crashing(tree.root, "revert", point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    messages = recover(tree)
+    assert len(messages) == 1
+    if point[0] == "replace_file":  # killed after the journal's finish line: nothing to revert
+        assert "had completed" in messages[0]
+        assert list_runs(tree)[0].status == "complete"
+        undo(tree)
+    else:
+        assert "reverted" in messages[0]
+    assert registry_snapshot(tree.root) == before
+    assert recover(tree) == []
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS, ids=lambda p: f"{p[0]}-{p[1]}-{p[3]}")
+def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: CrashPoint) -> None:
+    tree = make_tree(tmp_path / "root")
+    before = registry_snapshot(tree.root)
+    proc = run_crashing(tree.root, "finish", point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    [message] = recover(tree)
+    [info] = list_runs(tree)
+    assert info.status in ("interrupted", "complete"), message
+    # Every path is either in the tree or held in the quarantine, never lost or doubled.
+    for rel in ("blobs/sha256/aa/aaaa/data", "repositories/r/_uploads/u1/data"):
+        here = (tree.v2 / rel).exists()
+        held = (tree.root / info.path / "v2" / rel).exists()
+        assert here != held, rel
+    assert not list(tree.v2.rglob("*.tmp"))
+    undo(tree)
+    assert registry_snapshot(tree.root) == before
+
+
+def test_kill_9_during_undo_then_recover_finishes_the_undo(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "root")
+    before = registry_snapshot(tree.root)
+    with Run.begin(tree, "test", {}) as run:
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run.quarantine("blobs/sha256/bb/bbbb")
+        run.create_file("repositories/r/x/link", b"x")
+        run.finish()
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from regfsck.root import locate
+        from regfsck.storage import FilesystemStorage
+        from regfsck import quarantine
+        original = FilesystemStorage.rename_noreplace
+        def crashing(self, *a, **k):
+            original(self, *a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        FilesystemStorage.rename_noreplace = crashing
+        quarantine.undo(locate(sys.argv[1]))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, str(tree.root)], env=env, timeout=60,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list_runs(tree)[0].status == "undoing"
+    [message] = recover(tree)
+    assert "undo" in message
+    assert registry_snapshot(tree.root) == before
+    assert list_runs(tree)[0].status == "reverted"
+
+
+def test_torn_journal_line_is_tolerated(tree: RegistryRoot) -> None:
+    run = Run.begin(tree, "test", {})
+    run.quarantine("blobs/sha256/aa/aaaa")
+    journal = tree.root / run.path / "journal.jsonl"
+    with journal.open("ab") as handle:
+        handle.write(b'{"ev": "intent", "seq": 2, "op": "mo')  # the crash cut it here
+    recover(tree)  # revert policy
+    assert (tree.v2 / "blobs/sha256/aa/aaaa/data").exists()
+    meta = json.loads((tree.root / run.path / "meta.json").read_text())
+    assert meta["status"] == "reverted"
+
+
+def test_quarantine_must_be_on_the_same_filesystem(tree: RegistryRoot) -> None:
+    dev_shm = Path("/dev/shm")
+    if not dev_shm.is_dir() or os.stat(dev_shm).st_dev == os.stat(tree.root).st_dev:
+        pytest.skip("no second filesystem to test with")
+    target = Path(os.environ.get("TMPDIR_SHM", "/dev/shm")) / f"regfsck-q-{os.getpid()}-{time.time_ns()}"
+    target.mkdir()
+    try:
+        (tree.root / QUARANTINE_DIR).symlink_to(target)
+        with pytest.raises((QuarantineError, StorageError)):
+            Run.begin(tree, "test", {})
+        assert list(target.iterdir()) == []  # nothing written through the symlink either
+    finally:
+        os.rmdir(target)
