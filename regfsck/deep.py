@@ -1,0 +1,697 @@
+"""`verify --deep`: decompress every layer and prove it is the tar its image config promises.
+
+Plain verify proves each blob hashes to its name; that says nothing about whether a layer
+was *built* right: a registry accepts a layer whose uncompressed content differs from the
+`rootfs.diff_ids` its config declares, and every pull then fails at unpack time. This
+engine streams each layer once, decompressing by media type (falling back to the magic
+bytes), hashes the uncompressed stream against every diff_id that names it, and walks the
+tar headers as strictly as Go's archive/tar (what docker and containerd unpack with).
+
+Reading is bounded (1 MiB buffers, zstd frames and tar headers parsed incrementally) and
+runs one layer per thread: zlib, zstd and hashlib release the GIL.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from regfsck import layout
+from regfsck.checks import FindingSet, valid_revisions
+from regfsck.findings import Finding, Severity, make_finding
+from regfsck.graph import ManifestStore, walk
+from regfsck.inventory import Inventory
+from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, Manifest, ManifestKind
+from regfsck.root import RegistryRoot
+from regfsck.scanner import Scanner
+from regfsck.storage import FilesystemStorage, StorageError
+
+BUFFER = 1 << 20
+CONFIG_LIMIT = 16 << 20
+TAR_BLOCK = 512
+MAX_SPECIAL_ENTRY = 1 << 20  # Go's archive/tar refuses pax headers / long names above 1 MiB
+ZSTD_MAX_BLOCK = 128 << 10
+IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
+
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+ProgressFn = Callable[[int], None]
+
+
+class LayerFormatError(ValueError):
+    """The bytes break the container format (tar header, zstd frame structure)."""
+
+
+# -- what the media type says ---------------------------------------------------------
+
+
+def declared_compression(media_type: str) -> str | None:
+    """Compression a layer media type declares; None when the type does not say (or is odd)."""
+    if "+encrypted" in media_type:
+        return None
+    if media_type.endswith(("+gzip", ".tar.gzip", "tar.gzip")):
+        return "gzip"
+    if media_type.endswith("+zstd"):
+        return "zstd"
+    if media_type.endswith((".tar", "v1.tar", "diff.tar")):
+        return "none"
+    return None
+
+
+def sniff_compression(head: bytes) -> str:
+    """What the first bytes say: gzip, zstd, bzip2, xz, or none (plain data, maybe a tar)."""
+    for magic, name in MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "none"
+
+
+# -- strict streaming tar walker ----------------------------------------------------------
+
+
+def _parse_octal(field: bytes) -> int:
+    text = field.strip(b" \x00").split(b"\x00", 1)[0]
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise LayerFormatError(f"invalid octal field {field!r}") from None
+
+
+def _parse_numeric(field: bytes) -> int:
+    """Octal, or GNU base-256 when the high bit of the first byte is set (as Go reads it)."""
+    if field and field[0] & 0x80:
+        invert = 0xFF if field[0] & 0x40 else 0
+        value = 0
+        for i, byte in enumerate(field):
+            byte ^= invert
+            if i == 0:
+                byte &= 0x7F
+            if value >> 56:
+                raise LayerFormatError("base-256 number overflows")
+            value = (value << 8) | byte
+        if value >> 63:
+            raise LayerFormatError("base-256 number overflows")
+        return ~value if invert else value
+    return _parse_octal(field)
+
+
+_HEADER_ONLY = frozenset(b"123456")  # hard link, symlink, char, block, dir, fifo: no data
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+
+
+class TarStreamChecker:
+    """Push parser over an uncompressed tar stream, as strict as Go's archive/tar reader.
+
+    It verifies every header checksum and numeric field, follows pax `size` overrides,
+    GNU long names and old GNU sparse extension blocks, and requires every member's data
+    and padding to be present. A stream may end at a header boundary, after one or two
+    zero blocks (Go accepts all three); anything after the end-of-archive marker is not
+    read by unpackers and is ignored here too (it still counts for the diff_id)."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+        self.offset = 0
+        self.ended = False
+        self._header = bytearray()
+        self._data_left = 0
+        self._pad_left = 0
+        self._collect: bytearray | None = None
+        self._pax_size: int | None = None
+        self._zero_blocks = 0
+        self._sparse_extension = False
+        self._deferred_data = 0
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end and not self.ended:
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                if self._collect is not None:
+                    self._collect += view[pos:pos + take]
+                self._data_left -= take
+                pos += take
+                if not self._data_left and self._collect is not None:
+                    self._pax_records(bytes(self._collect))
+                    self._collect = None
+                continue
+            if self._pad_left:
+                take = min(self._pad_left, end - pos)
+                self._pad_left -= take
+                pos += take
+                continue
+            take = min(TAR_BLOCK - len(self._header), end - pos)
+            self._header += view[pos:pos + take]
+            pos += take
+            if len(self._header) == TAR_BLOCK:
+                block = bytes(self._header)
+                self._header.clear()
+                self._block(block)
+                self.offset += TAR_BLOCK
+        self.offset += pos if not self.ended else 0
+
+    def finish(self) -> None:
+        """Call at the end of the stream; raises LayerFormatError when it stopped mid-member."""
+        if self.ended:
+            return
+        if self._header:
+            raise LayerFormatError(f"stream ends inside a tar header (entry {self.entries + 1})")
+        if self._data_left or self._pad_left or self._sparse_extension:
+            raise LayerFormatError(f"stream ends inside the data of tar entry {self.entries}")
+
+    def _start_data(self, size: int, *, collect: bool = False) -> None:
+        self._data_left = size
+        self._pad_left = -size % TAR_BLOCK
+        self._collect = bytearray() if collect and size else None
+
+    def _block(self, block: bytes) -> None:
+        if self._sparse_extension:
+            self._sparse_extension = block[504] != 0
+            if not self._sparse_extension:
+                self._start_data(self._deferred_data)
+            return
+        if block == _ZERO_BLOCK:
+            self._zero_blocks += 1
+            self.ended = self._zero_blocks == 2
+            return
+        if self._zero_blocks:
+            raise LayerFormatError(f"a zero block is followed by a header at entry {self.entries + 1}")
+        stored = _parse_octal(block[148:156])
+        unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+        if stored != unsigned:
+            signed = unsigned - 256 * sum(1 for i, b in enumerate(block) if b > 127 and not 148 <= i < 156)
+            if stored != signed:
+                raise LayerFormatError(f"bad header checksum at entry {self.entries + 1} "
+                                       f"(byte {self.offset} of the tar)")
+        typeflag = block[156]
+        size = _parse_numeric(block[124:136])
+        if size < 0:
+            raise LayerFormatError(f"negative size in tar entry {self.entries + 1}")
+        if typeflag in (ord("x"), ord("g")):
+            if size > MAX_SPECIAL_ENTRY:
+                raise LayerFormatError("pax header larger than 1 MiB")
+            self._start_data(size, collect=typeflag == ord("x"))
+            return
+        if typeflag in (ord("L"), ord("K")):
+            if size > MAX_SPECIAL_ENTRY:
+                raise LayerFormatError("GNU long name larger than 1 MiB")
+            self._start_data(size)
+            return
+        if self._pax_size is not None:
+            size, self._pax_size = self._pax_size, None
+        self.entries += 1
+        if typeflag in _HEADER_ONLY:
+            size = 0
+        if typeflag == ord("S") and block[482]:
+            self._sparse_extension = True
+            self._deferred_data = size
+            return
+        self._start_data(size)
+
+    def _pax_records(self, data: bytes) -> None:
+        """Read `<len> key=value\\n` records; only `size` matters for walking the stream."""
+        pos = 0
+        while pos < len(data):
+            space = data.find(b" ", pos)
+            if space < 0 or not data[pos:space].isdigit():
+                raise LayerFormatError(f"malformed pax record in entry {self.entries + 1}")
+            length = int(data[pos:space])
+            record = data[space + 1:pos + length]
+            if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n") \
+                    or b"=" not in record:
+                raise LayerFormatError(f"malformed pax record in entry {self.entries + 1}")
+            key, _, value = record[:-1].partition(b"=")
+            if key == b"size":
+                if not value.isdigit():
+                    raise LayerFormatError(f"invalid pax size {value[:40]!r}")
+                self._pax_size = int(value)
+            pos += length
+
+
+# -- zstd frame structure ---------------------------------------------------------------
+
+
+class ZstdFrameChecker:
+    """Push parser over the frame structure of a zstd stream (headers and block sizes only).
+
+    The decompressor quietly stops at a truncated frame; walking the frame and block
+    headers alongside it proves that every frame is complete, that skippable frames are
+    well formed and that nothing but frames follows."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._need = 4
+        self._state = "magic"
+        self._buf = bytearray()
+        self._skip = 0
+        self._checksum = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._skip:
+                take = min(self._skip, end - pos)
+                self._skip -= take
+                pos += take
+                continue
+            take = min(self._need - len(self._buf), end - pos)
+            self._buf += view[pos:pos + take]
+            pos += take
+            if len(self._buf) == self._need:
+                chunk = bytes(self._buf)
+                self._buf.clear()
+                self._advance(chunk)
+
+    def _advance(self, chunk: bytes) -> None:
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(chunk, "little")
+            if magic == 0xFD2FB528:
+                self._state, self._need = "descriptor", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._need = "skippable", 4
+            else:
+                raise LayerFormatError(f"not a zstd frame after {self.frames} frame(s) "
+                                       f"(bytes {chunk!r})")
+        elif state == "skippable":
+            self._skip = int.from_bytes(chunk, "little")
+            self._state, self._need = "magic", 4
+        elif state == "descriptor":
+            descriptor = chunk[0]
+            if descriptor & 0x08:
+                raise LayerFormatError("zstd frame header has the reserved bit set")
+            single = bool(descriptor & 0x20)
+            self._checksum = bool(descriptor & 0x04)
+            fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+            rest = (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
+            self._skip = rest
+            self._state, self._need = "block", 3
+        elif state == "block":
+            header = int.from_bytes(chunk, "little")
+            last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise LayerFormatError("zstd block of the reserved type")
+            if kind != 1 and size > ZSTD_MAX_BLOCK:
+                raise LayerFormatError(f"zstd block of {size} bytes (limit {ZSTD_MAX_BLOCK})")
+            self._skip = 1 if kind == 1 else size
+            if last:
+                self.frames += 1
+                self._skip += 4 if self._checksum else 0
+                self._state, self._need = "magic", 4
+
+    def finish(self) -> None:
+        if self._skip or self._buf or self._state != "magic":
+            raise LayerFormatError("zstd stream is truncated (its last frame is incomplete)")
+        if not self.frames:
+            raise LayerFormatError("zstd stream holds no frame")
+
+
+# -- one layer ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LayerUse:
+    """One image that uses a layer: where, at which position, and which diff_id it expects."""
+
+    repo: str
+    manifest: str
+    position: int
+    media_type: str
+    expected: str | None  # None: no config diff_id to compare with (schema1)
+    config: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass
+class LayerJob:
+    digest: str
+    path: str
+    size: int
+    uses: list[LayerUse] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOutcome:
+    job: LayerJob
+    compression: str  # what the bytes are
+    diff_id: str | None  # sha256 of the uncompressed stream; None when it could not be read
+    uncompressed_bytes: int
+    tar_entries: int
+    read_error: str | None = None
+    decompress_error: str | None = None
+    tar_error: str | None = None
+
+
+class _Source(io.RawIOBase):
+    """The layer file as a raw stream: counts progress, feeds a frame checker, honours stop."""
+
+    def __init__(self, fd: int, frames: ZstdFrameChecker | None, on_bytes: ProgressFn | None,
+                 stop: threading.Event | None) -> None:
+        self.fd = fd
+        self.frames = frames
+        self.on_bytes = on_bytes
+        self.stop = stop
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped
+        n = os.readv(self.fd, [buffer])
+        if n:
+            if self.frames is not None:
+                self.frames.feed(memoryview(buffer)[:n])
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+        return n
+
+
+class Stopped(Exception):
+    """The stop event was set while a layer was being read."""
+
+
+def _decompressed(buffered: io.BufferedReader, compression: str) -> Iterator[bytes]:
+    if compression == "gzip":
+        stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb")
+    elif compression == "zstd":
+        stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=BUFFER,
+                                                           read_across_frames=True)
+    else:
+        stream = buffered
+    while True:
+        chunk = stream.read(BUFFER)
+        if not chunk:
+            break
+        yield chunk
+
+
+def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn | None = None,
+                stop: threading.Event | None = None) -> LayerOutcome:
+    """Decompress one layer blob, hash the result and walk it as a tar (bounded memory)."""
+    try:
+        fd = storage.open_fd_fast(job.path)
+    except StorageError as exc:
+        return LayerOutcome(job, "?", None, 0, 0, read_error=exc.message)
+    hasher = hashlib.sha256()
+    tar = TarStreamChecker()
+    tar_error: str | None = None
+    total = 0
+    compression = "?"
+    try:
+        compression = sniff_compression(os.pread(fd, 8, 0))
+        if compression in ("bzip2", "xz"):
+            return LayerOutcome(job, compression, None, 0, 0, decompress_error=(
+                f"{compression}-compressed: registries and runtimes expect gzip, zstd or plain tar"))
+        frames = ZstdFrameChecker() if compression == "zstd" else None
+        buffered = io.BufferedReader(_Source(fd, frames, on_bytes, stop), BUFFER)
+        for chunk in _decompressed(buffered, compression):
+            hasher.update(chunk)
+            total += len(chunk)
+            if tar_error is None:
+                try:
+                    tar.feed(chunk)
+                except LayerFormatError as exc:
+                    tar_error = str(exc)
+        if frames is not None:
+            while buffered.read(BUFFER):  # whatever follows the last frame must be frames too
+                pass
+            frames.finish()
+    except LayerFormatError as exc:
+        return LayerOutcome(job, compression, None, total, tar.entries, decompress_error=str(exc))
+    except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+        what = f"{compression} stream is truncated" if isinstance(exc, EOFError) else (
+            f"{compression} data is corrupt: {exc or type(exc).__name__}")
+        return LayerOutcome(job, compression, None, total, tar.entries, decompress_error=what)
+    except OSError as exc:
+        return LayerOutcome(job, compression, None, total, tar.entries,
+                            read_error=f"cannot read {job.path}: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    if tar_error is None:
+        try:
+            tar.finish()
+        except LayerFormatError as exc:
+            tar_error = str(exc)
+    return LayerOutcome(job, compression, f"sha256:{hasher.hexdigest()}", total, tar.entries,
+                        tar_error=tar_error)
+
+
+# -- which layers, and what each image expects of them --------------------------------------
+
+
+@dataclass
+class DeepSummary:
+    images: int = 0
+    layers_total: int = 0
+    layers_checked: int = 0
+    bytes_total: int = 0
+    bytes_read: int = 0
+    bytes_uncompressed: int = 0
+    tar_entries: int = 0
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, int | bool]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DeepReport:
+    findings: list[Finding] = field(default_factory=list)
+    summary: DeepSummary = field(default_factory=DeepSummary)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"findings": [f.to_json() for f in self.findings], "summary": self.summary.to_json()}
+
+
+class DeepProgress:
+    """Callbacks a renderer implements (bytes of compressed layers read)."""
+
+    def start(self, total_bytes: int, total_layers: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _manifest_tags(inv: Inventory, store: ManifestStore, repo_name: str) -> dict[str, set[str]]:
+    """For each manifest of a repository, the tags that reach it (through indexes too)."""
+    reach: dict[str, set[str]] = {}
+    for tag, target in inv.repositories[repo_name].tag_targets().items():
+        for digest, role, _ in walk(store, [target]):
+            if role == "manifest":
+                reach.setdefault(digest, set()).add(tag)
+    return reach
+
+
+class _Collector:
+    """Builds one job per layer blob from every image manifest in scope (reads configs)."""
+
+    def __init__(self, storage: FilesystemStorage, inv: Inventory, store: ManifestStore) -> None:
+        self.storage = storage
+        self.inv = inv
+        self.store = store
+        self.jobs: dict[str, LayerJob] = {}
+        self.findings = FindingSet()
+        self.images = 0
+        self._configs: dict[str, list[str] | str] = {}  # digest -> diff_ids or why unusable
+
+    def add_repository(self, name: str) -> None:
+        tags = _manifest_tags(self.inv, self.store, name)
+        for digest in sorted(valid_revisions(self.inv.repositories[name])):
+            manifest = self.store.get(digest)
+            if manifest is not None:
+                self._add_manifest(name, digest, manifest, tuple(sorted(tags.get(digest, ()))))
+
+    def _add_manifest(self, repo: str, digest: str, manifest: Manifest, tags: tuple[str, ...]) -> None:
+        if manifest.kind is ManifestKind.SCHEMA1:
+            self.images += 1
+            for position, layer in enumerate(manifest.layers):
+                self._use(layer.digest, LayerUse(repo, digest, position, "", None, None, tags))
+            return
+        if manifest.kind not in (ManifestKind.DOCKER_MANIFEST, ManifestKind.OCI_MANIFEST):
+            return
+        config = manifest.config
+        if config is None or config.media_type not in IMAGE_CONFIG_TYPES:
+            return  # an artifact: its "layers" are not filesystem tars
+        diff_ids = self._diff_ids(config.digest)
+        if diff_ids is None:
+            return  # config blob missing: verify's structural checks report it
+        if isinstance(diff_ids, str):
+            self._config_finding(repo, digest, config.digest, diff_ids, tags)
+            return
+        if len(diff_ids) != len(manifest.layers):
+            self._config_finding(repo, digest, config.digest,
+                                 f"lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers",
+                                 tags)
+            return
+        self.images += 1
+        for position, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
+            if not layer.is_foreign and "+encrypted" not in layer.media_type:
+                self._use(layer.digest, LayerUse(repo, digest, position, layer.media_type, diff_id,
+                                                 config.digest, tags))
+
+    def _use(self, digest: str, use: LayerUse) -> None:
+        blob = self.inv.blobs.get(digest)
+        if blob is None:
+            return  # missing layers are verify's reference_missing findings
+        job = self.jobs.get(digest)
+        if job is None:
+            job = self.jobs[digest] = LayerJob(digest, blob.path, blob.size)
+        job.uses.append(use)
+
+    def _diff_ids(self, config_digest: str) -> list[str] | str | None:
+        if config_digest in self._configs:
+            return self._configs[config_digest]
+        blob = self.inv.blobs.get(config_digest)
+        if blob is None:
+            return None
+        result: list[str] | str
+        try:
+            doc = json.loads(self.storage.read_small(blob.path, CONFIG_LIMIT))
+        except StorageError as exc:
+            result = f"cannot be read: {exc.message}"
+        except ValueError as exc:
+            result = f"is not JSON: {exc}"[:200]
+        else:
+            rootfs = doc.get("rootfs") if isinstance(doc, dict) else None
+            ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
+                result = "has no rootfs.diff_ids list"
+            else:
+                result = list(ids)
+        self._configs[config_digest] = result
+        return result
+
+    def _config_finding(self, repo: str, manifest: str, config: str, why: str,
+                        tags: tuple[str, ...]) -> None:
+        self.findings.add(make_finding(
+            "config_diff_ids_invalid", layout.blob_data(config),
+            f"config {config} of image {manifest} {why}: its layers cannot be checked and "
+            "runtimes refuse the image", repo=repo, digest=config, affected_tags=tags))
+
+
+def _image_name(use: LayerUse) -> str:
+    tags = f" (tags {', '.join(use.tags)})" if use.tags else " (untagged)"
+    return f"image {use.manifest}{tags}"
+
+
+def outcome_findings(outcome: LayerOutcome) -> list[Finding]:
+    """Judge one layer's outcome against every image that uses it."""
+    job = outcome.job
+    path = layout.blob_data(job.digest)
+    found: list[Finding] = []
+    for use in job.uses:
+        where = f"layer {use.position} ({job.digest}) of {_image_name(use)}"
+
+        def add(kind: str, message: str, use: LayerUse = use) -> None:
+            found.append(make_finding(kind, path, message, repo=use.repo, digest=job.digest,
+                                      affected_tags=use.tags))
+
+        if outcome.read_error is not None:
+            add("blob_unreadable", f"{where}: {outcome.read_error}")
+            continue
+        declared = declared_compression(use.media_type)
+        if declared is not None and outcome.compression not in ("?", declared):
+            add("layer_compression_mismatch", f"{where}: media type {use.media_type} says "
+                f"{declared} but the data is {outcome.compression}")
+        if outcome.decompress_error is not None:
+            add("layer_decompress_error", f"{where}: {outcome.decompress_error}")
+            continue
+        if outcome.tar_error is not None:
+            add("layer_not_tar", f"{where}: not a readable tar stream: {outcome.tar_error}")
+        if use.expected is not None and outcome.diff_id != use.expected:
+            add("layer_diff_id_mismatch",
+                f"{where}: uncompressed content hashes to {outcome.diff_id} "
+                f"({outcome.uncompressed_bytes} bytes) but config {use.config} declares "
+                f"{use.expected}")
+    return found
+
+
+def _bounded_map(pool: ThreadPoolExecutor, work: Callable[[LayerJob], LayerOutcome],
+                 jobs: Iterable[LayerJob], limit: int,
+                 stop: threading.Event) -> Iterator[LayerOutcome]:
+    """Run `work` over `jobs` with at most `limit` in flight, yielding as they finish."""
+    pending: set[Future[LayerOutcome]] = set()
+    try:
+        for job in jobs:
+            if stop.is_set():
+                break
+            pending.add(pool.submit(work, job))
+            if len(pending) >= limit:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from _results(done)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from _results(done)
+    finally:
+        if pending:  # left early (an error in the consumer): running layers stop at the next read
+            stop.set()
+        for future in pending:
+            future.cancel()
+
+
+def _results(done: Iterable[Future[LayerOutcome]]) -> Iterator[LayerOutcome]:
+    for future in done:
+        try:
+            yield future.result()
+        except Stopped:
+            continue
+
+
+def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None,
+             inventory: Inventory | None = None, progress: DeepProgress | None = None,
+             stop: threading.Event | None = None) -> DeepReport:
+    """Check every layer of every image manifest (in `repos`, or everywhere)."""
+    storage = FilesystemStorage(root.v2)
+    inv = inventory if inventory is not None else Scanner(storage, root).scan()
+    store = ManifestStore(storage, inv)
+    collector = _Collector(storage, inv, store)
+    for name in sorted(inv.repositories):
+        if repos is None or name in repos:
+            collector.add_repository(name)
+    summary = DeepSummary(images=collector.images, layers_total=len(collector.jobs))
+    layer_jobs = sorted(collector.jobs.values(), key=lambda j: j.size, reverse=True)
+    summary.bytes_total = sum(j.size for j in layer_jobs)
+    findings = collector.findings
+    halt = stop if stop is not None else threading.Event()
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            summary.bytes_read += n
+        if progress is not None:
+            progress.advance(n)
+
+    if progress is not None:
+        progress.start(summary.bytes_total, summary.layers_total)
+    try:
+        workers = max(1, jobs)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep") as pool:
+            work = lambda job: check_layer(storage, job, advance, halt)  # noqa: E731
+            for outcome in _bounded_map(pool, work, layer_jobs, 2 * workers, halt):
+                summary.layers_checked += 1
+                summary.bytes_uncompressed += outcome.uncompressed_bytes
+                summary.tar_entries += outcome.tar_entries
+                findings.extend(outcome_findings(outcome))
+    finally:
+        if progress is not None:
+            progress.finish()
+    summary.interrupted = stop is not None and stop.is_set()
+    order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+    result = sorted(findings.findings(), key=lambda f: (order[f.severity], f.kind, f.path, f.repo or ""))
+    return DeepReport(result, summary)
