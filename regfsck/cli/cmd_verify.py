@@ -34,6 +34,7 @@ from regfsck.cli.common import (
     stderr_console,
     stdout_console,
 )
+from regfsck.cli.verify_deep import add_deep, deep_json, render_deep
 from regfsck.findings import Severity
 from regfsck.verify import (
     DataProgress,
@@ -78,6 +79,8 @@ def verify(
                                  "(structure only)."),
     strict: bool = typer.Option(False, "--strict", help="Treat tags without current/link, "
                                 "dangling _layers links and referrers without subject as errors."),
+    deep: bool = typer.Option(False, "--deep", help="Also decompress every layer: check it against "
+                              "its config's diff_id and that it is a readable tar."),
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
@@ -90,14 +93,16 @@ def verify(
     try:
         report = run_verify(registry, options, stop=stop,
                             progress=RichDataProgress() if show_progress(json_output) else None)
+        deep_summary = add_deep(report, registry, options, stop, show_progress(json_output)) if deep else None
     except UnknownRepositoryError as exc:
         fail(str(exc), exitcodes.USAGE)
     finally:
         signal.signal(signal.SIGINT, previous)
     if json_output:
-        print_json(report.to_json())
+        print_json(report.to_json() | deep_json(deep_summary))
     else:
         render_verify(report)
+        render_deep(deep_summary)
     if report.summary.interrupted:
         stderr_console().print("interrupted: the summary covers only what was checked")
         raise typer.Exit(exitcodes.INTERRUPTED)
