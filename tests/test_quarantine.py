@@ -267,7 +267,7 @@ def test_purge_deletes_old_runs_for_good(tree: RegistryRoot) -> None:
 # --------------------------------------------------------------------------- property
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["move", "create", "replace", "rmdir"]),
+OPS = st.lists(st.tuples(st.sampled_from(["move", "batch", "create", "replace", "rmdir"]),
                          st.integers(0, 50)), max_size=12)
 
 
@@ -284,6 +284,13 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
             dirs = [e for e in entries if (root.v2 / e).is_dir()]
             if op == "move" and entries:
                 run.quarantine(entries[pick % len(entries)])
+            elif op == "batch" and entries:
+                chosen: list[str] = []
+                for candidate in entries[pick % len(entries)::3]:
+                    if not any(candidate.startswith(c + "/") or c.startswith(candidate + "/")
+                               for c in chosen):
+                        chosen.append(candidate)
+                run.quarantine_batch(chosen)
             elif op == "create" and dirs:
                 run.create_file(f"{dirs[pick % len(dirs)]}/new{number}/f", b"%d" % number)
             elif op == "replace" and files:
@@ -320,7 +327,7 @@ CRASH_SCRIPT = textwrap.dedent("""
 
     setattr(FilesystemStorage, method, crashing)
     run = Run.begin(locate(root), "crashtest", {}, on_crash=policy)
-    run.quarantine("blobs/sha256/aa/aaaa")
+    run.quarantine_batch(["blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb"])
     run.quarantine("repositories/r/_uploads/u1")
     run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
     run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
@@ -332,8 +339,8 @@ CRASH_SCRIPT = textwrap.dedent("""
 # (storage method, substring of its path argument, which matching call, before/after it):
 # every boundary between a journal write and the change it announces.
 CRASH_POINTS = [
-    ("rename_noreplace", "blobs/sha256/aa", 1, "before"),  # journaled, not moved
-    ("rename_noreplace", "blobs/sha256/aa", 1, "after"),  # moved, "done" not journaled
+    ("rename_noreplace", "blobs/sha256/aa", 1, "before"),  # batch journaled, nothing moved
+    ("rename_noreplace", "blobs/sha256/aa", 1, "after"),  # batch half moved, "done" not journaled
     ("rename_noreplace", "current/link", 1, "after"),  # replace: old link out, new one not yet in
     ("write_new_file", "current/.link", 1, "before"),  # temp file announced, not written
     ("write_new_file", "current/.link", 1, "after"),  # temp file written, not renamed
@@ -381,7 +388,8 @@ def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: Crash
     [info] = list_runs(tree)
     assert info.status in ("interrupted", "complete"), message
     # Every path is either in the tree or held in the quarantine, never lost or doubled.
-    for rel in ("blobs/sha256/aa/aaaa/data", "repositories/r/_uploads/u1/data"):
+    for rel in ("blobs/sha256/aa/aaaa/data", "blobs/sha256/bb/bbbb/data",
+                "repositories/r/_uploads/u1/data"):
         here = (tree.v2 / rel).exists()
         held = (tree.root / info.path / "v2" / rel).exists()
         assert here != held, rel
