@@ -240,7 +240,7 @@ def _root_path(path: str) -> str:
     return f"{V2_PREFIX}/{path}"
 
 
-def _paths_to(graph: ReferenceGraph, digest: str) -> list[ReferencePath]:
+def paths_to(graph: ReferenceGraph, digest: str) -> list[ReferencePath]:
     """Every (repo, revision) reaching `digest`, each with one shortest chain down to it."""
     # BFS upwards; `below[m]` = (next manifest towards the blob, role of that hop).
     below: dict[str, tuple[str | None, str]] = {digest: (None, "self")}
@@ -395,7 +395,7 @@ def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
     if report.revision_of:
         roles.add("manifest")
     report.roles = sorted(roles)
-    report.paths = _paths_to(graph, digest)
+    report.paths = paths_to(graph, digest)
     report.layer_links = _layer_links(inventory, digest)
     tag_reach = graph.root_reach(graph.tag_roots(), with_referrers=True)
     report.gc = _gc_verdicts(graph, digest, report.paths, tag_reach)

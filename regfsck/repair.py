@@ -1,0 +1,755 @@
+"""Repair: turn verify's findings into a plan of exact, provable fixes, and apply it.
+
+Only what the tree itself proves is fixed:
+
+* a link whose content is determined by its path (revision, tag-index, sha256 `_layers`
+  links) is rewritten to exactly that digest, whatever junk it holds;
+* a damaged tag `current/link` gets the one digest of its history that still has a
+  revision (several candidates, or a readable but different content: reported, never guessed);
+* a config/layer a manifest of the repository needs, present in `blobs/` but not linked,
+  gets its `_layers` link; a tagged (or index-listed) manifest whose blob exists gets its
+  revision link; a tag missing from its own history gets its index link;
+* a blob under the wrong fan-out directory that hashes to its name is moved home;
+* a blob whose bytes do not hash to its name is replaced by a verified copy from a
+  `--from` source, or else quarantined so the next push re-uploads it (the images to
+  re-push are listed); a missing blob is restored from a source when one has it.
+
+The plan is plain data (`RepairPlan`); applying it goes through the shared mutation API
+(`safety.mutation_guard`, `quarantine.Run`): every replaced or removed file is moved to
+the quarantine with a journal line first, so `regfsck undo` reverts a repair exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from regfsck import layout
+from regfsck.checks import valid_revisions
+from regfsck.digest import DigestError, parse_digest
+from regfsck.findings import Finding, Severity, make_finding
+from regfsck.graph import ManifestStore
+from regfsck.hashing import hash_file
+from regfsck.inventory import Inventory, Link
+from regfsck.layout import V2_PREFIX
+from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from regfsck.quarantine import Run, recover
+from regfsck.repair_source import BlobSource
+from regfsck.root import RegistryRoot
+from regfsck.safety import mutation_guard
+from regfsck.scanner import Scanner
+from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.verify import VerifyOptions, VerifyReport, run_verify
+from regfsck.why import ReferenceGraph, paths_to
+
+# Fix actions, in the order they are applied (blobs first, then links that need them).
+MOVE_BLOB_HOME = "move_blob_home"
+DROP_STRAY_COPY = "drop_stray_copy"
+REPLACE_BLOB = "replace_blob"
+RESTORE_BLOB = "restore_blob"
+QUARANTINE_BLOB = "quarantine_blob"
+REWRITE_LINK = "rewrite_link"
+CREATE_LINK = "create_link"
+ACTION_ORDER = (MOVE_BLOB_HOME, DROP_STRAY_COPY, REPLACE_BLOB, RESTORE_BLOB, QUARANTINE_BLOB,
+                REWRITE_LINK, CREATE_LINK)
+
+CORRUPT_KINDS = frozenset({"blob_digest_mismatch", "blob_empty", "blob_unreadable"})
+MISSING_KINDS = frozenset({"reference_missing", "revision_blob_missing", "tag_blob_missing",
+                           "blob_missing_data"})
+LINK_KINDS = frozenset({"link_invalid", "link_mismatch"})
+# What else a rewritten link makes right (same repository and digest).
+FOLLOW_ON = {
+    "layer": frozenset({"reference_not_linked"}),
+    "revision": frozenset({"tag_revision_missing", "child_not_in_repo", "subject_missing",
+                           "tag_index_orphan"}),
+}
+
+ADVICE: dict[str, str] = {
+    "reference_missing": "re-push an image that contains the blob (one push restores it for "
+                         "every repository), or run repair --from a backup that has it",
+    "revision_blob_missing": "re-push the image by tag, or repair --from a backup; if the "
+                             "revision is not wanted, `regfsck rm REPO@DIGEST`",
+    "tag_blob_missing": "re-push the tag, or repair --from a backup holding the manifest",
+    "blob_missing_data": "an empty blob directory: repair --from a backup, or re-push",
+    "blob_size_mismatch": "the blob hashes to its name, so the manifest's descriptor is wrong: "
+                          "re-push the image",
+    "link_invalid": "the content cannot be derived from the path: re-push the tag, or write the "
+                    "right digest into the link by hand (see `regfsck inspect`)",
+    "link_mismatch": "re-push the tag",
+    "link_not_file": "a link that is a directory or special file: inspect it by hand",
+    "link_bad_path": "a link directory that is not a digest: inspect and remove it by hand",
+    "tag_no_current": "re-push the tag, or remove it (`regfsck rm REPO:TAG`)",
+    "tag_revision_missing": "the tag's manifest is gone: re-push the tag or remove it "
+                            "(`regfsck rm REPO:TAG`)",
+    "manifest_invalid_json": "the manifest blob hashes to its name but is not a manifest: "
+                             "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
+    "manifest_unknown_type": "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
+    "manifest_too_large": "remove the revision (`regfsck rm REPO@DIGEST`)",
+    "manifest_too_deep": "remove the revision (`regfsck rm REPO@DIGEST`)",
+    "manifest_bad_descriptor": "re-push the image from its source",
+    "revision_not_manifest": "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
+    "manifest_cycle": "remove the index (`regfsck rm REPO@DIGEST`)",
+    "manifest_schema1": "re-push as schema2 (`skopeo copy --format v2s2`) before moving to "
+                        "registry 3.x",
+    "child_not_in_repo": "the child manifest is missing: re-push the multi-arch image with "
+                         "all platforms (`skopeo copy --all`) or repair --from a backup",
+    "subject_missing": "push the subject image again, or remove the referrer",
+    "layer_link_dangling": "normal after the official GC; `regfsck gc --apply` removes it",
+    "blob_wrong_fanout": "the misplaced copy could not be verified: inspect it by hand",
+    "blob_data_not_file": "inspect by hand; regfsck never touches special files",
+    "blob_bad_name": "a directory in blobs/ that is not a digest: inspect it by hand",
+    "symlink": "regfsck never follows or removes symbolic links: inspect by hand",
+    "unexpected_entry": "inspect by hand",
+    "unreadable": "fix permissions or the disk, then verify again",
+    "tag_bad_name": "remove the tag (`regfsck rm REPO:TAG`)",
+    "repo_bad_name": "rename the directory by hand or remove the repository",
+    "repo_no_layers": "push one image to the repository (2.8 GC sweeps it otherwise)",
+    "upload_no_startedat": "`regfsck gc --apply` removes it",
+    "upload_stale": "`regfsck gc --apply` removes it",
+    "upload_bad_name": "inspect and remove it by hand",
+    "upload_outside_repo": "inspect and remove it by hand",
+    "missing_link": "a link directory without its link file: inspect by hand",
+    "tag_index_missing_current": "harmless; re-push the tag to restore its history",
+}
+
+
+class RepairError(Exception):
+    """Repair cannot run or had to stop (the message says why; CLI exit 3)."""
+
+
+def _rooted(path: str) -> str:
+    return f"{V2_PREFIX}/{path}" if path else V2_PREFIX
+
+
+def _rel(finding_path: str) -> str:
+    prefix = V2_PREFIX + "/"
+    return finding_path[len(prefix):] if finding_path.startswith(prefix) else finding_path
+
+
+# -- the plan -------------------------------------------------------------------------
+
+
+@dataclass
+class Fix:
+    """One change to the tree; `path` is relative to the v2 directory."""
+
+    action: str
+    path: str
+    reason: str
+    resolves: list[tuple[str, str]] = field(default_factory=list)  # (finding kind, v2 path)
+    repo: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+    content: str | None = None  # the link content written
+    old_content: bytes | None = None  # the link content replaced (re-checked before writing)
+    from_path: str | None = None  # move_blob_home: the misplaced data file
+    source: str | None = None  # restore/replace: the --from SOURCE used
+    size: int | None = None
+    status: str = "planned"  # planned, applied, skipped
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"action": self.action, "path": _rooted(self.path),
+                                "reason": self.reason, "status": self.status}
+        for key in ("repo", "tag", "digest", "content", "source", "size"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = value
+        if self.old_content is not None:
+            data["old_content"] = self.old_content.decode("ascii", "backslashreplace")
+        if self.from_path is not None:
+            data["from_path"] = _rooted(self.from_path)
+        if self.note:
+            data["note"] = self.note
+        data["resolves"] = sorted({kind for kind, _ in self.resolves})
+        return data
+
+
+@dataclass
+class Unfixable:
+    """A finding no provable fix covers, with what the operator can do."""
+
+    finding: Finding
+    advice: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.finding.to_json(), "advice": self.advice}
+
+
+@dataclass
+class LostBlob:
+    """A blob that is gone (or will be quarantined): the images needing a re-push."""
+
+    digest: str
+    why: str
+    images: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "why": self.why, "images": self.images}
+
+
+@dataclass
+class RepairPlan:
+    fixes: list[Fix] = field(default_factory=list)
+    unfixable: list[Unfixable] = field(default_factory=list)
+    lost: list[LostBlob] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    findings_seen: int = 0
+    data_checked: bool = True
+
+    @property
+    def repush(self) -> list[str]:
+        """Every image that must be pushed again (its blobs are lost)."""
+        return sorted({image for lost in self.lost for image in lost.images})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fixes": [f.to_json() for f in self.fixes],
+            "unfixable": [u.to_json() for u in self.unfixable],
+            "lost_blobs": [b.to_json() for b in self.lost],
+            "repush": self.repush,
+            "sources": self.sources,
+            "findings_seen": self.findings_seen,
+            "data_checked": self.data_checked,
+        }
+
+
+@dataclass
+class RepairResult:
+    plan: RepairPlan
+    applied: bool = False
+    run_id: str | None = None
+    recovered: list[str] = field(default_factory=list)
+    remaining: list[Finding] = field(default_factory=list)  # errors/warnings after --apply
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "applied": self.applied, "run_id": self.run_id,
+                "recovered": self.recovered, "interrupted": self.interrupted,
+                "remaining": [f.to_json() for f in self.remaining]}
+
+
+# -- planning -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkSite:
+    """What a link file is, from where it sits in the tree."""
+
+    kind: str  # revision, layer, tag_index, tag_current
+    repo: str
+    digest: str | None  # the digest of its path (None for tag current)
+    tag: str | None
+    link: Link
+
+
+def link_sites(inventory: Inventory) -> dict[str, LinkSite]:
+    """Every link file the scan read, keyed by its path relative to v2."""
+    sites: dict[str, LinkSite] = {}
+    for name, repo in inventory.repositories.items():
+        for digest, link in repo.revisions.items():
+            sites[link.path] = LinkSite("revision", name, digest, None, link)
+        for digest, link in repo.layers.items():
+            sites[link.path] = LinkSite("layer", name, digest, None, link)
+        for tag_name, tag in repo.tags.items():
+            for digest, link in tag.index.items():
+                sites[link.path] = LinkSite("tag_index", name, digest, tag_name, link)
+            if tag.current is not None:
+                sites[tag.current.path] = LinkSite("tag_current", name, None, tag_name,
+                                                   tag.current)
+    return sites
+
+
+def _loose_digest(raw: bytes | None) -> str | None:
+    """The digest damaged link bytes still plainly name (trimmed, lower-cased), if any."""
+    if not raw:
+        return None
+    try:
+        text = raw.decode("ascii").strip().strip("\x00").lower()
+        return str(parse_digest(text))
+    except (UnicodeDecodeError, DigestError):
+        return None
+
+
+class Planner:
+    """Derives the fixes from one verify report over one inventory."""
+
+    def __init__(self, inventory: Inventory, store: ManifestStore, findings: list[Finding],
+                 sources: list[BlobSource], *, data_checked: bool = True) -> None:
+        self.inv = inventory
+        self.store = store
+        self.storage: FilesystemStorage = store.storage
+        self.findings = findings
+        self.sources = sources
+        self.plan = RepairPlan(sources=[s.label for s in sources], findings_seen=len(findings),
+                               data_checked=data_checked)
+        self.sites = link_sites(inventory)
+        self.corrupt = {f.digest for f in findings
+                        if f.kind in CORRUPT_KINDS and f.digest in inventory.blobs}
+        self.good = set(inventory.blobs) - self.corrupt  # blobs sound after the fixes
+        self.decided: set[str] = set()  # digests whose blob fate is settled
+        self.from_source: dict[str, BlobSource] = {}  # digests that a source will provide
+        self.lost: dict[str, str] = {}  # digest -> why
+        self.revisions: dict[str, set[str]] = {n: valid_revisions(r)
+                                               for n, r in inventory.repositories.items()}
+        # digests with a `_layers` link file in place (damaged ones get rewritten, not created)
+        self.linked: dict[str, set[str]] = {n: set(r.layers)
+                                            for n, r in inventory.repositories.items()}
+        self._parsed: dict[str, Manifest | None] = {}
+        self._reported: set[tuple[str, str]] = set()  # findings explained by a specific refusal
+
+    # -- helpers -------------------------------------------------------------------
+    def add(self, fix: Fix) -> None:
+        self.plan.fixes.append(fix)
+
+    def manifest(self, digest: str) -> Manifest | None:
+        """The manifest `digest` as it will be after the fixes (from the tree or a source)."""
+        if digest in self._parsed:
+            return self._parsed[digest]
+        parsed: Manifest | None = None
+        source = self.from_source.get(digest)
+        if source is not None:
+            try:
+                parsed = parse_manifest(source.read_small(digest, MAX_MANIFEST_BYTES))
+            except (StorageError, ManifestError):
+                parsed = None
+        elif digest in self.good:
+            parsed = self.store.get(digest)
+        self._parsed[digest] = parsed
+        return parsed
+
+    def _source_for(self, digest: str) -> BlobSource | None:
+        if not digest.startswith("sha256:"):
+            return None
+        for source in self.sources:
+            if source.size(digest) is not None and source.verify({digest}):
+                return source
+        return None
+
+    # -- blobs -----------------------------------------------------------------------
+    def plan_misplaced(self) -> None:
+        for blob in self.inv.misplaced_blobs:
+            stray_dir = blob.path.rpartition("/")[0]
+            where = [("blob_wrong_fanout", blob.path)]
+            try:
+                actual, _ = hash_file(self.storage, blob.path, blob.digest.partition(":")[0])
+            except StorageError as exc:
+                self.plan.unfixable.append(Unfixable(
+                    _finding("blob_wrong_fanout", blob.path, exc.message, blob.digest),
+                    ADVICE["unreadable"]))
+                continue
+            home = layout.blob_data(blob.digest)
+            if actual != blob.digest:
+                self.add(Fix(QUARANTINE_BLOB, stray_dir, f"misplaced copy hashes to {actual}, not "
+                             "to its name; the registry never reads it", where,
+                             digest=blob.digest, size=blob.size))
+            elif blob.digest in self.good:
+                self.add(Fix(DROP_STRAY_COPY, stray_dir, "identical copy of a healthy blob, "
+                             "under the wrong fan-out directory", where, digest=blob.digest,
+                             size=blob.size))
+            elif blob.digest in self.decided:
+                self.add(Fix(DROP_STRAY_COPY, stray_dir, "a second misplaced copy", where,
+                             digest=blob.digest, size=blob.size))
+            else:
+                replaces = blob.digest in self.corrupt
+                resolves = where + self._blob_findings(blob.digest)
+                self.add(Fix(MOVE_BLOB_HOME, home, "misplaced copy hashes to its name"
+                             + ("; the corrupt copy at home is quarantined" if replaces else ""),
+                             resolves, digest=blob.digest, from_path=blob.path, size=blob.size))
+                self.corrupt.discard(blob.digest)
+                self.good.add(blob.digest)
+                self.decided.add(blob.digest)
+
+    def _blob_findings(self, digest: str) -> list[tuple[str, str]]:
+        kinds = CORRUPT_KINDS | MISSING_KINDS | {"blob_size_mismatch", "layer_link_dangling"}
+        return [(f.kind, _rel(f.path)) for f in self.findings
+                if f.digest == digest and f.kind in kinds]
+
+    def plan_corrupt(self) -> None:
+        for digest in sorted(self.corrupt - self.decided):
+            self.decided.add(digest)
+            blob = self.inv.blobs[digest]
+            source = self._source_for(digest)
+            resolves = self._blob_findings(digest)
+            if source is not None:
+                self.add(Fix(REPLACE_BLOB, layout.blob_data(digest), "bytes do not match the "
+                             f"digest; verified copy in {source.label}", resolves, digest=digest,
+                             source=source.label, size=source.size(digest)))
+                self.from_source[digest] = source
+                self.good.add(digest)
+            else:
+                resolves = [r for r in resolves if r[0] in CORRUPT_KINDS | {"blob_size_mismatch"}]
+                self.add(Fix(QUARANTINE_BLOB, layout.blob_dir(digest), "bytes do not match the "
+                             "digest and no source has a good copy: quarantined so that the next "
+                             "push uploads it again", resolves, digest=digest, size=blob.size))
+                self.lost[digest] = "corrupt (quarantined)"
+
+    def plan_missing(self, digests: Iterable[str]) -> bool:
+        """Restore missing blobs from the sources; True when something new was decided."""
+        changed = False
+        for digest in sorted(set(digests) - self.decided - self.good):
+            self.decided.add(digest)
+            changed = True
+            source = self._source_for(digest)
+            if source is None:
+                self.lost[digest] = "missing"
+                continue
+            self.add(Fix(RESTORE_BLOB, layout.blob_data(digest), f"missing; verified copy in "
+                         f"{source.label}", self._blob_findings(digest), digest=digest,
+                         source=source.label, size=source.size(digest)))
+            self.from_source[digest] = source
+            self.good.add(digest)
+        return changed
+
+    def missing_references(self) -> set[str]:
+        """Blobs the repositories' manifests (as they will be) need and do not have."""
+        wanted: set[str] = set()
+        for name in self.inv.repositories:
+            for digest in self._needed_manifests(name):
+                if digest not in self.good:
+                    wanted.add(digest)
+                    continue
+                manifest = self.manifest(digest)
+                for ref in manifest.references() if manifest else ():
+                    if not ref.is_foreign and ref.digest not in self.good:
+                        wanted.add(ref.digest)
+        return wanted
+
+    def _needed_manifests(self, repo: str) -> set[str]:
+        """Revisions of `repo` plus the targets of its tags (they need a manifest blob)."""
+        return self.revisions[repo] | set(self.inv.repositories[repo].tag_targets().values())
+
+    # -- links -----------------------------------------------------------------------
+    def plan_links(self) -> None:
+        for finding in self.findings:
+            if finding.kind not in LINK_KINDS:
+                continue
+            site = self.sites.get(_rel(finding.path))
+            if site is None or site.kind == "tag_current":
+                continue
+            link = site.link
+            assert site.digest is not None
+            if site.kind == "layer" and not site.digest.startswith("sha256:"):
+                continue  # an alias link: its content is not its path
+            follow = FOLLOW_ON.get(site.kind, frozenset())
+            resolves = [(finding.kind, link.path)] + [
+                (f.kind, _rel(f.path)) for f in self.findings
+                if f.kind in follow and f.repo == site.repo and f.digest == site.digest]
+            self.add(Fix(REWRITE_LINK, link.path, f"{site.kind.replace('_', ' ')} link holds "
+                         f"{_describe(link)}; its path says {site.digest}",
+                         resolves, repo=site.repo, tag=site.tag,
+                         digest=site.digest, content=site.digest, old_content=_raw(link)))
+            if site.kind == "revision":
+                self.revisions[site.repo].add(site.digest)
+            elif site.kind == "layer":
+                self.linked[site.repo].add(site.digest)
+
+    def plan_revisions_and_layer_links(self) -> None:
+        """Revision links for tag targets and index children, `_layers` links for their blobs."""
+        for name, repo in sorted(self.inv.repositories.items()):
+            pending = sorted(set(repo.tag_targets().values()) | self.revisions[name])
+            seen: set[str] = set()
+            while pending:
+                digest = pending.pop()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                manifest = self.manifest(digest) if digest in self.good else None
+                if manifest is None:
+                    continue
+                if digest not in self.revisions[name]:
+                    self._create_revision(name, digest)
+                for ref in manifest.references():
+                    if ref.is_foreign or ref.digest not in self.good:
+                        continue
+                    if ref.role == "manifest":
+                        pending.append(ref.digest)
+                    elif ref.digest not in self.linked[name]:
+                        self._create_layer_link(name, ref.digest, digest)
+
+    def _create_revision(self, repo: str, digest: str) -> None:
+        path = layout.revision_link(repo, digest)
+        if path in self.sites:  # a link is there (damaged ones are rewritten, not created)
+            return
+        resolves = [(f.kind, _rel(f.path)) for f in self.findings
+                    if f.repo == repo and f.digest == digest
+                    and f.kind in ("tag_revision_missing", "child_not_in_repo")]
+        self.add(Fix(CREATE_LINK, path, "the manifest blob exists and a tag or index of the "
+                     "repository names it, but the revision link is missing", resolves,
+                     repo=repo, digest=digest, content=digest))
+        self.revisions[repo].add(digest)
+
+    def _create_layer_link(self, repo: str, digest: str, manifest: str) -> None:
+        path = layout.layer_link(repo, digest)
+        if path in self.sites:
+            return
+        resolves = [(f.kind, _rel(f.path)) for f in self.findings
+                    if f.repo == repo and f.digest == digest and f.kind == "reference_not_linked"]
+        resolves += [("repo_no_layers", _rel(f.path)) for f in self.findings
+                     if f.repo == repo and f.kind == "repo_no_layers"]
+        self.add(Fix(CREATE_LINK, path, f"blob is referenced by manifest {manifest} but not "
+                     "linked in the repository (the registry answers 'blob unknown')", resolves,
+                     repo=repo, digest=digest, content=digest))
+        self.linked[repo].add(digest)
+
+    def plan_tags(self) -> None:
+        for name, repo in sorted(self.inv.repositories.items()):
+            for tag_name, tag in sorted(repo.tags.items()):
+                current = tag.current
+                if current is None or current.target is None:
+                    self._fix_current(name, tag_name)
+                    continue
+                target = current.target
+                if tag.index and target not in tag.index and target in self.revisions[name]:
+                    path = layout.tag_index_link(name, tag_name, target)
+                    if path not in self.sites:
+                        resolves = [(f.kind, _rel(f.path)) for f in self.findings
+                                    if f.kind == "tag_index_missing_current"
+                                    and f.repo == name and f.tag == tag_name]
+                        self.add(Fix(CREATE_LINK, path, "the tag's current digest is missing "
+                                     "from its history", resolves, repo=name, tag=tag_name,
+                                     digest=target, content=target))
+
+    def _fix_current(self, repo_name: str, tag_name: str) -> None:
+        tag = self.inv.repositories[repo_name].tags[tag_name]
+        path = layout.tag_current_link(repo_name, tag_name)
+        related = [f for f in self.findings if f.repo == repo_name and f.tag == tag_name
+                   and (f.kind == "tag_no_current" or (f.kind in LINK_KINDS
+                                                       and _rel(f.path) == path))]
+        candidates = sorted(d for d in tag.index if d in self.revisions[repo_name]
+                            and d in self.good)
+        named = _loose_digest(tag.current.raw) if tag.current is not None else None
+        if tag.current is not None and tag.current.raw is None:
+            return  # not a readable regular file: left to the operator
+        if len(candidates) != 1 or (named is not None and named != candidates[0]):
+            history = ", ".join(candidates) or "none"
+            why = (f"its history holds {len(candidates)} digests with a revision ({history})"
+                   if named is None or len(candidates) != 1 else
+                   f"its content names {named} but its history holds {candidates[0]}")
+            for finding in related:
+                self.plan.unfixable.append(Unfixable(finding, f"cannot choose the tag's digest: "
+                                                     f"{why}; re-push the tag or write the digest "
+                                                     "into current/link by hand"))
+            self._reported.update((f.kind, f.path) for f in related)
+            return
+        digest = candidates[0]
+        resolves = [(f.kind, _rel(f.path)) for f in related]
+        if tag.current is None:
+            self.add(Fix(CREATE_LINK, path, "tag has no current/link; its history holds exactly "
+                         f"one digest with a revision, {digest}", resolves, repo=repo_name,
+                         tag=tag_name, digest=digest, content=digest))
+        else:
+            self.add(Fix(REWRITE_LINK, path, f"current/link holds {_describe(tag.current)}; its "
+                         f"history holds exactly one digest with a revision, {digest}", resolves,
+                         repo=repo_name, tag=tag_name, digest=digest, content=digest,
+                         old_content=_raw(tag.current)))
+
+    # -- the whole plan ----------------------------------------------------------------
+    def build(self) -> RepairPlan:
+        self.plan_misplaced()
+        self.plan_corrupt()
+        self.plan_links()
+        while self.plan_missing(self.missing_references()):
+            pass  # restored manifests may need blobs of their own
+        self.plan_revisions_and_layer_links()
+        self.plan_tags()
+        self.plan.fixes.sort(key=lambda f: (ACTION_ORDER.index(f.action), f.path))
+        self._lost_images()
+        self._unfixable()
+        return self.plan
+
+    def _lost_images(self) -> None:
+        if not self.lost:
+            return
+        graph = ReferenceGraph(self.inv, self.store)
+        for digest, why in sorted(self.lost.items()):
+            images: set[str] = set()
+            for path in paths_to(graph, digest):
+                if path.tags:
+                    images.update(f"{path.repo}:{t}" for t in path.tags)
+                else:
+                    images.add(f"{path.repo}@{path.manifest}")
+            for name, repo in self.inv.repositories.items():  # tags naming a lost manifest
+                images.update(f"{name}:{t}" for t, d in repo.tag_targets().items() if d == digest)
+            self.plan.lost.append(LostBlob(digest, why, sorted(images)))
+
+    def _unfixable(self) -> None:
+        resolved = {r for fix in self.plan.fixes for r in fix.resolves} | self._reported
+        lost = set(self.lost)
+        for finding in self.findings:
+            if finding.severity is Severity.INFO or (finding.kind, _rel(finding.path)) in resolved:
+                continue
+            advice = ADVICE.get(finding.kind, "see `regfsck verify` and docs/repair-inspect-why.md")
+            if finding.digest in lost and finding.kind in MISSING_KINDS | {"layer_link_dangling"}:
+                advice = ("lost: re-push one of the images listed under `repush`, or repair "
+                          "--from a backup that has it")
+            self.plan.unfixable.append(Unfixable(finding, advice))
+
+
+def _finding(kind: str, path: str, message: str, digest: str | None = None) -> Finding:
+    return make_finding(kind, path, message, digest=digest)
+
+
+def _raw(link: Link) -> bytes:
+    return link.raw if link.raw is not None else (link.target or "").encode()
+
+
+def _describe(link: Link) -> str:
+    if link.raw is not None:
+        return repr(link.raw[:80])
+    return link.target or "nothing readable"
+
+
+def plan_repair(root: RegistryRoot, sources: list[BlobSource], *, jobs: int = 1,
+                check_data: bool = True, stop: threading.Event | None = None,
+                ) -> tuple[RepairPlan, VerifyReport, Inventory]:
+    """Verify the tree (content re-hashed unless check_data is False) and plan the fixes."""
+    storage = FilesystemStorage(root.v2)
+    inventory = Scanner(storage, root).scan()
+    report = run_verify(root, VerifyOptions(jobs=jobs, check_data=check_data), stop=stop,
+                        inventory=inventory)
+    if report.summary.interrupted:
+        raise KeyboardInterrupt
+    planner = Planner(inventory, ManifestStore(storage, inventory), report.findings, sources,
+                      data_checked=check_data)
+    return planner.build(), report, inventory
+
+
+# -- applying ---------------------------------------------------------------------------
+
+
+class Applier:
+    """Applies a plan's fixes in order inside one journaled run; re-checks each first."""
+
+    def __init__(self, root: RegistryRoot, run: Run, sources: list[BlobSource]) -> None:
+        self.root = root
+        self.run = run
+        self.storage = FilesystemStorage(root.v2)
+        self.sources = {s.label: s for s in sources}
+
+    def apply(self, fix: Fix) -> None:
+        """Apply one fix, or mark it skipped when the tree changed since the plan."""
+        handler = {
+            REWRITE_LINK: self._rewrite_link, CREATE_LINK: self._create_link,
+            MOVE_BLOB_HOME: self._move_home, DROP_STRAY_COPY: self._quarantine,
+            QUARANTINE_BLOB: self._quarantine, REPLACE_BLOB: self._from_source,
+            RESTORE_BLOB: self._from_source,
+        }[fix.action]
+        why_not = handler(fix)
+        fix.status = "skipped" if why_not else "applied"
+        fix.note = why_not or fix.note
+
+    def _rewrite_link(self, fix: Fix) -> str | None:
+        assert fix.content is not None
+        try:
+            now = self.storage.read_small(fix.path, 4096)
+        except StorageError as exc:
+            return f"changed since the plan: {exc.message}"
+        if now != fix.old_content:
+            return "the link changed since the plan"
+        self.run.replace_file(fix.path, fix.content.encode("ascii"))
+        return None
+
+    def _create_link(self, fix: Fix) -> str | None:
+        assert fix.content is not None
+        if self.storage.stat(fix.path) is not None:
+            return "the link appeared since the plan"
+        self.run.create_file(fix.path, fix.content.encode("ascii"))
+        return None
+
+    def _quarantine(self, fix: Fix) -> str | None:
+        if self.storage.stat(fix.path) is None:
+            return "gone since the plan"
+        self.run.quarantine(fix.path)
+        return None
+
+    def _move_home(self, fix: Fix) -> str | None:
+        assert fix.from_path is not None and fix.digest is not None
+        stray_dir = fix.from_path.rpartition("/")[0]
+        with self.storage.open_read(fix.from_path) as stream:
+            if self.storage.stat(fix.path) is not None:
+                self.run.quarantine(layout.blob_dir(fix.digest))  # the corrupt copy at home
+            self.run.quarantine(stray_dir)
+            written = self.run.create_file(fix.path, stream)
+        if written != fix.digest:
+            raise RepairError(f"the copy of {fix.from_path} hashes to {written}, not {fix.digest}; "
+                              "the run is reverted")
+        return None
+
+    def _from_source(self, fix: Fix) -> str | None:
+        assert fix.source is not None and fix.digest is not None
+        source = self.sources[fix.source]
+        source.prepare({fix.digest}, self.root)
+        try:
+            stream = source.open(fix.digest)
+        except StorageError as exc:
+            return f"source copy unavailable: {exc.message}"
+        with stream:
+            if fix.action == REPLACE_BLOB:
+                if self.storage.stat(layout.blob_dir(fix.digest)) is not None:
+                    self.run.quarantine(layout.blob_dir(fix.digest))
+            elif self.storage.stat(fix.path) is not None:
+                return "the blob appeared since the plan"
+            written = self.run.create_file(fix.path, stream)
+        if written != fix.digest:
+            raise RepairError(f"the copy from {fix.source} hashes to {written}, not {fix.digest}; "
+                              "the run is reverted")
+        return None
+
+
+def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[BlobSource], *,
+               stop: threading.Event | None = None) -> tuple[str | None, bool]:
+    """Apply `plan` in one journaled run (caller holds `mutation_guard`); (run id, interrupted).
+
+    Archive sources spool the blobs they provide first (verified). Ctrl-C (`stop`) ends the
+    run between two fixes: what was applied stays, and `undo` reverts it."""
+    todo = [f for f in plan.fixes if f.status == "planned"]
+    if not todo:
+        return None, False
+    wanted: dict[str, set[str]] = {}
+    for fix in todo:
+        if fix.source is not None and fix.digest is not None:
+            wanted.setdefault(fix.source, set()).add(fix.digest)
+    by_label = {s.label: s for s in sources}
+    for label, digests in wanted.items():
+        by_label[label].prepare(digests, root)
+    details = {"fixes": len(todo), "sources": plan.sources,
+               "actions": sorted({f.action for f in todo})}
+    interrupted = False
+    with Run.begin(root, "repair", details, on_crash="revert") as run:
+        applier = Applier(root, run, sources)
+        for fix in todo:
+            if stop is not None and stop.is_set():
+                interrupted = True
+                break
+            applier.apply(fix)
+        done = sum(1 for f in todo if f.status == "applied")
+        run.finish(f"{done} fixes applied" + (" (interrupted)" if interrupted else ""))
+    return run.run_id, interrupted
+
+
+def run_repair(root: RegistryRoot, sources: list[BlobSource], *, apply: bool, jobs: int = 1,
+               check_data: bool = True, stop: threading.Event | None = None) -> RepairResult:
+    """Plan (and with `apply`, carry out) the repair of `root`.
+
+    Applying happens under `mutation_guard` (refuses while a registry may use ROOT; holds
+    the lock), after `recover` has settled runs a crash left open; the plan is made under
+    the lock, so nothing changes between planning and applying. Afterwards the structure
+    is verified again and whatever still needs attention is returned in `remaining`."""
+    if not apply:
+        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop)
+        return RepairResult(plan)
+    with mutation_guard(root):
+        recovered = recover(root)
+        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop)
+        try:
+            run_id, interrupted = apply_plan(root, plan, sources, stop=stop)
+        finally:
+            for source in sources:
+                source.close()
+        after = run_verify(root, VerifyOptions(jobs=jobs, check_data=False))
+    remaining = [f for f in after.findings if f.severity is not Severity.INFO]
+    return RepairResult(plan, applied=True, run_id=run_id, recovered=recovered,
+                        remaining=remaining, interrupted=interrupted)
