@@ -566,10 +566,13 @@ class Planner:
         graph = ReferenceGraph(self.inv, self.store)
         for digest, why in sorted(self.lost.items()):
             images: set[str] = set()
-            for path in paths_to(graph, digest):
+            paths = paths_to(graph, digest)
+            # manifests a tagged image already covers (index children): its push restores them
+            covered = {(p.repo, m) for p in paths if p.tags for m in p.chain}
+            for path in paths:
                 if path.tags:
                     images.update(f"{path.repo}:{t}" for t in path.tags)
-                else:
+                elif (path.repo, path.manifest) not in covered:
                     images.add(f"{path.repo}@{path.manifest}")
             for name, repo in self.inv.repositories.items():  # tags naming a lost manifest
                 images.update(f"{name}:{t}" for t, d in repo.tag_targets().items() if d == digest)

@@ -1,0 +1,198 @@
+"""The repair planner on the shipped fixture (no real tools needed): properties of link
+rewrites, never-guess rules for tags, and how an interrupted or failing apply ends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regfsck import layout
+from regfsck.graph import ManifestStore
+from regfsck.quarantine import list_runs, undo
+from regfsck.repair import Applier, RepairError, RepairPlan, apply_plan, plan_repair
+from regfsck.root import locate
+from regfsck.scanner import Scanner
+from regfsck.storage import FilesystemStorage
+from regfsck.why import ReferenceGraph
+from tests.realtools import SampleInfo, materialize_fixture
+
+V2 = "docker/registry/v2"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+INFO = SampleInfo.from_json(json.loads((FIXTURES / "registry.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One fixture copy for property tests (each example restores what it changed)."""
+    meta = json.loads((FIXTURES / "registry.json").read_text())
+    yield materialize_fixture(FIXTURES / "registry", tmp_path_factory.mktemp("plan") / "root",
+                              meta.get("empty_dirs", []))
+
+
+def plan_of(root: Path) -> RepairPlan:
+    plan, _, _ = plan_repair(locate(root), [], check_data=False)
+    return plan
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    out: dict[str, tuple[str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root / "docker"):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            out[str(path.relative_to(root))] = (content, path.lstat().st_mtime_ns
+                                                if path.is_file() else 0)
+    return out
+
+
+@settings(max_examples=40)
+@given(content=st.binary(max_size=120))
+def test_any_revision_link_content_becomes_the_path_digest(shared_root: Path,
+                                                           content: bytes) -> None:
+    repo, _, digest = INFO.oci_index
+    link = shared_root / V2 / layout.revision_link(repo, digest)
+    original = link.read_bytes()
+    link.write_bytes(content)
+    try:
+        fixes = [f for f in plan_of(shared_root).fixes if f.path == layout.revision_link(repo, digest)]
+    finally:
+        link.write_bytes(original)
+    if content == digest.encode():
+        assert fixes == []
+    else:
+        assert [(f.action, f.content, f.old_content) for f in fixes] == [
+            ("rewrite_link", digest, content)]
+
+
+@settings(max_examples=40)
+@given(junk=st.binary(max_size=80))
+def test_current_link_is_rewritten_only_when_nothing_contradicts(shared_root: Path,
+                                                                 junk: bytes) -> None:
+    repo, tag, digest = INFO.docker_list
+    link = shared_root / V2 / layout.tag_current_link(repo, tag)
+    link.write_bytes(junk)
+    try:
+        plan = plan_of(shared_root)
+    finally:
+        link.write_bytes(digest.encode())
+    fixes = [f for f in plan.fixes if f.path == layout.tag_current_link(repo, tag)]
+    refused = [u for u in plan.unfixable if u.finding.tag == tag and u.finding.repo == repo]
+    if junk == digest.encode():
+        assert fixes == [] and refused == []
+        return
+    text = junk.decode("ascii", "replace").strip().strip("\x00").lower()
+    names_other = text.startswith("sha256:") and len(text) == 71 and text != digest and all(
+        c in "0123456789abcdef" for c in text[7:])
+    if names_other:
+        assert fixes == [] and refused
+    else:
+        assert [(f.action, f.content) for f in fixes] == [("rewrite_link", digest)]
+
+
+def test_alias_layer_link_is_left_alone(fixture_root: Path) -> None:
+    """A `_layers` link under sha512 holds a sha256 digest by design: never rewritten."""
+    target = INFO.blobs["layer/a-b"]
+    alias = layout.layer_link("a/b", "sha512:" + "a" * 128)
+    path = fixture_root / V2 / alias
+    path.parent.mkdir(parents=True)
+    path.write_bytes(target.encode() + b"\n")
+    plan = plan_of(fixture_root)
+    assert not [f for f in plan.fixes if f.path == alias]
+    assert [u.finding.kind for u in plan.unfixable if u.finding.path.endswith(alias)] == [
+        "link_invalid"]
+
+
+def test_lost_blob_lists_every_image_through_indexes(fixture_root: Path) -> None:
+    """A corrupt platform layer is needed by both multi-arch tags and their untagged children."""
+    layer = INFO.blobs["layer/arm64"]
+    path = fixture_root / V2 / layout.blob_data(layer)
+    path.write_bytes(b"rotten" + path.read_bytes()[6:])
+    plan, _, _ = plan_repair(locate(fixture_root), [], check_data=True)
+    assert [(b.digest, b.images) for b in plan.lost] == [
+        (layer, ["multi/docker:latest", "multi/oci:latest"])]
+    # cross-check with the reference graph: every tag whose tree reaches the layer
+    registry = locate(fixture_root)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    graph = ReferenceGraph(inventory, ManifestStore(storage, inventory))
+    tagged = {f"{repo}:{t}" for repo, d in graph.tag_roots() if layer in graph.reach([d])
+              for t in graph.tags_of(repo, d)}
+    assert tagged == set(plan.repush)
+
+
+def _damage_links(root: Path) -> list[str]:
+    """Three damaged revision links; returns their paths."""
+    paths = []
+    for repo, digests in sorted(INFO.revisions.items())[:3]:
+        rel = layout.revision_link(repo, digests[0])
+        (root / V2 / rel).write_bytes(b"")
+        paths.append(rel)
+    return paths
+
+
+class StopAfter(threading.Event):
+    """An event that reports itself set after `n` questions (a Ctrl-C between two fixes)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def test_interrupt_between_fixes_keeps_a_finished_undoable_run(fixture_root: Path) -> None:
+    _damage_links(fixture_root)
+    damaged = snapshot(fixture_root)
+    registry = locate(fixture_root)
+    plan = plan_of(fixture_root)
+    assert len(plan.fixes) == 3
+    run_id, interrupted = apply_plan(registry, plan, [], stop=StopAfter(1))
+    assert interrupted and run_id
+    assert [f.status for f in plan.fixes] == ["applied", "planned", "planned"]
+    assert [r.status for r in list_runs(registry)] == ["complete"]
+    assert len(plan_of(fixture_root).fixes) == 2  # the rest is still to do
+    undo(registry, run_id)
+    assert snapshot(fixture_root) == damaged
+
+
+def test_failure_midway_reverts_the_whole_run(fixture_root: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _damage_links(fixture_root)
+    damaged = snapshot(fixture_root)
+    registry = locate(fixture_root)
+    plan = plan_of(fixture_root)
+    real = Applier._rewrite_link
+    calls = {"n": 0}
+
+    def flaky(self: Applier, fix: object) -> str | None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RepairError("disk full (simulated)")
+        return real(self, fix)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Applier, "_rewrite_link", flaky)
+    with pytest.raises(RepairError):
+        apply_plan(registry, plan, [])
+    assert snapshot(fixture_root) == damaged
+    assert [r.status for r in list_runs(registry)] == ["reverted"]
+
+
+def test_changed_link_is_skipped_not_overwritten(fixture_root: Path) -> None:
+    paths = _damage_links(fixture_root)
+    registry = locate(fixture_root)
+    plan = plan_of(fixture_root)
+    (fixture_root / V2 / paths[1]).write_bytes(b"written meanwhile")
+    apply_plan(registry, plan, [])
+    statuses = {f.path: f.status for f in plan.fixes}
+    assert statuses[paths[1]] == "skipped" and statuses[paths[0]] == "applied"
+    assert (fixture_root / V2 / paths[1]).read_bytes() == b"written meanwhile"
