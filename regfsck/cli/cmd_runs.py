@@ -1,0 +1,54 @@
+"""`regfsck runs`: the quarantine's runs, what each did and what purging it would free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from regfsck import exitcodes
+from regfsck.cli.app import app
+from regfsck.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    ROOT_ARGUMENT,
+    fail,
+    human_bytes,
+    open_root,
+    print_json,
+    stdout_console,
+)
+from regfsck.quarantine import QuarantineError, list_runs
+
+
+@app.command()
+def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
+         json_output: bool = JSON_OPTION) -> None:
+    """List the runs kept in ROOT/regfsck-quarantine (oldest first)."""
+    registry = open_root(root, config)
+    try:
+        found = list_runs(registry)
+    except QuarantineError as exc:
+        fail(str(exc))
+    if json_output:
+        print_json({"runs": [r.to_json() for r in found],
+                    "bytes": sum(r.bytes for r in found)})
+        raise typer.Exit(exitcodes.OK)
+    console = stdout_console()
+    if not found:
+        console.print("No runs in the quarantine.")
+        raise typer.Exit(exitcodes.OK)
+    table = Table(title=f"Runs in {registry.root}/regfsck-quarantine")
+    table.add_column("run id", no_wrap=True)
+    for column in ("command", "status", "started", "changes", "held"):
+        table.add_column(column, justify="right" if column in ("changes", "held") else "left",
+                         overflow="fold")
+    for run in found:
+        status = run.status + (f"\n{run.note}" if run.note else "")
+        table.add_row(run.run_id, run.command, status, run.started_at, str(run.changes),
+                      human_bytes(run.bytes))
+    console.print(table)
+    console.print(f"{human_bytes(sum(r.bytes for r in found))} held in total; "
+                  "`regfsck undo ROOT RUN_ID` reverts a run, `regfsck purge ROOT --apply` frees it.")
+    raise typer.Exit(exitcodes.OK)

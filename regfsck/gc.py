@@ -1,0 +1,574 @@
+"""gc's judgement: which blobs every kept image needs (mark), and what may go (sweep plan).
+
+Mark roots are every revision link (default) or, with `--delete-untagged`, only what the
+tags' `current` links point at. From the roots the walk follows configs, layers and
+index/list children recursively (a child of a kept index is kept, tagged or not), and a
+manifest with a `subject` (an OCI referrer: signature, SBOM) is kept when its subject is
+kept in the same repository. The mark set is global: a blob any repository uses stays.
+
+The plan is plain data; nothing here changes the tree (`sweep` does, through the
+quarantine). A tree with damage that makes marking unreliable (a manifest that cannot
+be read, a bad tag or revision link, a symlink or unreadable directory hiding part of
+the tree) blocks the plan unless forced: sweeping a damaged store loses more data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from regfsck import layout
+from regfsck.checks import DEFAULT_UPLOAD_AGE, TreeChecker
+from regfsck.durations import format_duration
+from regfsck.findings import Finding
+from regfsck.graph import ManifestStore, reachable
+from regfsck.inventory import Inventory, Repository, Upload
+from regfsck.names import is_upload_id
+from regfsck.root import RegistryRoot
+from regfsck.scanner import Scanner
+from regfsck.storage import EntryKind, FilesystemStorage
+from regfsck.sweep import Removal, Revalidate
+
+DEFAULT_GRACE = timedelta(hours=1)
+
+# Damage after which the mark set cannot be trusted (see the module docstring).
+BLOCKING_KINDS = frozenset({
+    "revision_blob_missing", "revision_not_manifest", "manifest_invalid_json",
+    "manifest_unknown_type", "manifest_too_large", "manifest_too_deep",
+    "manifest_bad_descriptor", "tag_revision_missing", "tag_blob_missing", "symlink",
+    "unreadable",
+})
+# Link damage blocks where links decide what is marked: revisions and tags.
+BLOCKING_LINK_KINDS = frozenset({"link_invalid", "link_mismatch", "link_not_file",
+                                 "link_bad_path", "missing_link"})
+# Without a current link, which manifests a tag still wants is unknown.
+BLOCKING_UNTAGGED_KINDS = frozenset({"tag_no_current"})
+
+
+@dataclass
+class GcOptions:
+    delete_untagged: bool = False
+    uploads_older_than: timedelta = DEFAULT_UPLOAD_AGE
+    grace: timedelta = DEFAULT_GRACE
+    force: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"delete_untagged": self.delete_untagged,
+                "uploads_older_than": format_duration(self.uploads_older_than),
+                "grace": format_duration(self.grace), "force": self.force}
+
+
+# --------------------------------------------------------------------------- mark
+
+
+@dataclass
+class OrphanReferrer:
+    """A manifest whose `subject` is not kept in its repository."""
+
+    repo: str
+    digest: str
+    subject: str
+    kept: bool  # kept anyway (tagged, or every revision is a root)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Marks:
+    blobs: set[str]  # every digest kept, globally
+    kept_manifests: dict[str, set[str]]  # repo -> revision digests kept in that repo
+    orphan_referrers: list[OrphanReferrer]
+
+
+def _subject(store: ManifestStore, digest: str) -> str | None:
+    manifest = store.get(digest)
+    return manifest.subject.digest if manifest is not None and manifest.subject is not None else None
+
+
+def _repo_roots(repo: Repository, delete_untagged: bool) -> set[str]:
+    if delete_untagged:
+        return set(repo.tag_targets().values())
+    # Every revision, by its path and (if it differs, a damage forced through) by its content.
+    roots = set(repo.revisions)
+    roots.update(link.target for link in repo.revisions.values() if link.target is not None)
+    return roots
+
+
+def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool) -> Marks:
+    """The mark phase: what every repository keeps, and the global set of kept blobs."""
+    marks = Marks(set(), {}, [])
+    for name, repo in sorted(inventory.repositories.items()):
+        roots = _repo_roots(repo, delete_untagged)
+        reached = reachable(store, roots)
+        while True:  # referrers of kept manifests are kept, to a fixpoint (a sig of an SBOM)
+            referrers = {d for d in repo.revisions if d not in reached
+                         and _subject(store, d) in reached and _subject(store, d) in repo.revisions}
+            if not referrers:
+                break
+            roots |= referrers
+            reached = reachable(store, roots)
+        kept = {d for d in reached if d in repo.revisions}
+        marks.kept_manifests[name] = kept
+        marks.blobs |= reached
+        for digest in sorted(repo.revisions):
+            subject = _subject(store, digest)
+            if subject is not None and subject not in kept:
+                marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
+    return marks
+
+
+def blocking_findings(findings: Iterable[Finding], delete_untagged: bool) -> list[Finding]:
+    """The findings that make marking unreliable (gc refuses unless forced)."""
+    blocking: list[Finding] = []
+    for finding in findings:
+        if finding.kind in BLOCKING_KINDS or (
+                finding.kind in BLOCKING_LINK_KINDS and "/_manifests/" in finding.path) or (
+                delete_untagged and finding.kind in BLOCKING_UNTAGGED_KINDS):
+            blocking.append(finding)
+    return sorted(blocking, key=lambda f: (f.kind, f.path))
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class BlobVictim:
+    digest: str
+    size: int
+    reason: str
+    repos: list[str]  # repositories that linked it or had it as a revision
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ManifestVictim:
+    repo: str
+    digest: str
+    reason: str
+    tags: list[str]  # tags whose history (index/) names it; those entries go too
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerLinkVictim:
+    repo: str
+    digest: str  # the digest in the link's path
+    target: str  # the blob it makes readable
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class UploadVictim:
+    repo: str
+    id: str
+    size: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RepoUsage:
+    """Per-repository share of the plan (blobs go to the one repository that used them)."""
+
+    manifests: int = 0
+    layer_links: int = 0
+    uploads: int = 0
+    tag_dirs: int = 0
+    blob_bytes: int = 0
+    upload_bytes: int = 0
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return self.blob_bytes + self.upload_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "reclaimable_bytes": self.reclaimable_bytes}
+
+
+SHARED = "(several repositories)"
+UNLINKED = "(no repository)"
+
+
+@dataclass
+class GcPlan:
+    options: GcOptions
+    blobs: list[BlobVictim] = field(default_factory=list)
+    manifests: list[ManifestVictim] = field(default_factory=list)
+    layer_links: list[LayerLinkVictim] = field(default_factory=list)
+    uploads: list[UploadVictim] = field(default_factory=list)
+    tag_dirs: list[tuple[str, str]] = field(default_factory=list)  # (repo, tag) left empty
+    repositories: list[str] = field(default_factory=list)  # left empty: removed whole
+    orphan_referrers: list[OrphanReferrer] = field(default_factory=list)
+    young: list[tuple[str, str]] = field(default_factory=list)  # (path, what) kept by the grace
+    blocked: list[Finding] = field(default_factory=list)
+    empty_link_dirs: list[str] = field(default_factory=list)  # leaf link dirs left empty
+    removal_list: list[Removal] = field(default_factory=list)
+    empty_dirs: list[str] = field(default_factory=list)  # removed at the end if still empty
+    per_repository: dict[str, RepoUsage] = field(default_factory=dict)
+    applied: bool = False
+    run_id: str | None = None
+    apply_result: dict[str, Any] | None = None
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(b.size for b in self.blobs) + sum(u.size for u in self.uploads)
+
+    @property
+    def is_blocked(self) -> bool:
+        return bool(self.blocked) and not self.options.force
+
+    @property
+    def empty(self) -> bool:
+        return not self.removal_list and not self.empty_dirs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "blobs": [b.to_json() for b in self.blobs],
+            "manifests": [m.to_json() for m in self.manifests],
+            "layer_links": [link.to_json() for link in self.layer_links],
+            "uploads": [u.to_json() for u in self.uploads],
+            "tag_dirs": [{"repo": r, "tag": t} for r, t in self.tag_dirs],
+            "repositories": list(self.repositories),
+            "empty_link_dirs": [f"{layout.V2_PREFIX}/{d}" for d in self.empty_link_dirs],
+            "reclaimable_bytes": self.reclaimable_bytes,
+            "per_repository": {k: v.to_json() for k, v in sorted(self.per_repository.items())},
+            "orphan_referrers": [o.to_json() for o in self.orphan_referrers],
+            "kept_by_grace": [{"path": f"{layout.V2_PREFIX}/{p}", "what": w} for p, w in self.young],
+            "blocked_by": [f.to_json() for f in self.blocked],
+            "options": self.options.to_json(),
+            "applied": self.applied,
+            "run_id": self.run_id,
+            **({"apply": self.apply_result} if self.apply_result is not None else {}),
+        }
+
+
+def _ns(when: datetime) -> int:
+    return int(when.timestamp() * 1_000_000_000)
+
+
+class _Planner:
+    """Builds a GcPlan from one scan (see `plan_gc`)."""
+
+    def __init__(self, inv: Inventory, store: ManifestStore, storage: FilesystemStorage,
+                 options: GcOptions, now: datetime) -> None:
+        self.inv = inv
+        self.store = store
+        self.storage = storage
+        self.options = options
+        self.now = now
+        self.cutoff_ns = _ns(now - options.grace)
+        self.plan = GcPlan(options)
+        self.removals: list[Removal] = []
+
+    # -- helpers -------------------------------------------------------------
+    def _mtime(self, path: str) -> int | None:
+        st = self.storage.stat(path)
+        return st.mtime_ns if st is not None else None
+
+    def _old_enough(self, path: str, what: str, checks: list[tuple[str, int]],
+                    check_paths: Iterable[str]) -> bool:
+        """Record the mtimes of `check_paths`; False (and noted) when one is within the grace."""
+        for check in check_paths:
+            mtime = self._mtime(check)
+            if mtime is None:
+                continue
+            checks.append((check, mtime))
+            if mtime > self.cutoff_ns:
+                self.plan.young.append((path, what))
+                return False
+        return True
+
+    def _usage(self, repo: str) -> RepoUsage:
+        return self.plan.per_repository.setdefault(repo, RepoUsage())
+
+    # -- victims ---------------------------------------------------------------
+    def manifests(self, marks: Marks) -> set[tuple[str, str]]:
+        """Untagged manifests (only with --delete-untagged): revision dir + tag history."""
+        gone: set[tuple[str, str]] = set()
+        if not self.options.delete_untagged:
+            return gone
+        for name, repo in sorted(self.inv.repositories.items()):
+            kept = marks.kept_manifests.get(name, set())
+            for digest, link in sorted(repo.revisions.items()):
+                if digest in kept or link.target is None:
+                    continue
+                rev_dir = layout.revision_dir(name, digest)
+                checks: list[tuple[str, int]] = []
+                if not self._old_enough(rev_dir, f"manifest {name}@{digest}", checks, [link.path]):
+                    continue
+                tags = sorted(t for t, tag in repo.tags.items() if digest in tag.index)
+                self.plan.manifests.append(ManifestVictim(
+                    name, digest, f"untagged: no tag of {name} reaches it", tags))
+                self._usage(name).manifests += 1
+                self.removals.append(Removal(rev_dir, "manifests", tuple(checks)))
+                for tag in tags:
+                    self.removals.append(Removal(layout.tag_index_dir(name, tag, digest), "manifests"))
+                gone.add((name, digest))
+        return gone
+
+    def layer_links(self, marks: Marks) -> set[tuple[str, str]]:
+        gone: set[tuple[str, str]] = set()
+        for name, repo in sorted(self.inv.repositories.items()):
+            for digest, link in sorted(repo.layers.items()):
+                target = link.target
+                if target is None or target in marks.blobs:
+                    continue
+                link_dir = link.path.rpartition("/")[0]
+                checks: list[tuple[str, int]] = []
+                if not self._old_enough(link_dir, f"layer link {name} -> {target}", checks, [link.path]):
+                    continue
+                reason = ("its blob is not referenced" if target in self.inv.blobs
+                          else "its blob does not exist")
+                self.plan.layer_links.append(LayerLinkVictim(name, digest, target, reason))
+                self._usage(name).layer_links += 1
+                self.removals.append(Removal(link_dir, "layer_links", tuple(checks)))
+                gone.add((name, digest))
+        return gone
+
+    def blobs(self, marks: Marks) -> None:
+        users: dict[str, set[str]] = {}
+        for name, repo in self.inv.repositories.items():
+            for link in repo.layers.values():
+                if link.target is not None:
+                    users.setdefault(link.target, set()).add(name)
+            for digest in repo.revisions:
+                users.setdefault(digest, set()).add(name)
+        referenced: set[str] = set()
+        if self.options.delete_untagged:
+            referenced = reachable(self.store, {d for repo in self.inv.repositories.values()
+                                                for d in _repo_roots(repo, False)})
+        for digest, blob in sorted(self.inv.blobs.items()):
+            if digest in marks.blobs:
+                continue
+            blob_dir = layout.blob_dir(digest)
+            checks: list[tuple[str, int]] = []
+            if not self._old_enough(blob_dir, f"blob {digest}", checks, [blob.path]):
+                continue
+            reason = ("only untagged manifests reference it" if digest in referenced
+                      else "no manifest references it")
+            repos = sorted(users.get(digest, ()))
+            self.plan.blobs.append(BlobVictim(digest, blob.size, reason, repos))
+            owner = repos[0] if len(repos) == 1 else (SHARED if repos else UNLINKED)
+            self._usage(owner).blob_bytes += blob.size
+            self.removals.append(Removal(blob_dir, "blobs", tuple(checks)))
+
+    def _upload_reason(self, upload: Upload) -> str | None:
+        if upload.started_at is None:
+            return ("no startedat: the registry never purges it" if upload.startedat_raw is None
+                    else "unparsable startedat: the registry never purges it")
+        age = self.now - upload.started_at
+        if age > self.options.uploads_older_than:
+            return (f"started {upload.started_at.isoformat()} "
+                    f"(older than {format_duration(self.options.uploads_older_than)})")
+        return None
+
+    def uploads(self) -> set[tuple[str, str]]:
+        gone: set[tuple[str, str]] = set()
+        for upload in sorted(self.inv.uploads(), key=lambda u: (u.repo, u.id)):
+            if not is_upload_id(upload.id):
+                continue
+            reason = self._upload_reason(upload)
+            if reason is None:
+                continue
+            checks: list[tuple[str, int]] = []
+            parts = [upload.path, layout.join(upload.path, layout.DATA),
+                     layout.join(upload.path, layout.STARTEDAT)]
+            parts += [layout.join(upload.path, layout.HASHSTATES, h.partition("/")[0])
+                      for h in upload.hashstates]
+            if not self._old_enough(upload.path, f"upload {upload.repo}/{upload.id}", checks,
+                                    dict.fromkeys(parts)):
+                continue
+            self.plan.uploads.append(UploadVictim(upload.repo, upload.id, upload.size, reason))
+            usage = self._usage(upload.repo)
+            usage.uploads += 1
+            usage.upload_bytes += upload.size
+            self.removals.append(Removal(upload.path, "uploads", tuple(checks)))
+            gone.add((upload.repo, upload.id))
+        return gone
+
+    def _files_below(self, path: str, skip_nested: bool = False) -> tuple[list[str], int]:
+        """Non-directory entries below `path`, and the newest mtime seen (dirs included).
+
+        With `skip_nested`, name components of nested repositories are not entered."""
+        files: list[str] = []
+        newest = self._mtime(path) or 0
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            for entry in self.storage.list_dir(current):
+                child = layout.join(current, entry.name)
+                if entry.kind is EntryKind.DIR:
+                    if skip_nested and current == path and not entry.name.startswith("_"):
+                        continue
+                    newest = max(newest, self._mtime(child) or 0)
+                    stack.append(child)
+                else:
+                    files.append(child)
+                    newest = max(newest, self._mtime(child) or 0)
+        return files, newest
+
+    def tag_dirs(self, gone_manifests: set[tuple[str, str]]) -> None:
+        """Tag directories the sweep leaves without any file: removed whole."""
+        for name, repo in sorted(self.inv.repositories.items()):
+            for tag_name, tag in sorted(repo.tags.items()):
+                if tag.current is not None:
+                    continue
+                leaving = {tag.index[d].path for d in tag.index if (name, d) in gone_manifests}
+                files, newest = self._files_below(tag.path)
+                if any(f not in leaving for f in files):
+                    continue
+                if newest > self.cutoff_ns:
+                    self.plan.young.append((tag.path, f"tag directory {name}:{tag_name}"))
+                    continue
+                self.plan.tag_dirs.append((name, tag_name))
+                self._usage(name).tag_dirs += 1
+                self.removals.append(Removal(tag.path, "tags", ((tag.path, self._mtime(tag.path) or 0),)))
+
+    def repositories(self, gone_manifests: set[tuple[str, str]], gone_links: set[tuple[str, str]],
+                     gone_uploads: set[tuple[str, str]]) -> None:
+        """Repositories left with nothing to serve (no revision, no tag, no upload) go whole.
+
+        Their remaining layer links (to blobs other repositories still use) serve nothing
+        and go with them; anything else in the directory, or anything within the grace,
+        keeps the repository."""
+        removed_tags = set(self.plan.tag_dirs)
+        for name, repo in sorted(self.inv.repositories.items()):
+            if any((name, d) not in gone_manifests for d in repo.revisions):
+                continue
+            if any((name, t) not in removed_tags for t in repo.tags):
+                continue
+            if any((name, u.id) not in gone_uploads for u in repo.uploads):
+                continue
+            files, newest = self._files_below(repo.path, skip_nested=True)
+            known = {link.path for link in repo.revisions.values()}
+            known |= {link.path for link in repo.layers.values()}
+            known |= {link.path for tag in repo.tags.values() for link in tag.index.values()}
+            known |= {t.current.path for t in repo.tags.values() if t.current is not None}
+            upload_dirs = tuple(u.path + "/" for u in repo.uploads)
+            if any(f not in known and not f.startswith(upload_dirs) for f in files):
+                continue
+            if newest > self.cutoff_ns:
+                self.plan.young.append((repo.path, f"repository {name}"))
+                continue
+            for digest, link in sorted(repo.layers.items()):
+                if (name, digest) not in gone_links and link.target is not None:
+                    self.plan.layer_links.append(LayerLinkVictim(
+                        name, digest, link.target, f"repository {name} is left empty"))
+                    self._usage(name).layer_links += 1
+            self.plan.repositories.append(name)
+            nested = any(e.kind is EntryKind.DIR and not e.name.startswith("_")
+                         for e in self.storage.list_dir(repo.path))
+            if nested:
+                for part in (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR):
+                    if self.storage.stat(layout.join(repo.path, part)) is not None:
+                        self.removals.append(Removal(layout.join(repo.path, part), "repositories"))
+            else:
+                self.removals.append(Removal(repo.path, "repositories"))
+                parent = repo.path.rpartition("/")[0]
+                while parent and parent != layout.REPOSITORIES:
+                    self.plan.empty_dirs.append(parent)
+                    parent = parent.rpartition("/")[0]
+
+    def empty_link_dirs(self) -> None:
+        """Link directories left empty by API deletes (`revisions/<alg>/<hex>/` ...): removed.
+
+        Only leaf directories the scan found empty and older than the grace; the
+        `_layers` and `_manifests` skeletons of a repository are never removed."""
+        for anomaly in self.inv.anomalies:
+            if anomaly.kind != "empty_dir":
+                continue
+            mtime = self._mtime(anomaly.path)
+            if mtime is None or mtime > self.cutoff_ns:
+                continue
+            self.plan.empty_link_dirs.append(anomaly.path)
+            self.plan.empty_dirs.append(anomaly.path)
+
+    def finish(self) -> None:
+        """Order the removals and drop any nested in another one (moved with it)."""
+        chosen: list[Removal] = []
+        paths = sorted({r.path for r in self.removals})
+        covering: set[str] = set()
+        for path in paths:  # sorted: a parent comes before what is inside it
+            parts = path.split("/")
+            if any("/".join(parts[:i]) in covering for i in range(1, len(parts))):
+                continue
+            covering.add(path)
+        seen: set[str] = set()
+        for removal in self.removals:
+            if removal.path in covering and removal.path not in seen:
+                seen.add(removal.path)
+                chosen.append(removal)
+        order = {phase: i for i, phase in enumerate(("tags", "manifests", "repositories",
+                                                      "layer_links", "blobs", "uploads"))}
+        chosen.sort(key=lambda r: (order[r.phase], r.path))
+        self.plan.removal_list = chosen
+        self.plan.empty_dirs = sorted(set(self.plan.empty_dirs))
+
+
+def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: FilesystemStorage,
+                        options: GcOptions, *, now: datetime,
+                        findings: Sequence[Finding] | None = None) -> GcPlan:
+    """The sweep plan for one scan (pure judgement: reads only manifests and mtimes)."""
+    if findings is None:
+        findings = TreeChecker(inv, store, now=now).run()
+    planner = _Planner(inv, store, storage, options, now)
+    planner.plan.blocked = blocking_findings(findings, options.delete_untagged)
+    marks = mark(inv, store, options.delete_untagged)
+    planner.plan.orphan_referrers = marks.orphan_referrers
+    gone_manifests = planner.manifests(marks)
+    gone_links = planner.layer_links(marks)
+    planner.blobs(marks)
+    gone_uploads = planner.uploads()
+    planner.tag_dirs(gone_manifests)
+    planner.repositories(gone_manifests, gone_links, gone_uploads)
+    planner.empty_link_dirs()
+    planner.finish()
+    return planner.plan
+
+
+def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None) -> GcPlan:
+    """Scan the tree and plan a collection (nothing is changed)."""
+    storage = FilesystemStorage(root.v2)
+    inv = Scanner(storage, root).scan()
+    store = ManifestStore(storage, inv)
+    return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
+
+
+def remark_blobs(root: RegistryRoot, delete_untagged: bool) -> set[str]:
+    """Mark again from a fresh scan of the tree (just before blobs are moved)."""
+    storage = FilesystemStorage(root.v2)
+    inv = Scanner(storage, root).scan()
+    return mark(inv, ManifestStore(storage, inv), delete_untagged).blobs
+
+
+def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
+    """A `sweep.Revalidate` that refuses blobs a fresh mark now keeps."""
+    def revalidate(phase: str, items: Sequence[Removal]) -> dict[str, str]:
+        if phase != "blobs":
+            return {}
+        marked = remark_blobs(root, plan.options.delete_untagged)
+        refused: dict[str, str] = {}
+        for item in items:
+            digest = _digest_of_blob_dir(item.path)
+            if digest in marked:
+                refused[item.path] = "referenced again (marked by a fresh scan)"
+        return refused
+    return revalidate
+
+
+def _digest_of_blob_dir(path: str) -> str:
+    parts = path.split("/")  # blobs/<alg>/<xx>/<hex>
+    return f"{parts[1]}:{parts[3]}"
+

@@ -1,0 +1,117 @@
+"""Acting on a removal plan (gc's or rm's): move each victim into a quarantine run.
+
+The plan was judged from a scan; between the scan and each move the tree could still
+change, so every victim is re-checked just before its move: it must still exist with the
+mtimes the plan saw (a push in flight would change them) and be older than the grace.
+Before each phase the caller may revalidate its judgement (gc re-marks from a fresh scan
+of the repositories before moving any blob), and /proc is looked at again for a registry
+that was started meanwhile. Moves are batched: one journal fsync per batch, every intent
+on disk before its move.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from regfsck.layout import V2_PREFIX
+from regfsck.quarantine import Run
+from regfsck.root import RegistryRoot
+from regfsck.safety import check_unused
+from regfsck.storage import FilesystemStorage
+
+# Order of the sweep: what refers to other things goes first, so a crash at any point
+# leaves no link pointing at something already moved away that the link still needs.
+PHASES = ("tags", "manifests", "repositories", "layer_links", "blobs", "uploads")
+BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """One path (relative to v2) to quarantine as a whole, with what the plan saw of it."""
+
+    path: str
+    phase: str
+    checks: tuple[tuple[str, int], ...] = ()  # (path, mtime_ns when planned)
+    grace_applies: bool = True
+
+
+@dataclass
+class SweepResult:
+    run_id: str | None = None
+    moved: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    dirs_removed: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "moved": len(self.moved),
+                "skipped": [{"path": f"{V2_PREFIX}/{p}", "reason": r} for p, r in self.skipped],
+                "dirs_removed": len(self.dirs_removed), "interrupted": self.interrupted}
+
+
+Revalidate = Callable[[str, Sequence[Removal]], dict[str, str]]  # phase, items -> {path: why}
+
+
+def recheck(storage: FilesystemStorage, removal: Removal, cutoff_ns: int) -> str | None:
+    """Why `removal` must not be moved now, or None when it still may."""
+    if storage.lstat_raw(removal.path) is None:
+        return "gone since the scan"
+    for path, seen_ns in removal.checks:
+        st = storage.lstat_raw(path)
+        if st is None or st.st_mtime_ns != seen_ns:
+            return f"{path} changed since the scan"
+        if removal.grace_applies and st.st_mtime_ns > cutoff_ns:
+            return "younger than the grace period"
+    return None
+
+
+def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: Sequence[Removal],
+          empty_dirs: Sequence[str], *, grace: timedelta,
+          revalidate: Revalidate | None = None, stop: threading.Event | None = None,
+          on_progress: Callable[[int], None] | None = None,
+          now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> SweepResult:
+    """Quarantine `removals` phase by phase in one run, then the directories left empty.
+
+    Call under `safety.mutation_guard`. A stop request (Ctrl-C) ends the run cleanly
+    between batches; everything moved so far stays undoable."""
+    result = SweepResult()
+    if not removals and not empty_dirs:
+        return result
+    storage = FilesystemStorage(root.v2)
+    with Run.begin(root, command, details, on_crash="finish") as run:
+        result.run_id = run.run_id
+        for phase in PHASES:
+            items = [r for r in removals if r.phase == phase]
+            if not items:
+                continue
+            if stop is not None and stop.is_set():
+                break
+            check_unused(root)
+            refused = revalidate(phase, items) if revalidate is not None else {}
+            for start in range(0, len(items), BATCH):
+                if stop is not None and stop.is_set():
+                    break
+                cutoff_ns = int((now() - grace).timestamp() * 1_000_000_000)
+                batch: list[str] = []
+                for item in items[start:start + BATCH]:
+                    why = refused.get(item.path) or recheck(storage, item, cutoff_ns)
+                    if why is None:
+                        batch.append(item.path)
+                    else:
+                        result.skipped.append((item.path, why))
+                run.quarantine_batch(batch)
+                result.moved.extend(batch)
+                if on_progress is not None:
+                    on_progress(len(items[start:start + BATCH]))
+        result.interrupted = stop is not None and stop.is_set()
+        if not result.interrupted:
+            result.dirs_removed = run.remove_empty_dirs(empty_dirs)
+        note = None
+        if result.interrupted:
+            note = f"stopped on request after {len(result.moved)} of {len(removals)} moves"
+        run.finish(note)
+    return result
