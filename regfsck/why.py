@@ -5,8 +5,9 @@ some repository holds a (valid) revision of; answers are derived from it:
 
 * paths: every repository revision whose manifest tree reaches the blob, with the chain
   of manifests (through indexes) and the tags pointing at that revision;
-* gc verdicts: regfsck gc's two modes (mark from every revision, or only from tags with
-  `--delete-untagged`) and, for comparison, what the official 2.8 collector would do;
+* gc verdicts: regfsck gc's two modes (its own mark phase, `gc.mark`: from every revision,
+  or only from tags with `--delete-untagged`) and, for comparison, what the official 2.8
+  collector would do;
 * freed bytes: for each tag, the bytes `rm repo:tag` followed by gc would actually give
   back (only blobs no other root reaches), counted with one reach pass per root.
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 from regfsck import layout
 from regfsck.checks import valid_revisions
+from regfsck.durations import format_duration
+from regfsck.gc import DEFAULT_GRACE, Marks, mark
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.inventory import Inventory
 from regfsck.layout import V2_PREFIX
@@ -292,22 +295,23 @@ def _exclusive(graph: ReferenceGraph, reached: set[str], counts: Counter[str]) -
 
 
 def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
-                 tag_reach: dict[Root, set[str]]) -> list[GcVerdict]:
+                 marks: dict[bool, Marks]) -> list[GcVerdict]:
+    """regfsck gc's verdict in both modes (its own mark phase), then the official 2.8 one."""
     inv = graph.inv
     verdicts: list[GcVerdict] = []
-    if paths:
-        p = paths[0]
-        verdicts.append(GcVerdict("gc", True, f"reached from revision {p.repo}@{p.manifest}"))
+    grace = f"; swept unless younger than gc's --grace ({format_duration(DEFAULT_GRACE)})"
+    if digest in marks[False].blobs:
+        via = next((f"revision {p.repo}@{p.manifest}" for p in paths), "a revision link")
+        verdicts.append(GcVerdict("gc", True, f"reached from {via}"))
     else:
-        verdicts.append(GcVerdict("gc", False, "no revision of any repository reaches it"))
-    keepers = sorted(root for root, reached in tag_reach.items() if digest in reached)
-    if keepers:
-        repo, root = keepers[0]
-        tags = graph.tags_of(repo, root)
-        via = f"tag {repo}:{tags[0]}" if tags else f"a referrer kept by a tag of {repo}"
+        verdicts.append(GcVerdict("gc", False, "no revision of any repository reaches it" + grace))
+    if digest in marks[True].blobs:
+        tagged = next((p for p in paths if p.tags), None)
+        via = (f"tag {tagged.repo}:{tagged.tags[0]}" if tagged else
+               "a referrer whose subject a tag keeps")
         verdicts.append(GcVerdict("gc --delete-untagged", True, f"reached from {via}"))
     else:
-        verdicts.append(GcVerdict("gc --delete-untagged", False, "no tag reaches it"))
+        verdicts.append(GcVerdict("gc --delete-untagged", False, "no tag reaches it" + grace))
     # The official 2.8 collector (by code reading): repositories need `_layers`; a marked
     # manifest marks its direct references only (no recursion into index children).
     for untagged_too, mode in ((True, "registry garbage-collect (2.8)"),
@@ -398,6 +402,7 @@ def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
     report.paths = paths_to(graph, digest)
     report.layer_links = _layer_links(inventory, digest)
     tag_reach = graph.root_reach(graph.tag_roots(), with_referrers=True)
-    report.gc = _gc_verdicts(graph, digest, report.paths, tag_reach)
+    marks = {untagged: mark(inventory, store, delete_untagged=untagged) for untagged in (False, True)}
+    report.gc = _gc_verdicts(graph, digest, report.paths, marks)
     report.freed = _freed(graph, report.paths, tag_reach)
     return report
