@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import zstandard
 
-from regfsck import layout
+from regfsck import layout, refs
 from regfsck.checks import TreeChecker, linked_layers
 from regfsck.digest import EMPTY_SHA256, DigestError, parse_digest
 from regfsck.findings import Finding, Severity, make_finding
@@ -28,6 +28,7 @@ from regfsck.graph import ManifestStore, Unloadable
 from regfsck.hashing import verify_blobs
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import Descriptor, Manifest, ManifestKind
+from regfsck.refs import split_ref
 from regfsck.storage import FilesystemStorage, StorageError
 from regfsck.why import ReferenceGraph
 
@@ -37,7 +38,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class RefError(ValueError):
+class RefError(refs.RefError):
     """The REF names nothing in the tree (or is malformed); the message says what exists."""
 
 
@@ -56,25 +57,24 @@ class ImageRef:
 
 
 def parse_ref(text: str) -> ImageRef:
-    """Split a REF the way docker does: the tag is after the last ':' that follows the last '/'."""
+    """`refs.split_ref` plus two offline conveniences: a bare digest, and `repo` = `repo:latest`."""
     if not text:
         raise RefError("empty REF")
-    name, at, digest = text.partition("@")
-    if at:
-        try:
-            parse_digest(digest)
-        except DigestError as exc:
-            raise RefError(f"bad digest in {text!r}: {exc}") from exc
-        return ImageRef(name or None, None, digest)
     try:
         parse_digest(text)
         return ImageRef(None, None, text)
     except DigestError:
         pass
-    colon = text.rfind(":")
-    if colon > text.rfind("/"):
-        return ImageRef(text[:colon], text[colon + 1:] or "latest")
-    return ImageRef(text, "latest")
+    repo, tag, digest = split_ref(text)
+    if digest is not None:
+        if tag is not None:
+            raise RefError(f"{text!r}: give a tag or a digest, not both")
+        try:
+            parse_digest(digest)
+        except DigestError as exc:
+            raise RefError(f"bad digest in {text!r}: {exc}") from exc
+        return ImageRef(repo or None, None, digest)
+    return ImageRef(repo, tag or "latest")
 
 
 # -- the report ----------------------------------------------------------------------
