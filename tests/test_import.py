@@ -1,0 +1,306 @@
+"""import: planning, writing, refusing, reverting; on copies of the shipped real-registry tree.
+
+tests/test_import_realtools.py imports what skopeo wrote and pulls the result from the real
+registry; here the engine and the CLI are checked against the tree and the source alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regfsck import layout
+from regfsck.export import ExportFormat
+from regfsck.importer import (
+    ImportFailed,
+    ImportInterrupted,
+    images_from_index,
+    run_import,
+)
+from regfsck.quarantine import undo
+from regfsck.root import locate
+from regfsck.safety import RootLock
+from regfsck.verify import VerifyOptions, run_verify
+from tests.realtools import SampleInfo
+from tests.test_export import export, read_layout_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+V2 = "docker/registry/v2"
+STATE = ("regfsck-state", "regfsck-quarantine")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Every path of the registry tree (not regfsck's own state) with kind, mode and content."""
+    result: dict[str, tuple[str, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir.parts and rel_dir.parts[0] in STATE:
+            continue
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if not rel_dir.parts and name in STATE:
+                continue
+            st = path.lstat()
+            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+            result[str(path.relative_to(root))] = ("d" if path.is_dir() else "f", st.st_mode, content)
+    return result
+
+
+@pytest.fixture
+def info() -> SampleInfo:
+    return SampleInfo.from_json(json.loads((REPO_ROOT / "fixtures" / "registry.json").read_text()))
+
+
+@pytest.fixture
+def full_export(fixture_root: Path, tmp_path: Path, info: SampleInfo) -> Path:
+    """Every repository of the fixture exported whole (docker types and schema1 included)."""
+    out = tmp_path / "all"
+    export(fixture_root, sorted(info.catalog), out)
+    return out
+
+
+def test_export_import_export_gives_identical_layout(full_export: Path, tmp_path: Path,
+                                                     info: SampleInfo) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = run_import(empty, full_export, apply=True)
+    assert plan.applied and plan.run_id
+    again = tmp_path / "again"
+    export(empty, sorted(info.catalog), again)
+    assert read_layout_dir(again) == read_layout_dir(full_export)
+    report = run_verify(locate(empty), VerifyOptions(jobs=2))
+    assert report.summary.errors == 0, [f.to_json() for f in report.findings]
+    assert report.summary.blobs_verified == len(plan.new_blobs)
+
+
+def test_links_are_the_registrys_byte_format(full_export: Path, tmp_path: Path,
+                                             fixture_root: Path, info: SampleInfo) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = run_import(empty, full_export, apply=True)
+    for link in plan.links:
+        written = (empty / V2 / link.path).read_bytes()
+        assert written == link.digest.encode() and len(written) == 71
+    # every link the import wrote exists with the same bytes in the registry-written original
+    for link in plan.links:
+        original = fixture_root / V2 / link.path
+        assert original.read_bytes() == (empty / V2 / link.path).read_bytes(), link.path
+    for digest in plan.new_blobs:
+        assert (empty / V2 / layout.blob_data(digest)).read_bytes() == (
+            fixture_root / V2 / layout.blob_data(digest)).read_bytes()
+
+
+def test_plan_writes_nothing(fixture_root: Path, tmp_path: Path, info: SampleInfo) -> None:
+    source = tmp_path / "base.tar.gz"
+    export(fixture_root, ["library/base"], source)
+    before = snapshot(fixture_root)
+    result = cli("import", str(fixture_root), str(source), "--repo", "mirror/base", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["applied"] is False and doc["run_id"] is None
+    assert doc["blobs"] == [] and doc["existing_blobs"] > 0  # every blob is already there
+    assert {link["kind"] for link in doc["links"]} == {"layer", "revision", "tag-index", "tag-current"}
+    assert sorted(i["tag"] for i in doc["images"]) == sorted(info.tags["library/base"])
+    assert snapshot(fixture_root) == before
+    assert not (fixture_root / "regfsck-quarantine").exists()
+
+
+def _only_used_by(info: SampleInfo, repos: set[str]) -> set[str]:
+    """Blobs reachable from these repositories' revisions and from no other repository's."""
+    def reach(names: set[str]) -> set[str]:
+        found: set[str] = set()
+        for name in names:
+            for digest in info.revisions[name]:
+                found |= {digest, *info.references[digest]}
+        return found
+    return reach(repos) - reach(set(info.revisions) - repos)
+
+
+def test_import_into_populated_tree_shares_blobs_and_undo_restores(
+        full_export: Path, fixture_root: Path, info: SampleInfo) -> None:
+    gone = {"multi/oci", "multi/docker"}
+    shutil.rmtree(fixture_root / V2 / "repositories/multi")
+    unique = _only_used_by(info, gone)
+    for digest in unique:
+        shutil.rmtree((fixture_root / V2 / layout.blob_data(digest)).parent)
+    before = snapshot(fixture_root)
+    plan = run_import(fixture_root, full_export, apply=True)
+    assert set(plan.new_blobs) == unique
+    assert set(plan.existing_blobs) >= set(info.shared_layers) - unique
+    assert {link.repo for link in plan.links} == gone  # the other repositories have it all
+    with_uploads = {p for p in snapshot(fixture_root) if "_uploads" in p}
+    assert run_verify(locate(fixture_root), VerifyOptions(jobs=2)).summary.errors == 0
+    assert not with_uploads - set(before)
+    undo(locate(fixture_root), plan.run_id)
+    assert snapshot(fixture_root) == before
+
+
+def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: SampleInfo,
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "ab.tar"
+    export(fixture_root, ["a/b:latest"], out)
+    shutil.copy(out, tmp_path / "ab2.tar")
+    repo = "library/base"
+    old = info.tags[repo]["latest"]
+    before = snapshot(fixture_root)
+    plan = run_import(fixture_root, out, repo=repo, apply=True)
+    new = info.tags["a/b"]["latest"]
+    current = fixture_root / V2 / layout.tag_current_link(repo, "latest")
+    assert current.read_bytes() == new.encode()
+    assert (fixture_root / V2 / layout.revision_link(repo, old)).read_bytes() == old.encode()
+    assert (fixture_root / V2 / layout.tag_index_link(repo, "latest", new)).is_file()
+    assert (fixture_root / V2 / layout.tag_index_link(repo, "latest", old)).is_file()
+    assert [(r.tag, r.replaces, r.digest) for r in plan.retags] == [("latest", old, new)]
+    assert any("moves from" in note for note in plan.notes)
+    undo(locate(fixture_root), plan.run_id)
+    assert snapshot(fixture_root) == before
+
+
+def test_corrupt_source_blob_is_refused_before_writing(full_export: Path, tmp_path: Path,
+                                                       info: SampleInfo) -> None:
+    layer = info.blobs["layer/base"]
+    blob = full_export / "blobs" / layer.replace(":", "/")
+    raw = bytearray(blob.read_bytes())
+    raw[100] ^= 0x01
+    blob.write_bytes(bytes(raw))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("import", str(empty), str(full_export))
+    assert result.returncode == 1
+    assert layer in result.stderr and "corrupt" in result.stderr and "Traceback" not in result.stderr
+    assert list(empty.iterdir()) == []
+
+
+def test_corrupt_blob_found_while_applying_reverts_the_run(full_export: Path, tmp_path: Path,
+                                                           info: SampleInfo) -> None:
+    """--apply re-plans without re-hashing first; the copy itself catches the damage."""
+    layer = info.blobs["layer/zstd"]
+    blob = full_export / "blobs" / layer.replace(":", "/")
+    blob.write_bytes(blob.read_bytes()[:-1] + b"X")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImportFailed, match="corrupt"):
+        run_import(empty, full_export, apply=True)
+    tree = empty / V2
+    assert [p for p in tree.rglob("*") if p.is_file()] == []  # every blob written was taken back
+    [run] = list((empty / "regfsck-quarantine").iterdir())
+    assert json.loads((run / "meta.json").read_text())["status"] in ("reverted", "interrupted")
+
+
+def test_interrupt_while_applying_reverts(full_export: Path, tmp_path: Path) -> None:
+    import threading
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def on_bytes(n: int) -> None:
+        seen.append(n)
+        if len(seen) > 3:
+            stop.set()
+
+    with pytest.raises(ImportInterrupted):
+        run_import(empty, full_export, apply=True, on_bytes=on_bytes, stop=stop)
+    assert [p for p in (empty / V2).rglob("*") if p.is_file()] == []
+
+
+def test_missing_blob_in_source(full_export: Path, tmp_path: Path, info: SampleInfo) -> None:
+    config = info.references[info.tags["a/b"]["latest"]][0]
+    (full_export / "blobs" / config.replace(":", "/")).unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("import", str(empty), str(full_export), "--apply")
+    assert result.returncode == 1
+    assert f"blob {config} is neither in" in result.stderr
+    assert list(empty.iterdir()) == []  # refused before the tree was even created
+
+
+def test_refuses_while_the_root_lock_is_held(full_export: Path, fixture_root: Path) -> None:
+    before = snapshot(fixture_root)
+    with RootLock(locate(fixture_root)):
+        result = cli("import", str(fixture_root), str(full_export), "--apply")
+    assert result.returncode == 3 and "another regfsck run" in result.stderr
+    assert snapshot(fixture_root) == before
+
+
+def test_refuses_a_directory_that_is_neither_registry_nor_empty(full_export: Path,
+                                                                tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    result = cli("import", str(home), str(full_export), "--apply")
+    assert result.returncode == 3 and "not empty" in result.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_damaged_link_in_tree_is_refused(full_export: Path, fixture_root: Path,
+                                         info: SampleInfo) -> None:
+    digest = info.tags["a/b"]["latest"]
+    link = fixture_root / V2 / layout.revision_link("a/b", digest)
+    link.write_bytes(digest.encode() + b"\n")
+    result = cli("import", str(fixture_root), str(full_export), "--apply")
+    assert result.returncode == 1 and "damaged" in result.stderr and "regfsck repair" in result.stderr
+
+
+def test_new_files_belong_to_the_trees_owner(full_export: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create files for another user")
+    empty = tmp_path / "empty"
+    (empty / V2).mkdir(parents=True)
+    for path in [empty / "docker", empty / "docker/registry", empty / V2]:
+        os.chown(path, 4321, 4321)
+    plan = run_import(empty, full_export, apply=True)
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in (empty / V2).rglob("*")}
+    assert owners == {(4321, 4321)}
+    assert len(plan.links) > 0
+
+
+@pytest.mark.parametrize(("names", "repo", "expected"), [
+    (["a/b:1"], None, [("a/b", "1")]),
+    (["latest"], "x/y", [("x/y", "latest")]),
+    (["a/b:1", "c/d:2"], "x/y", [("x/y", "1"), ("x/y", "2")]),
+    (["localhost:5000/a/b:v1"], None, [("localhost:5000/a/b", "v1")]),
+    ([None], "x/y", [("x/y", None)]),
+])
+def test_ref_names_map_to_repo_and_tag(names: list[str | None], repo: str | None,
+                                       expected: list[tuple[str, str | None]]) -> None:
+    digest = "sha256:" + "a" * 64
+    entries = [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+                "size": 10, **({"annotations": {"org.opencontainers.image.ref.name": n}} if n else {})}
+               for n in names]
+    images = images_from_index(json.dumps({"manifests": entries}).encode(), repo, "src")
+    assert [(i.repo, i.tag) for i in images] == expected
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["latest"], "give --repo"),
+    ([None], "give --repo"),
+    (["Bad/Name:1"], "breaks the reference grammar"),
+])
+def test_unnamed_or_bad_names_are_refused(names: list[str | None], message: str) -> None:
+    entries = [{"digest": "sha256:" + "a" * 64, "size": 1,
+                **({"annotations": {"org.opencontainers.image.ref.name": n}} if n else {})} for n in names]
+    with pytest.raises(ImportFailed, match=message):
+        images_from_index(json.dumps({"manifests": entries}).encode(), None, "src")
+
+
+def test_not_an_oci_source(tmp_path: Path, fixture_root: Path) -> None:
+    docker = tmp_path / "d.tar"
+    export(fixture_root, ["a/b:latest"], docker, fmt=ExportFormat.DOCKER_ARCHIVE)
+    result = cli("import", str(fixture_root), str(docker))
+    assert result.returncode == 2 and "not an OCI archive" in result.stderr
+    result = cli("import", str(fixture_root), str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
