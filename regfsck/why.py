@@ -344,6 +344,12 @@ def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
     tag_counts = _count_reach(tag_reach)
     rev_reach = graph.root_reach(graph.revision_roots(), with_referrers=False)
     rev_counts = _count_reach(rev_reach)
+    tag_repos: dict[str, set[str]] = {}  # root digest -> repositories where it is a root
+    for repo, digest in tag_reach:
+        tag_repos.setdefault(digest, set()).add(repo)
+    rev_repos: dict[str, set[str]] = {}
+    for repo, digest in rev_reach:
+        rev_repos.setdefault(digest, set()).add(repo)
     out: list[FreedBytes] = []
     seen_tags: set[tuple[str, str]] = set()
     for path in paths:
@@ -359,10 +365,10 @@ def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
                 continue
             root = (path.repo, path.manifest)
             reached = tag_reach.get(root, set())
-            shared_digest = [r for r in tag_reach if r[1] == path.manifest and r != root]
-            if shared_digest:
+            elsewhere = sorted(tag_repos.get(path.manifest, set()) - {path.repo})
+            if elsewhere:
                 out.append(FreedBytes(action, "gc --delete-untagged", 0, 0,
-                                      f"also tagged in {shared_digest[0][0]}"))
+                                      f"also tagged in {elsewhere[0]}"))
                 continue
             blobs, size = _exclusive(graph, reached, tag_counts)
             out.append(FreedBytes(action, "gc --delete-untagged", blobs, size))
@@ -371,7 +377,7 @@ def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
         if root not in rev_reach:
             continue
         action = f"rm {path.repo}@{path.manifest}"
-        if any(r[1] == path.manifest and r != root for r in rev_reach):
+        if rev_repos.get(path.manifest, set()) - {path.repo}:
             out.append(FreedBytes(action, "gc", 0, 0, "the same manifest is in another repository"))
             continue
         blobs, size = _exclusive(graph, rev_reach[root], rev_counts)
