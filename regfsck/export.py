@@ -703,9 +703,9 @@ def check_output(output: Path, fmt: ExportFormat, compression: Compression, v2_d
     parent = output.parent.resolve()
     if not parent.is_dir():
         raise ExportError(f"{output.parent} is not a directory")
-    v2 = v2_dir.resolve()
-    if parent == v2 or v2 in parent.parents:
-        raise ExportError(f"{output} is inside the registry tree {v2}; export elsewhere")
+    tree = v2_dir.resolve().parent.parent  # ROOT/docker: the registry's own territory
+    if parent == tree or tree in parent.parents:
+        raise ExportError(f"{output} is inside the registry tree {tree}; export elsewhere")
 
 
 def write_export(storage: FilesystemStorage, plan: ExportPlan, output: Path,

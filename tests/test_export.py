@@ -272,6 +272,10 @@ def test_refuses_existing_output_and_output_inside_tree(fixture_root: Path, tmp_
     result = cli("export", str(fixture_root), "a/b:latest", "-o", str(inside))
     assert result.returncode == 2 and "inside the registry tree" in result.stderr
     assert not inside.exists()
+    beside_v2 = fixture_root / "docker" / "registry" / "backup"
+    result = cli("export", str(fixture_root), "a/b:latest", "-o", str(beside_v2))
+    assert result.returncode == 2 and "inside the registry tree" in result.stderr
+    assert not beside_v2.exists()
     result = cli("export", str(fixture_root), "a/b:latest", "-o", str(tmp_path / "d.zst"), "--format", "oci")
     assert result.returncode == 2 and "cannot be compressed" in result.stderr
 
