@@ -123,7 +123,10 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
         for blob in batch:
             if halt.is_set():
                 break
-            outcomes.append(_check_blob(storage, blob, on_bytes, halt))
+            try:
+                outcomes.append(_check_blob(storage, blob, on_bytes, halt))
+            except Interrupted:
+                break  # the blob in progress has no verdict; the finished ones keep theirs
         return outcomes
 
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="regfsck-hash") as pool:
@@ -149,7 +152,6 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
 
 
 def _outcomes(future: Future[list[HashOutcome]]) -> list[HashOutcome]:
-    try:
-        return future.result()
-    except Interrupted:
+    if future.cancelled():
         return []
+    return future.result()

@@ -4,6 +4,12 @@ The walk uses `os.scandir`, never follows or enters a symbolic link, and avoids 
 leaf directories that should hold a single known file (`data`, `link`): it opens or stats
 that file directly and lists the directory only when the file is not there. Everything
 odd it meets becomes an `Anomaly`; judging severity is the checker's job.
+
+The walk is split into tasks (one per blob fan-out directory, one per directory under
+`repositories/`) run by a small pool of threads: a cold scan is bound by the latency of
+directory and inode reads, and several outstanding reads finish far sooner than one after
+the other (threads release the GIL in every system call). Each task fills its own partial
+inventory; they are merged in path order, so the result does not depend on the schedule.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import errno
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 
 from regfsck import layout
@@ -25,7 +32,10 @@ STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
 
+DEFAULT_SCAN_THREADS = 8  # I/O concurrency, not CPU: see the module docstring
+
 ProgressFn = Callable[[int], None]
+Task = tuple[str, Callable[["Scanner"], "list[Task]"]]  # (sort key, work on a child scanner)
 
 
 def parse_startedat(raw: bytes) -> datetime | None:
@@ -55,10 +65,13 @@ class Scanner:
     """Walks one tree into an `Inventory`; create one per scan."""
 
     def __init__(self, storage: FilesystemStorage, root: RegistryRoot,
-                 on_progress: ProgressFn | None = None) -> None:
+                 on_progress: ProgressFn | None = None, threads: int | None = None) -> None:
         self.storage = storage
         self.inv = Inventory(root=root)
         self.on_progress = on_progress
+        env_threads = os.environ.get("REGFSCK_SCAN_THREADS", "")
+        self.threads = max(1, threads or (int(env_threads) if env_threads.isdigit() else 0)
+                           or DEFAULT_SCAN_THREADS)
 
     # -- helpers -------------------------------------------------------------
     def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
@@ -136,10 +149,12 @@ class Scanner:
 
     # -- blobs ---------------------------------------------------------------
     def scan_blobs(self) -> None:
+        self._run_tasks(self._blob_tasks())
+
+    def _blob_tasks(self) -> list[Task]:
+        tasks: list[Task] = []
         top = self._entries(layout.BLOBS)
-        if top is None:
-            return
-        for alg_entry in top:
+        for alg_entry in top or ():
             alg_path = layout.join(layout.BLOBS, alg_entry.name)
             if not alg_entry.is_dir(follow_symlinks=False) or alg_entry.is_symlink():
                 self._odd_entry(alg_entry, alg_path, "an algorithm directory")
@@ -147,11 +162,12 @@ class Scanner:
             if alg_entry.name not in HEX_LENGTHS:
                 self._anomaly("blob_bad_name", alg_path, "unknown digest algorithm directory")
                 continue
-            self._scan_blob_algorithm(alg_entry.name, alg_path)
+            tasks.extend(self._blob_algorithm_tasks(alg_entry.name, alg_path))
+        return tasks
 
-    def _scan_blob_algorithm(self, algorithm: str, alg_path: str) -> None:
-        fanouts = self._entries(alg_path)
-        for fan_entry in fanouts or ():
+    def _blob_algorithm_tasks(self, algorithm: str, alg_path: str) -> list[Task]:
+        tasks: list[Task] = []
+        for fan_entry in self._entries(alg_path) or ():
             fan = fan_entry.name
             fan_path = f"{alg_path}/{fan}"
             if not fan_entry.is_dir(follow_symlinks=False):
@@ -160,9 +176,11 @@ class Scanner:
             if len(fan) != 2 or not is_valid_hex("sha256", fan * 32):
                 self._anomaly("blob_bad_name", fan_path, "fan-out directory is not two hex chars")
                 continue
-            self._scan_fanout(algorithm, fan, fan_path)
-            if self.on_progress is not None:
-                self.on_progress(0)
+            tasks.append((fan_path, _fanout_task(algorithm, fan, fan_path)))
+        return tasks
+
+    def _scan_blob_algorithm(self, algorithm: str, alg_path: str) -> None:
+        self._run_tasks(self._blob_algorithm_tasks(algorithm, alg_path))
 
     def _scan_fanout(self, algorithm: str, fan: str, fan_path: str) -> None:
         """The hot loop over blob directories: one lstat of `data` each, no leaf listing."""
@@ -237,44 +255,46 @@ class Scanner:
 
     # -- repositories ----------------------------------------------------------
     def scan_repositories(self) -> None:
-        stack: list[tuple[str, tuple[str, ...]]] = [(layout.REPOSITORIES, ())]
-        while stack:
-            path, parts = stack.pop()
-            entries = self._entries(path)
-            if entries is None:
-                continue
-            by_name = {e.name: e for e in entries}
-            name = "/".join(parts)
-            markers = {n for n in (layout.LAYERS_DIR, layout.MANIFESTS_DIR)
-                       if n in by_name and by_name[n].is_dir(follow_symlinks=False)
-                       and not by_name[n].is_symlink()}
-            repo: Repository | None = None
-            if parts and markers:
-                repo = Repository(name=name, path=path,
-                                  has_manifests=layout.MANIFESTS_DIR in markers,
-                                  has_layers=layout.LAYERS_DIR in markers)
-                self.inv.repositories[name] = repo
-            children: list[tuple[str, tuple[str, ...]]] = []
-            for entry in entries:
-                child_path = layout.join(path, entry.name)
-                if entry.name.startswith("_"):
-                    if repo is not None and entry.name in KNOWN_REPO_DIRS:
-                        self._scan_repo_part(repo, entry, child_path)
-                    elif entry.name == layout.UPLOADS_DIR:
-                        self._anomaly("upload_outside_repo", child_path,
-                                      "_uploads outside a repository", repo=name or None)
-                    else:
-                        self._odd_entry(entry, child_path, "a repository name component",
-                                        name or None)
-                    continue
-                if entry.is_dir(follow_symlinks=False) and not entry.is_symlink():
-                    if len(parts) >= MAX_REPO_DEPTH:
-                        self._anomaly("repo_bad_name", child_path, "repository nesting too deep")
-                        continue
-                    children.append((child_path, (*parts, entry.name)))
+        self._run_tasks([(layout.REPOSITORIES, _walk_task(layout.REPOSITORIES, ()))])
+
+    def _walk_repository_dir(self, path: str, parts: tuple[str, ...]) -> list[Task]:
+        """One directory under `repositories/`: a repository (its parts are scanned here)
+        and/or the parent of more; returns the tasks for its child directories."""
+        entries = self._entries(path)
+        if entries is None:
+            return []
+        by_name = {e.name: e for e in entries}
+        name = "/".join(parts)
+        markers = {n for n in (layout.LAYERS_DIR, layout.MANIFESTS_DIR)
+                   if n in by_name and by_name[n].is_dir(follow_symlinks=False)
+                   and not by_name[n].is_symlink()}
+        repo: Repository | None = None
+        if parts and markers:
+            repo = Repository(name=name, path=path,
+                              has_manifests=layout.MANIFESTS_DIR in markers,
+                              has_layers=layout.LAYERS_DIR in markers)
+            self.inv.repositories[name] = repo
+        children: list[Task] = []
+        for entry in entries:
+            child_path = f"{path}/{entry.name}"
+            if entry.name.startswith("_"):
+                if repo is not None and entry.name in KNOWN_REPO_DIRS:
+                    self._scan_repo_part(repo, entry, child_path)
+                elif entry.name == layout.UPLOADS_DIR:
+                    self._anomaly("upload_outside_repo", child_path,
+                                  "_uploads outside a repository", repo=name or None)
                 else:
-                    self._odd_entry(entry, child_path, "a repository directory", name or None)
-            stack.extend(reversed(children))
+                    self._odd_entry(entry, child_path, "a repository name component",
+                                    name or None)
+                continue
+            if entry.is_dir(follow_symlinks=False) and not entry.is_symlink():
+                if len(parts) >= MAX_REPO_DEPTH:
+                    self._anomaly("repo_bad_name", child_path, "repository nesting too deep")
+                    continue
+                children.append((child_path, _walk_task(child_path, (*parts, entry.name))))
+            else:
+                self._odd_entry(entry, child_path, "a repository directory", name or None)
+        return children
 
     def _scan_repo_part(self, repo: Repository, entry: os.DirEntry[str], path: str) -> None:
         if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
@@ -415,6 +435,7 @@ class Scanner:
         for entry in top or ():
             if entry.name not in (layout.BLOBS, layout.REPOSITORIES):
                 self._odd_entry(entry, entry.name, "blobs/ or repositories/")
+        tasks: list[Task] = []
         for name in (layout.BLOBS, layout.REPOSITORIES):
             entry = names.get(name)
             if entry is None:
@@ -423,15 +444,83 @@ class Scanner:
                 self._odd_entry(entry, name, "a directory")
                 continue
             if name == layout.BLOBS:
-                self.scan_blobs()
+                tasks.extend(self._blob_tasks())
             else:
-                self.scan_repositories()
+                tasks.append((layout.REPOSITORIES, _walk_task(layout.REPOSITORIES, ())))
+        self._run_tasks(tasks)
         return self.inv
 
+    # -- running tasks -----------------------------------------------------------
+    def _child(self) -> Scanner:
+        return Scanner(self.storage, self.inv.root, threads=1)
 
-def scan_tree(root: RegistryRoot, on_progress: ProgressFn | None = None) -> Inventory:
+    def _run_tasks(self, tasks: list[Task]) -> None:
+        """Run `tasks` (and the tasks they spawn) and merge their inventories in key order."""
+        done: list[tuple[str, Inventory]] = []
+        if self.threads == 1 or len(tasks) == 0:
+            stack = list(reversed(tasks))
+            while stack:
+                key, work = stack.pop()
+                child = self._child()
+                stack.extend(reversed(work(child)))
+                done.append((key, child.inv))
+                self._progress(key)
+        else:
+            self._run_parallel(tasks, done)
+        done.sort(key=_fragment_key)
+        for _, fragment in done:
+            self._merge(fragment)
+
+    def _progress(self, key: str) -> None:
+        if self.on_progress is not None and key.startswith(layout.BLOBS):
+            self.on_progress(0)  # one blob fan-out directory done
+
+    def _run_parallel(self, tasks: list[Task], done: list[tuple[str, Inventory]]) -> None:
+        def run(key: str, work: Callable[[Scanner], list[Task]]) -> list[Task]:
+            child = self._child()
+            spawned = work(child)
+            done.append((key, child.inv))  # list.append is atomic
+            return spawned
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="regfsck-scan") as pool:
+            pending: dict[Future[list[Task]], str] = {pool.submit(run, k, w): k for k, w in tasks}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    self._progress(pending.pop(future))
+                    pending.update({pool.submit(run, k, w): k for k, w in future.result()})
+
+    def _merge(self, fragment: Inventory) -> None:
+        inv = self.inv
+        inv.blobs.update(fragment.blobs)
+        inv.misplaced_blobs.extend(fragment.misplaced_blobs)
+        inv.repositories.update(fragment.repositories)
+        inv.anomalies.extend(fragment.anomalies)
+        inv.files_seen += fragment.files_seen
+        inv.dirs_seen += fragment.dirs_seen
+
+
+def _fragment_key(item: tuple[str, Inventory]) -> str:
+    return item[0]
+
+
+def _fanout_task(algorithm: str, fan: str, fan_path: str) -> Callable[[Scanner], list[Task]]:
+    def work(scanner: Scanner) -> list[Task]:
+        scanner._scan_fanout(algorithm, fan, fan_path)
+        return []
+    return work
+
+
+def _walk_task(path: str, parts: tuple[str, ...]) -> Callable[[Scanner], list[Task]]:
+    def work(scanner: Scanner) -> list[Task]:
+        return scanner._walk_repository_dir(path, parts)
+    return work
+
+
+def scan_tree(root: RegistryRoot, on_progress: ProgressFn | None = None,
+              threads: int | None = None) -> Inventory:
     """Scan the registry tree at `root` into an inventory."""
-    return Scanner(FilesystemStorage(root.v2), root, on_progress).scan()
+    return Scanner(FilesystemStorage(root.v2), root, on_progress, threads).scan()
 
 
 def now_utc() -> datetime:
