@@ -41,6 +41,7 @@ CONFIG_LIMIT = 16 << 20  # image configs are JSON: refuse anything absurd before
 TAR_RECORD = 10240  # tar(1) pads archives to whole records
 ZSTD_LEVEL = 3
 GZIP_LEVEL = 6
+ZSTD_THREADS = min(4, os.cpu_count() or 1)  # parallel, with memory bounded on many-core hosts
 IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 DOCKER_TYPES = frozenset({ManifestKind.DOCKER_MANIFEST, ManifestKind.DOCKER_LIST})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".gz", ".zst")
@@ -580,7 +581,7 @@ class _TarSink(_Sink):
         self.raw = _CountingFile(self.fd)
         self.stream: Any
         if compression is Compression.ZSTD:
-            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS)
             self.stream = compressor.stream_writer(self.raw, closefd=False)  # type: ignore[arg-type]
         elif compression is Compression.GZIP:
             self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,  # type: ignore[arg-type]
