@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.digest import EMPTY_SHA256
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, reachable
 from regfsck.hashing import HashOutcome, verify_blobs
+from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
 from regfsck.inventory import Blob, Inventory
+from regfsck.record import RECORD_REL, RecordError, VerifyRecord
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
@@ -24,6 +27,16 @@ class VerifyOptions:
     repos: set[str] | None = None  # None: whole tree
     check_data: bool = True
     strict: bool = False  # warnings that make an image unpullable count as errors
+    changed_only: bool = False  # re-hash only blobs the record does not vouch for
+    max_age: timedelta = DEFAULT_MAX_AGE  # with changed_only: verdicts older than this expire
+    sample_percent: float | None = None  # plus the stalest P% of the bytes (rotating pass)
+    max_duration: timedelta | None = None  # stop hashing at this much time after the start
+
+    @property
+    def needs_record(self) -> bool:
+        """The incremental flags cannot work without the verification record."""
+        return self.check_data and (self.changed_only or self.sample_percent is not None
+                                    or self.max_duration is not None)
 
 
 # Warnings that mean "listed by the registry but cannot be pulled": errors under --strict.
@@ -40,8 +53,16 @@ class VerifySummary:
     blobs_total: int = 0
     bytes_total: int = 0
     interrupted: bool = False
+    blobs_skipped: int = 0  # left out: the record vouches for them (--changed-only/--sample)
+    bytes_skipped: int = 0
+    blobs_deferred: int = 0  # chosen but not reached before --max-duration (or Ctrl-C)
+    bytes_deferred: int = 0
+    stopped_at_limit: bool = False  # --max-duration ended the hashing
+    hashed_because: dict[str, int] = field(default_factory=dict)  # reason -> blobs chosen
+    record: str | None = None  # the verification record used (relative to ROOT)
+    record_error: str | None = None  # why an existing record could not be updated
 
-    def to_json(self) -> dict[str, int | bool]:
+    def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
@@ -101,7 +122,11 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
                stop: threading.Event | None = None,
                inventory: Inventory | None = None,
                on_finding: Callable[[Finding], None] | None = None) -> VerifyReport:
-    """Run every check; `stop` (set on Ctrl-C) ends hashing early with a partial summary."""
+    """Run every check; `stop` (set on Ctrl-C) ends hashing early with a partial summary.
+
+    Raises RecordError when the incremental options need the verification record and it
+    cannot be used (a plain run just reports why it could not update an existing one)."""
+    started = time.monotonic()
     storage = FilesystemStorage(root.v2)
     inv = inventory if inventory is not None else Scanner(storage, root).scan()
     if options.repos:
@@ -114,27 +139,15 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
     if options.check_data:
-        blobs = _blobs_to_hash(inv, store, options.repos)
-        summary.blobs_total = len(blobs)
-        summary.bytes_total = sum(b.size for b in blobs)
-        if progress is not None:
-            progress.start(summary.bytes_total, summary.blobs_total)
+        record = _open_record(root, options, summary)
         try:
-            for outcome in verify_blobs(storage, blobs, jobs=options.jobs,
-                                        on_bytes=progress.advance if progress else None,
-                                        stop=stop):
-                if outcome.actual is not None:
-                    summary.blobs_verified += 1
-                    summary.bytes_verified += outcome.bytes_read
-                if not outcome.ok:
-                    finding = _hash_finding(outcome)
-                    findings.add(finding)
-                    if on_finding is not None:
-                        on_finding(finding)
+            _hash_blobs(storage, inv, _blobs_to_hash(inv, store, options.repos), options, record,
+                        summary, findings, progress=progress, stop=stop, on_finding=on_finding,
+                        deadline=None if options.max_duration is None
+                        else started + options.max_duration.total_seconds())
         finally:
-            if progress is not None:
-                progress.finish()
-        summary.interrupted = stop is not None and stop.is_set()
+            if record is not None and summary.record_error is None:
+                _record(record, summary, record.close)
     found = findings.findings()
     if options.strict:
         found = [replace(f, severity=Severity.ERROR) if f.kind in STRICT_ERRORS else f
@@ -148,6 +161,103 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         else:
             summary.infos += 1
     return report
+
+
+def _open_record(root: RegistryRoot, options: VerifyOptions,
+                 summary: VerifySummary) -> VerifyRecord | None:
+    """The record: required (and created) for the incremental options, else updated if present."""
+    try:
+        record = VerifyRecord.open(root, create=options.needs_record)
+    except RecordError as exc:
+        if options.needs_record:
+            raise
+        summary.record_error = str(exc)
+        return None
+    summary.record = RECORD_REL if record is not None else None
+    return record
+
+
+def _select(blobs: list[Blob], options: VerifyOptions, record: VerifyRecord | None) -> Selection:
+    if not (options.changed_only or options.sample_percent is not None or options.max_duration):
+        return Selection(to_hash=blobs)  # the plain full run: everything, in inode order
+    entries = record.entries() if record is not None else {}
+    return select_blobs(blobs, entries, SelectionOptions(
+        changed_only=options.changed_only, max_age=options.max_age,
+        sample_percent=options.sample_percent), time.time())
+
+
+def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
+                options: VerifyOptions, record: VerifyRecord | None, summary: VerifySummary,
+                findings: FindingSet, *, progress: DataProgress | None,
+                stop: threading.Event | None, on_finding: Callable[[Finding], None] | None,
+                deadline: float | None) -> None:
+    """Re-hash the chosen blobs, keeping the record in step with every verdict."""
+    selection = _select(blobs, options, record)
+    chosen = selection.to_hash
+    summary.blobs_total = len(blobs)
+    summary.bytes_total = sum(b.size for b in blobs)
+    summary.blobs_skipped, summary.bytes_skipped = selection.skipped, selection.skipped_bytes
+    summary.hashed_because = selection.counts()
+    halt = stop if stop is not None else threading.Event()
+    limit_hit = threading.Event()
+    timer: threading.Timer | None = None
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            limit_hit.set()
+            chosen = []
+        else:
+            timer = threading.Timer(remaining, lambda: (limit_hit.set(), halt.set()))
+            timer.daemon = True
+            timer.start()
+    verdict_time = time.time()  # one time per run: the next run re-reads them in inode order
+    done = 0
+    done_bytes = 0
+    if progress is not None:
+        progress.start(sum(b.size for b in chosen), len(chosen))
+    try:
+        for outcome in verify_blobs(storage, chosen, jobs=options.jobs,
+                                    on_bytes=progress.advance if progress else None, stop=halt):
+            done += 1
+            done_bytes += outcome.blob.size
+            if outcome.actual is not None:
+                summary.blobs_verified += 1
+                summary.bytes_verified += outcome.bytes_read
+            if outcome.ok:
+                if record is not None:
+                    _record(record, summary, lambda o=outcome: record.record_good(o.blob, verdict_time))
+                continue
+            if record is not None:
+                _record(record, summary, lambda o=outcome: record.record_bad(o.blob.digest))
+            finding = _hash_finding(outcome)
+            findings.add(finding)
+            if on_finding is not None:
+                on_finding(finding)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if progress is not None:
+            progress.finish()
+    summary.blobs_deferred = len(chosen) - done + (len(selection.to_hash) - len(chosen))
+    summary.bytes_deferred = sum(b.size for b in selection.to_hash) - done_bytes
+    summary.stopped_at_limit = limit_hit.is_set() and summary.blobs_deferred > 0
+    summary.interrupted = halt.is_set() and not limit_hit.is_set()
+    if record is not None and options.repos is None and not halt.is_set():
+        _record(record, summary, lambda: record.prune(inv.blobs))
+
+
+def _record(record: VerifyRecord, summary: VerifySummary, write: Callable[[], object]) -> None:
+    """Write to the record; a failure is reported once and never stops the verification.
+
+    A record that cannot be written is deleted (if it can be): it might otherwise keep
+    vouching for a blob this run found bad."""
+    if summary.record_error is not None:
+        return
+    try:
+        write()
+    except RecordError as exc:
+        removed = record.invalidate()
+        summary.record_error = f"{exc} ({'record deleted' if removed else 'could not delete it'})"
 
 
 _SEVERITY_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
