@@ -35,7 +35,16 @@ from regfsck.cli.common import (
     stdout_console,
 )
 from regfsck.cli.verify_deep import add_deep, deep_json, render_deep
+from regfsck.cli.verify_incremental import (
+    CHANGED_ONLY_OPTION,
+    MAX_AGE_OPTION,
+    MAX_DURATION_OPTION,
+    SAMPLE_OPTION,
+    incremental_options,
+    render_incremental,
+)
 from regfsck.findings import Severity
+from regfsck.record import RecordError
 from regfsck.verify import (
     DataProgress,
     UnknownRepositoryError,
@@ -81,13 +90,19 @@ def verify(
                                 "dangling _layers links and referrers without subject as errors."),
     deep: bool = typer.Option(False, "--deep", help="Also decompress every layer: check it against "
                               "its config's diff_id and that it is a readable tar."),
+    changed_only: bool = CHANGED_ONLY_OPTION,
+    max_age: str | None = MAX_AGE_OPTION,
+    sample: float | None = SAMPLE_OPTION,
+    max_duration: str | None = MAX_DURATION_OPTION,
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
     registry = open_root(root, config)
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
-                            check_data=not no_data, strict=strict)
+                            check_data=not no_data, strict=strict, **incremental_options(
+                                no_data=no_data, changed_only=changed_only, max_age=max_age,
+                                sample=sample, max_duration=max_duration))
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
@@ -96,12 +111,15 @@ def verify(
         deep_summary = add_deep(report, registry, options, stop, show_progress(json_output)) if deep else None
     except UnknownRepositoryError as exc:
         fail(str(exc), exitcodes.USAGE)
+    except RecordError as exc:
+        fail(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     if json_output:
         print_json(report.to_json() | deep_json(deep_summary))
     else:
         render_verify(report)
+        render_incremental(report.summary)
         render_deep(deep_summary)
     if report.summary.interrupted:
         stderr_console().print("interrupted: the summary covers only what was checked")
