@@ -62,8 +62,7 @@ LINK_KINDS = frozenset({"link_invalid", "link_mismatch"})
 # What else a rewritten link makes right (same repository and digest).
 FOLLOW_ON = {
     "layer": frozenset({"reference_not_linked"}),
-    "revision": frozenset({"tag_revision_missing", "child_not_in_repo", "subject_missing",
-                           "tag_index_orphan"}),
+    "revision": frozenset({"tag_revision_missing", "child_not_in_repo", "tag_index_orphan"}),
 }
 
 ADVICE: dict[str, str] = {
@@ -532,7 +531,7 @@ class Planner:
                 self.plan.unfixable.append(Unfixable(finding, f"cannot choose the tag's digest: "
                                                      f"{why}; re-push the tag or write the digest "
                                                      "into current/link by hand"))
-            self._reported.update((f.kind, f.path) for f in related)
+            self._reported.update((f.kind, _rel(f.path)) for f in related)
             return
         digest = candidates[0]
         resolves = [(f.kind, _rel(f.path)) for f in related]
@@ -584,11 +583,21 @@ class Planner:
         for finding in self.findings:
             if finding.severity is Severity.INFO or (finding.kind, _rel(finding.path)) in resolved:
                 continue
+            if finding.kind == "subject_missing" and self._subject_restored(finding):
+                continue
             advice = ADVICE.get(finding.kind, "see `regfsck verify` and docs/repair-inspect-why.md")
             if finding.digest in lost and finding.kind in MISSING_KINDS | {"layer_link_dangling"}:
                 advice = ("lost: re-push one of the images listed under `repush`, or repair "
                           "--from a backup that has it")
             self.plan.unfixable.append(Unfixable(finding, advice))
+
+
+    def _subject_restored(self, finding: Finding) -> bool:
+        """A referrer's subject whose revision link the plan makes valid again."""
+        referrer = self.manifest(finding.digest) if finding.digest else None
+        subject = referrer.subject.digest if referrer and referrer.subject else None
+        return subject is not None and finding.repo is not None and (
+            subject in self.revisions.get(finding.repo, set()))
 
 
 def _finding(kind: str, path: str, message: str, digest: str | None = None) -> Finding:

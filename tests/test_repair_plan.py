@@ -196,3 +196,22 @@ def test_changed_link_is_skipped_not_overwritten(fixture_root: Path) -> None:
     statuses = {f.path: f.status for f in plan.fixes}
     assert statuses[paths[1]] == "skipped" and statuses[paths[0]] == "applied"
     assert (fixture_root / V2 / paths[1]).read_bytes() == b"written meanwhile"
+
+
+def test_follow_on_findings_are_not_reported_as_unfixable(fixture_root: Path) -> None:
+    """Rewriting the subject's revision link also ends `subject_missing` and the tags'
+    `tag_revision_missing`: the plan must not list them for the operator."""
+    repo, _, subject, _ = INFO.artifact
+    (fixture_root / V2 / layout.revision_link(repo, subject)).write_bytes(subject.encode() + b" ")
+    plan = plan_of(fixture_root)
+    assert [(f.action, f.digest) for f in plan.fixes] == [("rewrite_link", subject)]
+    kinds = {u.finding.kind for u in plan.unfixable}
+    assert not kinds & {"subject_missing", "tag_revision_missing", "link_invalid"}, kinds
+
+
+def test_ambiguous_tag_is_listed_once(fixture_root: Path) -> None:
+    repo, tag, _ = INFO.untagged
+    (fixture_root / V2 / layout.tag_current_link(repo, tag)).write_bytes(b"\n")
+    plan = plan_of(fixture_root)
+    listed = [u for u in plan.unfixable if u.finding.repo == repo and u.finding.tag == tag]
+    assert len(listed) == 1 and "cannot choose" in listed[0].advice
