@@ -1,0 +1,135 @@
+"""Shared helpers of the benchmarks: run a command, measure wall time and peak RSS.
+
+Peak RSS comes from `wait4` (the kernel's `ru_maxrss` of the child), so it covers Go, C and
+Python children alike. Commands of one comparison are run interleaved, round after round,
+and summarised by their median, because this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REGISTRY_BIN = "docker-registry"
+TIME_BIN = "/usr/bin/time"  # GNU time, for the peak RSS of a command
+
+
+@dataclass
+class Run:
+    wall: float
+    max_rss_kb: int
+    returncode: int
+    stdout: bytes = b""
+
+
+@dataclass
+class Series:
+    """Repeated runs of one command."""
+
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(r.wall for r in self.runs)
+
+    @property
+    def best(self) -> float:
+        return min(r.wall for r in self.runs)
+
+    @property
+    def rss_mb(self) -> float:
+        return max(r.max_rss_kb for r in self.runs) / 1024
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "walls": [round(r.wall, 3) for r in self.runs],
+                "median": round(self.median, 3), "best": round(self.best, 3),
+                "max_rss_mb": round(self.rss_mb, 1),
+                "returncodes": sorted({r.returncode for r in self.runs})}
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without REGISTRY_* overrides and AWS_CA_BUNDLE (breaks the registry)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("REGISTRY_") and k != "AWS_CA_BUNDLE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: Sequence[str], *, capture: bool = False, env: Mapping[str, str] | None = None,
+        timeout: float = 7200) -> Run:
+    """Run `cmd`; wall time and the command's peak RSS (stdout kept only when `capture`).
+
+    The RSS comes from GNU time: a child forked from this (large) Python process would
+    inherit its high-water mark, a child forked from `time` does not."""
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss:
+        started = time.perf_counter()
+        proc = subprocess.run([TIME_BIN, "-f", "%M", "-o", rss.name, *cmd],
+                              stdin=subprocess.DEVNULL,
+                              stdout=out if capture else subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=dict(env or clean_env()),
+                              timeout=timeout, check=False)
+        wall = time.perf_counter() - started
+        lines = [line for line in rss.read().splitlines() if line.strip().isdigit()]
+        data = b""
+        if capture:
+            out.seek(0)
+            data = out.read()
+    return Run(wall, int(lines[-1]) if lines else 0, proc.returncode, data)
+
+
+def interleaved(commands: Mapping[str, Callable[[], Run]], rounds: int,
+                log: Callable[[str], None] | None = None) -> dict[str, Series]:
+    """Run each command once per round, rotating the order, so drift hits all alike."""
+    series = {name: Series(name) for name in commands}
+    names = list(commands)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            result = commands[name]()
+            series[name].runs.append(result)
+            if log is not None:
+                log(f"  round {r + 1}/{rounds} {name}: {result.wall:.2f}s "
+                    f"{result.max_rss_kb / 1024:.0f} MB rc={result.returncode}")
+    return series
+
+
+def regfsck_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "regfsck", *args]
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None
+
+
+def registry_config(path: Path, root: Path) -> Path:
+    """A minimal distribution config for the official collector on `root`."""
+    path.write_text("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                    f"    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+                    "http:\n  addr: 127.0.0.1:0\n")
+    return path
+
+
+def official_gc_blobs(output: bytes) -> set[str]:
+    """Blob digests the 2.8 collector's dry run lists as eligible for deletion."""
+    prefix = b"blob eligible for deletion: "
+    return {line[len(prefix):].strip().decode() for line in output.splitlines()
+            if line.startswith(prefix)}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
