@@ -213,7 +213,7 @@ class GcPlan:
     orphan_referrers: list[OrphanReferrer] = field(default_factory=list)
     young: list[tuple[str, str]] = field(default_factory=list)  # (path, what) kept by the grace
     blocked: list[Finding] = field(default_factory=list)
-    empty_link_dirs: list[str] = field(default_factory=list)  # leaf link dirs left empty
+    empty_link_dirs: list[str] = field(default_factory=list)  # empty link and name dirs
     removal_list: list[Removal] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)  # removed at the end if still empty
     per_repository: dict[str, RepoUsage] = field(default_factory=dict)
@@ -495,6 +495,28 @@ class _Planner:
             self.plan.empty_link_dirs.append(anomaly.path)
             self.plan.empty_dirs.append(anomaly.path)
 
+    def empty_name_dirs(self) -> None:
+        """Directories under repositories/ holding nothing at all (a crash between moving a
+        repository and removing its empty parent leaves one): removed, deepest first."""
+        def walk(path: str) -> bool:
+            entries = self.storage.list_dir(path)
+            empty = True
+            for entry in entries:
+                child = layout.join(path, entry.name)
+                if entry.kind is not EntryKind.DIR or entry.name.startswith("_") or not walk(child):
+                    empty = False
+            if not empty or path == layout.REPOSITORIES:
+                return False
+            mtime = self._mtime(path)
+            if mtime is not None and mtime <= self.cutoff_ns:
+                self.plan.empty_dirs.append(path)
+                self.plan.empty_link_dirs.append(path)
+                return True
+            return False
+
+        if self.storage.stat(layout.REPOSITORIES) is not None:
+            walk(layout.REPOSITORIES)
+
     def finish(self) -> None:
         """Order the removals and drop any nested in another one (moved with it)."""
         chosen: list[Removal] = []
@@ -512,7 +534,9 @@ class _Planner:
                 chosen.append(removal)
         order = {phase: i for i, phase in enumerate(("tags", "manifests", "repositories",
                                                       "layer_links", "blobs", "uploads"))}
-        chosen.sort(key=lambda r: (order[r.phase], r.path))
+        # Within a phase, what refers goes before what is referred to: a tag's history entry
+        # before the revision it names, so a crash in between leaves nothing dangling.
+        chosen.sort(key=lambda r: (order[r.phase], f"/{layout.TAGS}/" not in r.path, r.path))
         self.plan.removal_list = chosen
         self.plan.empty_dirs = sorted(set(self.plan.empty_dirs))
 
@@ -534,6 +558,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Filesyste
     planner.tag_dirs(gone_manifests)
     planner.repositories(gone_manifests, gone_links, gone_uploads)
     planner.empty_link_dirs()
+    planner.empty_name_dirs()
     planner.finish()
     return planner.plan
 

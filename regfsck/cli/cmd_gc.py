@@ -147,9 +147,8 @@ def render_plan(plan: GcPlan) -> None:
         console.print(f"referrer {safe_text(orphan.repo)}@{orphan.digest}: its subject "
                       f"{orphan.subject} is gone ({fate})")
     if plan.empty_link_dirs:
-        console.print(f"{len(plan.empty_link_dirs)} empty link directories (left by API deletes) "
-                      "would be removed too." if not plan.applied else
-                      f"{len(plan.empty_link_dirs)} empty link directories were candidates for removal.")
+        console.print(f"{len(plan.empty_link_dirs)} empty directories (left by API deletes or "
+                      "an interrupted run) " + ("were removed." if plan.applied else "go too."))
     if plan.young:
         console.print(f"{len(plan.young)} candidates are younger than the grace period and stay.")
     verb = "Reclaimed" if plan.applied else "Reclaimable"
