@@ -33,6 +33,7 @@ from typing import IO, Any
 import zstandard
 
 from regfsck import layout
+from regfsck.deep import LayerFormatError, ZstdFrameChecker
 from regfsck.digest import DigestError, parse_digest
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
@@ -116,6 +117,10 @@ class Source:
     corrupt: dict[str, str]  # digest -> why (found while reading; an archive is hashed whole)
 
     def index_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def size(self, digest: str) -> int | None:
+        """The blob's size in the source; None when the source does not have it."""
         raise NotImplementedError
 
     def read_manifest(self, digest: str) -> bytes:
@@ -208,13 +213,14 @@ class DirectorySource(Source):
 
 
 class _CountingReader(io.RawIOBase):
-    """The archive file, counting compressed bytes for the progress bar."""
+    """The archive file, counting compressed bytes for the progress bar (and zstd frames)."""
 
     def __init__(self, raw: IO[bytes], on_bytes: ProgressFn | None,
                  stop: threading.Event | None) -> None:
         self.raw = raw
         self.on_bytes = on_bytes
         self.stop = stop
+        self.frames: ZstdFrameChecker | None = None
 
     def readable(self) -> bool:
         return True
@@ -223,9 +229,24 @@ class _CountingReader(io.RawIOBase):
         if self.stop is not None and self.stop.is_set():
             raise ImportInterrupted
         n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        if n and self.frames is not None:
+            self.frames.feed(memoryview(buffer)[:n])
         if n and self.on_bytes is not None:
             self.on_bytes(n)
         return n or 0
+
+
+def _truncation(frames: ZstdFrameChecker | None, counted: io.BufferedReader) -> str | None:
+    """Why a zstd archive ended early (None when it did not, or is not zstd)."""
+    if frames is None:
+        return None
+    try:
+        while counted.read(CHUNK):
+            pass
+        frames.finish()
+    except (LayerFormatError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 class ArchiveSource(Source):
@@ -249,14 +270,18 @@ class ArchiveSource(Source):
             raw = open(self.path, "rb")  # noqa: SIM115 (closed below)
         except OSError as exc:
             raise ImportFailed(f"cannot open {self.path}: {exc.strerror}", "io") from exc
+        frames = None
         try:
             head = raw.read(4)
             raw.seek(0)
-            counted = io.BufferedReader(_CountingReader(raw, on_bytes, stop), CHUNK)
+            source = _CountingReader(raw, on_bytes, stop)
+            counted = io.BufferedReader(source, CHUNK)
             stream: IO[bytes]
             if head.startswith(GZIP_MAGIC):
                 stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[assignment]
             elif head == ZSTD_MAGIC:
+                # the zstd decoder ends quietly at a truncated frame: walk the frames too
+                frames = source.frames = ZstdFrameChecker()
                 stream = zstandard.ZstdDecompressor().stream_reader(counted, read_size=CHUNK,
                                                                     read_across_frames=True)
             else:
@@ -265,8 +290,12 @@ class ArchiveSource(Source):
                 for member in tar:
                     yield member, tar
                     tar.members = []  # stream mode keeps every header otherwise
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
-            raise ImportFailed(f"cannot read the archive {self.path}: {exc}", "damage") from exc
+            why = _truncation(frames, counted)
+            if why is not None:
+                raise ImportFailed(f"the archive {self.path} is damaged: {why}", "damage")
+        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError, LayerFormatError) as exc:
+            raise ImportFailed(f"cannot read the archive {self.path}: "
+                               f"{_truncation(frames, counted) or exc}", "damage") from exc
         finally:
             raw.close()
 

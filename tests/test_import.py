@@ -304,3 +304,22 @@ def test_not_an_oci_source(tmp_path: Path, fixture_root: Path) -> None:
     assert result.returncode == 2 and "not an OCI archive" in result.stderr
     result = cli("import", str(fixture_root), str(tmp_path / "nothing-here"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_damaged_archives_are_refused(fixture_root: Path, tmp_path: Path, info: SampleInfo) -> None:
+    plain, packed = tmp_path / "a.tar", tmp_path / "a.tar.zst"
+    export(fixture_root, ["compress/zstd:latest"], plain)
+    export(fixture_root, ["compress/zstd:latest"], packed)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])  # truncated stream
+    result = cli("import", str(empty), str(packed))
+    assert result.returncode == 1 and "zstd stream is truncated" in result.stderr, result.stderr
+    raw = bytearray(plain.read_bytes())
+    layer = info.zstd[2].split(":")[1]
+    start = raw.index(layer.encode()) + 2048  # inside the layer's data, past its header
+    raw[start] ^= 0xFF
+    plain.write_bytes(bytes(raw))
+    result = cli("import", str(empty), str(plain), "--apply")
+    assert result.returncode == 1 and f"sha256:{layer} is corrupt" in result.stderr, result.stderr
+    assert list(empty.iterdir()) == []
