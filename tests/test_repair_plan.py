@@ -215,3 +215,56 @@ def test_ambiguous_tag_is_listed_once(fixture_root: Path) -> None:
     plan = plan_of(fixture_root)
     listed = [u for u in plan.unfixable if u.finding.repo == repo and u.finding.tag == tag]
     assert len(listed) == 1 and "cannot choose" in listed[0].advice
+
+
+def _intents(root: Path) -> int:
+    """Changes journaled so far by the (single) run in the quarantine."""
+    journals = list((root / "regfsck-quarantine").glob("*/journal.jsonl"))
+    if not journals:
+        return 0
+    return journals[0].read_bytes().count(b'"ev":"intent"')
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 7, 25])
+def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: int) -> None:
+    """A repair killed after N journaled changes: recover (run by the next mutating command)
+    puts the damaged tree back exactly, and a new repair then fixes everything."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from regfsck.quarantine import recover
+    from regfsck.safety import mutation_guard
+
+    meta = json.loads((FIXTURES / "registry.json").read_text())
+    root = materialize_fixture(FIXTURES / "registry", tmp_path / "root", meta["empty_dirs"])
+    clean = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
+    for repo, digests in INFO.revisions.items():
+        for digest in digests:
+            (root / V2 / layout.revision_link(repo, digest)).write_bytes(digest.encode() + b"\n")
+    for repo in ("a/b", "compress/zstd", "library/base"):
+        for link in (root / V2 / "repositories" / repo / "_layers").rglob("link"):
+            link.unlink()
+    damaged = snapshot(root)
+    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "repair", str(root), "--apply",
+                             "--no-data"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while kill_after and _intents(root) < kill_after and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    registry = locate(root)
+    runs = list_runs(registry)
+    if kill_after:
+        assert runs and runs[-1].status == "running", "the kill must land inside the run"
+    with mutation_guard(registry):
+        recover(registry)
+    assert snapshot(root) == damaged
+    assert [r.status for r in list_runs(registry)] == (["reverted"] if kill_after else [])
+    result = subprocess.run([sys.executable, "-m", "regfsck", "repair", str(root), "--apply",
+                             "--no-data", "--json"], capture_output=True, text=True, check=False)
+    assert json.loads(result.stdout)["applied"] is True, result.stderr
+    after = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
+    assert after == clean
