@@ -65,6 +65,7 @@ class TreeChecker:
         self.upload_age = upload_age
         self.out = FindingSet()
         self._size_checked: set[tuple[str, int]] = set()
+        self._cycle_free: set[str] = set()  # manifests from which no index cycle is reachable
 
     def run(self, repos: set[str] | None = None) -> list[Finding]:
         for anomaly in self.inv.anomalies:
@@ -192,7 +193,7 @@ class TreeChecker:
                 f"referrer {digest} refers to subject {manifest.subject.digest}, which is not "
                 "in this repository", repo=repo.name, digest=digest, affected_tags=tags))
         if manifest.children:
-            cycle = find_cycle(self.store, digest)
+            cycle = find_cycle(self.store, digest, self._cycle_free)
             if cycle is not None:
                 self.out.add(make_finding(
                     "manifest_cycle", where, "index cycle: " + " -> ".join(cycle),

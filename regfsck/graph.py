@@ -99,11 +99,14 @@ def reachable(store: ManifestStore, roots: Iterable[str]) -> set[str]:
     return {digest for digest, _, _ in walk(store, roots)}
 
 
-def find_cycle(store: ManifestStore, start: str) -> list[str] | None:
-    """Return a chain of index digests leading back to one already on the path, if any."""
+def find_cycle(store: ManifestStore, start: str, done: set[str] | None = None) -> list[str] | None:
+    """Return a chain of index digests leading back to one already on the path, if any.
+
+    `done` collects digests proven cycle-free; pass the same set to every call over one
+    store, or a chain of n nested indexes costs n^2 steps (minutes on a hostile tree)."""
     path: list[str] = []
     on_path: set[str] = set()
-    done: set[str] = set()
+    done = set() if done is None else done
     stack: list[tuple[str, bool]] = [(start, False)]
     while stack:
         digest, leaving = stack.pop()
