@@ -33,6 +33,10 @@ from regfsck.storage import FilesystemStorage, StorageError
 from regfsck.why import ReferenceGraph
 
 MAX_CONFIG_BYTES = 32 * 1024 * 1024
+# A hostile tree can nest indexes thousands deep, or list one child twice at every level
+# (2^n paths): past these bounds the tree is cut with a `problem`, never a crash or a hang.
+MAX_INDEX_DEPTH = 32
+MAX_TREE_NODES = 10_000
 READ_CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -298,6 +302,7 @@ class Inspector:
         self.measure_layers = measure_layers
         self._graph = graph
         self._measured: dict[str, tuple[str | None, int | None, str | None]] = {}
+        self._nodes = 0  # manifest nodes built for the current tree (MAX_TREE_NODES)
 
     @property
     def graph(self) -> ReferenceGraph:
@@ -336,6 +341,7 @@ class Inspector:
     def build(self, ref: ImageRef, *, check_data: bool = True, jobs: int = 1,
               stop: threading.Event | None = None) -> InspectReport:
         repo, digest = self.resolve(ref)
+        self._nodes = 0
         root = self._manifest_node(repo, digest, None, frozenset())
         report = InspectReport(ref=str(ref), repo=repo, digest=digest, root=root)
         self._relations(report)
@@ -361,9 +367,17 @@ class Inspector:
         node.subject = loaded.subject.digest if loaded.subject else None
         if loaded.kind.is_index:
             for child in loaded.children:
+                cut = None
                 if child.digest in path or child.digest == digest:
+                    cut = "index cycle"
+                elif len(path) + 1 >= MAX_INDEX_DEPTH:
+                    cut = f"not expanded: indexes nested deeper than {MAX_INDEX_DEPTH} levels"
+                elif self._nodes >= MAX_TREE_NODES:
+                    cut = f"not expanded: tree larger than {MAX_TREE_NODES} manifests"
+                self._nodes += 1
+                if cut is not None:
                     node.children.append(ManifestNode(child.digest, child.media_type, child.size,
-                                                      child.platform, problem="index cycle"))
+                                                      child.platform, problem=cut))
                     continue
                 node.children.append(self._manifest_node(repo, child.digest, child.platform,
                                                          path | {digest}))
