@@ -95,37 +95,39 @@ def assert_clean_exit(result: subprocess.CompletedProcess[bytes], allowed: Seque
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
-    """Every path under `root` (not following symlinks): kind + content hash, mode, mtime."""
+    """Every path under `root` (not following symlinks): kind + content hash, mode, mtime.
+
+    Walks by directory descriptors, so paths longer than PATH_MAX are included."""
     result: dict[str, tuple[str, int, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
         for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+            st = os.lstat(name, dir_fd=dir_fd)
             if stat.S_ISLNK(st.st_mode):
-                what = "l:" + os.readlink(path)
+                what = "l:" + os.readlink(name, dir_fd=dir_fd)
             elif stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as fh:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                with os.fdopen(fd, "rb") as fh:
                     what = "f:" + hashlib.sha256(fh.read()).hexdigest()
             elif stat.S_ISDIR(st.st_mode):
                 what = "d"
             else:
                 what = f"o:{stat.S_IFMT(st.st_mode)}"
-            result[os.path.relpath(path, root)] = (what, st.st_mode, st.st_mtime_ns)
+            result[os.path.normpath(os.path.join(rel_dir, name))] = (what, st.st_mode, st.st_mtime_ns)
     return result
 
 
 def restore_access(root: Path) -> None:
     """Give the owner rwx back on every directory and rw on every file (test cleanup)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(path, 0o644)
+    if os.path.isdir(root) and not os.path.islink(root):
+        os.chmod(root, 0o755)
+    for _dirpath, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
+        for name in dirnames + filenames:
+            st = os.lstat(name, dir_fd=dir_fd)
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(name, 0o755, dir_fd=dir_fd)
+            elif stat.S_ISREG(st.st_mode):
+                os.chmod(name, 0o644, dir_fd=dir_fd)
 
 
 def remove_tree(root: Path) -> None:

@@ -1,0 +1,293 @@
+"""Hostile manifests: over the 4 MiB limit, nested absurdly deep, indexes in a cycle, chains
+of thousands of nested indexes, one child listed twice at every level (2^n paths).
+
+Each is a finding or a bounded answer, never a memory blow-up, a hang or a traceback, in
+every command that reads manifests (verify, scan, gc's plan, inspect, why, export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from regfsck import layout
+from regfsck.graph import ManifestStore, find_cycle, reachable
+from regfsck.manifest import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, ManifestError, parse_manifest
+from regfsck.root import locate
+from regfsck.scanner import scan_tree
+from regfsck.storage import FilesystemStorage
+from tests.hostile import (
+    V2,
+    assert_clean_exit,
+    cli_command,
+    cli_env,
+    deep_json,
+    index_of,
+    run_cli,
+    sha256_of,
+    strict_json,
+)
+from tests.realtools import SampleInfo
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def put(root: Path, rel: str, data: bytes) -> None:
+    path = root / V2 / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def add_manifest(root: Path, repo: str, body: bytes, tag: str | None = None) -> str:
+    """Store `body` under its true digest with a revision link (and a tag), as a push would."""
+    digest = sha256_of(body)
+    put(root, layout.blob_data(digest), body)
+    put(root, layout.revision_link(repo, digest), digest.encode())
+    if tag is not None:
+        put(root, layout.tag_current_link(repo, tag), digest.encode())
+        put(root, layout.tag_index_link(repo, tag, digest), digest.encode())
+    return digest
+
+
+def nested_indexes(root: Path, repo: str, leaf: str, levels: int, width: int = 1,
+                   tag: str = "nested") -> str:
+    """`levels` indexes stacked on `leaf`, each listing the one below `width` times."""
+    child, size = leaf, (root / V2 / layout.blob_data(leaf)).stat().st_size
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    for level in range(levels):
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": media_type, "digest": child, "size": size,
+             "platform": {"os": "linux", "architecture": f"l{level}w{i}"}} for i in range(width)
+        ]}).encode()
+        child = add_manifest(root, repo, body, tag if level == levels - 1 else None)
+        size, media_type = len(body), OCI_INDEX
+    return child
+
+
+def peak_rss_mb(*args: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    """Run the CLI in a child of a fresh interpreter and return its peak RSS (MB)."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:], capture_output=True)\n"
+               "sys.stdout.buffer.write(r.stdout); sys.stderr.buffer.write(r.stderr)\n"
+               "sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+               "sys.exit(r.returncode)\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True,
+                          timeout=timeout, env=cli_env(), check=False)
+    err, _, peak = proc.stderr.rpartition(b"\nPEAK_RSS_KB=")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, err), int(peak) / 1024
+
+
+def run_every_reader(root: Path, ref: str, blob: str,
+                     tmp: Path) -> dict[str, subprocess.CompletedProcess[bytes]]:
+    """Every read-only command that parses manifests, each run once (timeouts = hangs)."""
+    runs = {
+        "verify": ("verify", str(root), "--json"),
+        "scan": ("scan", str(root), "--json"),
+        "gc plan": ("gc", str(root), "--json"),
+        "gc plan -m": ("gc", str(root), "--delete-untagged", "--json"),
+        "inspect": ("inspect", str(root), ref, "--json"),
+        "why": ("why", str(root), blob, "--json"),
+        "export": ("export", str(root), ref, "-o", str(tmp / "out.tar"), "--format", "oci-archive"),
+    }
+    results = {}
+    for name, args in runs.items():
+        results[name] = run_cli(*args, timeout=120)
+        assert_clean_exit(results[name], (0, 1, 3), name)
+        if "--json" in args and results[name].stdout:
+            strict_json(results[name].stdout)
+        if results[name].returncode == 3:
+            assert results[name].stderr.count(b"\n") >= 1
+    return results
+
+
+def kinds(doc: dict) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for f in doc["findings"]:
+        found.setdefault(f["kind"], set()).add(f.get("digest") or f["path"])
+    return found
+
+
+# --------------------------------------------------------------------------- size
+
+
+def test_manifest_over_the_limit_is_a_finding_not_a_read(sample_root: Path, sample_info: SampleInfo,
+                                                          tmp_path: Path) -> None:
+    """A 256 MiB 'manifest' (sparse) behind a tag: never read into memory by any command."""
+    repo = "library/base"
+    big = tmp_path / "big"
+    with open(big, "wb") as fh:
+        fh.truncate(256 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(b"\0" * (256 * 1024 * 1024)).hexdigest()
+    data = sample_root / V2 / layout.blob_data(digest)
+    data.parent.mkdir(parents=True)
+    big.rename(data)
+    put(sample_root, layout.revision_link(repo, digest), digest.encode())
+    put(sample_root, layout.tag_current_link(repo, "big"), digest.encode())
+    result, peak = peak_rss_mb("verify", str(sample_root), "--json", "--jobs", "2")
+    assert_clean_exit(result, (1,), "verify")
+    doc = strict_json(result.stdout)
+    too_large = [f for f in doc["findings"] if f["kind"] == "manifest_too_large"]
+    assert [f["digest"] for f in too_large] == [digest]
+    assert too_large[0]["affected_tags"] == ["big"]
+    assert peak < 150, f"verify peaked at {peak:.0f} MB on a 256 MiB manifest"
+    for args in (("scan", str(sample_root), "--json"), ("gc", str(sample_root), "--json"),
+                 ("inspect", str(sample_root), f"{repo}:big", "--json"),
+                 ("why", str(sample_root), digest, "--json"),
+                 ("export", str(sample_root), f"{repo}:big", "-o", str(tmp_path / "x.tar"),
+                  "--format", "oci-archive")):
+        result, peak = peak_rss_mb(*args)
+        assert_clean_exit(result, (0, 1, 3), args[0])
+        assert peak < 150, f"{args[0]} peaked at {peak:.0f} MB on a 256 MiB manifest"
+    assert not (tmp_path / "x.tar").exists()  # a failed export leaves nothing under its name
+
+
+def test_manifest_store_never_reads_past_the_limit(sample_root: Path) -> None:
+    """In process: the store refuses by size first, so the parse never sees the bytes."""
+    body = b'{"schemaVersion":2,' + b" " * MAX_MANIFEST_BYTES + b"}"
+    digest = add_manifest(sample_root, "library/base", body, "padded")
+    inv = scan_tree(locate(sample_root))
+    store = ManifestStore(FilesystemStorage(locate(sample_root).v2), inv)
+    tracemalloc.start()
+    try:
+        loaded = store.load(digest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert getattr(loaded, "kind", None) == "manifest_too_large"
+    assert peak < MAX_MANIFEST_BYTES // 4
+
+
+# --------------------------------------------------------------------------- depth
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 100_000, 2_000_000])
+def test_deeply_nested_manifest_is_a_finding(sample_root: Path, depth: int) -> None:
+    digest = add_manifest(sample_root, "a/b", deep_json(depth), "deep")
+    doc = strict_json(run_cli("verify", str(sample_root), "--json", "--no-data").stdout)
+    assert digest in kinds(doc).get("manifest_too_deep", set())
+
+
+@given(depth=st.integers(min_value=1, max_value=300),
+       opener=st.sampled_from([("[", "]"), ('{"a":', "}")]))
+def test_parser_depth_bound(depth: int, opener: tuple[str, str]) -> None:
+    """Nesting at or below the bound parses; above it is manifest_too_deep, never a crash."""
+    inner = (opener[0] * depth + opener[1] * depth) if opener[0] == "[" else (
+        opener[0] * depth + "1" + opener[1] * depth)
+    raw = ('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","x":'
+           + inner + "}").encode()
+    if depth + 1 > MAX_JSON_DEPTH:
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(raw)
+        assert err.value.kind == "manifest_too_deep"
+    else:
+        parse_manifest(raw)
+
+
+# --------------------------------------------------------------------------- cycles
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_index_cycles_are_findings_and_every_reader_ends(sample_root: Path, sample_info: SampleInfo,
+                                                         tmp_path: Path, length: int) -> None:
+    """Manifests rewritten into indexes that list each other (only possible with bytes that no
+    longer hash to their names): a cycle finding, and every walk terminates."""
+    repo = "multi/oci"
+    members = sorted(sample_info.revisions[repo])[:length]
+    for here, there in zip(members, members[1:] + members[:1], strict=True):
+        put(sample_root, layout.blob_data(here), index_of(there))
+    tag_target = members[0]
+    put(sample_root, layout.tag_current_link(repo, "cycle"), tag_target.encode())
+    results = run_every_reader(sample_root, f"{repo}:cycle", sample_info.shared_layers[0], tmp_path)
+    doc = strict_json(results["verify"].stdout)
+    found = kinds(doc)
+    assert set(members) <= found.get("manifest_cycle", set())
+    assert set(members) <= found.get("blob_digest_mismatch", set())
+    assert results["verify"].returncode == 1
+    inv = scan_tree(locate(sample_root))
+    store = ManifestStore(FilesystemStorage(locate(sample_root).v2), inv)
+    assert set(members) <= reachable(store, [tag_target])
+    cycle = find_cycle(store, tag_target)
+    assert cycle is not None and cycle[-1] in members
+
+
+def test_find_cycle_is_linear_with_a_shared_done_set(sample_root: Path, sample_info: SampleInfo) -> None:
+    """Checking every index of a 2000-deep chain visits each node once, not n^2/2 times."""
+    top = nested_indexes(sample_root, "library/base", sample_info.tags["library/base"]["latest"], 2000)
+    inv = scan_tree(locate(sample_root))
+    store = ManifestStore(FilesystemStorage(locate(sample_root).v2), inv)
+    loads = 0
+    original = store.get
+
+    def counting_get(digest: str):  # type: ignore[no-untyped-def]
+        nonlocal loads
+        loads += 1
+        return original(digest)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    done: set[str] = set()
+    for digest in inv.repositories["library/base"].revisions:
+        assert find_cycle(store, digest, done) is None
+    assert loads < 3 * 2010, loads
+    assert top in done
+
+
+# --------------------------------------------------------------------------- nesting
+
+
+def test_long_chain_of_nested_indexes(sample_root: Path, sample_info: SampleInfo, tmp_path: Path) -> None:
+    """10 000 indexes stacked on an image, each a valid revision: a legal tree. verify says
+    it is fine (exit 0) in linear time; the other readers end and answer."""
+    repo = "library/base"
+    top = nested_indexes(sample_root, repo, sample_info.tags[repo]["latest"], 10_000, tag="chain")
+    result = run_cli("verify", str(sample_root), "--json", timeout=60)
+    assert_clean_exit(result, (0,), "verify")
+    doc = strict_json(result.stdout)
+    assert "manifest_cycle" not in kinds(doc)
+    inspected = run_cli("inspect", str(sample_root), f"{repo}:chain", "--json", timeout=120)
+    assert_clean_exit(inspected, (0, 1), "inspect")
+    tree = strict_json(inspected.stdout)["manifest"]
+    depth = 0
+    while tree.get("manifests"):
+        tree = tree["manifests"][0]
+        depth += 1
+    assert tree.get("problem", "").startswith("not expanded"), tree
+    assert 8 <= depth < 10_000
+    gc = run_cli("gc", str(sample_root), "--delete-untagged", "--json", timeout=120)
+    assert_clean_exit(gc, (0, 1), "gc plan")
+    plan = strict_json(gc.stdout)
+    assert top not in {m["digest"] for m in plan["manifests"]}  # every level hangs off the tag
+    exported = run_cli("export", str(sample_root), f"{repo}:chain", "-o", str(tmp_path / "chain"),
+                       "--format", "oci", timeout=300)
+    assert_clean_exit(exported, (0,), "export")
+
+
+def test_index_listing_its_child_twice_at_every_level(sample_root: Path, sample_info: SampleInfo,
+                                                      tmp_path: Path) -> None:
+    """40 levels, each listing the level below twice: 2^40 paths, 40 distinct manifests."""
+    repo = "library/base"
+    nested_indexes(sample_root, repo, sample_info.tags[repo]["latest"], 40, width=2, tag="wide")
+    results = run_every_reader(sample_root, f"{repo}:wide", sample_info.shared_layers[0], tmp_path)
+    assert results["verify"].returncode == 0
+    assert results["inspect"].returncode in (0, 1)
+    assert "not expanded" in results["inspect"].stdout.decode()
+    why = strict_json(results["why"].stdout)
+    assert why["digest"] == sample_info.shared_layers[0]
+
+
+def test_wide_index_of_missing_children(sample_root: Path) -> None:
+    """One index listing 15 000 children that do not exist: each is a finding, quickly."""
+    children = [f"sha256:{i:064x}" for i in range(15_000)]
+    add_manifest(sample_root, "a/b", index_of(*children), "wide")
+    result = run_cli("verify", str(sample_root), "--json", "--no-data", timeout=60)
+    assert_clean_exit(result, (1,), "verify")
+    missing = kinds(strict_json(result.stdout)).get("reference_missing", set())
+    assert set(children) <= missing
