@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
 from regfsck.cli.app import app
@@ -39,16 +38,12 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     if not found:
         console.print("No runs in the quarantine.")
         raise typer.Exit(exitcodes.OK)
-    table = Table(title=f"Runs in {registry.root}/regfsck-quarantine")
-    table.add_column("run id", no_wrap=True)
-    for column in ("command", "status", "started", "changes", "held"):
-        table.add_column(column, justify="right" if column in ("changes", "held") else "left",
-                         overflow="fold")
+    console.print(f"Runs in {registry.root}/regfsck-quarantine (ids start with the UTC time):",
+                  soft_wrap=True)
     for run in found:
-        status = run.status + (f"\n{run.note}" if run.note else "")
-        table.add_row(run.run_id, run.command, status, run.started_at, str(run.changes),
-                      human_bytes(run.bytes))
-    console.print(table)
+        note = f"  ({run.note})" if run.note else ""
+        console.print(f"{run.run_id}  {run.command:<7} {run.status:<11} {run.changes:>7} changes "
+                      f"{human_bytes(run.bytes):>10}{note}", highlight=False, soft_wrap=True)
     console.print(f"{human_bytes(sum(r.bytes for r in found))} held in total; "
                   "`regfsck undo ROOT RUN_ID` reverts a run, `regfsck purge ROOT --apply` frees it.")
     raise typer.Exit(exitcodes.OK)
