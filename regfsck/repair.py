@@ -430,6 +430,8 @@ class Planner:
                 continue
             link = site.link
             assert site.digest is not None
+            if link.target is None and link.raw is None:
+                continue  # a symlink, directory or unreadable file: never written through
             if site.kind == "layer" and not site.digest.startswith("sha256:"):
                 continue  # an alias link: its content is not its path
             follow = FOLLOW_ON.get(site.kind, frozenset())

@@ -268,3 +268,17 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
     assert json.loads(result.stdout)["applied"] is True, result.stderr
     after = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
     assert after == clean
+
+
+def test_symlinked_link_is_left_to_the_operator(fixture_root: Path, tmp_path: Path) -> None:
+    repo, _, digest = INFO.oci_index
+    link = fixture_root / V2 / layout.revision_link(repo, digest)
+    outside = tmp_path / "outside"
+    outside.write_bytes(digest.encode())
+    link.unlink()
+    link.symlink_to(outside)
+    plan = plan_of(fixture_root)
+    assert not [f for f in plan.fixes if f.path == layout.revision_link(repo, digest)]
+    assert "symlink" in {u.finding.kind for u in plan.unfixable}
+    apply_plan(locate(fixture_root), plan, [])
+    assert link.is_symlink() and outside.read_bytes() == digest.encode()
