@@ -53,8 +53,8 @@ _EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes
 
 @app.command("export")
 def export_command(
-    root: Path = typer.Argument(..., help="Registry storage root (holding docker/registry/v2) "
-                                "or the v2 directory.", show_default=False),
+    root: Path = typer.Argument(..., metavar="ROOT", help="Registry storage root (holding "
+                                "docker/registry/v2) or the v2 directory.", show_default=False),
     refs: list[str] = typer.Argument(..., metavar="REF...", help="repo:tag, repo@sha256:... or "
                                      "repo (every tag of it).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Directory (oci) or file to create; "

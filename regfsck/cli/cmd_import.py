@@ -33,10 +33,10 @@ _EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes
 
 @app.command("import")
 def import_command(
-    root: Path = typer.Argument(..., help="Registry storage root (holding docker/registry/v2), its "
-                                "v2 directory, or an empty directory to start a registry in.",
-                                show_default=False),
-    source: Path = typer.Argument(..., help="OCI image layout directory, or oci-archive "
+    root: Path = typer.Argument(..., metavar="ROOT", help="Registry storage root (holding "
+                                "docker/registry/v2), its v2 directory, or an empty directory to "
+                                "start a registry in.", show_default=False),
+    source: Path = typer.Argument(..., metavar="SOURCE", help="OCI image layout directory, or oci-archive "
                                   "(plain, .gz or .zst), e.g. from `regfsck export` or skopeo.",
                                   show_default=False),
     repo: str | None = typer.Option(None, "--repo", help="Put every image into this repository "
