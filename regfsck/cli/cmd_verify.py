@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.progress import (
@@ -76,6 +79,18 @@ class RichDataProgress(DataProgress):
         self.progress.stop()
 
 
+def stop_on_interrupt(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
+    """First Ctrl-C: stop hashing at the next buffer and print what was checked (the scan of
+    a huge tree still runs to its end); a second Ctrl-C stops at once, without a summary."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        os.write(2, b"regfsck: stopping; the summary will cover what was checked "
+                    b"(Ctrl-C again to stop at once)\n")
+    return handler
+
+
 @app.command()
 def verify(
     root: Path | None = ROOT_ARGUMENT,
@@ -104,7 +119,7 @@ def verify(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    previous = signal.signal(signal.SIGINT, stop_on_interrupt(stop))
     try:
         report = run_verify(registry, options, stop=stop,
                             progress=RichDataProgress() if show_progress(json_output) else None)
