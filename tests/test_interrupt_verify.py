@@ -126,3 +126,29 @@ def test_sigint_at_any_moment_of_startup_exits_130_quietly(big_tree: tuple[Path,
     assert_clean_exit(result, (130,), f"SIGINT {delay}s after start")
     if out:
         assert strict_json(out)["summary"]["interrupted"] is True
+
+
+def test_second_sigint_stops_at_once(big_tree: tuple[Path, list[Path]]) -> None:
+    """The first Ctrl-C asks for a summary (a huge tree's scan still runs to its end); a
+    second one stops at once: exit 130, no traceback, nothing half-printed on stdout."""
+    root, big = big_tree
+    proc = subprocess.Popen(cli_command("verify", str(root), "--json", "--jobs", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=cli_env())
+    try:
+        wait_until_hashing(proc, big)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # If the second SIGINT lands after verify has printed and is exiting, the interpreter
+    # dies of it: the shell shows 130 for both.
+    assert_clean_exit(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                      (130, -signal.SIGINT), "verify after two SIGINTs")
+    assert b"Ctrl-C again" in err
+    if out:
+        assert strict_json(out)["summary"]["interrupted"] is True
