@@ -42,6 +42,7 @@ META = "meta.json"
 PAYLOAD = "v2"
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
+UNDO_BATCH = 256
 
 OnCrash = Literal["revert", "finish"]
 # Run states kept in meta.json; the journal stays the source of truth after a crash.
@@ -618,14 +619,16 @@ class _Reverter:
         remembered, and a directory moved back makes its quarantined contents visible at
         its original path for the steps after it."""
         present: dict[str, bool] = {}
-        mounts: list[tuple[str, str]] = []  # (original, held) of directories moved back
+        mounts: dict[str, str] = {}  # original -> held, of directories moved back
 
         def exists(path: str) -> bool:
             if path in present:
                 return present[path]
-            for original, held in reversed(mounts):
-                if path.startswith(original + "/"):
-                    return exists(held + path[len(original):])
+            ancestor = path
+            while "/" in ancestor:
+                ancestor = ancestor.rpartition("/")[0]
+                if ancestor in mounts:
+                    return exists(mounts[ancestor] + path[len(ancestor):])
             return self.exists(path)
 
         problems: list[str] = []
@@ -640,7 +643,7 @@ class _Reverter:
                 elif exists(original):
                     problems.append(f"{change.rel}: something new exists at that path")
                 present[original], present[held] = True, False
-                mounts.append((original, held))
+                mounts[original] = held
             elif change.op == "create":
                 if not exists(original):
                     problems.append(f"{change.rel}: the file the run created is gone")
@@ -659,19 +662,28 @@ class _Reverter:
                 "Undo newer runs first, or put these paths back by hand")
 
     def revert(self, journal: _Journal, result: UndoResult, writer: _JournalWriter) -> None:
+        """Reverse every applied change, newest first, in batches of one journal fsync.
+
+        Each batch's undo-intent lines are on disk before any of its steps; after a crash
+        a step with an intent but no undo-done line is settled from the disk."""
+        pending: list[_Change] = []
         for change in reversed(journal.changes):
             if change.undo_done:
                 continue
             if not self.forward_applied(change):
                 result.skipped += 1
                 continue
-            writer.write({"ev": "undo-intent", "seq": change.seq})
-            if change.undo_started and self._already_reverted(change):
-                self._restore_times(change)  # the crash may have come before it
+            pending.append(change)
+        for start in range(0, len(pending), UNDO_BATCH):
+            batch = pending[start:start + UNDO_BATCH]
+            for number, change in enumerate(batch):
+                writer.write({"ev": "undo-intent", "seq": change.seq}, sync=number == len(batch) - 1)
+            for change in batch:
+                if change.undo_started and self._already_reverted(change):
+                    self._restore_times(change)  # the crash may have come before it
+                else:
+                    self._revert_one(change, result)
                 writer.write({"ev": "undo-done", "seq": change.seq}, sync=False)
-                continue
-            self._revert_one(change, result)
-            writer.write({"ev": "undo-done", "seq": change.seq}, sync=False)
 
     def _already_reverted(self, change: _Change) -> bool:
         """A crash during undo: did this reverse step happen?"""
@@ -712,22 +724,6 @@ class _Reverter:
                                    owner=owner)
         self._restore_parent_mtime(change)
 
-    def clean_payload(self) -> None:
-        """Remove the empty directories left in the run's quarantine after a full undo."""
-        def prune(path: str) -> bool:
-            empty = True
-            for entry in self.storage.list_dir(path):
-                child = f"{path}/{entry.name}"
-                if entry.kind.value == "dir" and prune(child):
-                    self.storage.remove_empty_dir(child)
-                else:
-                    empty = False
-            return empty
-
-        for payload in self.files.payloads(self.storage):
-            if prune(payload) and payload != self.files.payload:
-                self.storage.remove_empty_dir(payload)
-
 
 def _revert_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
                 meta: dict[str, Any], journal: _Journal) -> UndoResult:
@@ -740,7 +736,6 @@ def _revert_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles
     writer = _JournalWriter(storage, files.journal)
     try:
         reverter.revert(journal, result, writer)
-        reverter.clean_payload()
         writer.write({"ev": "reverted"})
     finally:
         writer.close()
