@@ -7,6 +7,7 @@ job (same tree as an uninterrupted gc) while `undo` must put the original tree b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -43,6 +44,8 @@ KILLING_GC = textwrap.dedent("""
         result = original(self, path, *args, **kwargs)
         if hit and seen[0] == int(nth) and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)
+        if hit and seen[0] == int(nth) and when == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)
         return result
 
     setattr(FilesystemStorage, method, killing)
@@ -142,3 +145,21 @@ def test_killed_gc_leaves_a_tree_the_real_registry_serves(
     with realtools.RealRegistry(root) as reg:
         pulled = realtools.pull_every_tag(reg, tmp_path / "pulled")
         assert sorted(pulled) == sorted(f"{r}:{t}" for r, tags in survivors.items() for t in tags)
+
+
+def test_ctrl_c_stops_cleanly_between_batches(crash_tree: CrashTree) -> None:
+    root, before, after_clean_gc = crash_tree
+    stopped = killed_gc(root, ("rename_noreplace", "/_layers/", 1, "ctrl-c"))
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert errors_after(root) == []
+    runs = json.loads(cli("runs", str(root), "--json").stdout)["runs"]
+    assert [r["status"] for r in runs] == ["complete"] and "stopped on request" in runs[0]["note"]
+    rest = json.loads(cli("gc", str(root), *GC_ARGS[:-1], "--json").stdout)
+    assert rest["blobs"] and not rest["layer_links"]  # stopped after the layer-link batch
+    again = cli("gc", str(root), *GC_ARGS)  # the rest, in a second run
+    assert again.returncode == 0, again.stderr
+    assert content(registry_snapshot(root)) == after_clean_gc
+    for _ in range(2):
+        assert cli("undo", str(root)).returncode == 0
+    assert registry_snapshot(root) == before
