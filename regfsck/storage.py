@@ -15,7 +15,7 @@ import enum
 import errno
 import os
 import stat as stat_module
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -95,6 +95,11 @@ def _kind_of_mode(mode: int) -> EntryKind:
     if stat_module.S_ISLNK(mode):
         return EntryKind.SYMLINK
     return EntryKind.OTHER
+
+
+def to_stat(st: os.stat_result) -> Stat:
+    """The seam's Stat of an lstat result."""
+    return Stat(_kind_of_mode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def _kind_of_entry(entry: os.DirEntry[str]) -> EntryKind:
@@ -280,6 +285,72 @@ class FilesystemStorage:
         finally:
             os.close(fd)
         return data
+
+    # -- batches for the walk -----------------------------------------------
+    # A registry is millions of tiny files in directories the walk has just listed. Doing
+    # each directory's files through one directory descriptor keeps every path lookup two
+    # components long and costs one Python call per directory, not per file.
+
+    def _walked_dir_fd(self, dir_path: str) -> int:
+        try:
+            return os.open(self.full_path(dir_path), _DIR_FLAGS)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot open {dir_path}: {exc.strerror}",
+                               dir_path) from exc
+
+    def lstat_many(self, dir_path: str, names: Sequence[str]) -> list[os.stat_result | StorageError | None]:
+        """lstat `dir_path/name` for each name (None: absent); paths as the walk found them."""
+        dir_fd = self._walked_dir_fd(dir_path)
+        results: list[os.stat_result | StorageError | None] = []
+        try:
+            for name in names:
+                try:
+                    results.append(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+                except (FileNotFoundError, NotADirectoryError):
+                    results.append(None)
+                except OSError as exc:
+                    path = f"{dir_path}/{name}"
+                    results.append(StorageError(exc.errno, f"cannot stat {path}: {exc.strerror}",
+                                                path))
+        finally:
+            os.close(dir_fd)
+        return results
+
+    def read_small_many(self, dir_path: str, names: Sequence[str], limit: int
+                        ) -> list[bytes | StorageError]:
+        """Read `dir_path/name` for each name, as `read_link_fast` does (up to limit+1 bytes).
+
+        Each file is lstat'ed first and opened only when it is a regular file, so no device
+        or FIFO is ever opened; a failure is returned in place, with read_link_fast's errnos
+        (ENOENT absent, ELOOP symlink, EINVAL not a regular file)."""
+        dir_fd = self._walked_dir_fd(dir_path)
+        results: list[bytes | StorageError] = []
+        try:
+            for name in names:
+                try:
+                    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                    if not stat_module.S_ISREG(mode):
+                        code = errno.ELOOP if stat_module.S_ISLNK(mode) else errno.EINVAL
+                        what = "a symbolic link" if code == errno.ELOOP else "not a regular file"
+                        path = f"{dir_path}/{name}"
+                        results.append(StorageError(code, f"{path} is {what}", path))
+                        continue
+                    fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+                    try:
+                        try:
+                            results.append(os.read(fd, limit + 1))
+                        except BlockingIOError:
+                            os.set_blocking(fd, True)
+                            results.append(os.read(fd, limit + 1))
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    path = f"{dir_path}/{name}"
+                    results.append(StorageError(exc.errno, f"cannot read {path}: {exc.strerror}",
+                                                path))
+        finally:
+            os.close(dir_fd)
+        return results
 
     # -- mutation ------------------------------------------------------------
     # Used only by regfsck.quarantine (under the root lock): every directory on the way is
