@@ -75,9 +75,11 @@ class TreeChecker:
                                       repo=anomaly.repo, digest=anomaly.digest, tag=anomaly.tag))
         if repos is None:
             self._check_blobs()
-        for name, repo in sorted(self.inv.repositories.items()):
-            if repos is None or name in repos:
-                self._check_repository(repo)
+        chosen = [repo for name, repo in sorted(self.inv.repositories.items())
+                  if repos is None or name in repos]
+        self.store.preload(d for repo in chosen for d in repo.revisions)  # reads in parallel
+        for repo in chosen:
+            self._check_repository(repo)
         return self.out.findings()
 
     # -- blobs -----------------------------------------------------------------

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import enum
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from regfsck.digest import DigestError, parse_digest
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_SHA256_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 MAX_JSON_DEPTH = 64
 
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
@@ -125,20 +128,21 @@ def _descriptor(value: Any, role: str, problems: list[str]) -> Descriptor | None
     if not isinstance(digest, str):
         problems.append(f"{role} descriptor has no digest")
         return None
-    try:
-        parse_digest(digest)
-    except DigestError as exc:
-        problems.append(f"{role} descriptor has an invalid digest: {exc}")
-        return None
+    if _SHA256_DIGEST.fullmatch(digest) is None:  # the common case, checked in one match
+        try:
+            parse_digest(digest)
+        except DigestError as exc:
+            problems.append(f"{role} descriptor has an invalid digest: {exc}")
+            return None
     size = value.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         problems.append(f"{role} descriptor {digest} has no valid size")
         size = None
     media_type = value.get("mediaType")
     urls = value.get("urls")
-    return Descriptor(
-        digest=digest,
-        media_type=media_type if isinstance(media_type, str) else "",
+    return Descriptor(  # interned: millions of descriptors repeat a few strings (memory)
+        digest=sys.intern(digest),
+        media_type=sys.intern(media_type) if isinstance(media_type, str) else "",
         size=size,
         role=role,
         urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
@@ -192,7 +196,8 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise ManifestError("manifest_invalid_json", f"not valid JSON: {exc}"[:200]) from exc
     if not isinstance(doc, dict):
         raise ManifestError("manifest_invalid_json", "JSON is not an object")
-    if not _depth_ok(doc, MAX_JSON_DEPTH):
+    # Depth is at most the number of opening brackets: most manifests skip the walk.
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and not _depth_ok(doc, MAX_JSON_DEPTH):
         raise ManifestError("manifest_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
     kind, media_type = _classify(doc)
     problems: list[str] = []

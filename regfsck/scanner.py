@@ -20,12 +20,14 @@ import re
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
+from stat import S_ISREG
+from sys import intern
 
 from regfsck import layout
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
-from regfsck.storage import EntryKind, FilesystemStorage, Stat, StorageError
+from regfsck.storage import EntryKind, FilesystemStorage, Stat, StorageError, to_stat
 
 LINK_READ_LIMIT = 4096
 STARTEDAT_LIMIT = 4096
@@ -104,25 +106,32 @@ class Scanner:
 
     def _read_link(self, path: str, repo: str | None, dir_path: str,
                    expected: str | None = None) -> Link | None:
-        """Read a link file; None when the directory holds no `link` at all.
+        """Read a link file; None when the directory holds no `link` at all."""
+        try:
+            raw: bytes | StorageError = self.storage.read_link_fast(path, LINK_READ_LIMIT)
+        except StorageError as exc:
+            raw = exc
+        return self._link(raw, path, repo, dir_path, expected)
+
+    def _link(self, raw: bytes | StorageError, path: str, repo: str | None, dir_path: str,
+              expected: str | None = None) -> Link | None:
+        """The Link for what reading `path` gave (content or error); None: no link there.
 
         `expected` is the digest the path names: content equal to it (the normal case,
         millions of times) is accepted with one comparison and shares its string."""
-        try:
-            raw = self.storage.read_link_fast(path, LINK_READ_LIMIT)
-        except StorageError as exc:
-            if exc.errno == errno.ENOENT:
+        if isinstance(raw, StorageError):
+            if raw.errno == errno.ENOENT:
                 self._missing_link(dir_path, repo)
                 return None
-            if exc.errno == errno.ELOOP:
+            if raw.errno == errno.ELOOP:
                 self._anomaly("symlink", path, "link file is a symbolic link (not followed)",
                               repo=repo)
                 return Link(path, None, "symbolic link")
-            if exc.errno in (errno.EINVAL, errno.EISDIR):
+            if raw.errno in (errno.EINVAL, errno.EISDIR):
                 self._anomaly("link_not_file", path, "link is not a regular file", repo=repo)
                 return Link(path, None, "not a regular file")
-            self._anomaly("unreadable", path, exc.message, repo=repo)
-            return Link(path, None, exc.message)
+            self._anomaly("unreadable", path, raw.message, repo=repo)
+            return Link(path, None, raw.message)
         self.inv.files_seen += 1
         if expected is not None and raw.decode("latin-1") == expected:
             return Link(path, expected)
@@ -185,9 +194,7 @@ class Scanner:
     def _scan_fanout(self, algorithm: str, fan: str, fan_path: str) -> None:
         """The hot loop over blob directories: one lstat of `data` each, no leaf listing."""
         hex_re = _HEX_RE[algorithm]
-        blobs = self.inv.blobs
-        stat = self.storage.stat
-        file_kind = EntryKind.FILE
+        candidates: list[tuple[str, str, str]] = []  # (hex, digest, blob dir path)
         for entry in self._entries(fan_path) or ():
             hex_part = entry.name
             path = f"{fan_path}/{hex_part}"
@@ -197,18 +204,30 @@ class Scanner:
             if hex_re.fullmatch(hex_part) is None:
                 self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
                 continue
-            digest = f"{algorithm}:{hex_part}"
+            # Interned: every link and manifest descriptor naming it shares this string.
+            candidates.append((hex_part, intern(f"{algorithm}:{hex_part}"), path))
+        if not candidates:
+            return
+        try:
+            stats = self.storage.lstat_many(fan_path, [f"{c[0]}/data" for c in candidates])
+        except StorageError as exc:
+            self._anomaly("unreadable", fan_path, exc.message)
+            return
+        blobs = self.inv.blobs
+        files = 0
+        for (hex_part, digest, path), st in zip(candidates, stats, strict=True):
             data_path = f"{path}/data"
-            try:
-                st = stat(data_path)
-            except StorageError as exc:
-                self._anomaly("unreadable", data_path, exc.message, digest=digest)
+            if isinstance(st, StorageError):
+                self._anomaly("unreadable", data_path, st.message, digest=digest)
                 continue
-            if st is not None and st.kind is file_kind and hex_part.startswith(fan):
-                self.inv.files_seen += 1
-                blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode)
+            if st is not None and S_ISREG(st.st_mode) and hex_part.startswith(fan):
+                files += 1
+                blobs[digest] = Blob(digest, data_path, st.st_size, st.st_mtime_ns,
+                                     st.st_ctime_ns, st.st_ino)
                 continue
-            self._odd_blob(digest, fan, hex_part, path, data_path, st)
+            self._odd_blob(digest, fan, hex_part, path, data_path,
+                           None if st is None else to_stat(st))
+        self.inv.files_seen += files
 
     def _odd_blob(self, digest: str, fan: str, hex_part: str, path: str, data_path: str,
                   st: Stat | None) -> None:
@@ -326,7 +345,8 @@ class Scanner:
                 self._anomaly("link_bad_path", alg_path, "unknown digest algorithm directory",
                               repo=repo_name, tag=tag)
                 continue
-            read_link = self._read_link
+            valid: list[tuple[str, str]] = []  # (hex dir path, digest)
+            names: list[str] = []
             for hex_entry in self._entries(alg_path, repo_name) or ():
                 name = hex_entry.name
                 hex_path = f"{alg_path}/{name}"
@@ -337,8 +357,18 @@ class Scanner:
                     self._anomaly("link_bad_path", hex_path,
                                   f"not a valid {alg} hex name", repo=repo_name, tag=tag)
                     continue
-                digest = f"{alg}:{name}"
-                link = read_link(f"{hex_path}/link", repo_name, hex_path, digest)
+                valid.append((hex_path, intern(f"{alg}:{name}")))
+                names.append(f"{name}/link")
+            if not valid:
+                continue
+            try:
+                contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
+            except StorageError as exc:
+                self._anomaly("unreadable", alg_path, exc.message, repo=repo_name)
+                continue
+            make_link = self._link
+            for (hex_path, digest), raw in zip(valid, contents, strict=True):
+                link = make_link(raw, f"{hex_path}/link", repo_name, hex_path, digest)
                 if link is not None:
                     into[digest] = link
 
@@ -467,9 +497,9 @@ class Scanner:
                 self._progress(key)
         else:
             self._run_parallel(tasks, done)
-        done.sort(key=_fragment_key)
-        for _, fragment in done:
-            self._merge(fragment)
+        done.sort(key=_fragment_key, reverse=True)
+        while done:  # popping frees each fragment's tables as soon as it is merged
+            self._merge(done.pop()[1])
 
     def _progress(self, key: str) -> None:
         if self.on_progress is not None and key.startswith(layout.BLOBS):

@@ -351,7 +351,7 @@ def test_the_sample_takes_the_stalest_and_rotates_through_the_whole_store(
     blobs, record = _world(states, now)
     total = sum(b.size for b in blobs)
     seen: set[str] = set()
-    for run in range(math.ceil(100 / percent)):
+    for run in range(1, math.ceil(100 / percent) + 1):  # runs come after every old verdict
         sel = select_blobs(blobs, record, SelectionOptions(sample_percent=percent), now + run)
         chosen = [b for b in blobs if b.digest in sel.reasons]
         assert sum(b.size for b in chosen) >= min(total, percent / 100 * total)
