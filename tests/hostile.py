@@ -251,3 +251,53 @@ def index_of(*children: str) -> bytes:
 
 def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- read-only storage
+
+
+def _chmod_tree_readonly(root: Path) -> None:
+    for _dirpath, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
+        for name in filenames:
+            if stat.S_ISREG(os.lstat(name, dir_fd=dir_fd).st_mode):
+                os.chmod(name, 0o444, dir_fd=dir_fd)
+        for name in dirnames:
+            os.chmod(name, 0o555, dir_fd=dir_fd)
+    os.chmod(root, 0o555)
+
+
+@contextlib.contextmanager
+def readonly_root(src: Path, scratch: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A read-only view of the tree `src`: (path to give regfsck, command prefix).
+
+    Preferably a read-only bind mount (EROFS, like a snapshot or a `ro` volume); where
+    mounts are not permitted, a copy made read-only with chmod, read by a process that
+    permission bits bind (root without its DAC capabilities). Skips when neither works."""
+    mountpoint = scratch / "ro-mount"
+    mountpoint.mkdir(parents=True)
+    # REGFSCK_TEST_NO_MOUNT=1 exercises the fallback where mounts are not permitted.
+    bound = not os.environ.get("REGFSCK_TEST_NO_MOUNT") and subprocess.run(
+        ["mount", "--bind", str(src), str(mountpoint)], capture_output=True, check=False).returncode == 0
+    if bound:
+        try:
+            remounted = subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)],
+                                       capture_output=True, check=False).returncode == 0
+            if remounted:
+                yield mountpoint, []
+                return
+        finally:
+            if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                              check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+    prefix = unprivileged_prefix()
+    if prefix is None:
+        import pytest
+
+        pytest.skip("neither a read-only bind mount nor permission bits can make a tree read-only here")
+    copy = scratch / "ro-copy"
+    shutil.copytree(src, copy, symlinks=True)
+    _chmod_tree_readonly(copy)
+    try:
+        yield copy, prefix
+    finally:
+        restore_access(copy)
