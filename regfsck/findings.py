@@ -146,3 +146,7 @@ def catalog_markdown() -> str:
     lines = ["| kind | default severity | meaning |", "|---|---|---|"]
     lines += [f"| `{kind}` | {info.severity} | {info.summary} |" for kind, info in CATALOG.items()]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m regfsck.findings` prints the README's table
+    print(catalog_markdown())

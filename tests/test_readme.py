@@ -11,7 +11,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_finding_table_matches_catalog() -> None:
-    assert catalog_markdown() in README
+    assert catalog_markdown() in README, "regenerate the table: python -m regfsck.findings"
 
 
 def test_every_command_is_documented_with_an_example() -> None:
