@@ -19,6 +19,7 @@ Journal lines (JSON, one per line, `seq` numbers the changes of a run):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -230,15 +231,21 @@ def _read_journal(storage: FilesystemStorage, path: str) -> _Journal:
 
 class _JournalWriter:
     def __init__(self, storage: FilesystemStorage, path: str) -> None:
+        self.path = path
         self.fd = storage.open_append(path)
 
     def write(self, entry: dict[str, Any], sync: bool = True) -> None:
+        """Append one line; a full or failing disk is a StorageError (the CLI's one-line stop)."""
         line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
         view = memoryview(line)
-        while view:
-            view = view[os.write(self.fd, view):]
-        if sync:
-            os.fsync(self.fd)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            if sync:
+                os.fsync(self.fd)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot write the journal {self.path}: {exc.strerror}",
+                               self.path) from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -351,7 +358,13 @@ class Run:
         except StorageError as exc:
             raise QuarantineError(f"cannot start a run in {root.root / QUARANTINE_DIR}: {exc}") from exc
         run = cls(root, files, meta)
-        run._journal.write({"ev": "begin", "run_id": files.run_id, "command": command})
+        try:
+            run._journal.write({"ev": "begin", "run_id": files.run_id, "command": command})
+        except StorageError as exc:
+            run._journal.close()
+            with contextlib.suppress(StorageError):  # nothing happened: leave no "running" run
+                storage.remove_tree(files.dir)
+            raise QuarantineError(f"cannot start a run in {root.root / QUARANTINE_DIR}: {exc}") from exc
         return run
 
     def finish(self, note: str | None = None) -> None:
