@@ -11,6 +11,7 @@ for us) are never counted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -261,8 +262,9 @@ class RootLock:
                     f"another regfsck run is changing {self.root.root} ({self._holder()}); "
                     "wait for it to finish and run again") from exc
             raise SafetyError(f"cannot lock {self.root.root / self.path}: {exc.strerror}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # only shown to a second run; a full disk is no reason to stop
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def _holder(self) -> str:
