@@ -177,6 +177,21 @@ class SynthConfig:
         return cls(**{**overrides, "repositories": max(1, round((files - fixed) / per_repo))})
 
 
+def config_for_bytes(total: int, **overrides: Any) -> SynthConfig:
+    """A config whose layers hold about `total` bytes (sizes cycle through `layer_sizes`)."""
+    sizes = overrides.get("layer_sizes", SynthConfig.layer_sizes)
+    probe = SynthConfig(**{**overrides, "repositories": PROBE_REPOS, "layer_sizes": (1,)})
+    writer = CountingWriter("")
+    chains = [[blob for _, blob in chain] for chain in base_chains(probe)]
+    layers = 0
+    for i in range(PROBE_REPOS):
+        builder = RepoBuilder(writer, probe, i, chains, set())
+        builder.build()
+        layers += builder.layer_counter
+    per_repo = layers / PROBE_REPOS * sum(sizes) / len(sizes)
+    return SynthConfig(**{**overrides, "repositories": max(1, round(total / per_repo))})
+
+
 @dataclass
 class SynthResult:
     """What was written and what a correct collector must conclude about it."""

@@ -78,9 +78,11 @@ class ManifestStore:
             return raw
         return self.storage.read_small(blob.path, MAX_MANIFEST_BYTES)
 
-    def preload(self, digests: Iterable[str], threads: int = 8, chunk: int = 512) -> None:
-        """Load many manifests, reading them `threads` at a time (a cold disk answers many
-        outstanding reads far sooner than one after another); parsing stays here."""
+    def preload(self, digests: Iterable[str], threads: int | None = None, chunk: int = 512) -> None:
+        """Load many manifests, reading up to `threads` (default: the storage's io_threads)
+        at a time: slow storage answers many outstanding reads sooner than one after
+        another. Parsing stays in the calling thread."""
+        threads = self.storage.io_threads if threads is None else threads
         todo = [d for d in dict.fromkeys(digests) if d not in self._cache]
         if threads <= 1 or len(todo) < 2 * chunk:
             for digest in todo:

@@ -6,10 +6,11 @@ that file directly and lists the directory only when the file is not there. Ever
 odd it meets becomes an `Anomaly`; judging severity is the checker's job.
 
 The walk is split into tasks (one per blob fan-out directory, one per directory under
-`repositories/`) run by a small pool of threads: a cold scan is bound by the latency of
-directory and inode reads, and several outstanding reads finish far sooner than one after
-the other (threads release the GIL in every system call). Each task fills its own partial
-inventory; they are merged in path order, so the result does not depend on the schedule.
+`repositories/`). With `storage.io_threads` > 1 (REGFSCK_IO_THREADS) a pool of threads runs
+them, for storage where a read takes long enough that several in flight pay off (NFS,
+spinning disks, cold caches; threads release the GIL in every system call). Each task fills
+its own partial inventory; they are merged in path order, so the result never depends on
+the schedule.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ LINK_READ_LIMIT = 4096
 STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
-
-DEFAULT_SCAN_THREADS = 8  # I/O concurrency, not CPU: see the module docstring
 
 ProgressFn = Callable[[int], None]
 Task = tuple[str, Callable[["Scanner"], "list[Task]"]]  # (sort key, work on a child scanner)
@@ -71,9 +70,7 @@ class Scanner:
         self.storage = storage
         self.inv = Inventory(root=root)
         self.on_progress = on_progress
-        env_threads = os.environ.get("REGFSCK_SCAN_THREADS", "")
-        self.threads = max(1, threads or (int(env_threads) if env_threads.isdigit() else 0)
-                           or DEFAULT_SCAN_THREADS)
+        self.threads = max(1, threads or storage.io_threads)
 
     # -- helpers -------------------------------------------------------------
     def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
