@@ -571,24 +571,62 @@ def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = No
     return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
 
 
-def remark_blobs(root: RegistryRoot, delete_untagged: bool) -> set[str]:
-    """Mark again from a fresh scan of the tree (just before blobs are moved)."""
+def remark(root: RegistryRoot, delete_untagged: bool) -> tuple[Inventory, Marks]:
+    """Scan the tree again and mark afresh (the re-check just before a sweep phase)."""
     storage = FilesystemStorage(root.v2)
     inv = Scanner(storage, root).scan()
-    return mark(inv, ManifestStore(storage, inv), delete_untagged).blobs
+    return inv, mark(inv, ManifestStore(storage, inv), delete_untagged)
+
+
+def _repo_and_digest(path: str) -> tuple[str, str]:
+    """(repository, digest) of a `repositories/<repo>/_.../<alg>/<hex>` link directory."""
+    repo_part, _, rest = path.partition(f"/{layout.MANIFESTS_DIR}/")
+    if not rest:
+        repo_part, _, rest = path.partition(f"/{layout.LAYERS_DIR}/")
+    parts = rest.split("/")
+    return repo_part.removeprefix(layout.REPOSITORIES + "/"), f"{parts[-2]}:{parts[-1]}"
 
 
 def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
-    """A `sweep.Revalidate` that refuses blobs a fresh mark now keeps."""
+    """A `sweep.Revalidate`: before manifests, layer links and blobs move, mark again from a
+    fresh scan and refuse every victim the fresh marks keep (a push since the plan).
+
+    One fresh mark serves the manifest and layer-link phases; the blob phase, the one
+    that frees data, gets its own, taken right before it."""
+    fresh: dict[str, tuple[Inventory, Marks]] = {}
+
+    def marks_for(phase: str) -> tuple[Inventory, Marks]:
+        key = "blobs" if phase == "blobs" else "links"
+        if key not in fresh:
+            fresh[key] = remark(root, plan.options.delete_untagged)
+        return fresh[key]
+
     def revalidate(phase: str, items: Sequence[Removal]) -> dict[str, str]:
-        if phase != "blobs":
+        if phase not in ("manifests", "repositories", "layer_links", "blobs"):
             return {}
-        marked = remark_blobs(root, plan.options.delete_untagged)
+        inv, marks = marks_for(phase)
         refused: dict[str, str] = {}
+        why = "referenced again (kept by a fresh mark)"
         for item in items:
-            digest = _digest_of_blob_dir(item.path)
-            if digest in marked:
-                refused[item.path] = "referenced again (marked by a fresh scan)"
+            if phase == "blobs":
+                if _digest_of_blob_dir(item.path) in marks.blobs:
+                    refused[item.path] = why
+                continue
+            if phase == "repositories":
+                name = item.path.removeprefix(layout.REPOSITORIES + "/")
+                for part in (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR):
+                    name = name.removesuffix("/" + part)
+                repo = inv.repositories.get(name)
+                if repo is not None and (repo.tags or marks.kept_manifests.get(name)):
+                    refused[item.path] = "no longer empty (a fresh scan finds content)"
+                continue
+            repo, digest = _repo_and_digest(item.path)
+            if phase == "manifests" and digest in marks.kept_manifests.get(repo, set()):
+                refused[item.path] = why
+            elif phase == "layer_links":
+                link = inv.repositories[repo].layers.get(digest) if repo in inv.repositories else None
+                if link is not None and link.target in marks.blobs:
+                    refused[item.path] = why
         return refused
     return revalidate
 

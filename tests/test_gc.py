@@ -274,7 +274,8 @@ def test_victim_changed_after_planning_is_left_alone(sample_root: Path, sample_i
 
 
 @pytest.mark.realtools
-def test_blob_referenced_again_before_the_sweep_is_kept(sample_root: Path, sample_info: SampleInfo) -> None:
+def test_victims_referenced_again_before_the_sweep_are_kept(sample_root: Path,
+                                                            sample_info: SampleInfo) -> None:
     root = locate(sample_root)
     plan = plan_gc(root, NO_GRACE_M)
     repo, _, untagged = sample_info.untagged
@@ -284,12 +285,15 @@ def test_blob_referenced_again_before_the_sweep_is_kept(sample_root: Path, sampl
     current.parent.mkdir(parents=True)
     current.write_text(untagged)
     with RootLock(root):
-        result = sweep(root, "gc", {}, [r for r in plan.removal_list if r.phase == "blobs"], [],
-                       grace=timedelta(0), revalidate=revalidator(root, plan))
+        result = sweep(root, "gc", {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
+                       revalidate=revalidator(root, plan))
     kept = {p for p, why in result.skipped if "referenced again" in why}
-    needed = {layout.blob_dir(d) for d in closure(sample_root, sample_info, {untagged})}
-    assert kept and kept <= needed
-    assert all((sample_root / V2 / p).exists() for p in kept)
+    needed = closure(sample_root, sample_info, {untagged})
+    assert layout.revision_dir(repo, untagged) in kept
+    assert {layout.blob_dir(d) for d in needed} & {r.path for r in plan.removal_list} <= kept
+    assert {p for p in kept if p.startswith("blobs/")}  # its layers were victims, and stay
+    assert errors_after(sample_root) == []  # the re-tagged image is complete
+    assert result.moved  # everything else still went
 
 
 # --------------------------------------------------------------------------- refusals
