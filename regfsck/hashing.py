@@ -8,6 +8,7 @@ manifests. A mismatch is re-read once before it is reported: a flaky read is not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -23,6 +24,9 @@ BATCH_BYTES = 8 << 20
 BATCH_FILES = 256
 
 ProgressFn = Callable[[int], None]
+_HASHERS: dict[str, Callable[[], hashlib._Hash]] = {
+    "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+_SEQUENTIAL: int | None = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,8 @@ def hash_file(storage: FilesystemStorage, path: str, algorithm: str,
               ) -> tuple[str, int]:
     """Stream one file through `algorithm`; returns (`alg:hex`, bytes read)."""
     buf = _buffer()
-    hasher = hashlib.new(algorithm)
+    new = _HASHERS.get(algorithm)
+    hasher = new() if new is not None else hashlib.new(algorithm)
     total = 0
     fd = storage.open_fd_fast(path)
     try:
@@ -72,6 +77,11 @@ def hash_file(storage: FilesystemStorage, path: str, algorithm: str,
                 raise StorageError(exc.errno, f"cannot read {path}: {exc.strerror}", path) from exc
             if n == 0:
                 break
+            if total == 0 and n == BUFFER_SIZE and _SEQUENTIAL is not None:
+                # A large blob: ask for a larger read-ahead, so the disk reads the next
+                # part while this one is hashed.
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, _SEQUENTIAL)
             hasher.update(buf[:n])
             total += n
             if on_bytes is not None:
