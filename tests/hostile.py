@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -301,3 +302,115 @@ def readonly_root(src: Path, scratch: Path) -> Iterator[tuple[Path, list[str]]]:
         yield copy, prefix
     finally:
         restore_access(copy)
+
+
+# --------------------------------------------------------------------------- an independent oracle
+
+_DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}")
+
+
+def _read_regular(path: str, limit: int = 64 << 20) -> bytes | None:
+    """Bytes of a regular file (never through a symlink, never blocking); None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                return None
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _link(v2: str, rel: str) -> str | None:
+    raw = _read_regular(os.path.join(v2, rel), 4096)
+    return raw.decode() if raw is not None and _DIGEST_RE.fullmatch(raw) else None
+
+
+def _blob(v2: str, digest: str) -> bytes | None:
+    hex_part = digest.split(":", 1)[1]
+    data = _read_regular(os.path.join(v2, "blobs/sha256", hex_part[:2], hex_part, "data"))
+    if data is None or hashlib.sha256(data).hexdigest() != hex_part:
+        return None
+    return data
+
+
+def why_not_pullable(root: Path, repo: str, ref: str) -> str | None:
+    """Why `repo:ref` (a tag, or `@sha256:...`) could not be pulled whole (every platform)
+    from this tree by the 2.8 registry, judged with plain file reads and hashlib only (not
+    regfsck's code); None when it could. Symlinks count as broken."""
+    v2 = os.path.join(root, V2)
+    repo_dir = os.path.join("repositories", repo)
+    if ref.startswith("@"):
+        digest: str | None = ref[1:]
+    else:
+        digest = _link(v2, os.path.join(repo_dir, "_manifests/tags", ref, "current/link"))
+        if digest is None:
+            return f"tag {ref}: no valid current link"
+    pending: list[tuple[str, int]] = [(digest, 0)]  # type: ignore[list-item]
+    seen: set[str] = set()
+    while pending:
+        manifest, depth = pending.pop()
+        if manifest in seen:
+            continue
+        seen.add(manifest)
+        if depth > 8:
+            return "indexes nested too deep"
+        hex_part = manifest.split(":", 1)[1]
+        if _link(v2, os.path.join(repo_dir, "_manifests/revisions/sha256", hex_part, "link")) != manifest:
+            return f"{manifest}: no valid revision link"
+        body = _blob(v2, manifest)
+        if body is None:
+            return f"{manifest}: manifest blob missing or corrupt"
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return f"{manifest}: not JSON"
+        if not isinstance(doc, dict):
+            return f"{manifest}: not an object"
+        if isinstance(doc.get("manifests"), list):
+            for child in doc["manifests"]:
+                if not isinstance(child, dict) or not isinstance(child.get("digest"), str) \
+                        or not _DIGEST_RE.fullmatch(child["digest"].encode()):
+                    return f"{manifest}: bad child descriptor"
+                pending.append((child["digest"], depth + 1))
+            continue
+        if doc.get("schemaVersion") == 1:
+            refs = [(layer.get("blobSum"), None) for layer in doc.get("fsLayers") or []
+                    if isinstance(layer, dict)]
+        else:
+            descriptors = [doc.get("config"), *(doc.get("layers") or [])]
+            if not all(isinstance(d, dict) for d in descriptors):
+                return f"{manifest}: bad descriptor"
+            refs = [(d.get("digest"), d.get("size")) for d in descriptors if not d.get("urls")]
+        for blob_digest, size in refs:
+            if not isinstance(blob_digest, str) or not _DIGEST_RE.fullmatch(blob_digest.encode()):
+                return f"{manifest}: bad reference"
+            blob_hex = blob_digest.split(":", 1)[1]
+            if _link(v2, os.path.join(repo_dir, "_layers/sha256", blob_hex, "link")) != blob_digest:
+                return f"{blob_digest}: not linked in {repo}"
+            data = _blob(v2, blob_digest)
+            if data is None:
+                return f"{blob_digest}: blob missing or corrupt"
+            if isinstance(size, int) and len(data) != size:
+                return f"{blob_digest}: size differs from the descriptor"
+    return None
+
+
+def intact_images(root: Path, refs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (repo, ref) pairs of `refs` that `why_not_pullable` finds whole."""
+    return {(repo, ref) for repo, ref in refs if why_not_pullable(root, repo, ref) is None}
+
+
+def content_snapshot(root: Path) -> dict[str, str]:
+    """What undo must restore: every path with its kind and content (not modes or times)."""
+    return {path: what for path, (what, _mode, _mtime) in snapshot(root).items()}
