@@ -267,6 +267,24 @@ class RootLock:
             os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    def raise_if_held(self) -> None:
+        """LockHeldError when another process holds the lock (never creates the lock file)."""
+        if self.storage.stat(self.path) is None:
+            return
+        try:
+            fd = self.storage.open_fd(self.path)
+        except StorageError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeldError(
+                    f"another regfsck run is changing {self.root.root} ({self._holder()}); "
+                    "wait for it to finish and run again") from exc
+        finally:
+            os.close(fd)
+
     def _holder(self) -> str:
         try:
             text = self.storage.read_small(self.path, 64).decode("ascii", "replace").strip()
@@ -311,8 +329,12 @@ def check_unused(root: RegistryRoot) -> None:
 def mutation_guard(root: RegistryRoot) -> Iterator[RootLock]:
     """Hold the root lock for a mutating command, refusing while anything may use ROOT.
 
-    The lock is taken first, so a second regfsck is told about the lock rather than
-    being listed as a process using the tree."""
+    A refusal touches nothing (not even the lock file is created). When the process in
+    the way is another regfsck holding the lock, the refusal says so."""
+    users = registry_users(root)
+    if users:
+        RootLock(root).raise_if_held()
+        raise SafetyError(users_message(root, users))
     with RootLock(root) as lock:
-        check_unused(root)
+        check_unused(root)  # again, now that no other regfsck can start
         yield lock

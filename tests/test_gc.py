@@ -337,6 +337,7 @@ def test_refuses_while_the_real_registry_serves_the_tree(sample_root: Path, tmp_
     assert result.returncode == 3
     assert "docker-registry serve" in result.stderr and "Stop the registry" in result.stderr
     assert registry_snapshot(sample_root) == before
+    assert sorted(p.name for p in sample_root.iterdir()) == ["docker"]  # not even a lock file
     dry = cli("gc", str(sample_root), "--grace", "0")  # a plan is still allowed (read only)
     assert dry.returncode == 0
 
