@@ -198,8 +198,8 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
     summary.bytes_total = sum(b.size for b in blobs)
     summary.blobs_skipped, summary.bytes_skipped = selection.skipped, selection.skipped_bytes
     summary.hashed_because = selection.counts()
-    halt = stop if stop is not None else threading.Event()
-    limit_hit = threading.Event()
+    limit_hit = threading.Event()  # the time limit: set by the timer only
+    halt = _Either(limit_hit, *(() if stop is None else (stop,)))  # what hashing obeys
     timer: threading.Timer | None = None
     if deadline is not None:
         remaining = deadline - time.monotonic()
@@ -207,7 +207,7 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
             limit_hit.set()
             chosen = []
         else:
-            timer = threading.Timer(remaining, lambda: (limit_hit.set(), halt.set()))
+            timer = threading.Timer(remaining, limit_hit.set)
             timer.daemon = True
             timer.start()
     verdict_time = time.time()  # one time per run: the next run re-reads them in inode order
@@ -241,9 +241,21 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
     summary.blobs_deferred = len(chosen) - done + (len(selection.to_hash) - len(chosen))
     summary.bytes_deferred = sum(b.size for b in selection.to_hash) - done_bytes
     summary.stopped_at_limit = limit_hit.is_set() and summary.blobs_deferred > 0
-    summary.interrupted = halt.is_set() and not limit_hit.is_set()
+    summary.interrupted = stop is not None and stop.is_set() and not limit_hit.is_set()
     if record is not None and options.repos is None and not halt.is_set():
         _record(record, summary, lambda: record.prune(inv.blobs))
+
+
+class _Either(threading.Event):
+    """Set when it is set itself or when any of `others` is: hashing stops for the time
+    limit or for Ctrl-C, while the caller's event keeps meaning "the user interrupted"."""
+
+    def __init__(self, *others: threading.Event) -> None:
+        super().__init__()
+        self._others = others
+
+    def is_set(self) -> bool:
+        return super().is_set() or any(o.is_set() for o in self._others)
 
 
 def _record(record: VerifyRecord, summary: VerifySummary, write: Callable[[], object]) -> None:

@@ -253,9 +253,11 @@ def test_max_duration_stops_cleanly_and_the_next_run_resumes(
         fixture_root: Path, slow_hashing: list[str]) -> None:
     root = locate(fixture_root)
     limit = timedelta(seconds=1.5)
-    first = run_verify(root, VerifyOptions(jobs=1, max_duration=limit))
+    ctrl_c = threading.Event()
+    first = run_verify(root, VerifyOptions(jobs=1, max_duration=limit), stop=ctrl_c)
     s1 = first.summary
     assert s1.stopped_at_limit and not s1.interrupted
+    assert not ctrl_c.is_set()  # the limit is not a Ctrl-C: a later one still means "stop"
     assert 0 < s1.blobs_verified < s1.blobs_total / 2
     assert s1.blobs_deferred == s1.blobs_total - s1.blobs_verified
     assert s1.errors == 0
