@@ -298,7 +298,8 @@ def _read_meta(storage: FilesystemStorage, files: _RunFiles) -> dict[str, Any] |
     except StorageError:
         return None
     except ValueError as exc:
-        raise QuarantineError(f"damaged {files.meta}") from exc
+        raise QuarantineError(f"damaged {files.meta} (not JSON): inspect it by hand; the "
+                              f"run's {JOURNAL} beside it records what the run did") from exc
     return meta if isinstance(meta, dict) else None
 
 

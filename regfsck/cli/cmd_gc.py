@@ -26,7 +26,7 @@ from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
 from regfsck.durations import DurationError, format_duration, parse_duration
 from regfsck.findings import safe_text
 from regfsck.gc import GcOptions, GcPlan, plan_gc, revalidator
-from regfsck.quarantine import list_runs
+from regfsck.quarantine import QuarantineError, list_runs
 from regfsck.safety import registry_users
 
 MAX_ROWS = 200
@@ -68,7 +68,12 @@ def gc(
         if users and not json_output:
             stderr_console().print(f"note: {len(users)} process(es) may be using this tree "
                                    f"({users[0]}); the plan may already be stale.")
-        pending = [r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")]
+        try:
+            pending = [r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")]
+        except QuarantineError as exc:
+            pending = []
+            if not json_output:
+                stderr_console().print(f"note: {exc}; --apply will refuse until it is fixed")
         if pending and not json_output:
             stderr_console().print(f"note: run {pending[0]} was interrupted; the next --apply "
                                    "recovers it first.")

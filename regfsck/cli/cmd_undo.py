@@ -34,7 +34,10 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     """Revert a run exactly: same paths, same bytes, directory mtimes restored."""
     root, run_id = split_root_and_run(args, config)
     registry = open_root(root, config)
-    open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
+    try:
+        open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
+    except QuarantineError as exc:
+        fail(str(exc))
     with guarded(registry, json_output) as recovered:
         reverted_by_recovery = [r.run_id for r in list_runs(registry)
                                 if r.run_id in open_runs and r.status == "reverted"]
