@@ -230,9 +230,36 @@ def _read_journal(storage: FilesystemStorage, path: str) -> _Journal:
 
 
 class _JournalWriter:
+    """Appends whole lines only: a line cut short (full disk, crash) is removed before the
+    next append, since buried mid-file it would read as damage and block undo and recover."""
+
     def __init__(self, storage: FilesystemStorage, path: str) -> None:
         self.path = path
         self.fd = storage.open_append(path)
+        try:
+            self._size = self._drop_torn_tail(storage)
+        except OSError as exc:
+            self.close()
+            raise StorageError(exc.errno, f"cannot repair the journal {path}: {exc.strerror}",
+                               path) from exc
+
+    def _drop_torn_tail(self, storage: FilesystemStorage) -> int:
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return 0
+        reader = storage.open_fd(self.path)
+        try:
+            tail = os.pread(reader, min(size, 1 << 16), max(0, size - (1 << 16)))
+        finally:
+            os.close(reader)
+        if tail.endswith(b"\n"):
+            return size
+        cut = tail.rfind(b"\n")
+        if cut < 0 and size > len(tail):
+            return size  # a 64 KiB line: not ours to judge here; the reader will say
+        keep = size - len(tail) + cut + 1
+        os.ftruncate(self.fd, keep)
+        return keep
 
     def write(self, entry: dict[str, Any], sync: bool = True) -> None:
         """Append one line; a full or failing disk is a StorageError (the CLI's one-line stop)."""
@@ -244,8 +271,11 @@ class _JournalWriter:
             if sync:
                 os.fsync(self.fd)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # never leave half a line behind
+                os.ftruncate(self.fd, self._size)
             raise StorageError(exc.errno, f"cannot write the journal {self.path}: {exc.strerror}",
                                self.path) from exc
+        self._size += len(line)
 
     def close(self) -> None:
         if self.fd >= 0:
