@@ -414,3 +414,48 @@ def intact_images(root: Path, refs: Sequence[tuple[str, str]]) -> set[tuple[str,
 def content_snapshot(root: Path) -> dict[str, str]:
     """What undo must restore: every path with its kind and content (not modes or times)."""
     return {path: what for path, (what, _mode, _mtime) in snapshot(root).items()}
+
+
+# --------------------------------------------------------------------------- a disk that fills up
+
+
+@contextlib.contextmanager
+def small_filesystem(mountpoint: Path, size: str = "32m") -> Iterator[Path]:
+    """A private tmpfs of `size` at `mountpoint` (skips where mounting is not permitted)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                              str(mountpoint)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+
+
+def fill_up(filesystem: Path, leave: int) -> Path:
+    """Take all free space of `filesystem` but `leave` bytes; returns the filler file."""
+    filler = filesystem / "filler"
+    filler.unlink(missing_ok=True)
+    free = os.statvfs(filesystem)
+    available = free.f_bavail * free.f_frsize
+    with open(filler, "wb") as fh:
+        if available > leave:
+            os.posix_fallocate(fh.fileno(), 0, available - leave)
+    return filler
+
+
+def add_orphan_blobs(root: Path, count: int, tag: str = "orphan") -> list[str]:
+    """`count` small valid blobs that nothing references (work for gc)."""
+    digests = []
+    for i in range(count):
+        data = f"{tag} {i}".encode()
+        digest = sha256_of(data)
+        path = root / V2 / "blobs" / "sha256" / digest[7:9] / digest[7:] / "data"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        digests.append(digest)
+    return digests
