@@ -459,3 +459,22 @@ def add_orphan_blobs(root: Path, count: int, tag: str = "orphan") -> list[str]:
         path.write_bytes(data)
         digests.append(digest)
     return digests
+
+
+def run_many(commands: dict[str, Sequence[str]], prefix: Sequence[str] = (),
+             timeout: float = CLI_TIMEOUT) -> dict[str, subprocess.CompletedProcess[bytes]]:
+    """Run several CLI commands at once (they only read); each gets `timeout` seconds."""
+    procs = {name: subprocess.Popen(cli_command(*args, prefix=prefix), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env())
+             for name, args in commands.items()}
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

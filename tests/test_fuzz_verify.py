@@ -14,7 +14,7 @@ the CLI as an operator would, in subprocesses with a timeout, and requires of ea
 * nothing outside ROOT is opened (inotify on a decoy directory the symlinks point into);
 * nothing in the tree changed.
 
-Seeded (derandomized) and bounded: REGFSCK_FUZZ_EXAMPLES (default 20) sequences of at most
+Seeded (derandomized) and bounded: REGFSCK_FUZZ_EXAMPLES (default 15) sequences of at most
 8 steps; REGFSCK_FUZZ_RANDOM=1 explores new examples instead of the fixed ones.
 """
 
@@ -56,7 +56,7 @@ from tests.hostile import (
 )
 from tests.realtools import SampleInfo
 
-EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_EXAMPLES", "15"))
 RUN_TIMEOUT = 45.0
 ODD_NAMES = [b"bad\xff\xfe", b"\xc3\x28", b"caf\xe9", b"x" * 255, b"ctl\x01\x1b[2J", b"new\nline",
              b"link.0f1e2d3c.tmp", b"data.tmp", b" ", b"-rf", b"sha256", b"_layers", b"_uploads",

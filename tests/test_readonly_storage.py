@@ -6,7 +6,6 @@ command that would change the tree refuses with one line and exit 3, touching no
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -18,10 +17,21 @@ from tests.hostile import (
     assert_clean_exit,
     readonly_root,
     run_cli,
+    run_many,
     snapshot,
     strict_json,
 )
 from tests.realtools import SampleInfo
+
+
+@pytest.fixture(scope="module")
+def archive(real_sample: tuple[Path, SampleInfo], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """library/base:latest as an oci-archive, for import."""
+    path = tmp_path_factory.mktemp("archive") / "base.tar"
+    exported = run_cli("export", str(real_sample[0]), "library/base:latest", "-o", str(path),
+                       "--format", "oci-archive")
+    assert_clean_exit(exported, (0,), "export")
+    return path
 
 
 def damage_a_little(root: Path, info: SampleInfo) -> None:
@@ -82,11 +92,7 @@ def test_incremental_verify_on_a_readonly_mount(sample_root: Path, tmp_path: Pat
 
 
 def test_every_reader_works_on_a_readonly_mount(sample_root: Path, sample_info: SampleInfo,
-                                                tmp_path: Path) -> None:
-    archive = tmp_path / "base.tar"
-    exported = run_cli("export", str(sample_root), "library/base:latest", "-o", str(archive),
-                       "--format", "oci-archive")
-    assert_clean_exit(exported, (0,), "export (writable)")
+                                                tmp_path: Path, archive: Path) -> None:
     before = snapshot(sample_root)
     out = tmp_path / "out"
     out.mkdir()
@@ -102,10 +108,10 @@ def test_every_reader_works_on_a_readonly_mount(sample_root: Path, sample_info: 
             "export": ("export", str(ro), "multi/oci:latest", "-o", str(out / "multi"),
                        "--format", "oci"),
         }
-        results = {name: run_cli(*args, prefix=prefix, timeout=120) for name, args in runs.items()}
+        results = run_many(runs, prefix=prefix, timeout=120)
     for name, result in results.items():
         assert_clean_exit(result, (0,), f"{name} on a read-only mount")
-        if b"--json" in json.dumps(runs[name]).encode():
+        if "--json" in runs[name]:
             strict_json(result.stdout)
     assert (out / "multi" / "index.json").is_file()
     plan = strict_json(results["gc plan"].stdout)
@@ -123,16 +129,15 @@ MUTATIONS = {
 }
 
 
-@pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "after-a-run"])
-@pytest.mark.parametrize("command", sorted(MUTATIONS))
+@pytest.mark.parametrize(("command", "with_state"), [
+    *((command, True) for command in sorted(MUTATIONS)),
+    ("gc --apply", False), ("undo", False),
+], ids=lambda v: v if isinstance(v, str) else ("after-a-run" if v else "fresh"))
 def test_mutating_commands_refuse_on_a_readonly_mount(sample_root: Path, sample_info: SampleInfo,
-                                                      tmp_path: Path, command: str,
+                                                      tmp_path: Path, archive: Path, command: str,
                                                       with_state: bool) -> None:
-    """Exit 3, one line naming the problem, nothing changed: with no regfsck-state/ yet,
-    and with the lock file, a finished gc run and its quarantine already there."""
-    archive = tmp_path / "base.tar"
-    assert_clean_exit(run_cli("export", str(sample_root), "library/base:latest", "-o", str(archive),
-                              "--format", "oci-archive"), (0,), "export")
+    """Exit 3, one line naming the problem, nothing changed: with the lock file, a finished
+    gc run and its quarantine already there, and (for two) with no regfsck-state/ yet."""
     if with_state:
         assert_clean_exit(run_cli("gc", str(sample_root), "--grace", "0", "--apply"), (0,), "gc")
     # Something for repair to fix, so that it really tries to write.
