@@ -46,7 +46,7 @@ def undo_everything(root: Path, prefix: list[str] | None = None) -> None:
     assert_clean_exit(listed, (0,), "runs")
     doc = strict_json(listed.stdout)
     for run in sorted(doc["runs"], key=lambda r: r["run_id"], reverse=True):
-        if run["status"] in ("complete", "interrupted"):
+        if run["status"] in ("complete", "interrupted", "running", "undoing"):
             result = run_cli("undo", str(root), run["run_id"], prefix=prefix or [])
             assert_clean_exit(result, (0,), f"undo {run['run_id']} ({run['status']})")
 
