@@ -565,7 +565,7 @@ class _Collector:
             doc = json.loads(self.storage.read_small(blob.path, CONFIG_LIMIT))
         except StorageError as exc:
             result = f"cannot be read: {exc.message}"
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # a config nested absurdly deep, too
             result = f"is not JSON: {exc}"[:200]
         else:
             rootfs = doc.get("rootfs") if isinstance(doc, dict) else None

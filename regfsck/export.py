@@ -313,7 +313,7 @@ class _Planner:
     def _index_children(self, index_digest: str, name: str) -> list[tuple[str, dict[str, Any]]]:
         try:
             doc = json.loads(self.store.raw(index_digest))
-        except (StorageError, ValueError) as exc:
+        except (StorageError, ValueError, RecursionError) as exc:
             raise ExportError(f"{name}: cannot read index {index_digest}: {exc}", "damage") from exc
         children = []
         for child in doc.get("manifests") or []:
@@ -356,7 +356,7 @@ class _Planner:
         blob = self._blob(manifest.config.digest, name)
         try:
             doc = json.loads(self.storage.read_small(blob.path, CONFIG_LIMIT))
-        except (StorageError, ValueError) as exc:
+        except (StorageError, ValueError, RecursionError) as exc:
             raise ExportError(f"{name}: cannot read config {blob.digest}: {exc}", "damage") from exc
         return doc if isinstance(doc, dict) else None
 

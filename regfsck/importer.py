@@ -154,7 +154,7 @@ class DirectorySource(Source):
     def _check_layout(raw: bytes) -> None:
         try:
             version = json.loads(raw).get("imageLayoutVersion")
-        except (ValueError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):
             version = None
         if not isinstance(version, str) or not version.startswith("1."):
             raise ImportFailed(f"unsupported oci-layout {raw[:80]!r} (expected imageLayoutVersion 1.x)")
@@ -441,7 +441,7 @@ def images_from_index(raw: bytes, repo: str | None, label: str) -> list[SourceIm
     """The images index.json lists, each with its target repository and tag."""
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested absurdly deep
         raise ImportFailed(f"{label}: index.json is not JSON: {exc}", "damage") from exc
     entries = doc.get("manifests") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
