@@ -270,7 +270,10 @@ def _str_list(value: Any) -> list[str] | None:
 
 def parse_config(raw: bytes) -> ConfigInfo:
     """Pick the fields people look at from an image config (docker or OCI)."""
-    doc = json.loads(raw)
+    try:
+        doc = json.loads(raw)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deep") from exc
     if not isinstance(doc, dict):
         raise ValueError("config is not a JSON object")
     inner = doc.get("config") if isinstance(doc.get("config"), dict) else {}
@@ -407,7 +410,7 @@ class Inspector:
         try:
             doc = json.loads(self.store.raw(node.digest))
             first = json.loads(doc["history"][0]["v1Compatibility"])
-        except (StorageError, ValueError, KeyError, IndexError, TypeError):
+        except (StorageError, ValueError, RecursionError, KeyError, IndexError, TypeError):
             return
         if isinstance(first, dict):
             node.config_info = ConfigInfo(created=_text(first.get("created")),
