@@ -29,6 +29,7 @@ from tests.hostile import (
     assert_clean_exit,
     cli_command,
     cli_env,
+    content_snapshot,
     deep_json,
     index_of,
     run_cli,
@@ -291,3 +292,42 @@ def test_wide_index_of_missing_children(sample_root: Path) -> None:
     assert_clean_exit(result, (1,), "verify")
     missing = kinds(strict_json(result.stdout)).get("reference_missing", set())
     assert set(children) <= missing
+
+
+def test_config_nested_absurdly_deep(sample_root: Path, tmp_path: Path) -> None:
+    """A valid image whose config blob nests 200 000 arrays: --deep and inspect say so."""
+    config = (b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":'
+              + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    digest = sha256_of(config)
+    put(sample_root, layout.blob_data(digest), config)
+    put(sample_root, layout.layer_link("deep/config", digest), digest.encode())
+    add_manifest(sample_root, "deep/config", json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest,
+                   "size": len(config)}, "layers": []}).encode(), "latest")
+    results = run_many({
+        "verify --deep": ("verify", str(sample_root), "--deep", "--json"),
+        "inspect": ("inspect", str(sample_root), "deep/config:latest", "--json"),
+        "export": ("export", str(sample_root), "deep/config:latest", "-o", str(tmp_path / "x.tar"),
+                   "--format", "docker-archive"),
+    }, timeout=120)
+    assert_clean_exit(results["verify --deep"], (1,), "verify --deep")
+    deep = [f for f in strict_json(results["verify --deep"].stdout)["findings"]
+            if f.get("digest") == digest or digest in f.get("message", "")]
+    assert deep, "the deep config is not reported"
+    assert_clean_exit(results["inspect"], (0, 1), "inspect")
+    assert "too deep" in results["inspect"].stdout.decode()
+    assert_clean_exit(results["export"], (0, 1, 3), "export")
+
+
+def test_import_source_with_a_deep_index_json(sample_root: Path, tmp_path: Path) -> None:
+    layout_dir = tmp_path / "layout"
+    (layout_dir / "blobs" / "sha256").mkdir(parents=True)
+    (layout_dir / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout_dir / "index.json").write_bytes(b'{"schemaVersion":2,"manifests":' + b"[" * 100_000
+                                            + b"]" * 100_000 + b"}")
+    before = content_snapshot(sample_root / "docker")
+    result = run_cli("import", str(sample_root), str(layout_dir), "--repo", "x/y", "--apply")
+    assert_clean_exit(result, (1, 3), "import of a deep index.json")
+    assert b"index.json" in result.stderr
+    assert content_snapshot(sample_root / "docker") == before
