@@ -25,10 +25,11 @@ from tests.hostile import (
     replace_with,
     run_cli,
     run_many,
+    snapshot,
     strict_json,
     watch_opens,
 )
-from tests.realtools import SampleInfo
+from tests.realtools import OCILayoutWriter, SampleInfo
 
 
 def verify_json(root: Path, *extra: str) -> dict:
@@ -88,13 +89,14 @@ def test_symlinked_parent_of_v2_is_refused(sample_root: Path, tmp_path: Path, le
     elsewhere = tmp_path / "elsewhere"
     (sample_root / level).rename(elsewhere)
     os.symlink(elsewhere, sample_root / level)
-    with watch_opens(elsewhere) as watch:
-        result = run_cli("verify", str(sample_root), "--json")
-        events = watch.events()
-    assert_clean_exit(result, (3,), "verify")
-    assert result.stderr.decode().count("\n") == 1 and b"symbolic link" in result.stderr
-    assert result.stdout == b""
-    assert [e for e in events if "/blobs" in e or "/repositories" in e] == []
+    for argument in (sample_root, sample_root / V2):  # ROOT, or the v2 directory through the link
+        with watch_opens(elsewhere) as watch:
+            result = run_cli("verify", str(argument), "--json")
+            events = watch.events()
+        assert_clean_exit(result, (3,), f"verify {argument}")
+        assert result.stderr.decode().count("\n") == 1 and b"symbolic link" in result.stderr
+        assert result.stdout == b""
+        assert [e for e in events if "/blobs" in e or "/repositories" in e] == []
 
 
 FIFO_PLACES = {
@@ -252,3 +254,94 @@ def test_special_files_in_odd_places(sample_root: Path, sample_info: SampleInfo)
     assert f"{V2}/repositories" in findings_at(doc, "symlink")
     assert any(f["path"] == f"{V2}/blobs" for f in doc["findings"])
     assert stat.S_ISFIFO(os.lstat(v2 / "blobs").st_mode)  # untouched
+
+
+ESCAPING_REFS = ["../../x:latest", "/etc/passwd:1", "a/../../b:latest", "..:latest",
+                 "library/base/../../..:latest", "a\\b:latest"]
+
+
+@pytest.mark.parametrize("ref", ESCAPING_REFS)
+def test_escaping_refs_are_refused_everywhere(sample_root: Path, tmp_path: Path, ref: str) -> None:
+    """rm, export, inspect with a REF whose repository would leave the tree: a usage error
+    (or no such image), nothing written anywhere."""
+    before = snapshot(sample_root / "docker")
+    results = run_many({
+        "rm": ("rm", str(sample_root), ref, "--apply"),
+        "export": ("export", str(sample_root), ref, "-o", str(tmp_path / "out.tar"),
+                   "--format", "oci-archive"),
+        "inspect": ("inspect", str(sample_root), ref, "--json"),
+    })
+    for name, result in results.items():
+        assert_clean_exit(result, (1, 2, 3), f"{name} {ref!r}")
+        assert result.stderr.count(b"\n") == 1, (name, result.stderr)
+    assert snapshot(sample_root / "docker") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+def hostile_layout(path: Path, ref_name: str = "ok") -> OCILayoutWriter:
+    writer = OCILayoutWriter(path)
+    layer = writer.add_layer({"a.txt": f"hostile {path.name}".encode()}, "none")
+    writer.add_image([layer], tag=ref_name)
+    return writer
+
+
+def test_hostile_import_sources(sample_root: Path, tmp_path: Path) -> None:
+    """Sources are input too: ref names and --repo values that would escape, digests that
+    are paths, a tar whose members climb out (tar slip) or are symlinks, a symlinked blob, a
+    FIFO for index.json. Each is refused or imported harmlessly; nothing lands outside."""
+    import io
+    import json
+    import tarfile
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sources: dict[str, tuple[Path, list[str]]] = {}
+    named = hostile_layout(tmp_path / "escaping-name", "../../../outside/escaped:latest")
+    sources["escaping ref name"] = (named.path, [])
+    good = hostile_layout(tmp_path / "good")
+    for repo in ("../../outside/evil", "/abs/evil", "a/../../evil", "_layers/x"):
+        sources[f"--repo {repo}"] = (good.path, ["--repo", repo])
+    bad_digest = hostile_layout(tmp_path / "bad-digest")
+    index = json.loads((bad_digest.path / "index.json").read_text())
+    index["manifests"][0]["digest"] = "sha256:../../../../outside/escaped-digest"
+    (bad_digest.path / "index.json").write_text(json.dumps(index))
+    sources["escaping digest"] = (bad_digest.path, ["--repo", "x/y"])
+    slip = tmp_path / "slip.tar"
+    with tarfile.open(slip, "w") as tar:
+        for file in sorted(good.path.rglob("*")):
+            if file.is_file():
+                tar.add(file, arcname=str(file.relative_to(good.path)))
+        for name, kind in [("../" * 20 + str(outside / "slipped").lstrip("/"), tarfile.REGTYPE),
+                           (str(outside / "absolute"), tarfile.REGTYPE),
+                           ("blobs/sha256/link-out", tarfile.SYMTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = str(outside / "linked")
+                tar.addfile(info)
+            else:
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b"pwned"))
+    sources["tar slip"] = (slip, ["--repo", "slip/repo"])
+    linked = hostile_layout(tmp_path / "symlinked-blob")
+    victim = sorted((linked.path / "blobs" / "sha256").iterdir())[0]
+    (outside / "secret").write_bytes(b"outside secret")
+    victim.unlink()
+    os.symlink(outside / "secret", victim)
+    sources["symlinked blob"] = (linked.path, ["--repo", "linked/repo"])
+    fifo = hostile_layout(tmp_path / "fifo-index")
+    (fifo.path / "index.json").unlink()
+    os.mkfifo(fifo.path / "index.json")
+    sources["FIFO index.json"] = (fifo.path, ["--repo", "fifo/repo"])
+    for what, (source, extra) in sources.items():
+        v2_before = snapshot(sample_root / "docker")
+        with watch_opens(outside) as watch:
+            result = run_cli("import", str(sample_root), str(source), *extra, "--apply", timeout=60)
+            events = watch.events()
+        assert_clean_exit(result, (0, 1, 2, 3), f"import of a source with {what}")
+        assert events == [], f"{what}: opened outside: {events}"
+        if what != "tar slip":  # the slip archive's real content is a fine image
+            assert result.returncode != 0, f"{what} was imported"
+            assert snapshot(sample_root / "docker") == v2_before, what
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert not Path("/abs").exists()
