@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from regfsck import exitcodes
+from regfsck.findings import safe_text
 from regfsck.root import RegistryRoot, RootError, resolve
 
 ROOT_ARGUMENT = typer.Argument(
@@ -33,8 +34,11 @@ def stderr_console() -> Console:
 
 
 def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
-    """Print a one-line error on stderr (never wrapped, scripts grep it) and exit."""
-    sys.stderr.write(f"regfsck: {' '.join(message.split())}\n")
+    """Print a one-line error on stderr (never wrapped, scripts grep it) and exit.
+
+    Names in the message may come from the disk or an import source: control characters
+    (NUL, escape sequences) and undecodable bytes are shown as `\\xNN`, never sent raw."""
+    sys.stderr.write(f"regfsck: {safe_text(' '.join(message.split()))}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
 
