@@ -298,6 +298,8 @@ def test_hostile_import_sources(sample_root: Path, tmp_path: Path) -> None:
     sources: dict[str, tuple[Path, list[str]]] = {}
     named = hostile_layout(tmp_path / "escaping-name", "../../../outside/escaped:latest")
     sources["escaping ref name"] = (named.path, [])
+    controls = hostile_layout(tmp_path / "control-name", "a\x00b/\x1b[2Jc:lat\x00est")
+    sources["NUL and escape in a ref name"] = (controls.path, [])
     good = hostile_layout(tmp_path / "good")
     for repo in ("../../outside/evil", "/abs/evil", "a/../../evil", "_layers/x"):
         sources[f"--repo {repo}"] = (good.path, ["--repo", repo])
@@ -339,6 +341,7 @@ def test_hostile_import_sources(sample_root: Path, tmp_path: Path) -> None:
             result = run_cli("import", str(sample_root), str(source), *extra, "--apply", timeout=60)
             events = watch.events()
         assert_clean_exit(result, (0, 1, 2, 3), f"import of a source with {what}")
+        assert b"\x00" not in result.stderr and b"\x1b" not in result.stderr, result.stderr
         assert events == [], f"{what}: opened outside: {events}"
         if what != "tar slip":  # the slip archive's real content is a fine image
             assert result.returncode != 0, f"{what} was imported"
