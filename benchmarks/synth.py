@@ -326,9 +326,15 @@ def _tar(name: str, payload: bytes) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * pad + b"\0" * 1024
 
 
+def random_bytes(rng: random.Random, size: int) -> bytes:
+    """`size` pseudo-random bytes (in 16 MiB pieces: randbytes cannot do 256 MiB at once)."""
+    piece = 1 << 24
+    return b"".join(rng.randbytes(min(piece, size - start)) for start in range(0, size, piece))
+
+
 def make_layer_bytes(rng: random.Random, name: str, size: int, docker: bool) -> tuple[bytes, str, str]:
     """(blob bytes, media type, diff_id): a real tar, gzip'd when small."""
-    tar = _tar(name, rng.randbytes(size))
+    tar = _tar(name, random_bytes(rng, size))
     diff_id = sha256_digest(tar)
     if len(tar) <= GZIP_LIMIT:
         return gzip.compress(tar, compresslevel=1, mtime=0), DOCKER_LAYER if docker else OCI_LAYER, diff_id
