@@ -19,12 +19,12 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stderr_console,
     stdout_console,
 )
 from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
 from regfsck.durations import DurationError, format_duration, parse_duration
-from regfsck.findings import safe_text
 from regfsck.gc import GcOptions, GcPlan, plan_gc, revalidator
 from regfsck.quarantine import QuarantineError, list_runs
 from regfsck.safety import registry_users
@@ -117,7 +117,7 @@ def render_plan(plan: GcPlan) -> None:
         for column in ("kind", "where", "message"):
             table.add_column(column, overflow="fold")
         for finding in plan.blocked[:MAX_ROWS]:
-            table.add_row(finding.kind, finding.path, finding.message)
+            table.add_row(finding.kind, shown(finding.path), shown(finding.message))
         console.print(table)
         if not plan.options.force:
             console.print("[bold red]gc refuses to collect this tree.[/] Fix the damage first "
@@ -128,7 +128,7 @@ def render_plan(plan: GcPlan) -> None:
         for column in ("repository", "manifests", "layer links", "uploads", "tag dirs", "bytes"):
             table.add_column(column, justify="left" if column == "repository" else "right")
         for name, usage in sorted(plan.per_repository.items()):
-            table.add_row(safe_text(name), str(usage.manifests), str(usage.layer_links),
+            table.add_row(shown(name), str(usage.manifests), str(usage.layer_links),
                           str(usage.uploads), str(usage.tag_dirs), human_bytes(usage.reclaimable_bytes))
         console.print(table)
     rows: list[tuple[str, str, str, str]] = []
@@ -143,13 +143,13 @@ def render_plan(plan: GcPlan) -> None:
         for column in ("what", "name", "why", "size"):
             table.add_column(column, overflow="fold")
         for what, name, why, size in rows[:MAX_ROWS]:
-            table.add_row(what, safe_text(name), why, size)
+            table.add_row(what, shown(name), why, size)
         console.print(table)
         if len(rows) > MAX_ROWS:
             console.print(f"... and {len(rows) - MAX_ROWS} more (--json lists everything)")
     for orphan in plan.orphan_referrers:
         fate = "kept" if orphan.kept else "removed with the untagged manifests"
-        console.print(f"referrer {safe_text(orphan.repo)}@{orphan.digest}: its subject "
+        console.print(f"referrer {shown(orphan.repo)}@{orphan.digest}: its subject "
                       f"{orphan.subject} is gone ({fate})")
     if plan.empty_link_dirs:
         console.print(f"{len(plan.empty_link_dirs)} empty directories (left by API deletes or "

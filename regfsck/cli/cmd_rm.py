@@ -18,11 +18,11 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stderr_console,
     stdout_console,
 )
 from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
-from regfsck.findings import safe_text
 from regfsck.rm import RmPlan, RmRefError, plan_rm
 from regfsck.root import RegistryRoot
 
@@ -88,15 +88,15 @@ def _output(plan: RmPlan, json_output: bool, recovered: list[str]) -> None:
     for repo in plan.repositories:
         links = sum(1 for r, _ in plan.layer_links if r == repo)
         uploads = sum(1 for r, _, _ in plan.uploads if r == repo)
-        table.add_row("repository", safe_text(repo), f"with {links} layer links, {uploads} uploads")
+        table.add_row("repository", shown(repo), f"with {links} layer links, {uploads} uploads")
     for repo, digest, tags in plan.manifests:
-        table.add_row("manifest", safe_text(f"{repo}@{digest}"),
+        table.add_row("manifest", shown(f"{repo}@{digest}"),
                       f"tags: {', '.join(tags)}" if tags else "untagged")
     for repo, tag, digest in plan.tags:
-        table.add_row("tag", safe_text(f"{repo}:{tag}"), f"was {digest}" if digest else "")
+        table.add_row("tag", shown(f"{repo}:{tag}"), f"was {digest}" if digest else "")
     console.print(table)
     for repo, digest, subject in plan.orphaned_referrers:
-        console.print(f"note: referrer {safe_text(repo)}@{digest} loses its subject {subject} "
+        console.print(f"note: referrer {shown(repo)}@{digest} loses its subject {subject} "
                       "(gc --delete-untagged removes it unless it is tagged)")
     for reason in plan.refused:
         console.print(f"[bold red]refused:[/] {reason}")

@@ -16,9 +16,9 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stdout_console,
 )
-from regfsck.findings import safe_text
 from regfsck.graph import ManifestStore
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
@@ -64,7 +64,7 @@ def render_scan(report: ScanReport, top: int) -> None:
     for column in ("repository", "tags", "manifests", "unique", "shared"):
         repos.add_column(column, justify="left" if column == "repository" else "right")
     for usage in report.repositories:
-        repos.add_row(safe_text(usage.name), str(len(usage.tags)), str(len(usage.manifests)),
+        repos.add_row(shown(usage.name), str(len(usage.tags)), str(len(usage.manifests)),
                       human_bytes(usage.unique_bytes), human_bytes(usage.shared_bytes))
     console.print(repos)
 
@@ -75,13 +75,13 @@ def render_scan(report: ScanReport, top: int) -> None:
         big.add_column("repository")
         big.add_column("bytes", justify="right")
         for usage in largest:
-            big.add_row(safe_text(usage.name), human_bytes(usage.unique_bytes + usage.shared_bytes))
+            big.add_row(shown(usage.name), human_bytes(usage.unique_bytes + usage.shared_bytes))
         console.print(big)
     if stale:
         uploads = Table(title="Stale uploads (gc --apply removes them)")
         for column in ("repository", "upload", "size", "started"):
             uploads.add_column(column)
         for upload in stale:
-            uploads.add_row(safe_text(upload.repo), safe_text(upload.id), human_bytes(upload.size),
+            uploads.add_row(shown(upload.repo), shown(upload.id), human_bytes(upload.size),
                             upload.started_at or "never (no startedat)")
         console.print(uploads)

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from regfsck import exitcodes
 from regfsck.findings import safe_text
@@ -23,6 +24,12 @@ CONFIG_OPTION = typer.Option(
     "(honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY).", show_default=False)
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 APPLY_OPTION = typer.Option(False, "--apply", help="Really do it (default: print the plan).")
+
+
+def shown(text: str) -> str:
+    """A name from the disk, ready for rich: undecodable bytes and control characters as
+    `\\xNN`, and `[` escaped, so that a directory named `[/]` is never read as markup."""
+    return escape(safe_text(text))
 
 
 def stdout_console() -> Console:
