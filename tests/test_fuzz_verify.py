@@ -60,7 +60,7 @@ EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_EXAMPLES", "15"))
 RUN_TIMEOUT = 45.0
 ODD_NAMES = [b"bad\xff\xfe", b"\xc3\x28", b"caf\xe9", b"x" * 255, b"ctl\x01\x1b[2J", b"new\nline",
              b"link.0f1e2d3c.tmp", b"data.tmp", b" ", b"-rf", b"sha256", b"_layers", b"_uploads",
-             b"ab", b"0" * 64]
+             b"ab", b"0" * 64, b"[/]", b"[bold]x[/x]"]
 LINK_JUNK = [b"", b"\n", b"sha256:", b"SHA256:" + b"A" * 64, b"\x00" * 71, b"sha256:" + b"g" * 64,
              b"md5:" + b"0" * 32, b"sha256:" + b"0" * 64 + b"\n", b"\xff\xfe\xfd"]
 

@@ -348,3 +348,27 @@ def test_hostile_import_sources(sample_root: Path, tmp_path: Path) -> None:
             assert snapshot(sample_root / "docker") == v2_before, what
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]
     assert not Path("/abs").exists()
+
+
+MARKUP_NAMES = ["[/]", "[bold red]loud[/]", "[link=https:evil.example]x", "[/x]"]
+
+
+def test_names_that_look_like_terminal_markup(sample_root: Path) -> None:
+    """Directory names are shown as they are in every human output, never read as rich
+    markup (an unmatched `[/]` used to crash the renderer; `[link=...]` would inject)."""
+    v2 = sample_root / V2
+    for i, name in enumerate(MARKUP_NAMES):
+        (v2 / "repositories" / f"{name}{i}" / "_layers").mkdir(parents=True)
+        (v2 / "repositories/a/b/_manifests/tags" / name / "current").mkdir(parents=True)
+        os.symlink("nowhere", v2 / "repositories" / f"link{name.replace('/', '_')}{i}")
+        (v2 / "repositories/a/b/c/_uploads" / name.replace("/", "_")).mkdir(parents=True)
+    results = run_many({
+        "verify": ("verify", str(sample_root)), "scan": ("scan", str(sample_root)),
+        "gc": ("gc", str(sample_root), "--grace", "0"),
+        "rm": ("rm", str(sample_root), f"{MARKUP_NAMES[0]}0", f"a/b:{MARKUP_NAMES[1]}"),
+    })
+    for name, result in results.items():
+        assert_clean_exit(result, (0, 1, 2, 3), name)
+    assert b"[/]0" in results["scan"].stdout
+    assert b"[bold red]loud[/]" in results["verify"].stdout
+    assert b"[link=https:evil.example]x" in results["verify"].stdout
