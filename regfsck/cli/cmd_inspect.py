@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -21,6 +20,7 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stderr_console,
     stdout_console,
 )
@@ -111,47 +111,47 @@ def _size(n: int | None) -> str:
 
 
 def _blob_label(blob: BlobNode) -> str:
-    parts = [f"[bold]{blob.role}[/]", blob.digest, escape(blob.media_type or "?"),
+    parts = [f"[bold]{blob.role}[/]", blob.digest, shown(blob.media_type or "?"),
              _size(blob.size)]
     if blob.uncompressed_size is not None and blob.role != "config":
         parts.append(f"({blob.compression}, {_size(blob.uncompressed_size)} uncompressed)")
     if blob.foreign:
-        parts.append("[dim]foreign: " + escape(", ".join(blob.urls)) + "[/]")
+        parts.append("[dim]foreign: " + shown(", ".join(blob.urls)) + "[/]")
     elif blob.stored_size is None:
         parts.append("[bold red]MISSING[/]")
     elif blob.linked is False:
         parts.append("[red]not linked in this repository[/]")
     if blob.problem and blob.stored_size is not None:
-        parts.append(f"[red]{escape(blob.problem)}[/]")
+        parts.append(f"[red]{shown(blob.problem)}[/]")
     return "  ".join(parts)
 
 
 def _add_manifest(tree: Tree, node: ManifestNode) -> None:
-    label = [f"[bold]{node.digest}[/]", escape(node.media_type or "?"), _size(node.size)]
+    label = [f"[bold]{node.digest}[/]", shown(node.media_type or "?"), _size(node.size)]
     if node.platform:
-        label.append(f"[cyan]{escape(node.platform)}[/]")
+        label.append(f"[cyan]{shown(node.platform)}[/]")
     if node.artifact_type:
-        label.append(f"artifact {escape(node.artifact_type)}")
+        label.append(f"artifact {shown(node.artifact_type)}")
     if node.subject:
         label.append(f"subject {node.subject}")
     if node.in_repository is False:
         label.append("[red]no revision link in this repository[/]")
     if node.problem:
-        label.append(f"[bold red]{escape(node.problem)}[/]")
+        label.append(f"[bold red]{shown(node.problem)}[/]")
     branch = tree.add("  ".join(label))
     if node.config is not None:
         config = branch.add(_blob_label(node.config))
         info = node.config_info
         if info is not None:
             if info.created:
-                config.add(f"created {escape(info.created)}")
+                config.add(f"created {shown(info.created)}")
             for entry in info.history:
                 created_by = str(entry.get("created_by", "")).strip()
                 empty = " [dim](empty layer)[/]" if entry.get("empty_layer") else ""
-                config.add(f"[dim]{escape(str(entry.get('created', '')))}[/] "
-                           f"{escape(created_by[:100])}{empty}")
+                config.add(f"[dim]{shown(str(entry.get('created', '')))}[/] "
+                           f"{shown(created_by[:100])}{empty}")
     elif node.config_info is not None and node.config_info.created:
-        branch.add(f"created {escape(node.config_info.created)}")
+        branch.add(f"created {shown(node.config_info.created)}")
     for layer in node.layers:
         branch.add(_blob_label(layer))
     for child in node.children:
@@ -160,17 +160,17 @@ def _add_manifest(tree: Tree, node: ManifestNode) -> None:
 
 def render_inspect(report: InspectReport) -> None:
     console = stdout_console()
-    tree = Tree(f"[bold]{escape(report.ref)}[/]")
+    tree = Tree(f"[bold]{shown(report.ref)}[/]")
     _add_manifest(tree, report.root)
     console.print(tree)
     info = Table(show_header=False, box=None)
-    info.add_row("tags", escape(", ".join(report.tags)) or "[yellow]none (untagged)[/]")
-    info.add_row("repositories", escape(", ".join(report.repositories)) or "none")
+    info.add_row("tags", shown(", ".join(report.tags)) or "[yellow]none (untagged)[/]")
+    info.add_row("repositories", shown(", ".join(report.repositories)) or "none")
     for parent in report.parents:
         tags = ", ".join(parent["tags"]) or "untagged"
-        info.add_row("listed by index", escape(f"{parent['repo']}@{parent['digest']} ({tags})"))
+        info.add_row("listed by index", shown(f"{parent['repo']}@{parent['digest']} ({tags})"))
     for referrer in report.referrers:
-        info.add_row("referrer", escape(f"{referrer['repo']}@{referrer['digest']} "
+        info.add_row("referrer", shown(f"{referrer['repo']}@{referrer['digest']} "
                                         f"{referrer['artifact_type']}"))
     t = report.totals
     uncompressed = (_size(t.uncompressed_bytes) if report.data_checked else "not measured")
@@ -184,7 +184,7 @@ def render_inspect(report: InspectReport) -> None:
         style = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
         for finding in report.health:
             table.add_row(f"[{style[finding.severity]}]{finding.severity}[/]", finding.kind,
-                          escape(finding.path), escape(finding.message))
+                          shown(finding.path), shown(finding.message))
         console.print(table)
     checked = "re-hashed" if report.data_checked else "structure only (--no-data)"
     verdict = "healthy" if report.healthy else "[bold red]DAMAGED[/]"

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from regfsck import exitcodes
@@ -22,6 +21,7 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stderr_console,
     stdout_console,
 )
@@ -103,7 +103,7 @@ def render_repair(result: RepairResult, root: Path) -> None:
     console = stdout_console()
     plan = result.plan
     for message in result.recovered:
-        console.print(f"[yellow]recovered:[/] {escape(message)}")
+        console.print(f"[yellow]recovered:[/] {shown(message)}")
     if plan.fixes:
         title = "Fixes applied" if result.applied else "Fixes (run with --apply to make them)"
         table = Table(title=title)
@@ -112,10 +112,10 @@ def render_repair(result: RepairResult, root: Path) -> None:
         if result.applied:
             table.add_column("status")
         for fix in plan.fixes:
-            row = [_ACTION_LABEL.get(fix.action, fix.action), escape(fix.to_json()["path"]),
-                   escape(fix.reason)]
+            row = [_ACTION_LABEL.get(fix.action, fix.action), shown(fix.to_json()["path"]),
+                   shown(fix.reason)]
             if result.applied:
-                row.append(fix.status + (f": {escape(fix.note)}" if fix.note else ""))
+                row.append(fix.status + (f": {shown(fix.note)}" if fix.note else ""))
             table.add_row(*row)
         console.print(table)
     else:
@@ -125,7 +125,7 @@ def render_repair(result: RepairResult, root: Path) -> None:
         for column in ("blob", "state", "images to re-push"):
             lost.add_column(column, overflow="fold")
         for blob in plan.lost:
-            lost.add_row(blob.digest, blob.why, escape(", ".join(blob.images)) or "none")
+            lost.add_row(blob.digest, blob.why, shown(", ".join(blob.images)) or "none")
         console.print(lost)
     if plan.unfixable:
         table = Table(title="Not fixable by regfsck")
@@ -135,11 +135,11 @@ def render_repair(result: RepairResult, root: Path) -> None:
             where = " ".join(x for x in (item.finding.repo or "",
                                          f":{item.finding.tag}" if item.finding.tag else "",
                                          f"\n{item.finding.path}") if x)
-            table.add_row(item.finding.kind, escape(where), escape(item.advice))
+            table.add_row(item.finding.kind, shown(where), shown(item.advice))
         console.print(table)
     restored = sum(f.size or 0 for f in plan.fixes if f.source and f.status != "skipped")
     if restored:
-        console.print(f"{human_bytes(restored)} taken from {escape(', '.join(plan.sources))}")
+        console.print(f"{human_bytes(restored)} taken from {shown(', '.join(plan.sources))}")
     if not result.applied:
         if plan.fixes:
             console.print(f"{len(plan.fixes)} fixes planned; nothing was changed "
@@ -148,7 +148,7 @@ def render_repair(result: RepairResult, root: Path) -> None:
     applied = sum(1 for f in plan.fixes if f.status == "applied")
     if result.run_id:
         console.print(f"{applied} fixes applied in run {result.run_id}; "
-                      f"revert with: regfsck undo {escape(str(root))} {result.run_id}")
+                      f"revert with: regfsck undo {shown(str(root))} {result.run_id}")
         stderr_console().print("[yellow]Restart the registry before it serves again[/]: its "
                                "blob-descriptor cache still remembers the old state.")
     if result.interrupted:

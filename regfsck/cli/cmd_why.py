@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from regfsck import exitcodes
@@ -16,6 +15,7 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
+    shown,
     stdout_console,
 )
 from regfsck.digest import DigestError, parse_digest
@@ -55,9 +55,9 @@ def why(
 def render_why(report: WhyReport) -> None:
     console = stdout_console()
     if report.exists:
-        state = f"{human_bytes(report.size or 0)} at {escape(report.path)}"
+        state = f"{human_bytes(report.size or 0)} at {shown(report.path)}"
     elif report.misplaced_at:
-        state = f"[red]misplaced[/] at {escape(report.misplaced_at)} (see `regfsck repair`)"
+        state = f"[red]misplaced[/] at {shown(report.misplaced_at)} (see `regfsck repair`)"
     else:
         state = "[bold red]MISSING[/] (referenced but not on disk)"
     roles = ", ".join(report.roles) or "unreferenced"
@@ -68,7 +68,7 @@ def render_why(report: WhyReport) -> None:
             table.add_column(column, overflow="fold")
         for path in report.paths:
             chain = " -> ".join([*(short(d) for d in path.chain), f"({path.role})"])
-            table.add_row(escape(path.repo), short(path.manifest), escape(", ".join(path.tags))
+            table.add_row(shown(path.repo), short(path.manifest), shown(", ".join(path.tags))
                           or "[yellow]untagged[/]", chain)
         console.print(table)
     elif report.direct_parents:
@@ -76,19 +76,19 @@ def render_why(report: WhyReport) -> None:
                       + ", ".join(p["manifest"] for p in report.direct_parents))
     else:
         console.print("[yellow]no manifest of any repository references it[/]")
-    good = [escape(link.repo) for link in report.layer_links if link.content]
+    good = [shown(link.repo) for link in report.layer_links if link.content]
     if good:
         console.print(f"_layers links in {len(good)} repositories: {', '.join(good)}")
     for link in report.layer_links:
         if not link.content:
-            console.print(f"[red]invalid _layers link[/] {escape(link.path)}: "
-                          f"{escape(link.error or 'invalid')}")
+            console.print(f"[red]invalid _layers link[/] {shown(link.path)}: "
+                          f"{shown(link.error or 'invalid')}")
     verdicts = Table(title="Garbage collection")
     for column in ("mode", "verdict", "why"):
         verdicts.add_column(column, overflow="fold")
     for verdict in report.gc:
         verdicts.add_row(verdict.mode, "[green]keep[/]" if verdict.keep else "[red]delete[/]",
-                         escape(verdict.reason))
+                         shown(verdict.reason))
     console.print(verdicts)
     if report.freed:
         freed = Table(title="What deleting a reference would free")
@@ -99,8 +99,8 @@ def render_why(report: WhyReport) -> None:
             if "@" in action:
                 name, _, digest = action.partition("@")
                 action = f"{name}@{short(digest)}"
-            freed.add_row(escape(action), item.gc_mode,
-                          f"{human_bytes(item.bytes)} ({item.blobs} blobs)", escape(item.note))
+            freed.add_row(shown(action), item.gc_mode,
+                          f"{human_bytes(item.bytes)} ({item.blobs} blobs)", shown(item.note))
         console.print(freed)
         console.print("[dim]rm of a tag alone frees nothing under the default gc: the "
                       "revision stays and keeps its blobs.[/]")
