@@ -331,3 +331,53 @@ def test_import_source_with_a_deep_index_json(sample_root: Path, tmp_path: Path)
     assert_clean_exit(result, (1, 3), "import of a deep index.json")
     assert b"index.json" in result.stderr
     assert content_snapshot(sample_root / "docker") == before
+
+
+def test_strings_inside_manifests_and_configs_reach_no_terminal_raw(sample_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """Platforms, media types, annotations and config fields are the pusher's to choose:
+    rich markup (`[/]`) and terminal escapes (colours, OSC 8 links, clear screen) in them
+    are shown as text by every human output, never interpreted."""
+    repo = "hostile/strings"
+    hostile = "[/] \x1b[2J\x1b]8;;http://evil\x1b\\link [bold]x[/x]"
+
+    def linked_blob(data: bytes) -> str:
+        digest = sha256_of(data)
+        put(sample_root, layout.blob_data(digest), data)
+        put(sample_root, layout.layer_link(repo, digest), digest.encode())
+        return digest
+
+    layer = b"layer bytes"
+    layer_digest = linked_blob(layer)
+    config = json.dumps({
+        "architecture": hostile, "os": hostile, "variant": hostile, "author": hostile,
+        "created": hostile, "config": {"Cmd": [hostile], "Entrypoint": [hostile], "Env": [hostile],
+                                       "Labels": {hostile: hostile}},
+        "rootfs": {"type": "layers", "diff_ids": [sha256_of(layer)]},
+        "history": [{"created": hostile, "created_by": hostile, "comment": hostile}]}).encode()
+    config_digest = linked_blob(config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config)},
+        "layers": [{"mediaType": hostile, "digest": layer_digest, "size": len(layer)}],
+        "annotations": {hostile: hostile}}).encode()
+    child = add_manifest(sample_root, repo, manifest)
+    add_manifest(sample_root, repo, json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": child,
+            "size": len(manifest), "platform": {"os": hostile, "architecture": hostile,
+                                                "variant": hostile}}]}).encode(), "latest")
+    results = run_many({
+        "inspect": ("inspect", str(sample_root), f"{repo}:latest"),
+        "why": ("why", str(sample_root), layer_digest),
+        "verify --deep": ("verify", str(sample_root), "--deep"),
+        "repair": ("repair", str(sample_root)),
+        "gc": ("gc", str(sample_root), "--grace", "0"),
+        "export": ("export", str(sample_root), f"{repo}:latest", "-o", str(tmp_path / "x.tar"),
+                   "--format", "docker-archive"),
+    }, timeout=120)
+    for name, result in results.items():
+        assert_clean_exit(result, (0, 1, 2, 3), name)
+        assert b"\x1b" not in result.stdout + result.stderr, f"{name} sent a raw escape"
+    assert b"[/]" in results["inspect"].stdout
