@@ -139,9 +139,11 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
     if options.check_data:
+        blobs = _blobs_to_hash(inv, store, options.repos)
+        del store  # the parsed manifests are not needed to hash: free them first
         record = _open_record(root, options, summary)
         try:
-            _hash_blobs(storage, inv, _blobs_to_hash(inv, store, options.repos), options, record,
+            _hash_blobs(storage, inv, blobs, options, record,
                         summary, findings, progress=progress, stop=stop, on_finding=on_finding,
                         deadline=None if options.max_duration is None
                         else started + options.max_duration.total_seconds())
@@ -238,7 +240,7 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
             timer.cancel()
         if progress is not None:
             progress.finish()
-    summary.blobs_deferred = len(chosen) - done + (len(selection.to_hash) - len(chosen))
+    summary.blobs_deferred = len(selection.to_hash) - done
     summary.bytes_deferred = sum(b.size for b in selection.to_hash) - done_bytes
     summary.stopped_at_limit = limit_hit.is_set() and summary.blobs_deferred > 0
     summary.interrupted = stop is not None and stop.is_set() and not limit_hit.is_set()
