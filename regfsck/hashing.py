@@ -1,20 +1,27 @@
 """Re-hash blob data in parallel with bounded memory.
 
-hashlib releases the GIL while hashing buffers larger than a few KiB, so plain threads
-use every core. Each worker owns one reusable buffer (1 MiB); small blobs are handed out
-in batches so that per-task overhead does not dominate stores made of small configs and
-manifests. A mismatch is re-read once before it is reported: a flaky read is not damage.
+hashlib and readv release the GIL on large buffers, so for large blobs plain threads use
+every core (one thread's read overlaps another's hashing). Each worker owns one reusable
+buffer (1 MiB), so memory does not depend on blob sizes. Blobs are handed out in batches
+(256 blobs or 8 MiB) so per-task overhead does not dominate stores made of small configs
+and manifests; and when there are many small blobs, their batches go to worker processes
+(`jobs` of them, forked): hashing a few KiB is mostly per-file Python work that threads
+would do one at a time under the GIL. A mismatch is re-read once before it is reported: a flaky
+read is not damage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
 import os
+import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 from regfsck.inventory import Blob
 from regfsck.storage import FilesystemStorage, StorageError
@@ -22,6 +29,9 @@ from regfsck.storage import FilesystemStorage, StorageError
 BUFFER_SIZE = 1 << 20
 BATCH_BYTES = 8 << 20
 BATCH_FILES = 256
+SMALL_BLOB = 256 << 10  # at most this: hashed in a worker process when there are many
+PROCESS_MIN_BLOBS = 20_000  # fewer small blobs than this do not pay for starting processes
+HASH_PROCESSES_ENV = "REGFSCK_HASH_PROCESSES"  # "0": threads only, "1": always (jobs > 1)
 
 ProgressFn = Callable[[int], None]
 _HASHERS: dict[str, Callable[[], hashlib._Hash]] = {
@@ -104,29 +114,97 @@ def _check_blob(storage: FilesystemStorage, blob: Blob, on_bytes: ProgressFn | N
     return HashOutcome(blob, actual, read)
 
 
-def _batches(blobs: Iterable[Blob]) -> Iterator[list[Blob]]:
-    batch: list[Blob] = []
-    size = 0
+def _batches(blobs: Iterable[Blob], split_small: bool) -> Iterator[tuple[bool, list[Blob]]]:
+    """(small?, batch) in about the order given; small and large blobs never share a batch
+    when `split_small` (they go to different pools)."""
+    open_batches: dict[bool, tuple[list[Blob], int]] = {}
     for blob in blobs:
+        small = split_small and blob.size <= SMALL_BLOB
+        batch, size = open_batches.get(small, ([], 0))
         batch.append(blob)
         size += blob.size
         if size >= BATCH_BYTES or len(batch) >= BATCH_FILES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+            open_batches.pop(small, None)
+            yield small, batch
+        else:
+            open_batches[small] = (batch, size)
+    for small, (batch, _) in open_batches.items():
+        yield small, batch
+
+
+_worker_storage: FilesystemStorage | None = None
+
+
+def _worker_init(base: str) -> None:
+    """A hashing worker process: Ctrl-C is the parent's to handle."""
+    global _worker_storage
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_storage = FilesystemStorage(Path(base))
+
+
+def _hash_in_worker(items: list[tuple[str, str]]) -> list[tuple[str | None, int, str | None]]:
+    """In a worker process: (path, digest) -> (actual digest, bytes read, error)."""
+    storage = _worker_storage
+    assert storage is not None
+    out: list[tuple[str | None, int, str | None]] = []
+    for path, digest in items:
+        algorithm = digest.partition(":")[0]
+        try:
+            actual, read = hash_file(storage, path, algorithm)
+            if actual != digest:
+                actual, read = hash_file(storage, path, algorithm)  # re-read once
+        except StorageError as exc:
+            out.append((None, 0, exc.message))
+            continue
+        out.append((actual, read, None))
+    return out
+
+
+def _process_pool(storage: FilesystemStorage, jobs: int) -> ProcessPoolExecutor | None:
+    """`jobs` worker processes, forked now, before this call starts any hashing thread.
+
+    fork, not spawn or forkserver: nothing is re-imported (no fragile re-run of the main
+    module) and the workers start at once. They run nothing but `_hash_in_worker` (os and
+    hashlib calls), so no lock another thread may hold at fork time is ever taken."""
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:
+        return None  # no fork on this platform: threads do it all
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                               initargs=(os.fspath(storage.base),))
+    try:
+        pool.submit(_hash_in_worker, []).result()  # forks every worker
+    except Exception:  # cannot start processes here (limits, sandbox): threads only
+        pool.shutdown(wait=False, cancel_futures=True)
+        return None
+    return pool
+
+
+def _want_processes(blobs: Iterable[Blob], jobs: int) -> bool:
+    """Many small blobs and more than one job; REGFSCK_HASH_PROCESSES=0/1 overrides."""
+    forced = os.environ.get(HASH_PROCESSES_ENV)
+    if forced in ("0", "1"):
+        return forced == "1" and jobs > 1
+    if jobs < 2 or not isinstance(blobs, Sequence):
+        return False
+    return sum(1 for b in blobs if b.size <= SMALL_BLOB) >= PROCESS_MIN_BLOBS
 
 
 def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int,
                  on_bytes: ProgressFn | None = None,
-                 stop: threading.Event | None = None) -> Iterator[HashOutcome]:
-    """Hash every blob with `jobs` threads, yielding each outcome as it completes.
+                 stop: threading.Event | None = None,
+                 processes: bool | None = None) -> Iterator[HashOutcome]:
+    """Hash every blob with `jobs` threads (and, for many small blobs, `jobs` processes),
+    yielding each outcome as it completes.
 
-    At most `2 * jobs` batches are in flight, so memory stays bounded however many
-    blobs there are. When `stop` is set, running batches end at the next buffer.
+    `processes`: None decides from the blobs (a sequence with at least PROCESS_MIN_BLOBS
+    small ones). At most `2 * jobs` batches per pool are in flight, so memory stays bounded
+    however many blobs there are. When `stop` is set, no new batch starts and running
+    thread batches end at the next buffer (a process batch of small blobs finishes).
     """
     jobs = max(1, jobs)
     halt = stop if stop is not None else threading.Event()
+    use_processes = _want_processes(blobs, jobs) if processes is None else processes
 
     def run_batch(batch: list[Blob]) -> list[HashOutcome]:
         outcomes = []
@@ -139,29 +217,53 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
                 break  # the blob in progress has no verdict; the finished ones keep theirs
         return outcomes
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="regfsck-hash") as pool:
-        pending: set[Future[list[HashOutcome]]] = set()
-        try:
-            for batch in _batches(blobs):
-                if halt.is_set():
-                    break
-                pending.add(pool.submit(run_batch, batch))
-                if len(pending) >= 2 * jobs:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield from _outcomes(future)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield from _outcomes(future)
-        finally:
-            if pending:  # left early (interrupt or the consumer stopped): wind down
-                halt.set()
-            for future in pending:
-                future.cancel()
+    procs = _process_pool(storage, jobs) if use_processes else None
+    threads = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="regfsck-hash")
+    pending: dict[Future[list[object]], tuple[bool, list[Blob]]] = {}
+    in_flight = {True: 0, False: 0}
+
+    def collect(finished: Iterable[Future[list[object]]]) -> Iterator[HashOutcome]:
+        for future in finished:
+            from_process, batch = pending.pop(future)
+            in_flight[from_process] -= 1
+            yield from _outcomes(future, from_process, batch, on_bytes)
+
+    try:
+        for small, batch in _batches(blobs, procs is not None):
+            if halt.is_set():
+                break
+            to_process = small and procs is not None
+            if procs is not None and to_process:
+                future = procs.submit(_hash_in_worker, [(b.path, b.digest) for b in batch])
+            else:
+                future = threads.submit(run_batch, batch)
+            pending[future] = (to_process, batch)  # type: ignore[index]
+            in_flight[to_process] += 1
+            while in_flight[to_process] >= 2 * jobs:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                yield from collect(done)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            yield from collect(done)
+    finally:
+        if pending:  # left early (interrupt or the consumer stopped): wind down
+            halt.set()
+        for future in pending:
+            future.cancel()
+        threads.shutdown(wait=True)
+        if procs is not None:
+            procs.shutdown(wait=True, cancel_futures=True)
 
 
-def _outcomes(future: Future[list[HashOutcome]]) -> list[HashOutcome]:
+def _outcomes(future: Future[list[object]], from_process: bool, batch: list[Blob],
+              on_bytes: ProgressFn | None) -> list[HashOutcome]:
     if future.cancelled():
         return []
-    return future.result()
+    results = future.result()
+    if not from_process:
+        return results  # type: ignore[return-value]
+    outcomes = [HashOutcome(blob, actual, read, error)  # type: ignore[misc]
+                for blob, (actual, read, error) in zip(batch, results, strict=True)]
+    if on_bytes is not None:
+        on_bytes(sum(o.bytes_read for o in outcomes))
+    return outcomes
