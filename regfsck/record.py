@@ -154,7 +154,11 @@ class VerifyRecord:
         """Drop rows of blobs that are gone (collected); returns how many."""
         self.flush()
         keep = set(present)
-        stale = [(d,) for d in self.entries() if d not in keep]
+        try:
+            stale = [row for row in self._conn.execute("SELECT digest FROM verified")
+                     if row[0] not in keep]
+        except sqlite3.Error as exc:
+            raise RecordError(f"cannot read the verification record {self.where}: {exc}") from exc
         self._write("DELETE FROM verified WHERE digest = ?", stale)
         return len(stale)
 
