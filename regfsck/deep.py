@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -385,7 +385,7 @@ class Stopped(Exception):
     """The stop event was set while a layer was being read."""
 
 
-def _decompressed(buffered: io.BufferedReader, compression: str) -> Iterator[bytes]:
+def _decompressed(buffered: BinaryIO, compression: str) -> Iterator[bytes]:
     if compression == "gzip":
         stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb")
     elif compression == "zstd":

@@ -504,7 +504,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -584,7 +584,7 @@ class _TarSink(_Sink):
             compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS)
             self.stream = compressor.stream_writer(self.raw, closefd=False)  # type: ignore[arg-type]
         elif compression is Compression.GZIP:
-            self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,  # type: ignore[arg-type]
+            self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
                                         compresslevel=GZIP_LEVEL, mtime=0)
         else:
             self.stream = self.raw

@@ -616,8 +616,8 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
                 name = item.path.removeprefix(layout.REPOSITORIES + "/")
                 for part in (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR):
                     name = name.removesuffix("/" + part)
-                repo = inv.repositories.get(name)
-                if repo is not None and (repo.tags or marks.kept_manifests.get(name)):
+                found = inv.repositories.get(name)
+                if found is not None and (found.tags or marks.kept_manifests.get(name)):
                     refused[item.path] = "no longer empty (a fresh scan finds content)"
                 continue
             repo, digest = _repo_and_digest(item.path)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from regfsck.inventory import Blob
 from regfsck.storage import FilesystemStorage, StorageError
@@ -219,10 +220,10 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
 
     procs = _process_pool(storage, jobs) if use_processes else None
     threads = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="regfsck-hash")
-    pending: dict[Future[list[object]], tuple[bool, list[Blob]]] = {}
+    pending: dict[Future[Any], tuple[bool, list[Blob]]] = {}
     in_flight = {True: 0, False: 0}
 
-    def collect(finished: Iterable[Future[list[object]]]) -> Iterator[HashOutcome]:
+    def collect(finished: Iterable[Future[Any]]) -> Iterator[HashOutcome]:
         for future in finished:
             from_process, batch = pending.pop(future)
             in_flight[from_process] -= 1
@@ -233,11 +234,12 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
             if halt.is_set():
                 break
             to_process = small and procs is not None
+            future: Future[Any]
             if procs is not None and to_process:
                 future = procs.submit(_hash_in_worker, [(b.path, b.digest) for b in batch])
             else:
                 future = threads.submit(run_batch, batch)
-            pending[future] = (to_process, batch)  # type: ignore[index]
+            pending[future] = (to_process, batch)
             in_flight[to_process] += 1
             while in_flight[to_process] >= 2 * jobs:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -255,14 +257,14 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
             procs.shutdown(wait=True, cancel_futures=True)
 
 
-def _outcomes(future: Future[list[object]], from_process: bool, batch: list[Blob],
+def _outcomes(future: Future[Any], from_process: bool, batch: list[Blob],
               on_bytes: ProgressFn | None) -> list[HashOutcome]:
     if future.cancelled():
         return []
     results = future.result()
     if not from_process:
-        return results  # type: ignore[return-value]
-    outcomes = [HashOutcome(blob, actual, read, error)  # type: ignore[misc]
+        return list(results)
+    outcomes = [HashOutcome(blob, actual, read, error)
                 for blob, (actual, read, error) in zip(batch, results, strict=True)]
     if on_bytes is not None:
         on_bytes(sum(o.bytes_read for o in outcomes))

@@ -236,7 +236,7 @@ class _CountingReader(io.RawIOBase):
         return n or 0
 
 
-def _truncation(frames: ZstdFrameChecker | None, counted: io.BufferedReader) -> str | None:
+def _truncation(frames: ZstdFrameChecker | None, counted: io.BufferedIOBase) -> str | None:
     """Why a zstd archive ended early (None when it did not, or is not zstd)."""
     if frames is None:
         return None
@@ -289,7 +289,7 @@ class ArchiveSource(Source):
             with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
                 for member in tar:
                     yield member, tar
-                    tar.members = []  # stream mode keeps every header otherwise
+                    tar.members = []  # type: ignore[attr-defined]  # stream mode keeps every header otherwise
             why = _truncation(frames, counted)
             if why is not None:
                 raise ImportFailed(f"the archive {self.path} is damaged: {why}", "damage")

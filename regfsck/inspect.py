@@ -242,7 +242,7 @@ def measure_layer(storage: FilesystemStorage, path: str) -> tuple[str, int]:
             if kind == "zstd":
                 reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
                 with reader:
-                    return kind, _count(reader)  # type: ignore[arg-type]
+                    return kind, _count(reader)
             return kind, _count(raw)
         except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
             if isinstance(exc, StorageError):
@@ -276,8 +276,8 @@ def parse_config(raw: bytes) -> ConfigInfo:
         raise ValueError("JSON nested too deep") from exc
     if not isinstance(doc, dict):
         raise ValueError("config is not a JSON object")
-    inner = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-    rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
+    inner: dict[str, Any] = doc["config"] if isinstance(doc.get("config"), dict) else {}
+    rootfs: dict[str, Any] = doc["rootfs"] if isinstance(doc.get("rootfs"), dict) else {}
     labels = inner.get("Labels")
     history = doc.get("history")
     return ConfigInfo(

@@ -97,7 +97,7 @@ def _chunks(data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
         while chunk := read(CHUNK):
             yield chunk
         return
-    yield from data  # type: ignore[misc]
+    yield from data
 
 
 # --------------------------------------------------------------------------- results

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -171,7 +171,7 @@ class VerifyRecord:
         if good:
             self._write("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?, ?)", good)
 
-    def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+    def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
         if not rows:
             return
         try:

@@ -150,7 +150,7 @@ def _open_archive_stream(path: Path) -> tuple[IO[bytes], str]:
     if head.startswith(b"\x28\xb5\x2f\xfd"):
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
                                                             closefd=True)
-        return reader, "zstd"  # type: ignore[return-value]
+        return reader, "zstd"
     return raw, "none"
 
 

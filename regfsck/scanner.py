@@ -464,9 +464,10 @@ class Scanner:
                 self._odd_entry(entry, entry.name, "blobs/ or repositories/")
         tasks: list[Task] = []
         for name in (layout.BLOBS, layout.REPOSITORIES):
-            entry = names.get(name)
-            if entry is None:
+            found = names.get(name)
+            if found is None:
                 continue
+            entry = found
             if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
                 self._odd_entry(entry, name, "a directory")
                 continue

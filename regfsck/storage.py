@@ -18,7 +18,7 @@ import stat as stat_module
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 
 class EntryKind(enum.Enum):
@@ -218,7 +218,7 @@ class FilesystemStorage:
     def open_read(self, path: str) -> BinaryIO:
         """Open a regular file for streaming (never a FIFO, device or symlink)."""
         fd = self._open_fd(path)
-        return os.fdopen(fd, "rb", buffering=0)  # type: ignore[return-value]
+        return os.fdopen(fd, "rb", buffering=0)
 
     def open_fd(self, path: str) -> int:
         """Open a regular file and return the raw descriptor (caller closes it)."""
@@ -625,7 +625,7 @@ def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
 
 
 _RENAME_NOREPLACE = 1
-_AT_RENAMEAT2: list[object] = []
+_AT_RENAMEAT2: list[Any] = []
 
 
 def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
@@ -640,11 +640,11 @@ def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str)
             _AT_RENAMEAT2.append(func)
         except (OSError, AttributeError):
             _AT_RENAMEAT2.append(None)
-    func = _AT_RENAMEAT2[0]
-    if func is None:
+    renameat2 = _AT_RENAMEAT2[0]
+    if renameat2 is None:
         return False
-    result = func(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name),  # type: ignore[operator]
-                  _RENAME_NOREPLACE)
+    result = renameat2(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name),
+                       _RENAME_NOREPLACE)
     if result == 0:
         return True
     err = ctypes.get_errno()

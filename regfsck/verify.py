@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -227,10 +228,11 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
                 summary.bytes_verified += outcome.bytes_read
             if outcome.ok:
                 if record is not None:
-                    _record(record, summary, lambda o=outcome: record.record_good(o.blob, verdict_time))
+                    _record(record, summary,
+                            functools.partial(record.record_good, outcome.blob, verdict_time))
                 continue
             if record is not None:
-                _record(record, summary, lambda o=outcome: record.record_bad(o.blob.digest))
+                _record(record, summary, functools.partial(record.record_bad, outcome.blob.digest))
             finding = _hash_finding(outcome)
             findings.add(finding)
             if on_finding is not None:

@@ -320,9 +320,9 @@ def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
         for name, repo in sorted(inv.repositories.items()):
             if not repo.has_layers:
                 continue
-            tagged = set(repo.tag_targets().values())
+            tagged_revs = set(repo.tag_targets().values())
             for rev in sorted(graph.revisions[name]):
-                if rev not in inv.blobs or (not untagged_too and rev not in tagged):
+                if rev not in inv.blobs or (not untagged_too and rev not in tagged_revs):
                     continue
                 if rev == digest or any(c == digest for c, _ in graph.children.get(rev, ())):
                     marked_by = f"{name}@{rev}"

@@ -92,8 +92,8 @@ def _output(plan: RmPlan, json_output: bool, recovered: list[str]) -> None:
     for repo, digest, tags in plan.manifests:
         table.add_row("manifest", shown(f"{repo}@{digest}"),
                       f"tags: {', '.join(tags)}" if tags else "untagged")
-    for repo, tag, digest in plan.tags:
-        table.add_row("tag", shown(f"{repo}:{tag}"), f"was {digest}" if digest else "")
+    for repo, tag, was in plan.tags:
+        table.add_row("tag", shown(f"{repo}:{tag}"), f"was {was}" if was else "")
     console.print(table)
     for repo, digest, subject in plan.orphaned_referrers:
         console.print(f"note: referrer {shown(repo)}@{digest} loses its subject {subject} "
