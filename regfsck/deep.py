@@ -7,13 +7,15 @@ engine streams each layer once, decompressing by media type (falling back to the
 bytes), hashes the uncompressed stream against every diff_id that names it, and walks the
 tar headers as strictly as Go's archive/tar (what docker and containerd unpack with).
 
+Each layer is read once: the compressed bytes are hashed against the blob's own digest as
+they go by (so `verify --deep` need not re-read layers for its plain re-hash), then inflated
+(ISA-L when installed, see regfsck.deflate; zstandard), hashed again and walked as a tar.
 Reading is bounded (1 MiB buffers, zstd frames and tar headers parsed incrementally) and
-runs one layer per thread: zlib, zstd and hashlib release the GIL.
+runs one layer per thread: the inflaters and hashlib release the GIL.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -23,11 +25,11 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
-from regfsck import layout
+from regfsck import deflate, layout
 from regfsck.checks import FindingSet, valid_revisions
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
@@ -110,6 +112,16 @@ def _parse_numeric(field: bytes) -> int:
 
 _HEADER_ONLY = frozenset(b"123456")  # hard link, symlink, char, block, dir, fifo: no data
 _ZERO_BLOCK = bytes(TAR_BLOCK)
+_PAX = frozenset(b"xg")
+_GNU_LONG = frozenset(b"LK")
+_PAX_LOCAL, _SPARSE = ord("x"), ord("S")
+
+
+def _byte_sum(block: bytes) -> int:
+    """sum(block) of a 512-byte header, computed in C: the low half of Adler-32 is
+    1 + sum(bytes) mod 65521, and 256 bytes sum to at most 65280, so each half is exact.
+    (A header is summed for every tar entry: this is several times faster than sum().)"""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
 
 
 class TarStreamChecker:
@@ -153,14 +165,19 @@ class TarStreamChecker:
                 self._pad_left -= take
                 pos += take
                 continue
-            take = min(TAR_BLOCK - len(self._header), end - pos)
-            self._header += view[pos:pos + take]
-            pos += take
-            if len(self._header) == TAR_BLOCK:
+            if not self._header and end - pos >= TAR_BLOCK:
+                block = view[pos:pos + TAR_BLOCK].tobytes()  # a whole header here: no copying twice
+                pos += TAR_BLOCK
+            else:
+                take = min(TAR_BLOCK - len(self._header), end - pos)
+                self._header += view[pos:pos + take]
+                pos += take
+                if len(self._header) < TAR_BLOCK:
+                    continue
                 block = bytes(self._header)
                 self._header.clear()
-                self._block(block)
-                self.offset += TAR_BLOCK
+            self._block(block)
+            self.offset += TAR_BLOCK
         self.offset += pos if not self.ended else 0
 
     def finish(self) -> None:
@@ -189,8 +206,9 @@ class TarStreamChecker:
             return
         if self._zero_blocks:
             raise LayerFormatError(f"a zero block is followed by a header at entry {self.entries + 1}")
-        stored = _parse_octal(block[148:156])
-        unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+        field = block[148:156]
+        stored = _parse_octal(field)
+        unsigned = _byte_sum(block) - sum(field) + 8 * 0x20
         if stored != unsigned:
             signed = unsigned - 256 * sum(1 for i, b in enumerate(block) if b > 127 and not 148 <= i < 156)
             if stored != signed:
@@ -200,12 +218,12 @@ class TarStreamChecker:
         size = _parse_numeric(block[124:136])
         if size < 0:
             raise LayerFormatError(f"negative size in tar entry {self.entries + 1}")
-        if typeflag in (ord("x"), ord("g")):
+        if typeflag in _PAX:
             if size > MAX_SPECIAL_ENTRY:
                 raise LayerFormatError("pax header larger than 1 MiB")
-            self._start_data(size, collect=typeflag == ord("x"))
+            self._start_data(size, collect=typeflag == _PAX_LOCAL)
             return
-        if typeflag in (ord("L"), ord("K")):
+        if typeflag in _GNU_LONG:
             if size > MAX_SPECIAL_ENTRY:
                 raise LayerFormatError("GNU long name larger than 1 MiB")
             self._start_data(size)
@@ -215,7 +233,7 @@ class TarStreamChecker:
         self.entries += 1
         if typeflag in _HEADER_ONLY:
             size = 0
-        if typeflag == ord("S") and block[482]:
+        if typeflag == _SPARSE and block[482]:
             self._sparse_extension = True
             self._deferred_data = size
             return
@@ -354,17 +372,34 @@ class LayerOutcome:
     read_error: str | None = None
     decompress_error: str | None = None
     tar_error: str | None = None
+    # What the blob's own bytes hash to (`alg:hex`, the algorithm of its name) and how many
+    # were read: the plain re-hash, done in the same pass. None when unreadable or stopped.
+    blob_digest: str | None = None
+    bytes_read: int = 0
+
+
+_HASHERS: dict[str, Callable[[], Any]] = {
+    "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+
+
+def blob_hasher(digest: str) -> Any:
+    """A hasher for the algorithm `digest` is named with (None if regfsck does not know it)."""
+    new = _HASHERS.get(digest.partition(":")[0])
+    return new() if new is not None else None
 
 
 class _Source(io.RawIOBase):
-    """The layer file as a raw stream: counts progress, feeds a frame checker, honours stop."""
+    """The layer file as a raw stream: hashes the compressed bytes, counts progress, feeds a
+    frame checker, honours stop."""
 
     def __init__(self, fd: int, frames: ZstdFrameChecker | None, on_bytes: ProgressFn | None,
-                 stop: threading.Event | None) -> None:
+                 stop: threading.Event | None, hasher: Any) -> None:
         self.fd = fd
         self.frames = frames
         self.on_bytes = on_bytes
         self.stop = stop
+        self.hasher = hasher
+        self.total = 0
 
     def readable(self) -> bool:
         return True
@@ -374,22 +409,77 @@ class _Source(io.RawIOBase):
             raise Stopped
         n = os.readv(self.fd, [buffer])
         if n:
+            view = memoryview(buffer)[:n]
+            self.total += n
+            if self.hasher is not None:
+                self.hasher.update(view)
             if self.frames is not None:
-                self.frames.feed(memoryview(buffer)[:n])
+                self.frames.feed(view)
             if self.on_bytes is not None:
                 self.on_bytes(n)
         return n
+
+    def drain(self, buffered: io.BufferedIOBase) -> None:
+        """Read to the end (the bytes still count for the blob digest), checking no frames."""
+        self.frames = None
+        while buffered.read(BUFFER):
+            pass
 
 
 class Stopped(Exception):
     """The stop event was set while a layer was being read."""
 
 
-def _decompressed(buffered: BinaryIO, compression: str) -> Iterator[bytes]:
+class GzipTrailingGarbage(ValueError):
+    """Bytes after a gzip member that are neither zero padding nor another member."""
+
+
+def gunzip(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """Inflate a gzip stream of one or more members, as Python's gzip module reads it.
+
+    Members follow one another (pigz and parallel writers make such streams); zero bytes
+    after a member are padding; a stream that stops inside a member raises EOFError; each
+    member's CRC-32 and length are checked by the inflater. Output comes in chunks of at
+    most BUFFER bytes, so a decompression bomb is walked in bounded memory."""
+    member = deflate.gzip_decompressor()
+    fed = False  # has the current member seen any byte?
+    while True:
+        data = read(BUFFER)
+        if not data:
+            break
+        while data:
+            if not fed:
+                data = data.lstrip(b"\x00")
+                if not data:
+                    break
+                if data[:1] != b"\x1f":
+                    raise GzipTrailingGarbage(f"not a gzip member after the end of one "
+                                              f"(bytes {data[:4]!r})")
+                fed = True
+            out = member.decompress(data, BUFFER)
+            while True:
+                if out:
+                    yield out
+                tail = member.unconsumed_tail
+                if not tail or member.eof:
+                    break
+                out = member.decompress(tail, BUFFER)
+            if member.eof:
+                data = member.unused_data
+                member, fed = deflate.gzip_decompressor(), False
+            else:
+                data = b""
+    if fed:
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+
+def _decompressed(buffered: io.BufferedIOBase, compression: str) -> Iterator[bytes]:
     if compression == "gzip":
-        stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb")
-    elif compression == "zstd":
-        stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=BUFFER,
+        yield from gunzip(buffered.read1)
+        return
+    stream: Any
+    if compression == "zstd":
+        stream = zstandard.ZstdDecompressor().stream_reader(cast(BinaryIO, buffered), read_size=BUFFER,
                                                            read_across_frames=True)
     else:
         stream = buffered
@@ -400,55 +490,76 @@ def _decompressed(buffered: BinaryIO, compression: str) -> Iterator[bytes]:
         yield chunk
 
 
+_DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (
+    EOFError, GzipTrailingGarbage, zstandard.ZstdError, *deflate.ERRORS)
+
+
 def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn | None = None,
                 stop: threading.Event | None = None) -> LayerOutcome:
-    """Decompress one layer blob, hash the result and walk it as a tar (bounded memory)."""
+    """Read one layer blob once: hash its bytes, decompress them, hash the result and walk it
+    as a tar (bounded memory). A layer that cannot be decompressed is still read to its end,
+    so its blob digest is known whatever the data is."""
     try:
         fd = storage.open_fd_fast(job.path)
     except StorageError as exc:
         return LayerOutcome(job, "?", None, 0, 0, read_error=exc.message)
-    hasher = hashlib.sha256()
+    hasher: Any = hashlib.sha256()
     tar = TarStreamChecker()
     tar_error: str | None = None
+    decompress_error: str | None = None
     total = 0
     compression = "?"
+    source = _Source(fd, None, on_bytes, stop, blob_hasher(job.digest))
     try:
         compression = sniff_compression(os.pread(fd, 8, 0))
+        frames = source.frames = ZstdFrameChecker() if compression == "zstd" else None
+        buffered = io.BufferedReader(source, BUFFER)
         if compression in ("bzip2", "xz"):
-            return LayerOutcome(job, compression, None, 0, 0, decompress_error=(
-                f"{compression}-compressed: registries and runtimes expect gzip, zstd or plain tar"))
-        frames = ZstdFrameChecker() if compression == "zstd" else None
-        buffered = io.BufferedReader(_Source(fd, frames, on_bytes, stop), BUFFER)
-        for chunk in _decompressed(buffered, compression):
-            hasher.update(chunk)
-            total += len(chunk)
-            if tar_error is None:
-                try:
-                    tar.feed(chunk)
-                except LayerFormatError as exc:
-                    tar_error = str(exc)
-        if frames is not None:
-            while buffered.read(BUFFER):  # whatever follows the last frame must be frames too
-                pass
-            frames.finish()
-    except LayerFormatError as exc:
-        return LayerOutcome(job, compression, None, total, tar.entries, decompress_error=str(exc))
-    except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as exc:
-        what = f"{compression} stream is truncated" if isinstance(exc, EOFError) else (
-            f"{compression} data is corrupt: {exc or type(exc).__name__}")
-        return LayerOutcome(job, compression, None, total, tar.entries, decompress_error=what)
+            decompress_error = (f"{compression}-compressed: registries and runtimes expect gzip, "
+                                "zstd or plain tar")
+        else:
+            try:
+                # A plain tar named by sha256 is its own diff_id: one hash serves both.
+                same = compression == "none" and job.digest.startswith("sha256:")
+                if same:
+                    hasher = source.hasher
+                for chunk in _decompressed(buffered, compression):
+                    if not same:
+                        hasher.update(chunk)
+                    total += len(chunk)
+                    if tar_error is None:
+                        try:
+                            tar.feed(chunk)
+                        except LayerFormatError as exc:
+                            tar_error = str(exc)
+                if frames is not None:
+                    while buffered.read(BUFFER):  # what follows the last frame must be frames too
+                        pass
+                    frames.finish()
+            except LayerFormatError as exc:
+                decompress_error = str(exc)
+            except _DECOMPRESS_ERRORS as exc:
+                decompress_error = (f"{compression} stream is truncated" if isinstance(exc, EOFError)
+                                    else f"{compression} data is corrupt: {exc or type(exc).__name__}")
+        source.drain(buffered)
     except OSError as exc:
         return LayerOutcome(job, compression, None, total, tar.entries,
                             read_error=f"cannot read {job.path}: {exc.strerror or exc}")
     finally:
         os.close(fd)
+    blob_digest = (f"{job.digest.partition(':')[0]}:{source.hasher.hexdigest()}"
+                   if source.hasher is not None else None)
+    if decompress_error is not None:
+        return LayerOutcome(job, compression, None, total, tar.entries,
+                            decompress_error=decompress_error, blob_digest=blob_digest,
+                            bytes_read=source.total)
     if tar_error is None:
         try:
             tar.finish()
         except LayerFormatError as exc:
             tar_error = str(exc)
     return LayerOutcome(job, compression, f"sha256:{hasher.hexdigest()}", total, tar.entries,
-                        tar_error=tar_error)
+                        tar_error=tar_error, blob_digest=blob_digest, bytes_read=source.total)
 
 
 # -- which layers, and what each image expects of them --------------------------------------
@@ -653,21 +764,38 @@ def _results(done: Iterable[Future[LayerOutcome]]) -> Iterator[LayerOutcome]:
             continue
 
 
-def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None,
-             inventory: Inventory | None = None, progress: DeepProgress | None = None,
-             stop: threading.Event | None = None) -> DeepReport:
-    """Check every layer of every image manifest (in `repos`, or everywhere)."""
-    storage = FilesystemStorage(root.v2)
-    inv = inventory if inventory is not None else Scanner(storage, root).scan()
-    store = ManifestStore(storage, inv)
+@dataclass
+class DeepPlan:
+    """What --deep will read: one job per layer blob (largest first), and what was already
+    found reading the image configs."""
+
+    jobs: list[LayerJob]
+    images: int
+    findings: FindingSet
+
+
+def plan_deep(storage: FilesystemStorage, inv: Inventory, store: ManifestStore,
+              repos: set[str] | None = None) -> DeepPlan:
+    """Collect the layers of every image manifest (in `repos`, or everywhere)."""
     collector = _Collector(storage, inv, store)
     for name in sorted(inv.repositories):
         if repos is None or name in repos:
             collector.add_repository(name)
-    summary = DeepSummary(images=collector.images, layers_total=len(collector.jobs))
-    layer_jobs = sorted(collector.jobs.values(), key=lambda j: j.size, reverse=True)
-    summary.bytes_total = sum(j.size for j in layer_jobs)
-    findings = collector.findings
+    jobs = sorted(collector.jobs.values(), key=lambda j: j.size, reverse=True)
+    return DeepPlan(jobs, collector.images, collector.findings)
+
+
+def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
+                 progress: DeepProgress | None = None, stop: threading.Event | None = None,
+                 on_outcome: Callable[[LayerOutcome], None] | None = None) -> DeepReport:
+    """Read every planned layer once (`jobs` at a time) and judge it.
+
+    `on_outcome` sees each layer's outcome as it completes, on the calling thread: verify
+    takes the blob digests from it instead of reading the layers a second time."""
+    summary = DeepSummary(images=plan.images, layers_total=len(plan.jobs))
+    summary.bytes_total = sum(j.size for j in plan.jobs)
+    findings = FindingSet()
+    findings.extend(plan.findings.findings())
     halt = stop if stop is not None else threading.Event()
     lock = threading.Lock()
 
@@ -683,11 +811,13 @@ def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None
         workers = max(1, jobs)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep") as pool:
             work = lambda job: check_layer(storage, job, advance, halt)  # noqa: E731
-            for outcome in _bounded_map(pool, work, layer_jobs, 2 * workers, halt):
+            for outcome in _bounded_map(pool, work, plan.jobs, 2 * workers, halt):
                 summary.layers_checked += 1
                 summary.bytes_uncompressed += outcome.uncompressed_bytes
                 summary.tar_entries += outcome.tar_entries
                 findings.extend(outcome_findings(outcome))
+                if on_outcome is not None:
+                    on_outcome(outcome)
     finally:
         if progress is not None:
             progress.finish()
@@ -695,3 +825,13 @@ def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
     result = sorted(findings.findings(), key=lambda f: (order[f.severity], f.kind, f.path, f.repo or ""))
     return DeepReport(result, summary)
+
+
+def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None,
+             inventory: Inventory | None = None, progress: DeepProgress | None = None,
+             stop: threading.Event | None = None) -> DeepReport:
+    """Check every layer of every image manifest (in `repos`, or everywhere)."""
+    storage = FilesystemStorage(root.v2)
+    inv = inventory if inventory is not None else Scanner(storage, root).scan()
+    plan = plan_deep(storage, inv, ManifestStore(storage, inv), repos)
+    return check_layers(storage, plan, jobs=jobs, progress=progress, stop=stop)

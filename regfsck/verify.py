@@ -10,16 +10,26 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from regfsck.checks import FindingSet, TreeChecker
+from regfsck.deep import (
+    DeepPlan,
+    DeepProgress,
+    DeepReport,
+    DeepSummary,
+    LayerOutcome,
+    blob_hasher,
+    check_layers,
+    plan_deep,
+)
 from regfsck.digest import EMPTY_SHA256
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, reachable
-from regfsck.hashing import HashOutcome, verify_blobs
+from regfsck.hashing import HashOutcome, hash_file, verify_blobs
 from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
 from regfsck.inventory import Blob, Inventory
 from regfsck.record import RECORD_REL, RecordError, VerifyRecord
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import FilesystemStorage, StorageError
 
 
 @dataclass
@@ -32,6 +42,7 @@ class VerifyOptions:
     max_age: timedelta = DEFAULT_MAX_AGE  # with changed_only: verdicts older than this expire
     sample_percent: float | None = None  # plus the stalest P% of the bytes (rotating pass)
     max_duration: timedelta | None = None  # stop hashing at this much time after the start
+    deep: bool = False  # also decompress every layer (regfsck.deep), reading each one once
 
     @property
     def needs_record(self) -> bool:
@@ -71,6 +82,7 @@ class VerifySummary:
 class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     summary: VerifySummary = field(default_factory=VerifySummary)
+    deep: DeepSummary | None = None  # with options.deep, unless interrupted before the layers
 
     def to_json(self) -> dict[str, object]:
         return {"findings": [f.to_json() for f in self.findings],
@@ -122,10 +134,13 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
                progress: DataProgress | None = None,
                stop: threading.Event | None = None,
                inventory: Inventory | None = None,
-               on_finding: Callable[[Finding], None] | None = None) -> VerifyReport:
+               on_finding: Callable[[Finding], None] | None = None,
+               deep_progress: DeepProgress | None = None) -> VerifyReport:
     """Run every check; `stop` (set on Ctrl-C) ends hashing early with a partial summary.
 
-    Raises RecordError when the incremental options need the verification record and it
+    With `options.deep`, layers are read once: the deep pass hashes each layer blob's bytes
+    as it decompresses them, and that digest is the layer's plain verdict (the plain pass
+    leaves layers out). Raises RecordError when the incremental options need the verification record and it
     cannot be used (a plain run just reports why it could not update an existing one)."""
     started = time.monotonic()
     storage = FilesystemStorage(root.v2)
@@ -139,23 +154,34 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings = FindingSet()
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
+    deep_plan = plan_deep(storage, inv, store, options.repos) if options.deep else None
+    deep: DeepReport | None = None
     if options.check_data:
         blobs = _blobs_to_hash(inv, store, options.repos)
         del store  # the parsed manifests are not needed to hash: free them first
         record = _open_record(root, options, summary)
         try:
-            _hash_blobs(storage, inv, blobs, options, record,
-                        summary, findings, progress=progress, stop=stop, on_finding=on_finding,
-                        deadline=None if options.max_duration is None
-                        else started + options.max_duration.total_seconds())
+            deep = _hash_blobs(storage, inv, blobs, options, record,
+                               summary, findings, progress=progress, stop=stop,
+                               on_finding=on_finding, deep_plan=deep_plan,
+                               deep_progress=deep_progress,
+                               deadline=None if options.max_duration is None
+                               else started + options.max_duration.total_seconds())
         finally:
             if record is not None and summary.record_error is None:
                 _record(record, summary, record.close)
+    elif deep_plan is not None:
+        del store
+        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
+    if deep is not None:
+        findings.extend(deep.findings)
+        summary.interrupted = summary.interrupted or deep.summary.interrupted
     found = findings.findings()
     if options.strict:
         found = [replace(f, severity=Severity.ERROR) if f.kind in STRICT_ERRORS else f
                  for f in found]
-    report = VerifyReport(sorted(found, key=_finding_order), summary)
+    report = VerifyReport(sorted(found, key=_finding_order), summary,
+                          deep.summary if deep is not None else None)
     for finding in report.findings:
         if finding.severity is Severity.ERROR:
             summary.errors += 1
@@ -193,14 +219,24 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
                 options: VerifyOptions, record: VerifyRecord | None, summary: VerifySummary,
                 findings: FindingSet, *, progress: DataProgress | None,
                 stop: threading.Event | None, on_finding: Callable[[Finding], None] | None,
-                deadline: float | None) -> None:
-    """Re-hash the chosen blobs, keeping the record in step with every verdict."""
-    selection = _select(blobs, options, record)
+                deadline: float | None, deep_plan: DeepPlan | None = None,
+                deep_progress: DeepProgress | None = None) -> DeepReport | None:
+    """Re-hash the chosen blobs, keeping the record in step with every verdict.
+
+    With a deep plan, the layers it reads are left out of the plain pass and take their
+    verdict from the deep pass that follows (all of them, whatever the incremental
+    options: the deep pass reads them anyway). Returns the deep report (None without a
+    plan, or when Ctrl-C came before the layers)."""
+    layers = _deep_layers(blobs, deep_plan)
+    plain = [b for b in blobs if b.digest not in layers] if layers else blobs
+    selection = _select(plain, options, record)
     chosen = selection.to_hash
     summary.blobs_total = len(blobs)
     summary.bytes_total = sum(b.size for b in blobs)
     summary.blobs_skipped, summary.bytes_skipped = selection.skipped, selection.skipped_bytes
     summary.hashed_because = selection.counts()
+    if layers and summary.hashed_because:
+        summary.hashed_because["read by --deep"] = len(layers)
     limit_hit = threading.Event()  # the time limit: set by the timer only
     halt = _Either(limit_hit, *(() if stop is None else (stop,)))  # what hashing obeys
     timer: threading.Timer | None = None
@@ -216,38 +252,77 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
     verdict_time = time.time()  # one time per run: the next run re-reads them in inode order
     done = 0
     done_bytes = 0
+
+    def take(outcome: HashOutcome) -> None:
+        nonlocal done, done_bytes
+        done += 1
+        done_bytes += outcome.blob.size
+        if outcome.actual is not None:
+            summary.blobs_verified += 1
+            summary.bytes_verified += outcome.bytes_read
+        if outcome.ok:
+            if record is not None:
+                _record(record, summary,
+                        functools.partial(record.record_good, outcome.blob, verdict_time))
+            return
+        if record is not None:
+            _record(record, summary, functools.partial(record.record_bad, outcome.blob.digest))
+        finding = _hash_finding(outcome)
+        findings.add(finding)
+        if on_finding is not None:
+            on_finding(finding)
+
+    def take_layer(outcome: LayerOutcome) -> None:
+        blob = layers.get(outcome.job.digest)
+        if blob is not None:
+            take(_layer_verdict(storage, blob, outcome))
+
     if progress is not None:
         progress.start(sum(b.size for b in chosen), len(chosen))
     try:
         for outcome in verify_blobs(storage, chosen, jobs=options.jobs,
                                     on_bytes=progress.advance if progress else None, stop=halt):
-            done += 1
-            done_bytes += outcome.blob.size
-            if outcome.actual is not None:
-                summary.blobs_verified += 1
-                summary.bytes_verified += outcome.bytes_read
-            if outcome.ok:
-                if record is not None:
-                    _record(record, summary,
-                            functools.partial(record.record_good, outcome.blob, verdict_time))
-                continue
-            if record is not None:
-                _record(record, summary, functools.partial(record.record_bad, outcome.blob.digest))
-            finding = _hash_finding(outcome)
-            findings.add(finding)
-            if on_finding is not None:
-                on_finding(finding)
+            take(outcome)
     finally:
         if timer is not None:
             timer.cancel()
         if progress is not None:
             progress.finish()
-    summary.blobs_deferred = len(selection.to_hash) - done
-    summary.bytes_deferred = sum(b.size for b in selection.to_hash) - done_bytes
+    deep: DeepReport | None = None
+    if deep_plan is not None and not (stop is not None and stop.is_set()):
+        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress,
+                            stop=stop, on_outcome=take_layer)
+    planned = [*selection.to_hash, *layers.values()]
+    summary.blobs_deferred = len(planned) - done
+    summary.bytes_deferred = sum(b.size for b in planned) - done_bytes
     summary.stopped_at_limit = limit_hit.is_set() and summary.blobs_deferred > 0
     summary.interrupted = stop is not None and stop.is_set() and not limit_hit.is_set()
     if record is not None and options.repos is None and not halt.is_set():
         _record(record, summary, lambda: record.prune(inv.blobs))
+    return deep
+
+
+def _deep_layers(blobs: list[Blob], plan: DeepPlan | None) -> dict[str, Blob]:
+    """The blobs to hash that the deep pass reads (and can hash: a known algorithm)."""
+    if plan is None:
+        return {}
+    by_digest = {b.digest: b for b in blobs}
+    return {j.digest: by_digest[j.digest] for j in plan.jobs
+            if j.digest in by_digest and blob_hasher(j.digest) is not None}
+
+
+def _layer_verdict(storage: FilesystemStorage, blob: Blob, outcome: LayerOutcome) -> HashOutcome:
+    """The plain verdict on a layer the deep pass read: its blob digest, with the plain
+    pass's rule that a mismatch is re-read once before it is reported."""
+    if outcome.blob_digest is None:
+        return HashOutcome(blob, None, 0, outcome.read_error or "unreadable")
+    if outcome.blob_digest == blob.digest:
+        return HashOutcome(blob, outcome.blob_digest, outcome.bytes_read)
+    try:
+        actual, read = hash_file(storage, blob.path, blob.digest.partition(":")[0])
+    except StorageError as exc:
+        return HashOutcome(blob, None, 0, exc.message)
+    return HashOutcome(blob, actual, read)
 
 
 class _Either(threading.Event):

@@ -37,7 +37,7 @@ from regfsck.cli.common import (
     stderr_console,
     stdout_console,
 )
-from regfsck.cli.verify_deep import add_deep, deep_json, render_deep
+from regfsck.cli.verify_deep import RichDeepProgress, deep_json, render_deep
 from regfsck.cli.verify_incremental import (
     CHANGED_ONLY_OPTION,
     MAX_AGE_OPTION,
@@ -115,15 +115,17 @@ def verify(
         fail("--jobs must be positive", exitcodes.USAGE)
     registry = open_root(root, config)
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
-                            check_data=not no_data, strict=strict, **incremental_options(
+                            check_data=not no_data, strict=strict, deep=deep, **incremental_options(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, stop_on_interrupt(stop))
     try:
+        show = show_progress(json_output)
         report = run_verify(registry, options, stop=stop,
-                            progress=RichDataProgress() if show_progress(json_output) else None)
-        deep_summary = add_deep(report, registry, options, stop, show_progress(json_output)) if deep else None
+                            progress=RichDataProgress() if show else None,
+                            deep_progress=RichDeepProgress() if show and deep else None)
+        deep_summary = report.deep
     except UnknownRepositoryError as exc:
         fail(str(exc), exitcodes.USAGE)
     except RecordError as exc:

@@ -1,4 +1,4 @@
-"""`verify --deep`: run the layer engine after verify's own checks, into the same report."""
+"""`verify --deep`: the layer pass's progress bar and its line of the report (run_verify runs it)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from regfsck.checks import FindingSet
 from regfsck.cli.common import human_bytes, stderr_console, stdout_console
-from regfsck.deep import DeepProgress, DeepSummary, run_deep
-from regfsck.findings import Severity
-from regfsck.root import RegistryRoot
-from regfsck.verify import VerifyOptions, VerifyReport
-
-_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+from regfsck.deep import DeepProgress, DeepSummary
 
 
 class RichDeepProgress(DeepProgress):
@@ -44,25 +38,6 @@ class RichDeepProgress(DeepProgress):
 
     def finish(self) -> None:
         self.progress.stop()
-
-
-def add_deep(report: VerifyReport, registry: RegistryRoot, options: VerifyOptions,
-             stop: threading.Event, show_bar: bool) -> DeepSummary | None:
-    """Run the deep layer checks and merge their findings and counts into `report`."""
-    if report.summary.interrupted:
-        return None
-    deep = run_deep(registry, jobs=options.jobs, repos=options.repos, stop=stop,
-                    progress=RichDeepProgress() if show_bar else None)
-    merged = FindingSet()
-    merged.extend(report.findings)
-    merged.extend(deep.findings)
-    report.findings = sorted(merged.findings(), key=lambda f: (_ORDER[f.severity], f.kind, f.path))
-    summary = report.summary
-    summary.errors = sum(f.severity is Severity.ERROR for f in report.findings)
-    summary.warnings = sum(f.severity is Severity.WARNING for f in report.findings)
-    summary.infos = sum(f.severity is Severity.INFO for f in report.findings)
-    summary.interrupted = summary.interrupted or deep.summary.interrupted
-    return deep.summary
 
 
 def deep_json(summary: DeepSummary | None) -> dict[str, Any]:
