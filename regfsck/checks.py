@@ -89,8 +89,25 @@ class TreeChecker:
                 self.out.add(make_finding("blob_empty", blob.path,
                                           "zero-byte blob data (truncated write?)", digest=digest))
 
-    def _check_size(self, ref: Descriptor, manifest_digest: str, repo: str) -> None:
-        blob = self.inv.blobs.get(ref.digest)
+    def _linked(self, repo: Repository, digest: str, layers: set[str]) -> bool:
+        """Readable through `repo`: a `_layers` link named by `digest` naming a stored blob
+        (an alias: `_layers/sha512/<hex>/link` holding the canonical sha256), or one whose
+        content is `digest`."""
+        link = repo.layers.get(digest)
+        if link is not None and link.target is not None and link.target in self.inv.blobs:
+            return True
+        return digest in layers
+
+    def _child_not_served(self, repo: Repository, index: str, ref: Descriptor,
+                          tags: tuple[str, ...]) -> None:
+        self.out.add(make_finding(
+            "child_not_in_repo", layout.revision_link(repo.name, ref.digest),
+            f"child manifest {ref.digest} of index {index} has no revision link "
+            "in this repository", repo=repo.name, digest=ref.digest,
+            affected_tags=tags))
+
+    def _check_size(self, ref: Descriptor, stored: str, manifest_digest: str, repo: str) -> None:
+        blob = self.inv.blobs.get(stored)
         if blob is None or ref.size is None or blob.size == ref.size:
             return
         if (ref.digest, ref.size) in self._size_checked:
@@ -167,23 +184,20 @@ class TreeChecker:
             self.out.add(make_finding("manifest_bad_descriptor", where,
                                       f"manifest {digest}: {problem}", repo=repo.name,
                                       digest=digest, affected_tags=tags))
-        for ref in manifest.references():
-            if ref.is_foreign:
-                continue
-            self._check_size(ref, digest, repo.name)
-            if ref.digest not in self.inv.blobs:
-                self.out.add(make_finding(
-                    "reference_missing", layout.blob_data(ref.digest),
-                    f"{ref.role} {ref.digest} of manifest {digest} does not exist",
-                    repo=repo.name, digest=ref.digest, affected_tags=tags))
-            elif ref.role == "manifest":
-                if ref.digest not in serving:
+        for edge in self.store.reach.edges(digest):
+            ref = edge.descriptor
+            if edge.blob is None:
+                if not edge.optional:  # a foreign layer's bytes may be elsewhere (`urls`)
                     self.out.add(make_finding(
-                        "child_not_in_repo", layout.revision_link(repo.name, ref.digest),
-                        f"child manifest {ref.digest} of index {digest} has no revision link "
-                        "in this repository", repo=repo.name, digest=ref.digest,
-                        affected_tags=tags))
-            elif ref.digest not in layers:
+                        "reference_missing", layout.blob_data(ref.digest),
+                        f"{ref.role} {ref.digest} of manifest {digest} does not exist",
+                        repo=repo.name, digest=ref.digest, affected_tags=tags))
+                continue
+            self._check_size(ref, edge.blob, digest, repo.name)
+            if ref.role == "manifest":
+                if ref.digest not in serving:
+                    self._child_not_served(repo, digest, ref, tags)
+            elif not edge.optional and not self._linked(repo, ref.digest, layers):
                 self.out.add(make_finding(
                     "reference_not_linked", layout.layer_link(repo.name, ref.digest),
                     f"{ref.role} {ref.digest} of manifest {digest} exists but is not linked in "

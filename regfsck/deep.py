@@ -652,11 +652,12 @@ class _Collector:
             return
         self.images += 1
         for position, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
-            if not layer.is_foreign and "+encrypted" not in layer.media_type:
+            if "+encrypted" not in layer.media_type:  # stored `urls` layers are checked too
                 self._use(layer.digest, LayerUse(repo, digest, position, layer.media_type, diff_id,
                                                  config.digest, tags))
 
     def _use(self, digest: str, use: LayerUse) -> None:
+        digest = self.store.reach.resolve(digest) or digest  # a sha512 alias: its stored blob
         blob = self.inv.blobs.get(digest)
         if blob is None:
             return  # missing layers are verify's reference_missing findings

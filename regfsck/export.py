@@ -361,7 +361,10 @@ class _Planner:
 
     # -- blobs ---------------------------------------------------------------------
     def _blob(self, digest: str, name: str) -> BlobCopy:
-        blob = self.inv.blobs.get(digest)
+        """The blob a descriptor names, under the digest the manifest uses (a sha512 layer
+        is stored as its sha256 and found through its alias link: `ReachGraph.resolve`)."""
+        stored = self.store.reach.resolve(digest)
+        blob = self.inv.blobs.get(stored) if stored is not None else None
         if blob is None:
             raise ExportError(f"{name}: blob {digest} is missing from the tree "
                               f"({layout.V2_PREFIX}/{layout.blob_data(digest)})", "damage")
@@ -378,11 +381,12 @@ class _Planner:
         queued = {root}
         manifests: list[str] = []
         while stack:
-            digest, current = stack.pop()
+            digest, _ = stack.pop()
             manifests.append(digest)
-            for ref in current.references():
-                if ref.is_foreign:
-                    continue
+            for edge in self.store.reach.edges(digest):
+                ref = edge.descriptor
+                if edge.blob is None and edge.optional:
+                    continue  # a foreign layer not stored here: its `urls` serve it
                 if ref.role != "manifest":
                     self._add_blob(ref.digest, name)
                 elif ref.digest not in queued:  # a cycle is cut, not followed
@@ -400,8 +404,10 @@ class _Planner:
             self._refuse(name, "not a container image (config type "
                          f"{config.media_type if config else 'none'!r})")
         assert config is not None
-        if any(layer.is_foreign for layer in manifest.layers):
-            self._refuse(name, "foreign (non-distributable) layers cannot go into a docker-archive")
+        if any(layer.is_foreign and self.store.reach.resolve(layer.digest) is None
+               for layer in manifest.layers):
+            self._refuse(name, "foreign (non-distributable) layers not in the store cannot go "
+                         "into a docker-archive")
         image = self._docker_images.get(digest)
         if image is None:
             image = ExportImage(name, repo, tag, digest, manifest.media_type,

@@ -5,11 +5,15 @@ tags' `current` links point at. From the roots the walk follows configs, layers 
 index/list children recursively (a child of a kept index is kept, tagged or not), and a
 manifest with a `subject` (an OCI referrer: signature, SBOM) is kept when its subject is
 kept in the same repository. The mark set is global: a blob any repository uses stays.
+Marking is the reachability oracle's (`reach.mark`): aliases (sha512/sha384 `_layers`
+links) resolve to their stored blob, `urls` descriptors are kept when stored.
 
 The plan is plain data; nothing here changes the tree (`sweep` does, through the
 quarantine). A tree with damage that makes marking unreliable (a manifest that cannot
 be read, a bad tag or revision link, a symlink or unreadable directory hiding part of
 the tree) blocks the plan unless forced: sweeping a damaged store loses more data.
+Forced, a part of the tree that could not be read or judged (symlink, unreadable) still
+keeps every blob: what it references is unknown (`reach.unknown_parts`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from regfsck.checks import DEFAULT_UPLOAD_AGE, TreeChecker
 from regfsck.durations import format_duration
 from regfsck.findings import Finding
 from regfsck.graph import ManifestStore, reachable
-from regfsck.inventory import Inventory, Repository, Upload
+from regfsck.inventory import Inventory, Upload
 from regfsck.names import is_upload_id
+from regfsck.reach import Marks, OrphanReferrer, mark, revision_roots
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import EntryKind, FilesystemStorage
@@ -63,61 +68,7 @@ class GcOptions:
 # --------------------------------------------------------------------------- mark
 
 
-@dataclass
-class OrphanReferrer:
-    """A manifest whose `subject` is not kept in its repository."""
-
-    repo: str
-    digest: str
-    subject: str
-    kept: bool  # kept anyway (tagged, or every revision is a root)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Marks:
-    blobs: set[str]  # every digest kept, globally
-    kept_manifests: dict[str, set[str]]  # repo -> revision digests kept in that repo
-    orphan_referrers: list[OrphanReferrer]
-
-
-def _subject(store: ManifestStore, digest: str) -> str | None:
-    manifest = store.get(digest)
-    return manifest.subject.digest if manifest is not None and manifest.subject is not None else None
-
-
-def _repo_roots(repo: Repository, delete_untagged: bool) -> set[str]:
-    if delete_untagged:
-        return set(repo.tag_targets().values())
-    # Every revision, by its path and (if it differs, a damage forced through) by its content.
-    roots = set(repo.revisions)
-    roots.update(link.target for link in repo.revisions.values() if link.target is not None)
-    return roots
-
-
-def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool) -> Marks:
-    """The mark phase: what every repository keeps, and the global set of kept blobs."""
-    marks = Marks(set(), {}, [])
-    for name, repo in sorted(inventory.repositories.items()):
-        roots = _repo_roots(repo, delete_untagged)
-        reached = reachable(store, roots)
-        while True:  # referrers of kept manifests are kept, to a fixpoint (a sig of an SBOM)
-            referrers = {d for d in repo.revisions if d not in reached
-                         and _subject(store, d) in reached and _subject(store, d) in repo.revisions}
-            if not referrers:
-                break
-            roots |= referrers
-            reached = reachable(store, roots)
-        kept = {d for d in reached if d in repo.revisions}
-        marks.kept_manifests[name] = kept
-        marks.blobs |= reached
-        for digest in sorted(repo.revisions):
-            subject = _subject(store, digest)
-            if subject is not None and subject not in kept:
-                marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
-    return marks
+# The mark phase is the reachability oracle's (`reach.mark`): every command asks it.
 
 
 def blocking_findings(findings: Iterable[Finding], delete_untagged: bool) -> list[Finding]:
@@ -348,7 +299,7 @@ class _Planner:
         referenced: set[str] = set()
         if self.options.delete_untagged:
             referenced = reachable(self.store, {d for repo in self.inv.repositories.values()
-                                                for d in _repo_roots(repo, False)})
+                                                for d in revision_roots(repo)})
         for digest, blob in sorted(self.inv.blobs.items()):
             if digest in marks.blobs:
                 continue

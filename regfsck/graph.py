@@ -1,8 +1,11 @@
 """The reference graph: which blobs each manifest needs, loaded once and walked safely.
 
 Used by everything that asks "what does this image need?": scan's disk-use figures,
-verify's reference checks, gc's mark phase, inspect and why. Walks are iterative and
-cycle-safe, so a manifest that lists itself cannot make them loop.
+verify's reference checks, gc's mark phase, export, inspect and why. The walk itself is
+the reachability oracle in `reach.py` (`ManifestStore.reach`: one per store), which
+resolves alias digests (sha512/sha384), follows `urls` descriptors whose blob is stored,
+index children and referrers. Walks are iterative and cycle-safe, so a manifest that lists
+itself cannot make them loop.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from regfsck.reach import ReachGraph
 from regfsck.storage import FilesystemStorage, StorageError
 
 
@@ -31,6 +35,14 @@ class ManifestStore:
         self.storage = storage
         self.inventory = inventory
         self._cache: dict[str, Manifest | Unloadable] = {}
+        self._reach: ReachGraph | None = None
+
+    @property
+    def reach(self) -> ReachGraph:
+        """The reachability oracle over this store's inventory (built once)."""
+        if self._reach is None:
+            self._reach = ReachGraph(self.inventory, self)
+        return self._reach
 
     def load(self, digest: str) -> Manifest | Unloadable:
         cached = self._cache.get(digest)
@@ -114,34 +126,14 @@ class ManifestStore:
 
 
 def walk(store: ManifestStore, roots: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
-    """Yield (digest, role, parent) for every blob reachable from the manifest `roots`.
-
-    Roles: "manifest" for the roots and index children, "config", "layer", "fslayer".
-    Each digest is yielded once; children are followed recursively, cycles are cut.
-    """
-    seen: set[str] = set()
-    stack: list[tuple[str, str, str | None]] = [(d, "manifest", None) for d in roots]
-    while stack:
-        digest, role, parent = stack.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        yield digest, role, parent
-        if role != "manifest":
-            continue
-        manifest = store.get(digest)
-        if manifest is None:
-            continue
-        for ref in manifest.references():
-            if ref.is_foreign or ref.digest in seen:
-                continue
-            child_role = "manifest" if ref.role == "manifest" else ref.role
-            stack.append((ref.digest, child_role, digest))
+    """Yield (digest, role, parent) for every blob reachable from the manifest `roots`
+    (`ReachGraph.walk`: the one oracle)."""
+    return store.reach.walk(roots)
 
 
 def reachable(store: ManifestStore, roots: Iterable[str]) -> set[str]:
-    """Every blob digest reachable from `roots` (the roots included)."""
-    return {digest for digest, _, _ in walk(store, roots)}
+    """Every blob digest reachable from `roots` (the roots included; `ReachGraph.reachable`)."""
+    return store.reach.reachable(roots)
 
 
 def find_cycle(store: ManifestStore, start: str, done: set[str] | None = None) -> list[str] | None:

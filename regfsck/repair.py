@@ -411,9 +411,11 @@ class Planner:
                     wanted.add(digest)
                     continue
                 manifest = self.manifest(digest)
-                for ref in manifest.references() if manifest else ():
-                    if not ref.is_foreign and ref.digest not in self.good:
-                        wanted.add(ref.digest)
+                for edge in self.store.reach.edges(digest) if manifest else ():
+                    if edge.optional and edge.blob is None:
+                        continue  # a foreign layer served from its `urls`
+                    if edge.node not in self.good:  # an alias counts as its stored blob
+                        wanted.add(edge.digest)
         return wanted
 
     def _needed_manifests(self, repo: str) -> set[str]:
@@ -462,13 +464,14 @@ class Planner:
                     continue
                 if digest not in self.revisions[name]:
                     self._create_revision(name, digest)
-                for ref in manifest.references():
-                    if ref.is_foreign or ref.digest not in self.good:
+                for edge in self.store.reach.edges(digest):
+                    ref = edge.descriptor
+                    if edge.node not in self.good or (edge.optional and ref.digest != edge.node):
                         continue
                     if ref.role == "manifest":
                         pending.append(ref.digest)
                     elif ref.digest not in self.linked[name]:
-                        self._create_layer_link(name, ref.digest, digest)
+                        self._create_layer_link(name, ref.digest, digest, edge.node)
 
     def _create_revision(self, repo: str, digest: str) -> None:
         path = layout.revision_link(repo, digest)
@@ -482,7 +485,10 @@ class Planner:
                      repo=repo, digest=digest, content=digest))
         self.revisions[repo].add(digest)
 
-    def _create_layer_link(self, repo: str, digest: str, manifest: str) -> None:
+    def _create_layer_link(self, repo: str, digest: str, manifest: str,
+                           stored: str | None = None) -> None:
+        """`_layers/<alg>/<hex>/link` for `digest`, holding the stored blob's digest (for a
+        sha512/sha384 alias the canonical sha256, as the registry writes it)."""
         path = layout.layer_link(repo, digest)
         if path in self.sites:
             return
@@ -492,7 +498,7 @@ class Planner:
                      if f.repo == repo and f.kind == "repo_no_layers"]
         self.add(Fix(CREATE_LINK, path, f"blob is referenced by manifest {manifest} but not "
                      "linked in the repository (the registry answers 'blob unknown')", resolves,
-                     repo=repo, digest=digest, content=digest))
+                     repo=repo, digest=digest, content=stored or digest))
         self.linked[repo].add(digest)
 
     def plan_tags(self) -> None:

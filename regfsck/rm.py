@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regfsck import layout
-from regfsck.gc import mark
 from regfsck.graph import ManifestStore
 from regfsck.inventory import Inventory, Repository
+from regfsck.reach import mark
 from regfsck.refs import ImageRef, RefError, parse_ref
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner

@@ -22,11 +22,12 @@ from typing import Any
 from regfsck import layout
 from regfsck.checks import valid_revisions
 from regfsck.durations import format_duration
-from regfsck.gc import DEFAULT_GRACE, Marks, mark
+from regfsck.gc import DEFAULT_GRACE
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.inventory import Inventory
 from regfsck.layout import V2_PREFIX
 from regfsck.manifest import Manifest
+from regfsck.reach import Marks, mark
 
 # A root of the mark: (repository, manifest digest).
 Root = tuple[str, str]
@@ -68,29 +69,21 @@ class ReferenceGraph:
 
     def _add_manifest(self, digest: str, manifest: Manifest, pending: deque[str]) -> None:
         edges: list[tuple[str, str]] = []
-        for ref in manifest.references():
-            if ref.is_foreign:
-                continue
-            edges.append((ref.digest, ref.role))
-            self.parents.setdefault(ref.digest, set()).add((digest, ref.role))
-            if ref.role == "manifest" and ref.digest not in self.children:
-                pending.append(ref.digest)
+        for edge in self.store.reach.edges(digest):  # the one oracle's edges: aliases
+            node = edge.node                           # resolved, stored `urls` layers kept
+            edges.append((node, edge.role))
+            self.parents.setdefault(node, set()).add((digest, edge.role))
+            if edge.role == "manifest" and node not in self.children:
+                pending.append(node)
         self.children[digest] = edges
         if manifest.subject is not None:
             self.subject_of[digest] = manifest.subject.digest
 
     # -- reach -------------------------------------------------------------------
     def reach(self, digests: Iterable[str]) -> set[str]:
-        """Every digest reachable from `digests` through references (they included)."""
-        seen: set[str] = set()
-        stack = list(digests)
-        while stack:
-            digest = stack.pop()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            stack.extend(child for child, _ in self.children.get(digest, ()) if child not in seen)
-        return seen
+        """Every digest reachable from `digests` through references (they included):
+        the oracle's walk (`ReachGraph.reachable`)."""
+        return self.store.reach.reachable(digests)
 
     def referrers_in(self, repo: str) -> dict[str, list[str]]:
         """subject digest -> referrer revisions of `repo` attached to it."""
@@ -103,16 +96,10 @@ class ReferenceGraph:
 
     def reach_with_referrers(self, repo: str, digests: Iterable[str],
                              referrers: dict[str, list[str]] | None = None) -> set[str]:
-        """Reach from `digests`, adding the referrers of `repo` whose subject gets reached."""
-        by_subject = referrers if referrers is not None else self.referrers_in(repo)
-        revs = self.revisions.get(repo, set())
-        reached = self.reach(digests)
-        while True:
-            extra = [r for subject, refs in by_subject.items()
-                     if subject in reached and subject in revs for r in refs if r not in reached]
-            if not extra:
-                return reached
-            reached |= self.reach(extra)
+        """Reach from `digests`, adding the referrers of `repo` whose subject gets reached
+        (the oracle's `ReachGraph.closure`, the same rule gc marks by)."""
+        del referrers  # the oracle finds them itself
+        return self.store.reach.closure(self.inv.repositories[repo], digests)
 
     def tags_of(self, repo: str, digest: str) -> list[str]:
         repository = self.inv.repositories[repo]
@@ -210,6 +197,7 @@ class WhyReport:
     size: int | None
     path: str  # blob data path relative to ROOT
     misplaced_at: str | None = None  # stored under a wrong fan-out directory
+    stored_as: str | None = None  # an alias digest (sha512): the canonical blob it names
     roles: list[str] = field(default_factory=list)
     revision_of: list[str] = field(default_factory=list)  # repos holding it as a manifest
     paths: list[ReferencePath] = field(default_factory=list)
@@ -229,6 +217,7 @@ class WhyReport:
             "size": self.size,
             "path": self.path,
             "misplaced_at": self.misplaced_at,
+            "stored_as": self.stored_as,
             "roles": self.roles,
             "revision_of": self.revision_of,
             "paths": [p.to_json() for p in self.paths],
@@ -389,10 +378,15 @@ def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
                  graph: ReferenceGraph | None = None) -> WhyReport:
     """Answer `regfsck why` for `digest` (validated by the caller)."""
     graph = graph or ReferenceGraph(inventory, store)
+    asked = digest
+    stored = store.reach.resolve(digest)
+    digest = stored if stored is not None else digest  # a sha512 alias: its stored blob
     blob = inventory.blobs.get(digest)
-    report = WhyReport(digest=digest, exists=blob is not None,
+    report = WhyReport(digest=asked, exists=blob is not None,
                        size=blob.size if blob else None,
                        path=_root_path(layout.blob_data(digest)))
+    if digest != asked:
+        report.stored_as = digest
     misplaced = [b for b in inventory.misplaced_blobs if b.digest == digest]
     if misplaced:
         report.misplaced_at = _root_path(misplaced[0].path)

@@ -88,6 +88,23 @@ def have_real_tools() -> bool:
 
 REAL_TOOLS_SKIP_REASON = real_tools_missing() or ""
 
+# `../shared/bin/unpack-registry3` seen from the checkout (or from a clone one level deeper).
+UNPACK_REGISTRY3 = next((p / "shared" / "bin" / "unpack-registry3"
+                         for p in Path(__file__).resolve().parents[2:4]
+                         if (p / "shared" / "bin" / "unpack-registry3").is_file()),
+                        Path(__file__).resolve().parents[2] / "shared" / "bin" / "unpack-registry3")
+
+
+def registry3_binary(dest_dir: Path | str) -> str | None:
+    """Unpack the real registry v3 binary into ``dest_dir``; None when it is not available
+    (a machine without ``../shared/bin/unpack-registry3``: callers skip with a reason)."""
+    script = Path(os.environ.get("REGFSCK_UNPACK_REGISTRY3", str(UNPACK_REGISTRY3)))
+    if not script.is_file():
+        return None
+    out = Path(dest_dir) / "registry3"
+    proc = subprocess.run([str(script), str(out)], capture_output=True, check=False)
+    return str(out) if proc.returncode == 0 and out.is_file() else None
+
 
 def clean_env() -> dict[str, str]:
     """The current environment without ``REGISTRY_*`` overrides and ``AWS_CA_BUNDLE``."""
@@ -127,9 +144,13 @@ class HTTPResponse:
 
 
 def write_registry_config(
-    path: Path, root: Path, *, port: int = 5000, schema1: bool = True, log_level: str = "info"
+    path: Path, root: Path, *, port: int = 5000, schema1: bool = True, log_level: str = "info",
+    allow_urls: bool = False,
 ) -> Path:
-    """Write a distribution 2.8 config for a filesystem store at ``root`` to ``path``."""
+    """Write a distribution 2.8 config for a filesystem store at ``root`` to ``path``.
+
+    ``allow_urls``: accept descriptors carrying ``urls`` (both registries refuse them by
+    default); the same file serves registry v3."""
     config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": log_level, "accesslog": {"disabled": True}},
@@ -142,6 +163,8 @@ def write_registry_config(
     }
     if schema1:
         config["compatibility"] = {"schema1": {"enabled": True}}
+    if allow_urls:
+        config["validation"] = {"manifests": {"urls": {"allow": ["^https?://"]}}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -153,10 +176,13 @@ class RealRegistry:
     """
 
     def __init__(
-        self, root: Path | str, *, schema1: bool = True, start_timeout: float = 20.0
+        self, root: Path | str, *, schema1: bool = True, start_timeout: float = 20.0,
+        binary: str = REGISTRY_BIN, allow_urls: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
-        self.schema1 = schema1
+        self.binary = binary  # registry v3: `registry3_binary(...)`
+        self.allow_urls = allow_urls
+        self.schema1 = schema1 and binary == REGISTRY_BIN  # v3 refuses the schema1 section
         self.start_timeout = start_timeout
         self.port = 0
         self._tmp: Path | None = None
@@ -215,10 +241,11 @@ class RealRegistry:
     def _start_once(self) -> RealRegistry:
         self._tmp = Path(tempfile.mkdtemp(prefix="regfsck-registry-"))
         self.port = free_port()
-        write_registry_config(self.config_path, self.root, port=self.port, schema1=self.schema1)
+        write_registry_config(self.config_path, self.root, port=self.port, schema1=self.schema1,
+                              allow_urls=self.allow_urls)
         with open(self.log_path, "wb") as log:
             proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.config_path)],
+                [self.binary, "serve", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -364,9 +391,10 @@ class RealRegistry:
             202,
         )
 
-    def put_blob(self, repo: str, data: bytes) -> str:
-        """Monolithic upload (POST + PUT ?digest=); returns the digest."""
-        digest = sha256_digest(data)
+    def put_blob(self, repo: str, data: bytes, algorithm: str = "sha256") -> str:
+        """Monolithic upload (POST + PUT ?digest=); returns the digest (``algorithm``:
+        sha256, sha384 or sha512: the registry accepts all three)."""
+        digest = f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
         start = self._expect(
             self.request("POST", f"/v2/{repo}/blobs/uploads/", data=b""),
             f"start upload to {repo}",
@@ -454,9 +482,10 @@ def garbage_collect(
     dry_run: bool = True,
     delete_untagged: bool = False,
     timeout: float = 300.0,
+    binary: str = REGISTRY_BIN,
 ) -> tuple[int, str]:
-    """Run the official GC; returns ``(returncode, stdout + stderr)``."""
-    cmd = [REGISTRY_BIN, "garbage-collect"]
+    """Run the official GC (2.8, or v3 with ``binary``); returns ``(returncode, output)``."""
+    cmd = [binary, "garbage-collect"]
     if dry_run:
         cmd.append("--dry-run")
     if delete_untagged:
@@ -514,9 +543,11 @@ def parse_gc_output(output: str) -> GCPlan:
     return plan
 
 
-def gc_dry_run(config_path: Path | str, delete_untagged: bool = False) -> GCPlan:
+def gc_dry_run(config_path: Path | str, delete_untagged: bool = False,
+               binary: str = REGISTRY_BIN) -> GCPlan:
     """Run a dry-run GC and parse it; raises RealToolError on a non-zero exit."""
-    rc, out = garbage_collect(config_path, dry_run=True, delete_untagged=delete_untagged)
+    rc, out = garbage_collect(config_path, dry_run=True, delete_untagged=delete_untagged,
+                              binary=binary)
     if rc != 0:
         raise RealToolError(f"garbage-collect --dry-run exited {rc}:\n{out}")
     return parse_gc_output(out)

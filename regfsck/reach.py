@@ -1,0 +1,311 @@
+"""The one reachability oracle: what a manifest needs, what is kept, what is still in use.
+
+Every question of the form "does something need this blob?" is answered here, over one
+graph, so gc's mark, verify's reference checks, export's closure, `why`, and the undo /
+recover / rm / repair "is this still used" checks cannot disagree:
+
+* **Every digest algorithm the registry accepts.** An upload with `digest=sha512:...` (or
+  sha384) is stored under its canonical sha256 (`blobs/sha256/...`) and made readable by a
+  `_layers/sha512/<hex>/link` *alias* whose content is that sha256 (a second link,
+  `_layers/sha256/<hex>/link`, holds the same). A descriptor naming `sha512:...` is satisfied
+  by the blob its alias link names (`ReachGraph.resolve`). Both official collectors mark the
+  sha512 digest and then delete the sha256 data; regfsck keeps it.
+* **`urls`.** A descriptor's blob is followed and kept whenever it is in the store, whatever
+  its `urls`. Only a *missing* blob of a foreign-marked descriptor (`Descriptor.is_foreign`:
+  `urls` on a non-distributable / OCI layer, which the registry never checks) is not an
+  error (`Edge.optional`).
+* **Index children** are followed recursively (a child of a kept index is kept, tagged or
+  not), **referrers** (a manifest with a `subject`) are kept when their subject is kept in
+  the same repository, to a fixpoint.
+* **Unknown = keep.** When part of `repositories/` could not be read or judged (a symbolic
+  link the scan does not follow, an unreadable directory or link, an unreadable manifest),
+  what it references is unknown, so every stored blob counts as referenced
+  (`ReachGraph.unknown`). `gc --force` therefore never sweeps a blob such a part may need.
+
+Functions for other commands (all read-only):
+
+* `blobs_in_use(inventory, store, ignore_links=...)`: the blob digests something uses *now*:
+  referenced from any revision of any repository (through the graph above) or made readable
+  by any `_layers` link not in `ignore_links` (an upload in flight or a cross-repository
+  mount links blobs before a manifest names them). This is the "may this created / restored
+  blob go?" question of undo and recover: a blob in this set stays.
+* `is_blob_in_use(...)`: the same for one digest.
+* `layer_link_in_use(inventory, store, repo, path_digest)`: does a manifest of `repo` name
+  the blob this `_layers` link makes readable?
+* `mark(inventory, store, delete_untagged)`: gc's mark phase (`Marks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from regfsck import layout
+from regfsck.inventory import Inventory, Repository
+from regfsck.manifest import Descriptor
+
+if TYPE_CHECKING:  # graph.py hands out one ReachGraph per store (`ManifestStore.reach`)
+    from regfsck.graph import ManifestStore
+
+# Anomalies after which part of a repository's content is unknown to the scan.
+UNKNOWN_KINDS = frozenset({"symlink", "unreadable"})
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """One reference from a manifest to a blob, resolved against the store."""
+
+    parent: str  # the referring manifest's digest
+    descriptor: Descriptor
+    blob: str | None  # the stored blob satisfying it (its digest, or the canonical digest
+    #                    an alias link names); None when the store has no such blob
+
+    @property
+    def digest(self) -> str:
+        """The digest the manifest names (what a client asks the registry for)."""
+        return self.descriptor.digest
+
+    @property
+    def role(self) -> str:
+        return self.descriptor.role
+
+    @property
+    def optional(self) -> bool:
+        """Foreign-marked: the registry never checks it exists, so missing is no error."""
+        return self.descriptor.is_foreign
+
+    @property
+    def node(self) -> str:
+        """The digest this edge reaches in the graph: the stored blob when there is one."""
+        return self.blob if self.blob is not None else self.descriptor.digest
+
+
+def _alias_map(inventory: Inventory) -> dict[str, str]:
+    """Digest named by a `_layers` link path -> the stored blob its content names, for
+    every link whose path differs from its content (sha512/sha384 aliases), in any
+    repository. Only links naming an existing blob count."""
+    aliases: dict[str, str] = {}
+    for repo in inventory.repositories.values():
+        for path_digest, link in repo.layers.items():
+            target = link.target
+            if target is not None and target != path_digest and target in inventory.blobs:
+                aliases.setdefault(path_digest, target)
+    return aliases
+
+
+def unknown_parts(inventory: Inventory) -> list[str]:
+    """Paths under `repositories/` the scan could not read or would not follow, plus
+    revision manifests that could not be read (their references are unknown)."""
+    prefix = layout.REPOSITORIES + "/"
+    found = [a.path for a in inventory.anomalies
+             if a.kind in UNKNOWN_KINDS and (a.path.startswith(prefix) or a.repo is not None)]
+    return sorted(found)
+
+
+class ReachGraph:
+    """The reference graph of one scan, resolved against its store (see the module doc)."""
+
+    def __init__(self, inventory: Inventory, store: ManifestStore) -> None:
+        self.inv = inventory
+        self.store = store
+        self.aliases = _alias_map(inventory)
+        self.unknown: list[str] = unknown_parts(inventory)
+        self._edges: dict[str, tuple[Edge, ...]] = {}
+
+    # -- resolution ----------------------------------------------------------------
+    def resolve(self, digest: str) -> str | None:
+        """The stored blob a descriptor digest names: itself when stored, else the blob an
+        alias link (`_layers/<alg>/<hex>/link`, any repository) names; None: not stored."""
+        if digest in self.inv.blobs:
+            return digest
+        return self.aliases.get(digest)
+
+    def edges(self, manifest_digest: str) -> tuple[Edge, ...]:
+        """The references of one manifest (config, layers, index children; not `subject`),
+        each resolved; () when it cannot be loaded."""
+        cached = self._edges.get(manifest_digest)
+        if cached is None:
+            loaded = self.store.load(manifest_digest)
+            manifest = self.store.get(manifest_digest)
+            if manifest is None and getattr(loaded, "kind", "") == "blob_unreadable":
+                # Readable to the registry, perhaps: what it references is unknown.
+                self.unknown.append(layout.blob_data(manifest_digest))
+            refs = manifest.references() if manifest is not None else ()
+            cached = tuple(Edge(manifest_digest, ref, self.resolve(ref.digest)) for ref in refs)
+            self._edges[manifest_digest] = cached
+        return cached
+
+    def subject(self, manifest_digest: str) -> str | None:
+        manifest = self.store.get(manifest_digest)
+        return manifest.subject.digest if manifest is not None and manifest.subject else None
+
+    # -- walks -----------------------------------------------------------------------
+    def walk(self, roots: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
+        """Yield (digest, role, parent) for every blob reachable from the manifest `roots`.
+
+        `digest` is the stored blob when there is one (an alias resolved to its canonical
+        digest), else the digest the manifest names. Roles: "manifest" for the roots and
+        index children, "config", "layer", "fslayer". Each digest once; cycles are cut."""
+        seen: set[str] = set()
+        stack: list[tuple[str, str, str | None]] = [(d, "manifest", None) for d in roots]
+        while stack:
+            digest, role, parent = stack.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            yield digest, role, parent
+            if role != "manifest":
+                continue
+            for edge in self.edges(digest):
+                node = edge.node
+                if node not in seen:
+                    stack.append((node, edge.role, digest))
+
+    def reachable(self, roots: Iterable[str]) -> set[str]:
+        """Every digest reachable from `roots` (roots included; for an alias, both the
+        digest named and the stored blob)."""
+        out: set[str] = set()
+        for digest, _, parent in self.walk(roots):
+            out.add(digest)
+            if parent is not None:
+                for edge in self.edges(parent):
+                    if edge.blob == digest and edge.digest != digest:
+                        out.add(edge.digest)
+        return out
+
+    def closure(self, repo: Repository, roots: Iterable[str]) -> set[str]:
+        """`reachable(roots)` plus, to a fixpoint, the referrers among `repo`'s revisions
+        whose subject is reached and is a revision of `repo` (a signature of an SBOM)."""
+        roots = set(roots)
+        reached = self.reachable(roots)
+        while True:
+            referrers = {d for d in repo.revisions if d not in reached
+                         and (s := self.subject(d)) in reached and s in repo.revisions}
+            if not referrers:
+                return reached
+            roots |= referrers
+            reached = self.reachable(roots)
+
+    def referenced(self) -> set[str]:
+        """Every digest any revision of any repository reaches (referrers included: every
+        revision is a root). With unknown parts in the tree, every stored blob too."""
+        roots = {d for repo in self.inv.repositories.values() for d in revision_roots(repo)}
+        out = self.reachable(roots)
+        if self.unknown:
+            out |= set(self.inv.blobs)
+        return out
+
+
+def revision_roots(repo: Repository) -> set[str]:
+    """Every revision of `repo`, by its path and (if it differs, damage forced through)
+    by its content."""
+    roots = set(repo.revisions)
+    roots.update(link.target for link in repo.revisions.values() if link.target is not None)
+    return roots
+
+
+# --------------------------------------------------------------------------- gc's mark
+
+
+@dataclass
+class OrphanReferrer:
+    """A manifest whose `subject` is not kept in its repository."""
+
+    repo: str
+    digest: str
+    subject: str
+    kept: bool  # kept anyway (tagged, or every revision is a root)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Marks:
+    blobs: set[str]  # every digest kept, globally (aliases and their stored blobs)
+    kept_manifests: dict[str, set[str]]  # repo -> revision digests kept in that repo
+    orphan_referrers: list[OrphanReferrer]
+    unknown: list[str]  # unjudgeable parts of the tree: every stored blob is kept
+
+
+def _repo_roots(repo: Repository, delete_untagged: bool, unknown: bool) -> set[str]:
+    if delete_untagged and not unknown:
+        return set(repo.tag_targets().values())
+    return revision_roots(repo)
+
+
+def _repo_has_unknown(graph: ReachGraph, repo: Repository) -> bool:
+    prefix = repo.path + "/"
+    return any(p.startswith(prefix) for p in graph.unknown)
+
+
+def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
+         graph: ReachGraph | None = None) -> Marks:
+    """gc's mark phase: what every repository keeps, and the global set of kept blobs.
+
+    Roots are every revision, or with `delete_untagged` only the tags' targets (but every
+    revision of a repository with an unknown part: which of its manifests a tag wants is
+    unknown). With unknown parts anywhere, every stored blob is kept."""
+    graph = graph or store.reach
+    marks = Marks(set(), {}, [], list(graph.unknown))
+    for name, repo in sorted(inventory.repositories.items()):
+        roots = _repo_roots(repo, delete_untagged, _repo_has_unknown(graph, repo))
+        reached = graph.closure(repo, roots)
+        kept = {d for d in reached if d in repo.revisions}
+        marks.kept_manifests[name] = kept
+        marks.blobs |= reached
+        for digest in sorted(repo.revisions):
+            subject = graph.subject(digest)
+            if subject is not None and subject not in kept:
+                marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
+    if graph.unknown:
+        marks.blobs |= set(inventory.blobs)
+        marks.unknown = sorted(set(graph.unknown))
+    return marks
+
+
+# --------------------------------------------------------------------------- in use now
+
+
+def blobs_in_use(inventory: Inventory, store: ManifestStore, *,
+                 ignore_links: Collection[str] = (),
+                 graph: ReachGraph | None = None) -> set[str]:
+    """The blob digests something uses now (see the module doc): referenced from any
+    revision of any repository, or the target of any `_layers` link whose path (relative
+    to `v2`, e.g. `layout.layer_link(repo, digest)`) is not in `ignore_links`. With unknown
+    parts in the tree, every stored blob. The answer to "may this blob go?" for undo,
+    recover, rm and repair: never remove a blob in this set."""
+    graph = graph or store.reach
+    used = graph.referenced()
+    ignored = set(ignore_links)
+    for repo in inventory.repositories.values():
+        for link in repo.layers.values():
+            if link.target is not None and link.path not in ignored:
+                used.add(link.target)
+    return used
+
+
+def is_blob_in_use(inventory: Inventory, store: ManifestStore, digest: str, *,
+                   ignore_links: Collection[str] = ()) -> bool:
+    """True when `digest` (any algorithm; an alias counts as its stored blob) is in
+    `blobs_in_use`."""
+    graph = store.reach
+    used = blobs_in_use(inventory, store, ignore_links=ignore_links, graph=graph)
+    return digest in used or graph.resolve(digest) in used
+
+
+def layer_link_in_use(inventory: Inventory, store: ManifestStore, repo: str,
+                      path_digest: str, graph: ReachGraph | None = None) -> bool:
+    """True when a revision of `repo` reaches the digest this `_layers` link is named by,
+    or the blob it makes readable (a pull through `repo` needs the link). Unknown parts
+    inside the repository count as a use."""
+    repository = inventory.repositories.get(repo)
+    if repository is None:
+        return False
+    graph = graph or store.reach
+    if _repo_has_unknown(graph, repository):
+        return True
+    reached = graph.closure(repository, revision_roots(repository))
+    link = repository.layers.get(path_digest)
+    return path_digest in reached or (link is not None and link.target in reached)

@@ -1,0 +1,223 @@
+"""The reachability oracle against the real registries (issue 10, items 1 and 4).
+
+Trees are built by the real registry (2.8 and v3) through its API:
+
+* `team/alias:v1`: a layer uploaded with `digest=sha512:...` and a config uploaded with
+  `digest=sha384:...` (the registry stores both under their sha256 and links the alias);
+* `team/urls:v1`: an OCI image whose non-distributable layer AND ordinary OCI layer carry
+  `urls`, both pushed with their bytes (config allows `urls`);
+* `team/urls:idx`: an OCI index whose child descriptor carries `urls`;
+* `team/ext:v1`: a foreign layer with `urls` whose bytes were never pushed (allowed missing).
+
+Every one of them must survive `regfsck gc --apply` in both modes (pulled afterwards with
+skopeo from the real registry), verify must find no error, export must carry the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests import realtools
+from tests.test_gc import cli
+
+pytestmark = pytest.mark.realtools
+
+MT_NONDIST = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+# Connection refused at once: clients fall back to the registry for the bytes.
+URLS = ["http://127.0.0.1:1/blob"]
+
+
+@dataclass
+class Built:
+    root: Path
+    binary: str
+    tags: dict[str, str] = field(default_factory=dict)  # "repo:tag" -> manifest digest
+    alias_layer: str = ""  # sha512:...
+    alias_config: str = ""  # sha384:...
+    alias_stored: set[str] = field(default_factory=set)  # their sha256 (stored) digests
+    urls_stored: set[str] = field(default_factory=set)  # urls-carrying blobs with bytes
+    index_child: str = ""
+    missing_foreign: str = ""
+
+
+def _config(files: dict[str, bytes]) -> bytes:
+    diff_id = realtools.sha256_digest(realtools.make_tar(files))
+    return json.dumps({"architecture": "amd64", "os": "linux",
+                       "rootfs": {"type": "layers", "diff_ids": [diff_id]}},
+                      sort_keys=True).encode()
+
+
+def _manifest(config: tuple[str, bytes], layers: list[dict[str, object]]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": realtools.MT_OCI_MANIFEST,
+                       "config": {"mediaType": realtools.MT_OCI_CONFIG, "digest": config[0],
+                                  "size": len(config[1])},
+                       "layers": layers}).encode()
+
+
+def build(root: Path, binary: str) -> Built:
+    out = Built(root, binary)
+    with realtools.RealRegistry(root, binary=binary, allow_urls=True) as reg:
+        # sha512 layer + sha384 config
+        files = {"alias.txt": b"pushed by sha512"}
+        layer, _ = realtools.make_layer(files)
+        cfg = _config(files)
+        out.alias_layer = reg.put_blob("team/alias", layer, "sha512")
+        out.alias_config = reg.put_blob("team/alias", cfg, "sha384")
+        out.alias_stored = {realtools.sha256_digest(layer), realtools.sha256_digest(cfg)}
+        body = _manifest((out.alias_config, cfg), [
+            {"mediaType": realtools.MT_OCI_LAYER_GZIP, "digest": out.alias_layer,
+             "size": len(layer)}])
+        out.tags["team/alias:v1"] = reg.put_manifest("team/alias", "v1", body,
+                                                     realtools.MT_OCI_MANIFEST)
+        # urls layers with their bytes
+        files = {"foreign.txt": b"non-distributable but pushed"}
+        nondist, _ = realtools.make_layer(files)
+        plain_files = {"plain.txt": b"ordinary layer carrying urls"}
+        plain, _ = realtools.make_layer(plain_files)
+        cfg2 = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [realtools.sha256_digest(realtools.make_tar(f))
+                                           for f in (files, plain_files)]}}).encode()
+        d_nondist = reg.put_blob("team/urls", nondist)
+        d_plain = reg.put_blob("team/urls", plain)
+        d_cfg2 = reg.put_blob("team/urls", cfg2)
+        out.urls_stored = {d_nondist, d_plain}
+        body = _manifest((d_cfg2, cfg2), [
+            {"mediaType": MT_NONDIST, "digest": d_nondist, "size": len(nondist), "urls": URLS},
+            {"mediaType": realtools.MT_OCI_LAYER_GZIP, "digest": d_plain, "size": len(plain),
+             "urls": URLS}])
+        child = reg.put_manifest("team/urls", "v1", body, realtools.MT_OCI_MANIFEST)
+        out.tags["team/urls:v1"] = child
+        # an untagged child, listed by a tagged index with `urls` on its descriptor
+        files3 = {"child.txt": b"index child"}
+        layer3, _ = realtools.make_layer(files3)
+        cfg3 = _config(files3)
+        d3 = reg.put_blob("team/urls", layer3)
+        dc3 = reg.put_blob("team/urls", cfg3)
+        body3 = _manifest((dc3, cfg3), [{"mediaType": realtools.MT_OCI_LAYER_GZIP,
+                                         "digest": d3, "size": len(layer3)}])
+        out.index_child = hashlib.sha256(body3).hexdigest()
+        out.index_child = reg.put_manifest("team/urls", f"sha256:{out.index_child}", body3,
+                                           realtools.MT_OCI_MANIFEST)
+        index = json.dumps({"schemaVersion": 2, "mediaType": realtools.MT_OCI_INDEX,
+                            "manifests": [{"mediaType": realtools.MT_OCI_MANIFEST,
+                                           "digest": out.index_child, "size": len(body3),
+                                           "urls": URLS,
+                                           "platform": {"os": "linux",
+                                                        "architecture": "amd64"}}]}).encode()
+        out.tags["team/urls:idx"] = reg.put_manifest("team/urls", "idx", index,
+                                                     realtools.MT_OCI_INDEX)
+        # a foreign layer never pushed: allowed missing
+        files4 = {"ext.txt": b"elsewhere"}
+        ext, _ = realtools.make_layer(files4)
+        out.missing_foreign = realtools.sha256_digest(ext)
+        cfg4 = _config(files4)
+        dc4 = reg.put_blob("team/ext", cfg4)
+        body4 = _manifest((dc4, cfg4), [{"mediaType": MT_NONDIST, "digest": out.missing_foreign,
+                                         "size": len(ext), "urls": URLS}])
+        out.tags["team/ext:v1"] = reg.put_manifest("team/ext", "v1", body4,
+                                                   realtools.MT_OCI_MANIFEST)
+    return out
+
+
+@pytest.fixture(params=["2.8", "3"])
+def built(request: pytest.FixtureRequest, tmp_path: Path) -> Built:
+    missing = realtools.real_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    binary = realtools.REGISTRY_BIN
+    if request.param == "3":
+        found = realtools.registry3_binary(tmp_path)
+        if found is None:
+            pytest.skip("registry v3 binary not available (../shared/bin/unpack-registry3)")
+        binary = found
+    return build(tmp_path / "root", binary)
+
+
+def _official(built: Built, tmp_path: Path, delete_untagged: bool) -> realtools.GCPlan:
+    config = realtools.write_registry_config(tmp_path / "gc.yml", built.root, schema1=False,
+                                             allow_urls=True)
+    return realtools.gc_dry_run(config, delete_untagged=delete_untagged, binary=built.binary)
+
+
+def _pull_http(reg: realtools.RealRegistry, repo: str, ref: str) -> None:
+    """Pull like a client through the API, checking every blob against its digest with
+    the digest's own algorithm (skopeo 1.9.3 cannot store a sha512 blob: "saved with
+    digest sha256")."""
+    body, _, digest = reg.get_manifest(repo, ref)
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    doc = json.loads(body)
+    for desc in [doc["config"], *doc["layers"]]:
+        data = reg.get_blob(repo, desc["digest"])
+        algorithm, _, hex_part = desc["digest"].partition(":")
+        assert hashlib.new(algorithm, data).hexdigest() == hex_part, desc
+
+
+def _pull_all(built: Built, dest: Path) -> None:
+    """Start the real registry on the tree and pull every tag (skopeo checks digests)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with realtools.RealRegistry(built.root, binary=built.binary, allow_urls=True) as reg:
+        for ref, digest in built.tags.items():
+            if ref == "team/ext:v1":  # its layer is elsewhere by design: only the manifest
+                assert reg.manifest_digest("team/ext", "v1") == digest
+                continue
+            repo, _, tag = ref.partition(":")
+            assert reg.manifest_digest(repo, tag) == digest, ref
+            if repo == "team/alias":
+                _pull_http(reg, repo, tag)
+                continue
+            target = dest / ref.replace("/", "_").replace(":", "_")
+            realtools.skopeo_copy(f"docker://{reg.host}/{ref}", f"dir:{target}", "--all")
+        assert reg.manifest_exists("team/urls", built.index_child)
+        for digest in built.urls_stored:
+            assert reg.get_blob("team/urls", digest)
+        assert reg.get_blob("team/alias", built.alias_layer)
+
+
+def test_verify_alias_and_urls_no_false_findings(built: Built) -> None:
+    result = cli("verify", str(built.root), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {f["kind"] for f in json.loads(result.stdout)["findings"]}
+    assert not kinds & {"reference_missing", "reference_not_linked", "layer_link_dangling"}
+
+
+@pytest.mark.parametrize("delete_untagged", [False, True], ids=["default", "delete-untagged"])
+def test_gc_keeps_alias_and_urls_blobs_then_registry_serves(
+        built: Built, tmp_path: Path, delete_untagged: bool) -> None:
+    mode = ["--delete-untagged"] if delete_untagged else []
+    plan = json.loads(cli("gc", str(built.root), "--grace", "0", *mode, "--json").stdout)
+    victims = {b["digest"] for b in plan["blobs"]}
+    assert not victims & (built.alias_stored | built.urls_stored), victims
+    assert not plan["layer_links"] and not plan["manifests"], plan
+    # The official collectors keep what carries `urls` too (they delete the sha256 data of
+    # the sha512/sha384 uploads: regfsck does better there).
+    theirs = _official(built, tmp_path, delete_untagged)
+    assert not theirs.blobs & built.urls_stored
+    result = cli("gc", str(built.root), "--grace", "0", *mode, "--apply", "--json")
+    assert result.returncode == 0, result.stderr
+    _pull_all(built, tmp_path / "pulled")
+    after = cli("verify", str(built.root), "--json")
+    assert after.returncode == 0, after.stdout
+
+
+def test_export_carries_alias_and_urls_bytes(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = cli("export", str(built.root), "team/alias:v1", "team/urls", "-o", str(out),
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    present = {f"{p.parent.name}:{p.name}" for p in (out / "blobs").glob("*/*")}
+    assert {built.alias_layer, built.alias_config} <= present
+    assert built.urls_stored <= present
+    assert built.index_child in present
+    # each exported blob holds the bytes its name promises (sha512/sha384 included)
+    for name in present:
+        algorithm, _, hex_part = name.partition(":")
+        data = (out / "blobs" / algorithm / hex_part).read_bytes()
+        assert hashlib.new(algorithm, data).hexdigest() == hex_part
+    # (skopeo reading an oci layout fetches a `urls` layer from its urls, never from the
+    # layout, and cannot store sha512 blobs: the bytes are checked above instead)
+    realtools.skopeo("inspect", "--raw", f"oci:{out}:team/alias:v1")
