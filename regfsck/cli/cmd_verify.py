@@ -46,6 +46,7 @@ from regfsck.cli.verify_incremental import (
     incremental_options,
     render_incremental,
 )
+from regfsck.cli.verify_metrics import METRICS_FILE_OPTION, MetricsRun
 from regfsck.findings import Severity
 from regfsck.record import RecordError
 from regfsck.verify import (
@@ -109,6 +110,7 @@ def verify(
     max_age: str | None = MAX_AGE_OPTION,
     sample: float | None = SAMPLE_OPTION,
     max_duration: str | None = MAX_DURATION_OPTION,
+    metrics_file: Path | None = METRICS_FILE_OPTION,
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
@@ -118,17 +120,23 @@ def verify(
                             check_data=not no_data, strict=strict, deep=deep, **incremental_options(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
+    metrics = MetricsRun(metrics_file, registry, repo) if metrics_file is not None else None
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, stop_on_interrupt(stop))
     try:
         show = show_progress(json_output)
         report = run_verify(registry, options, stop=stop,
                             progress=RichDataProgress() if show else None,
-                            deep_progress=RichDeepProgress() if show and deep else None)
+                            deep_progress=RichDeepProgress() if show and deep else None,
+                            inventory=metrics.scan() if metrics is not None else None)
         deep_summary = report.deep
     except UnknownRepositoryError as exc:
+        if metrics is not None:
+            metrics.finish(None, exitcodes.USAGE)
         fail(str(exc), exitcodes.USAGE)
     except RecordError as exc:
+        if metrics is not None:
+            metrics.finish(None, exitcodes.CANNOT_RUN)
         fail(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -138,10 +146,11 @@ def verify(
         render_verify(report)
         render_incremental(report.summary)
         render_deep(deep_summary)
+    code = exitcodes.FINDINGS if report.summary.errors else exitcodes.OK
     if report.summary.interrupted:
         stderr_console().print("interrupted: the summary covers only what was checked")
-        raise typer.Exit(exitcodes.INTERRUPTED)
-    raise typer.Exit(exitcodes.FINDINGS if report.summary.errors else exitcodes.OK)
+        code = exitcodes.INTERRUPTED
+    raise typer.Exit(metrics.finish(report, code) if metrics is not None else code)
 
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}

@@ -1,0 +1,60 @@
+"""`verify --metrics-file`: the command-line side (check the target early, scan once for
+verify and gc's outlook, write the file at the end, whatever the outcome)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from regfsck import exitcodes
+from regfsck.cli.common import fail
+from regfsck.inventory import Inventory
+from regfsck.root import RegistryRoot
+from regfsck.verify import VerifyReport
+
+METRICS_FILE_OPTION = typer.Option(
+    None, "--metrics-file", metavar="PATH", help="Also write Prometheus text-format metrics "
+    "of this run to PATH (atomically), e.g. into node_exporter's textfile directory.",
+    show_default=False)
+
+
+class MetricsRun:
+    """One verify run seen by monitoring: started when created, written by `finish`."""
+
+    def __init__(self, path: Path, registry: RegistryRoot, repos: list[str]) -> None:
+        if not path.parent.is_dir():
+            fail(f"--metrics-file: directory {path.parent} does not exist", exitcodes.USAGE)
+        if path.is_dir():
+            fail(f"--metrics-file: {path} is a directory", exitcodes.USAGE)
+        self.path = path
+        self.registry = registry
+        self.repos = tuple(repos)
+        self.started = datetime.now(UTC)
+        self.inventory: Inventory | None = None
+
+    def scan(self) -> Inventory:
+        """The scan verify runs on, kept to plan gc afterwards without scanning twice."""
+        from regfsck.scanner import Scanner
+        from regfsck.storage import FilesystemStorage
+        self.inventory = Scanner(FilesystemStorage(self.registry.v2), self.registry).scan()
+        return self.inventory
+
+    def finish(self, report: VerifyReport | None, code: int) -> int:
+        """Write the metrics; returns the exit code (a failed write is one line on stderr,
+        and exit 3 unless the run already exits non-zero: its own code says more)."""
+        from regfsck.findings import safe_text
+        from regfsck.metrics import MetricsWriteError, RunFacts, gc_outlook, verify_metrics, write_atomically
+        from regfsck.storage import FilesystemStorage
+        facts = RunFacts(root=safe_text(str(self.registry.root)), started=self.started,
+                         finished=datetime.now(UTC), exit_status=code, repos=self.repos)
+        outlook = None
+        if report is not None and self.inventory is not None:
+            outlook = gc_outlook(self.inventory, FilesystemStorage(self.registry.v2),
+                                 facts.finished, None if self.repos else report.findings)
+        try:
+            write_atomically(self.path, verify_metrics(report, facts, outlook))
+        except MetricsWriteError as exc:
+            fail(str(exc), code or exitcodes.CANNOT_RUN)
+        return code
