@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import typer
 from rich.table import Table
 
 from regfsck import exitcodes
@@ -13,12 +15,14 @@ from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
+    fail,
     human_bytes,
     open_root,
     print_json,
     shown,
     stdout_console,
 )
+from regfsck.findings import safe_text
 from regfsck.graph import ManifestStore
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
@@ -28,12 +32,35 @@ from regfsck.usage import ScanReport, build_scan_report
 @app.command()
 def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
          json_output: bool = JSON_OPTION,
-         top: int = 10) -> None:
+         top: int = 10,
+         html: Path | None = typer.Option(
+             None, "--html", metavar="FILE", help="Also write a self-contained HTML page: a "
+             "treemap of disk use by repository and tag, the largest images, what gc would "
+             "reclaim in both modes, stale uploads.", show_default=False),
+         findings: Path | None = typer.Option(
+             None, "--findings", metavar="JSON", help="With --html: show these findings "
+             "(the output of `regfsck verify --json`).", show_default=False)) -> None:
     """Index repositories, tags, manifests, blobs and uploads; report disk use."""
+    if findings is not None and html is None:
+        fail("--findings goes with --html FILE", exitcodes.USAGE)
+    if html is not None and not html.parent.is_dir():
+        fail(f"--html: directory {html.parent} does not exist", exitcodes.USAGE)
     registry = open_root(root, config)
     storage = FilesystemStorage(registry.v2)
     inventory = Scanner(storage, registry).scan()
-    report = build_scan_report(inventory, ManifestStore(storage, inventory), datetime.now(UTC))
+    if html is not None:
+        from regfsck.cli.scan_html import load_findings, render_html, write_html
+        from regfsck.diskmap import build_disk_map
+        verified = load_findings(findings) if findings is not None else None
+        now = datetime.now(UTC)
+        disk = build_disk_map(inventory, storage, now)
+        write_html(html, render_html(disk, root=str(registry.root), generated=now, top=top,
+                                     findings=verified))
+        report = disk.scan
+        if not json_output:
+            sys.stderr.write(f"HTML report written to {safe_text(str(html))}\n")
+    else:
+        report = build_scan_report(inventory, ManifestStore(storage, inventory), datetime.now(UTC))
     if json_output:
         print_json(report.to_json())
     else:
