@@ -30,7 +30,7 @@ from regfsck.findings import Finding
 from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory, Upload
 from regfsck.names import is_upload_id
-from regfsck.reach import Marks, OrphanReferrer, mark, revision_roots
+from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import EntryKind, FilesystemStorage
@@ -276,6 +276,8 @@ class _Planner:
                 target = link.target
                 if target is None or target in marks.blobs:
                     continue
+                if marks.unknown and target not in self.inv.blobs:
+                    continue  # its blob may be in the part of the tree that could not be read
                 link_dir = link.path.rpartition("/")[0]
                 checks: list[tuple[str, int]] = []
                 if not self._old_enough(link_dir, f"layer link {name} -> {target}", checks, [link.path]):
@@ -396,6 +398,8 @@ class _Planner:
         keeps the repository."""
         removed_tags = set(self.plan.tag_dirs)
         for name, repo in sorted(self.inv.repositories.items()):
+            if repo_has_unknown(self.store.reach.unknown, repo):
+                continue  # looks empty only because part of it could not be read
             if any((name, d) not in gone_manifests for d in repo.revisions):
                 continue
             if any((name, t) not in removed_tags for t in repo.tags):

@@ -95,12 +95,11 @@ def _alias_map(inventory: Inventory) -> dict[str, str]:
 
 
 def unknown_parts(inventory: Inventory) -> list[str]:
-    """Paths under `repositories/` the scan could not read or would not follow, plus
-    revision manifests that could not be read (their references are unknown)."""
-    prefix = layout.REPOSITORIES + "/"
-    found = [a.path for a in inventory.anomalies
-             if a.kind in UNKNOWN_KINDS and (a.path.startswith(prefix) or a.repo is not None)]
-    return sorted(found)
+    """Paths the scan could not read or would not follow (symlink, unreadable): under
+    `repositories/` what they reference is unknown; under `blobs/` which blobs exist is
+    unknown (a `_layers` link to a blob not seen may name one there). `ReachGraph` adds
+    revision manifests that could not be read."""
+    return sorted(a.path for a in inventory.anomalies if a.kind in UNKNOWN_KINDS)
 
 
 class ReachGraph:
@@ -230,14 +229,24 @@ class Marks:
 
 
 def _repo_roots(repo: Repository, delete_untagged: bool, unknown: bool) -> set[str]:
-    if delete_untagged and not unknown:
-        return set(repo.tag_targets().values())
-    return revision_roots(repo)
+    """Mark roots of one repository. With `delete_untagged`, the tags' targets; a tag
+    whose `current` link is missing or unreadable wants one of the digests its history
+    (`index/`) names, so all of those are roots (every revision when it has none)."""
+    if not delete_untagged or unknown:
+        return revision_roots(repo)
+    roots = set(repo.tag_targets().values())
+    for tag in repo.tags.values():
+        if tag.current is None or tag.current.target is None:
+            history = set(tag.index) | {link.target for link in tag.index.values()
+                                        if link.target is not None}
+            roots |= history if history else revision_roots(repo)
+    return roots
 
 
-def _repo_has_unknown(graph: ReachGraph, repo: Repository) -> bool:
+def repo_has_unknown(unknown: Collection[str], repo: Repository) -> bool:
+    """True when a path of `unknown` (`ReachGraph.unknown`) lies inside `repo`."""
     prefix = repo.path + "/"
-    return any(p.startswith(prefix) for p in graph.unknown)
+    return any(p.startswith(prefix) for p in unknown)
 
 
 def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
@@ -250,7 +259,7 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
     graph = graph or store.reach
     marks = Marks(set(), {}, [], list(graph.unknown))
     for name, repo in sorted(inventory.repositories.items()):
-        roots = _repo_roots(repo, delete_untagged, _repo_has_unknown(graph, repo))
+        roots = _repo_roots(repo, delete_untagged, repo_has_unknown(graph.unknown, repo))
         reached = graph.closure(repo, roots)
         kept = {d for d in reached if d in repo.revisions}
         marks.kept_manifests[name] = kept
@@ -304,7 +313,7 @@ def layer_link_in_use(inventory: Inventory, store: ManifestStore, repo: str,
     if repository is None:
         return False
     graph = graph or store.reach
-    if _repo_has_unknown(graph, repository):
+    if repo_has_unknown(graph.unknown, repository):
         return True
     reached = graph.closure(repository, revision_roots(repository))
     link = repository.layers.get(path_digest)

@@ -221,3 +221,58 @@ def test_export_carries_alias_and_urls_bytes(built: Built, tmp_path: Path) -> No
     # (skopeo reading an oci layout fetches a `urls` layer from its urls, never from the
     # layout, and cannot store sha512 blobs: the bytes are checked above instead)
     realtools.skopeo("inspect", "--raw", f"oci:{out}:team/alias:v1")
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def _push_image(reg: realtools.RealRegistry, repo: str, tag: str, text: bytes) -> tuple[str, set[str]]:
+    """Push a one-layer OCI image by tag; (manifest digest, its blob digests)."""
+    files = {"f.txt": text}
+    layer, _ = realtools.make_layer(files)
+    cfg = _config(files)
+    d_layer = reg.put_blob(repo, layer)
+    d_cfg = reg.put_blob(repo, cfg)
+    body = _manifest((d_cfg, cfg), [{"mediaType": realtools.MT_OCI_LAYER_GZIP,
+                                     "digest": d_layer, "size": len(layer)}])
+    digest = reg.put_manifest(repo, tag, body, realtools.MT_OCI_MANIFEST)
+    return digest, {d_layer, d_cfg, digest}
+
+
+@pytest.mark.parametrize("delete_untagged", [False, True], ids=["default", "delete-untagged"])
+def test_force_never_sweeps_what_a_symlinked_repository_uses(
+        tmp_path: Path, delete_untagged: bool) -> None:
+    """A healthy repository whose directory is a symlink to another disk: the registry
+    follows it; regfsck's scan does not. gc refuses; with --force it must keep every blob
+    (what the symlinked part references is unknown), and the registry still serves it."""
+    missing = realtools.real_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    root = tmp_path / "root"
+    with realtools.RealRegistry(root) as reg:
+        _, kept = _push_image(reg, "team/a", "v1", b"plain repository")
+        linked_digest, linked_blobs = _push_image(reg, "team/b", "v1", b"on another disk")
+        untagged, _ = _push_image(reg, "team/a", "old", b"untagged in team/a")
+    repos = root / "docker/registry/v2/repositories/team"
+    (repos / "a/_manifests/tags/old").rename(tmp_path / "old-tag")  # team/a@untagged: untagged
+    other = tmp_path / "other-disk"
+    other.mkdir()
+    (repos / "b").rename(other / "b")
+    (repos / "b").symlink_to(other / "b")
+    with realtools.RealRegistry(root) as reg:  # the registry follows the symlink
+        assert reg.manifest_digest("team/b", "v1") == linked_digest
+
+    mode = ["--delete-untagged"] if delete_untagged else []
+    refused = cli("gc", str(root), "--grace", "0", *mode, "--apply", "--json")
+    assert refused.returncode != 0 and "symlink" in refused.stdout + refused.stderr
+    result = cli("gc", str(root), "--grace", "0", *mode, "--force", "--apply", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    victims = {b["digest"] for b in plan["blobs"]}
+    assert not victims & (linked_blobs | kept), victims
+    assert victims == set(), "unknown = keep: no blob may go while part of the tree is unread"
+    if delete_untagged:  # what the readable part judges is still collected
+        assert [m["digest"] for m in plan["manifests"]] == [untagged]
+    with realtools.RealRegistry(root) as reg:
+        realtools.skopeo_copy(f"docker://{reg.host}/team/b:v1", f"dir:{tmp_path / 'b'}")
+        realtools.skopeo_copy(f"docker://{reg.host}/team/a:v1", f"dir:{tmp_path / 'a'}")
