@@ -9,12 +9,15 @@ some repository holds a (valid) revision of; answers are derived from it:
   or only from tags with `--delete-untagged`) and, for comparison, what the official 2.8
   collector would do;
 * freed bytes: for each tag, the bytes `rm repo:tag` followed by gc would actually give
-  back (only blobs no other root reaches), counted with one reach pass per root.
+  back (only blobs no other root reaches), found by labelling every digest with the one
+  root reaching it (or "shared") in a single pass over the graph: one reach per root
+  would be quadratic on chains of nested index revisions, where each root reaches all
+  the ones below it.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +34,7 @@ from regfsck.reach import Marks, mark
 
 # A root of the mark: (repository, manifest digest).
 Root = tuple[str, str]
+SHARED = ""  # the label of a digest that more than one root digest reaches
 
 
 class ReferenceGraph:
@@ -50,6 +54,7 @@ class ReferenceGraph:
         self.parents: dict[str, set[tuple[str, str]]] = {}  # digest -> {(manifest, role)}
         self.subject_of: dict[str, str] = {}  # referrer manifest -> its subject digest
         self.unloadable: dict[str, Unloadable] = {}
+        self._tags: dict[str, dict[str, list[str]]] = {}  # repo -> target digest -> tags
         for name, repo in inventory.repositories.items():
             revs = valid_revisions(repo)
             self.revisions[name] = revs
@@ -94,16 +99,13 @@ class ReferenceGraph:
                 out.setdefault(subject, []).append(digest)
         return out
 
-    def reach_with_referrers(self, repo: str, digests: Iterable[str],
-                             referrers: dict[str, list[str]] | None = None) -> set[str]:
-        """Reach from `digests`, adding the referrers of `repo` whose subject gets reached
-        (the oracle's `ReachGraph.closure`, the same rule gc marks by)."""
-        del referrers  # the oracle finds them itself
-        return self.store.reach.closure(self.inv.repositories[repo], digests)
-
     def tags_of(self, repo: str, digest: str) -> list[str]:
-        repository = self.inv.repositories[repo]
-        return sorted(t for t, d in repository.tag_targets().items() if d == digest)
+        by_target = self._tags.get(repo)
+        if by_target is None:  # once per repository: asked once per path, and paths are many
+            by_target = self._tags[repo] = {}
+            for tag, target in sorted(self.inv.repositories[repo].tag_targets().items()):
+                by_target.setdefault(target, []).append(tag)
+        return list(by_target.get(digest, ()))
 
     def tag_roots(self) -> list[Root]:
         """(repo, digest) of every tag's current link that names a valid revision."""
@@ -118,17 +120,47 @@ class ReferenceGraph:
         return sorted((name, d) for name, revs in self.revisions.items() for d in revs
                       if d in self.inv.blobs)
 
-    def root_reach(self, roots: Iterable[Root], with_referrers: bool) -> dict[Root, set[str]]:
-        """Reach of each root (referrers of the root's repository followed when asked)."""
-        cache: dict[str, dict[str, list[str]]] = {}
-        out: dict[Root, set[str]] = {}
-        for repo, digest in roots:
+    def sole_roots(self, roots: Iterable[Root], with_referrers: bool) -> dict[str, str]:
+        """Every stored digest some root reaches -> the one root digest reaching it, or SHARED.
+
+        The same answer as counting, over the oracle's reach of each root (`reachable`, or
+        `closure` with referrers), how many distinct root digests reach each digest (a
+        digest that is a root in two repositories counts once), but in time linear in the
+        graph: it walks the oracle's edges and referrer rule once, labelling states, and a
+        state is walked again only when its label changes, at most twice (unset -> one root
+        -> SHARED). With referrers the rule depends on the root's repository (a reached
+        revision of it brings in its referrers), so the state is (repository, digest)."""
+        oracle = self.store.reach
+        labels: dict[tuple[str, str], str] = {}
+        by_subject: dict[str, dict[str, list[str]]] = {}
+        stack = [(repo, digest, digest, True) for repo, digest in roots]
+        while stack:
+            repo, node, label, is_manifest = stack.pop()
+            key = (repo if with_referrers else "", node)
+            old = labels.get(key)
+            if old in (label, SHARED):
+                continue
+            new = label if old is None else SHARED
+            labels[key] = new
+            if is_manifest:
+                stack.extend((repo, edge.node, new, edge.role == "manifest")
+                             for edge in oracle.edges(node))
             if with_referrers:
-                refs = cache.setdefault(repo, self.referrers_in(repo))
-                out[(repo, digest)] = self.reach_with_referrers(repo, [digest], refs)
-            else:
-                out[(repo, digest)] = self.reach([digest])
-        return out
+                revisions = self.inv.repositories[repo].revisions
+                if node in revisions:
+                    subjects = by_subject.get(repo)
+                    if subjects is None:
+                        subjects = by_subject[repo] = {}
+                        for revision in revisions:
+                            subject = oracle.subject(revision)
+                            if subject is not None:
+                                subjects.setdefault(subject, []).append(revision)
+                    stack.extend((repo, r, new, True) for r in subjects.get(node, ()))
+        sole: dict[str, str] = {}
+        for (_, node), label in labels.items():
+            seen = sole.get(node)
+            sole[node] = label if seen is None or seen == label else SHARED
+        return sole
 
 
 # -- the answer -------------------------------------------------------------------------
@@ -266,21 +298,16 @@ def _layer_links(inv: Inventory, digest: str) -> list[LayerLinkInfo]:
     return found
 
 
-def _count_reach(reaches: dict[Root, set[str]]) -> Counter[str]:
-    """For every digest, how many distinct root digests reach it (repos merged per digest)."""
-    by_digest: dict[str, set[str]] = {}
-    for (_, digest), reached in reaches.items():
-        by_digest.setdefault(digest, set()).update(reached)
-    counts: Counter[str] = Counter()
-    for reached in by_digest.values():
-        counts.update(reached)
-    return counts
-
-
-def _exclusive(graph: ReferenceGraph, reached: set[str], counts: Counter[str]) -> tuple[int, int]:
-    """Blobs (count, bytes) in `reached` that no other root reaches."""
-    gone = [d for d in reached if counts[d] == 1 and d in graph.inv.blobs]
-    return len(gone), sum(graph.inv.blobs[d].size for d in gone)
+def _exclusive(graph: ReferenceGraph, sole: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Root digest -> blobs (count, bytes) that it alone reaches."""
+    out: dict[str, tuple[int, int]] = {}
+    blobs = graph.inv.blobs
+    for digest, root in sole.items():
+        blob = blobs.get(digest)
+        if root != SHARED and blob is not None:
+            count, size = out.get(root, (0, 0))
+            out[root] = (count + 1, size + blob.size)
+    return out
 
 
 def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
@@ -325,19 +352,21 @@ def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
 
 
 def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
-           tag_reach: dict[Root, set[str]]) -> list[FreedBytes]:
+           tag_roots: list[Root]) -> list[FreedBytes]:
     """Bytes each referencing tag / revision deletion would give back after gc.
 
     A tag removal is measured against `gc --delete-untagged` only: under the default gc the
-    revision stays and keeps everything, so it frees nothing by construction."""
-    tag_counts = _count_reach(tag_reach)
-    rev_reach = graph.root_reach(graph.revision_roots(), with_referrers=False)
-    rev_counts = _count_reach(rev_reach)
+    revision stays and keeps everything, so it frees nothing by construction. A root's
+    exclusive blobs are those only its digest reaches; that is what it alone holds, since
+    a root whose digest is also a root in another repository is answered with a note."""
+    tag_alone = _exclusive(graph, graph.sole_roots(tag_roots, with_referrers=True))
+    rev_roots = graph.revision_roots()
+    rev_alone = _exclusive(graph, graph.sole_roots(rev_roots, with_referrers=False))
     tag_repos: dict[str, set[str]] = {}  # root digest -> repositories where it is a root
-    for repo, digest in tag_reach:
+    for repo, digest in tag_roots:
         tag_repos.setdefault(digest, set()).add(repo)
     rev_repos: dict[str, set[str]] = {}
-    for repo, digest in rev_reach:
+    for repo, digest in rev_roots:
         rev_repos.setdefault(digest, set()).add(repo)
     out: list[FreedBytes] = []
     seen_tags: set[tuple[str, str]] = set()
@@ -352,24 +381,23 @@ def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
                 out.append(FreedBytes(action, "gc --delete-untagged", 0, 0,
                                       f"still tagged {', '.join(others)}"))
                 continue
-            root = (path.repo, path.manifest)
-            reached = tag_reach.get(root, set())
-            elsewhere = sorted(tag_repos.get(path.manifest, set()) - {path.repo})
+            repos = tag_repos.get(path.manifest, set())
+            elsewhere = sorted(repos - {path.repo})
             if elsewhere:
                 out.append(FreedBytes(action, "gc --delete-untagged", 0, 0,
                                       f"also tagged in {elsewhere[0]}"))
                 continue
-            blobs, size = _exclusive(graph, reached, tag_counts)
+            blobs, size = tag_alone.get(path.manifest, (0, 0)) if path.repo in repos else (0, 0)
             out.append(FreedBytes(action, "gc --delete-untagged", blobs, size))
     for path in paths:
-        root = (path.repo, path.manifest)
-        if root not in rev_reach:
+        repos = rev_repos.get(path.manifest, set())
+        if path.repo not in repos:
             continue
         action = f"rm {path.repo}@{path.manifest}"
-        if rev_repos.get(path.manifest, set()) - {path.repo}:
+        if repos - {path.repo}:
             out.append(FreedBytes(action, "gc", 0, 0, "the same manifest is in another repository"))
             continue
-        blobs, size = _exclusive(graph, rev_reach[root], rev_counts)
+        blobs, size = rev_alone.get(path.manifest, (0, 0))
         out.append(FreedBytes(action, "gc", blobs, size))
     return out
 
@@ -401,8 +429,7 @@ def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
     report.roles = sorted(roles)
     report.paths = paths_to(graph, digest)
     report.layer_links = _layer_links(inventory, digest)
-    tag_reach = graph.root_reach(graph.tag_roots(), with_referrers=True)
     marks = {untagged: mark(inventory, store, delete_untagged=untagged) for untagged in (False, True)}
     report.gc = _gc_verdicts(graph, digest, report.paths, marks)
-    report.freed = _freed(graph, report.paths, tag_reach)
+    report.freed = _freed(graph, report.paths, graph.tag_roots())
     return report

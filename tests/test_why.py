@@ -8,6 +8,7 @@ paths and regfsck gc's own modes.
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import subprocess
@@ -187,3 +188,85 @@ def _orphans(root: Path) -> list[str]:
     graph = ReferenceGraph(inventory, ManifestStore(storage, inventory))
     reached = graph.reach(d for _, d in graph.revision_roots())
     return sorted(set(inventory.blobs) - reached)
+
+
+# -- freed bytes: the linear labelling against one reach per root ---------------------------
+
+
+def _reach(graph: ReferenceGraph, repo: str, digest: str, with_referrers: bool) -> set[str]:
+    """The definition, one root at a time: the reachability oracle's own walk."""
+    if not with_referrers:
+        return graph.reach([digest])
+    return graph.store.reach.closure(graph.inv.repositories[repo], [digest])
+
+
+def _naive_freed(graph: ReferenceGraph, roots: list[tuple[str, str]],
+                 with_referrers: bool) -> dict[tuple[str, str], tuple[int, int]]:
+    """(repo, digest) root -> (blobs, bytes) in its reach that no other root digest reaches."""
+    reaches = {root: _reach(graph, *root, with_referrers) for root in roots}
+    by_digest: dict[str, set[str]] = {}
+    for (_, digest), reached in reaches.items():
+        by_digest.setdefault(digest, set()).update(reached)
+    counts = collections.Counter(d for reached in by_digest.values() for d in reached)
+    blobs = graph.inv.blobs
+    return {root: (sum(1 for d in r if counts[d] == 1 and d in blobs),
+                   sum(blobs[d].size for d in r if counts[d] == 1 and d in blobs))
+            for root, r in reaches.items()}
+
+
+def _check_freed_against_the_definition(root: Path, digests: list[str]) -> dict[str, WhyReport]:
+    registry = locate(root)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    store = ManifestStore(storage, inventory)
+    graph = ReferenceGraph(inventory, store)
+    by_tag = _naive_freed(graph, graph.tag_roots(), True)
+    by_revision = _naive_freed(graph, graph.revision_roots(), False)
+    reports = {}
+    for digest in digests:
+        report = reports[digest] = explain_blob(inventory, store, digest, graph)
+        for freed in report.freed:
+            if freed.note:
+                continue
+            where = freed.action.removeprefix("rm ")
+            if freed.gc_mode == "gc":
+                repo, _, manifest = where.partition("@")
+                expected = by_revision[(repo, manifest)]
+            else:
+                repo, _, tag = where.rpartition(":")
+                manifest = inventory.repositories[repo].tag_targets()[tag]
+                expected = by_tag[(repo, manifest)]
+            assert (freed.blobs, freed.bytes) == expected, (digest, freed)
+    return reports
+
+
+@pytest.mark.realtools
+def test_freed_bytes_equal_one_reach_per_root_on_the_sample(sample_root: Path,
+                                                            sample_info: SampleInfo) -> None:
+    reports = _check_freed_against_the_definition(sample_root, sample_info.all_blobs)
+    assert sum(1 for r in reports.values() for f in r.freed if not f.note) > 20
+
+
+@pytest.mark.realtools
+def test_chain_of_3000_nested_indexes_gives_the_same_answer(sample_root: Path,
+                                                            sample_info: SampleInfo) -> None:
+    """3 000 index revisions stacked on an image: every level is a path to the layer, and
+    the freed bytes of each are what one reach per root gives (each level alone holds
+    exactly itself under the default gc)."""
+    from tests.test_hostile_manifests import nested_indexes
+
+    repo = "library/base"
+    leaf = sample_info.tags[repo]["latest"]
+    top = nested_indexes(sample_root, repo, leaf, 3_000, tag="chain")
+    layer = json.loads(read_stored_blob(sample_root, leaf))["layers"][0]["digest"]
+    reports = _check_freed_against_the_definition(sample_root, [layer, top])
+    report = reports[layer]
+    chained = [p for p in report.paths if p.repo == repo]
+    assert len(chained) >= 3_001
+    top_path = next(p for p in chained if p.manifest == top)
+    assert top_path.tags == ["chain"] and len(top_path.chain) == 3_001
+    assert top_path.chain[0] == top and top_path.chain[-1] == leaf
+    freed = {f.action: f for f in report.freed}
+    assert freed[f"rm {repo}:chain"].blobs == 3_000  # the whole chain, nothing below it
+    assert freed[f"rm {repo}@{top}"].blobs == 1
+    assert sum(1 for f in report.freed if not f.note) > 3_000
