@@ -8,6 +8,7 @@ and summarised by their median, because this machine is shared and noisy.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ class Run:
     max_rss_kb: int
     returncode: int
     stdout: bytes = b""
+    cpu: float = 0.0  # user + system seconds of the command and its children
 
 
 @dataclass
@@ -47,12 +49,18 @@ class Series:
         return min(r.wall for r in self.runs)
 
     @property
+    def cpu_median(self) -> float:
+        """CPU seconds (user + system): steadier than wall time when others load the machine."""
+        return statistics.median(r.cpu for r in self.runs)
+
+    @property
     def rss_mb(self) -> float:
         return max(r.max_rss_kb for r in self.runs) / 1024
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "walls": [round(r.wall, 3) for r in self.runs],
                 "median": round(self.median, 3), "best": round(self.best, 3),
+                "cpu": [round(r.cpu, 3) for r in self.runs],
                 "max_rss_mb": round(self.rss_mb, 1),
                 "returncodes": sorted({r.returncode for r in self.runs})}
 
@@ -73,6 +81,7 @@ def run(cmd: Sequence[str], *, capture: bool = False, env: Mapping[str, str] | N
     The RSS comes from GNU time: a child forked from this (large) Python process would
     inherit its high-water mark, a child forked from `time` does not."""
     with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.run([TIME_BIN, "-f", "%M", "-o", rss.name, *cmd],
                               stdin=subprocess.DEVNULL,
@@ -80,12 +89,14 @@ def run(cmd: Sequence[str], *, capture: bool = False, env: Mapping[str, str] | N
                               stderr=subprocess.DEVNULL, env=dict(env or clean_env()),
                               timeout=timeout, check=False)
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         lines = [line for line in rss.read().splitlines() if line.strip().isdigit()]
         data = b""
         if capture:
             out.seek(0)
             data = out.read()
-    return Run(wall, int(lines[-1]) if lines else 0, proc.returncode, data)
+    return Run(wall, int(lines[-1]) if lines else 0, proc.returncode, data, cpu)
 
 
 def interleaved(commands: Mapping[str, Callable[[], Run]], rounds: int,
