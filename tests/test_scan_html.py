@@ -200,3 +200,29 @@ def test_findings_file_errors_are_one_line(fixture_root: Path, tmp_path: Path) -
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+@needs_chromium
+def test_many_repositories_group_by_namespace(fixture_root: Path, tmp_path: Path) -> None:
+    """Past 30 repositories the first level groups them by their first path component;
+    a group opens on its repositories, and a repository's back button leads to its group."""
+    names = [add_repository(fixture_root, ["team", f"app{n:02d}"]) for n in range(32)]
+    out = tmp_path / "many.html"
+    result = cli("scan", str(fixture_root), "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    top = dump_dom(out)
+    assert page_errors(top) == []
+    svg = top.split('id="map"', 1)[1].split("</svg>", 1)[0]
+    assert "<title>team/ (32 repositories)" in svg
+    assert "<title>team/app00" not in svg  # inside the group, not on the first level
+    assert "<title>a/ (2 repositories)" in svg  # a/b and a/b/c
+    assert "<title>compress/zstd" in svg  # a namespace of one repository: the repository itself
+    group = dump_dom(out, "#group=team")
+    assert page_errors(group) == []
+    svg = group.split('id="map"', 1)[1].split("</svg>", 1)[0]
+    assert all(f"<title>{name}" in svg for name in names)
+    order = [r["name"] for r in json.loads(cli("scan", str(fixture_root), "--json").stdout)["repositories"]]
+    index = order.index(names[3])
+    inside = dump_dom(out, f"#repo={index}")
+    assert re.search(r'id="crumb">team/app03<', inside)
+    assert re.search(r'id="back"[^>]*>\u2190 team/<', inside)

@@ -64,7 +64,7 @@
 
   function label(g, box, lines) {
     if (box.w < 40 || box.h < 18) { return; }
-    var max = Math.floor((box.w - 8) / 7);
+    var max = Math.floor((box.w - 8) / 7.5);
     lines.forEach(function (text, n) {
       if (box.h < 18 + n * 15) { return; }
       var t = el('text', {x: box.x + 4, y: box.y + 14 + n * 15}, g);
@@ -91,37 +91,98 @@
     return g;
   }
 
-  function top() {
-    clear();
-    back.hidden = true;
-    crumb.textContent = 'all repositories';
-    legend.hidden = true;
-    var items = data.repos.map(function (r, i) { return {value: r.unique + r.shared, repo: r, i: i}; });
+  // Many repositories: the first level groups them by their first path component.
+  var GROUPS = {}, ORDER = [];
+  data.repos.forEach(function (r, i) {
+    var key = r.name.indexOf('/') > 0 ? r.name.slice(0, r.name.indexOf('/')) : r.name;
+    if (!GROUPS[key]) { GROUPS[key] = []; ORDER.push(key); }
+    GROUPS[key].push(i);
+  });
+  var GROUPED = data.repos.length > 30 && ORDER.length > 1;
+  function groupOf(i) {
+    var name = data.repos[i].name;
+    return name.indexOf('/') > 0 ? name.slice(0, name.indexOf('/')) : name;
+  }
+  var backTo = null;
+
+  function repoNode(b, i, prefix) {
+    var r = data.repos[i], total = r.unique + r.shared;
+    var short = prefix && r.name.indexOf(prefix) === 0 ? r.name.slice(prefix.length) : r.name;
+    var g = node(b, PART.shared, r.name + '\n' + bytes(r.unique) + ' only here, ' + bytes(r.shared) +
+                 ' shared with other repositories', function () { repo(i); });
+    split(g, b, total ? r.unique / total : 0, PALETTE[i % PALETTE.length]);
+    label(g, b, [short, bytes(total)]);
+  }
+
+  function split(g, b, f, color) {
+    var part = b.w >= b.h ? {x: b.x, y: b.y, width: b.w * f, height: b.h}
+                          : {x: b.x, y: b.y, width: b.w, height: b.h * f};
+    part.fill = color;
+    part.stroke = '#fff';
+    el('rect', part, g);
+  }
+
+  function extras(items) {
     data.extra.forEach(function (x) { items.push({value: x.bytes, extra: x}); });
+  }
+
+  function draw(items, prefix) {
     items.sort(function (a, b) { return b.value - a.value; });
     squarify(items, 0, 0, W, H).forEach(function (b) {
       var it = b.item;
       if (it.extra) {
         label(node(b, '#c5cad3', it.extra.label + ': ' + bytes(it.extra.bytes), null), b,
               [it.extra.label, bytes(it.extra.bytes)]);
-        return;
+      } else if (it.group !== undefined) {
+        var key = it.group, unique = 0, total = 0;
+        GROUPS[key].forEach(function (i) { unique += data.repos[i].unique; total += data.repos[i].unique + data.repos[i].shared; });
+        var g = node(b, PART.shared, key + '/ (' + GROUPS[key].length + ' repositories)\n' + bytes(unique) +
+                     ' only in one repository, ' + bytes(total - unique) + ' shared', function () { group(key); });
+        split(g, b, total ? unique / total : 0, PALETTE[ORDER.indexOf(key) % PALETTE.length]);
+        label(g, b, [key + '/ (' + GROUPS[key].length + ')', bytes(total)]);
+      } else {
+        repoNode(b, it.i, prefix);
       }
-      var r = it.repo, total = r.unique + r.shared;
-      var g = node(b, PART.shared, r.name + '\n' + bytes(r.unique) + ' only here, ' + bytes(r.shared) +
-                   ' shared with other repositories', function () { repo(it.i); });
-      var f = total ? r.unique / total : 0;
-      var part = b.w >= b.h ? {x: b.x, y: b.y, width: b.w * f, height: b.h}
-                            : {x: b.x, y: b.y, width: b.w, height: b.h * f};
-      part.fill = PALETTE[it.i % PALETTE.length];
-      part.stroke = '#fff';
-      el('rect', part, g);
-      label(g, b, [r.name, bytes(total)]);
     });
   }
 
-  function repo(i) {
-    var r = data.repos[i];
+  function top() {
     clear();
+    backTo = null;
+    back.hidden = true;
+    crumb.textContent = 'all repositories';
+    legend.hidden = true;
+    var items = [];
+    if (GROUPED) {
+      ORDER.forEach(function (key) {
+        var members = GROUPS[key], value = 0;
+        members.forEach(function (i) { value += data.repos[i].unique + data.repos[i].shared; });
+        items.push(members.length === 1 ? {value: value, i: members[0]} : {value: value, group: key});
+      });
+    } else {
+      data.repos.forEach(function (r, i) { items.push({value: r.unique + r.shared, i: i}); });
+    }
+    extras(items);
+    draw(items);
+  }
+
+  function group(key) {
+    clear();
+    backTo = top;
+    back.hidden = false;
+    back.textContent = '\u2190 all repositories';
+    legend.hidden = true;
+    crumb.textContent = key + '/ (' + GROUPS[key].length + ' repositories)';
+    draw(GROUPS[key].map(function (i) { return {value: data.repos[i].unique + data.repos[i].shared, i: i}; }),
+         key + '/');
+  }
+
+  function repo(i) {
+    var r = data.repos[i], key = groupOf(i);
+    clear();
+    var inGroup = GROUPED && GROUPS[key].length > 1;
+    backTo = inGroup ? function () { group(key); } : top;
+    back.textContent = '\u2190 ' + (inGroup ? key + '/' : 'all repositories');
     back.hidden = false;
     legend.hidden = false;
     crumb.textContent = r.name;
@@ -154,7 +215,7 @@
     detail.appendChild(table);
   }
 
-  back.addEventListener('click', top);
+  back.addEventListener('click', function () { (backTo || top)(); });
   Array.prototype.forEach.call(document.querySelectorAll('a[data-repo]'), function (a) {
     a.addEventListener('click', function (e) {
       e.preventDefault();
@@ -163,6 +224,14 @@
     });
   });
   var start = /^#repo=(\d+)$/.exec(window.location.hash);
-  if (start && data.repos[Number(start[1])]) { repo(Number(start[1])); } else { top(); }
+  var startGroup = /^#group=(.+)$/.exec(window.location.hash);
+  var wanted = startGroup ? decodeURIComponent(startGroup[1]) : null;
+  if (start && data.repos[Number(start[1])]) {
+    repo(Number(start[1]));
+  } else if (wanted !== null && GROUPED && Object.prototype.hasOwnProperty.call(GROUPS, wanted)) {
+    group(wanted);
+  } else {
+    top();
+  }
   document.documentElement.setAttribute('data-ready', '1');
 })();
