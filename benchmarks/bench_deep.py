@@ -198,11 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                     {"REGFSCK_DEFLATE": "zlib"})),
         }
         if args.baseline:
-            before = measure.clean_env({"PYTHONPATH": args.baseline})
-            commands["deep_only_before"] = lambda: measure.run(measure.regfsck_cmd(
-                "verify", "--deep", "--no-data", "--json", str(root)), env=before)
-            commands["verify_deep_before"] = lambda: measure.run(measure.regfsck_cmd(
-                "verify", "--deep", "--json", str(root)), env=before)
+            commands["deep_only_before"] = lambda: measure.baseline_run(
+                args.baseline, measure.regfsck_cmd("verify", "--deep", "--no-data", "--json", str(root)))
+            commands["verify_deep_before"] = lambda: measure.baseline_run(
+                args.baseline, measure.regfsck_cmd("verify", "--deep", "--json", str(root)))
         plain_tar = workdir / "plain.tar"
         if not args.no_export:
             out = workdir / "out.tar.gz"
@@ -213,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             commands["export_gz_zlib"] = lambda: measure.run(
                 _sh(f"rm -f {out}; {export}"), env=measure.clean_env({"REGFSCK_DEFLATE": "zlib"}))
             if args.baseline:
-                commands["export_gz_before"] = lambda: measure.run(
-                    _sh(f"rm -f {out}; {export}"), env=measure.clean_env({"PYTHONPATH": args.baseline}))
+                commands["export_gz_before"] = lambda: measure.baseline_run(
+                    args.baseline, _sh(f"rm -f {out}; {export}"))
             commands["tar_gzip6"] = lambda: measure.run(_sh(f"gzip -6 -c {plain_tar} > {out}.ref"))
             commands["tar_pigz6"] = lambda: measure.run(_sh(f"pigz -6 -c {plain_tar} > {out}.ref"))
         check = measure.run(measure.regfsck_cmd("verify", "--deep", "--json", str(root)), capture=True)

@@ -111,14 +111,15 @@ def bench_profile(name: str, mb: int, workdir: Path, rounds: int, keep: bool,
 def report(results: list[dict[str, Any]]) -> None:
     print("\nverify against the OpenSSL limit (medians of the rounds)")
     print(f"{'profile':>8} {'blobs':>8} {'MB':>7} {'limit':>8} {'verify':>8} {'ratio':>6} "
-          f"{'MB/s':>7} {'limit MB/s':>10} {'peak RSS':>9} {'no-data':>8}")
+          f"{'MB/s':>7} {'limit MB/s':>10} {'peak RSS':>9} {'no-data':>8} {'cpu ratio':>9}")
     for res in results:
         s: dict[str, Series] = res["_series"]
         mb = res["bytes"] / 1e6
         lim, ver = s["limit_openssl"].median, s["verify"].median
         print(f"{res['profile']:>8} {res['files']:>8} {mb:>7.0f} {lim:>7.2f}s {ver:>7.2f}s "
               f"{ver / lim:>6.2f} {mb / ver:>7.0f} {mb / lim:>10.0f} "
-              f"{s['verify'].rss_mb:>6.0f} MB {s['verify_no_data'].median:>7.2f}s")
+              f"{s['verify'].rss_mb:>6.0f} MB {s['verify_no_data'].median:>7.2f}s "
+              f"{s['verify'].cpu_median / s['limit_openssl'].cpu_median:>9.2f}")
     print("\nhashing threads (-j): wall time, speed-up over -j 1, peak RSS")
     for res in results:
         s = res["_series"]

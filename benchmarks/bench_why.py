@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", default="1000,2000,4000")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="another regfsck checkout to time alongside")
     parser.add_argument("--workdir")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 "why_top": lambda r=root, d=top: measure.run(
                     measure.regfsck_cmd("why", str(r), d, "--json")),
             }
+            if args.baseline:
+                commands["why_layer_before"] = lambda r=root, d=layer: measure.baseline_run(
+                    args.baseline, measure.regfsck_cmd("why", str(r), d, "--json"))
+                commands["why_top_before"] = lambda r=root, d=top: measure.baseline_run(
+                    args.baseline, measure.regfsck_cmd("why", str(r), d, "--json"))
             series = measure.interleaved(commands, args.rounds, log)
             results.append({"depth": depth, "output_bytes": len(check.stdout), "_series": series,
                             "series": {k: v.to_json() for k, v in series.items()}})
@@ -105,17 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("\nregfsck why on a chain of N nested index revisions (medians; growth = vs previous depth)")
-    print(f"{'depth':>6} {'why layer':>10} {'RSS':>7} {'growth':>7} {'why top':>9} {'RSS':>7} "
-          f"{'growth':>7} {'JSON out':>9}")
+    print("\nregfsck why on a chain of N nested index revisions: medians of wall and CPU time, "
+          "peak RSS; growth = CPU time vs the previous depth (linear ~x2 per doubling)")
+    names = [n for n in ("why_layer", "why_top", "why_layer_before", "why_top_before")
+             if n in results[0]["_series"]]
+    print(f"{'depth':>6} {'JSON out':>9}  " + "  ".join(f"{n:>34}" for n in names))
     previous: dict[str, Series] | None = None
     for res in results:
         s: dict[str, Series] = res["_series"]
         cells = []
-        for name in ("why_layer", "why_top"):
-            growth = (f"x{s[name].median / previous[name].median:.2f}" if previous else "")
-            cells.append(f"{s[name].median:>9.2f}s {s[name].rss_mb:>5.0f}MB {growth:>7}")
-        print(f"{res['depth']:>6} " + " ".join(cells) + f" {res['output_bytes'] / 1e6:>7.1f}MB")
+        for name in names:
+            growth = (f"x{s[name].cpu_median / previous[name].cpu_median:.2f}" if previous else "")
+            cells.append(f"{s[name].median:>7.2f}s {s[name].cpu_median:>7.2f}s cpu "
+                         f"{s[name].rss_mb:>5.0f}MB {growth:>6}")
+        print(f"{res['depth']:>6} {res['output_bytes'] / 1e6:>7.1f}MB  " + "  ".join(cells))
         previous = s
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -75,7 +75,7 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run(cmd: Sequence[str], *, capture: bool = False, env: Mapping[str, str] | None = None,
-        timeout: float = 7200) -> Run:
+        timeout: float = 7200, cwd: str | None = None) -> Run:
     """Run `cmd`; wall time and the command's peak RSS (stdout kept only when `capture`).
 
     The RSS comes from GNU time: a child forked from this (large) Python process would
@@ -87,7 +87,7 @@ def run(cmd: Sequence[str], *, capture: bool = False, env: Mapping[str, str] | N
                               stdin=subprocess.DEVNULL,
                               stdout=out if capture else subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=dict(env or clean_env()),
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, cwd=cwd)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -117,6 +117,13 @@ def interleaved(commands: Mapping[str, Callable[[], Run]], rounds: int,
 
 def regfsck_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "regfsck", *args]
+
+
+def baseline_run(checkout: str, cmd: Sequence[str], *, capture: bool = False) -> Run:
+    """`run` with another checkout's regfsck (the code before a change): its directory
+    alone on PYTHONPATH, and a working directory that holds no `regfsck` package (python
+    -m looks in the working directory first)."""
+    return run(cmd, capture=capture, env=clean_env({"PYTHONPATH": checkout}), cwd="/")
 
 
 def have(binary: str) -> bool:
