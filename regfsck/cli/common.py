@@ -84,7 +84,20 @@ def json_safe(data: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(json_safe(data), indent=2, sort_keys=False, ensure_ascii=True) + "\n")
+    """Write `data` as indented JSON, streamed in ~1 MiB pieces: a large answer (`why` on a
+    chain of thousands of nested indexes lists millions of digests) is never held as one
+    string next to the data it is made of."""
+    encoder = json.JSONEncoder(indent=2, sort_keys=False, ensure_ascii=True)
+    pieces: list[str] = []
+    size = 0
+    for piece in encoder.iterencode(json_safe(data)):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= 1 << 20:
+            sys.stdout.write("".join(pieces))
+            pieces.clear()
+            size = 0
+    sys.stdout.write("".join(pieces) + "\n")
     sys.stdout.flush()
 
 
