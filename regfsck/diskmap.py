@@ -20,7 +20,7 @@ from datetime import datetime
 from regfsck.gc import GcOptions, GcPlan, plan_from_inventory
 from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import Storage
 from regfsck.usage import ScanReport, UploadInfo, build_scan_report, repo_blobs
 
 
@@ -67,7 +67,7 @@ class DiskMap:
     stale_uploads: tuple[UploadInfo, ...] = field(default=())
 
 
-def build_disk_map(inv: Inventory, storage: FilesystemStorage, now: datetime) -> DiskMap:
+def build_disk_map(inv: Inventory, storage: Storage, now: datetime) -> DiskMap:
     store = ManifestStore(storage, inv)
     scan = build_scan_report(inv, store, now)
     sizes = {d: b.size for d, b in inv.blobs.items()}

@@ -33,7 +33,7 @@ from regfsck.names import is_upload_id
 from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import EntryKind, FilesystemStorage
+from regfsck.storage import EntryKind, Storage, open_storage
 from regfsck.sweep import Removal, Revalidate
 
 DEFAULT_GRACE = timedelta(hours=1)
@@ -212,7 +212,7 @@ def _ns(when: datetime) -> int:
 class _Planner:
     """Builds a GcPlan from one scan (see `plan_gc`)."""
 
-    def __init__(self, inv: Inventory, store: ManifestStore, storage: FilesystemStorage,
+    def __init__(self, inv: Inventory, store: ManifestStore, storage: Storage,
                  options: GcOptions, now: datetime) -> None:
         self.inv = inv
         self.store = store
@@ -496,7 +496,7 @@ class _Planner:
         self.plan.empty_dirs = sorted(set(self.plan.empty_dirs))
 
 
-def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: FilesystemStorage,
+def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
                         options: GcOptions, *, now: datetime,
                         findings: Sequence[Finding] | None = None) -> GcPlan:
     """The sweep plan for one scan (pure judgement: reads only manifests and mtimes)."""
@@ -520,7 +520,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Filesyste
 
 def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None) -> GcPlan:
     """Scan the tree and plan a collection (nothing is changed)."""
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root)
     inv = Scanner(storage, root).scan()
     store = ManifestStore(storage, inv)
     return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
@@ -528,7 +528,7 @@ def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = No
 
 def remark(root: RegistryRoot, delete_untagged: bool) -> tuple[Inventory, Marks]:
     """Scan the tree again and mark afresh (the re-check just before a sweep phase)."""
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root)
     inv = Scanner(storage, root).scan()
     return inv, mark(inv, ManifestStore(storage, inv), delete_untagged)
 

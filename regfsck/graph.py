@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.reach import ReachGraph
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import Storage, StorageError
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ class Unloadable:
 class ManifestStore:
     """Loads and parses manifest blobs on demand, each digest at most once."""
 
-    def __init__(self, storage: FilesystemStorage, inventory: Inventory) -> None:
+    def __init__(self, storage: Storage, inventory: Inventory) -> None:
         self.storage = storage
         self.inventory = inventory
         self._cache: dict[str, Manifest | Unloadable] = {}
@@ -96,7 +96,7 @@ class ManifestStore:
         another. Parsing stays in the calling thread."""
         threads = self.storage.io_threads if threads is None else threads
         todo = [d for d in dict.fromkeys(digests) if d not in self._cache]
-        if threads <= 1 or len(todo) < 2 * chunk:
+        if threads <= 1 or len(todo) < 2:
             for digest in todo:
                 self.load(digest)
             return

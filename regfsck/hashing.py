@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from regfsck.inventory import Blob
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, Storage, StorageError
 
 BUFFER_SIZE = 1 << 20
 BATCH_BYTES = 8 << 20
@@ -69,13 +69,36 @@ def _buffer() -> memoryview:
     return buf
 
 
-def hash_file(storage: FilesystemStorage, path: str, algorithm: str,
+def _hash_stream(storage: Storage, path: str, hasher: hashlib._Hash,
+                 on_bytes: ProgressFn | None, stop: threading.Event | None) -> int:
+    """Object storage: one streaming GET, hashed chunk by chunk (memory: one chunk)."""
+    total = 0
+    chunks = storage.iter_chunks(path)
+    try:
+        for chunk in chunks:
+            if stop is not None and stop.is_set():
+                raise Interrupted
+            hasher.update(chunk)
+            total += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return total
+
+
+def hash_file(storage: Storage, path: str, algorithm: str,
               on_bytes: ProgressFn | None = None, stop: threading.Event | None = None
               ) -> tuple[str, int]:
     """Stream one file through `algorithm`; returns (`alg:hex`, bytes read)."""
-    buf = _buffer()
     new = _HASHERS.get(algorithm)
     hasher = new() if new is not None else hashlib.new(algorithm)
+    if not isinstance(storage, FilesystemStorage):
+        total = _hash_stream(storage, path, hasher, on_bytes, stop)
+        return f"{algorithm}:{hasher.hexdigest()}", total
+    buf = _buffer()
     total = 0
     fd = storage.open_fd_fast(path)
     try:
@@ -102,7 +125,7 @@ def hash_file(storage: FilesystemStorage, path: str, algorithm: str,
     return f"{algorithm}:{hasher.hexdigest()}", total
 
 
-def _check_blob(storage: FilesystemStorage, blob: Blob, on_bytes: ProgressFn | None,
+def _check_blob(storage: Storage, blob: Blob, on_bytes: ProgressFn | None,
                 stop: threading.Event | None) -> HashOutcome:
     algorithm = blob.digest.partition(":")[0]
     try:
@@ -115,7 +138,8 @@ def _check_blob(storage: FilesystemStorage, blob: Blob, on_bytes: ProgressFn | N
     return HashOutcome(blob, actual, read)
 
 
-def _batches(blobs: Iterable[Blob], split_small: bool) -> Iterator[tuple[bool, list[Blob]]]:
+def _batches(blobs: Iterable[Blob], split_small: bool,
+             batch_files: int = BATCH_FILES) -> Iterator[tuple[bool, list[Blob]]]:
     """(small?, batch) in about the order given; small and large blobs never share a batch
     when `split_small` (they go to different pools)."""
     open_batches: dict[bool, tuple[list[Blob], int]] = {}
@@ -124,7 +148,7 @@ def _batches(blobs: Iterable[Blob], split_small: bool) -> Iterator[tuple[bool, l
         batch, size = open_batches.get(small, ([], 0))
         batch.append(blob)
         size += blob.size
-        if size >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+        if size >= BATCH_BYTES or len(batch) >= batch_files:
             open_batches.pop(small, None)
             yield small, batch
         else:
@@ -191,7 +215,7 @@ def _want_processes(blobs: Iterable[Blob], jobs: int) -> bool:
     return sum(1 for b in blobs if b.size <= SMALL_BLOB) >= PROCESS_MIN_BLOBS
 
 
-def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int,
+def verify_blobs(storage: Storage, blobs: Iterable[Blob], *, jobs: int,
                  on_bytes: ProgressFn | None = None,
                  stop: threading.Event | None = None,
                  processes: bool | None = None) -> Iterator[HashOutcome]:
@@ -205,7 +229,10 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
     """
     jobs = max(1, jobs)
     halt = stop if stop is not None else threading.Event()
-    use_processes = _want_processes(blobs, jobs) if processes is None else processes
+    local = isinstance(storage, FilesystemStorage)
+    use_processes = local and (_want_processes(blobs, jobs) if processes is None else processes)
+    # Object storage: one blob per task, so `jobs` GETs are in flight whatever the sizes.
+    batch_files = BATCH_FILES if local else 1
 
     def run_batch(batch: list[Blob]) -> list[HashOutcome]:
         outcomes = []
@@ -218,7 +245,8 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
                 break  # the blob in progress has no verdict; the finished ones keep theirs
         return outcomes
 
-    procs = _process_pool(storage, jobs) if use_processes else None
+    procs = _process_pool(storage, jobs) if use_processes and isinstance(
+        storage, FilesystemStorage) else None
     threads = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="regfsck-hash")
     pending: dict[Future[Any], tuple[bool, list[Blob]]] = {}
     in_flight = {True: 0, False: 0}
@@ -230,7 +258,7 @@ def verify_blobs(storage: FilesystemStorage, blobs: Iterable[Blob], *, jobs: int
             yield from _outcomes(future, from_process, batch, on_bytes)
 
     try:
-        for small, batch in _batches(blobs, procs is not None):
+        for small, batch in _batches(blobs, procs is not None, batch_files):
             if halt.is_set():
                 break
             to_process = small and procs is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,77 @@ class RootError(Exception):
 
 
 @dataclass(frozen=True)
+class S3Location:
+    """Where a registry's `s3` storage driver keeps its tree, and how to reach it.
+
+    `prefix` is the driver's `rootdirectory` without its leading and trailing slashes: the
+    objects are `PREFIX/docker/registry/v2/...` (`docker/registry/v2/...` when empty).
+    Fields left None come from the standard AWS environment and files."""
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    force_path_style: bool | None = None
+    secure: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def v2_prefix(self) -> str:
+        """The key prefix of the `v2` tree, ending in `/`."""
+        return f"{self.prefix}/{V2_PREFIX}/" if self.prefix else f"{V2_PREFIX}/"
+
+
+# Local paths of an object-storage root: below /dev/null, so that any code path that still
+# treats them as a directory fails (ENOTDIR) instead of creating files on the local disk.
+_NO_LOCAL_DIR = Path("/dev/null/regfsck-object-storage")
+
+
+@dataclass(frozen=True)
 class RegistryRoot:
-    """The storage root (holding `docker/registry/v2`) and the `v2` directory itself."""
+    """The storage root (holding `docker/registry/v2`) and the `v2` directory itself.
+
+    For a tree in object storage, `s3` says where it is and `root`/`v2` are local paths
+    that cannot exist (see `_NO_LOCAL_DIR`): every read goes through `storage.open_storage`."""
 
     root: Path
     v2: Path
+    s3: S3Location | None = None
+
+    @property
+    def is_object_storage(self) -> bool:
+        return self.s3 is not None
+
+    @property
+    def display(self) -> str:
+        """ROOT as the operator gave it (a path or an s3:// URL)."""
+        return self.s3.url if self.s3 is not None else str(self.root)
+
+
+def object_root(location: S3Location) -> RegistryRoot:
+    local = _NO_LOCAL_DIR / location.bucket / (location.prefix or "_")
+    return RegistryRoot(local, local / V2_PREFIX, location)
+
+
+def parse_s3_url(text: str) -> S3Location:
+    """`s3://BUCKET/PREFIX` (PREFIX: the registry's rootdirectory, may be empty)."""
+    rest = text[len("s3://"):] if text.startswith("s3://") else text[len("s3:/"):]
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or "\x00" in text or any(p in (".", "..") for p in prefix.split("/") if p):
+        raise RootError(f"{text!r} is not a usable s3://BUCKET/PREFIX URL")
+    return S3Location(bucket, "/".join(p for p in prefix.split("/") if p))
+
+
+def is_s3_url(path: Path | str) -> bool:
+    """ROOT names a bucket. typer hands ROOT over as a Path, which folds `s3://` to `s3:/`."""
+    text = str(path)
+    return text.startswith("s3://") or text.startswith("s3:/")
 
 
 def _refuse_symlinks(root: Path) -> None:
@@ -62,15 +129,57 @@ def locate(path: Path) -> RegistryRoot:
     )
 
 
+S3_ENV = "REGISTRY_STORAGE_S3_"
+_NOT_DRIVERS = ("delete", "maintenance", "cache", "redirect", "tag")
+
+
+def _env_bool(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise RootError(f"{what}: {value!r} is not a boolean")
+
+
+def s3_location_from_config(section: object, env: Mapping[str, str]) -> S3Location:
+    """The registry's `storage: s3:` parameters, with its REGISTRY_STORAGE_S3_* overrides."""
+    params: dict[str, object] = {str(k).lower(): v for k, v in section.items()} \
+        if isinstance(section, dict) else {}
+    for key, value in env.items():
+        if key.startswith(S3_ENV) and value != "":
+            params[key[len(S3_ENV):].lower()] = value
+    bucket = params.get("bucket")
+    if not bucket:
+        raise RootError("storage driver 's3' without a bucket")
+
+    def text(name: str) -> str | None:
+        value = params.get(name)
+        return None if value is None or value == "" else str(value)
+
+    rootdir = (text("rootdirectory") or "").strip("/")
+    secure = _env_bool(params["secure"], "secure") if "secure" in params else True
+    force = _env_bool(params["forcepathstyle"], "forcepathstyle") \
+        if "forcepathstyle" in params else None
+    endpoint = text("regionendpoint")
+    if endpoint is not None and "://" not in endpoint:
+        endpoint = f"{'https' if secure else 'http'}://{endpoint}"
+    return S3Location(str(bucket), rootdir, region=text("region"), endpoint=endpoint,
+                      access_key=text("accesskey"), secret_key=text("secretkey"),
+                      force_path_style=force, secure=secure)
+
+
 def _storage_rootdir(config: dict[str, Any]) -> str | None:
     storage = config.get("storage")
     if not isinstance(storage, dict):
         return None
     fs = storage.get("filesystem")
     if fs is None:
-        drivers = [k for k in storage if k not in ("delete", "maintenance", "cache", "redirect", "tag")]
+        drivers = [k for k in storage if k not in _NOT_DRIVERS]
         if drivers:
-            raise RootError(f"storage driver is {drivers[0]!r}; regfsck reads only 'filesystem'")
+            raise RootError(f"storage driver is {drivers[0]!r}; regfsck reads 'filesystem' and 's3'")
         return None
     if isinstance(fs, dict):
         value = fs.get("rootdirectory")
@@ -78,9 +187,7 @@ def _storage_rootdir(config: dict[str, Any]) -> str | None:
     return None
 
 
-def rootdir_from_config(config_path: Path, environ: dict[str, str] | None = None) -> Path:
-    """The filesystem root directory a registry with this config (and environment) uses."""
-    env = os.environ if environ is None else environ
+def _load_config(config_path: Path) -> dict[str, Any]:
     try:
         text = config_path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -91,6 +198,26 @@ def rootdir_from_config(config_path: Path, environ: dict[str, str] | None = None
         raise RootError(f"config {config_path} is not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise RootError(f"config {config_path} is not a YAML mapping")
+    return config
+
+
+def root_from_config(config_path: Path, environ: Mapping[str, str] | None = None) -> Path | S3Location:
+    """Where a registry with this config (and environment) keeps its tree."""
+    env = os.environ if environ is None else environ
+    config = _load_config(config_path)
+    storage = config.get("storage")
+    if isinstance(storage, dict) and "filesystem" not in storage and "s3" in storage:
+        return s3_location_from_config(storage.get("s3"), env)
+    return _rootdir(config, env)
+
+
+def rootdir_from_config(config_path: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """The filesystem root directory a registry with this config (and environment) uses."""
+    env = os.environ if environ is None else environ
+    return _rootdir(_load_config(config_path), env)
+
+
+def _rootdir(config: dict[str, Any], env: Mapping[str, str]) -> Path:
     override = env.get(ROOTDIR_ENV)
     if override:
         return Path(override)
@@ -103,5 +230,8 @@ def resolve(path: Path | None, config: Path | None) -> RegistryRoot:
     if config is not None:
         if path is not None:
             raise RootError("give either ROOT or --config, not both")
-        return locate(rootdir_from_config(config))
+        where = root_from_config(config)
+        return object_root(where) if isinstance(where, S3Location) else locate(where)
+    if path is not None and is_s3_url(path):
+        return object_root(parse_s3_url(str(path)))
     return locate(path if path is not None else DEFAULT_ROOT)

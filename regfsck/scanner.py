@@ -16,7 +16,6 @@ the schedule.
 from __future__ import annotations
 
 import errno
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,7 +27,7 @@ from regfsck import layout
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
-from regfsck.storage import EntryKind, FilesystemStorage, Stat, StorageError, to_stat
+from regfsck.storage import DirEntryLike, EntryKind, Stat, Storage, StorageError, open_storage, to_stat
 
 LINK_READ_LIMIT = 4096
 STARTEDAT_LIMIT = 4096
@@ -55,7 +54,7 @@ def _is_tmp_leftover(name: str) -> bool:
     return name.endswith(".tmp")
 
 
-def _entry_name(entry: os.DirEntry[str]) -> str:
+def _entry_name(entry: DirEntryLike) -> str:
     return entry.name
 
 
@@ -65,18 +64,18 @@ _HEX_RE = {alg: re.compile(f"[a-f0-9]{{{n}}}") for alg, n in HEX_LENGTHS.items()
 class Scanner:
     """Walks one tree into an `Inventory`; create one per scan."""
 
-    def __init__(self, storage: FilesystemStorage, root: RegistryRoot,
+    def __init__(self, storage: Storage, root: RegistryRoot,
                  on_progress: ProgressFn | None = None, threads: int | None = None) -> None:
         self.storage = storage
         self.inv = Inventory(root=root)
         self.on_progress = on_progress
-        self.threads = max(1, threads or storage.io_threads)
+        self.threads = max(1, threads or storage.scan_threads)
 
     # -- helpers -------------------------------------------------------------
     def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
         self.inv.anomalies.append(Anomaly(kind, path, detail, **kw))
 
-    def _entries(self, path: str, repo: str | None = None) -> list[os.DirEntry[str]] | None:
+    def _entries(self, path: str, repo: str | None = None) -> list[DirEntryLike] | None:
         """List a directory; an unreadable one becomes an anomaly and yields None."""
         try:
             entries = sorted(self.storage.scandir(path), key=_entry_name)
@@ -86,7 +85,7 @@ class Scanner:
         self.inv.dirs_seen += 1
         return entries
 
-    def _odd_entry(self, entry: os.DirEntry[str], path: str, expected: str,
+    def _odd_entry(self, entry: DirEntryLike, path: str, expected: str,
                    repo: str | None = None) -> None:
         """Record an entry that is not what the layout puts there."""
         if entry.is_symlink():
@@ -246,7 +245,7 @@ class Scanner:
         self.inv.misplaced_blobs.append(
             Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode))
 
-    def _scan_blob_dir(self, algorithm: str, fan: str, entry: os.DirEntry[str], path: str) -> None:
+    def _scan_blob_dir(self, algorithm: str, fan: str, entry: DirEntryLike, path: str) -> None:
         """One blob directory (kept for callers; the walk uses `_scan_fanout`)."""
         if not entry.is_dir(follow_symlinks=False):
             self._odd_entry(entry, path, "a blob directory")
@@ -312,7 +311,7 @@ class Scanner:
                 self._odd_entry(entry, child_path, "a repository directory", name or None)
         return children
 
-    def _scan_repo_part(self, repo: Repository, entry: os.DirEntry[str], path: str) -> None:
+    def _scan_repo_part(self, repo: Repository, entry: DirEntryLike, path: str) -> None:
         if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
             self._odd_entry(entry, path, "a directory", repo.name)
             return
@@ -409,7 +408,7 @@ class Scanner:
                 continue
             repo.uploads.append(self._scan_upload(repo, entry, upload_path))
 
-    def _scan_upload(self, repo: Repository, entry: os.DirEntry[str], path: str) -> Upload:
+    def _scan_upload(self, repo: Repository, entry: DirEntryLike, path: str) -> Upload:
         size = 0
         startedat_raw: bytes | None = None
         hashstates: list[str] = []
@@ -457,6 +456,11 @@ class Scanner:
 
     # -- top level -------------------------------------------------------------
     def scan(self) -> Inventory:
+        # Object storage: the flat listing, then every link and startedat in one burst of
+        # concurrent GETs (none when the listing proves the content); a filesystem does
+        # nothing. A bucket that cannot be listed raises StorageError (exit 3, as a
+        # missing ROOT); a single object that cannot be read is reported by the walk.
+        self.storage.prefetch(_prefetched, _implied_link_content, LINK_READ_LIMIT)
         top = self._entries("")
         names = {e.name: e for e in top or ()}
         for entry in top or ():
@@ -532,6 +536,23 @@ def _fragment_key(item: tuple[str, Inventory]) -> str:
     return item[0]
 
 
+def _prefetched(path: str) -> bool:
+    """The small files the walk reads: link files and uploads' startedat."""
+    name = path.rpartition("/")[2]
+    return name == layout.LINK or name == layout.STARTEDAT
+
+
+def _implied_link_content(path: str) -> bytes | None:
+    """The content a `.../<alg>/<hex>/link` must hold (its path names it); None elsewhere."""
+    parts = path.split("/")
+    if len(parts) < 3 or parts[-1] != layout.LINK:
+        return None
+    regex = _HEX_RE.get(parts[-3])
+    if regex is None or regex.fullmatch(parts[-2]) is None:
+        return None
+    return f"{parts[-3]}:{parts[-2]}".encode("ascii")
+
+
 def _fanout_task(algorithm: str, fan: str, fan_path: str) -> Callable[[Scanner], list[Task]]:
     def work(scanner: Scanner) -> list[Task]:
         scanner._scan_fanout(algorithm, fan, fan_path)
@@ -548,7 +569,7 @@ def _walk_task(path: str, parts: tuple[str, ...]) -> Callable[[Scanner], list[Ta
 def scan_tree(root: RegistryRoot, on_progress: ProgressFn | None = None,
               threads: int | None = None) -> Inventory:
     """Scan the registry tree at `root` into an inventory."""
-    return Scanner(FilesystemStorage(root.v2), root, on_progress, threads).scan()
+    return Scanner(open_storage(root), root, on_progress, threads).scan()
 
 
 def now_utc() -> datetime:

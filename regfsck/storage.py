@@ -1,8 +1,9 @@
 """The storage seam: the few operations regfsck needs from wherever the tree lives.
 
 Everything above this module speaks in POSIX paths relative to the `v2` directory.
-Only the filesystem backend exists today; an object-storage backend implements the
-same `Storage` protocol (listing a prefix, stat, open, read a small object).
+Two backends implement it: `FilesystemStorage` (here) and `objectstore.ObjectStorage`
+(an S3 bucket, listed flat once into the same directory model). `open_storage` is the one
+place that picks the backend from a `RegistryRoot`.
 
 Safety lives here: no operation follows a symbolic link, no path may contain `..`,
 an absolute part or NUL, and opening a FIFO or device never blocks.
@@ -15,10 +16,13 @@ import enum
 import errno
 import os
 import stat as stat_module
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from regfsck.root import RegistryRoot
 
 
 class EntryKind(enum.Enum):
@@ -61,18 +65,66 @@ class UnsafePathError(ValueError):
     """A path that could leave the root (`..`, absolute, NUL, symlink on the way)."""
 
 
+class DirEntryLike(Protocol):
+    """The part of `os.DirEntry` the walk uses (the object backend has its own)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool: ...
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool: ...
+
+    def is_symlink(self) -> bool: ...
+
+    def stat(self, *, follow_symlinks: bool = True) -> Any: ...
+
+
 class Storage(Protocol):
-    """What reading a registry tree needs; paths are relative to the `v2` directory."""
+    """What reading a registry tree needs; paths are relative to the `v2` directory.
+
+    `scandir` yields `os.DirEntry`-like objects (name, is_dir, is_file, is_symlink, stat)
+    and `lstat_many` `os.stat_result`-like ones (st_mode, st_size, st_mtime_ns, st_ctime_ns,
+    st_ino): the scanner walks either backend with the same code."""
+
+    io_threads: int  # reads worth keeping in flight (manifest preloads)
+    scan_threads: int  # threads for the walk itself
 
     def list_dir(self, path: str) -> list[Entry]: ...
 
+    def scandir(self, path: str) -> Iterator[DirEntryLike]: ...
+
     def stat(self, path: str) -> Stat | None: ...
 
+    def lstat_many(self, dir_path: str, names: Sequence[str]) -> list[Any]: ...
+
     def read_small(self, path: str, limit: int) -> bytes: ...
+
+    def read_link_fast(self, path: str, limit: int = 256) -> bytes: ...
+
+    def read_small_many(self, dir_path: str, names: Sequence[str], limit: int
+                        ) -> list[bytes | StorageError]: ...
+
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+                 limit: int) -> None: ...
+
+    def iter_chunks(self, path: str, chunk_size: int = ...) -> Iterator[bytes]: ...
 
     def open_read(self, path: str) -> BinaryIO: ...
 
     def describe(self, path: str) -> str: ...
+
+
+def open_storage(root: RegistryRoot, *, jobs: int | None = None) -> Storage:
+    """The backend holding `root`'s tree, rooted at its `v2` directory: a local directory
+    or an S3 bucket (`s3://BUCKET/PREFIX` or a config with `storage: s3:`).
+
+    `jobs`: requests in flight for object storage (default 64, REGFSCK_S3_JOBS)."""
+    if root.s3 is not None:
+        from regfsck.objectstore import ObjectStorage
+
+        return ObjectStorage(root.s3, jobs=jobs)
+    return FilesystemStorage(root.v2)
 
 
 def check_relative(path: str) -> list[str]:
@@ -137,6 +189,26 @@ class FilesystemStorage:
         self.base = Path(v2_dir)
         self._base_str = os.fspath(self.base)
         self.io_threads = io_threads()
+        self.scan_threads = self.io_threads
+
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+                 limit: int) -> None:
+        """Nothing to do: on a filesystem the walk reads each small file when it meets it."""
+
+    def iter_chunks(self, path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's bytes in pieces (the generic streaming read; hashing uses readv)."""
+        fd = self._open_fd(path)
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, chunk_size)
+                except OSError as exc:
+                    raise StorageError(exc.errno, f"cannot read {path}: {exc.strerror}", path) from exc
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
 
     # -- paths ---------------------------------------------------------------
     def full_path(self, path: str) -> str:

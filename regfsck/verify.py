@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import threading
 import time
@@ -29,7 +30,7 @@ from regfsck.inventory import Blob, Inventory
 from regfsck.record import RECORD_REL, RecordError, VerifyRecord
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, Storage, StorageError, open_storage
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     leaves layers out). Raises RecordError when the incremental options need the verification record and it
     cannot be used (a plain run just reports why it could not update an existing one)."""
     started = time.monotonic()
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root, jobs=options.jobs if root.is_object_storage else None)
     inv = inventory if inventory is not None else Scanner(storage, root).scan()
     if options.repos:
         unknown = sorted(options.repos - set(inv.repositories))
@@ -154,7 +155,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings = FindingSet()
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
-    deep_plan = plan_deep(storage, inv, store, options.repos) if options.deep else None
+    deep_plan = plan_deep(_local(storage), inv, store, options.repos) if options.deep else None
     deep: DeepReport | None = None
     if options.check_data:
         blobs = _blobs_to_hash(inv, store, options.repos)
@@ -172,7 +173,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
                 _record(record, summary, record.close)
     elif deep_plan is not None:
         del store
-        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
+        deep = check_layers(_local(storage), deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
     if deep is not None:
         findings.extend(deep.findings)
         summary.interrupted = summary.interrupted or deep.summary.interrupted
@@ -192,9 +193,22 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     return report
 
 
+def _local(storage: Storage) -> FilesystemStorage:
+    """--deep reads layers through file descriptors: local trees only (the CLI refuses
+    --deep on object storage before anything is read)."""
+    if not isinstance(storage, FilesystemStorage):
+        raise StorageError(errno.EOPNOTSUPP, "--deep is not available on object storage yet", "")
+    return storage
+
+
 def _open_record(root: RegistryRoot, options: VerifyOptions,
                  summary: VerifySummary) -> VerifyRecord | None:
     """The record: required (and created) for the incremental options, else updated if present."""
+    if root.is_object_storage:  # the record lives on a local disk: not there yet for S3
+        if options.needs_record:
+            raise RecordError("--changed-only, --sample and --max-duration are not available "
+                              "on object storage yet (their record needs a local state directory)")
+        return None
     try:
         record = VerifyRecord.open(root, create=options.needs_record)
     except RecordError as exc:
@@ -215,7 +229,7 @@ def _select(blobs: list[Blob], options: VerifyOptions, record: VerifyRecord | No
         sample_percent=options.sample_percent), time.time())
 
 
-def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
+def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
                 options: VerifyOptions, record: VerifyRecord | None, summary: VerifySummary,
                 findings: FindingSet, *, progress: DataProgress | None,
                 stop: threading.Event | None, on_finding: Callable[[Finding], None] | None,
@@ -275,7 +289,7 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
     def take_layer(outcome: LayerOutcome) -> None:
         blob = layers.get(outcome.job.digest)
         if blob is not None:
-            take(_layer_verdict(storage, blob, outcome))
+            take(_layer_verdict(_local(storage), blob, outcome))
 
     if progress is not None:
         progress.start(sum(b.size for b in chosen), len(chosen))
@@ -290,7 +304,7 @@ def _hash_blobs(storage: FilesystemStorage, inv: Inventory, blobs: list[Blob],
             progress.finish()
     deep: DeepReport | None = None
     if deep_plan is not None and not (stop is not None and stop.is_set()):
-        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress,
+        deep = check_layers(_local(storage), deep_plan, jobs=options.jobs, progress=deep_progress,
                             stop=stop, on_outcome=take_layer)
     planned = [*selection.to_hash, *layers.values()]
     summary.blobs_deferred = len(planned) - done

@@ -22,12 +22,15 @@ from regfsck.cli.common import (
     shown,
     stderr_console,
     stdout_console,
+    with_requests,
 )
 from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
 from regfsck.durations import DurationError, format_duration, parse_duration
 from regfsck.gc import GcOptions, GcPlan, plan_gc, revalidator
 from regfsck.quarantine import QuarantineError, list_runs
+from regfsck.root import RegistryRoot
 from regfsck.safety import registry_users
+from regfsck.storage import StorageError
 
 MAX_ROWS = 200
 
@@ -59,10 +62,20 @@ def gc(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Remove what no image needs: unreferenced blobs, dead links, stale uploads (undoable)."""
-    registry = open_root(root, config)
+    registry = open_root(root, config, object_storage=True)
+    if apply and registry.is_object_storage:
+        fail(f"gc --apply is not available on object storage yet: nothing was changed in "
+             f"{registry.display} (run without --apply for the plan)")
     options = GcOptions(delete_untagged=delete_untagged,
                         uploads_older_than=_duration(uploads_older_than, "--uploads-older-than"),
                         grace=_duration(grace, "--grace"), force=force)
+    if not apply and registry.is_object_storage:
+        try:
+            plan = plan_gc(registry, options)
+        except StorageError as exc:
+            fail(str(exc))
+        _output(plan, json_output, [], registry)
+        raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
     if not apply:
         users = registry_users(registry)
         if users and not json_output:
@@ -98,9 +111,11 @@ def gc(
     raise typer.Exit(exitcodes.INTERRUPTED if result.interrupted else exitcodes.OK)
 
 
-def _output(plan: GcPlan, json_output: bool, recovered: list[str]) -> None:
+def _output(plan: GcPlan, json_output: bool, recovered: list[str],
+            registry: RegistryRoot | None = None) -> None:
     if json_output:
-        print_json({**plan.to_json(), "recovered": recovered})
+        doc = {**plan.to_json(), "recovered": recovered}
+        print_json(with_requests(registry, doc) if registry is not None else doc)
     else:
         render_plan(plan)
 

@@ -21,11 +21,12 @@ from regfsck.cli.common import (
     print_json,
     shown,
     stdout_console,
+    with_requests,
 )
 from regfsck.findings import safe_text
 from regfsck.graph import ManifestStore
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import StorageError, open_storage
 from regfsck.usage import ScanReport, build_scan_report
 
 
@@ -45,16 +46,19 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
         fail("--findings goes with --html FILE", exitcodes.USAGE)
     if html is not None and not html.parent.is_dir():
         fail(f"--html: directory {html.parent} does not exist", exitcodes.USAGE)
-    registry = open_root(root, config)
-    storage = FilesystemStorage(registry.v2)
-    inventory = Scanner(storage, registry).scan()
+    registry = open_root(root, config, object_storage=True)
+    storage = open_storage(registry)
+    try:
+        inventory = Scanner(storage, registry).scan()
+    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
+        fail(str(exc))
     if html is not None:
         from regfsck.cli.scan_html import load_findings, render_html, write_html
         from regfsck.diskmap import build_disk_map
         verified = load_findings(findings) if findings is not None else None
         now = datetime.now(UTC)
         disk = build_disk_map(inventory, storage, now)
-        write_html(html, render_html(disk, root=str(registry.root), generated=now, top=top,
+        write_html(html, render_html(disk, root=registry.display, generated=now, top=top,
                                      findings=verified))
         report = disk.scan
         if not json_output:
@@ -62,7 +66,7 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     else:
         report = build_scan_report(inventory, ManifestStore(storage, inventory), datetime.now(UTC))
     if json_output:
-        print_json(report.to_json())
+        print_json(with_requests(registry, report.to_json()))
     else:
         render_scan(report, top)
     raise SystemExit(exitcodes.OK)

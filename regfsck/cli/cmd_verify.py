@@ -36,6 +36,7 @@ from regfsck.cli.common import (
     show_progress,
     stderr_console,
     stdout_console,
+    with_requests,
 )
 from regfsck.cli.verify_deep import RichDeepProgress, deep_json, render_deep
 from regfsck.cli.verify_incremental import (
@@ -48,7 +49,9 @@ from regfsck.cli.verify_incremental import (
 )
 from regfsck.cli.verify_metrics import METRICS_FILE_OPTION, MetricsRun
 from regfsck.findings import Severity
+from regfsck.objectstore import default_jobs as s3_default_jobs
 from regfsck.record import RecordError
+from regfsck.storage import StorageError
 from regfsck.verify import (
     DataProgress,
     UnknownRepositoryError,
@@ -97,7 +100,8 @@ def verify(
     root: Path | None = ROOT_ARGUMENT,
     config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count; "
+                             "on object storage: requests in flight, default 64)."),
     repo: list[str] = typer.Option([], "--repo", help="Check only this repository "
                                    "(repeatable); blobs it uses are re-hashed."),
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content "
@@ -115,7 +119,11 @@ def verify(
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
-    registry = open_root(root, config)
+    registry = open_root(root, config, object_storage=True)
+    if registry.is_object_storage and deep:
+        fail("--deep is not available on object storage yet")
+    if registry.is_object_storage and not jobs:
+        jobs = s3_default_jobs()  # requests in flight, not CPU threads
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
                             check_data=not no_data, strict=strict, deep=deep, **incremental_options(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
@@ -134,14 +142,14 @@ def verify(
         if metrics is not None:
             metrics.finish(None, exitcodes.USAGE)
         fail(str(exc), exitcodes.USAGE)
-    except RecordError as exc:
+    except (RecordError, StorageError) as exc:
         if metrics is not None:
             metrics.finish(None, exitcodes.CANNOT_RUN)
         fail(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     if json_output:
-        print_json(report.to_json() | deep_json(deep_summary))
+        print_json(with_requests(registry, report.to_json() | deep_json(deep_summary)))
     else:
         render_verify(report)
         render_incremental(report.summary)

@@ -17,11 +17,13 @@ from regfsck.findings import safe_text
 from regfsck.root import RegistryRoot, RootError, resolve
 
 ROOT_ARGUMENT = typer.Argument(
-    None, help="Registry storage root (holding docker/registry/v2) or the v2 directory "
-    "itself. Default: /var/lib/registry.", show_default=False)
+    None, help="Registry storage root (holding docker/registry/v2), the v2 directory "
+    "itself, or s3://BUCKET/PREFIX (scan, verify, gc). Default: /var/lib/registry.",
+    show_default=False)
 CONFIG_OPTION = typer.Option(
-    None, "--config", "-c", help="Read the root directory from the registry's config.yml "
-    "(honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY).", show_default=False)
+    None, "--config", "-c", help="Read the root directory (or the s3 bucket) from the "
+    "registry's config.yml (honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY and "
+    "REGISTRY_STORAGE_S3_*).", show_default=False)
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 APPLY_OPTION = typer.Option(False, "--apply", help="Really do it (default: print the plan).")
 
@@ -50,12 +52,32 @@ def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
     raise typer.Exit(code)
 
 
-def open_root(root: Path | None, config: Path | None) -> RegistryRoot:
-    """Resolve ROOT/--config or exit 3 with what was expected."""
+OBJECT_STORAGE_COMMANDS = "scan, verify and gc (plan)"
+
+
+def open_root(root: Path | None, config: Path | None, *,
+              object_storage: bool = False) -> RegistryRoot:
+    """Resolve ROOT/--config or exit 3 with what was expected.
+
+    A tree in object storage is accepted only by the commands that pass `object_storage`;
+    the others refuse it before reading anything."""
     try:
-        return resolve(root, config)
+        registry = resolve(root, config)
     except RootError as exc:
         fail(str(exc))
+    if registry.is_object_storage and not object_storage:
+        fail(f"{registry.display} is in object storage, where regfsck runs only "
+             f"{OBJECT_STORAGE_COMMANDS} so far")
+    return registry
+
+
+def with_requests(registry: RegistryRoot, doc: dict[str, Any]) -> dict[str, Any]:
+    """Object storage bills per request: --json documents say how many were made, by kind."""
+    if not registry.is_object_storage:
+        return doc
+    from regfsck.objectstore import request_counts
+
+    return {**doc, "requests": request_counts()}
 
 
 def _strict_text(text: str) -> str:
