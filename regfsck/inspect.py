@@ -29,7 +29,7 @@ from regfsck.hashing import verify_blobs
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import Descriptor, Manifest, ManifestKind
 from regfsck.refs import split_ref
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.why import ReferenceGraph
 
 MAX_CONFIG_BYTES = 32 * 1024 * 1024
@@ -451,7 +451,7 @@ class Inspector:
         cached = self._measured.get(blob.digest)
         if cached is None:
             try:
-                kind, size = measure_layer(self.storage, blob.path)
+                kind, size = measure_layer(local_only(self.storage, "inspect"), blob.path)
                 cached = (kind, size, None)
             except (ValueError, StorageError) as exc:
                 cached = (None, None, str(exc))

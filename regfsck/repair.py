@@ -40,7 +40,7 @@ from regfsck.repair_source import BlobSource
 from regfsck.root import RegistryRoot
 from regfsck.safety import mutation_guard
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
 from regfsck.why import ReferenceGraph, paths_to
 
@@ -279,7 +279,7 @@ class Planner:
                  sources: list[BlobSource], *, data_checked: bool = True) -> None:
         self.inv = inventory
         self.store = store
-        self.storage: FilesystemStorage = store.storage
+        self.storage: FilesystemStorage = local_only(store.storage, "repair")
         self.findings = findings
         self.sources = sources
         self.plan = RepairPlan(sources=[s.label for s in sources], findings_seen=len(findings),

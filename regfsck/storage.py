@@ -115,6 +115,15 @@ class Storage(Protocol):
     def describe(self, path: str) -> str: ...
 
 
+def local_only(storage: Storage, what: str = "this") -> FilesystemStorage:
+    """`storage` for code that reads through file descriptors (deep checks, inspect's
+    layer measurements, repair): a local tree only. The CLI refuses those commands on
+    object storage before reading anything; this is the backstop, a one-line error."""
+    if not isinstance(storage, FilesystemStorage):
+        raise StorageError(errno.EOPNOTSUPP, f"{what} is not available on object storage yet", "")
+    return storage
+
+
 def open_storage(root: RegistryRoot, *, jobs: int | None = None) -> Storage:
     """The backend holding `root`'s tree, rooted at its `v2` directory: a local directory
     or an S3 bucket (`s3://BUCKET/PREFIX` or a config with `storage: s3:`).

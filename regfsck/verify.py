@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import threading
 import time
@@ -30,7 +29,7 @@ from regfsck.inventory import Blob, Inventory
 from regfsck.record import RECORD_REL, RecordError, VerifyRecord
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, Storage, StorageError, open_storage
+from regfsck.storage import FilesystemStorage, Storage, StorageError, local_only, open_storage
 
 
 @dataclass
@@ -194,11 +193,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
 
 
 def _local(storage: Storage) -> FilesystemStorage:
-    """--deep reads layers through file descriptors: local trees only (the CLI refuses
-    --deep on object storage before anything is read)."""
-    if not isinstance(storage, FilesystemStorage):
-        raise StorageError(errno.EOPNOTSUPP, "--deep is not available on object storage yet", "")
-    return storage
+    return local_only(storage, "--deep")
 
 
 def _open_record(root: RegistryRoot, options: VerifyOptions,
