@@ -101,12 +101,10 @@ def _aws_profile_credentials() -> tuple[str, str, str | None, str | None] | None
     return frozen.access_key, frozen.secret_key, frozen.token, session.region_name
 
 
-def make_client(location: S3Location, environ: dict[str, str] | None = None) -> S3Store:
-    """An S3 client for `location`: explicit config first, then the AWS environment
-    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
-    AWS_REGION / AWS_DEFAULT_REGION), then the shared files and AWS_PROFILE."""
-    from obstore.store import S3Store
-
+def client_config(location: S3Location, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """How to reach `location` (obstore's S3 config keys): explicit config first, then the
+    AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION), then the shared files and AWS_PROFILE."""
     env = os.environ if environ is None else environ
     config: dict[str, Any] = {}
     endpoint = location.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
@@ -133,10 +131,55 @@ def make_client(location: S3Location, environ: dict[str, str] | None = None) -> 
         config["virtual_hosted_style_request"] = not location.force_path_style
     elif not endpoint:
         config["virtual_hosted_style_request"] = True
-    client_options: dict[str, Any] = {"allow_http": bool(endpoint and endpoint.startswith("http://")),
+    return config
+
+
+def make_client(location: S3Location, environ: dict[str, str] | None = None) -> S3Store:
+    """The obstore client for `location` (see `client_config`)."""
+    from obstore.store import S3Store
+
+    config = client_config(location, environ)
+    endpoint = str(config.get("endpoint", ""))
+    client_options: dict[str, Any] = {"allow_http": endpoint.startswith("http://"),
                                       "timeout": "300s", "connect_timeout": "10s"}
     # object_store reads AWS_* itself too; everything it needs is passed explicitly above.
     return S3Store(location.bucket, config=config, client_options=client_options)  # type: ignore[arg-type]
+
+
+def _list_raw(location: S3Location, prefix: str,
+              delimiter: bool) -> tuple[list[dict[str, Any]], list[str], int]:
+    """ListObjectsV2 through boto3, for a partition holding a key obstore refuses to parse
+    (an empty, `.` or `..` segment: `a//b`, `a/./b`). Such keys are possible on S3 and
+    must become findings, not stop the scan. Returns (objects, common prefixes, pages)."""
+    try:
+        import boto3
+        from botocore.config import Config  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise StorageError(errno.EIO, f"cannot list {prefix}: a key there is not a valid path "
+                           "and boto3 (needed to list it) is not installed", prefix) from exc
+    config = client_config(location)
+    style = "virtual" if config.get("virtual_hosted_style_request") else "path"
+    client = boto3.client("s3", endpoint_url=config.get("endpoint"), region_name=config["region"],
+                          aws_access_key_id=config.get("access_key_id"),
+                          aws_secret_access_key=config.get("secret_access_key"),
+                          aws_session_token=config.get("token"),
+                          config=Config(s3={"addressing_style": style}))
+    objects: list[dict[str, Any]] = []
+    prefixes: list[str] = []
+    pages = 0
+    kwargs: dict[str, Any] = {"Bucket": location.bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE}
+    if delimiter:
+        kwargs["Delimiter"] = "/"
+    while True:
+        page = client.list_objects_v2(**kwargs)
+        pages += 1
+        for item in page.get("Contents", []):
+            objects.append({"path": item["Key"], "size": item["Size"],
+                            "last_modified": item["LastModified"], "e_tag": item.get("ETag")})
+        prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        if not page.get("IsTruncated"):
+            return objects, prefixes, pages
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
 # -- the directory model of a listing -------------------------------------------
@@ -205,9 +248,10 @@ class _Tree:
         for part in parts[:-1]:
             self._touch(directory, meta.mtime_ns)
             children = self.dirs[directory]
-            if children.get(part) is False:
-                self.skipped.append(rel)  # a key that is also a "directory": keep the file
-                return
+            if children.get(part) is False:  # a key that is also a "directory": the layout
+                other = f"{directory}/{part}" if directory else part  # wins, the file is odd
+                del self.files[other]
+                self.skipped.append(other)
             children[part] = True
             directory = f"{directory}/{part}" if directory else part
             self.dirs.setdefault(directory, {})
@@ -318,28 +362,46 @@ class ObjectStorage:
     def _list_flat(self, prefix: str) -> list[dict[str, Any]]:
         """Every key below `prefix`, page by page (never fewer pages than needed)."""
         import obstore
+        from obstore.exceptions import InvalidPathError
 
         metas: list[dict[str, Any]] = []
         try:
             for page in obstore.list(self.client, prefix, chunk_size=LIST_PAGE):
                 metas.extend(page)  # type: ignore[arg-type]
+        except InvalidPathError:
+            metas, _, pages = self._raw(prefix, delimiter=False)
+            REQUESTS.add("list", pages)
+            return metas
         except Exception as exc:
             raise self._error(exc, "list", prefix[len(self.base):] or ".") from exc
         REQUESTS.add("list", max(1, -(-len(metas) // LIST_PAGE)))
         return metas
 
+    def _raw(self, prefix: str, *, delimiter: bool) -> tuple[list[dict[str, Any]], list[str], int]:
+        try:
+            return _list_raw(self.location, prefix, delimiter)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "list", prefix[len(self.base):] or ".") from exc
+
     def _list_level(self, prefix: str) -> tuple[list[dict[str, Any]], list[str]]:
         """One delimiter listing: (objects directly at `prefix`, common prefixes)."""
         import obstore
+        from obstore.exceptions import InvalidPathError
 
         try:
             result = obstore.list_with_delimiter(self.client, prefix)
+        except InvalidPathError:
+            objects, found, pages = self._raw(prefix, delimiter=True)
+            REQUESTS.add("list", pages)
+            return objects, [p if p.endswith("/") else p + "/" for p in found]
         except Exception as exc:
             raise self._error(exc, "list", prefix[len(self.base):] or ".") from exc
-        objects = list(result["objects"])
+        listed: list[dict[str, Any]] = [dict(meta) for meta in result["objects"]]
         prefixes = [p if p.endswith("/") else p + "/" for p in result["common_prefixes"]]
-        REQUESTS.add("list", max(1, -(-(len(objects) + len(prefixes)) // LIST_PAGE)))
-        return objects, prefixes  # type: ignore[return-value]
+        REQUESTS.add("list", max(1, -(-(len(listed) + len(prefixes)) // LIST_PAGE)))
+        return listed, prefixes
 
     def _partitions(self, pool: ThreadPoolExecutor) -> tuple[list[dict[str, Any]], list[str]]:
         """Split the `v2` prefix into partitions to list flat in parallel: the fan-outs
@@ -385,8 +447,11 @@ class ObjectStorage:
         except StorageError:
             return False
 
-    def skipped_keys(self) -> list[str]:
-        return list(self.tree.skipped)
+    def unmodelled(self) -> list[str]:
+        """Keys below `v2/` that no path of the directory model can name (an empty, `.` or
+        `..` component, or a key that is also the prefix of other keys): the walk cannot meet
+        them, so the scanner reports each one."""
+        return sorted(self.tree.skipped)
 
     # -- the directory model (no requests after the listing) -------------------------
     def scandir(self, path: str) -> Iterator[ListedEntry]:

@@ -461,6 +461,9 @@ class Scanner:
         # nothing. A bucket that cannot be listed raises StorageError (exit 3, as a
         # missing ROOT); a single object that cannot be read is reported by the walk.
         self.storage.prefetch(_prefetched, _implied_link_content, LINK_READ_LIMIT)
+        for key in self.storage.unmodelled():
+            self._anomaly("unexpected_entry", key, "object whose key no path can name (an "
+                          "empty, '.' or '..' component, or a key that is also a directory)")
         top = self._entries("")
         names = {e.name: e for e in top or ()}
         for entry in top or ():

@@ -110,6 +110,8 @@ class Storage(Protocol):
 
     def iter_chunks(self, path: str, chunk_size: int = ...) -> Iterator[bytes]: ...
 
+    def unmodelled(self) -> list[str]: ...
+
     def open_read(self, path: str) -> BinaryIO: ...
 
     def describe(self, path: str) -> str: ...
@@ -203,6 +205,10 @@ class FilesystemStorage:
     def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
                  limit: int) -> None:
         """Nothing to do: on a filesystem the walk reads each small file when it meets it."""
+
+    def unmodelled(self) -> list[str]:
+        """Nothing: every name in a directory is a path the walk meets."""
+        return []
 
     def iter_chunks(self, path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The file's bytes in pieces (the generic streaming read; hashing uses readv)."""

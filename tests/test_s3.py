@@ -293,3 +293,23 @@ def test_s3_location_from_config_and_env() -> None:
         parse_s3_url("s3://bkt/../x")
     with pytest.raises(RootError):
         s3_location_from_config({"region": "r"}, {})
+
+
+@pytest.mark.skipif(s3tools.moto_missing() is not None, reason=s3tools.moto_missing() or "-")
+def test_keys_no_path_can_name_are_findings(moto: s3tools.MotoServer, tmp_path: Path) -> None:
+    """`a//b`, `a/./b` (obstore refuses to list them) and a key that is also a directory:
+    each is one unexpected_entry finding; everything else is read as before."""
+    bucket = Bucket(moto, "regfsck-odd-keys", "odd", realtools.REGISTRY_BIN, set())
+    moto.make_bucket(bucket.name)
+    client = moto.client()
+    s3tools.upload_tree(client, REPO_ROOT / "fixtures" / "registry", bucket.name, bucket.prefix)
+    _, before = run_json(bucket, "verify", "--no-data", bucket.url)
+    odd = ["repositories/a/b/_layers/sha256//x", "blobs/sha256/00/./y", "repositories/library"]
+    for rel in odd:
+        client.put_object(Bucket=bucket.name, Key=bucket.key(rel), Body=b"odd")
+    code, after = run_json(bucket, "verify", "--no-data", bucket.url)
+    assert code in (0, 1)
+    new = [f for f in after["findings"] if f not in before["findings"]]
+    assert sorted((f["kind"], f["path"]) for f in new) == sorted(
+        ("unexpected_entry", f"docker/registry/v2/{rel}") for rel in odd)
+    assert len(after["findings"]) == len(before["findings"]) + len(odd)
