@@ -36,11 +36,13 @@ from typing import Any, BinaryIO, Literal
 from regfsck.layout import V2_PREFIX
 from regfsck.root import RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError, UnsafePathError, check_relative
+from regfsck.undoplan import build_view, missing_parts, restored_tags, used_now
 
 QUARANTINE_DIR = "regfsck-quarantine"
 JOURNAL = "journal.jsonl"
 META = "meta.json"
 PAYLOAD = "v2"
+UNDONE = "undone"  # where an undo puts the files the run had created (kept until purge)
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
 UNDO_BATCH = 256
@@ -128,10 +130,59 @@ class UndoResult:
     files_removed: int = 0
     dirs_removed: int = 0
     dirs_recreated: int = 0
-    skipped: int = 0  # changes a crash had left unapplied
+    skipped: int = 0  # changes a crash had left unapplied, or already gone
+    kept: list[str] = field(default_factory=list)  # "<path>: why" of creations left in place
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class UndoStep:
+    """One reverse step, decided before anything moves.
+
+    Actions: move_back (quarantine -> tree), unmake (a creation -> the run's `undone/`),
+    rmdir / remake_dir (a directory the run created / removed), keep (a creation that is
+    no longer only the run's: used or rewritten since), already_there (the same content or
+    directory is back in place), skip (never applied, or gone), settle (a crash came after
+    the step: only its journal line is missing)."""
+
+    seq: int
+    action: str
+    rel: str
+    why: str = ""
+    held: str | None = None  # ROOT-relative: where a move_back comes from / an unmake goes
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class UndoPlan:
+    """What undoing a run would do to the tree as it is now; refused when `problems`."""
+
+    run_id: str
+    steps: tuple[UndoStep, ...]
+    problems: tuple[str, ...]
+    blockers: tuple[str, ...]  # newer runs to undo first
+    warnings: tuple[str, ...]
+
+    def count(self, action: str) -> int:
+        return sum(1 for step in self.steps if step.action == action)
+
+    def refusal(self) -> str:
+        shown = "; ".join(self.problems[:5]) + (
+            f"; and {len(self.problems) - 5} more" if len(self.problems) > 5 else "")
+        first = (f" Undo run {', '.join(self.blockers)} first."
+                 if self.blockers else " Put these paths back by hand, or leave the run.")
+        return (f"cannot undo run {self.run_id}: the tree changed since ({shown}).{first} "
+                "Nothing was changed.")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "steps": [s.to_json() for s in self.steps],
+                "problems": list(self.problems), "blockers": list(self.blockers),
+                "warnings": list(self.warnings)}
 
 
 @dataclass
@@ -140,6 +191,7 @@ class PurgeResult:
     bytes_freed: int = 0
     kept: list[str] = field(default_factory=list)  # younger runs, or runs needing recovery
     applied: bool = True
+    needed: dict[str, list[str]] = field(default_factory=dict)  # kept run -> runs whose undo needs it
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -162,6 +214,8 @@ class _Change:
     written: dict[str, Any] | None = None
     undo_started: bool = False
     undo_done: bool = False
+    done_info: dict[str, Any] | None = None  # the "done" line (a creation's mtime and inode)
+    undo_info: dict[str, Any] = field(default_factory=dict)  # the last "undo-intent" line
 
     @property
     def applied_by_journal(self) -> bool | None:
@@ -216,6 +270,7 @@ def _read_journal(storage: FilesystemStorage, path: str) -> _Journal:
             change = changes[seq]
             if event == "done":
                 change.done = True
+                change.done_info = entry
             elif event == "failed":
                 change.failed = True
             elif event == "written":
@@ -224,6 +279,7 @@ def _read_journal(storage: FilesystemStorage, path: str) -> _Journal:
                 change.resolved = bool(entry["applied"])
             elif event == "undo-intent":
                 change.undo_started = True
+                change.undo_info = entry
             elif event == "undo-done":
                 change.undo_done = True
     return _Journal([changes[k] for k in sorted(changes)], finished, reverted, note)
@@ -310,6 +366,13 @@ class _RunFiles:
         check_relative(held)
         return held
 
+    def held_roots(self, storage: FilesystemStorage) -> list[str]:
+        """Every directory of the run holding bytes: payloads and reverted creations."""
+        if storage.stat(self.dir) is None:
+            return []
+        return [f"{self.dir}/{e.name}" for e in storage.list_dir(self.dir)
+                if e.kind.value == "dir" and (e.name.startswith(PAYLOAD) or e.name.startswith(UNDONE))]
+
     def payloads(self, storage: FilesystemStorage) -> list[str]:
         """The run's payload roots: `v2`, plus `v2~<seq>` for paths moved twice."""
         if storage.stat(self.dir) is None:
@@ -382,8 +445,10 @@ class Run:
                     raise QuarantineError(
                         f"{root.root / QUARANTINE_DIR} is not on the same filesystem as "
                         f"{root.v2 / part}; regfsck only moves files by rename, never copies")
+            made = storage.lstat_raw(files.dir)  # the file clock: later writes are not older
             meta = {"run_id": files.run_id, "command": command, "details": details,
-                    "started_at": _now_iso(), "status": RUNNING, "on_crash": on_crash,
+                    "started_at": _now_iso(),
+                    "started_ns": made.st_mtime_ns if made else None, "status": RUNNING, "on_crash": on_crash,
                     "pid": os.getpid(), "host": socket.gethostname()}
             _write_meta(storage, files, meta)
         except StorageError as exc:
@@ -564,7 +629,9 @@ class Run:
             self._journal.write({"ev": "failed", "seq": seq})
             raise
         self.storage.fsync_dir(_parent_of(target))
-        self._journal.write({"ev": "done", "seq": seq}, sync=False)
+        made = self.storage.lstat_raw(target)  # an undo tells a later rewrite from ours by these
+        self._journal.write({"ev": "done", "seq": seq, "mtime_ns": made.st_mtime_ns if made else None,
+                             "ino": made.st_ino if made else None}, sync=False)
         self.created += 1
         return f"sha256:{hasher.hexdigest()}"
 
@@ -602,10 +669,12 @@ class Run:
 class _Reverter:
     """Puts one run back, change by change in reverse order, journaling as it goes."""
 
-    def __init__(self, root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles) -> None:
+    def __init__(self, root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
+                 dry_run: bool = False) -> None:
         self.root = root
         self.storage = storage
         self.files = files
+        self.dry_run = dry_run  # planning only: not even our own leftover temp files go
 
     def exists(self, path: str) -> bool:
         return self.storage.lstat_raw(path) is not None
@@ -636,7 +705,8 @@ class _Reverter:
         tmp = _v2(change.info["tmp"])
         if self.exists(tmp):
             # Ours (the name carries the run id) and never renamed: the change did not happen.
-            self.storage.remove_file(tmp)
+            if not self.dry_run:
+                self.storage.remove_file(tmp)
             return False if known is None else known
         if known is not None:
             return known
@@ -656,14 +726,94 @@ class _Reverter:
                 hasher.update(chunk)
         return hasher.hexdigest()
 
-    def preflight(self, changes: list[_Change]) -> None:
-        """Check, before touching anything, that every reverse step has its way clear.
+    def _same_content(self, held: str, original: str) -> bool:
+        """Is what now sits at `original` the very content the quarantine holds at `held`?
 
-        The reverse steps are simulated: exact paths whose existence a step changes are
-        remembered, and a directory moved back makes its quarantined contents visible at
-        its original path for the steps after it."""
+        (a blob gc moved away and a push wrote again, byte for byte): then nothing needs to
+        come back and the quarantined copy simply stays."""
+        a, b = self.storage.lstat_raw(held), self.storage.lstat_raw(original)
+        if a is None or b is None:
+            return False
+        if stat_module.S_ISREG(a.st_mode) and stat_module.S_ISREG(b.st_mode):
+            return a.st_size == b.st_size and self._file_sha256(held) == self._file_sha256(original)
+        if stat_module.S_ISDIR(a.st_mode) and stat_module.S_ISDIR(b.st_mode):
+            names = [e.name for e in self.storage.list_dir(held)]
+            if names != [e.name for e in self.storage.list_dir(original)]:
+                return False
+            return all(self._same_content(f"{held}/{n}", f"{original}/{n}") for n in names)
+        return False
+
+    def _created_changed(self, change: _Change, original: str) -> str | None:
+        """Why the file a `create` made is no longer the run's (None: it is, untouched)."""
+        st = self.storage.lstat_raw(original)
+        if st is None or not stat_module.S_ISREG(st.st_mode):
+            return "replaced since by something that is not a file"
+        done = change.done_info or {}
+        if done.get("mtime_ns") is not None and (
+                int(done["mtime_ns"]) != st.st_mtime_ns or int(done.get("ino", st.st_ino)) != st.st_ino):
+            return "written again since the run (a push or another tool)"
+        expected = (change.written or {}).get("sha256")
+        if expected is not None and (st.st_size != (change.written or {}).get("size", st.st_size)
+                                     or self._file_sha256(original) != expected):
+            return "its content changed since the run"
+        return None
+
+    def _undone_path(self, change: _Change, reserved: set[str]) -> str:
+        """Where a reverted creation goes: `<run>/undone/<rel>` (another root if taken,
+        by an earlier undo or by another step of this plan)."""
+        for base in (f"{self.files.dir}/{UNDONE}", f"{self.files.dir}/{UNDONE}~{change.seq}"):
+            held = self.files.held(change.rel, base)
+            taken = any(held == r or held.startswith(r + "/") or r.startswith(held + "/")
+                        for r in reserved)
+            if not taken and self.storage.lstat_raw(held) is None:
+                reserved.add(held)
+                return held
+        raise QuarantineError(f"no free quarantine path for {change.rel}")
+
+    def plan(self, journal: _Journal, since_ns: int, others: _OtherRuns) -> UndoPlan:
+        """Judge every reverse step against the tree as it is now, before anything moves.
+
+        Two passes: the first finds the creations that are still exactly the run's (the
+        candidates to move away); the tree as it would be after the undo is then built in
+        memory, and a candidate that a root written since the run still uses is kept; the
+        second pass simulates every step in reverse order with those decisions (parents
+        present, directories empty, paths free) and checks that no tag the undo brings
+        back would lack a part (naming the newer run that holds it)."""
+        pending = [c for c in reversed(journal.changes) if not c.undo_done]
+        applied: list[_Change] = []
+        steps: list[UndoStep] = []
+        for change in pending:
+            if change.undo_started and self._already_reverted(change):
+                steps.append(UndoStep(change.seq, "settle", change.rel))
+            elif not self.forward_applied(change):
+                steps.append(UndoStep(change.seq, "skip", change.rel))
+            else:
+                applied.append(change)
+        changed: dict[int, str] = {}
+        candidates: list[str] = []
+        moves = [(c.seq, c.rel) for c in applied if c.op == "move"]
+        for change in applied:
+            if change.op != "create":
+                continue
+            if any(seq > change.seq and (rel == change.rel or change.rel.startswith(rel + "/"))
+                   for seq, rel in moves):
+                continue  # moved away later by the run itself: it comes back as the run's own
+            if self.exists(_v2(change.rel)):
+                why = self._created_changed(change, _v2(change.rel))
+                if why is None:
+                    candidates.append(change.rel)
+                else:
+                    changed[change.seq] = why
+        payloads = [self.root.root / p for p in self.files.payloads(self.storage)]
+        view = build_view(self.root, candidates, payloads)
+        used = used_now(self.root, view, since_ns)
+
         present: dict[str, bool] = {}
+        children: dict[str, set[str]] = {}
         mounts: dict[str, str] = {}  # original -> held, of directories moved back
+        problems: list[str] = []
+        blockers: set[str] = set()
+        reserved: set[str] = set()
 
         def exists(path: str) -> bool:
             if path in present:
@@ -671,93 +821,170 @@ class _Reverter:
             ancestor = path
             while "/" in ancestor:
                 ancestor = ancestor.rpartition("/")[0]
+                if not present.get(ancestor, True) and ancestor.startswith(V2_PREFIX):
+                    return False  # a directory the plan removes takes its contents along
                 if ancestor in mounts:
                     return exists(mounts[ancestor] + path[len(ancestor):])
             return self.exists(path)
 
-        problems: list[str] = []
-        for change in reversed(changes):
-            if change.undo_done or not self.forward_applied(change):
-                continue
+        def set_present(path: str, value: bool) -> None:
+            present[path] = value
+            children.setdefault(_parent_of(path), set()).add(path)
+
+        def empty_after(path: str) -> bool:
+            names = {f"{path}/{e.name}" for e in self.storage.list_dir(path)} \
+                if self.exists(path) else set()
+            names |= {p for p in children.get(path, ()) if present[p]}
+            return not any(exists(n) for n in names)
+
+        def blocked(path: str, what: str) -> None:
+            holder = others.holder(path)
+            if holder is not None:
+                blockers.add(holder)
+                problems.append(f"{what} (run {holder} changed it: undo that run first)")
+            else:
+                problems.append(what)
+
+        for change in applied:
             original = _v2(change.rel)
+            parent = _parent_of(original)
             if change.op == "move":
                 held = self.files.held_of(change)
                 if not exists(held):
                     problems.append(f"{change.rel}: its quarantined copy is gone")
                 elif exists(original):
-                    problems.append(f"{change.rel}: something new exists at that path")
-                present[original], present[held] = True, False
-                mounts[original] = held
+                    if original not in present and self._same_content(held, original):
+                        steps.append(UndoStep(change.seq, "already_there", change.rel,
+                                              "the same content is back in place", held))
+                    else:
+                        blocked(change.rel, f"{change.rel}: something new exists at that path")
+                elif not exists(parent):
+                    blocked(parent.removeprefix(V2_PREFIX + "/"),
+                            f"{change.rel}: its parent directory is gone")
+                else:
+                    steps.append(UndoStep(change.seq, "move_back", change.rel, held=held))
+                    set_present(original, True)
+                    present[held] = False
+                    mounts[original] = held
             elif change.op == "create":
                 if not exists(original):
-                    problems.append(f"{change.rel}: the file the run created is gone")
-                present[original] = False
+                    steps.append(UndoStep(change.seq, "skip", change.rel, "already gone"))
+                elif change.seq in changed:
+                    steps.append(UndoStep(change.seq, "keep", change.rel, changed[change.seq]))
+                elif change.rel in used:
+                    steps.append(UndoStep(change.seq, "keep", change.rel,
+                                          "used by what was written since the run"))
+                else:
+                    steps.append(UndoStep(change.seq, "unmake", change.rel,
+                                          held=self._undone_path(change, reserved)))
+                    set_present(original, False)
             elif change.op == "mkdir":
-                present[original] = False
+                st = self.storage.lstat_raw(original) if original not in present else None
+                if not exists(original):
+                    steps.append(UndoStep(change.seq, "skip", change.rel, "already gone"))
+                elif st is not None and not stat_module.S_ISDIR(st.st_mode):
+                    steps.append(UndoStep(change.seq, "keep", change.rel, "not a directory now"))
+                elif not empty_after(original):
+                    steps.append(UndoStep(change.seq, "keep", change.rel,
+                                          "holds what was written since the run"))
+                else:
+                    steps.append(UndoStep(change.seq, "rmdir", change.rel))
+                    set_present(original, False)
             elif change.op == "rmdir":
                 if exists(original):
-                    problems.append(f"{change.rel}: a directory was created there since")
-                present[original] = True
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                               if len(problems) > 5 else "")
-            raise UndoConflictError(
-                f"cannot undo run {self.files.run_id}: the tree changed since ({shown}). "
-                "Undo newer runs first, or put these paths back by hand")
-
-    def revert(self, journal: _Journal, result: UndoResult, writer: _JournalWriter) -> None:
-        """Reverse every applied change, newest first, in batches of one journal fsync.
-
-        Each batch's undo-intent lines are on disk before any of its steps; after a crash
-        a step with an intent but no undo-done line is settled from the disk."""
-        pending: list[_Change] = []
-        for change in reversed(journal.changes):
-            if change.undo_done:
-                continue
-            if not self.forward_applied(change):
-                result.skipped += 1
-                continue
-            pending.append(change)
-        for start in range(0, len(pending), UNDO_BATCH):
-            batch = pending[start:start + UNDO_BATCH]
-            for number, change in enumerate(batch):
-                writer.write({"ev": "undo-intent", "seq": change.seq}, sync=number == len(batch) - 1)
-            for change in batch:
-                if change.undo_started and self._already_reverted(change):
-                    self._restore_times(change)  # the crash may have come before it
+                    st = self.storage.lstat_raw(original) if original not in present else None
+                    if st is not None and not stat_module.S_ISDIR(st.st_mode):
+                        blocked(change.rel, f"{change.rel}: a file sits where the directory was")
+                    else:
+                        steps.append(UndoStep(change.seq, "already_there", change.rel,
+                                              "the directory exists again"))
+                elif not exists(parent):
+                    blocked(parent.removeprefix(V2_PREFIX + "/"),
+                            f"{change.rel}: its parent directory is gone")
                 else:
-                    self._revert_one(change, result)
-                writer.write({"ev": "undo-done", "seq": change.seq}, sync=False)
+                    steps.append(UndoStep(change.seq, "remake_dir", change.rel))
+                    set_present(original, True)
+        warnings: list[str] = []
+        for repo, tag, target in view.restored_tags:
+            missing = missing_parts(view, repo, target)
+            # Only a newer run can have taken what the tag had when this run moved it;
+            # a part an older run holds was missing already (the tag comes back as it was).
+            holders = sorted({h for m in missing for h in others.holders(m) if h > self.files.run_id})
+            if holders:
+                blockers.update(holders)
+                problems.append(f"tag {repo}:{tag} would come back without "
+                                f"{len(missing)} of its parts, held by run {', '.join(holders)}")
+            elif missing:
+                warnings.append(f"tag {repo}:{tag} comes back as it was, not whole "
+                                f"({missing[0]} is missing and no run holds it)")
+        order = {c.seq: n for n, c in enumerate(pending)}
+        steps.sort(key=lambda step: order[step.seq])
+        return UndoPlan(self.files.run_id, tuple(steps), tuple(problems),
+                        tuple(sorted(blockers)), tuple(warnings))
 
-    def _already_reverted(self, change: _Change) -> bool:
-        """A crash during undo: did this reverse step happen?"""
-        original = _v2(change.rel)
-        if change.op == "move":
-            return self.exists(original) and not self.exists(self.files.held_of(change))
-        if change.op in ("create", "mkdir"):
-            return not self.exists(original)
-        return self.exists(original)  # rmdir
+    def execute(self, plan: UndoPlan, journal: _Journal, result: UndoResult,
+                writer: _JournalWriter) -> None:
+        """Carry out a plan, newest change first, in batches of one journal fsync.
 
-    def _revert_one(self, change: _Change, result: UndoResult) -> None:
+        Each batch's undo-intent lines (with the step chosen) are on disk before any of
+        its steps; after a crash the next plan settles a step with an intent but no
+        undo-done line from the disk."""
+        by_seq = {c.seq: c for c in journal.changes}
+        for start in range(0, len(plan.steps), UNDO_BATCH):
+            batch = plan.steps[start:start + UNDO_BATCH]
+            for number, step in enumerate(batch):
+                entry: dict[str, Any] = {"ev": "undo-intent", "seq": step.seq, "step": step.action}
+                if step.action == "unmake":
+                    entry["held"] = step.held
+                writer.write(entry, sync=number == len(batch) - 1)
+            for step in batch:
+                self._do_step(step, by_seq[step.seq], result)
+                writer.write({"ev": "undo-done", "seq": step.seq}, sync=False)
+
+    def _do_step(self, step: UndoStep, change: _Change, result: UndoResult) -> None:
         original = _v2(change.rel)
-        if change.op == "move":
-            self.storage.rename_noreplace(self.files.held_of(change), original)
+        if step.action == "move_back" and step.held is not None:
+            self.storage.rename_noreplace(step.held, original)
             result.moved_back += 1
-        elif change.op == "create":
-            expected = (change.written or {}).get("sha256")
-            if expected is not None and self._file_sha256(original) != expected:
-                raise UndoConflictError(
-                    f"cannot undo run {self.files.run_id}: {change.rel} changed since the run "
-                    "created it; remove or move it by hand, then run undo again")
-            self.storage.remove_file(original)
+        elif step.action == "unmake" and step.held is not None:
+            self._make_quarantine_parents(step.held)
+            self.storage.rename_noreplace(original, step.held)
             result.files_removed += 1
-        elif change.op == "mkdir":
+        elif step.action == "rmdir":
             self.storage.remove_empty_dir(original)
             result.dirs_removed += 1
-        elif change.op == "rmdir":
+        elif step.action == "remake_dir":
             self.storage.make_dir(original)
             result.dirs_recreated += 1
+        elif step.action == "skip":
+            result.skipped += 1
+            return
+        elif step.action in ("keep", "already_there"):
+            result.kept.append(f"{change.rel}: {step.why}")
+            return
         self._restore_times(change)
+
+    def _make_quarantine_parents(self, held: str) -> None:
+        parts = held.split("/")
+        for depth in range(len(self.files.dir.split("/")) + 1, len(parts)):
+            path = "/".join(parts[:depth])
+            if self.storage.lstat_raw(path) is None:
+                self.storage.make_dir(path, 0o700)
+
+    def _already_reverted(self, change: _Change) -> bool:
+        """A crash during undo: did this change's reverse step happen?"""
+        original = _v2(change.rel)
+        step = change.undo_info.get("step")
+        if step in ("keep", "skip", "already_there"):
+            return True
+        if change.op == "move":
+            return self.exists(original) and not self.exists(self.files.held_of(change))
+        if change.op == "create":
+            held = change.undo_info.get("held")
+            return not self.exists(original) and (not isinstance(held, str) or self.exists(held))
+        if change.op == "mkdir":
+            return not self.exists(original)
+        return self.exists(original)  # rmdir
 
     def _restore_times(self, change: _Change) -> None:
         """Give a recreated directory its mode, owner and mtime, and its parent its mtime."""
@@ -769,21 +996,108 @@ class _Reverter:
         self._restore_parent_mtime(change)
 
 
+class _OtherRuns:
+    """Which other run changed a path: moved it (or an ancestor) away, removed it as an
+    empty directory, or created it; read from their journals (what a refusal names)."""
+
+    def __init__(self, storage: FilesystemStorage, me: str) -> None:
+        self.storage = storage
+        self.me = me
+        self._paths: dict[str, list[str]] | None = None
+
+    def _load(self) -> dict[str, list[str]]:
+        paths: dict[str, list[str]] = {}
+        for files in _run_dirs(self.storage):
+            if files.run_id == self.me:
+                continue
+            meta = _read_meta(self.storage, files) or {}
+            if meta.get("status") == REVERTED:
+                continue
+            try:
+                journal = _read_journal(self.storage, files.journal)
+            except QuarantineError:
+                continue
+            for change in journal.changes:
+                if change.undo_done or change.applied_by_journal is False:
+                    continue
+                if change.op in ("move", "rmdir", "create"):
+                    paths.setdefault(change.rel, []).append(files.run_id)
+        return paths
+
+    def holders(self, rel: str) -> list[str]:
+        """Every other run that changed `rel` or one of its ancestors."""
+        if self._paths is None:
+            self._paths = self._load()
+        found: list[str] = []
+        path = rel
+        while path:
+            found.extend(self._paths.get(path, ()))
+            path = path.rpartition("/")[0]
+        return sorted(set(found))
+
+    def holder(self, rel: str) -> str | None:
+        """The run to undo first for `rel`: the newest newer run that changed it (or an
+        ancestor), else the newest that did."""
+        found = self.holders(rel)
+        newer = [r for r in found if r > self.me]
+        return newer[-1] if newer else (found[-1] if found else None)
+
+
+def _since_ns(meta: dict[str, Any]) -> int:
+    """When the run started, in the file clock: roots written at or after it are new."""
+    value = meta.get("started_ns")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(datetime.fromisoformat(str(meta.get("started_at"))).timestamp()) * 1_000_000_000
+    except ValueError:
+        return 0  # unknown: every root counts as new, so nothing used is ever taken
+
+
+def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
+    """The frozen plan an undo of `run_id` would carry out now (nothing is changed)."""
+    storage = FilesystemStorage(root.root)
+    files = _RunFiles(check_run_id(run_id))
+    meta = _read_meta(storage, files)
+    if meta is None:
+        raise QuarantineError(f"no run {run_id} in {root.root / QUARANTINE_DIR}")
+    journal = _read_journal(storage, files.journal)
+    return _Reverter(root, storage, files, dry_run=True).plan(journal, _since_ns(meta),
+                                                _OtherRuns(storage, run_id))
+
+
 def _revert_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
                 meta: dict[str, Any], journal: _Journal) -> UndoResult:
+    """Plan, refuse or carry out; the run is `undoing` only while steps are being done.
+
+    A refusal (the plan found a step impossible) changes nothing, not even the status.
+    A failure midway (I/O error) puts the status back to what it was, with the steps done
+    so far journaled: the next undo plans again from there, so no run ever wedges the tree."""
     reverter = _Reverter(root, storage, files)
     result = UndoResult(files.run_id, str(meta.get("command", "?")))
-    if meta.get("status") != UNDOING:
-        reverter.preflight(journal.changes)
-        meta.update(status=UNDOING)
-        _write_meta(storage, files, meta)
+    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id))
+    before = meta.get("status_before_undo") if meta.get("status") == UNDOING else meta.get("status")
+    if plan.problems:
+        if meta.get("status") == UNDOING:
+            meta.update(status=before or INTERRUPTED,
+                        note=f"undo stopped partway: {plan.problems[0]}"[:300])
+            _write_meta(storage, files, meta)
+        raise UndoConflictError(plan.refusal())
+    result.warnings = list(plan.warnings)
+    meta.update(status=UNDOING, status_before_undo=before)
+    _write_meta(storage, files, meta)
     writer = _JournalWriter(storage, files.journal)
     try:
-        reverter.revert(journal, result, writer)
+        reverter.execute(plan, journal, result, writer)
         writer.write({"ev": "reverted"})
+    except (StorageError, QuarantineError) as exc:
+        meta.update(status=before or INTERRUPTED, note=f"undo stopped partway: {exc}"[:300])
+        with contextlib.suppress(StorageError):
+            _write_meta(storage, files, meta)
+        raise
     finally:
         writer.close()
-    meta.update(status=REVERTED, reverted_at=_now_iso())
+    meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
     _write_meta(storage, files, meta)
     return result
 
@@ -815,7 +1129,10 @@ def _recover_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFile
     journal = _read_journal(storage, files.journal)
     command = meta.get("command", "?")
     if meta.get("status") == UNDOING:
-        result = _revert_run(root, storage, files, meta, journal)
+        try:
+            result = _revert_run(root, storage, files, meta, journal)
+        except UndoConflictError as exc:  # the status is back to what it was: nothing wedges
+            return f"run {files.run_id} ({command}): its interrupted undo cannot go on: {exc}"
         return (f"run {files.run_id} ({command}): finished its interrupted undo "
                 f"({result.moved_back} moved back)")
     if journal.finished:
@@ -826,9 +1143,17 @@ def _recover_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFile
         applied = _seal_run(root, storage, files, meta, journal, reason)
         return (f"run {files.run_id} ({command}) was {reason}: kept its {applied} completed "
                 f"changes (revert them with `regfsck undo ROOT {files.run_id}`)")
-    result = _revert_run(root, storage, files, meta, journal)
+    try:
+        result = _revert_run(root, storage, files, meta, journal)
+    except UndoConflictError as exc:
+        # The tree moved on since the crash in a way the revert cannot follow: keep what
+        # the run did (a complete, undoable run) rather than block every later command.
+        applied = _seal_run(root, storage, files, meta, journal, f"{reason}; not reverted")
+        return (f"run {files.run_id} ({command}) was {reason}; it could not be reverted now, "
+                f"so its {applied} changes are kept: {exc}")
     changes = result.moved_back + result.files_removed + result.dirs_removed + result.dirs_recreated
-    return f"run {files.run_id} ({command}) was {reason}: reverted its {changes} changes"
+    kept = f", kept {len(result.kept)} that are used or rewritten since" if result.kept else ""
+    return f"run {files.run_id} ({command}) was {reason}: reverted its {changes} changes{kept}"
 
 
 def _run_dirs(storage: FilesystemStorage) -> list[_RunFiles]:
@@ -875,16 +1200,31 @@ def list_runs(root: RegistryRoot) -> list[RunInfo]:
             started_at=str(meta.get("started_at", "")),
             finished_at=meta.get("reverted_at") or meta.get("finished_at"),
             details=meta.get("details") or {}, changes=int(changes or 0),
-            bytes=sum(storage.tree_size(p) for p in files.payloads(storage)),
+            bytes=sum(storage.tree_size(p) for p in files.held_roots(storage)),
             note=meta.get("note"), path=files.dir))
     return runs
 
 
-def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
-    """Revert a run exactly (default: the newest run not yet reverted).
+def undo_target(root: RegistryRoot, run_id: str | None) -> str:
+    """The run `undo` would revert: `run_id` (checked), or the newest not yet reverted."""
+    storage = FilesystemStorage(root.root)
+    for files in reversed(_run_dirs(storage)):
+        if run_id is not None and files.run_id != check_run_id(run_id):
+            continue
+        meta = _read_meta(storage, files)
+        if meta is not None and (run_id is not None or meta.get("status") != REVERTED):
+            return files.run_id
+    if run_id is not None:
+        raise QuarantineError(f"no run {run_id} in {root.root / QUARANTINE_DIR}")
+    raise QuarantineError(f"nothing to undo in {root.root / QUARANTINE_DIR}")
 
-    Checks first that every path is as the run left it, so an undo that would clash with
-    later changes refuses before touching anything."""
+
+def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
+    """Revert a run (default: the newest run not yet reverted) by its plan (`plan_undo`).
+
+    Judged against the tree as it is now before anything moves: a step that cannot be
+    done, or a tag that would come back without its parts, refuses the whole undo and
+    names the newer run to undo first; creations used or rewritten since stay in place."""
     storage = FilesystemStorage(root.root)
     candidates = _run_dirs(storage)
     if run_id is not None:
@@ -916,19 +1256,63 @@ def _finished_at(meta: dict[str, Any]) -> datetime | None:
     return None
 
 
+def _needed_runs(root: RegistryRoot, storage: FilesystemStorage) -> dict[str, set[str]]:
+    """run id -> the other runs whose undo needs what it holds.
+
+    A run U (not reverted) needs run P when undoing U would bring back a tag whose parts
+    are missing from the tree and held by P (rm, then gc --delete-untagged: the rm's undo
+    needs the gc's quarantine), or when U moves something back into a directory P moved
+    or removed. Purging P would make U's undo impossible (it would refuse, or restore a
+    tag that cannot be pulled)."""
+    needed: dict[str, set[str]] = {}
+    for files in _run_dirs(storage):
+        meta = _read_meta(storage, files) or {}
+        if meta.get("status") == REVERTED:
+            continue
+        try:
+            journal = _read_journal(storage, files.journal)
+        except QuarantineError:
+            continue
+        others = _OtherRuns(storage, files.run_id)
+        for change in journal.changes:
+            if change.op in ("move", "rmdir") and not change.undo_done \
+                    and change.applied_by_journal is not False:
+                parent = _parent_of(change.rel)
+                if parent and storage.lstat_raw(_v2(parent)) is None:
+                    for holder in others.holders(parent):
+                        needed.setdefault(holder, set()).add(files.run_id)
+        payloads = [root.root / p for p in files.payloads(storage)]
+        if not any(restored_tags(root, p) for p in payloads):
+            continue  # brings back no tag: nothing of its needs another run's content
+        view = build_view(root, [], payloads)
+        for repo, _tag, target in view.restored_tags:
+            for missing in missing_parts(view, repo, target):
+                for holder in others.holders(missing):
+                    needed.setdefault(holder, set()).add(files.run_id)
+    return needed
+
+
 def purge(root: RegistryRoot, older_than: timedelta, *, dry_run: bool = False,
-          now: datetime | None = None) -> PurgeResult:
+          now: datetime | None = None, force: bool = False) -> PurgeResult:
     """Delete for good the runs that ended at least `older_than` ago; reports bytes freed.
 
-    Runs still open (a crash, see `recover`) are never purged."""
+    Runs still open (a crash, see `recover`) are never purged. A run whose content another
+    run's undo still needs (see `_needed_runs`) is kept unless `force`: purging it would
+    leave that undo refusing, or restoring tags that cannot be pulled."""
     storage = FilesystemStorage(root.root)
     now = now or datetime.now(UTC)
     result = PurgeResult(applied=not dry_run)
+    needed = {} if force else _needed_runs(root, storage)
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files) or {}
         ended = _finished_at(meta)
         if meta.get("status") not in FINAL_STATES or ended is None or now - ended < older_than:
             result.kept.append(files.run_id)
+            continue
+        users = sorted(needed.get(files.run_id, set()))
+        if users:
+            result.kept.append(files.run_id)
+            result.needed[files.run_id] = users
             continue
         result.runs.append(files.run_id)
         if dry_run:

@@ -138,7 +138,10 @@ def test_every_change_is_undone_byte_for_byte(tree: RegistryRoot) -> None:
     assert registry_snapshot(tree.root) == before
     assert [r.status for r in list_runs(tree)] == ["reverted"]
     held = [p for p in (tree.root / run.path / "v2").rglob("*") if not p.is_dir()]
-    assert held == [] and list_runs(tree)[0].bytes == 0  # only empty directories are left
+    assert held == []  # only empty directories are left of the payload
+    # The files the run created are not deleted: they wait in the run's undone/ for purge.
+    undone = sorted(p for p in (tree.root / run.path / "undone").rglob("*") if p.is_file())
+    assert list_runs(tree)[0].bytes == sum(p.stat().st_size for p in undone) > 0
     with pytest.raises(QuarantineError, match="already reverted"):
         undo(tree, run.run_id)
     with pytest.raises(QuarantineError, match="nothing to undo"):
@@ -171,9 +174,12 @@ def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
     assert registry_snapshot(tree.root) == changed  # refused before touching anything
     (tree.v2 / "blobs/sha256/bb/bbbb").rmdir()
     (tree.v2 / "blobs/sha256/cc/cccc/data").write_bytes(b"NEW")  # same size, other bytes
-    with pytest.raises(UndoConflictError, match="changed since the run created it"):
-        undo(tree)
-    assert (tree.v2 / "blobs/sha256/cc/cccc/data").read_bytes() == b"NEW"  # never deleted
+    # Rewritten since: no longer the run's file. It stays where it is (never deleted), the
+    # rest of the run is undone, and the result says what was kept and why.
+    result = undo(tree)
+    assert (tree.v2 / "blobs/sha256/cc/cccc/data").read_bytes() == b"NEW"
+    assert (tree.v2 / "blobs/sha256/bb/bbbb/data").read_bytes() == b"blob b"
+    assert "blobs/sha256/cc/cccc/data" in [k.split(":")[0] for k in result.kept]
 
 
 def test_create_refuses_an_existing_target_and_unsafe_paths(tree: RegistryRoot) -> None:

@@ -33,6 +33,9 @@ def purge(
     older_than: str = typer.Option("0", "--older-than", metavar="DUR", help="Only runs that "
                                    "ended at least this long ago (90s, 30m, 1h, 7d; 0 = all)."),
     apply: bool = APPLY_OPTION,
+    force: bool = typer.Option(False, "--force", help="Also delete runs whose content another "
+                               "run's undo still needs (that undo will then refuse, or restore "
+                               "tags that cannot be pulled)."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Delete quarantined runs for good and report the bytes freed (they can no longer be undone)."""
@@ -44,7 +47,7 @@ def purge(
     try:
         # Only the lock: the registry never reads the quarantine, so it may keep running.
         with RootLock(registry):
-            result = purge_runs(registry, age, dry_run=not apply)
+            result = purge_runs(registry, age, dry_run=not apply, force=force)
     except (SafetyError, QuarantineError, StorageError) as exc:
         fail(str(exc))
     if json_output:
@@ -56,8 +59,12 @@ def purge(
                   f"{'freed' if apply else 'to free'}.")
     for run_id in result.runs:
         console.print(f"  {run_id}")
-    if result.kept:
-        console.print(f"Kept {len(result.kept)} runs (younger than --older-than, or interrupted: "
+    for run_id, users in result.needed.items():
+        console.print(f"Kept {run_id}: the undo of run {', '.join(users)} needs what it holds "
+                      "(undo or purge those first, or use --force).", highlight=False, soft_wrap=True)
+    others = len(result.kept) - len(result.needed)
+    if others:
+        console.print(f"Kept {others} runs (younger than --older-than, or interrupted: "
                       "the next gc/undo recovers those).")
     if not apply and result.runs:
         console.print("Nothing was deleted: run again with --apply (this cannot be undone).")

@@ -10,7 +10,7 @@ from regfsck import exitcodes
 from regfsck.cli.app import app
 from regfsck.cli.common import CONFIG_OPTION, JSON_OPTION, fail, open_root, print_json, stdout_console
 from regfsck.cli.sweeping import CACHE_REMINDER, guarded
-from regfsck.quarantine import QuarantineError, list_runs
+from regfsck.quarantine import QuarantineError, UndoPlan, list_runs, plan_undo, undo_target
 from regfsck.quarantine import undo as undo_run
 
 ARGS = typer.Argument(None, metavar="[ROOT] [RUN_ID]", show_default=False,
@@ -28,12 +28,51 @@ def split_root_and_run(args: list[str] | None, config: Path | None) -> tuple[Pat
     return root, values[0] if values else None
 
 
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Show the plan the undo would carry out "
+                              "now (what moves back, what is kept and why, or why it is refused) "
+                              "and change nothing.")
+
+
+def _show_plan(plan: UndoPlan, json_output: bool) -> None:
+    if json_output:
+        print_json({**plan.to_json(), "applied": False})
+        raise typer.Exit(exitcodes.CANNOT_RUN if plan.problems else exitcodes.OK)
+    console = stdout_console()
+    counts = {a: plan.count(a) for a in ("move_back", "unmake", "rmdir", "remake_dir", "keep",
+                                         "already_there")}
+    console.print(f"Undo of run {plan.run_id} would: move {counts['move_back']} paths back, move "
+                  f"{counts['unmake']} created files into the run's quarantine, remove "
+                  f"{counts['rmdir']} and recreate {counts['remake_dir']} directories, keep "
+                  f"{counts['keep'] + counts['already_there']} paths in place.", highlight=False)
+    for step in plan.steps:
+        if step.action in ("keep", "already_there"):
+            console.print(f"  keep {step.rel}: {step.why}", highlight=False, soft_wrap=True)
+    for warning in plan.warnings:
+        console.print(f"  warning: {warning}", highlight=False, soft_wrap=True)
+    if plan.problems:
+        console.print(f"Refused: {plan.refusal()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exitcodes.CANNOT_RUN)
+    console.print("Nothing was changed (--dry-run).")
+    raise typer.Exit(exitcodes.OK)
+
+
 @app.command()
 def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
-         json_output: bool = JSON_OPTION) -> None:
-    """Revert a run exactly: same paths, same bytes, directory mtimes restored."""
+         dry_run: bool = DRY_RUN_OPTION, json_output: bool = JSON_OPTION) -> None:
+    """Revert a run: what it moved comes back, what it created goes to its quarantine.
+
+    Planned against the tree as it is now before anything moves: creations that something
+    written since uses (or that were rewritten since) stay in place; an undo that cannot
+    be done whole, or would bring back a tag that cannot be pulled, is refused (exit 3)
+    naming the newer run to undo first. Nothing is deleted: reverted creations wait in
+    the run's quarantine for `purge`."""
     root, run_id = split_root_and_run(args, config)
     registry = open_root(root, config)
+    if dry_run:
+        try:
+            _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
+        except QuarantineError as exc:
+            fail(str(exc), exitcodes.CANNOT_RUN)
     try:
         open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
     except QuarantineError as exc:
@@ -59,7 +98,16 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     else:
         console = stdout_console()
         console.print(f"Reverted run {result.run_id} ({result.command}): {result.moved_back} paths "
-                      f"moved back, {result.files_removed} created files and {result.dirs_removed} "
-                      f"created directories removed, {result.dirs_recreated} directories recreated.")
+                      f"moved back, {result.files_removed} created files moved into its quarantine, "
+                      f"{result.dirs_removed} created directories removed, {result.dirs_recreated} "
+                      "directories recreated.")
+        files_kept = [k for k in result.kept if "/data:" in k or "/link:" in k]
+        if files_kept:
+            console.print(f"Kept in place {len(files_kept)} files the run had created that are used "
+                          "or rewritten since:", highlight=False)
+            for line in files_kept[:20]:
+                console.print(f"  {line}", highlight=False, soft_wrap=True)
+        for warning in result.warnings:
+            console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
         console.print(CACHE_REMINDER)
     raise typer.Exit(exitcodes.OK)

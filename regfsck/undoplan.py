@@ -1,0 +1,268 @@
+"""Judging an undo: the tree as it would be after reverting a run, and what in it is used.
+
+An undo (or the revert that recovers a killed run) must not take away anything the tree
+uses *now*, and must not bring back a tag that cannot be pulled. Both questions are
+asked of the tree as it would be after the undo, built in memory before anything moves:
+the inventory of the live tree, minus the files the run created (which the undo would
+move away), plus what the run's quarantine holds (which the undo would move back).
+
+"Used now" means reachable from a root that appeared after the run started: a revision
+or tag link written since (its mtime is at least the run's start). Roots that were
+already there when the run ran do not count, so undoing a repair or an import that
+filled a hole in an existing image still puts the tree back exactly as it was (the image
+goes back to being broken, as it was); but a push, a cross-repository mount or another
+import made since keeps every blob, revision and layer link it needs.
+
+The marking itself is `graph.reachable` over a `ManifestStore`, the same walk gc's mark
+uses (config, layers, index children; foreign layers skipped unless stored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from regfsck import layout
+from regfsck.graph import ManifestStore, reachable
+from regfsck.inventory import Blob, Inventory, Link, Repository, Tag
+from regfsck.manifest import MAX_MANIFEST_BYTES
+from regfsck.root import RegistryRoot
+from regfsck.scanner import Scanner
+from regfsck.storage import FilesystemStorage
+
+MANIFESTS = f"/{layout.MANIFESTS_DIR}/"
+LAYERS = f"/{layout.LAYERS_DIR}/"
+
+
+@dataclass(frozen=True)
+class PathKind:
+    """What a v2-relative path is in the layout (only the kinds an undo judges)."""
+
+    kind: str  # "blob", "revision", "layer", "tag_current", "tag_index", "other"
+    repo: str | None = None
+    digest: str | None = None
+    tag: str | None = None
+
+
+def classify(rel: str) -> PathKind:
+    """Parse a v2-relative file path into its layout role."""
+    parts = rel.split("/")
+    if parts[0] == layout.BLOBS and len(parts) == 5 and parts[4] == "data":
+        return PathKind("blob", digest=f"{parts[1]}:{parts[3]}")
+    if parts[0] != layout.REPOSITORIES or parts[-1] != "link":
+        return PathKind("other")
+    body = "/".join(parts[1:])
+    if LAYERS in "/" + body:
+        repo, _, rest = ("/" + body).partition(LAYERS)
+        bits = rest.split("/")
+        if len(bits) == 3:
+            return PathKind("layer", repo[1:], f"{bits[0]}:{bits[1]}")
+        return PathKind("other")
+    repo, _, rest = ("/" + body).partition(MANIFESTS)
+    bits = rest.split("/")
+    repo = repo[1:]
+    if bits[0] == "revisions" and len(bits) == 4:
+        return PathKind("revision", repo, f"{bits[1]}:{bits[2]}")
+    if bits[0] == "tags" and len(bits) == 4 and bits[2] == "current":
+        return PathKind("tag_current", repo, tag=bits[1])
+    if bits[0] == "tags" and len(bits) == 6 and bits[2] == "index":
+        return PathKind("tag_index", repo, f"{bits[3]}:{bits[4]}", bits[1])
+    return PathKind("other")
+
+
+class _ViewStore(ManifestStore):
+    """Reads each manifest from wherever the view found it: the tree or a quarantine."""
+
+    def __init__(self, storage: FilesystemStorage, inventory: Inventory,
+                 sources: dict[str, FilesystemStorage]) -> None:
+        super().__init__(storage, inventory)
+        self.sources = sources
+
+    def _read(self, blob: Blob) -> bytes:
+        return self.sources.get(blob.digest, self.storage).read_small(blob.path, MAX_MANIFEST_BYTES)
+
+
+@dataclass
+class UndoView:
+    """The tree as it would be after the undo (inventory + where each manifest is read)."""
+
+    inv: Inventory
+    store: ManifestStore
+    restored_tags: list[tuple[str, str, str]] = field(default_factory=list)  # repo, tag, target
+    removed: dict[str, PathKind] = field(default_factory=dict)
+    _saved: dict[str, object] = field(default_factory=dict)
+
+
+def _repo(inv: Inventory, name: str) -> Repository:
+    repo = inv.repositories.get(name)
+    if repo is None:
+        repo = inv.repositories[name] = Repository(name, f"{layout.REPOSITORIES}/{name}")
+    return repo
+
+
+def restored_tags(root: RegistryRoot, payload: Path) -> bool:
+    """Does this quarantine payload hold any tag (so undoing it brings tags back)?"""
+    repos = payload / layout.REPOSITORIES
+    if not repos.is_dir():
+        return False
+    held = Scanner(FilesystemStorage(payload), root).scan()
+    return any(repo.tags for repo in held.repositories.values())
+
+
+def build_view(root: RegistryRoot, removals: list[str], payloads: list[Path]) -> UndoView:
+    """The live tree without `removals` (v2-relative files) and with every payload's content."""
+    tree_storage = FilesystemStorage(root.v2)
+    inv = Scanner(tree_storage, root).scan()
+    sources: dict[str, FilesystemStorage] = {}
+    # The store reads from every blob known, those the undo would take away included:
+    # what a manifest references does not depend on whether it stays.
+    known = Inventory(root=root, blobs=inv.blobs.copy(), repositories=inv.repositories)
+    view = UndoView(inv, _ViewStore(tree_storage, known, sources))
+    for payload in payloads:
+        storage = FilesystemStorage(payload)
+        held = Scanner(storage, root).scan()
+        for digest, blob in held.blobs.items():
+            if digest not in inv.blobs:
+                inv.blobs[digest] = known.blobs[digest] = blob
+                sources[digest] = storage
+        for name, src in held.repositories.items():
+            repo = _repo(inv, name)
+            for digest, link in src.revisions.items():
+                repo.revisions.setdefault(digest, link)
+            for digest, link in src.layers.items():
+                repo.layers.setdefault(digest, link)
+            for tag_name, tag in src.tags.items():
+                mine = repo.tags.get(tag_name)
+                if mine is None:
+                    repo.tags[tag_name] = mine = Tag(tag.name, tag.path, None)
+                if tag.current is not None:
+                    if mine.current is None:
+                        mine.current = tag.current
+                    if tag.current.target is not None:
+                        view.restored_tags.append((name, tag_name, tag.current.target))
+                for digest, link in tag.index.items():
+                    mine.index.setdefault(digest, link)
+    for rel in removals:
+        view.removed[rel] = kind = classify(rel)
+        _take(view, rel, kind)
+    return view
+
+
+def _take(view: UndoView, rel: str, kind: PathKind) -> None:
+    inv = view.inv
+    repo = inv.repositories.get(kind.repo or "") if kind.repo is not None else None
+    saved: object = None
+    if kind.kind == "blob" and kind.digest in inv.blobs and inv.blobs[kind.digest].path == rel:
+        saved = inv.blobs.pop(kind.digest)
+    elif repo is not None and kind.digest is not None and kind.kind == "revision":
+        saved = repo.revisions.pop(kind.digest, None)
+    elif repo is not None and kind.digest is not None and kind.kind == "layer":
+        saved = repo.layers.pop(kind.digest, None)
+    elif repo is not None and kind.tag in repo.tags:
+        tag = repo.tags[kind.tag or ""]
+        if kind.kind == "tag_current" and tag.current is not None and tag.current.path == rel:
+            saved, tag.current = tag.current, None
+        elif kind.kind == "tag_index" and kind.digest is not None:
+            saved = tag.index.pop(kind.digest, None)
+    if saved is not None:
+        view._saved[rel] = saved
+
+
+def _put_back(view: UndoView, rel: str) -> None:
+    saved = view._saved.pop(rel, None)
+    kind = view.removed.pop(rel, None)
+    if saved is None or kind is None:
+        return
+    inv = view.inv
+    if isinstance(saved, Blob):
+        inv.blobs[saved.digest] = saved
+        return
+    assert isinstance(saved, Link) and kind.repo is not None
+    repo = _repo(inv, kind.repo)
+    if kind.kind == "revision" and kind.digest:
+        repo.revisions[kind.digest] = saved
+    elif kind.kind == "layer" and kind.digest:
+        repo.layers[kind.digest] = saved
+    elif kind.kind == "tag_current" and kind.tag in repo.tags:
+        repo.tags[kind.tag or ""].current = saved
+    elif kind.kind == "tag_index" and kind.tag in repo.tags and kind.digest:
+        repo.tags[kind.tag or ""].index[kind.digest] = saved
+
+
+def used_now(root: RegistryRoot, view: UndoView, since_ns: int) -> set[str]:
+    """The removals that something written since `since_ns` uses; they go back into the
+    view (the undo keeps them). Roots are revision and tag links of the live tree whose
+    mtime is at least `since_ns` (a moved-back link keeps its old mtime: not a new root)."""
+    tree = FilesystemStorage(root.v2)
+    reach: dict[str, set[str]] = {}
+    for name, repo in view.inv.repositories.items():
+        roots: set[str] = set()
+        for digest, link in repo.revisions.items():
+            if _is_new(tree, link.path, since_ns):
+                roots.add(digest)
+        for tag in repo.tags.values():
+            if tag.current is not None and tag.current.target is not None \
+                    and _is_new(tree, tag.current.path, since_ns):
+                roots.add(tag.current.target)
+        if roots:
+            reach[name] = reachable(view.store, roots)
+    everywhere = set().union(*reach.values()) if reach else set()
+    # A `_layers` link written since to a blob the run created makes it readable there (a
+    # cross-repository mount or an upload whose manifest has not come yet): the blob is
+    # used, as the reachability oracle's `blobs_in_use` counts links.
+    candidates = {k.digest for k in view.removed.values() if k.kind == "blob"}
+    for repo in view.inv.repositories.values():
+        for link in repo.layers.values():
+            target = link.target
+            if target is not None and target in candidates and target not in everywhere \
+                    and _is_new(tree, link.path, since_ns):
+                everywhere.add(target)
+    used: set[str] = set()
+    for rel, kind in list(view.removed.items()):
+        mine = reach.get(kind.repo or "", set())
+        if (kind.kind == "blob" and kind.digest in everywhere) or (
+                kind.kind in ("revision", "layer") and kind.digest in mine):
+            used.add(rel)
+    for rel in used:
+        _put_back(view, rel)
+    return used
+
+
+def _is_new(tree: FilesystemStorage, path: str, since_ns: int) -> bool:
+    st = tree.lstat_raw(path)
+    return st is not None and st.st_mtime_ns >= since_ns
+
+
+def missing_parts(view: UndoView, repo_name: str, target: str) -> list[str]:
+    """The v2-relative paths a pull of `repo@target` needs that the view lacks."""
+    repo = view.inv.repositories.get(repo_name)
+    missing: list[str] = []
+    seen: set[str] = set()
+    stack = [target]
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        if repo is None or digest not in repo.revisions:
+            missing.append(layout.revision_link(repo_name, digest))
+        if digest not in view.inv.blobs:
+            missing.append(layout.blob_data(digest))
+            continue
+        manifest = view.store.get(digest)
+        if manifest is None:
+            continue  # unreadable or not a manifest: damage verify reports, not the undo's
+        for ref in manifest.references():
+            if ref.role == "manifest":
+                stack.append(ref.digest)
+                continue
+            if ref.digest in seen:
+                continue
+            seen.add(ref.digest)
+            present = ref.digest in view.inv.blobs
+            if ref.is_foreign and not present:
+                continue
+            if not present:
+                missing.append(layout.blob_data(ref.digest))
+            if repo is None or ref.digest not in repo.layers:
+                missing.append(layout.layer_link(repo_name, ref.digest))
+    return missing
