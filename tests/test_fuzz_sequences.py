@@ -26,7 +26,7 @@ from tests.realtools import OCILayoutWriter, RealRegistry, SampleInfo, skopeo_co
 
 pytestmark = pytest.mark.realtools
 
-EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_SEQ_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_SEQ_EXAMPLES", "2"))
 STEPS = int(os.environ.get("REGFSCK_FUZZ_SEQ_STEPS", "7"))
 OPS = ["push", "push_shared", "rm", "gc", "gc_untagged", "import", "import_again", "repair",
        "undo_newest", "undo_any", "purge"]
@@ -39,6 +39,7 @@ class World:
     expected: set[str]  # repo:tag that must be pullable
     by_run: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # run -> (cmd, tags)
     owner: dict[str, str] = field(default_factory=dict)  # tag -> run id of the import that wrote it
+    binary: str = realtools.REGISTRY_BIN  # 2.8, or the v3 binary
     pushed: bool = False
     purged: bool = False
     counter: int = 0
@@ -73,7 +74,7 @@ def _check(world: World, what: str) -> None:
     dest = world.scratch / "pulled"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
-    with RealRegistry(world.root) as registry:
+    with RealRegistry(world.root, binary=world.binary) as registry:
         for n, ref in enumerate(sorted(world.expected)):
             try:
                 skopeo_copy(f"docker://{registry.host}/{ref}", f"dir:{dest / str(n)}", "--all")
@@ -89,7 +90,7 @@ def _step(world: World, op: str, pick: int) -> None:
         tag = f"p{world.counter}"
         writer = world.layout(f"push-{world.counter}", op == "push_shared")
         desc = next(iter(writer._refs.values()))
-        with RealRegistry(world.root) as registry:
+        with RealRegistry(world.root, binary=world.binary) as registry:
             registry.push_from_layout(writer, repo, desc, tag)
         world.expected.add(f"{repo}:{tag}")
         world.pushed = True
@@ -98,7 +99,7 @@ def _step(world: World, op: str, pick: int) -> None:
             if imported:
                 ref = imported[pick % len(imported)]
                 repo2, _, tag2 = ref.rpartition(":")
-                with RealRegistry(world.root) as registry:
+                with RealRegistry(world.root, binary=world.binary) as registry:
                     registry.push_from_layout(writer, repo2, desc, tag2)
                 world.owner.pop(ref, None)
     elif op == "rm":
@@ -146,20 +147,35 @@ def _step(world: World, op: str, pick: int) -> None:
         world.purged = True
 
 
+@pytest.fixture(scope="module", params=["2.8", "v3"])
+def registry_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The registry every step pushes through and pulls from: 2.8, then v3.1.1."""
+    if request.param == "2.8":
+        return realtools.REGISTRY_BIN
+    binary = realtools.registry3_binary(tmp_path_factory.mktemp("registry3"))
+    if binary is None:
+        pytest.skip("registry v3 binary unavailable (../shared/bin/unpack-registry3)")
+    return binary
+
+
 @pytest.mark.skipif(bool(realtools.real_tools_missing()), reason="real registry tools unavailable")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("REGFSCK_FUZZ_RANDOM"),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 60)), min_size=2, max_size=STEPS))
 def test_operator_sequences_lose_no_image(real_sample: tuple[Path, SampleInfo],
                                           tmp_path_factory: pytest.TempPathFactory,
+                                          registry_binary: str,
                                           ops: list[tuple[str, int]]) -> None:
     base = tmp_path_factory.mktemp("seq")
     root = base / "root"
     shutil.copytree(real_sample[0], root, symlinks=True)
     info = real_sample[1]
+    # v3 refuses schema1 manifests: those tags are not pullable there to begin with.
+    schema1 = (realtools.MT_DOCKER_V1_SIGNED, realtools.MT_DOCKER_V1)
     expected = {f"{repo}:{tag}" for repo, tags in info.tags.items() for tag in tags
-                if info.media_types.get(tags[tag]) != realtools.MT_DOCKER_V1_SIGNED}
-    world = World(root, base / "scratch", expected)
+                if registry_binary == realtools.REGISTRY_BIN
+                or info.media_types.get(tags[tag]) not in schema1}
+    world = World(root, base / "scratch", expected, binary=registry_binary)
     world.scratch.mkdir()
     original = content_snapshot(root / "docker")
     for number, (op, pick) in enumerate(ops):

@@ -10,7 +10,6 @@ digests), and a refused undo must leave the run undoable (never stuck in `undoin
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,10 +65,10 @@ def runs(root: Path) -> dict[str, dict[str, object]]:
     return {str(r["run_id"]): r for r in doc["runs"]}  # type: ignore[attr-defined, index]
 
 
-def pull(root: Path, refs: list[str], dest: Path) -> None:
+def pull(root: Path, refs: list[str], dest: Path, binary: str = realtools.REGISTRY_BIN) -> None:
     """Every ref must be served whole by the real registry (skopeo copies and checks digests)."""
     dest.mkdir(parents=True, exist_ok=True)
-    with RealRegistry(root) as registry:
+    with RealRegistry(root, binary=binary) as registry:
         for n, ref in enumerate(refs):
             skopeo_copy(f"docker://{registry.host}/{ref}", f"dir:{dest / str(n)}", "--all")
 
@@ -237,27 +236,12 @@ def test_undo_of_undo_material_is_kept_until_purge(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def registry3(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Serve with the real registry v3.1.1 binary instead of 2.8 (skips when absent)."""
-    unpack = Path(__file__).resolve().parents[2] / "shared" / "bin" / "unpack-registry3"
-    for candidate in (unpack, Path("/work/shared/bin/unpack-registry3")):
-        if candidate.is_file():
-            unpack = candidate
-            break
-    else:
+def registry3(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real registry v3.1.1 binary (skips when absent)."""
+    binary = realtools.registry3_binary(tmp_path_factory.mktemp("registry3"))
+    if binary is None:
         pytest.skip("registry v3 binary unavailable (../shared/bin/unpack-registry3)")
-    dest = tmp_path_factory.mktemp("registry3") / "registry"
-    done = subprocess.run([str(unpack), str(dest)], capture_output=True, check=False)
-    if done.returncode != 0 or not dest.is_file():
-        pytest.skip(f"cannot unpack registry v3: {done.stderr.decode(errors='replace')[:200]}")
-    monkeypatch.setattr(realtools, "REGISTRY_BIN", str(dest))
-    original = RealRegistry.__init__
-
-    def no_schema1(self: RealRegistry, root: Path | str, **kw: object) -> None:
-        kw["schema1"] = False  # v3 refuses the schema1 compatibility section
-        original(self, root, **kw)  # type: ignore[arg-type]
-    monkeypatch.setattr(RealRegistry, "__init__", no_schema1)
-    return str(dest)
+    return binary
 
 
 def test_v3_undo_import_keeps_a_cross_repository_mount_and_a_repushed_tag(
@@ -267,11 +251,11 @@ def test_v3_undo_import_keeps_a_cross_repository_mount_and_a_repushed_tag(
     root = tmp_path / "root"
     layout = make_layout(tmp_path / "layout", "v3")
     run_id = import_run(root, layout.path, "team/a")
-    with RealRegistry(root) as registry:
+    with RealRegistry(root, binary=registry3) as registry:
         skopeo_copy(f"docker://{registry.host}/team/a:1", f"docker://{registry.host}/other/x:1")
         skopeo_copy(f"oci:{layout.path}:1", f"docker://{registry.host}/team/a:1")
     cli_ok("undo", str(root), run_id)
-    pull(root, ["other/x:1", "team/a:1"], tmp_path / "pulled")
+    pull(root, ["other/x:1", "team/a:1"], tmp_path / "pulled", registry3)
 
 
 # --------------------------------------------------------------------------- purge, dry-run, wedging
