@@ -66,6 +66,13 @@ class TreeChecker:
         self.out = FindingSet()
         self._size_checked: set[tuple[str, int]] = set()
         self._cycle_free: set[str] = set()  # manifests from which no index cycle is reachable
+        self._empty_dirs: set[str] | None = None  # filled on first use
+
+    @property
+    def empty_dirs(self) -> set[str]:
+        if self._empty_dirs is None:
+            self._empty_dirs = {a.path for a in self.inv.anomalies if a.kind == "empty_dir"}
+        return self._empty_dirs
 
     def run(self, repos: set[str] | None = None) -> list[Finding]:
         for anomaly in self.inv.anomalies:
@@ -100,11 +107,28 @@ class TreeChecker:
 
     def _child_not_served(self, repo: Repository, index: str, ref: Descriptor,
                           tags: tuple[str, ...]) -> None:
+        """An index child this repository cannot serve. A damaged revision link is link
+        damage (`child_not_in_repo`, an error repair rewrites); no link at all is what a
+        DELETE of the child through the API leaves (distribution's own
+        TestDeleteManifestIndexWithDanglingReferences), or a collector: a deliberate state,
+        reported as what it means (`index_child_deleted`, that platform cannot be pulled)
+        and never undone by repair unless asked (`--restore-deleted`)."""
+        path = layout.revision_link(repo.name, ref.digest)
+        if ref.digest in repo.revisions:
+            self.out.add(make_finding(
+                "child_not_in_repo", path,
+                f"child manifest {ref.digest} of index {index} has no valid revision link "
+                "in this repository", repo=repo.name, digest=ref.digest, affected_tags=tags))
+            return
+        platform = f" (platform {ref.platform})" if ref.platform else ""
+        trace = (" its empty revision directory is what a DELETE through the API leaves;"
+                 if layout.revision_dir(repo.name, ref.digest) in self.empty_dirs else "")
         self.out.add(make_finding(
-            "child_not_in_repo", layout.revision_link(repo.name, ref.digest),
-            f"child manifest {ref.digest} of index {index} has no revision link "
-            "in this repository", repo=repo.name, digest=ref.digest,
-            affected_tags=tags))
+            "index_child_deleted", path,
+            f"index {index} lists child {ref.digest}{platform}, which is not in this "
+            f"repository:{trace} pulling that platform fails (manifest unknown); "
+            "`repair --restore-deleted` brings it back while its blob exists",
+            repo=repo.name, digest=ref.digest, affected_tags=tags))
 
     def _check_size(self, ref: Descriptor, stored: str, manifest_digest: str, repo: str) -> None:
         blob = self.inv.blobs.get(stored)

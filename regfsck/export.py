@@ -710,8 +710,9 @@ def check_output(output: Path, fmt: ExportFormat, compression: Compression, v2_d
     if output.exists() or output.is_symlink():
         raise ExportError(f"{output} already exists; regfsck never overwrites an export")
     parent = output.parent.resolve()
-    if not parent.is_dir():
-        raise ExportError(f"{output.parent} is not a directory")
+    if not parent.is_dir():  # exit 3 as documented: a place we cannot write, not a bad option
+        why = "does not exist" if not parent.exists() else "is not a directory"
+        raise ExportError(f"cannot write {output}: {output.parent} {why}", "io")
     tree = v2_dir.resolve().parent.parent  # ROOT/docker: the registry's own territory
     if parent == tree or tree in parent.parents:
         raise ExportError(f"{output} is inside the registry tree {tree}; export elsewhere")

@@ -65,7 +65,8 @@ CATALOG: dict[str, KindInfo] = {
     "manifest_cycle": KindInfo(E, "index/list references itself through its children"),
     "reference_missing": KindInfo(E, "config, layer or child blob does not exist"),
     "reference_not_linked": KindInfo(E, "config/layer exists but has no _layers link in repo"),
-    "child_not_in_repo": KindInfo(E, "index child manifest has no revision link in repo"),
+    "child_not_in_repo": KindInfo(E, "index child manifest's revision link is damaged"),
+    "index_child_deleted": KindInfo(W, "index lists a child deleted from the repo (platform unpullable)"),
     "subject_missing": KindInfo(W, "referrer whose subject manifest is not in the repository"),
     # layers (verify --deep)
     "layer_diff_id_mismatch": KindInfo(E, "uncompressed layer does not hash to its config's diff_id"),

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
 from regfsck.inventory import Inventory, Repository
-from regfsck.manifest import Descriptor
+from regfsck.manifest import Descriptor, Manifest
 
 if TYPE_CHECKING:  # graph.py hands out one ReachGraph per store (`ManifestStore.reach`)
     from regfsck.graph import ManifestStore
@@ -130,10 +130,15 @@ class ReachGraph:
             if manifest is None and getattr(loaded, "kind", "") == "blob_unreadable":
                 # Readable to the registry, perhaps: what it references is unknown.
                 self.unknown.append(layout.blob_data(manifest_digest))
-            refs = manifest.references() if manifest is not None else ()
-            cached = tuple(Edge(manifest_digest, ref, self.resolve(ref.digest)) for ref in refs)
+            cached = self.edges_of(manifest_digest, manifest) if manifest is not None else ()
             self._edges[manifest_digest] = cached
         return cached
+
+    def edges_of(self, manifest_digest: str, manifest: Manifest) -> tuple[Edge, ...]:
+        """The resolved references of a manifest given as parsed (one not in the store yet:
+        repair's copy from a backup)."""
+        return tuple(Edge(manifest_digest, ref, self.resolve(ref.digest))
+                     for ref in manifest.references())
 
     def subject(self, manifest_digest: str) -> str | None:
         manifest = self.store.get(manifest_digest)

@@ -92,6 +92,9 @@ ADVICE: dict[str, str] = {
     "manifest_cycle": "remove the index (`regfsck rm REPO@DIGEST`)",
     "manifest_schema1": "re-push as schema2 (`skopeo copy --format v2s2`) before moving to "
                         "registry 3.x",
+    "index_child_deleted": "deleted on purpose (API DELETE or a collector): re-push the "
+                           "multi-arch image, or `repair --restore-deleted` to bring the child "
+                           "back (its blob is still there)",
     "child_not_in_repo": "the child manifest is missing: re-push the multi-arch image with "
                          "all platforms (`skopeo copy --all`) or repair --from a backup",
     "subject_missing": "push the subject image again, or remove the referrer",
@@ -276,8 +279,12 @@ class Planner:
     """Derives the fixes from one verify report over one inventory."""
 
     def __init__(self, inventory: Inventory, store: ManifestStore, findings: list[Finding],
-                 sources: list[BlobSource], *, data_checked: bool = True) -> None:
+                 sources: list[BlobSource], *, data_checked: bool = True,
+                 restore_deleted: bool = False) -> None:
         self.inv = inventory
+        # Index children deleted from a repository (through the API, or by a collector)
+        # are a deliberate state: their revision links come back only when asked.
+        self.restore_deleted = restore_deleted
         self.store = store
         self.storage: FilesystemStorage = local_only(store.storage, "repair")
         self.findings = findings
@@ -411,7 +418,7 @@ class Planner:
                     wanted.add(digest)
                     continue
                 manifest = self.manifest(digest)
-                for edge in self.store.reach.edges(digest) if manifest else ():
+                for edge in self.store.reach.edges_of(digest, manifest) if manifest else ():
                     if edge.optional and edge.blob is None:
                         continue  # a foreign layer served from its `urls`
                     if edge.node not in self.good:  # an alias counts as its stored blob
@@ -452,7 +459,8 @@ class Planner:
     def plan_revisions_and_layer_links(self) -> None:
         """Revision links for tag targets and index children, `_layers` links for their blobs."""
         for name, repo in sorted(self.inv.repositories.items()):
-            pending = sorted(set(repo.tag_targets().values()) | self.revisions[name])
+            tagged = set(repo.tag_targets().values())
+            pending = sorted(tagged | self.revisions[name])
             seen: set[str] = set()
             while pending:
                 digest = pending.pop()
@@ -463,8 +471,10 @@ class Planner:
                 if manifest is None:
                     continue
                 if digest not in self.revisions[name]:
+                    if digest not in tagged and not self.restore_deleted:
+                        continue  # an index child deleted on purpose (`index_child_deleted`)
                     self._create_revision(name, digest)
-                for edge in self.store.reach.edges(digest):
+                for edge in self.store.reach.edges_of(digest, manifest):
                     ref = edge.descriptor
                     if edge.node not in self.good or (edge.optional and ref.digest != edge.node):
                         continue
@@ -479,7 +489,8 @@ class Planner:
             return
         resolves = [(f.kind, _rel(f.path)) for f in self.findings
                     if f.repo == repo and f.digest == digest
-                    and f.kind in ("tag_revision_missing", "child_not_in_repo")]
+                    and f.kind in ("tag_revision_missing", "child_not_in_repo",
+                                   "index_child_deleted")]
         self.add(Fix(CREATE_LINK, path, "the manifest blob exists and a tag or index of the "
                      "repository names it, but the revision link is missing", resolves,
                      repo=repo, digest=digest, content=digest))
@@ -624,6 +635,7 @@ def _describe(link: Link) -> str:
 
 def plan_repair(root: RegistryRoot, sources: list[BlobSource], *, jobs: int = 1,
                 check_data: bool = True, stop: threading.Event | None = None,
+                restore_deleted: bool = False,
                 ) -> tuple[RepairPlan, VerifyReport, Inventory]:
     """Verify the tree (content re-hashed unless check_data is False) and plan the fixes."""
     storage = FilesystemStorage(root.v2)
@@ -633,7 +645,7 @@ def plan_repair(root: RegistryRoot, sources: list[BlobSource], *, jobs: int = 1,
     if report.summary.interrupted:
         raise KeyboardInterrupt
     planner = Planner(inventory, ManifestStore(storage, inventory), report.findings, sources,
-                      data_checked=check_data)
+                      data_checked=check_data, restore_deleted=restore_deleted)
     return planner.build(), report, inventory
 
 
@@ -751,7 +763,8 @@ def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[BlobSource], 
 
 
 def run_repair(root: RegistryRoot, sources: list[BlobSource], *, apply: bool, jobs: int = 1,
-               check_data: bool = True, stop: threading.Event | None = None) -> RepairResult:
+               check_data: bool = True, stop: threading.Event | None = None,
+               restore_deleted: bool = False) -> RepairResult:
     """Plan (and with `apply`, carry out) the repair of `root`.
 
     Applying happens under `mutation_guard` (refuses while a registry may use ROOT; holds
@@ -759,11 +772,13 @@ def run_repair(root: RegistryRoot, sources: list[BlobSource], *, apply: bool, jo
     the lock, so nothing changes between planning and applying. Afterwards the structure
     is verified again and whatever still needs attention is returned in `remaining`."""
     if not apply:
-        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop)
+        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
+                                 restore_deleted=restore_deleted)
         return RepairResult(plan)
     with mutation_guard(root):
         recovered = recover(root)
-        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop)
+        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
+                                 restore_deleted=restore_deleted)
         try:
             run_id, interrupted = apply_plan(root, plan, sources, stop=stop)
         finally:

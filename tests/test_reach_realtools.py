@@ -276,3 +276,84 @@ def test_force_never_sweeps_what_a_symlinked_repository_uses(
     with realtools.RealRegistry(root) as reg:
         realtools.skopeo_copy(f"docker://{reg.host}/team/b:v1", f"dir:{tmp_path / 'b'}")
         realtools.skopeo_copy(f"docker://{reg.host}/team/a:v1", f"dir:{tmp_path / 'a'}")
+
+
+# --------------------------------------------------------------------------- item 10
+
+
+@pytest.fixture(params=["2.8", "3"])
+def deleted_child(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Built, str, str]:
+    """distribution's TestDeleteManifestIndexWithDanglingReferences through the real API:
+    an index of two children is pushed, then one child is DELETEd by digest."""
+    missing = realtools.real_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    binary = realtools.REGISTRY_BIN
+    if request.param == "3":
+        found = realtools.registry3_binary(tmp_path)
+        if found is None:
+            pytest.skip("registry v3 binary not available (../shared/bin/unpack-registry3)")
+        binary = found
+    built = Built(tmp_path / "root", binary)
+    with realtools.RealRegistry(built.root, binary=binary) as reg:
+        children = []
+        for arch in ("amd64", "arm64"):
+            digest, _ = _push_image(reg, "team/multi", arch, arch.encode())
+            body = reg.get_manifest("team/multi", digest)[0]
+            children.append({"mediaType": realtools.MT_OCI_MANIFEST, "digest": digest,
+                             "size": len(body),
+                             "platform": {"os": "linux", "architecture": arch}})
+        index = json.dumps({"schemaVersion": 2, "mediaType": realtools.MT_OCI_INDEX,
+                            "manifests": children}).encode()
+        built.tags["team/multi:all"] = reg.put_manifest("team/multi", "all", index,
+                                                        realtools.MT_OCI_INDEX)
+        built.tags["team/multi:amd64"] = children[0]["digest"]  # type: ignore[assignment]
+        deleted = str(children[1]["digest"])
+        reg.delete_manifest("team/multi", deleted)  # also removes the tag arm64
+        assert not reg.manifest_exists("team/multi", deleted)
+    return built, deleted, built.tags["team/multi:all"]
+
+
+def test_index_child_deleted_through_api_is_a_warning_and_repair_keeps_the_delete(
+        deleted_child: tuple[Built, str, str], tmp_path: Path) -> None:
+    built, deleted, index = deleted_child
+    result = cli("verify", str(built.root), "--json")
+    report = json.loads(result.stdout)
+    found = [(f["kind"], f["severity"], f["digest"]) for f in report["findings"]
+             if f["severity"] != "info"]
+    assert found == [("index_child_deleted", "warning", deleted)], found
+    assert result.returncode == 0, "a deliberate delete is no error"
+    [finding] = [f for f in report["findings"] if f["kind"] == "index_child_deleted"]
+    assert "linux/arm64" in finding["message"] and index in finding["message"]
+    assert finding["affected_tags"] == ["all"]
+
+    revision = built.root / "docker/registry/v2" / realtools_revision("team/multi", deleted)
+    plan = json.loads(cli("repair", str(built.root), "--json").stdout)
+    assert not [f for f in plan["fixes"] if deleted in json.dumps(f)], plan
+    assert [u["kind"] for u in plan["unfixable"]] == ["index_child_deleted"]
+    applied = cli("repair", str(built.root), "--apply", "--json")
+    assert applied.returncode in (0, 1), applied.stderr
+    assert not revision.exists(), "repair resurrected a manifest deleted through the API"
+    with realtools.RealRegistry(built.root, binary=built.binary) as reg:
+        assert not reg.manifest_exists("team/multi", deleted)
+        assert reg.manifest_exists("team/multi", "all")
+
+    restored = cli("repair", str(built.root), "--restore-deleted", "--apply", "--json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert revision.is_file()
+    with realtools.RealRegistry(built.root, binary=built.binary) as reg:
+        realtools.skopeo_copy(f"docker://{reg.host}/team/multi:all", f"dir:{tmp_path / 'all'}",
+                              "--all")
+    assert cli("verify", str(built.root)).returncode == 0
+
+
+def realtools_revision(repo: str, digest: str) -> str:
+    algorithm, _, hex_part = digest.partition(":")
+    return f"repositories/{repo}/_manifests/revisions/{algorithm}/{hex_part}/link"
+
+
+def test_export_into_missing_directory_is_cannot_write(built: Built, tmp_path: Path) -> None:
+    result = cli("export", str(built.root), "team/urls:v1", "-o",
+                 str(tmp_path / "missing-dir" / "out.tar"))
+    assert result.returncode == 3, result.stderr
+    assert "cannot write" in result.stderr

@@ -245,8 +245,10 @@ def test_index_child_without_revision_and_layer_links(sample_root: Path, sample_
         shutil.rmtree(root / V2 / layout.revision_dir(repo, child))
         shutil.rmtree(root / V2 / layout.layer_link(repo, unique).rpartition("/")[0])
 
+    # Without a revision link the child reads as deleted on purpose: only brought back
+    # when asked (issue 10, item 10).
     result = repaired(sample_root, sample_info, tmp_path, damage, [(repo, tag)],
-                      {"create_link": 2})
+                      {"create_link": 2}, "--restore-deleted")
     assert {f["digest"] for f in result["fixes"]} == {child, unique}
 
 

@@ -270,11 +270,27 @@ def test_layer_present_but_not_linked(sample_root: Path, sample_info: SampleInfo
 
 
 def test_index_child_without_revision(sample_root: Path, sample_info: SampleInfo) -> None:
+    """No revision link at all is what a DELETE of the child through the API leaves: a
+    warning saying that platform cannot be pulled, not damage (issue 10, item 10)."""
     repo, tag, index = sample_info.oci_index
     child = sample_info.index_children[index][0]
     (sample_root / V2 / layout.revision_link(repo, child)).unlink()
     report = verify(sample_root)
-    assert errors(report) == {("child_not_in_repo", rel(layout.revision_link(repo, child)), child)}
+    assert errors(report) == set()
+    [finding] = [f for f in report.findings if f.kind == "index_child_deleted"]
+    assert (finding.severity, finding.path, finding.digest) == (
+        Severity.WARNING, rel(layout.revision_link(repo, child)), child)
+    assert finding.affected_tags == (tag,)
+    assert "empty revision directory" in finding.message
+
+
+def test_index_child_with_damaged_revision_link(sample_root: Path, sample_info: SampleInfo) -> None:
+    repo, tag, index = sample_info.oci_index
+    child = sample_info.index_children[index][0]
+    (sample_root / V2 / layout.revision_link(repo, child)).write_bytes(b"sha256:nonsense")
+    report = verify(sample_root)
+    path = rel(layout.revision_link(repo, child))
+    assert errors(report) == {("child_not_in_repo", path, child), ("link_invalid", path, child)}
     assert next(f for f in report.findings if f.kind == "child_not_in_repo").affected_tags == (tag,)
 
 

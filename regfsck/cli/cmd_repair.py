@@ -53,6 +53,10 @@ def repair(
     jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count)."),
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content: "
                                  "content damage is then neither found nor fixed."),
+    restore_deleted: bool = typer.Option(False, "--restore-deleted", help="Also bring back "
+                                         "index children deleted from their repository "
+                                         "(index_child_deleted): by default a deliberate "
+                                         "delete is left alone."),
 ) -> None:
     """Plan exact fixes for verify's findings; apply them (undoably) with --apply."""
     if jobs < 0:
@@ -68,7 +72,8 @@ def repair(
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         result = run_repair(registry, opened, apply=apply, jobs=jobs or default_jobs(),
-                            check_data=not no_data, stop=stop)
+                            check_data=not no_data, stop=stop,
+                            restore_deleted=restore_deleted)
     except KeyboardInterrupt:
         fail("interrupted before anything was changed", exitcodes.INTERRUPTED)
     except (SafetyError, QuarantineError) as exc:
