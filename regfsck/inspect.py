@@ -389,7 +389,11 @@ class Inspector:
         return node
 
     def _image_parts(self, repo: str | None, node: ManifestNode, manifest: Manifest) -> None:
-        linked = linked_layers(self.inv.repositories[repo]) if repo is not None else None
+        linked: set[str] | None = None
+        if repo is not None:  # by content, and by path (a sha512 alias link names its sha256)
+            repository = self.inv.repositories[repo]
+            linked = linked_layers(repository) | {
+                d for d, link in repository.layers.items() if link.target is not None}
         if manifest.config is not None:
             node.config = self._blob_node(manifest.config, linked, measure=False)
             info = self._config_info(manifest.config.digest)
@@ -431,7 +435,8 @@ class Inspector:
             return f"config is not a JSON object: {exc}"[:200]
 
     def _blob_node(self, desc: Descriptor, linked: set[str] | None, *, measure: bool) -> BlobNode:
-        blob = self.inv.blobs.get(desc.digest)
+        stored = self.store.reach.resolve(desc.digest)  # a sha512 alias: its stored blob
+        blob = self.inv.blobs.get(stored) if stored is not None else None
         node = BlobNode(role=desc.role, digest=desc.digest, media_type=desc.media_type,
                         size=desc.size, stored_size=blob.size if blob else None,
                         linked=(desc.digest in linked) if linked is not None else None,

@@ -183,6 +183,10 @@ def test_verify_alias_and_urls_no_false_findings(built: Built) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {f["kind"] for f in json.loads(result.stdout)["findings"]}
     assert not kinds & {"reference_missing", "reference_not_linked", "layer_link_dangling"}
+    for ref in ("team/alias:v1", "team/urls:v1", "team/urls:idx"):
+        shown = cli("inspect", str(built.root), ref, "--json")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "missing" not in shown.stdout, shown.stdout  # sha512 layer found via its alias
 
 
 @pytest.mark.parametrize("delete_untagged", [False, True], ids=["default", "delete-untagged"])
