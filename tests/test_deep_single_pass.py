@@ -195,3 +195,27 @@ def test_gunzip_keeps_a_bomb_in_bounded_chunks() -> None:
     data = bomb.compress(bytes(64 << 20)) + bomb.flush()
     out = _ours(data)
     assert out is not None and len(out) == 64 << 20
+
+
+@pytest.mark.realtools
+def test_layers_read_by_the_deep_pass_enter_the_record(crafted: Crafted,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    """--changed-only --deep: the layers' verdicts (taken from the deep pass) are recorded
+    like every other blob's, so the next --changed-only run vouches for them."""
+    from regfsck.record import VerifyRecord
+
+    root = tmp_path / "root"
+    shutil.copytree(crafted.root, root, symlinks=True)
+    first = run_verify(locate(root), VerifyOptions(jobs=2, deep=True, changed_only=True))
+    assert first.summary.hashed_because.get("read by --deep", 0) > 0
+    record = VerifyRecord.open(locate(root), create=False)
+    assert record is not None
+    try:
+        recorded = set(record.entries())
+    finally:
+        record.close()
+    layers = {d for repo in ("deep/not-tar", "deep/good", "deep/truncated-zstd")
+              for d in _layers_of(root, repo)}
+    assert layers <= recorded
+    again = run_verify(locate(root), VerifyOptions(jobs=2, changed_only=True))
+    assert again.summary.blobs_skipped == again.summary.blobs_total
