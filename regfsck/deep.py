@@ -19,12 +19,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import zstandard
@@ -734,25 +744,38 @@ def outcome_findings(outcome: LayerOutcome) -> list[Finding]:
     return found
 
 
-def _bounded_map(pool: ThreadPoolExecutor, work: Callable[[LayerJob], LayerOutcome],
+def _bounded_map(pool: Executor, work: Callable[[LayerJob], LayerOutcome],
                  jobs: Iterable[LayerJob], limit: int,
-                 stop: threading.Event) -> Iterator[LayerOutcome]:
-    """Run `work` over `jobs` with at most `limit` in flight, yielding as they finish."""
+                 stop: threading.Event, tick: Callable[[], None] | None = None
+                 ) -> Iterator[LayerOutcome]:
+    """Run `work` over `jobs` with at most `limit` in flight, yielding as they finish.
+    `tick` runs while waiting, every 0.1 s (to pass a stop on to worker processes)."""
     pending: set[Future[LayerOutcome]] = set()
+
+    def finished() -> set[Future[LayerOutcome]]:
+        nonlocal pending
+        while True:
+            done, pending = wait(pending, timeout=0.1 if tick else None,
+                                 return_when=FIRST_COMPLETED)
+            if tick is not None:
+                tick()
+            if done:
+                return done
+
     try:
         for job in jobs:
             if stop.is_set():
                 break
             pending.add(pool.submit(work, job))
             if len(pending) >= limit:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from _results(done)
+                yield from _results(finished())
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from _results(done)
+            yield from _results(finished())
     finally:
         if pending:  # left early (an error in the consumer): running layers stop at the next read
             stop.set()
+            if tick is not None:
+                tick()
         for future in pending:
             future.cancel()
 
@@ -808,11 +831,26 @@ def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
 
     if progress is not None:
         progress.start(summary.bytes_total, summary.layers_total)
+    workers = max(1, jobs)
+    procs = _process_pool(storage, workers) if workers > 1 and len(plan.jobs) > 1 else None
     try:
-        workers = max(1, jobs)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep") as pool:
+        pool: Executor
+        tick: Callable[[], None] | None = None
+        if procs is not None:
+            pool, process_stop = procs
+
+            def tick() -> None:
+                if halt.is_set():
+                    process_stop.set()
+
+            work: Callable[[LayerJob], Any] = _check_in_worker
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep")
             work = lambda job: check_layer(storage, job, advance, halt)  # noqa: E731
-            for outcome in _bounded_map(pool, work, plan.jobs, 2 * workers, halt):
+        with pool:
+            for outcome in _bounded_map(pool, work, plan.jobs, 2 * workers, halt, tick):
+                if procs is not None:
+                    advance(outcome.bytes_read or outcome.job.size)  # per layer, not per read
                 summary.layers_checked += 1
                 summary.bytes_uncompressed += outcome.uncompressed_bytes
                 summary.tar_entries += outcome.tar_entries
@@ -826,6 +864,48 @@ def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
     result = sorted(findings.findings(), key=lambda f: (order[f.severity], f.kind, f.path, f.repo or ""))
     return DeepReport(result, summary)
+
+
+_worker_storage: FilesystemStorage | None = None
+_worker_stop: Any = None
+
+
+def _worker_init(base: str, stop: Any) -> None:
+    """A deep worker process: Ctrl-C is the parent's to handle (it sets `stop`)."""
+    global _worker_storage, _worker_stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_storage = FilesystemStorage(Path(base))
+    _worker_stop = stop
+
+
+def _check_in_worker(job: LayerJob) -> LayerOutcome:
+    assert _worker_storage is not None
+    return check_layer(_worker_storage, job, None, _worker_stop)
+
+
+def _process_pool(storage: FilesystemStorage, jobs: int) -> tuple[ProcessPoolExecutor, Any] | None:
+    """`jobs` forked worker processes for the layers, and the event that stops them.
+
+    Threads do not scale here: the tar walk and the glue between inflater and hashers run
+    under the GIL, and on a busy machine two threads handing it back and forth ran slower
+    than one. Forked processes share nothing; they run only check_layer (os, hashlib,
+    the inflaters), so no lock another thread may hold at fork time is taken. Where
+    processes cannot start, threads do the work. REGFSCK_DEEP_PROCESSES=0 forces threads."""
+    if os.environ.get("REGFSCK_DEEP_PROCESSES") == "0":
+        return None
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:
+        return None
+    stop = context.Event()
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                               initargs=(os.fspath(storage.base), stop))
+    try:
+        pool.submit(os.getpid).result()  # forks every worker now
+    except Exception:  # cannot start processes here (limits, sandbox): threads only
+        pool.shutdown(wait=False, cancel_futures=True)
+        return None
+    return pool, stop
 
 
 def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None,

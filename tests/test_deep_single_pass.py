@@ -88,6 +88,7 @@ def _canonical(findings: list) -> list[dict[str, object]]:  # type: ignore[type-
 
 @pytest.fixture
 def count_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[collections.Counter[str]]:
+    monkeypatch.setenv("REGFSCK_DEEP_PROCESSES", "0")  # layers read in this process: counted
     opened: collections.Counter[str] = collections.Counter()
     for name in ("open_fd", "open_fd_fast"):
         original = getattr(FilesystemStorage, name)
@@ -219,3 +220,30 @@ def test_layers_read_by_the_deep_pass_enter_the_record(crafted: Crafted,  # noqa
     assert layers <= recorded
     again = run_verify(locate(root), VerifyOptions(jobs=2, changed_only=True))
     assert again.summary.blobs_skipped == again.summary.blobs_total
+
+
+@pytest.mark.realtools
+def test_worker_processes_stop_and_agree_with_threads(crafted: Crafted,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers go to forked worker processes when jobs > 1: the same findings as threads,
+    and a stop set mid-run ends it early with a partial summary."""
+    import threading
+
+    from regfsck.deep import check_layers, plan_deep
+    from regfsck.graph import ManifestStore
+    from regfsck.scanner import Scanner
+
+    registry = locate(crafted.root)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    plan = plan_deep(storage, inventory, ManifestStore(storage, inventory))
+    processes = check_layers(storage, plan, jobs=2)
+    monkeypatch.setenv("REGFSCK_DEEP_PROCESSES", "0")
+    threads = check_layers(storage, plan, jobs=2)
+    assert [f.to_json() for f in processes.findings] == [f.to_json() for f in threads.findings]
+    assert processes.summary == threads.summary
+    monkeypatch.delenv("REGFSCK_DEEP_PROCESSES")
+    stop = threading.Event()
+    stopped = check_layers(storage, plan, jobs=2, stop=stop, on_outcome=lambda _o: stop.set())
+    assert stopped.summary.interrupted
+    assert 1 <= stopped.summary.layers_checked < stopped.summary.layers_total
