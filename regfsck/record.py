@@ -10,10 +10,12 @@ A blob found bad is deleted from the record, never written as good.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from regfsck.inventory import Blob
@@ -58,6 +60,30 @@ class RecordEntry:
 
 
 RECORD_REL = f"{STATE_DIR}/{RECORD_FILE}"  # relative to the storage root
+STATE_HOME_ENV = "XDG_STATE_HOME"
+
+
+def record_base(root: RegistryRoot, state_dir: Path | None = None, *, create: bool = False) -> Path:
+    """The directory holding `regfsck-state/` for `root`.
+
+    A local tree keeps it in ROOT (it travels with the tree). A tree in object storage keeps
+    it on the local disk, never in the bucket: `state_dir` (--state-dir) or
+    `$XDG_STATE_HOME/regfsck` (default `~/.local/state/regfsck`), then `s3/BUCKET/PREFIX`,
+    created with mode 0700."""
+    if root.s3 is None:
+        return root.root
+    home = state_dir
+    if home is None:
+        xdg = os.environ.get(STATE_HOME_ENV)
+        home = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "regfsck"
+    base = Path(home) / "s3" / root.s3.bucket / (root.s3.prefix or "_")
+    if not create:
+        return base  # absent: no record yet (nothing is created by a plain verify)
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RecordError(f"cannot create the state directory {base}: {exc.strerror}") from exc
+    return base
 
 
 class VerifyRecord:
@@ -73,9 +99,10 @@ class VerifyRecord:
 
     # -- opening ------------------------------------------------------------------
     @classmethod
-    def open(cls, root: RegistryRoot, *, create: bool) -> VerifyRecord | None:
+    def open(cls, root: RegistryRoot, *, create: bool,
+             state_dir: Path | None = None) -> VerifyRecord | None:
         """Open the record of `root`; None when it does not exist and `create` is false."""
-        storage = FilesystemStorage(root.root)
+        storage = FilesystemStorage(record_base(root, state_dir, create=create))
         rel = RECORD_REL
         where = storage.full_path(rel)
         try:

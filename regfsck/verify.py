@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.deep import (
@@ -43,6 +44,7 @@ class VerifyOptions:
     sample_percent: float | None = None  # plus the stalest P% of the bytes (rotating pass)
     max_duration: timedelta | None = None  # stop hashing at this much time after the start
     deep: bool = False  # also decompress every layer (regfsck.deep), reading each one once
+    state_dir: Path | None = None  # object storage: where the record lives (record_base)
 
     @property
     def needs_record(self) -> bool:
@@ -199,19 +201,15 @@ def _local(storage: Storage) -> FilesystemStorage:
 def _open_record(root: RegistryRoot, options: VerifyOptions,
                  summary: VerifySummary) -> VerifyRecord | None:
     """The record: required (and created) for the incremental options, else updated if present."""
-    if root.is_object_storage:  # the record lives on a local disk: not there yet for S3
-        if options.needs_record:
-            raise RecordError("--changed-only, --sample and --max-duration are not available "
-                              "on object storage yet (their record needs a local state directory)")
-        return None
     try:
-        record = VerifyRecord.open(root, create=options.needs_record)
+        record = VerifyRecord.open(root, create=options.needs_record, state_dir=options.state_dir)
     except RecordError as exc:
         if options.needs_record:
             raise
         summary.record_error = str(exc)
         return None
-    summary.record = RECORD_REL if record is not None else None
+    if record is not None:  # relative to ROOT; an object-storage tree's is a local path
+        summary.record = record.where if root.is_object_storage else RECORD_REL
     return record
 
 

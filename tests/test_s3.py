@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,8 +233,8 @@ def test_mutations_and_other_commands_refuse(bucket28: Bucket) -> None:
     for args in (["gc", "--apply", "--grace", "0", bucket28.url],
                  ["gc", "--apply", "--json", bucket28.url],
                  ["rm", "--apply", bucket28.url, "a/b:latest"],
-                 ["verify", "--changed-only", bucket28.url],
-                 ["verify", "--deep", bucket28.url]):
+                 ["verify", "--deep", bucket28.url],
+                 ["verify", "--metrics-file", "/tmp/regfsck-s3-metrics.prom", bucket28.url]):
         proc = regfsck(*args, env=env)
         assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
         assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
@@ -313,3 +314,41 @@ def test_keys_no_path_can_name_are_findings(moto: s3tools.MotoServer, tmp_path: 
     assert sorted((f["kind"], f["path"]) for f in new) == sorted(
         ("unexpected_entry", f"docker/registry/v2/{rel}") for rel in odd)
     assert len(after["findings"]) == len(before["findings"]) + len(odd)
+
+
+@needs_server
+def test_incremental_verify_keeps_its_record_on_the_local_disk(
+        moto: s3tools.MotoServer, bucket28: Bucket, tmp_path: Path) -> None:
+    """--changed-only on S3: the record lives under --state-dir (or $XDG_STATE_HOME/regfsck),
+    never in the bucket; an unchanged blob is not fetched again, a rewritten one is."""
+    bucket = Bucket(moto, "regfsck-incremental", bucket28.prefix, bucket28.binary, set())
+    moto.make_bucket(bucket.name)
+    client = moto.client()
+    s3tools.upload_tree(client, bucket28.mirror(tmp_path / "copy"), bucket.name, bucket.prefix)
+    keys = {o["Key"] for o in s3tools.iter_keys(client, bucket.name)}
+    state = tmp_path / "state"
+    _, first = run_json(bucket, "verify", "--changed-only", "--state-dir", str(state), bucket.url)
+    total = first["summary"]["blobs_total"]
+    assert first["summary"]["blobs_verified"] == total > 0 and not first["findings"]
+    record = Path(first["summary"]["record"])
+    assert record.is_file() and state in record.parents
+    _, second = run_json(bucket, "verify", "--changed-only", "--state-dir", str(state), bucket.url)
+    assert second["summary"]["blobs_verified"] == 0 and second["summary"]["blobs_skipped"] == total
+    assert second["requests"]["get"] < first["requests"]["get"] - total + 1
+    blob_keys = sorted((o["Size"], o["Key"]) for o in s3tools.iter_keys(
+        client, bucket.name, bucket.key("blobs/")))
+    _, layer_key = blob_keys[-1]
+    body = bytearray(client.get_object(Bucket=bucket.name, Key=layer_key)["Body"].read())
+    body[0] ^= 0x01
+    time.sleep(1.1)  # S3 mtimes have a resolution of one second
+    client.put_object(Bucket=bucket.name, Key=layer_key, Body=bytes(body))
+    code, third = run_json(bucket, "verify", "--changed-only", "--state-dir", str(state), bucket.url)
+    assert code == 1 and third["summary"]["blobs_verified"] == 1
+    assert [f["kind"] for f in third["findings"]] == ["blob_digest_mismatch"]
+    # XDG_STATE_HOME is the default place; nothing was ever written to the bucket.
+    env = {**moto.env(), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    proc = regfsck("verify", "--changed-only", "--json", bucket.url, env=env)
+    assert (tmp_path / "xdg" / "regfsck" / "s3" / bucket.name / bucket.prefix).is_dir(), proc.stderr
+    assert {o["Key"] for o in s3tools.iter_keys(client, bucket.name)} == keys
+    local = regfsck("verify", "--state-dir", str(state), str(tmp_path / "copy"))
+    assert local.returncode == 2 and len(local.stderr.strip().splitlines()) == 1

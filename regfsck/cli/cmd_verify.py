@@ -114,6 +114,10 @@ def verify(
     max_age: str | None = MAX_AGE_OPTION,
     sample: float | None = SAMPLE_OPTION,
     max_duration: str | None = MAX_DURATION_OPTION,
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", metavar="DIR", help="Object storage: keep the verification record "
+        "under DIR (default $XDG_STATE_HOME/regfsck, i.e. ~/.local/state/regfsck). A local tree "
+        "keeps it in ROOT/regfsck-state.", show_default=False),
     metrics_file: Path | None = METRICS_FILE_OPTION,
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
@@ -122,10 +126,16 @@ def verify(
     registry = open_root(root, config, object_storage=True)
     if registry.is_object_storage and deep:
         fail("--deep is not available on object storage yet")
+    if registry.is_object_storage and metrics_file is not None:
+        fail("--metrics-file is not available on object storage yet")
+    if state_dir is not None and not registry.is_object_storage:
+        fail("--state-dir is for trees in object storage; a local tree keeps its record in "
+             "ROOT/regfsck-state", exitcodes.USAGE)
     if registry.is_object_storage and not jobs:
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
-                            check_data=not no_data, strict=strict, deep=deep, **incremental_options(
+                            check_data=not no_data, strict=strict, deep=deep,
+                            state_dir=state_dir, **incremental_options(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
     metrics = MetricsRun(metrics_file, registry, repo) if metrics_file is not None else None
