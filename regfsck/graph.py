@@ -10,9 +10,11 @@ itself cannot make them loop.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
@@ -41,7 +43,9 @@ class ManifestStore:
     def reach(self) -> ReachGraph:
         """The reachability oracle over this store's inventory (built once)."""
         if self._reach is None:
-            self._reach = ReachGraph(self.inventory, self)
+            # A weak reference back: `del store` must free the parsed manifests at once
+            # (verify drops them before hashing), not at the next cycle collection.
+            self._reach = ReachGraph(self.inventory, cast("ManifestStore", weakref.proxy(self)))
         return self._reach
 
     def load(self, digest: str) -> Manifest | Unloadable:

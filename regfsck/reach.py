@@ -110,7 +110,7 @@ class ReachGraph:
         self.store = store
         self.aliases = _alias_map(inventory)
         self.unknown: list[str] = unknown_parts(inventory)
-        self._edges: dict[str, tuple[Edge, ...]] = {}
+        self._seen_unreadable: set[str] = set()
 
     # -- resolution ----------------------------------------------------------------
     def resolve(self, digest: str) -> str | None:
@@ -122,17 +122,18 @@ class ReachGraph:
 
     def edges(self, manifest_digest: str) -> tuple[Edge, ...]:
         """The references of one manifest (config, layers, index children; not `subject`),
-        each resolved; () when it cannot be loaded."""
-        cached = self._edges.get(manifest_digest)
-        if cached is None:
-            loaded = self.store.load(manifest_digest)
-            manifest = self.store.get(manifest_digest)
-            if manifest is None and getattr(loaded, "kind", "") == "blob_unreadable":
+        each resolved; () when it cannot be loaded. Not cached: the store caches the
+        parsed manifest, and edges are cheap to rebuild (memory stays the store's)."""
+        loaded = self.store.load(manifest_digest)
+        manifest = self.store.get(manifest_digest)
+        if manifest is None:
+            unreadable = getattr(loaded, "kind", "") == "blob_unreadable"
+            if unreadable and manifest_digest not in self._seen_unreadable:
                 # Readable to the registry, perhaps: what it references is unknown.
+                self._seen_unreadable.add(manifest_digest)
                 self.unknown.append(layout.blob_data(manifest_digest))
-            cached = self.edges_of(manifest_digest, manifest) if manifest is not None else ()
-            self._edges[manifest_digest] = cached
-        return cached
+            return ()
+        return self.edges_of(manifest_digest, manifest)
 
     def edges_of(self, manifest_digest: str, manifest: Manifest) -> tuple[Edge, ...]:
         """The resolved references of a manifest given as parsed (one not in the store yet:
@@ -170,12 +171,11 @@ class ReachGraph:
         """Every digest reachable from `roots` (roots included; for an alias, both the
         digest named and the stored blob)."""
         out: set[str] = set()
-        for digest, _, parent in self.walk(roots):
+        for digest, role, _ in self.walk(roots):
             out.add(digest)
-            if parent is not None:
-                for edge in self.edges(parent):
-                    if edge.blob == digest and edge.digest != digest:
-                        out.add(edge.digest)
+            if role == "manifest":
+                out.update(edge.digest for edge in self.edges(digest)
+                           if edge.blob is not None and edge.blob != edge.digest)
         return out
 
     def closure(self, repo: Repository, roots: Iterable[str]) -> set[str]:
