@@ -758,6 +758,29 @@ class _Reverter:
             return "its content changed since the run"
         return None
 
+    def _prefetch(self, paths: list[str]) -> dict[str, bool]:
+        """Existence of many paths at once: each distinct directory is checked once the
+        careful way (no symlink on the way, see `lstat_raw`) and its entries are then
+        lstat'ed relative to it; a plan over a million moves asks the disk a few thousand
+        times instead of walking every path component by component."""
+        by_dir: dict[str, list[str]] = {}
+        for path in dict.fromkeys(paths):
+            directory, _, name = path.rpartition("/")
+            by_dir.setdefault(directory, []).append(name)
+        known: dict[str, bool] = {}
+        for directory, names in by_dir.items():
+            st = self.storage.lstat_raw(directory) if directory else None
+            if st is None or not stat_module.S_ISDIR(st.st_mode):
+                continue  # absent, or not a plain directory: asked one by one
+            try:
+                results = self.storage.lstat_many(directory, names)
+            except StorageError:
+                continue
+            for name, result in zip(names, results, strict=True):
+                if not isinstance(result, StorageError):
+                    known[f"{directory}/{name}"] = result is not None
+        return known
+
     def _undone_path(self, change: _Change, reserved: set[str]) -> str:
         """Where a reverted creation goes: `<run>/undone/<rel>` (another root if taken,
         by an earlier undo or by another step of this plan)."""
@@ -808,6 +831,14 @@ class _Reverter:
         view = build_view(self.root, candidates, payloads)
         used = used_now(self.root, view, since_ns)
 
+        known = self._prefetch([p for c in applied for p in (
+            _v2(c.rel), _parent_of(_v2(c.rel)),
+            *((self.files.held_of(c),) if c.op == "move" else ()))])
+
+        def on_disk(path: str) -> bool:
+            found = known.get(path)
+            return self.exists(path) if found is None else found
+
         present: dict[str, bool] = {}
         children: dict[str, set[str]] = {}
         mounts: dict[str, str] = {}  # original -> held, of directories moved back
@@ -825,7 +856,7 @@ class _Reverter:
                     return False  # a directory the plan removes takes its contents along
                 if ancestor in mounts:
                     return exists(mounts[ancestor] + path[len(ancestor):])
-            return self.exists(path)
+            return on_disk(path)
 
         def set_present(path: str, value: bool) -> None:
             present[path] = value

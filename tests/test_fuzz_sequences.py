@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests import realtools
@@ -119,6 +119,7 @@ def _step(world: World, op: str, pick: int) -> None:
         repo = ["imp/x", "imp/y", "user/a"][pick % 3]
         writer = world.layout("import" if op == "import_again" else f"imp-{world.counter}", pick % 2 == 0)
         code, doc = _json("import", root, str(writer.path), "--repo", repo, "--apply", allowed=(0, 1, 3))
+        event(f"import exit {code}")
         if code == 0 and doc.get("run_id"):
             ref = f"{repo}:1"
             world.expected.add(ref)
@@ -133,6 +134,7 @@ def _step(world: World, op: str, pick: int) -> None:
         run = live[-1] if op == "undo_newest" else live[pick % len(live)]
         run_id = str(run["run_id"])
         code, _doc = _json("undo", root, run_id, allowed=(0, 3))
+        event(f"undo of {run['command']}: {'refused' if code else 'done'}")
         if code != 0:
             return
         command, tags = world.by_run.get(run_id, (str(run["command"]), []))
@@ -143,7 +145,8 @@ def _step(world: World, op: str, pick: int) -> None:
                 if world.owner.get(ref) == run_id:  # still the import's: the undo takes it
                     world.expected.discard(ref)
     elif op == "purge":
-        _json("purge", root, "--apply")
+        _, doc = _json("purge", root, "--apply")
+        event(f"purge kept {len(doc.get('needed') or {})} needed runs")  # type: ignore[arg-type]
         world.purged = True
 
 
