@@ -90,9 +90,12 @@ def assert_not_stuck(root: Path) -> None:
 # --------------------------------------------------------------------------- item 2
 
 
-def test_undo_import_keeps_blobs_a_second_import_links(tmp_path: Path) -> None:
-    """2a: import team/a:1, import the same backup as mirror/a, undo the first: mirror/a:1 stays."""
-    root = tmp_path / "root"
+def test_undo_import_keeps_blobs_a_second_import_links(sample_root: Path, tmp_path: Path) -> None:
+    """2a: import team/a:1, import the same backup as mirror/a, undo the first: mirror/a:1 stays.
+
+    Into a populated tree (the registry's own sample), so that the import creates no
+    top-level directory and the old undo ran to its end (exit 0) having deleted the blobs."""
+    root = sample_root
     layout = make_layout(tmp_path / "layout", "a")
     first = import_run(root, layout.path, "team/a")
     import_run(root, layout.path, "mirror/a")
@@ -102,10 +105,10 @@ def test_undo_import_keeps_blobs_a_second_import_links(tmp_path: Path) -> None:
     assert not_served(root, "team/a:1")
 
 
-def test_undo_import_keeps_blobs_a_cross_repository_mount_uses(tmp_path: Path) -> None:
+def test_undo_import_keeps_blobs_a_cross_repository_mount_uses(sample_root: Path, tmp_path: Path) -> None:
     """2b: import, skopeo copy team/a:1 -> other/x:1 through the registry (blob mounts),
-    undo the import: other/x:1 is still pullable."""
-    root = tmp_path / "root"
+    undo the import: other/x:1 is still pullable (populated tree, as in 2a)."""
+    root = sample_root
     layout = make_layout(tmp_path / "layout", "b")
     run_id = import_run(root, layout.path, "team/a")
     with RealRegistry(root) as registry:
@@ -117,19 +120,20 @@ def test_undo_import_keeps_blobs_a_cross_repository_mount_uses(tmp_path: Path) -
     assert not_served(root, "team/a:1")
 
 
-def test_recovery_of_a_killed_import_keeps_a_layer_a_user_pushed_since(tmp_path: Path) -> None:
+def test_recovery_of_a_killed_import_keeps_a_layer_a_user_pushed_since(sample_root: Path,
+                                                                        tmp_path: Path) -> None:
     """2c: import --apply killed by SIGKILL, the registry restarted, a user pushes an image
     sharing a layer the import had written; the next gc --apply reverts the import and the
-    user's image stays whole."""
-    root = tmp_path / "root"
-    realtools.data_dir(root).mkdir(parents=True)
+    user's image stays whole (populated tree: the old revert ran to its end, exit 0)."""
+    root = sample_root
     layout = make_layout(tmp_path / "layout", "c", tags=40, layers=3)
     result = signal_midway(["import", str(root), str(layout.path), "--repo", "team/a", "--apply"],
                            root, signal.SIGKILL, 60, event="done")
     assert result.returncode == -signal.SIGKILL, "the import finished before the kill"
     v2 = realtools.data_dir(root)
     written = [d for d in (p.name for p in (v2 / "blobs/sha256").glob("*/*")) if
-               (v2 / "blobs/sha256" / d[:2] / d / "data").is_file()]
+               (v2 / "blobs/sha256" / d[:2] / d / "data").is_file()
+               and layout.blob_path(f"sha256:{d}").is_file()]
     assert written, "the killed import wrote no blob"
     layer_hex = None
     data = b""
