@@ -15,6 +15,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import stat as stat_module
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from types import TracebackType
 
 import yaml
 
+from regfsck.layout import V2_PREFIX
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
 
@@ -33,6 +36,13 @@ CONFIG_ENV = "REGISTRY_CONFIGURATION_PATH"
 DEFAULT_ROOTDIR = "/var/lib/registry"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_REPORTED = 10
+MAX_DEPTH = 64  # path components walked up when asking whether a path lies in ROOT
+PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread (never opens ROOT for a user)
+CAP_SYS_PTRACE = 19
+# Environment values that say where a process was started, not what it uses (its cwd is checked).
+IGNORED_ENV = frozenset({"PWD", "OLDPWD", "_"})
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+NOT_DRIVERS = frozenset({"delete", "maintenance", "cache", "redirect", "tag"})
 
 
 class SafetyError(Exception):
@@ -41,6 +51,14 @@ class SafetyError(Exception):
 
 class LockHeldError(SafetyError):
     """Another regfsck run holds the root's lock."""
+
+
+class _Gone(Exception):
+    """The process exited while it was looked at: it uses nothing."""
+
+
+class _Hidden(Exception):
+    """Part of the process cannot be read (permissions): what it uses is unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,62 +72,199 @@ class _Identity:
 def _identity(path: str) -> _Identity | None:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return _Identity(st.st_dev, st.st_ino)
 
 
-def _own_lineage(proc: Path) -> set[int]:
-    """Our PID and our ancestors': the shell that started us is waiting, not using ROOT."""
-    pids: set[int] = set()
+def _proc_read(path: Path | str) -> bytes:
+    """A /proc file's content; _Gone when the process has exited, _Hidden when not ours to read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise _Gone from exc
+    except PermissionError as exc:
+        raise _Hidden(str(path)) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENOENT):
+            raise _Gone from exc
+        raise _Hidden(str(path)) from exc
+
+
+def _proc_link(path: Path | str) -> str:
+    try:
+        return os.readlink(path)
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise _Gone from exc
+    except PermissionError as exc:
+        raise _Hidden(str(path)) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENOENT):
+            raise _Gone from exc
+        raise _Hidden(str(path)) from exc
+
+
+def _unescape_mount(field: str) -> str:
+    """Mount paths in mountinfo escape space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True, slots=True)
+class _Mount:
+    dev: tuple[int, int]
+    root: str  # the path inside its filesystem that is mounted
+    point: str  # where it is mounted, as the process sees it
+
+
+def _mounts(text: str) -> list[_Mount]:
+    mounts: list[_Mount] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        major, _, minor = fields[2].partition(":")
+        try:
+            dev = (int(major), int(minor))
+        except ValueError:
+            continue
+        mounts.append(_Mount(dev, _unescape_mount(fields[3]), _unescape_mount(fields[4])))
+    return mounts
+
+
+def _inside(path: str, top: str) -> bool:
+    return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """ROOT as a process elsewhere may see it: by identity, by our paths, by its filesystem."""
+
+    identities: frozenset[_Identity]  # ROOT, docker/, docker/registry/, v2/
+    prefixes: tuple[str, ...]  # ROOT's paths in our mount namespace (kernel-canonical)
+    dev: tuple[int, int]  # ROOT's device (major, minor)
+    fs_path: str | None  # ROOT's path inside its filesystem (a bind mount of it shows this)
+    mnt_ns: str | None  # our mount namespace
+
+    @classmethod
+    def of(cls, root: RegistryRoot, proc: Path) -> _Target:
+        levels = [str(root.root)]
+        for part in V2_PREFIX.split("/"):
+            levels.append(f"{levels[-1]}/{part}")
+        identities = frozenset(i for i in map(_identity, levels) if i is not None)
+        real_root = os.path.realpath(root.root)
+        prefixes = tuple(dict.fromkeys((real_root, os.path.realpath(root.v2),
+                                        os.path.abspath(root.root))))
+        st = os.stat(root.root)
+        dev = (os.major(st.st_dev), os.minor(st.st_dev))
+        fs_path = None
+        with contextlib.suppress(_Gone, _Hidden):
+            best: _Mount | None = None
+            for mount in _mounts(_proc_read(proc / "self/mountinfo").decode("utf-8", "replace")):
+                if mount.dev == dev and _inside(real_root, mount.point) and (
+                        best is None or len(mount.point) >= len(best.point)):
+                    best = mount
+            if best is not None:
+                rel = os.path.relpath(real_root, best.point)
+                fs_path = os.path.normpath(os.path.join(best.root, rel)) if rel != "." else best.root
+        mnt_ns = None
+        with contextlib.suppress(_Gone, _Hidden):
+            mnt_ns = _proc_link(proc / "self/ns/mnt")
+        return cls(identities, prefixes, dev, fs_path, mnt_ns)
+
+
+def _privileged() -> bool:
+    """May we look into every process? (root, or CAP_SYS_PTRACE)"""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+@dataclass(slots=True)
+class _ProcStat:
+    ppid: int
+    state: str
+    flags: int
+
+
+def _proc_stat(proc_dir: Path) -> _ProcStat | None:
+    try:
+        text = (proc_dir / "stat").read_text(errors="replace")
+        fields = text.rsplit(")", 1)[1].split()
+        return _ProcStat(int(fields[1]), fields[0], int(fields[6]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _excluded(proc: Path, stats: dict[int, _ProcStat]) -> set[int]:
+    """Our own process tree: our ancestors (the shell waiting for us) and our forks
+    (hashing workers), plus kernel threads and zombies, which use no files."""
+    pids = {pid for pid, st in stats.items() if st.flags & PF_KTHREAD or st.state in ("Z", "X")}
     pid = os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat_line = (proc / str(pid) / "stat").read_text()
-            pid = int(stat_line.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+    seen: set[int] = set()
+    while pid > 0 and pid not in seen:
+        seen.add(pid)
+        st = stats.get(pid) or _proc_stat(proc / str(pid))
+        if st is None:
             break
-    return pids
+        pid = st.ppid
+    children: dict[int, list[int]] = {}
+    for child, st in stats.items():
+        children.setdefault(st.ppid, []).append(child)
+    own_args = _cmdline(proc / "self")
+    stack = [os.getpid()]
+    while stack:  # forks of ours only: a process we started for another purpose still counts
+        for child in children.get(stack.pop(), []):
+            if child not in seen and _cmdline(proc / str(child)) == own_args:
+                seen.add(child)
+                stack.append(child)
+    return pids | seen
 
 
-def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    path = path.removesuffix(" (deleted)")
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
-
-
-def _read_args(proc_dir: Path) -> list[str]:
+def _cmdline(proc_dir: Path) -> bytes | None:
     try:
-        raw = (proc_dir / "cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-
-
-def _describe(pid: int, args: list[str], proc_dir: Path) -> str:
-    if args:
-        shown = " ".join(args)
-    else:
-        try:
-            shown = (proc_dir / "comm").read_text().strip()
-        except OSError:
-            shown = "?"
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f"pid {pid} ({shown})"
-
-
-def _read_environ(proc_dir: Path) -> dict[str, str] | None:
-    try:
-        raw = (proc_dir / "environ").read_bytes()
+        return (proc_dir / "cmdline").read_bytes()
     except OSError:
         return None
+
+
+def _uid(proc_dir: Path) -> int | None:
+    with contextlib.suppress(_Gone, _Hidden, ValueError, IndexError):
+        for line in _proc_read(proc_dir / "status").decode("ascii", "replace").splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[2])  # effective
+    return None
+
+
+def _split_env(raw: bytes) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
         if sep:
             env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
     return env
+
+
+def _config_rootdir(text: str) -> tuple[bool, str | None]:
+    """(uses the filesystem driver, its rootdirectory) from a registry config's text."""
+    config = yaml.load(text, Loader=_YamlLoader)  # a safe loader (the C one when built)
+    storage = config.get("storage") if isinstance(config, dict) else None
+    if not isinstance(storage, dict):
+        return False, None
+    drivers = [k for k in storage if k not in NOT_DRIVERS]
+    if "filesystem" not in storage and drivers:
+        return False, None
+    fs = storage.get("filesystem")
+    if isinstance(fs, dict) and fs.get("rootdirectory") is not None:
+        return True, str(fs["rootdirectory"])
+    return True, None
 
 
 def _serve_config_arg(args: list[str]) -> str | None:
@@ -129,99 +284,284 @@ def is_registry_serve(args: list[str]) -> bool:
     return bool(args) and os.path.basename(args[0]) in REGISTRY_BINARIES and "serve" in args[1:]
 
 
-def _config_rootdir(text: str) -> tuple[bool, str | None]:
-    """(uses the filesystem driver, its rootdirectory) from a registry config's text."""
-    config = yaml.safe_load(text)
-    storage = config.get("storage") if isinstance(config, dict) else None
-    if not isinstance(storage, dict):
-        return True, None
-    drivers = [k for k in storage if k not in ("delete", "maintenance", "cache", "redirect", "tag")]
-    if "filesystem" not in storage and drivers:
-        return False, None
-    fs = storage.get("filesystem")
-    if isinstance(fs, dict) and fs.get("rootdirectory") is not None:
-        return True, str(fs["rootdirectory"])
-    return True, None
+class _Process:
+    """One process, its paths resolved as it sees them (through /proc/PID/root when it
+    lives in another mount namespace or a chroot)."""
 
-
-def _registry_target(pid: int, args: list[str], proc_dir: Path,
-                     targets: set[_Identity]) -> str | None:
-    """Why this registry process may serve ROOT, or None when it serves something else.
-
-    Paths are looked up through /proc/PID/root and /proc/PID/cwd, so a registry in a
-    container (another mount namespace) is resolved as it sees its own files."""
-    env = _read_environ(proc_dir)
-    if env is None:
-        return "a registry process whose environment cannot be read (run regfsck as root to check it)"
-    rootdir = env.get(ROOTDIR_ENV)
-    config = _serve_config_arg(args) or env.get(CONFIG_ENV)
-    source = f"environment {ROOTDIR_ENV}" if rootdir else f"config {config}"
-    if not rootdir:
-        if not config:
-            return "a registry process without a config path regfsck can find"
-        base = proc_dir / ("root" if config.startswith("/") else "cwd")
-        config_path = f"{base}/{config.lstrip('/')}"
+    def __init__(self, pid: int, proc: Path, target: _Target,
+                 cache: dict[str, bool] | None = None) -> None:
+        self.pid = pid
+        self.cache = {} if cache is None else cache
+        self.dir = f"{proc}/{pid}"
+        self.target = target
+        self.args = [a.decode("utf-8", "replace")
+                     for a in _proc_read(f"{self.dir}/cmdline").split(b"\0") if a]
+        self.hidden: list[str] = []
         try:
-            with open(config_path, "rb") as handle:
-                text = handle.read(MAX_CONFIG_BYTES).decode("utf-8", "replace")
-            uses_fs, rootdir = _config_rootdir(text)
-        except (OSError, yaml.YAMLError, AttributeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not valid YAML"
-            return f"a registry process whose config {config} cannot be read ({reason})"
-        if not uses_fs:
+            ns = _proc_link(f"{self.dir}/ns/mnt")
+            self.same_ns: bool | None = ns == target.mnt_ns
+        except _Hidden as exc:
+            self.same_ns = None  # unknown: paths are tried as we see them
+            self.hidden.append(str(exc))
+        try:
+            root_link = _proc_link(f"{self.dir}/root")
+        except _Hidden as exc:
+            root_link = "/"
+            self.hidden.append(str(exc))
+        self.direct = self.same_ns is not False and root_link == "/"
+        self.cwd: str | None = None
+        try:
+            self.cwd = _proc_link(f"{self.dir}/cwd").removesuffix(" (deleted)")
+        except _Hidden as exc:
+            self.hidden.append(str(exc))
+        self._env: dict[str, str] | None = None
+
+    def absolute(self, path: str) -> str:
+        """`path` as an absolute path in the process's own view (relative to its cwd)."""
+        if path.startswith("/") or self.cwd is None:
+            return path
+        return os.path.join(self.cwd, path)
+
+    def view(self, path: str) -> str:
+        """Our path to the file the process means by `path` (absolute or relative to its cwd)."""
+        path = self.absolute(path)
+        if not path.startswith("/"):
+            return f"{self.dir}/cwd/{path}"
+        path = os.path.normpath(path)
+        return path if self.direct else f"{self.dir}/root{path}"
+
+    def reaches(self, path: str) -> bool:
+        """Does `path` (as the process sees it) lead into ROOT? By identity, walking up."""
+        seen = self.view(path)
+        if not self.absolute(path).startswith("/"):
+            return _identity(seen) in self.target.identities
+        if self.direct:  # our own view: many processes name the same paths (HOME, PATH)
+            known = self.cache.get(seen)
+            if known is None:
+                known = self.cache[seen] = self._walk_up(seen, "/")
+            return known
+        return self._walk_up(seen, f"{self.dir}/root")
+
+    def _walk_up(self, current: str, stop: str) -> bool:
+        for _ in range(MAX_DEPTH):
+            if _identity(current) in self.target.identities:
+                return True
+            if current in (stop, "/"):
+                return False
+            current = os.path.dirname(current)
+        return False
+
+    def env(self) -> dict[str, str]:
+        if self._env is None:
+            self._env = _split_env(_proc_read(f"{self.dir}/environ"))
+        return self._env
+
+    # -- the ways a process reaches ROOT --------------------------------------------
+    def mounted(self) -> tuple[str | None, bool]:
+        """(why its mounts hold ROOT, whether it can reach ROOT's filesystem at all).
+
+        Only asked for a process in another mount namespace (a container): a bind mount of
+        ROOT or of anything inside it is use; a namespace without ROOT's filesystem cannot
+        reach ROOT by any path."""
+        if self.target.fs_path is None:
+            return None, True
+        text = _proc_read(f"{self.dir}/mountinfo").decode("utf-8", "replace")
+        reach = False
+        for mount in _mounts(text):
+            if mount.dev != self.target.dev:
+                continue
+            if _inside(mount.root, self.target.fs_path):
+                return f"its mount namespace has ROOT mounted at {mount.point}", True
+            if _inside(self.target.fs_path, mount.root):
+                reach = True
+        return None, reach
+
+    def open_files(self) -> str | None:
+        prefixes = self.target.prefixes
+        if self.cwd is not None and (_under(self.cwd, prefixes) or (
+                not self.direct and self.reaches(self.cwd))):
+            return f"working directory {self.cwd}"
+        if not self.direct and self.same_ns is not False:  # chrooted in our namespace
+            with contextlib.suppress(_Hidden):
+                link = _proc_link(f"{self.dir}/root")
+                if _under(link, prefixes) or self.reaches(link):
+                    return f"root directory {link}"
+        try:
+            fds = os.listdir(f"{self.dir}/fd")
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise _Gone from exc
+        except OSError as exc:
+            self.hidden.append(f"{self.dir}/fd ({exc.strerror})")
             return None
-        rootdir = rootdir or DEFAULT_ROOTDIR
-    seen_root = f"{proc_dir}/root/{rootdir.lstrip('/')}" if rootdir.startswith("/") else \
-        f"{proc_dir}/cwd/{rootdir}"
-    candidates = (_identity(seen_root), _identity(f"{seen_root}/docker/registry/v2"))
-    if any(c is not None and c in targets for c in candidates):
-        return f"a registry serving this root (rootdirectory {rootdir}, from {source})"
-    return None
-
-
-def _open_under(proc_dir: Path, prefixes: tuple[str, ...]) -> str | None:
-    try:
-        cwd = os.readlink(proc_dir / "cwd")
-    except OSError:
-        cwd = ""
-    if cwd and _under(cwd, prefixes):
-        return f"working directory {cwd}"
-    try:
-        fds = os.listdir(proc_dir / "fd")
-    except OSError:
+        for fd in fds:
+            try:
+                target = os.readlink(f"{self.dir}/fd/{fd}")
+            except OSError:
+                continue
+            if not target.startswith("/"):
+                continue  # pipe:, socket:, anon_inode:
+            target = target.removesuffix(" (deleted)")
+            if _under(target, prefixes) or (not self.direct and self.reaches(target)):
+                return f"has {target} open"
         return None
-    for fd in fds:
+
+    def configured(self) -> str | None:
+        """A registry configuration among its arguments or environment that stores in ROOT."""
         try:
-            target = os.readlink(proc_dir / "fd" / fd)
+            env = self.env()
+        except _Hidden as exc:
+            self.hidden.append(str(exc))
+            env = {}
+        override = env.get(ROOTDIR_ENV)
+        if override and self.reaches(override):
+            return f"a registry serving this root (rootdirectory {override}, from environment {ROOTDIR_ENV})"
+        candidates = [env[CONFIG_ENV]] if env.get(CONFIG_ENV) else []
+        for arg in self.args[1:]:
+            value = arg.partition("=")[2] if arg.startswith("-") else arg
+            if value:
+                candidates.append(value)
+        for candidate in dict.fromkeys(candidates):
+            text = self._config_text(candidate)
+            if text is None:
+                continue
+            try:
+                uses_fs, rootdir = _config_rootdir(text)
+            except (yaml.YAMLError, AttributeError, RecursionError, ValueError):
+                continue
+            if not uses_fs or override:
+                continue
+            rootdir = rootdir or DEFAULT_ROOTDIR
+            if self.reaches(rootdir):
+                return f"a registry serving this root (rootdirectory {rootdir}, from config {candidate})"
+        if is_registry_serve(self.args) and not override:
+            # A process named like the registry whose configuration we cannot read: unknown.
+            config = _serve_config_arg(self.args) or env.get(CONFIG_ENV)
+            if not config:
+                return "a registry process without a config path regfsck can find"
+            if self._config_text(config) is None:
+                return f"a registry process whose config {config} cannot be read"
+        return None
+
+    def _config_text(self, candidate: str) -> str | None:
+        """The text of a file argument that may be a registry config (None when it is not)."""
+        seen = self.view(candidate)
+        try:
+            fd = os.open(seen, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM) and (
+                    candidate.endswith((".yml", ".yaml")) or is_registry_serve(self.args)):
+                self.hidden.append(f"{candidate} ({exc.strerror})")
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
+                return None
+            data = os.read(fd, MAX_CONFIG_BYTES)
         except OSError:
-            continue
-        if _under(target, prefixes):
-            return f"has {target.removesuffix(' (deleted)')} open"
+            return None
+        finally:
+            os.close(fd)
+        if b"storage" not in data or b"filesystem" not in data or b"\0" in data:
+            return None  # not a registry config storing on a filesystem (or not text)
+        return data.decode("utf-8", "replace")
+
+    def path_values(self) -> str | None:
+        """Arguments and environment values that are paths into ROOT (`rsync /srv/registry`,
+        `DATA=/srv/registry`, any REGISTRY_* path)."""
+        for arg in self.args[1:]:
+            value = arg.partition("=")[2] if arg.startswith("-") else arg
+            if value.startswith("/") and self.reaches(value):
+                return f"argument {arg}"
+        try:
+            env = self.env()
+        except _Hidden:
+            return None
+        for key, value in env.items():
+            if key in IGNORED_ENV or not value.startswith("/"):
+                continue
+            if self.reaches(value):
+                return f"environment {key}={value}"
+        return None
+
+    def describe(self) -> str:
+        if self.args:
+            shown = " ".join(self.args)
+        else:
+            try:
+                shown = _proc_read(f"{self.dir}/comm").decode("utf-8", "replace").strip()
+            except (_Gone, _Hidden):
+                shown = "?"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return f"pid {self.pid} ({shown})"
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    path = path.removesuffix(" (deleted)")
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _why_user(process: _Process, privileged: bool, owner_uid: int | None) -> str | None:
+    """Why `process` may be using ROOT, or None when it cannot be."""
+    if process.same_ns is False:
+        reason, reach = process.mounted()
+        if reason is not None:
+            return reason
+        if not reach:
+            return None  # ROOT's filesystem is not in its namespace at all
+    reason = process.open_files() or process.configured() or process.path_values()
+    if reason is not None:
+        return reason
+    if process.hidden:
+        uid = _uid(Path(process.dir))
+        if privileged or uid is None or uid == owner_uid:
+            return (f"cannot be inspected ({process.hidden[0]} is not readable); "
+                    "a process regfsck cannot see into counts as a user")
     return None
 
 
 def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
-    """Human descriptions of processes that may be using ROOT (empty when none is seen)."""
-    real_root = os.path.realpath(root.root)
-    real_v2 = os.path.realpath(root.v2)
-    prefixes = tuple(dict.fromkeys((real_root, real_v2, os.path.abspath(root.root))))
-    targets = {i for i in (_identity(str(root.root)), _identity(str(root.v2))) if i is not None}
-    ignored = _own_lineage(proc)
-    users: list[str] = []
+    """Human descriptions of processes that may be using ROOT (empty when none is seen).
+
+    Whatever its name, a process counts when its mount namespace holds ROOT (a container
+    with ROOT bind-mounted), its working or root directory or an open file is in ROOT,
+    a registry configuration among its arguments or environment stores in ROOT, or an
+    argument or environment value is a path into ROOT. Paths are compared by device and
+    inode, looked up as the process sees them. A process that cannot be inspected counts
+    too; unprivileged, regfsck can only inspect its own user's processes, so there it
+    counts those of the tree's owner (docs/invariants.md, M2)."""
+    try:
+        target = _Target.of(root, proc)
+    except OSError:
+        return []
     try:
         pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
     except OSError:
         return []
+    stats = {pid: st for pid in pids if (st := _proc_stat(proc / str(pid))) is not None}
+    ignored = _excluded(proc, stats)
+    privileged = _privileged()
+    try:
+        owner_uid: int | None = os.stat(root.v2).st_uid
+    except OSError:
+        owner_uid = None
+    users: list[str] = []
+    cache: dict[str, bool] = {}
     for pid in pids:
-        if pid in ignored:
+        if pid in ignored or pid not in stats:
             continue
-        proc_dir = proc / str(pid)
-        args = _read_args(proc_dir)
-        reason = _open_under(proc_dir, prefixes)
-        if reason is None and is_registry_serve(args):
-            reason = _registry_target(pid, args, proc_dir, targets)
-        if reason is not None:
-            users.append(f"{_describe(pid, args, proc_dir)}: {reason}")
+        try:
+            process = _Process(pid, proc, target, cache)
+            reason = _why_user(process, privileged, owner_uid)
+            if reason is not None:
+                users.append(f"{process.describe()}: {reason}")
+        except _Gone:
+            continue
+        except _Hidden as exc:
+            uid = _uid(proc / str(pid))
+            if privileged or uid is None or uid == owner_uid:
+                users.append(f"pid {pid}: cannot be inspected ({exc} is not readable); "
+                             "a process regfsck cannot see into counts as a user")
     return users
 
 
