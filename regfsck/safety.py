@@ -422,7 +422,7 @@ class _Process:
                 candidates.append(value)
         for candidate in dict.fromkeys(candidates):
             text = self._config_text(candidate)
-            if text is None:
+            if not text:
                 continue
             try:
                 uses_fs, rootdir = _config_rootdir(text)
@@ -443,7 +443,8 @@ class _Process:
         return None
 
     def _config_text(self, candidate: str) -> str | None:
-        """The text of a file argument that may be a registry config (None when it is not)."""
+        """The text of a file argument that may be a registry config storing on a filesystem:
+        "" when it is not one, None when it cannot be read."""
         seen = self.view(candidate)
         try:
             fd = os.open(seen, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
@@ -455,14 +456,14 @@ class _Process:
         try:
             st = os.fstat(fd)
             if not stat_module.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
-                return None
+                return ""
             data = os.read(fd, MAX_CONFIG_BYTES)
         except OSError:
             return None
         finally:
             os.close(fd)
         if b"storage" not in data or b"filesystem" not in data or b"\0" in data:
-            return None  # not a registry config storing on a filesystem (or not text)
+            return ""  # not a registry config storing on a filesystem (or not text)
         return data.decode("utf-8", "replace")
 
     def path_values(self) -> str | None:
