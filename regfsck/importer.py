@@ -755,36 +755,14 @@ def target_root(path: Path) -> tuple[RegistryRoot, bool]:
         return RegistryRoot(path, v2), True
 
 
-def _missing_parents(storage: FilesystemStorage, rel: str) -> list[str]:
-    """Directories (relative to the storage root) that creating `rel` will make."""
-    missing: list[str] = []
-    parts = rel.split("/")[:-1]
-    while parts and storage.lstat_raw("/".join(parts)) is None:
-        missing.append("/".join(parts))
-        parts.pop()
-    return missing
-
-
 def apply_import(root: RegistryRoot, plan: ImportPlan, source: Source, *,
                  on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
     """Write the plan through a journaled run (call under `mutation_guard`).
 
     Blobs first, then `_layers` and revision links, then tag history and `current` links.
     Any failure (a blob that no longer verifies, Ctrl-C) reverts the whole run."""
-    storage = FilesystemStorage(root.root)
-    v2_stat = os.stat(root.v2)
-    owner = (v2_stat.st_uid, v2_stat.st_gid)
-    adopt = os.geteuid() == 0 and owner != (os.geteuid(), os.getegid())
-
     def created(run: Run, rel: str, data: Any) -> None:
-        full = f"{layout.V2_PREFIX}/{rel}"
-        new_dirs = _missing_parents(storage, full) if adopt else []
-        run.create_file(rel, data)
-        if adopt:  # files of a registry running as another user stay writable by it
-            for path in [full, *new_dirs]:
-                st = storage.lstat_raw(path)
-                if st is not None:
-                    storage.set_times(path, st.st_mtime_ns, owner=owner)
+        run.create_file(rel, data)  # owner, group and modes of the neighbours (quarantine)
 
     details = {"source": plan.source, "images": [str(i) for i in plan.images],
                "blobs": len(plan.new_blobs), "links": len(plan.links)}

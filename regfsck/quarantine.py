@@ -46,6 +46,10 @@ UNDONE = "undone"  # where an undo puts the files the run had created (kept unti
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
 UNDO_BATCH = 256
+# What the registry's filesystem driver creates under the usual umask 022; new entries
+# with no sibling to copy from get these.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 OnCrash = Literal["revert", "finish"]
 # Run states kept in meta.json; the journal stays the source of truth after a crash.
@@ -592,7 +596,9 @@ class Run:
                 continue
             seq = self._next("mkdir", dir_rel)
             try:
+                uid, gid, mode = self.storage.neighbours(_parent_of(_v2(dir_rel)), directory=True)
                 self.storage.make_dir(_v2(dir_rel))
+                self.storage.adopt(_v2(dir_rel), (uid, gid), DIR_MODE if mode is None else mode)
             except BaseException:
                 self._journal.write({"ev": "failed", "seq": seq})
                 raise
@@ -603,7 +609,11 @@ class Run:
         """Create a new file atomically (temp file, fsync, rename); refuses if it exists.
 
         `data` may be bytes, a binary file or an iterable of chunks (streamed, so blobs
-        of any size need bounded memory). Returns the sha256 digest of what was written."""
+        of any size need bounded memory). Returns the sha256 digest of what was written.
+        The file, and every directory made for it, gets the owner and group of the
+        directory it lands in and the mode of its neighbours (a sibling's, else the
+        registry's 0644/0755): a registry running as the tree's owner must read what root
+        wrote, whatever root's umask."""
         target = _v2(rel)
         if self.storage.lstat_raw(target) is not None:
             raise QuarantineError(f"refusing to create {rel}: it already exists")
@@ -619,7 +629,9 @@ class Run:
                 yield chunk
 
         try:
+            uid, gid, sibling = self.storage.neighbours(_parent_of(target), directory=False)
             size = self.storage.write_new_file(_v2(tmp_rel), hashed())
+            self.storage.adopt(_v2(tmp_rel), (uid, gid), FILE_MODE if sibling is None else sibling)
             self._journal.write({"ev": "written", "seq": seq, "sha256": hasher.hexdigest(),
                                  "size": size})
             self.storage.rename_noreplace(_v2(tmp_rel), target)
@@ -636,7 +648,10 @@ class Run:
         return f"sha256:{hasher.hexdigest()}"
 
     def replace_file(self, rel: str, data: bytes | BinaryIO | Iterable[bytes]) -> str:
-        """Quarantine the existing file, then create the new one in its place."""
+        """Quarantine the existing file, then create the new one in its place.
+
+        Its mode comes from its neighbours, not from the file replaced: a damaged file's
+        mode (chmod 000) is part of the damage."""
         self.quarantine(rel)
         return self.create_file(rel, data)
 

@@ -11,6 +11,7 @@ an absolute part or NUL, and opening a FIFO or device never blocks.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -581,6 +582,55 @@ class FilesystemStorage:
             os.utime(name, ns=(st.st_atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             raise self._error(exc, "set the times of", path) from exc
+        finally:
+            os.close(dir_fd)
+
+    def neighbours(self, path: str, directory: bool) -> tuple[int, int, int | None]:
+        """(uid, gid, mode of an entry of that kind) in directory `path`: what a new entry
+        there should look like. Reads only until the first such entry (big fan-out dirs)."""
+        try:
+            fd = self._open_dir(check_relative(path))
+        except OSError as exc:
+            raise self._error(exc, "open", path) from exc
+        try:
+            st = os.fstat(fd)
+            mode = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.name.startswith(".") or entry.is_symlink():
+                        continue  # our own temp files; never a symlink's target
+                    if entry.is_dir(follow_symlinks=False) == directory and (
+                            directory or entry.is_file(follow_symlinks=False)):
+                        mode = stat_module.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                        break
+        except OSError as exc:
+            raise self._error(exc, "list", path) from exc
+        finally:
+            os.close(fd)
+        return st.st_uid, st.st_gid, mode
+
+    def adopt(self, path: str, owner: tuple[int, int], mode: int) -> None:
+        """Give a file or directory we just made `owner` and exactly `mode` (no umask).
+
+        Unprivileged, giving a file away is not permitted: it then stays ours (regfsck
+        runs as the tree's owner, or the group change alone is allowed)."""
+        dir_fd, name = self._parent(path)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat_module.S_ISLNK(st.st_mode):
+                raise StorageError(errno.ELOOP, f"cannot adopt {path}: it is a symbolic link", path)
+            if owner != (st.st_uid, st.st_gid):
+                try:
+                    os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
+                except PermissionError:
+                    if os.geteuid() == 0:
+                        raise
+                    with contextlib.suppress(PermissionError):
+                        os.chown(name, -1, owner[1], dir_fd=dir_fd, follow_symlinks=False)
+            if stat_module.S_IMODE(st.st_mode) != mode:
+                os.chmod(name, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._error(exc, "set the owner and mode of", path) from exc
         finally:
             os.close(dir_fd)
 
