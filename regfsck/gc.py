@@ -18,7 +18,8 @@ keeps every blob: what it references is unknown (`reach.unknown_parts`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -166,6 +167,7 @@ class GcPlan:
     blocked: list[Finding] = field(default_factory=list)
     empty_link_dirs: list[str] = field(default_factory=list)  # empty link and name dirs
     removal_list: list[Removal] = field(default_factory=list)
+    seen_links: frozenset[str] = frozenset()  # link paths the plan saw (see `seen_links`)
     empty_dirs: list[str] = field(default_factory=list)  # removed at the end if still empty
     per_repository: dict[str, RepoUsage] = field(default_factory=dict)
     applied: bool = False
@@ -515,6 +517,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     planner.empty_link_dirs()
     planner.empty_name_dirs()
     planner.finish()
+    planner.plan.seen_links = seen_links(inv)
     return planner.plan
 
 
@@ -542,46 +545,182 @@ def _repo_and_digest(path: str) -> tuple[str, str]:
     return repo_part.removeprefix(layout.REPOSITORIES + "/"), f"{parts[-2]}:{parts[-1]}"
 
 
+# --------------------------------------------------------------------------- revalidation
+#
+# Between the plan and each move a registry (started despite the refusal, or one regfsck
+# could not see) may push. A push writes, in order: the blob (kept as it is when the
+# bytes exist: its mtime does not change), the layer link `_layers/<alg>/<hex>/link`
+# (creating its directory), then the manifest's revision directory and the tag. Every one
+# of those creates a directory entry, so it changes the mtime of a directory regfsck can
+# stat: a repository's `_layers/<alg>` or `_manifests/revisions/<alg>`, `tags` and the
+# repository's own and its parents' directories (a new repository). The fingerprint is
+# those mtimes; it is compared before every batch of blob moves, and any difference means
+# a fresh scan and mark, in which every link or revision the plan did not see keeps what
+# it names.
+
+STABLE_TRIES = 3
+CLOCK_SLACK_NS = 50_000_000  # file times come from a coarse clock, a few ms behind
+Fingerprint = dict[str, int | None]
+
+
+def _fingerprint_paths(inv: Inventory, delete_untagged: bool) -> list[str]:
+    paths = {layout.REPOSITORIES}
+    for repo in inv.repositories.values():
+        parts = repo.path.split("/")
+        paths.update("/".join(parts[:depth]) for depth in range(2, len(parts) + 1))
+        layers = layout.join(repo.path, layout.LAYERS_DIR)
+        manifests = layout.join(repo.path, layout.MANIFESTS_DIR)
+        revisions = layout.join(manifests, layout.REVISIONS)
+        paths.update((layers, manifests, revisions, layout.join(manifests, layout.TAGS)))
+        for alg in {d.partition(":")[0] for d in (*repo.layers, *repo.revisions)} | {"sha256"}:
+            paths.update((layout.join(layers, alg), layout.join(revisions, alg)))
+        if delete_untagged:  # which tag names which manifest decides what is kept
+            for tag in repo.tags.values():
+                current = layout.join(tag.path, layout.CURRENT)
+                paths.update((tag.path, current, layout.join(current, layout.LINK)))
+    return sorted(paths)
+
+
+def _fingerprint(storage: FilesystemStorage, paths: Iterable[str]) -> Fingerprint:
+    result: Fingerprint = {}
+    for path in paths:
+        st = storage.stat(path)
+        result[path] = st.mtime_ns if st is not None else None
+    return result
+
+
+def seen_links(inv: Inventory) -> frozenset[str]:
+    """Layer and revision links the plan saw: any other one found later was written since."""
+    return frozenset(link.path for repo in inv.repositories.values()
+                     for link in (*repo.layers.values(), *repo.revisions.values()))
+
+
+def _moved_links(plan: GcPlan) -> Callable[[str], bool]:
+    """Is this link inside something the plan moves before the blob phase? Found again in
+    the blob phase, it was written again after gc moved it (or gc left it: kept anyway)."""
+    moved = {r.path for r in plan.removal_list
+             if r.phase in ("manifests", "repositories", "layer_links")}
+
+    def inside(path: str) -> bool:
+        parts = path.split("/")
+        return any("/".join(parts[:depth]) in moved for depth in range(2, len(parts)))
+    return inside
+
+
+@dataclass
+class _Fresh:
+    """One re-scan and mark, with what links and revisions the plan did not see keep."""
+
+    inv: Inventory
+    marks: Marks
+    keep: set[str]  # digests a link or revision newer than the plan names or reaches
+    paths: list[str]
+    seen: Fingerprint
+    stable: bool
+
+
+def _fresh(root: RegistryRoot, storage: FilesystemStorage, plan: GcPlan,
+           previous: Inventory | None, blob_phase: bool) -> _Fresh:
+    """Scan and mark again until no repository changed during the scan (a few tries)."""
+    delete_untagged = plan.options.delete_untagged
+    moved = _moved_links(plan) if blob_phase else (lambda path: False)
+
+    def new(path: str) -> bool:
+        return path not in plan.seen_links or moved(path)
+
+    fresh: _Fresh | None = None
+    for _ in range(STABLE_TRIES):
+        prev_paths = _fingerprint_paths(previous, delete_untagged) if previous else [layout.REPOSITORIES]
+        before = _fingerprint(storage, prev_paths)
+        started_ns = time.time_ns() - CLOCK_SLACK_NS
+        inv = Scanner(storage, root).scan()
+        store = ManifestStore(storage, inv)
+        marks = mark(inv, store, delete_untagged)
+        paths = _fingerprint_paths(inv, delete_untagged)
+        seen = _fingerprint(storage, paths)
+        stable = _fingerprint(storage, prev_paths) == before and not any(
+            mtime is not None and mtime >= started_ns for path, mtime in seen.items()
+            if path not in before)
+        keep: set[str] = set()
+        new_revisions: set[str] = set()
+        for repo in inv.repositories.values():
+            for digest, link in repo.layers.items():
+                if new(link.path):
+                    keep.add(digest)
+                    if link.target is not None:
+                        keep.add(link.target)
+            for digest, link in repo.revisions.items():
+                if new(link.path):
+                    new_revisions.add(digest)
+                    if link.target is not None:
+                        new_revisions.add(link.target)
+        keep |= reachable(store, new_revisions)
+        fresh = _Fresh(inv, marks, keep, paths, seen, stable)
+        if stable:
+            break
+        previous = inv
+    assert fresh is not None
+    return fresh
+
+
 def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
     """A `sweep.Revalidate`: before manifests, layer links and blobs move, mark again from a
-    fresh scan and refuse every victim the fresh marks keep (a push since the plan).
+    fresh scan and refuse every victim the fresh marks keep, or that a link or revision the
+    plan did not see names or reaches (a push since the plan).
 
-    One fresh mark serves the manifest and layer-link phases; the blob phase, the one
-    that frees data, gets its own, taken right before it."""
-    fresh: dict[str, tuple[Inventory, Marks]] = {}
+    One fresh mark serves the manifest and layer-link phases; the blob phase, the one that
+    frees data, gets its own, taken right before it, and before each batch of blob moves
+    the repositories' fingerprint is compared with it: any change means a new fresh mark."""
+    storage = FilesystemStorage(root.v2)
+    fresh: dict[str, _Fresh] = {}
 
-    def marks_for(phase: str) -> tuple[Inventory, Marks]:
+    def current(phase: str) -> _Fresh:
         key = "blobs" if phase == "blobs" else "links"
-        if key not in fresh:
-            fresh[key] = remark(root, plan.options.delete_untagged)
-        return fresh[key]
+        known = fresh.get(key)
+        if known is None:
+            previous = fresh["links"].inv if "links" in fresh else None
+            known = fresh[key] = _fresh(root, storage, plan, previous, key == "blobs")
+        elif key == "blobs" and _fingerprint(storage, known.paths) != known.seen:
+            known = fresh[key] = _fresh(root, storage, plan, known.inv, True)
+        return known
 
     def revalidate(phase: str, items: Sequence[Removal]) -> dict[str, str]:
         if phase not in ("manifests", "repositories", "layer_links", "blobs"):
             return {}
-        inv, marks = marks_for(phase)
+        state = current(phase)
+        inv, marks = state.inv, state.marks
         refused: dict[str, str] = {}
         why = "referenced again (kept by a fresh mark)"
+        newer = "a link or manifest written since the plan uses it"
         for item in items:
+            if not state.stable:
+                refused[item.path] = "the repositories kept changing while gc re-checked them"
+                continue
             if phase == "blobs":
-                if _digest_of_blob_dir(item.path) in marks.blobs:
+                digest = _digest_of_blob_dir(item.path)
+                if digest in marks.blobs:
                     refused[item.path] = why
+                elif digest in state.keep:
+                    refused[item.path] = newer
                 continue
             if phase == "repositories":
                 name = item.path.removeprefix(layout.REPOSITORIES + "/")
                 for part in (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR):
                     name = name.removesuffix("/" + part)
-                found = inv.repositories.get(name)
-                if found is not None and (found.tags or marks.kept_manifests.get(name)):
+                repo = inv.repositories.get(name)
+                if repo is not None and (repo.tags or marks.kept_manifests.get(name)):
                     refused[item.path] = "no longer empty (a fresh scan finds content)"
                 continue
-            repo, digest = _repo_and_digest(item.path)
-            if phase == "manifests" and digest in marks.kept_manifests.get(repo, set()):
+            repo_name, digest = _repo_and_digest(item.path)
+            if phase == "manifests" and digest in marks.kept_manifests.get(repo_name, set()):
                 refused[item.path] = why
             elif phase == "layer_links":
-                link = inv.repositories[repo].layers.get(digest) if repo in inv.repositories else None
+                link = (inv.repositories[repo_name].layers.get(digest)
+                        if repo_name in inv.repositories else None)
                 if link is not None and link.target in marks.blobs:
                     refused[item.path] = why
+                elif link is not None and link.target in state.keep:
+                    refused[item.path] = newer
         return refused
     return revalidate
 

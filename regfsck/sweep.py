@@ -3,15 +3,17 @@
 The plan was judged from a scan; between the scan and each move the tree could still
 change, so every victim is re-checked just before its move: it must still exist with the
 mtimes the plan saw (a push in flight would change them) and be older than the grace.
-Before each phase the caller may revalidate its judgement (gc re-marks from a fresh scan
-of the repositories before moving any blob), and /proc is looked at again for a registry
-that was started meanwhile. Moves are batched: one journal fsync per batch, every intent
-on disk before its move.
+Before each phase and each batch the caller may revalidate its judgement (gc re-marks
+from a fresh scan before moving any blob, and before each batch compares the repositories
+with that scan), and /proc is looked at again for a registry started meanwhile. Moves are
+batched: one journal fsync per batch, every intent on disk before its move.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,13 +22,16 @@ from typing import Any
 from regfsck.layout import V2_PREFIX
 from regfsck.quarantine import Run
 from regfsck.root import RegistryRoot
-from regfsck.safety import check_unused
+from regfsck.safety import SafetyError, check_unused
 from regfsck.storage import FilesystemStorage
 
 # Order of the sweep: what refers to other things goes first, so a crash at any point
 # leaves no link pointing at something already moved away that the link still needs.
 PHASES = ("tags", "manifests", "repositories", "layer_links", "blobs", "uploads")
 BATCH = 256
+USERS_EVERY_S = 1.0  # between batches, /proc is looked at again at least this often
+PAUSE_ENV = "REGFSCK_TEST_PAUSE_DIR"
+PAUSE_LIMIT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,22 @@ def recheck(storage: FilesystemStorage, removal: Removal, cutoff_ns: int) -> str
     return None
 
 
+def _pause(point: str) -> None:
+    """Test hook: with REGFSCK_TEST_PAUSE_DIR set and a file `<point>.pause` in it, announce
+    `point` (a file `<point>.reached`) and wait for `<point>.go`, so a test can act on the
+    tree (start a registry, push) at an exact moment of a run in another process. Unset,
+    it costs one environment lookup."""
+    where = os.environ.get(PAUSE_ENV)
+    if not where or not os.path.exists(os.path.join(where, f"{point}.pause")):
+        return
+    with open(os.path.join(where, f"{point}.reached"), "w", encoding="ascii"):
+        pass
+    go = os.path.join(where, f"{point}.go")
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: Sequence[Removal],
           empty_dirs: Sequence[str], *, grace: timedelta,
           revalidate: Revalidate | None = None, stop: threading.Event | None = None,
@@ -77,27 +98,52 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
     """Quarantine `removals` phase by phase in one run, then the directories left empty.
 
     Call under `safety.mutation_guard`. A stop request (Ctrl-C) ends the run cleanly
-    between batches; everything moved so far stays undoable."""
+    between batches; everything moved so far stays undoable. Anything that starts using
+    ROOT meanwhile (seen at each phase, between batches at least every USERS_EVERY_S and
+    before the run ends) stops the run: SafetyError, with what was moved kept in the
+    journaled run. `revalidate` is asked once per phase with all its items and again
+    before each batch with the batch: gc compares the repositories with its fresh mark
+    and keeps whatever a push since then may use."""
     result = SweepResult()
     if not removals and not empty_dirs:
         return result
     storage = FilesystemStorage(root.v2)
     with Run.begin(root, command, details, on_crash="finish") as run:
         result.run_id = run.run_id
+        last_check = 0.0
+
+        def users_check() -> None:
+            nonlocal last_check
+            try:
+                check_unused(root)
+            except SafetyError as exc:
+                raise SafetyError(
+                    f"stopped after {len(result.moved)} of {len(removals)} moves: {exc}. What was "
+                    f"moved is kept in run {run.run_id} (see `regfsck runs`; revert it with "
+                    f"`regfsck undo {root.root} {run.run_id}` once nothing uses the tree)") from exc
+            last_check = time.monotonic()
+
         for phase in PHASES:
             items = [r for r in removals if r.phase == phase]
             if not items:
                 continue
             if stop is not None and stop.is_set():
                 break
-            check_unused(root)
+            _pause(phase)
+            users_check()
             refused = revalidate(phase, items) if revalidate is not None else {}
-            for start in range(0, len(items), BATCH):
+            for number, start in enumerate(range(0, len(items), BATCH)):
                 if stop is not None and stop.is_set():
                     break
+                chunk = items[start:start + BATCH]
+                _pause(f"{phase}.{number}")
+                if time.monotonic() - last_check >= USERS_EVERY_S:
+                    users_check()
+                if revalidate is not None:
+                    refused.update(revalidate(phase, chunk))
                 cutoff_ns = int((now() - grace).timestamp() * 1_000_000_000)
                 batch: list[str] = []
-                for item in items[start:start + BATCH]:
+                for item in chunk:
                     why = refused.get(item.path) or recheck(storage, item, cutoff_ns)
                     if why is None:
                         batch.append(item.path)
@@ -106,8 +152,10 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
                 run.quarantine_batch(batch)
                 result.moved.extend(batch)
                 if on_progress is not None:
-                    on_progress(len(items[start:start + BATCH]))
+                    on_progress(len(chunk))
         result.interrupted = stop is not None and stop.is_set()
+        _pause("end")
+        users_check()
         if not result.interrupted:
             result.dirs_removed = run.remove_empty_dirs(empty_dirs)
         note = None
