@@ -145,6 +145,7 @@ class _Target:
     dev: tuple[int, int]  # ROOT's device (major, minor)
     fs_path: str | None  # ROOT's path inside its filesystem (a bind mount of it shows this)
     mnt_ns: str | None  # our mount namespace
+    own_mounts: frozenset[tuple[str, str]]  # (root, point) of our mounts of ROOT's device
 
     @classmethod
     def of(cls, root: RegistryRoot, proc: Path) -> _Target:
@@ -158,9 +159,12 @@ class _Target:
         st = os.stat(root.root)
         dev = (os.major(st.st_dev), os.minor(st.st_dev))
         fs_path = None
+        own: set[tuple[str, str]] = set()
         with contextlib.suppress(_Gone, _Hidden):
             best: _Mount | None = None
             for mount in _mounts(_proc_read(proc / "self/mountinfo").decode("utf-8", "replace")):
+                if mount.dev == dev:
+                    own.add((mount.root, mount.point))
                 if mount.dev == dev and _inside(real_root, mount.point) and (
                         best is None or len(mount.point) >= len(best.point)):
                     best = mount
@@ -170,7 +174,7 @@ class _Target:
         mnt_ns = None
         with contextlib.suppress(_Gone, _Hidden):
             mnt_ns = _proc_link(proc / "self/ns/mnt")
-        return cls(identities, prefixes, dev, fs_path, mnt_ns)
+        return cls(identities, prefixes, dev, fs_path, mnt_ns, frozenset(own))
 
 
 def _privileged() -> bool:
@@ -360,9 +364,11 @@ class _Process:
     def mounted(self) -> tuple[str | None, bool]:
         """(why its mounts hold ROOT, whether it can reach ROOT's filesystem at all).
 
-        Only asked for a process in another mount namespace (a container): a bind mount of
-        ROOT or of anything inside it is use; a namespace without ROOT's filesystem cannot
-        reach ROOT by any path."""
+        Only asked for a process in another mount namespace (a container, a service with
+        private mounts): a mount of ROOT or of anything inside it is use, unless it is the
+        very mount we have (same root, same place: inherited, as by systemd's PrivateTmp
+        services; what such a process does there is judged like any process of ours). A
+        namespace without ROOT's filesystem cannot reach ROOT by any path."""
         if self.target.fs_path is None:
             return None, True
         text = _proc_read(f"{self.dir}/mountinfo").decode("utf-8", "replace")
@@ -370,9 +376,10 @@ class _Process:
         for mount in _mounts(text):
             if mount.dev != self.target.dev:
                 continue
-            if _inside(mount.root, self.target.fs_path):
+            inherited = (mount.root, mount.point) in self.target.own_mounts
+            if _inside(mount.root, self.target.fs_path) and not inherited:
                 return f"its mount namespace has ROOT mounted at {mount.point}", True
-            if _inside(self.target.fs_path, mount.root):
+            if _inside(self.target.fs_path, mount.root) or _inside(mount.root, self.target.fs_path):
                 reach = True
         return None, reach
 

@@ -262,3 +262,26 @@ def test_unprivileged_run_on_an_ordinary_machine_is_not_refused(tmp_path: Path) 
         assert result.stdout.strip() == "[]"
     finally:
         shutil.rmtree(base)
+
+
+def test_inherited_mount_of_a_dedicated_filesystem_is_not_use(sample_root: Path, tmp_path: Path) -> None:
+    """ROOT on a filesystem of its own (here: a bind mount of itself), and a process with a
+    private mount namespace that merely inherited that mount at the same place (systemd's
+    PrivateTmp services): not a user, unless it works in ROOT like any process would."""
+    prefix = unshare_prefix(tmp_path, tmp_path)  # skips without root or unshare
+    subprocess.run(["mount", "--bind", str(sample_root), str(sample_root)], check=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        private = ["unshare", "-m", "--propagation", "private"]
+        procs.append(subprocess.Popen([*private, *SLEEPER], cwd=tmp_path))
+        procs.append(subprocess.Popen([*private, *SLEEPER, "inside"], cwd=sample_root / "docker"))
+        time.sleep(0.5)
+        users = registry_users(locate(sample_root))
+        assert not [u for u in users if f"pid {procs[0].pid} " in u], users
+        assert [u for u in users if f"pid {procs[1].pid} " in u and "working directory" in u], users
+        assert prefix
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        subprocess.run(["umount", str(sample_root)], check=True)
