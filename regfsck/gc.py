@@ -564,20 +564,26 @@ Fingerprint = dict[str, int | None]
 
 
 def _fingerprint_paths(inv: Inventory, delete_untagged: bool) -> list[str]:
+    """The directories a push must change: per repository its own directory (and those of
+    its namespace: a new repository), and each `_layers/<alg>` and `_manifests/revisions/<alg>`
+    (their parents too where it has no sha256 one yet: a push always writes the sha256
+    link, whatever other digest it also links)."""
     paths = {layout.REPOSITORIES}
     for repo in inv.repositories.values():
         parts = repo.path.split("/")
         paths.update("/".join(parts[:depth]) for depth in range(2, len(parts) + 1))
         layers = layout.join(repo.path, layout.LAYERS_DIR)
-        manifests = layout.join(repo.path, layout.MANIFESTS_DIR)
-        revisions = layout.join(manifests, layout.REVISIONS)
-        paths.update((layers, manifests, revisions, layout.join(manifests, layout.TAGS)))
-        for alg in {d.partition(":")[0] for d in (*repo.layers, *repo.revisions)} | {"sha256"}:
-            paths.update((layout.join(layers, alg), layout.join(revisions, alg)))
+        revisions = layout.join(repo.path, layout.MANIFESTS_DIR, layout.REVISIONS)
+        for parent, digests in ((layers, repo.layers), (revisions, repo.revisions)):
+            algs = {d.partition(":")[0] for d in digests}
+            if "sha256" not in algs:  # the registry links every blob by its sha256 too
+                paths.add(parent)
+            paths.update(layout.join(parent, alg) for alg in algs | {"sha256"})
         if delete_untagged:  # which tag names which manifest decides what is kept
+            paths.add(layout.join(repo.path, layout.MANIFESTS_DIR, layout.TAGS))
             for tag in repo.tags.values():
                 current = layout.join(tag.path, layout.CURRENT)
-                paths.update((tag.path, current, layout.join(current, layout.LINK)))
+                paths.update((current, layout.join(current, layout.LINK)))
     return sorted(paths)
 
 

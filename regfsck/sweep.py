@@ -154,9 +154,9 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
                 if on_progress is not None:
                     on_progress(len(chunk))
         result.interrupted = stop is not None and stop.is_set()
-        _pause("end")
-        users_check()
         if not result.interrupted:
+            _pause("end")
+            users_check()
             result.dirs_removed = run.remove_empty_dirs(empty_dirs)
         note = None
         if result.interrupted:
