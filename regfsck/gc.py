@@ -587,7 +587,7 @@ def _fingerprint_paths(inv: Inventory, delete_untagged: bool) -> list[str]:
     return sorted(paths)
 
 
-def _fingerprint(storage: FilesystemStorage, paths: Iterable[str]) -> Fingerprint:
+def _fingerprint(storage: Storage, paths: Iterable[str]) -> Fingerprint:
     result: Fingerprint = {}
     for path in paths:
         st = storage.stat(path)
@@ -625,7 +625,7 @@ class _Fresh:
     stable: bool
 
 
-def _fresh(root: RegistryRoot, storage: FilesystemStorage, plan: GcPlan,
+def _fresh(root: RegistryRoot, storage: Storage, plan: GcPlan,
            previous: Inventory | None, blob_phase: bool) -> _Fresh:
     """Scan and mark again until no repository changed during the scan (a few tries)."""
     delete_untagged = plan.options.delete_untagged
@@ -677,7 +677,7 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
     One fresh mark serves the manifest and layer-link phases; the blob phase, the one that
     frees data, gets its own, taken right before it, and before each batch of blob moves
     the repositories' fingerprint is compared with it: any change means a new fresh mark."""
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root)
     fresh: dict[str, _Fresh] = {}
 
     def current(phase: str) -> _Fresh:
