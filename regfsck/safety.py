@@ -240,7 +240,9 @@ def _cmdline(proc_dir: Path) -> bytes | None:
 
 
 def _uid(proc_dir: Path) -> int | None:
-    with contextlib.suppress(_Gone, _Hidden, ValueError, IndexError):
+    """The effective uid; None when unknown. _Gone when the process has exited: a process
+    that ends while we look at it uses nothing."""
+    with contextlib.suppress(_Hidden, ValueError, IndexError):
         for line in _proc_read(proc_dir / "status").decode("ascii", "replace").splitlines():
             if line.startswith("Uid:"):
                 return int(line.split()[2])  # effective
@@ -521,6 +523,9 @@ def _why_user(process: _Process, privileged: bool, owner_uid: int | None) -> str
     if reason is not None:
         return reason
     if process.hidden:
+        now = _proc_stat(Path(process.dir))
+        if now is None or now.state in ("Z", "X"):
+            raise _Gone  # it ended while we looked: what failed to read was its exit
         uid = _uid(Path(process.dir))
         if privileged or uid is None or uid == owner_uid:
             return (f"cannot be inspected ({process.hidden[0]} is not readable); "
@@ -566,7 +571,10 @@ def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
         except _Gone:
             continue
         except _Hidden as exc:
-            uid = _uid(proc / str(pid))
+            try:
+                uid = _uid(proc / str(pid))
+            except _Gone:
+                continue
             if privileged or uid is None or uid == owner_uid:
                 users.append(f"pid {pid}: cannot be inspected ({exc} is not readable); "
                              "a process regfsck cannot see into counts as a user")
