@@ -146,7 +146,7 @@ def test_unreadable_registry_config_counts_as_a_user(root: RegistryRoot, spawn: 
                                                      tmp_path: Path) -> None:
     proc = fake_registry(spawn, ["serve", str(tmp_path / "missing.yml")], realtools.clean_env(), tmp_path)
     wait_for(lambda: mine(registry_users(root), proc))
-    assert "cannot be read" in mine(registry_users(root), proc)[0]
+    assert "missing.yml is not readable" in mine(registry_users(root), proc)[0]
 
 
 @pytest.mark.realtools
