@@ -39,6 +39,8 @@ MAX_REPORTED = 10
 MAX_DEPTH = 64  # path components walked up when asking whether a path lies in ROOT
 PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread (never opens ROOT for a user)
 CAP_SYS_PTRACE = 19
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
 # Environment values that say where a process was started, not what it uses (its cwd is checked).
 IGNORED_ENV = frozenset({"PWD", "OLDPWD", "_"})
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -178,17 +180,19 @@ class _Target:
 
 
 def _privileged() -> bool:
-    """May we look into every process? (root, or CAP_SYS_PTRACE)"""
-    if os.geteuid() == 0:
-        return True
+    """May we look into every process? That takes CAP_SYS_PTRACE (other credentials) and a
+    DAC capability (another user's /proc/PID/fd is mode 0500): root normally; not root
+    run without the DAC capabilities, which then sees only its own uid's processes."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
             for line in handle:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
-    except (OSError, ValueError):
+                    caps = int(line.split()[1], 16)
+                    dac = caps >> CAP_DAC_OVERRIDE & 1 or caps >> CAP_DAC_READ_SEARCH & 1
+                    return bool(caps >> CAP_SYS_PTRACE & 1 and dac)
+    except (OSError, ValueError, IndexError):
         pass
-    return False
+    return os.geteuid() == 0
 
 
 @dataclass(slots=True)
