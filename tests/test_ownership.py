@@ -14,6 +14,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def strangers(root: Path) -> list[str]:
 
 
 def serve_as_registry_user(root: Path, tmp_path: Path) -> Served:
-    config_dir = tmp_path / "config"
+    config_dir = root.parent / "config"  # where the registry's user can read it
     config_dir.mkdir(mode=0o755)
     port = realtools.free_port()
     config = realtools.write_registry_config(config_dir / "config.yml", root, port=port)
@@ -70,17 +72,20 @@ def pull(served: Served, refs: list[str], dest: Path) -> None:
 
 
 @pytest.fixture
-def owned_root(sample_root: Path, tmp_path: Path) -> Path:
+def owned_root(sample_root: Path) -> Iterator[Path]:
+    """A copy of the sample tree owned by the registry's user, in a directory that user can
+    reach (pytest's own temp directories are root's 0700, and pytest re-tightens them)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv(1) to play root writing into a registry user's tree")
-    # The registry's user needs a way in: the test's temp directories are root's 0700.
-    for parent in [sample_root.parent, *sample_root.parents]:
-        if parent == Path("/") or parent == Path(tmp_path.anchor):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o005)
-    chown_tree(sample_root, UID, GID)
-    assert strangers(sample_root) == []
-    return sample_root
+    base = Path(tempfile.mkdtemp(prefix="regfsck-owned-"))
+    try:
+        os.chmod(base, 0o755)
+        root = shutil.copytree(sample_root, base / "root", symlinks=True)
+        chown_tree(root, UID, GID)
+        assert strangers(root) == []
+        yield root
+    finally:
+        shutil.rmtree(base)
 
 
 def test_repair_as_root_writes_files_the_registry_user_can_read(
