@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import yaml
-
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
 
@@ -131,6 +129,8 @@ def is_registry_serve(args: list[str]) -> bool:
 
 def _config_rootdir(text: str) -> tuple[bool, str | None]:
     """(uses the filesystem driver, its rootdirectory) from a registry config's text."""
+    import yaml
+
     config = yaml.safe_load(text)
     storage = config.get("storage") if isinstance(config, dict) else None
     if not isinstance(storage, dict):
@@ -161,6 +161,8 @@ def _registry_target(pid: int, args: list[str], proc_dir: Path,
             return "a registry process without a config path regfsck can find"
         base = proc_dir / ("root" if config.startswith("/") else "cwd")
         config_path = f"{base}/{config.lstrip('/')}"
+        import yaml  # only when a registry process is found: not at start-up
+
         try:
             with open(config_path, "rb") as handle:
                 text = handle.read(MAX_CONFIG_BYTES).decode("utf-8", "replace")
