@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from regfsck import layout
+from tests import realtools
 from tests.hostile import unprivileged_prefix
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +105,26 @@ def test_blob_findings_name_every_tag_that_needs_the_blob(fixture_root: Path) ->
     [mismatch] = [f for f in json.loads(done.stdout)["findings"]
                   if f["kind"] == "blob_digest_mismatch"]
     assert set(mismatch["affected_tags"]) == expected
+
+
+@pytest.mark.realtools
+def test_affected_tags_are_exactly_the_tags_the_real_registry_cannot_serve(
+        fixture_root: Path, running_registry: type[realtools.RealRegistry], tmp_path: Path) -> None:
+    """The seed symptom: clients fail to pull. Every tag skopeo cannot copy (all platforms)
+    from the real registry serving the damaged tree is in affected_tags, and no other."""
+    corrupt(fixture_root, BASE)
+    [mismatch] = [f for f in json.loads(cli("verify", str(fixture_root), "--json").stdout)["findings"]
+                  if f["kind"] == "blob_digest_mismatch"]
+    failing = set()
+    with running_registry(fixture_root) as registry:
+        for repo, tags in META["api"]["tags"].items():
+            for tag in tags:
+                try:
+                    realtools.skopeo_copy(f"docker://{registry.host}/{repo}:{tag}",
+                                          f"oci:{tmp_path / 'out'}:{len(failing)}", "--all")
+                except realtools.RealToolError:
+                    failing.add(f"{repo}:{tag}")
+    assert failing and set(mismatch["affected_tags"]) == failing
 
 
 def test_size_mismatch_names_every_tag(fixture_root: Path) -> None:
