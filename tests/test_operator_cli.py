@@ -195,10 +195,10 @@ def test_rm_leaving_untagged_manifests_points_at_delete_untagged(fixture_root: P
 
 
 def test_gc_suggests_purging_its_own_run_only(fixture_root: Path) -> None:
-    first = json.loads(cli("rm", str(fixture_root), "a/b", "--apply", "--json").stdout)["run_id"]
-    done = cli("gc", str(fixture_root), "--grace", "0", "--apply")
+    done = cli("gc", str(fixture_root), "--grace", "0", "--apply")  # the stale upload goes
     assert done.returncode == 0, done.stderr
     run_id = json.loads(cli("runs", str(fixture_root), "--json").stdout)["runs"][-1]["run_id"]
+    other = json.loads(cli("rm", str(fixture_root), "a/b:latest", "--apply", "--json").stdout)["run_id"]
     assert "Reclaimed" not in done.stdout and "Moved to quarantine:" in done.stdout
     assert f"freed once purged: regfsck purge {fixture_root} {run_id} --apply" in done.stdout
     assert "--older-than 0" not in done.stdout + done.stderr
@@ -206,7 +206,7 @@ def test_gc_suggests_purging_its_own_run_only(fixture_root: Path) -> None:
     purged = cli("purge", str(fixture_root), run_id, "--apply")
     assert purged.returncode == 0 and "Deleted 1 run:" in purged.stdout
     left = [r["run_id"] for r in json.loads(cli("runs", str(fixture_root), "--json").stdout)["runs"]]
-    assert left == [first]
+    assert left == [other]
     unknown = cli("purge", str(fixture_root), "20000101T000000.000000Z-abcdef", "--apply")
     assert unknown.returncode == 3 and "no run" in unknown.stderr
 
