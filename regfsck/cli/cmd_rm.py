@@ -39,7 +39,7 @@ ARGS = typer.Argument(..., metavar="ROOT REF...", show_default=False,
 def _looks_like_ref(value: str) -> bool:
     """`app/web:stable` or `app@sha256:...` given where ROOT belongs (and no such directory)."""
     return (":" in value or "@" in value) and not value.startswith(("/", ".")) \
-        and not os.path.exists(value)
+        and "://" not in value and not os.path.exists(value)
 
 
 @command()
