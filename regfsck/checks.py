@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from regfsck import layout
-from regfsck.digest import EMPTY_SHA256
+from regfsck.digest import EMPTY_SHA256, quote_bytes
 from regfsck.findings import Finding, make_finding
 from regfsck.graph import ManifestStore, Unloadable, find_cycle, walk
 from regfsck.inventory import Inventory, Link, Repository
@@ -170,7 +170,7 @@ class TreeChecker:
                       expected: str | None = None) -> bool:
         """Report invalid or mismatching link content; True when the link is usable."""
         if link.target is None:
-            shown = f" (content {link.raw[:80]!r})" if link.raw is not None else ""
+            shown = f" (content {quote_bytes(link.raw[:80])})" if link.raw is not None else ""
             self.out.add(make_finding("link_invalid", link.path, f"{link.error}{shown}",
                                       repo=repo, tag=tag, digest=expected))
             return False

@@ -8,6 +8,7 @@ kept so findings can say what was found instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 HEX_LENGTHS: dict[str, int] = {"sha256": 64, "sha384": 96, "sha512": 128}
@@ -69,9 +70,9 @@ def parse_link_content(raw: bytes) -> Digest:
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError as exc:
-        raise DigestError(f"non-ASCII bytes in link file: {raw[:80]!r}") from exc
+        raise DigestError(f"non-ASCII bytes in link file: {quote_bytes(raw[:80])}") from exc
     if text != text.strip():
-        raise DigestError(f"whitespace around digest: {raw[:80]!r}")
+        raise DigestError(f"whitespace around digest: {quote_bytes(raw[:80])}")
     return parse_digest(text)
 
 
@@ -82,3 +83,41 @@ def describe_bad_link(raw: bytes) -> str:
     except DigestError as exc:
         return str(exc)
     return "valid"
+
+
+_PREFIX_RE = re.compile(r"(?:(sha256|sha384|sha512):)?([a-f0-9]{4,128})")
+MIN_PREFIX = 4  # as git: at least 4 hex digits
+
+
+def is_digest_prefix(text: str) -> bool:
+    """`sha256:6d7e7209` or `6d7e7209`: at least 4 lowercase hex digits, as git takes them."""
+    return _PREFIX_RE.fullmatch(text) is not None
+
+
+def expand_digest(text: str, candidates: Iterable[str], what: str = "digest") -> str:
+    """The one digest of `candidates` that `text` (a full digest, `sha256:6d7e7209` or
+    `6d7e7209`) names; DigestError (one line) when none or several match."""
+    if is_digest(text):
+        return text
+    match = _PREFIX_RE.fullmatch(text)
+    if match is None:
+        raise DigestError(f"not a digest or a digest prefix (4+ lowercase hex digits): {text[:80]!r}")
+    prefix = f"{match.group(1) or 'sha256'}:{match.group(2)}"
+    found = sorted({c for c in candidates if c.startswith(prefix)})
+    if not found:
+        raise DigestError(f"no {what} starts with {text}")
+    if len(found) > 1:
+        shown = ", ".join(f[:len(prefix) + 4] + "..." for f in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise DigestError(f"{text} is ambiguous: {len(found)} {what}s start with it ({shown}{more}); "
+                          "give more digits")
+    return found[0]
+
+
+def quote_bytes(raw: bytes) -> str:
+    """Bytes for a message: `"sha256:ab\\n"`, not Python's `b'sha256:ab\\n'`."""
+    text = raw.decode("utf-8", "backslashreplace")
+    escaped = "".join(
+        {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"'}.get(c, c) if c in '\n\r\t"'
+        else (c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}") for c in text)
+    return f'"{escaped}"'

@@ -37,7 +37,6 @@ CATALOG: dict[str, KindInfo] = {
     "blob_wrong_fanout": KindInfo(E, "blob stored under the wrong two-character fan-out dir"),
     "blob_bad_name": KindInfo(E, "blob path component is not a valid algorithm/hex name"),
     "blob_unreadable": KindInfo(E, "blob data could not be read"),
-    "blob_unreferenced": KindInfo(N, "blob no manifest references (gc candidate)"),
     # links
     "link_invalid": KindInfo(E, "link content is not exactly a digest (empty, newline, junk)"),
     "link_mismatch": KindInfo(E, "revision or tag-index link content differs from its path"),
@@ -91,9 +90,25 @@ CATALOG: dict[str, KindInfo] = {
 }
 
 
+# Findings about a blob's bytes or existence: their `affected_tags` name every tag, in every
+# repository, whose image needs the blob (a layer shared by ten images breaks all ten).
+BLOB_KINDS = frozenset({
+    "blob_digest_mismatch", "blob_empty", "blob_size_mismatch", "blob_missing_data",
+    "blob_data_not_file", "blob_wrong_fanout", "blob_unreadable", "reference_missing",
+    "revision_blob_missing", "tag_blob_missing", "layer_link_dangling", "revision_not_manifest",
+    "manifest_invalid_json", "manifest_unknown_type", "manifest_too_large", "manifest_too_deep",
+    "layer_diff_id_mismatch", "layer_not_tar", "layer_decompress_error",
+    "config_diff_ids_invalid",
+})
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One thing verify found; `path` is relative to ROOT with POSIX separators."""
+    """One thing verify found; `path` is relative to ROOT with POSIX separators.
+
+    `affected_tags` are `repo:tag` names: for a finding about a blob (`BLOB_KINDS`) every
+    tag of every repository whose image needs that blob; for others the tags of the
+    finding's repository that the problem makes unpullable."""
 
     kind: str
     severity: Severity
@@ -127,6 +142,8 @@ def make_finding(kind: str, path: str, message: str, *, severity: Severity | Non
                  affected_tags: tuple[str, ...] = ()) -> Finding:
     """Build a finding with its catalogue severity and printable names.
 
+    `affected_tags` may be bare tag names of `repo`: they are stored as `repo:tag`.
+
     `path` is relative to the `v2` directory (as everywhere inside regfsck); findings
     report it relative to the storage root, as an operator would look it up."""
     info = CATALOG[kind]
@@ -138,7 +155,8 @@ def make_finding(kind: str, path: str, message: str, *, severity: Severity | Non
         repo=safe_text(repo) if repo is not None else None,
         tag=safe_text(tag) if tag is not None else None,
         digest=digest,
-        affected_tags=tuple(safe_text(t) for t in affected_tags),
+        affected_tags=tuple(safe_text(f"{repo}:{t}" if repo is not None and ":" not in t else t)
+                            for t in affected_tags),
     )
 
 

@@ -169,3 +169,24 @@ def find_cycle(store: ManifestStore, start: str, done: set[str] | None = None) -
         stack.append((digest, True))
         stack.extend((child.digest, False) for child in manifest.children)
     return None
+
+
+def tag_users(inventory: Inventory, store: ManifestStore, wanted: Iterable[str]) -> dict[str, set[str]]:
+    """For each digest of `wanted`, every `repo:tag` whose image needs it (through index
+    children too), in every repository: the answer a finding about a blob gives to "what
+    breaks?" and the list of images to push again. Each tag's image is walked once (tags
+    sharing a target share the walk)."""
+    targets = set(wanted)
+    users: dict[str, set[str]] = {digest: set() for digest in targets}
+    if not targets:
+        return users
+    hits_of: dict[str, set[str]] = {}
+    for name, repo in inventory.repositories.items():
+        for tag, target in repo.tag_targets().items():
+            hits = hits_of.get(target)
+            if hits is None:
+                hits = {digest for digest, _, _ in walk(store, [target]) if digest in targets}
+                hits_of[target] = hits
+            for digest in hits:
+                users[digest].add(f"{name}:{tag}")
+    return users

@@ -34,7 +34,7 @@ import zstandard
 
 from regfsck import layout
 from regfsck.deep import LayerFormatError, ZstdFrameChecker
-from regfsck.digest import DigestError, parse_digest
+from regfsck.digest import DigestError, parse_digest, quote_bytes
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.names import is_valid_tag, repo_name_problem
@@ -157,7 +157,8 @@ class DirectorySource(Source):
         except (ValueError, RecursionError, AttributeError):
             version = None
         if not isinstance(version, str) or not version.startswith("1."):
-            raise ImportFailed(f"unsupported oci-layout {raw[:80]!r} (expected imageLayoutVersion 1.x)")
+            raise ImportFailed(f"unsupported oci-layout {quote_bytes(raw[:80])} "
+                               "(expected imageLayoutVersion 1.x)")
 
     def _path(self, digest: str) -> str:
         return "/".join(("blobs", *layout.split_digest(digest)))
@@ -804,6 +805,29 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
         if plan.is_empty:
             plan.applied = True
             return plan
+        check_free_space(root.root, plan.bytes_to_write)
         if fresh:
             os.makedirs(root.v2, exist_ok=True)
         return apply_import(root, plan, source, on_bytes=on_bytes, stop=stop)
+
+
+# Room kept beyond the blobs themselves: links, the journal and the run's metadata.
+FREE_SPACE_MARGIN = 16 * 1024 * 1024
+
+
+def check_free_space(root: Path, needed: int, *, margin: int = FREE_SPACE_MARGIN) -> None:
+    """Refuse before writing anything when the file system holding ROOT cannot take the
+    blobs: a disk filled half way through an import fills it for the registry too."""
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return  # no figure to judge by; the writes themselves report ENOSPC
+    free = st.f_bavail * st.f_frsize
+    if free < needed + margin:
+        raise ImportFailed(
+            f"not enough free space on the file system holding {root}: the import writes "
+            f"{needed} bytes (+{margin // (1024 * 1024)} MiB for links and the journal), "
+            f"{free} bytes are free; nothing was written", "io")

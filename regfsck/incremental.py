@@ -23,9 +23,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from regfsck.inventory import Blob
-from regfsck.record import RecordEntry
+
+if TYPE_CHECKING:
+    from regfsck.record import RecordEntry
 
 DEFAULT_MAX_AGE = timedelta(days=30)
 NEVER = float("-inf")

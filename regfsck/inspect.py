@@ -14,6 +14,7 @@ import gzip
 import json
 import threading
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -22,7 +23,14 @@ import zstandard
 
 from regfsck import layout, refs
 from regfsck.checks import TreeChecker, linked_layers
-from regfsck.digest import EMPTY_SHA256, DigestError, parse_digest
+from regfsck.digest import (
+    EMPTY_SHA256,
+    DigestError,
+    expand_digest,
+    is_digest,
+    is_digest_prefix,
+    parse_digest,
+)
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.hashing import verify_blobs
@@ -69,14 +77,17 @@ def parse_ref(text: str) -> ImageRef:
         return ImageRef(None, None, text)
     except DigestError:
         pass
+    if text.startswith(("sha256:", "sha384:", "sha512:")) and is_digest_prefix(text):
+        return ImageRef(None, None, text)  # a short bare digest
     repo, tag, digest = split_ref(text)
     if digest is not None:
         if tag is not None:
             raise RefError(f"{text!r}: give a tag or a digest, not both")
-        try:
-            parse_digest(digest)
-        except DigestError as exc:
-            raise RefError(f"bad digest in {text!r}: {exc}") from exc
+        if not is_digest_prefix(digest):
+            try:
+                parse_digest(digest)
+            except DigestError as exc:
+                raise RefError(f"bad digest in {text!r}: {exc}") from exc
         return ImageRef(repo or None, None, digest)
     return ImageRef(repo, tag or "latest")
 
@@ -313,8 +324,27 @@ class Inspector:
             self._graph = ReferenceGraph(self.inv, self.store)
         return self._graph
 
+    def _expand(self, ref: ImageRef) -> ImageRef:
+        """A short digest (`repo@6d7e7209`, `sha256:6d7e7209`) made whole, or RefError."""
+        assert ref.digest is not None
+        if ref.repo is not None:
+            repo = self.inv.repositories.get(ref.repo)
+            if repo is None:
+                raise RefError(f"no such repository: {ref.repo}")
+            candidates: Iterable[str] = repo.revisions
+            what = f"manifest of {ref.repo}"
+        else:
+            candidates = set(self.graph.holders) | set(self.inv.blobs)
+            what = "manifest or blob"
+        try:
+            return ImageRef(ref.repo, None, expand_digest(ref.digest, candidates, what))
+        except DigestError as exc:
+            raise RefError(str(exc)) from exc
+
     def resolve(self, ref: ImageRef) -> tuple[str | None, str]:
         """(repository, manifest digest) the REF names; RefError says what is there instead."""
+        if ref.digest is not None and not is_digest(ref.digest):
+            ref = self._expand(ref)
         if ref.repo is None:
             assert ref.digest is not None
             holders = sorted(self.graph.holders.get(ref.digest, ()))

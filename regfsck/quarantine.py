@@ -27,7 +27,7 @@ import re
 import secrets
 import socket
 import stat as stat_module
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -456,6 +456,11 @@ class Run:
                     "pid": os.getpid(), "host": socket.gethostname()}
             _write_meta(storage, files, meta)
         except StorageError as exc:
+            # A full disk fails here: leave no empty run behind (`runs` would list it as
+            # "? unknown 0 changes" for ever).
+            with contextlib.suppress(StorageError):
+                if storage.stat(files.dir) is not None:
+                    storage.remove_tree(files.dir)
             raise QuarantineError(f"cannot start a run in {root.root / QUARANTINE_DIR}: {exc}") from exc
         run = cls(root, files, meta)
         try:
@@ -1339,17 +1344,28 @@ def _needed_runs(root: RegistryRoot, storage: FilesystemStorage) -> dict[str, se
 
 
 def purge(root: RegistryRoot, older_than: timedelta, *, dry_run: bool = False,
-          now: datetime | None = None, force: bool = False) -> PurgeResult:
+          now: datetime | None = None, force: bool = False,
+          run_ids: Collection[str] | None = None) -> PurgeResult:
     """Delete for good the runs that ended at least `older_than` ago; reports bytes freed.
 
+    `run_ids` limits it to those runs (an unknown id is a QuarantineError): what a command
+    suggests after its own run, so that following the hint never deletes every other run.
     Runs still open (a crash, see `recover`) are never purged. A run whose content another
     run's undo still needs (see `_needed_runs`) is kept unless `force`: purging it would
     leave that undo refusing, or restoring tags that cannot be pulled."""
     storage = FilesystemStorage(root.root)
     now = now or datetime.now(UTC)
     result = PurgeResult(applied=not dry_run)
+    runs = _run_dirs(storage)
+    if run_ids is not None:
+        known = {files.run_id for files in runs}
+        unknown = sorted(set(run_ids) - known)
+        if unknown:
+            raise QuarantineError(f"no run {unknown[0]} in {root.root}/{QUARANTINE_DIR} "
+                                  "(see `regfsck runs`)")
+        runs = [files for files in runs if files.run_id in run_ids]
     needed = {} if force else _needed_runs(root, storage)
-    for files in _run_dirs(storage):
+    for files in runs:
         meta = _read_meta(storage, files) or {}
         ended = _finished_at(meta)
         if meta.get("status") not in FINAL_STATES or ended is None or now - ended < older_than:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regfsck.digest import DigestError, parse_digest
+from regfsck.digest import DigestError, is_digest_prefix, parse_digest
 from regfsck.names import is_valid_tag, repo_name_problem
 
 
@@ -49,7 +49,10 @@ def split_ref(text: str) -> tuple[str, str | None, str | None]:
 
 
 def parse_ref(text: str) -> ImageRef:
-    """Parse and validate `repo`, `repo:tag` or `repo@alg:hex` (not both tag and digest)."""
+    """Parse and validate `repo`, `repo:tag` or `repo@alg:hex` (not both tag and digest).
+
+    The digest may be a prefix (`repo@sha256:6d7e7209`, `repo@6d7e7209`, as git takes
+    them); whoever looks the REF up expands it (`digest.expand_digest`)."""
     repo, tag, digest = split_ref(text)
     if tag is not None and digest is not None:
         raise RefError(f"{text!r}: give a tag or a digest, not both")
@@ -58,7 +61,7 @@ def parse_ref(text: str) -> ImageRef:
         raise RefError(f"{text!r}: {problem}")
     if tag is not None and not is_valid_tag(tag):
         raise RefError(f"{text!r}: invalid tag {tag!r}")
-    if digest is not None:
+    if digest is not None and not is_digest_prefix(digest):
         try:
             parse_digest(digest)
         except DigestError as exc:

@@ -28,9 +28,9 @@ from typing import Any
 
 from regfsck import layout
 from regfsck.checks import valid_revisions
-from regfsck.digest import DigestError, parse_digest
+from regfsck.digest import DigestError, parse_digest, quote_bytes
 from regfsck.findings import Finding, Severity, make_finding
-from regfsck.graph import ManifestStore
+from regfsck.graph import ManifestStore, tag_users
 from regfsck.hashing import hash_file
 from regfsck.inventory import Inventory, Link
 from regfsck.layout import V2_PREFIX
@@ -579,21 +579,23 @@ class Planner:
         return self.plan
 
     def _lost_images(self) -> None:
+        """For each lost blob, the images to push again: every tag whose image needs it
+        (graph.tag_users: a tagged index covers its children, so the index's tag is named,
+        never the child), and untagged revisions no tag of their repository reaches."""
         if not self.lost:
             return
         graph = ReferenceGraph(self.inv, self.store)
+        paths = {digest: paths_to(graph, digest) for digest in self.lost}
+        wanted = set(self.lost) | {p.manifest for found in paths.values() for p in found}
+        users = tag_users(self.inv, self.store, wanted)
         for digest, why in sorted(self.lost.items()):
-            images: set[str] = set()
-            paths = paths_to(graph, digest)
-            # manifests a tagged image already covers (index children): its push restores them
-            covered = {(p.repo, m) for p in paths if p.tags for m in p.chain}
-            for path in paths:
+            images = set(users.get(digest, ()))
+            for path in paths[digest]:
                 if path.tags:
-                    images.update(f"{path.repo}:{t}" for t in path.tags)
-                elif (path.repo, path.manifest) not in covered:
+                    continue
+                reached_by_tag = any(u.startswith(f"{path.repo}:") for u in users.get(path.manifest, ()))
+                if not reached_by_tag:
                     images.add(f"{path.repo}@{path.manifest}")
-            for name, repo in self.inv.repositories.items():  # tags naming a lost manifest
-                images.update(f"{name}:{t}" for t, d in repo.tag_targets().items() if d == digest)
             self.plan.lost.append(LostBlob(digest, why, sorted(images)))
 
     def _unfixable(self) -> None:
@@ -606,8 +608,8 @@ class Planner:
                 continue
             advice = ADVICE.get(finding.kind, "see `regfsck verify` and docs/repair-inspect-why.md")
             if finding.digest in lost and finding.kind in MISSING_KINDS | {"layer_link_dangling"}:
-                advice = ("lost: re-push one of the images listed under `repush`, or repair "
-                          "--from a backup that has it")
+                advice = ("lost: push again one of the images listed under \"Blobs lost\", or "
+                          "repair --from a backup that has it")
             self.plan.unfixable.append(Unfixable(finding, advice))
 
 
@@ -629,7 +631,7 @@ def _raw(link: Link) -> bytes:
 
 def _describe(link: Link) -> str:
     if link.raw is not None:
-        return repr(link.raw[:80])
+        return quote_bytes(link.raw[:80])
     return link.target or "nothing readable"
 
 

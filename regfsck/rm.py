@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regfsck import layout
+from regfsck.digest import DigestError, expand_digest, is_digest
 from regfsck.graph import ManifestStore
 from regfsck.inventory import Inventory, Repository
 from regfsck.reach import mark
@@ -89,7 +90,13 @@ def resolve_ref(text: str, inv: Inventory) -> ImageRef:
     if ref.tag is not None and ref.tag not in repo.tags:
         raise RmRefError(f"{text!r}: repository {ref.repo} has no tag {ref.tag!r}")
     if ref.digest is not None and ref.digest not in repo.revisions:
-        raise RmRefError(f"{text!r}: repository {ref.repo} has no manifest {ref.digest}")
+        if is_digest(ref.digest):
+            raise RmRefError(f"{text!r}: repository {ref.repo} has no manifest {ref.digest}")
+        try:  # a short digest, as git takes them
+            ref = ImageRef(ref.repo, None, expand_digest(ref.digest, repo.revisions,
+                                                        f"manifest of {ref.repo}"))
+        except DigestError as exc:
+            raise RmRefError(f"{text!r}: {exc}") from exc
     return ref
 
 

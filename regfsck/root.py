@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from regfsck.layout import V2_PREFIX
 
 DEFAULT_ROOT = Path("/var/lib/registry")
@@ -192,6 +190,8 @@ def _load_config(config_path: Path) -> dict[str, Any]:
         text = config_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RootError(f"cannot read config {config_path}: {exc.strerror}") from exc
+    import yaml  # only for --config: not at start-up
+
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:

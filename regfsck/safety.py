@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import yaml
-
 from regfsck.layout import V2_PREFIX
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
@@ -43,7 +41,6 @@ CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
 # Environment values that say where a process was started, not what it uses (its cwd is checked).
 IGNORED_ENV = frozenset({"PWD", "OLDPWD", "_"})
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NOT_DRIVERS = frozenset({"delete", "maintenance", "cache", "redirect", "tag"})
 
 
@@ -264,7 +261,9 @@ def _split_env(raw: bytes) -> dict[str, str]:
 
 def _config_rootdir(text: str) -> tuple[bool, str | None]:
     """(uses the filesystem driver, its rootdirectory) from a registry config's text."""
-    config = yaml.load(text, Loader=_YamlLoader)  # a safe loader (the C one when built)
+    import yaml  # only when a config is found: not at start-up
+
+    config = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # a safe loader
     storage = config.get("storage") if isinstance(config, dict) else None
     if not isinstance(storage, dict):
         return False, None
@@ -437,6 +436,8 @@ class _Process:
             text = self._config_text(candidate)
             if not text:
                 continue
+            import yaml  # only when a file looks like a registry config: not at start-up
+
             try:
                 uses_fs, rootdir = _config_rootdir(text)
             except (yaml.YAMLError, AttributeError, RecursionError, ValueError):

@@ -9,28 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from regfsck.checks import FindingSet, TreeChecker
-from regfsck.deep import (
-    DeepPlan,
-    DeepProgress,
-    DeepReport,
-    DeepSummary,
-    LayerOutcome,
-    blob_hasher,
-    check_layers,
-    plan_deep,
-)
 from regfsck.digest import EMPTY_SHA256
-from regfsck.findings import Finding, Severity, make_finding
-from regfsck.graph import ManifestStore, reachable
-from regfsck.hashing import HashOutcome, hash_file, verify_blobs
+from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding
+from regfsck.graph import ManifestStore, reachable, tag_users
 from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
 from regfsck.inventory import Blob, Inventory
-from regfsck.record import RECORD_REL, RecordError, VerifyRecord
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage, Storage, StorageError, local_only, open_storage
+
+if TYPE_CHECKING:  # loaded when used: `verify --no-data` needs neither hashing nor the record
+    from regfsck.deep import DeepPlan, DeepProgress, DeepReport, DeepSummary, LayerOutcome
+    from regfsck.hashing import HashOutcome
+    from regfsck.record import VerifyRecord
 
 
 @dataclass
@@ -144,6 +138,8 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     as it decompresses them, and that digest is the layer's plain verdict (the plain pass
     leaves layers out). Raises RecordError when the incremental options need the verification record and it
     cannot be used (a plain run just reports why it could not update an existing one)."""
+    from regfsck.deep import check_layers, plan_deep
+
     started = time.monotonic()
     storage = open_storage(root, jobs=options.jobs if root.is_object_storage else None)
     inv = inventory if inventory is not None else Scanner(storage, root).scan()
@@ -178,7 +174,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     if deep is not None:
         findings.extend(deep.findings)
         summary.interrupted = summary.interrupted or deep.summary.interrupted
-    found = findings.findings()
+    found = with_affected_tags(findings.findings(), inv, ManifestStore(storage, inv))
     if options.strict:
         found = [replace(f, severity=Severity.ERROR) if f.kind in STRICT_ERRORS else f
                  for f in found]
@@ -198,9 +194,27 @@ def _local(storage: Storage) -> FilesystemStorage:
     return local_only(storage, "--deep")
 
 
+def with_affected_tags(found: list[Finding], inv: Inventory, store: ManifestStore) -> list[Finding]:
+    """Findings about a blob name every `repo:tag` whose image needs it (graph.tag_users),
+    not only the tags of the repository where the check happened to meet it."""
+    wanted = {f.digest for f in found if f.kind in BLOB_KINDS and f.digest}
+    if not wanted:
+        return found
+    users = tag_users(inv, store, wanted)
+    out = []
+    for finding in found:
+        extra = users.get(finding.digest or "") if finding.kind in BLOB_KINDS else None
+        if extra:
+            finding = replace(finding, affected_tags=tuple(sorted(set(finding.affected_tags) | extra)))
+        out.append(finding)
+    return out
+
+
 def _open_record(root: RegistryRoot, options: VerifyOptions,
                  summary: VerifySummary) -> VerifyRecord | None:
     """The record: required (and created) for the incremental options, else updated if present."""
+    from regfsck.record import RECORD_REL, RecordError, VerifyRecord
+
     try:
         record = VerifyRecord.open(root, create=options.needs_record, state_dir=options.state_dir)
     except RecordError as exc:
@@ -234,6 +248,9 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
     verdict from the deep pass that follows (all of them, whatever the incremental
     options: the deep pass reads them anyway). Returns the deep report (None without a
     plan, or when Ctrl-C came before the layers)."""
+    from regfsck.deep import check_layers
+    from regfsck.hashing import verify_blobs
+
     layers = _deep_layers(blobs, deep_plan)
     plain = [b for b in blobs if b.digest not in layers] if layers else blobs
     selection = _select(plain, options, record)
@@ -311,6 +328,8 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
 
 def _deep_layers(blobs: list[Blob], plan: DeepPlan | None) -> dict[str, Blob]:
     """The blobs to hash that the deep pass reads (and can hash: a known algorithm)."""
+    from regfsck.deep import blob_hasher
+
     if plan is None:
         return {}
     by_digest = {b.digest: b for b in blobs}
@@ -321,6 +340,8 @@ def _deep_layers(blobs: list[Blob], plan: DeepPlan | None) -> dict[str, Blob]:
 def _layer_verdict(storage: FilesystemStorage, blob: Blob, outcome: LayerOutcome) -> HashOutcome:
     """The plain verdict on a layer the deep pass read: its blob digest, with the plain
     pass's rule that a mismatch is re-read once before it is reported."""
+    from regfsck.hashing import HashOutcome, hash_file
+
     if outcome.blob_digest is None:
         return HashOutcome(blob, None, 0, outcome.read_error or "unreadable")
     if outcome.blob_digest == blob.digest:
@@ -349,6 +370,8 @@ def _record(record: VerifyRecord, summary: VerifySummary, write: Callable[[], ob
 
     A record that cannot be written is deleted (if it can be): it might otherwise keep
     vouching for a blob this run found bad."""
+    from regfsck.record import RecordError
+
     if summary.record_error is not None:
         return
     try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from regfsck import layout
 from regfsck.checks import valid_revisions
+from regfsck.digest import EMPTY_SHA256
 from regfsck.durations import format_duration
 from regfsck.gc import DEFAULT_GRACE
 from regfsck.graph import ManifestStore, Unloadable
@@ -237,6 +238,8 @@ class WhyReport:
     layer_links: list[LayerLinkInfo] = field(default_factory=list)
     gc: list[GcVerdict] = field(default_factory=list)
     freed: list[FreedBytes] = field(default_factory=list)
+    expected_size: int | None = None  # the largest size a referencing descriptor gives
+    damage: str | None = None  # "truncated", "longer than its descriptors", "empty"
 
     @property
     def referenced(self) -> bool:
@@ -250,6 +253,8 @@ class WhyReport:
             "path": self.path,
             "misplaced_at": self.misplaced_at,
             "stored_as": self.stored_as,
+            "expected_size": self.expected_size,
+            "damage": self.damage,
             "roles": self.roles,
             "revision_of": self.revision_of,
             "paths": [p.to_json() for p in self.paths],
@@ -402,6 +407,25 @@ def _freed(graph: ReferenceGraph, paths: list[ReferencePath],
     return out
 
 
+def _size_damage(store: ManifestStore, digest: str, size: int | None,
+                 parents: list[tuple[str, str]]) -> tuple[int | None, str | None]:
+    """The size the referencing descriptors give, and what the stored size says: a blob
+    shorter than its descriptors was truncated (an interrupted copy, a full disk)."""
+    sizes = {ref.size for manifest_digest, _ in parents
+             if (manifest := store.get(manifest_digest)) is not None
+             for ref in manifest.references() if ref.digest == digest and ref.size is not None}
+    expected = max(sizes) if sizes else None
+    if size is None:
+        return expected, None
+    if size == 0 and digest != EMPTY_SHA256:
+        return expected, "empty"
+    if expected is not None and size < expected:
+        return expected, "truncated"
+    if expected is not None and size > expected:
+        return expected, "longer than its descriptors"
+    return expected, None
+
+
 def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
                  graph: ReferenceGraph | None = None) -> WhyReport:
     """Answer `regfsck why` for `digest` (validated by the caller)."""
@@ -427,6 +451,7 @@ def explain_blob(inventory: Inventory, store: ManifestStore, digest: str,
     if report.revision_of:
         roles.add("manifest")
     report.roles = sorted(roles)
+    report.expected_size, report.damage = _size_damage(store, digest, report.size, parents)
     report.paths = paths_to(graph, digest)
     report.layer_links = _layer_links(inventory, digest)
     marks = {untagged: mark(inventory, store, delete_untagged=untagged) for untagged in (False, True)}

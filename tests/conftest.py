@@ -67,3 +67,19 @@ def running_registry() -> Iterator[type[realtools.RealRegistry]]:
     if missing:
         pytest.skip(f"real registry tools unavailable: {missing}")
     yield realtools.RealRegistry
+
+
+# Modules too slow for the inner loop (they build trees with the real tools, fuzz, send
+# signals, build images or drive a browser): `python -m pytest -m "not realtools and not
+# slow"` leaves them out and runs in well under a minute; CI runs everything.
+FAST_MODULES = frozenset({
+    "test_parsers", "test_readme", "test_record", "test_export_refs", "test_gc_cli_runs",
+    "test_deep", "test_import",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""  # type: ignore[attr-defined]
+        if module not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -133,7 +133,7 @@ def test_plain_verify_sees_nothing_deep_sees_each_defect(crafted: Crafted) -> No
     assert deep.summary.layers_checked == deep.summary.layers_total
     assert deep.summary.bytes_read == deep.summary.bytes_total
     mismatch = next(f for f in deep.findings if f.kind == "layer_diff_id_mismatch")
-    assert mismatch.affected_tags == ("latest",) and "layer 1 " in mismatch.message
+    assert mismatch.affected_tags == (f"{mismatch.repo}:latest",) and "layer 1 " in mismatch.message
     assert mismatch.severity is Severity.ERROR
 
 
@@ -160,7 +160,7 @@ def test_cli_verify_deep(crafted: Crafted) -> None:
     assert doc["deep"]["layers_checked"] == doc["deep"]["layers_total"] > 0
     scoped = cli("--deep", "--repo", "deep/good")
     assert scoped.returncode == 0, scoped.stdout
-    assert "deep: 3/3 layers of 1 images" in scoped.stdout.replace("\n", " ")
+    assert "deep: 3/3 layers of 1 image decompressed" in scoped.stdout.replace("\n", " ")
 
 
 def test_interrupt_stops_cleanly(crafted: Crafted) -> None:

@@ -22,9 +22,11 @@ import pytest
 from regfsck import deflate, layout
 from regfsck.checks import FindingSet
 from regfsck.deep import BUFFER, run_deep
+from regfsck.graph import ManifestStore
 from regfsck.root import locate
+from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
-from regfsck.verify import VerifyOptions, VerifyReport, run_verify
+from regfsck.verify import VerifyOptions, VerifyReport, run_verify, with_affected_tags
 from tests.test_deep_realtools import Crafted, crafted  # noqa: F401  (the module fixture)
 
 V2 = "docker/registry/v2"
@@ -79,7 +81,13 @@ def _two_pass(root: Path) -> tuple[list[dict[str, object]], VerifyReport]:
     merged = FindingSet()
     merged.extend(plain.findings)
     merged.extend(deep.findings)
-    return _canonical(merged.findings()), plain
+    # verify names every repo:tag that needs a damaged blob (deep's own report, per image,
+    # names the image's tags only)
+    registry = locate(root)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    found = with_affected_tags(merged.findings(), inventory, ManifestStore(storage, inventory))
+    return _canonical(found), plain
 
 
 def _canonical(findings: list) -> list[dict[str, object]]:  # type: ignore[type-arg]

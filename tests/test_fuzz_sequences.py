@@ -28,8 +28,9 @@ pytestmark = pytest.mark.realtools
 
 EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_SEQ_EXAMPLES", "2"))
 STEPS = int(os.environ.get("REGFSCK_FUZZ_SEQ_STEPS", "7"))
+# Undo appears three times: the sequences are about what an undo meets after other steps.
 OPS = ["push", "push_shared", "rm", "gc", "gc_untagged", "import", "import_again", "repair",
-       "undo_newest", "undo_any", "purge"]
+       "undo_newest", "undo_any", "undo_any", "undo_newest", "purge"]
 
 
 @dataclass
@@ -164,7 +165,7 @@ def registry_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.mark.skipif(bool(realtools.real_tools_missing()), reason="real registry tools unavailable")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("REGFSCK_FUZZ_RANDOM"),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 60)), min_size=2, max_size=STEPS))
+@given(ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 60)), min_size=3, max_size=STEPS))
 def test_operator_sequences_lose_no_image(real_sample: tuple[Path, SampleInfo],
                                           tmp_path_factory: pytest.TempPathFactory,
                                           registry_binary: str,

@@ -67,7 +67,7 @@ def test_runs_undo_purge(fixture_root: Path) -> None:
 def test_purge_frees_the_quarantined_bytes(fixture_root: Path) -> None:
     gc = json.loads(cli("gc", str(fixture_root), "--grace", "0", "--apply", "--json").stdout)
     purged = cli("purge", str(fixture_root), "--apply")
-    assert purged.returncode == 0 and "Deleted 1 runs" in purged.stdout
+    assert purged.returncode == 0 and "Deleted 1 run:" in purged.stdout
     assert not (fixture_root / "regfsck-quarantine" / gc["run_id"]).exists()
     assert cli("undo", str(fixture_root)).returncode == 3  # gone for good
 

@@ -138,7 +138,7 @@ def test_manifest_over_the_limit_is_a_finding_not_a_read(sample_root: Path, samp
     doc = strict_json(result.stdout)
     too_large = [f for f in doc["findings"] if f["kind"] == "manifest_too_large"]
     assert [f["digest"] for f in too_large] == [digest]
-    assert too_large[0]["affected_tags"] == ["big"]
+    assert too_large[0]["affected_tags"] == ["library/base:big"]
     assert peak < 150, f"verify peaked at {peak:.0f} MB on a 256 MiB manifest"
     for args in (("scan", str(sample_root), "--json"), ("gc", str(sample_root), "--json"),
                  ("inspect", str(sample_root), f"{repo}:big", "--json"),

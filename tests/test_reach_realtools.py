@@ -329,7 +329,7 @@ def test_index_child_deleted_through_api_is_a_warning_and_repair_keeps_the_delet
     assert result.returncode == 0, "a deliberate delete is no error"
     [finding] = [f for f in report["findings"] if f["kind"] == "index_child_deleted"]
     assert "linux/arm64" in finding["message"] and index in finding["message"]
-    assert finding["affected_tags"] == ["all"]
+    assert finding["affected_tags"] == ["team/multi:all"]
 
     revision = built.root / "docker/registry/v2" / realtools_revision("team/multi", deleted)
     plan = json.loads(cli("repair", str(built.root), "--json").stdout)

@@ -237,7 +237,10 @@ def test_mutations_and_other_commands_refuse(bucket28: Bucket) -> None:
                  ["verify", "--metrics-file", "/tmp/regfsck-s3-metrics.prom", bucket28.url]):
         proc = regfsck(*args, env=env)
         assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
-        assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        # --json: the error as JSON on stdout (and nothing else); otherwise stdout is empty
+        expected = {"error": proc.stderr.strip().removeprefix("regfsck: "), "exit_code": 3}
+        assert (json.loads(proc.stdout) == expected if "--json" in args else proc.stdout == ""), args
+        assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert {o["Key"]: o["ETag"] for o in s3tools.iter_keys(client, bucket28.name)} == before
 

@@ -122,7 +122,7 @@ def test_blob_dir_without_data(sample_root: Path, sample_info: SampleInfo) -> No
         ("reference_missing", rel(layout.blob_data(layer)), layer),
     }
     missing = next(f for f in report.findings if f.kind == "reference_missing")
-    assert missing.repo == repo and missing.affected_tags == ("latest",)
+    assert missing.repo == repo and missing.affected_tags == (f"{repo}:latest",)
     assert any(f.kind == "layer_link_dangling" and f.severity is Severity.WARNING
                for f in report.findings)
 
@@ -249,7 +249,7 @@ def test_unusable_manifest_in_a_repository(sample_root: Path, sample_info: Sampl
     put_link(sample_root, layout.tag_index_link(repo, "broken", digest), digest)
     report = verify(sample_root)
     assert errors(report) == {(kind, rel(layout.blob_data(digest)), digest)}
-    assert next(f for f in report.findings if f.kind == kind).affected_tags == ("broken",)
+    assert next(f for f in report.findings if f.kind == kind).affected_tags == (f"{repo}:broken",)
 
 
 def test_missing_config_blob(sample_root: Path, sample_info: SampleInfo) -> None:
@@ -266,7 +266,7 @@ def test_layer_present_but_not_linked(sample_root: Path, sample_info: SampleInfo
     report = verify(sample_root)
     assert errors(report) == {("reference_not_linked", rel(layout.layer_link(repo, layer)), layer)}
     assert next(f for f in report.findings if f.kind == "reference_not_linked").affected_tags == (
-        "latest",)
+        f"{repo}:latest",)
 
 
 def test_index_child_without_revision(sample_root: Path, sample_info: SampleInfo) -> None:
@@ -280,7 +280,7 @@ def test_index_child_without_revision(sample_root: Path, sample_info: SampleInfo
     [finding] = [f for f in report.findings if f.kind == "index_child_deleted"]
     assert (finding.severity, finding.path, finding.digest) == (
         Severity.WARNING, rel(layout.revision_link(repo, child)), child)
-    assert finding.affected_tags == (tag,)
+    assert finding.affected_tags == (f"{repo}:{tag}",)
     assert "empty revision directory" in finding.message
 
 
@@ -291,7 +291,8 @@ def test_index_child_with_damaged_revision_link(sample_root: Path, sample_info: 
     report = verify(sample_root)
     path = rel(layout.revision_link(repo, child))
     assert errors(report) == {("child_not_in_repo", path, child), ("link_invalid", path, child)}
-    assert next(f for f in report.findings if f.kind == "child_not_in_repo").affected_tags == (tag,)
+    child_finding = next(f for f in report.findings if f.kind == "child_not_in_repo")
+    assert child_finding.affected_tags == (f"{repo}:{tag}",)
 
 
 def test_index_child_blob_missing_names_the_tag(sample_root: Path, sample_info: SampleInfo) -> None:
@@ -303,7 +304,8 @@ def test_index_child_blob_missing_names_the_tag(sample_root: Path, sample_info: 
         ("revision_blob_missing", rel(layout.revision_link(repo, child)), child),
         ("reference_missing", rel(layout.blob_data(child)), child),
     }
-    assert all(tag in f.affected_tags for f in report.findings if f.severity is Severity.ERROR)
+    assert all(f"{repo}:{tag}" in f.affected_tags for f in report.findings
+               if f.severity is Severity.ERROR)
 
 
 def test_index_cycle_is_reported_not_followed(sample_root: Path, sample_info: SampleInfo) -> None:

@@ -5,83 +5,93 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from regfsck import exitcodes, manifest
-from regfsck.cli.app import app
+from regfsck import exitcodes
+from regfsck.cli.app import command
 from regfsck.cli.common import (
+    CONFIG_OPTION,
     JSON_OPTION,
+    byte_columns,
     fail,
     human_bytes,
     open_root,
+    plural,
     print_json,
+    say,
     show_progress,
     stderr_console,
-    stdout_console,
+    styled,
+    table,
 )
-from regfsck.export import (
-    ExportError,
-    ExportFormat,
-    ExportInterrupted,
-    ExportResult,
-    Platform,
-    export_images,
-    parse_platform,
-)
-from regfsck.findings import safe_text
-from regfsck.refs import ImageRef, RefError, parse_ref
-from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
+
+if TYPE_CHECKING:
+    from regfsck.export import ExportFormat, ExportResult, Platform
+    from regfsck.refs import ImageRef
 
 _SHORT_TYPES = {
-    manifest.OCI_MANIFEST: "oci manifest", manifest.OCI_INDEX: "oci index",
-    manifest.DOCKER_MANIFEST: "docker manifest", manifest.DOCKER_LIST: "docker list",
-    manifest.SCHEMA1: "schema1", manifest.SCHEMA1_SIGNED: "schema1",
+    "application/vnd.oci.image.manifest.v1+json": "oci manifest",
+    "application/vnd.oci.image.index.v1+json": "oci index",
+    "application/vnd.docker.distribution.manifest.v2+json": "docker manifest",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "docker list",
+    "application/vnd.docker.distribution.manifest.v1+json": "schema1",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws": "schema1",
 }
 _EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes.CANNOT_RUN}
 
 
-@app.command("export")
+@command("export")
 def export_command(
-    root: Path = typer.Argument(..., metavar="ROOT", help="Registry storage root (holding "
-                                "docker/registry/v2) or the v2 directory.", show_default=False),
-    refs: list[str] = typer.Argument(..., metavar="REF...", help="repo:tag, repo@sha256:... or "
-                                     "repo (every tag of it).", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory (oci) or file to create; "
-                                "a name ending in .zst or .gz is compressed.", show_default=False),
-    fmt: ExportFormat | None = typer.Option(None, "--format", help="oci, oci-archive or "
-                                            "docker-archive (default: oci-archive for names "
-                                            "like *.tar[.zst|.gz], else oci).",
-                                            show_default=False),
+    args: list[str] = typer.Argument(..., metavar="ROOT REF...", show_default=False, help=(
+        "Registry storage root (holding docker/registry/v2) or the v2 directory (omit it with "
+        "--config), then repo:tag, repo@sha256:... or repo (every tag of it).")),
+    config: Path | None = CONFIG_OPTION,
+    output: Path = typer.Option(..., "--output", "-o", metavar="PATH", help="Directory (oci) "
+                                "or file to create; a name ending in .zst or .gz is compressed.",
+                                show_default=False),
+    fmt: str | None = typer.Option(None, "--format", metavar="FORMAT", help="oci, oci-archive "
+                                   "or docker-archive (default: oci-archive for names like "
+                                   "*.tar[.zst|.gz], else oci).", show_default=False),
     platform: str | None = typer.Option(None, "--platform", metavar="OS/ARCH[/VARIANT]",
                                         help="Export only this platform of multi-arch images "
                                         "(required for them in a docker-archive)."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Write images (manifests and blobs byte for byte, each re-hashed) to OUTPUT."""
+    from regfsck.export import (
+        ExportError,
+        ExportFormat,
+        ExportInterrupted,
+        export_images,
+        parse_platform,
+    )
+    from regfsck.refs import RefError, parse_ref
+    from regfsck.scanner import Scanner
+    from regfsck.storage import FilesystemStorage
+
+    values = list(args)
+    root = None if config is not None else Path(values.pop(0))
+    if not values:
+        fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
+             exitcodes.USAGE)
     try:
-        parsed: list[ImageRef] = [parse_ref(text) for text in refs]
+        parsed: list[ImageRef] = [parse_ref(text) for text in values]
         wanted: Platform | None = parse_platform(platform) if platform else None
+        if fmt is not None and fmt not in {f.value for f in ExportFormat}:
+            raise ValueError(f"--format: {fmt!r} is not one of oci, oci-archive, docker-archive")
+        chosen: ExportFormat | None = ExportFormat(fmt) if fmt is not None else None
     except (RefError, ValueError) as exc:
         fail(str(exc), exitcodes.USAGE)
-    registry = open_root(root, None)
+    registry = open_root(root, config)
     storage = FilesystemStorage(registry.v2)
     inventory = Scanner(storage, registry).scan()
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = _Bar() if show_progress(json_output) else None
     try:
-        result = export_images(storage, inventory, parsed, output, registry.v2, fmt=fmt,
+        result = export_images(storage, inventory, parsed, output, registry.v2, fmt=chosen,
                                platform=wanted, on_start=bar.start if bar else None,
                                on_bytes=bar.advance if bar else None, stop=stop)
     except ExportInterrupted:
@@ -103,8 +113,9 @@ class _Bar:
     """Bytes copied / rate / ETA on stderr."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("exporting"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
+        from rich.progress import Progress, TextColumn
+
+        self.progress = Progress(TextColumn("exporting"), *byte_columns(),
                                  console=stderr_console(), transient=True)
         self.task = self.progress.add_task("export", total=0)
 
@@ -120,22 +131,19 @@ class _Bar:
 
 
 def render_export(result: ExportResult) -> None:
-    console = stdout_console()
-    table = Table(title=f"Exported to {safe_text(result.output)} ({result.format})")
-    for column in ("name", "digest", "type"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for image in result.plan.images:
         names = ", ".join(image.repo_tags) if image.config is not None else image.ref_name
         kind = _SHORT_TYPES.get(image.media_type, image.media_type)
         if image.index_digest is not None:
-            kind += f" (picked from index {image.index_digest[:19]}...)"
-        table.add_row(safe_text(names or image.ref_name), image.digest, kind)
-    console.print(table)
+            kind += f" (picked from index {image.index_digest})"
+        rows.append((names or image.ref_name, image.digest, kind))
+    table(f"Exported to {result.output} ({result.format})", ("name", "digest", "type"), rows)
     for ref, why in result.plan.skipped:
-        console.print(f"[yellow]skipped[/] {safe_text(ref)}: {safe_text(why)}")
-    for note in result.plan.notes:
-        console.print(f"[dim]note:[/] {note}")
-    console.print(f"{len(result.plan.images)} images, {len(result.plan.blobs)} blobs "
-                  f"({human_bytes(result.plan.total_bytes)}) verified and written; "
-                  f"{safe_text(result.output)} is {human_bytes(result.output_bytes)}"
-                  + (f" ({result.compression})" if str(result.compression) != "none" else ""))
+        say(styled("skipped ", "yellow"), f"{ref}: {why}")
+    for note_text in result.plan.notes:
+        say(styled("note: ", "dim"), note_text)
+    say(f"{plural(len(result.plan.images), 'image')}, {plural(len(result.plan.blobs), 'blob')} "
+        f"({human_bytes(result.plan.total_bytes)}) verified and written; "
+        f"{result.output} is {human_bytes(result.output_bytes)}"
+        + (f" ({result.compression})" if str(result.compression) != "none" else ""))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
@@ -17,32 +17,33 @@ from regfsck.cli.common import (
     ROOT_ARGUMENT,
     fail,
     human_bytes,
+    note,
     open_root,
+    plural,
     print_json,
-    shown,
-    stderr_console,
-    stdout_console,
+    root_words,
+    say,
+    styled,
+    table,
+    warn,
     with_requests,
 )
-from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
-from regfsck.durations import DurationError, format_duration, parse_duration
-from regfsck.gc import GcOptions, GcPlan, plan_gc, revalidator
-from regfsck.quarantine import QuarantineError, list_runs
-from regfsck.root import RegistryRoot
-from regfsck.safety import registry_users
-from regfsck.storage import StorageError
 
-MAX_ROWS = 200
+if TYPE_CHECKING:
+    from regfsck.gc import GcPlan
+    from regfsck.root import RegistryRoot
 
 
 def _duration(value: str, option: str) -> timedelta:
+    from regfsck.durations import DurationError, parse_duration
+
     try:
         return parse_duration(value)
     except DurationError as exc:
         fail(f"{option}: {exc}", exitcodes.USAGE)
 
 
-@app.command()
+@command()
 def gc(
     root: Path | None = ROOT_ARGUMENT,
     config: Path | None = CONFIG_OPTION,
@@ -66,6 +67,12 @@ def gc(
     if apply and registry.is_object_storage:
         fail(f"gc --apply is not available on object storage yet: nothing was changed in "
              f"{registry.display} (run without --apply for the plan)")
+    from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
+    from regfsck.gc import GcOptions, plan_gc, revalidator
+    from regfsck.quarantine import QuarantineError, list_runs
+    from regfsck.safety import registry_users
+    from regfsck.storage import StorageError
+
     options = GcOptions(delete_untagged=delete_untagged,
                         uploads_older_than=_duration(uploads_older_than, "--uploads-older-than"),
                         grace=_duration(grace, "--grace"), force=force)
@@ -78,25 +85,23 @@ def gc(
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
     if not apply:
         users = registry_users(registry)
-        if users and not json_output:
-            stderr_console().print(f"note: {len(users)} process(es) may be using this tree "
-                                   f"({users[0]}); the plan may already be stale.")
+        if users:
+            note(f"note: {plural(len(users), 'process', 'processes')} may be using this tree "
+                 f"({users[0]}); the plan may already be stale.")
         try:
             pending = [r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")]
         except QuarantineError as exc:
             pending = []
-            if not json_output:
-                stderr_console().print(f"note: {exc}; --apply will refuse until it is fixed")
-        if pending and not json_output:
-            stderr_console().print(f"note: run {pending[0]} was interrupted; the next --apply "
-                                   "recovers it first.")
+            warn(f"note: {exc}; --apply will refuse until it is fixed")
+        if pending:
+            note(f"note: run {pending[0]} was interrupted; the next --apply recovers it first.")
         plan = plan_gc(registry, options)
-        _output(plan, json_output, [])
+        _output(plan, json_output, [], registry)
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
     with guarded(registry, json_output) as recovered:
         plan = plan_gc(registry, options)
         if plan.is_blocked:
-            _output(plan, json_output, recovered)
+            _output(plan, json_output, recovered, registry)
             raise typer.Exit(exitcodes.CANNOT_RUN)
         result = run_sweep(registry, "gc", {"options": options.to_json()}, plan.removal_list,
                            plan.empty_dirs, grace=options.grace,
@@ -104,48 +109,46 @@ def gc(
     plan.applied = result.run_id is not None
     plan.run_id = result.run_id
     plan.apply_result = result.to_json()
-    _output(plan, json_output, recovered)
+    _output(plan, json_output, recovered, registry)
     if not json_output:
         for line in after_apply_text(registry, result):
-            stderr_console().print(line, highlight=False)
+            note(line)
     raise typer.Exit(exitcodes.INTERRUPTED if result.interrupted else exitcodes.OK)
 
 
 def _output(plan: GcPlan, json_output: bool, recovered: list[str],
-            registry: RegistryRoot | None = None) -> None:
+            registry: RegistryRoot) -> None:
     if json_output:
         doc = {**plan.to_json(), "recovered": recovered}
         print_json(with_requests(registry, doc) if registry is not None else doc)
     else:
-        render_plan(plan)
+        render_plan(plan, root_words(registry))
 
 
-def render_plan(plan: GcPlan) -> None:
-    console = stdout_console()
+def render_plan(plan: GcPlan, root: str = "ROOT") -> None:
+    from regfsck.durations import format_duration
+
     mode = ("--delete-untagged: marking from tags only" if plan.options.delete_untagged
             else "marking from every manifest revision")
-    console.print(f"gc plan ({mode}; grace {format_duration(plan.options.grace)}, uploads older "
-                  f"than {format_duration(plan.options.uploads_older_than)})")
+    say(f"gc plan ({mode}; grace {format_duration(plan.options.grace)}, uploads older "
+        f"than {format_duration(plan.options.uploads_older_than)})")
     if plan.blocked:
-        table = Table(title="Damage that makes marking unreliable"
-                      + (" (--force given: collecting anyway, LOSSY)" if plan.options.force else ""))
-        for column in ("kind", "where", "message"):
-            table.add_column(column, overflow="fold")
-        for finding in plan.blocked[:MAX_ROWS]:
-            table.add_row(finding.kind, shown(finding.path), shown(finding.message))
-        console.print(table)
+        table("Damage that makes marking unreliable"
+              + (" (--force given: collecting anyway, LOSSY)" if plan.options.force else ""),
+              ("kind", "where", "message"),
+              [(f.kind, f.path, f.message) for f in plan.blocked])
         if not plan.options.force:
-            console.print("[bold red]gc refuses to collect this tree.[/] Fix the damage first "
-                          "(`regfsck verify`, then repair or restore), or pass --force to collect "
-                          "anyway and accept losing blobs only damaged manifests need.")
+            say(styled("gc refuses to collect this tree.", "bold red"),
+                f" Fix the damage first (`regfsck verify {root}`, then `regfsck repair {root}` "
+                "or restore), or pass --force to collect anyway and accept losing blobs only "
+                "damaged manifests need.")
     if plan.per_repository:
-        table = Table(title="What would go, per repository" if not plan.applied else "What went")
-        for column in ("repository", "manifests", "layer links", "uploads", "tag dirs", "bytes"):
-            table.add_column(column, justify="left" if column == "repository" else "right")
-        for name, usage in sorted(plan.per_repository.items()):
-            table.add_row(shown(name), str(usage.manifests), str(usage.layer_links),
-                          str(usage.uploads), str(usage.tag_dirs), human_bytes(usage.reclaimable_bytes))
-        console.print(table)
+        table("What would go, per repository" if not plan.applied else "What went",
+              ("repository", "manifests", "layer links", "uploads", "tag dirs", "bytes"),
+              [(name, str(u.manifests), str(u.layer_links), str(u.uploads), str(u.tag_dirs),
+                human_bytes(u.reclaimable_bytes))
+               for name, u in sorted(plan.per_repository.items())],
+              right=("manifests", "layer links", "uploads", "tag dirs", "bytes"))
     rows: list[tuple[str, str, str, str]] = []
     rows += [("blob", b.digest, b.reason, human_bytes(b.size)) for b in plan.blobs]
     rows += [("manifest", f"{m.repo}@{m.digest}", m.reason, "") for m in plan.manifests]
@@ -154,28 +157,26 @@ def render_plan(plan: GcPlan) -> None:
     rows += [("tag dir", f"{r}:{t}", "left empty", "") for r, t in plan.tag_dirs]
     rows += [("repository", r, "left empty", "") for r in plan.repositories]
     if rows:
-        table = Table(title="Details")
-        for column in ("what", "name", "why", "size"):
-            table.add_column(column, overflow="fold")
-        for what, name, why, size in rows[:MAX_ROWS]:
-            table.add_row(what, shown(name), why, size)
-        console.print(table)
-        if len(rows) > MAX_ROWS:
-            console.print(f"... and {len(rows) - MAX_ROWS} more (--json lists everything)")
+        table("Details", ("what", "name", "why", "size"), rows, right=("size",),
+              more_hint="; so does --json")
     for orphan in plan.orphan_referrers:
         fate = "kept" if orphan.kept else "removed with the untagged manifests"
-        console.print(f"referrer {shown(orphan.repo)}@{orphan.digest}: its subject "
-                      f"{orphan.subject} is gone ({fate})")
+        say(f"referrer {orphan.repo}@{orphan.digest}: its subject {orphan.subject} is gone "
+            f"({fate})")
     if plan.empty_link_dirs:
-        console.print(f"{len(plan.empty_link_dirs)} empty directories (left by API deletes or "
-                      "an interrupted run) " + ("were removed." if plan.applied else "go too."))
+        say(f"{plural(len(plan.empty_link_dirs), 'empty directory', 'empty directories')} (left "
+            "by API deletes or an interrupted run) " + ("were removed." if plan.applied else "go too."))
     if plan.young:
-        console.print(f"{len(plan.young)} candidates are younger than the grace period and stay.")
-    verb = "Reclaimed" if plan.applied else "Reclaimable"
-    console.print(
-        f"{verb}: {human_bytes(plan.reclaimable_bytes)} ({len(plan.blobs)} blobs, "
-        f"{len(plan.manifests)} manifests, {len(plan.layer_links)} layer links, "
-        f"{len(plan.uploads)} uploads, {len(plan.tag_dirs)} tag dirs, "
-        f"{len(plan.repositories)} repositories)")
+        say(f"{plural(len(plan.young), 'candidate')} younger than the grace period "
+            f"{'stays' if len(plan.young) == 1 else 'stay'}.")
+    counts = (f"{plural(len(plan.blobs), 'blob')}, {plural(len(plan.manifests), 'manifest')}, "
+              f"{plural(len(plan.layer_links), 'layer link')}, {plural(len(plan.uploads), 'upload')}, "
+              f"{plural(len(plan.tag_dirs), 'tag dir')}, "
+              f"{plural(len(plan.repositories), 'repository', 'repositories')}")
+    if plan.applied:
+        say(f"Moved to quarantine: {human_bytes(plan.reclaimable_bytes)} ({counts}); "
+            f"freed once purged: regfsck purge {root} {plan.run_id} --apply")
+    else:
+        say(f"Reclaimable: {human_bytes(plan.reclaimable_bytes)} ({counts})")
     if not plan.applied and not plan.is_blocked and not plan.empty:
-        console.print("Nothing was changed: run again with --apply to move these into the quarantine.")
+        say("Nothing was changed: run again with --apply to move these into the quarantine.")

@@ -5,46 +5,61 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    CONFIG_OPTION,
     JSON_OPTION,
     fail,
     human_bytes,
+    plural,
     print_json,
+    say,
     show_progress,
+    split_root,
     stderr_console,
-    stdout_console,
+    styled,
+    table,
 )
-from regfsck.findings import safe_text
-from regfsck.importer import ImportFailed, ImportInterrupted, ImportPlan, run_import
-from regfsck.quarantine import QuarantineError
-from regfsck.safety import SafetyError
-from regfsck.storage import StorageError
+
+if TYPE_CHECKING:
+    from regfsck.importer import ImportPlan
 
 _EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes.CANNOT_RUN}
 
 
-@app.command("import")
+@command("import")
 def import_command(
-    root: Path = typer.Argument(..., metavar="ROOT", help="Registry storage root (holding "
-                                "docker/registry/v2), its v2 directory, or an empty directory to "
-                                "start a registry in.", show_default=False),
-    source: Path = typer.Argument(..., metavar="SOURCE", help="OCI image layout directory, or oci-archive "
-                                  "(plain, .gz or .zst), e.g. from `regfsck export` or skopeo.",
-                                  show_default=False),
-    repo: str | None = typer.Option(None, "--repo", help="Put every image into this repository "
-                                    "(needed when the layout names only tags)."),
+    args: list[str] = typer.Argument(..., metavar="ROOT SOURCE", show_default=False, help=(
+        "Registry storage root (holding docker/registry/v2), its v2 directory, or an empty "
+        "directory to start a registry in (omit it with --config); then the OCI image layout "
+        "directory, or oci-archive (plain, .gz or .zst), e.g. from `regfsck export` or skopeo.")),
+    config: Path | None = CONFIG_OPTION,
+    repo: str | None = typer.Option(None, "--repo", metavar="REPO", help="Put every image into "
+                                    "this repository (needed when the layout names only tags)."),
     apply: bool = APPLY_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Import images offline, exactly as the registry would write them (plan first, --apply)."""
+    from regfsck.importer import ImportFailed, ImportInterrupted, run_import
+    from regfsck.quarantine import QuarantineError
+    from regfsck.root import RootError, rootdir_from_config
+    from regfsck.safety import SafetyError
+    from regfsck.storage import StorageError
+
+    root, source_text = split_root(args, config, "SOURCE")
+    source = Path(source_text)
+    if root is None:
+        assert config is not None
+        try:
+            root = rootdir_from_config(config)
+        except RootError as exc:
+            fail(str(exc))
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = _Bar() if show_progress(json_output) else None
@@ -75,8 +90,11 @@ class _Bar:
     """Bytes read and verified so far (the total is unknown until the source is read)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("reading and verifying"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), console=stderr_console(), transient=True)
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        self.progress = Progress(TextColumn("reading and verifying"), BarColumn(),
+                                 DownloadColumn(binary_units=True), console=stderr_console(),
+                                 transient=True)
         self.task = self.progress.add_task("import", total=None)
         self.progress.start()
 
@@ -88,26 +106,23 @@ class _Bar:
 
 
 def render_plan(plan: ImportPlan) -> None:
-    console = stdout_console()
-    table = Table(title=f"Images in {safe_text(plan.source)}")
-    for column in ("repository", "tag", "digest"):
-        table.add_column(column, overflow="fold")
-    for image in plan.images:
-        table.add_row(safe_text(image.repo), safe_text(image.tag or "(by digest)"), image.digest)
-    console.print(table)
+    import shlex
+
+    table(f"Images in {plan.source}", ("repository", "tag", "digest"),
+          [(image.repo, image.tag or "(by digest)", image.digest) for image in plan.images])
     kinds: dict[str, int] = {}
     for link in plan.links:
         kinds[link.kind] = kinds.get(link.kind, 0) + 1
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/] {safe_text(note)}")
+    for note_text in plan.notes:
+        say(styled("note: ", "yellow"), note_text)
     links = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
-    what = (f"{len(plan.new_blobs)} new blobs ({human_bytes(plan.bytes_to_write)}), "
+    what = (f"{plural(len(plan.new_blobs), 'new blob')} ({human_bytes(plan.bytes_to_write)}), "
             f"{len(plan.existing_blobs)} already in the tree; links: {links}")
     if plan.applied:
         done = "nothing to do: the tree already has all of it" if plan.is_empty else (
-            f"imported into {safe_text(plan.root)}: {what}; undo with "
-            f"`regfsck undo {safe_text(plan.root)} {plan.run_id}`")
-        console.print(done)
+            f"imported into {plan.root}: {what}; undo with "
+            f"`regfsck undo {shlex.quote(str(plan.root))} {plan.run_id}`")
+        say(done)
     else:
-        console.print(f"plan: {what}. Nothing was written; run again with --apply "
-                      "(stop the registry first).")
+        say(f"plan: {what}. Nothing was written; run again with --apply "
+            "(stop the registry first).")

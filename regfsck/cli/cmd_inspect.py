@@ -6,62 +6,73 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
-from rich.tree import Tree
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
+    CONFIG_OPTION,
+    JOBS_OPTION,
     JSON_OPTION,
+    ROOT_HELP,
     default_jobs,
     fail,
     human_bytes,
     open_root,
     print_json,
-    shown,
+    rich_text,
+    say,
+    split_root,
     stderr_console,
     stdout_console,
+    styled,
+    table,
 )
 from regfsck.findings import Severity
-from regfsck.graph import ManifestStore
-from regfsck.inspect import (
-    BlobNode,
-    Inspector,
-    InspectReport,
-    ManifestNode,
-    RefError,
-    parse_ref,
-    pick_platform,
-    read_config_bytes,
-    read_manifest_bytes,
-)
-from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, StorageError
 
-INSPECT_ROOT = typer.Argument(..., help="Registry storage root (holding docker/registry/v2) or "
-                              "the v2 directory itself.", show_default=False)
+if TYPE_CHECKING:
+    from rich.text import Text
+    from rich.tree import Tree
+
+    from regfsck.inspect import BlobNode, InspectReport, ManifestNode
 
 
-@app.command()
+@command()
 def inspect(
-    root: Path = INSPECT_ROOT,
-    ref: str = typer.Argument(..., help="repo:tag, repo@sha256:..., repo (= repo:latest) or a "
-                              "bare manifest digest.", show_default=False),
+    args: list[str] = typer.Argument(..., metavar="ROOT REF", show_default=False, help=(
+        ROOT_HELP + " Then the image: repo:tag, repo@sha256:..., repo (= repo:latest) or a bare "
+        "manifest digest; a unique digest prefix will do (repo@6d7e7209). Omit ROOT with "
+        "--config.")),
+    config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
     raw: bool = typer.Option(False, "--raw", help="Print the manifest bytes exactly as stored "
                              "(like `skopeo inspect --raw`)."),
     image_config: bool = typer.Option(False, "--image-config", help="Print the image config "
                                       "blob exactly as stored (like `skopeo inspect --config "
                                       "--raw`)."),
-    platform: str = typer.Option("", "--platform", help="With --raw/--image-config on an index: "
-                                 "the OS/ARCH[/VARIANT] child to print."),
+    platform: str = typer.Option("", "--platform", metavar="OS/ARCH[/VARIANT]", help="With "
+                                 "--raw/--image-config on an index: the OS/ARCH[/VARIANT] child "
+                                 "to print."),
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing the image's blobs and "
                                  "decompressing its layers (no uncompressed sizes)."),
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count)."),
+    jobs: int = JOBS_OPTION,
 ) -> None:
     """Show an image's manifest tree (index, platforms, config, layers), tags and health."""
+    root, ref = split_root(args, config, "REF")
+    from regfsck.graph import ManifestStore
+    from regfsck.inspect import (
+        Inspector,
+        RefError,
+        parse_ref,
+        pick_platform,
+        read_config_bytes,
+        read_manifest_bytes,
+    )
+    from regfsck.scanner import Scanner
+    from regfsck.storage import FilesystemStorage, StorageError
+
     if raw and image_config:
         fail("--raw and --image-config print different blobs: choose one", exitcodes.USAGE)
     if jobs < 0:
@@ -70,7 +81,7 @@ def inspect(
         image_ref = parse_ref(ref)
     except RefError as exc:
         fail(str(exc), exitcodes.USAGE)
-    registry = open_root(root, None)
+    registry = open_root(root, config)
     storage = FilesystemStorage(registry.v2)
     inventory = Scanner(storage, registry).scan()
     store = ManifestStore(storage, inventory)
@@ -110,48 +121,58 @@ def _size(n: int | None) -> str:
     return human_bytes(n) if n is not None else "?"
 
 
-def _blob_label(blob: BlobNode) -> str:
-    parts = [f"[bold]{blob.role}[/]", blob.digest, shown(blob.media_type or "?"),
-             _size(blob.size)]
+def _join(parts: list[str]) -> Text:
+    joined: list[str] = []
+    for i, part in enumerate(parts):
+        if i:
+            joined.append("  ")
+        joined.append(part)
+    return rich_text(*joined)
+
+
+def _blob_label(blob: BlobNode) -> Text:
+    parts: list[str] = [styled(blob.role, "bold"), blob.digest, blob.media_type or "?",
+                               _size(blob.size)]
     if blob.uncompressed_size is not None and blob.role != "config":
         parts.append(f"({blob.compression}, {_size(blob.uncompressed_size)} uncompressed)")
     if blob.foreign:
-        parts.append("[dim]foreign: " + shown(", ".join(blob.urls)) + "[/]")
+        parts.append(styled("foreign: " + ", ".join(blob.urls), "dim"))
     elif blob.stored_size is None:
-        parts.append("[bold red]MISSING[/]")
+        parts.append(styled("MISSING", "bold red"))
     elif blob.linked is False:
-        parts.append("[red]not linked in this repository[/]")
+        parts.append(styled("not linked in this repository", "red"))
     if blob.problem and blob.stored_size is not None:
-        parts.append(f"[red]{shown(blob.problem)}[/]")
-    return "  ".join(parts)
+        parts.append(styled(blob.problem, "red"))
+    return _join(parts)
 
 
 def _add_manifest(tree: Tree, node: ManifestNode) -> None:
-    label = [f"[bold]{node.digest}[/]", shown(node.media_type or "?"), _size(node.size)]
+    label: list[str] = [styled(node.digest, "bold"), node.media_type or "?", _size(node.size)]
     if node.platform:
-        label.append(f"[cyan]{shown(node.platform)}[/]")
+        label.append(styled(node.platform, "cyan"))
     if node.artifact_type:
-        label.append(f"artifact {shown(node.artifact_type)}")
+        label.append(f"artifact {node.artifact_type}")
     if node.subject:
         label.append(f"subject {node.subject}")
     if node.in_repository is False:
-        label.append("[red]no revision link in this repository[/]")
+        label.append(styled("no revision link in this repository", "red"))
     if node.problem:
-        label.append(f"[bold red]{shown(node.problem)}[/]")
-    branch = tree.add("  ".join(label))
+        label.append(styled(node.problem, "bold red"))
+    branch = tree.add(_join(label))
     if node.config is not None:
         config = branch.add(_blob_label(node.config))
         info = node.config_info
         if info is not None:
             if info.created:
-                config.add(f"created {shown(info.created)}")
+                config.add(rich_text(f"created {info.created}"))
             for entry in info.history:
                 created_by = str(entry.get("created_by", "")).strip()
-                empty = " [dim](empty layer)[/]" if entry.get("empty_layer") else ""
-                config.add(f"[dim]{shown(str(entry.get('created', '')))}[/] "
-                           f"{shown(created_by[:100])}{empty}")
+                line = [styled(str(entry.get("created", "")), "dim"), created_by[:100]]
+                if entry.get("empty_layer"):
+                    line.append(styled("(empty layer)", "dim"))
+                config.add(_join(line))
     elif node.config_info is not None and node.config_info.created:
-        branch.add(f"created {shown(node.config_info.created)}")
+        branch.add(rich_text(f"created {node.config_info.created}"))
     for layer in node.layers:
         branch.add(_blob_label(layer))
     for child in node.children:
@@ -159,33 +180,33 @@ def _add_manifest(tree: Tree, node: ManifestNode) -> None:
 
 
 def render_inspect(report: InspectReport) -> None:
+    from rich.table import Table
+    from rich.tree import Tree
+
     console = stdout_console()
-    tree = Tree(f"[bold]{shown(report.ref)}[/]")
+    tree = Tree(rich_text(styled(report.ref, "bold")))
     _add_manifest(tree, report.root)
     console.print(tree)
     info = Table(show_header=False, box=None)
-    info.add_row("tags", shown(", ".join(report.tags)) or "[yellow]none (untagged)[/]")
-    info.add_row("repositories", shown(", ".join(report.repositories)) or "none")
+    info.add_row("tags", rich_text(", ".join(report.tags)) if report.tags
+                 else rich_text(styled("none (untagged)", "yellow")))
+    info.add_row("repositories", rich_text(", ".join(report.repositories) or "none"))
     for parent in report.parents:
         tags = ", ".join(parent["tags"]) or "untagged"
-        info.add_row("listed by index", shown(f"{parent['repo']}@{parent['digest']} ({tags})"))
+        info.add_row("listed by index", rich_text(f"{parent['repo']}@{parent['digest']} ({tags})"))
     for referrer in report.referrers:
-        info.add_row("referrer", shown(f"{referrer['repo']}@{referrer['digest']} "
-                                        f"{referrer['artifact_type']}"))
+        info.add_row("referrer", rich_text(f"{referrer['repo']}@{referrer['digest']} "
+                                           f"{referrer['artifact_type']}"))
     t = report.totals
     uncompressed = (_size(t.uncompressed_bytes) if report.data_checked else "not measured")
     info.add_row("layers", f"{t.layers}: {human_bytes(t.compressed_bytes)} compressed, "
                  f"{uncompressed} uncompressed; {human_bytes(t.stored_bytes)} stored")
     console.print(info)
     if report.health:
-        table = Table(title="Health")
-        for column in ("severity", "kind", "where", "message"):
-            table.add_column(column, overflow="fold")
         style = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
-        for finding in report.health:
-            table.add_row(f"[{style[finding.severity]}]{finding.severity}[/]", finding.kind,
-                          shown(finding.path), shown(finding.message))
-        console.print(table)
+        table("Health", ("severity", "kind", "where", "message"), [
+            (styled(str(f.severity), style[f.severity]), f.kind, f.path, f.message)
+            for f in report.health])
     checked = "re-hashed" if report.data_checked else "structure only (--no-data)"
-    verdict = "healthy" if report.healthy else "[bold red]DAMAGED[/]"
-    console.print(f"health: {verdict} ({checked})")
+    say("health: ", "healthy" if report.healthy else styled("DAMAGED", "bold red"),
+        f" ({checked})")

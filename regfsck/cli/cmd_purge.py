@@ -7,31 +7,32 @@ from pathlib import Path
 import typer
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
-    ROOT_ARGUMENT,
     fail,
     human_bytes,
     open_root,
+    plural,
     print_json,
-    stdout_console,
+    say,
 )
-from regfsck.durations import DurationError, parse_duration
-from regfsck.quarantine import QuarantineError
-from regfsck.quarantine import purge as purge_runs
-from regfsck.safety import RootLock, SafetyError
-from regfsck.storage import StorageError
+
+ARGS = typer.Argument(None, metavar="[ROOT] [RUN_ID]...", show_default=False,
+                      help="Registry storage root (default /var/lib/registry; omit it with "
+                      "--config), then the runs to delete (default: every finished run; see "
+                      "`regfsck runs`).")
 
 
-@app.command()
+@command()
 def purge(
-    root: Path | None = ROOT_ARGUMENT,
+    args: list[str] | None = ARGS,
     config: Path | None = CONFIG_OPTION,
     older_than: str = typer.Option("0", "--older-than", metavar="DUR", help="Only runs that "
-                                   "ended at least this long ago (90s, 30m, 1h, 7d; 0 = all)."),
+                                   "ended at least this long ago (90s, 30m, 1h, 7d; default 0 = all).",
+                                   show_default=False),
     apply: bool = APPLY_OPTION,
     force: bool = typer.Option(False, "--force", help="Also delete runs whose content another "
                                "run's undo still needs (that undo will then refuse, or restore "
@@ -39,33 +40,43 @@ def purge(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Delete quarantined runs for good and report the bytes freed (they can no longer be undone)."""
+    from regfsck.durations import DurationError, parse_duration
+    from regfsck.quarantine import QuarantineError, check_run_id
+    from regfsck.quarantine import purge as purge_runs
+    from regfsck.safety import RootLock, SafetyError
+    from regfsck.storage import StorageError
+
+    values = list(args or [])
+    root = None if config is not None or not values else Path(values.pop(0))
     registry = open_root(root, config)
     try:
         age = parse_duration(older_than)
+        run_ids = [check_run_id(v) for v in values] or None
     except DurationError as exc:
         fail(f"--older-than: {exc}", exitcodes.USAGE)
+    except QuarantineError as exc:
+        fail(str(exc), exitcodes.USAGE)
     try:
         # Only the lock: the registry never reads the quarantine, so it may keep running.
         with RootLock(registry):
-            result = purge_runs(registry, age, dry_run=not apply, force=force)
+            result = purge_runs(registry, age, dry_run=not apply, force=force, run_ids=run_ids)
     except (SafetyError, QuarantineError, StorageError) as exc:
         fail(str(exc))
     if json_output:
         print_json(result.to_json())
         raise typer.Exit(exitcodes.OK)
-    console = stdout_console()
     verb = "Deleted" if apply else "Would delete"
-    console.print(f"{verb} {len(result.runs)} runs: {human_bytes(result.bytes_freed)} "
-                  f"{'freed' if apply else 'to free'}.")
+    say(f"{verb} {plural(len(result.runs), 'run')}: {human_bytes(result.bytes_freed)} "
+        f"{'freed' if apply else 'to free'}.")
     for run_id in result.runs:
-        console.print(f"  {run_id}")
+        say(f"  {run_id}")
     for run_id, users in result.needed.items():
-        console.print(f"Kept {run_id}: the undo of run {', '.join(users)} needs what it holds "
-                      "(undo or purge those first, or use --force).", highlight=False, soft_wrap=True)
+        say(f"Kept {run_id}: the undo of run {', '.join(users)} needs what it holds "
+            "(undo or purge those first, or use --force).")
     others = len(result.kept) - len(result.needed)
     if others:
-        console.print(f"Kept {others} runs (younger than --older-than, or interrupted: "
-                      "the next gc/undo recovers those).")
+        say(f"Kept {plural(others, 'run')} (younger than --older-than, or interrupted: "
+            "the next gc/undo recovers those).")
     if not apply and result.runs:
-        console.print("Nothing was deleted: run again with --apply (this cannot be undone).")
+        say("Nothing was deleted: run again with --apply (this cannot be undone).")
     raise typer.Exit(exitcodes.OK)

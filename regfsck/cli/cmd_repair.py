@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
+    JOBS_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
     default_jobs,
     fail,
     human_bytes,
+    note,
     open_root,
+    plural,
     print_json,
-    shown,
-    stderr_console,
-    stdout_console,
+    root_words,
+    say,
+    styled,
+    table,
+    warn,
 )
 from regfsck.findings import Severity
-from regfsck.quarantine import QuarantineError
-from regfsck.repair import RepairError, RepairResult, run_repair
-from regfsck.repair_source import BlobSource, SourceError, open_source
-from regfsck.safety import SafetyError
-from regfsck.storage import StorageError
+
+if TYPE_CHECKING:
+    from regfsck.repair import RepairResult
+    from regfsck.repair_source import BlobSource
 
 _ACTION_LABEL = {
     "rewrite_link": "rewrite link", "create_link": "create link",
@@ -40,17 +45,17 @@ _ACTION_LABEL = {
 }
 
 
-@app.command()
+@command()
 def repair(
     root: Path | None = ROOT_ARGUMENT,
     config: Path | None = CONFIG_OPTION,
-    sources: list[Path] = typer.Option([], "--from", help="A good copy to take blobs from: "
-                                       "another registry root, an OCI layout directory or an "
-                                       "OCI archive (.tar, .tar.gz, .tar.zst). Repeatable; "
+    sources: list[Path] = typer.Option([], "--from", metavar="BACKUP", help="A good copy to "
+                                       "take blobs from: another registry root, an OCI layout "
+                                       "directory or an OCI archive (.tar, .tar.gz, .tar.zst); "
                                        "tried in order.", show_default=False),
     apply: bool = APPLY_OPTION,
     json_output: bool = JSON_OPTION,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count)."),
+    jobs: int = JOBS_OPTION,
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content: "
                                  "content damage is then neither found nor fixed."),
     restore_deleted: bool = typer.Option(False, "--restore-deleted", help="Also bring back "
@@ -62,6 +67,12 @@ def repair(
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
     registry = open_root(root, config)
+    from regfsck.quarantine import QuarantineError
+    from regfsck.repair import RepairError, run_repair
+    from regfsck.repair_source import SourceError, open_source
+    from regfsck.safety import SafetyError
+    from regfsck.storage import StorageError
+
     opened: list[BlobSource] = []
     try:
         for path in sources:
@@ -89,7 +100,7 @@ def repair(
     if json_output:
         print_json(result.to_json())
     else:
-        render_repair(result, registry.root)
+        render_repair(result, root_words(registry))
     if result.interrupted:
         raise typer.Exit(exitcodes.INTERRUPTED)
     raise typer.Exit(_exit_code(result))
@@ -104,64 +115,59 @@ def _exit_code(result: RepairResult) -> int:
     return exitcodes.FINDINGS if plan.fixes or errors else exitcodes.OK
 
 
-def render_repair(result: RepairResult, root: Path) -> None:
-    console = stdout_console()
+def render_repair(result: RepairResult, root: str) -> None:
     plan = result.plan
     for message in result.recovered:
-        console.print(f"[yellow]recovered:[/] {shown(message)}")
+        say(styled("recovered: ", "yellow"), message)
     if plan.fixes:
         title = "Fixes applied" if result.applied else "Fixes (run with --apply to make them)"
-        table = Table(title=title)
-        for column in ("action", "where", "why"):
-            table.add_column(column, overflow="fold")
-        if result.applied:
-            table.add_column("status")
+        columns = ("action", "where", "why") + (("status",) if result.applied else ())
+        rows = []
         for fix in plan.fixes:
-            row = [_ACTION_LABEL.get(fix.action, fix.action), shown(fix.to_json()["path"]),
-                   shown(fix.reason)]
+            row = [_ACTION_LABEL.get(fix.action, fix.action), fix.to_json()["path"], fix.reason]
             if result.applied:
-                row.append(fix.status + (f": {shown(fix.note)}" if fix.note else ""))
-            table.add_row(*row)
-        console.print(table)
+                row.append(fix.status + (f": {fix.note}" if fix.note else ""))
+            rows.append(row)
+        table(title, columns, rows)
     else:
-        console.print("nothing regfsck can fix for certain")
+        say("nothing regfsck can fix for certain")
     if plan.lost:
-        lost = Table(title="Blobs lost: push these images again")
-        for column in ("blob", "state", "images to re-push"):
-            lost.add_column(column, overflow="fold")
-        for blob in plan.lost:
-            lost.add_row(blob.digest, blob.why, shown(", ".join(blob.images)) or "none")
-        console.print(lost)
+        table("Blobs lost: push these images again", ("blob", "state", "images to push again"),
+              [(blob.digest, blob.why, ", ".join(blob.images) or "none") for blob in plan.lost])
     if plan.unfixable:
-        table = Table(title="Not fixable by regfsck")
-        for column in ("kind", "where", "what you can do"):
-            table.add_column(column, overflow="fold")
+        unfixable: list[tuple[str, str, str]] = []
         for item in plan.unfixable:
-            where = " ".join(x for x in (item.finding.repo or "",
-                                         f":{item.finding.tag}" if item.finding.tag else "",
-                                         f"\n{item.finding.path}") if x)
-            table.add_row(item.finding.kind, shown(where), shown(item.advice))
-        console.print(table)
+            where = item.finding.repo or ""
+            if item.finding.tag:
+                where += f":{item.finding.tag}"
+            unfixable.append((item.finding.kind, f"{where} {item.finding.path}".strip(), item.advice))
+        table("Not fixable by regfsck", ("kind", "where", "what you can do"), unfixable)
     restored = sum(f.size or 0 for f in plan.fixes if f.source and f.status != "skipped")
     if restored:
-        console.print(f"{human_bytes(restored)} taken from {shown(', '.join(plan.sources))}")
+        say(f"{human_bytes(restored)} taken from {', '.join(plan.sources)}")
     if not result.applied:
         if plan.fixes:
-            console.print(f"{len(plan.fixes)} fixes planned; nothing was changed "
-                          "(add --apply to make them)")
+            say(f"{plural(len(plan.fixes), 'fix', 'fixes')} planned; nothing was changed "
+                "(add --apply to make them)")
+            note(f"Next: stop the registry, then: regfsck repair {root}"
+                 + "".join(f" --from {shlex.quote(s)}" for s in plan.sources) + " --apply")
+        if plan.repush:
+            note("Then push again: " + " ".join(plan.repush))
         return
     applied = sum(1 for f in plan.fixes if f.status == "applied")
     if result.run_id:
-        console.print(f"{applied} fixes applied in run {result.run_id}; "
-                      f"revert with: regfsck undo {shown(str(root))} {result.run_id}")
-        stderr_console().print("[yellow]Restart the registry before it serves again[/]: its "
-                               "blob-descriptor cache still remembers the old state.")
+        say(f"{plural(applied, 'fix', 'fixes')} applied in run {result.run_id}; "
+            f"revert with: regfsck undo {root} {result.run_id}")
+        warn(styled("Restart the registry before it serves again", "yellow"), ": its "
+             "blob-descriptor cache still remembers the old state.")
     if result.interrupted:
-        console.print("[yellow]interrupted: the remaining fixes were not applied[/]")
+        say(styled("interrupted: the remaining fixes were not applied", "yellow"))
+    if plan.repush:
+        note("Push these images again (their blobs are gone): " + " ".join(plan.repush))
     errors = [f for f in result.remaining if f.severity is Severity.ERROR]
     if result.remaining:
-        console.print(f"after repair, verify (structure) still reports {len(errors)} errors and "
-                      f"{len(result.remaining) - len(errors)} warnings (listed above as not "
-                      "fixable)")
+        say(f"after repair, verify (structure) still reports {plural(len(errors), 'error')} and "
+            f"{plural(len(result.remaining) - len(errors), 'warning')} (listed above as not "
+            "fixable)")
     else:
-        console.print("after repair, verify (structure) reports nothing")
+        say("after repair, verify (structure) reports nothing")

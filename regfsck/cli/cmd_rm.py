@@ -2,37 +2,47 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
     fail,
     human_bytes,
+    note,
     open_root,
     print_json,
-    shown,
-    stderr_console,
-    stdout_console,
+    root_words,
+    say,
+    styled,
+    table,
 )
-from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
-from regfsck.rm import RmPlan, RmRefError, plan_rm
-from regfsck.root import RegistryRoot
+
+if TYPE_CHECKING:
+    from regfsck.rm import RmPlan
+    from regfsck.root import RegistryRoot
 
 ARGS = typer.Argument(..., metavar="ROOT REF...", show_default=False,
                       help="The registry storage root (omit it with --config), then one or more of "
-                      "repo:tag (that tag only), repo@sha256:... (the manifest and the tags on it), "
-                      "repo (the whole repository).")
+                      "repo:tag (that tag only), repo@sha256:... (the manifest and the tags on it; "
+                      "a unique digest prefix will do), repo (the whole repository).")
 
 
-@app.command()
+def _looks_like_ref(value: str) -> bool:
+    """`app/web:stable` or `app@sha256:...` given where ROOT belongs (and no such directory)."""
+    return (":" in value or "@" in value) and not value.startswith(("/", ".")) \
+        and "://" not in value and not os.path.exists(value)
+
+
+@command()
 def rm(
     args: list[str] = ARGS,
     config: Path | None = CONFIG_OPTION,
@@ -43,18 +53,24 @@ def rm(
 ) -> None:
     """Remove tags, manifests or repositories; then `regfsck gc` frees the blobs."""
     values = list(args)
+    if config is None and _looks_like_ref(values[0]):
+        fail(f"ROOT is missing: {values[0]!r} is a REF, not a directory; give the registry "
+             f"storage root first (regfsck rm ROOT {values[0]}) or --config", exitcodes.USAGE)
     root = None if config is not None else Path(values.pop(0))
     if not values:
-        fail("give at least one REF (repo:tag, repo@sha256:... or repo)", exitcodes.USAGE)
+        fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
+             exitcodes.USAGE)
     registry = open_root(root, config)
+    from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
+
     if not apply:
         plan = _plan(registry, values, force)
-        _output(plan, json_output, [])
+        _output(plan, json_output, [], root_words(registry))
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
     with guarded(registry, json_output) as recovered:
         plan = _plan(registry, values, force)
         if plan.is_blocked:
-            _output(plan, json_output, recovered)
+            _output(plan, json_output, recovered, root_words(registry))
             raise typer.Exit(exitcodes.CANNOT_RUN)
         result = run_sweep(registry, "rm", {"refs": plan.refs, "force": force}, plan.removal_list,
                            plan.empty_dirs, grace=timedelta(0),
@@ -62,46 +78,57 @@ def rm(
     plan.applied = result.run_id is not None
     plan.run_id = result.run_id
     plan.apply_result = result.to_json()
-    _output(plan, json_output, recovered)
+    _output(plan, json_output, recovered, root_words(registry))
     if not json_output:
         for line in after_apply_text(registry, result):
-            stderr_console().print(line, highlight=False)
-        stderr_console().print(f"Run `regfsck gc {registry.root} --apply` to free the blobs.")
+            note(line)
+        for line in gc_hint(plan, root_words(registry)):
+            note(line)
     raise typer.Exit(exitcodes.INTERRUPTED if result.interrupted else exitcodes.OK)
 
 
+def gc_hint(plan: RmPlan, root: str) -> list[str]:
+    """Which gc frees the blobs: the default one, or only --delete-untagged (an untagged
+    manifest keeps its blobs under the default mark), or none."""
+    if plan.reclaimable_bytes:
+        return [f"Free the blobs: regfsck gc {root} --apply"]
+    if plan.reclaimable_bytes_delete_untagged:
+        return ["The default gc frees nothing here: the manifests left untagged keep their "
+                "blobs. Collect them with:",
+                f"  regfsck gc {root} --delete-untagged --apply"]
+    return ["No blob is freed: other images still use them."]
+
+
 def _plan(registry: RegistryRoot, refs: list[str], force: bool) -> RmPlan:
+    from regfsck.rm import RmRefError, plan_rm
+
     try:
         return plan_rm(registry, refs, force=force)
     except RmRefError as exc:
         fail(str(exc), exitcodes.USAGE)
 
 
-def _output(plan: RmPlan, json_output: bool, recovered: list[str]) -> None:
+def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str) -> None:
     if json_output:
         print_json({**plan.to_json(), "recovered": recovered})
         return
-    console = stdout_console()
-    table = Table(title="Removed" if plan.applied else "Would remove")
-    for column in ("what", "name", "note"):
-        table.add_column(column, overflow="fold")
+    rows: list[tuple[str, str, str]] = []
     for repo in plan.repositories:
         links = sum(1 for r, _ in plan.layer_links if r == repo)
         uploads = sum(1 for r, _, _ in plan.uploads if r == repo)
-        table.add_row("repository", shown(repo), f"with {links} layer links, {uploads} uploads")
+        rows.append(("repository", repo, f"with {links} layer links, {uploads} uploads"))
     for repo, digest, tags in plan.manifests:
-        table.add_row("manifest", shown(f"{repo}@{digest}"),
-                      f"tags: {', '.join(tags)}" if tags else "untagged")
+        rows.append(("manifest", f"{repo}@{digest}", f"tags: {', '.join(tags)}" if tags else "untagged"))
     for repo, tag, was in plan.tags:
-        table.add_row("tag", shown(f"{repo}:{tag}"), f"was {was}" if was else "")
-    console.print(table)
+        rows.append(("tag", f"{repo}:{tag}", f"was {was}" if was else ""))
+    table("Removed" if plan.applied else "Would remove", ("what", "name", "note"), rows)
     for repo, digest, subject in plan.orphaned_referrers:
-        console.print(f"note: referrer {shown(repo)}@{digest} loses its subject {subject} "
-                      "(gc --delete-untagged removes it unless it is tagged)")
+        say(f"note: referrer {repo}@{digest} loses its subject {subject} "
+            "(gc --delete-untagged removes it unless it is tagged)")
     for reason in plan.refused:
-        console.print(f"[bold red]refused:[/] {reason}")
-    console.print(f"The next `regfsck gc` frees {human_bytes(plan.reclaimable_bytes)}; "
-                  f"`regfsck gc --delete-untagged` frees "
-                  f"{human_bytes(plan.reclaimable_bytes_delete_untagged)} because of this.")
+        say(styled("refused: ", "bold red"), reason)
+    say(f"The next `regfsck gc` frees {human_bytes(plan.reclaimable_bytes)}; "
+        f"`regfsck gc --delete-untagged` frees "
+        f"{human_bytes(plan.reclaimable_bytes_delete_untagged)} because of this.")
     if not plan.applied and not plan.is_blocked:
-        console.print("Nothing was changed: run again with --apply to move these into the quarantine.")
+        say("Nothing was changed: run again with --apply to move these into the quarantine.")

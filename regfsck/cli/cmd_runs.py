@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
@@ -16,16 +16,18 @@ from regfsck.cli.common import (
     human_bytes,
     open_root,
     print_json,
-    stdout_console,
+    root_words,
+    say,
 )
-from regfsck.quarantine import QuarantineError, list_runs
 
 
-@app.command()
+@command()
 def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
          json_output: bool = JSON_OPTION) -> None:
     """List the runs kept in ROOT/regfsck-quarantine (oldest first)."""
     registry = open_root(root, config)
+    from regfsck.quarantine import QuarantineError, list_runs
+
     try:
         found = list_runs(registry)
     except QuarantineError as exc:
@@ -34,16 +36,17 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
         print_json({"runs": [r.to_json() for r in found],
                     "bytes": sum(r.bytes for r in found)})
         raise typer.Exit(exitcodes.OK)
-    console = stdout_console()
     if not found:
-        console.print("No runs in the quarantine.")
+        say("No runs in the quarantine.")
         raise typer.Exit(exitcodes.OK)
-    console.print(f"Runs in {registry.root}/regfsck-quarantine (ids start with the UTC time):",
-                  soft_wrap=True)
+    words = root_words(registry)
+    say(f"Runs in {registry.root}/regfsck-quarantine (ids start with the UTC time):")
     for run in found:
         note = f"  ({run.note})" if run.note else ""
-        console.print(f"{run.run_id}  {run.command:<7} {run.status:<11} {run.changes:>7} changes "
-                      f"{human_bytes(run.bytes):>10}{note}", highlight=False, soft_wrap=True)
-    console.print(f"{human_bytes(sum(r.bytes for r in found))} held in total; "
-                  "`regfsck undo ROOT RUN_ID` reverts a run, `regfsck purge ROOT --apply` frees it.")
+        changes = f"{run.changes:>7} {'change ' if run.changes == 1 else 'changes'}"
+        say(f"{run.run_id}  {run.command:<7} {run.status:<11} {changes} "
+            f"{human_bytes(run.bytes):>10}{note}")
+    say(f"{human_bytes(sum(r.bytes for r in found))} held in total; "
+        f"`regfsck undo {words} RUN_ID` reverts a run, `regfsck purge {words} RUN_ID --apply` "
+        "frees it for good.")
     raise typer.Exit(exitcodes.OK)

@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
     fail,
     human_bytes,
+    note,
     open_root,
     print_json,
-    shown,
-    stdout_console,
+    table,
     with_requests,
 )
-from regfsck.findings import safe_text
-from regfsck.graph import ManifestStore
-from regfsck.scanner import Scanner
-from regfsck.storage import StorageError, open_storage
-from regfsck.usage import ScanReport, build_scan_report
+
+if TYPE_CHECKING:
+    from regfsck.usage import ScanReport
 
 
-@app.command()
+@command()
 def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
          json_output: bool = JSON_OPTION,
-         top: int = 10,
+         top: int = typer.Option(10, "--top", metavar="N", help="How many of the largest "
+                                 "repositories to list."),
          html: Path | None = typer.Option(
              None, "--html", metavar="FILE", help="Also write a self-contained HTML page: a "
              "treemap of disk use by repository and tag, the largest images, what gc would "
@@ -47,6 +45,11 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     if html is not None and not html.parent.is_dir():
         fail(f"--html: directory {html.parent} does not exist", exitcodes.USAGE)
     registry = open_root(root, config, object_storage=True)
+    from regfsck.graph import ManifestStore
+    from regfsck.scanner import Scanner
+    from regfsck.storage import StorageError, open_storage
+    from regfsck.usage import build_scan_report
+
     storage = open_storage(registry)
     try:
         inventory = Scanner(storage, registry).scan()
@@ -55,6 +58,7 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     if html is not None:
         from regfsck.cli.scan_html import load_findings, render_html, write_html
         from regfsck.diskmap import build_disk_map
+
         verified = load_findings(findings) if findings is not None else None
         now = datetime.now(UTC)
         disk = build_disk_map(inventory, storage, now)
@@ -62,57 +66,44 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
                                      findings=verified))
         report = disk.scan
         if not json_output:
-            sys.stderr.write(f"HTML report written to {safe_text(str(html))}\n")
+            note(f"HTML report written to {html}")
     else:
         report = build_scan_report(inventory, ManifestStore(storage, inventory), datetime.now(UTC))
     if json_output:
         print_json(with_requests(registry, report.to_json()))
     else:
         render_scan(report, top)
-    raise SystemExit(exitcodes.OK)
+    raise typer.Exit(exitcodes.OK)
 
 
 def render_scan(report: ScanReport, top: int) -> None:
-    console = stdout_console()
-    totals = Table(title="Registry totals", show_header=False)
-    totals.add_row("repositories", str(len(report.repositories)))
-    totals.add_row("tags", str(sum(len(r.tags) for r in report.repositories)))
-    totals.add_row("manifest revisions", str(sum(len(r.manifests) for r in report.repositories)))
-    totals.add_row("layer links", str(sum(r.layer_links for r in report.repositories)))
-    totals.add_row("blobs", f"{report.blob_count} ({human_bytes(report.blob_bytes)})")
-    totals.add_row("unreferenced blobs",
-                   f"{report.unreferenced_count} ({human_bytes(report.unreferenced_bytes)})")
     stale = [u for u in report.uploads if u.stale]
-    totals.add_row("uploads", f"{len(report.uploads)} ({len(stale)} stale, "
-                   f"{human_bytes(sum(u.size for u in stale))})")
-    totals.add_row("dedup ratio", f"{report.dedup_ratio:.2f}x")
-    totals.add_row("files seen", str(report.files_seen))
+    totals = [
+        ("repositories", str(len(report.repositories))),
+        ("tags", str(sum(len(r.tags) for r in report.repositories))),
+        ("manifest revisions", str(sum(len(r.manifests) for r in report.repositories))),
+        ("layer links", str(sum(r.layer_links for r in report.repositories))),
+        ("blobs", f"{report.blob_count} ({human_bytes(report.blob_bytes)})"),
+        ("unreferenced blobs", f"{report.unreferenced_count} ({human_bytes(report.unreferenced_bytes)})"),
+        ("uploads", f"{len(report.uploads)} ({len(stale)} stale, "
+                    f"{human_bytes(sum(u.size for u in stale))})"),
+        ("dedup ratio", f"{report.dedup_ratio:.2f}x"),
+        ("files seen", str(report.files_seen)),
+    ]
     if report.anomalies:
-        totals.add_row("anomalies", f"{report.anomalies} (run `regfsck verify` for details)")
-    console.print(totals)
-
-    repos = Table(title="Repositories")
-    for column in ("repository", "tags", "manifests", "unique", "shared"):
-        repos.add_column(column, justify="left" if column == "repository" else "right")
-    for usage in report.repositories:
-        repos.add_row(shown(usage.name), str(len(usage.tags)), str(len(usage.manifests)),
-                      human_bytes(usage.unique_bytes), human_bytes(usage.shared_bytes))
-    console.print(repos)
-
+        totals.append(("anomalies", f"{report.anomalies} (run `regfsck verify` for details)"))
+    table("Registry totals", ("what", "count"), totals, limit=None)
+    table("Repositories", ("repository", "tags", "manifests", "unique", "shared"),
+          [(u.name, str(len(u.tags)), str(len(u.manifests)), human_bytes(u.unique_bytes),
+            human_bytes(u.shared_bytes)) for u in report.repositories],
+          right=("tags", "manifests", "unique", "shared"))
     largest = sorted(report.repositories, key=lambda r: r.unique_bytes + r.shared_bytes,
                      reverse=True)[:top]
     if largest:
-        big = Table(title=f"Largest {len(largest)} repositories (unique + shared)")
-        big.add_column("repository")
-        big.add_column("bytes", justify="right")
-        for usage in largest:
-            big.add_row(shown(usage.name), human_bytes(usage.unique_bytes + usage.shared_bytes))
-        console.print(big)
+        table(f"Largest {len(largest)} repositories (unique + shared)", ("repository", "bytes"),
+              [(u.name, human_bytes(u.unique_bytes + u.shared_bytes)) for u in largest],
+              right=("bytes",))
     if stale:
-        uploads = Table(title="Stale uploads (gc --apply removes them)")
-        for column in ("repository", "upload", "size", "started"):
-            uploads.add_column(column)
-        for upload in stale:
-            uploads.add_row(shown(upload.repo), shown(upload.id), human_bytes(upload.size),
-                            upload.started_at or "never (no startedat)")
-        console.print(uploads)
+        table("Stale uploads (gc --apply removes them)", ("repository", "upload", "size", "started"),
+              [(u.repo, u.id, human_bytes(u.size), u.started_at or "never (no startedat)")
+               for u in stale])

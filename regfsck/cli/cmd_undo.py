@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
-from regfsck.cli.common import CONFIG_OPTION, JSON_OPTION, fail, open_root, print_json, stdout_console
-from regfsck.cli.sweeping import CACHE_REMINDER, guarded
-from regfsck.quarantine import QuarantineError, UndoPlan, list_runs, plan_undo, undo_target
-from regfsck.quarantine import undo as undo_run
+from regfsck.cli.app import command
+from regfsck.cli.common import CONFIG_OPTION, JSON_OPTION, fail, note, open_root, print_json, say, warn
+
+if TYPE_CHECKING:
+    from regfsck.quarantine import UndoPlan
 
 ARGS = typer.Argument(None, metavar="[ROOT] [RUN_ID]", show_default=False,
                       help="Registry storage root (default /var/lib/registry; omit it with --config), "
@@ -37,26 +38,25 @@ def _show_plan(plan: UndoPlan, json_output: bool) -> None:
     if json_output:
         print_json({**plan.to_json(), "applied": False})
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.problems else exitcodes.OK)
-    console = stdout_console()
     counts = {a: plan.count(a) for a in ("move_back", "unmake", "rmdir", "remake_dir", "keep",
                                          "already_there")}
-    console.print(f"Undo of run {plan.run_id} would: move {counts['move_back']} paths back, move "
-                  f"{counts['unmake']} created files into the run's quarantine, remove "
-                  f"{counts['rmdir']} and recreate {counts['remake_dir']} directories, keep "
-                  f"{counts['keep'] + counts['already_there']} paths in place.", highlight=False)
+    say(f"Undo of run {plan.run_id} would: move {counts['move_back']} paths back, move "
+        f"{counts['unmake']} created files into the run's quarantine, remove "
+        f"{counts['rmdir']} and recreate {counts['remake_dir']} directories, keep "
+        f"{counts['keep'] + counts['already_there']} paths in place.")
     for step in plan.steps:
         if step.action in ("keep", "already_there"):
-            console.print(f"  keep {step.rel}: {step.why}", highlight=False, soft_wrap=True)
+            say(f"  keep {step.rel}: {step.why}")
     for warning in plan.warnings:
-        console.print(f"  warning: {warning}", highlight=False, soft_wrap=True)
+        say(f"  warning: {warning}")
     if plan.problems:
-        console.print(f"Refused: {plan.refusal()}", highlight=False, soft_wrap=True)
+        say(f"Refused: {plan.refusal()}")
         raise typer.Exit(exitcodes.CANNOT_RUN)
-    console.print("Nothing was changed (--dry-run).")
+    say("Nothing was changed (--dry-run).")
     raise typer.Exit(exitcodes.OK)
 
 
-@app.command()
+@command()
 def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
          dry_run: bool = DRY_RUN_OPTION, json_output: bool = JSON_OPTION) -> None:
     """Revert a run: what it moved comes back, what it created goes to its quarantine.
@@ -66,6 +66,10 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     be done whole, or would bring back a tag that cannot be pulled, is refused (exit 3)
     naming the newer run to undo first. Nothing is deleted: reverted creations wait in
     the run's quarantine for `purge`."""
+    from regfsck.cli.sweeping import CACHE_REMINDER, guarded
+    from regfsck.quarantine import QuarantineError, list_runs, plan_undo, undo_target
+    from regfsck.quarantine import undo as undo_run
+
     root, run_id = split_root_and_run(args, config)
     registry = open_root(root, config)
     if dry_run:
@@ -86,8 +90,7 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
                 print_json({"run_id": reverted_by_recovery[-1], "reverted_by_recovery": True,
                             "recovered": recovered})
             else:
-                stdout_console().print(f"Run {reverted_by_recovery[-1]} had been interrupted; "
-                                       "recovery reverted it.")
+                say(f"Run {reverted_by_recovery[-1]} had been interrupted; recovery reverted it.")
             raise typer.Exit(exitcodes.OK)
         try:
             result = undo_run(registry, run_id)
@@ -96,18 +99,17 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     if json_output:
         print_json({**result.to_json(), "reverted_by_recovery": False, "recovered": recovered})
     else:
-        console = stdout_console()
-        console.print(f"Reverted run {result.run_id} ({result.command}): {result.moved_back} paths "
-                      f"moved back, {result.files_removed} created files moved into its quarantine, "
-                      f"{result.dirs_removed} created directories removed, {result.dirs_recreated} "
-                      "directories recreated.")
+        say(f"Reverted run {result.run_id} ({result.command}): {result.moved_back} paths "
+            f"moved back, {result.files_removed} created files moved into its quarantine, "
+            f"{result.dirs_removed} created directories removed, {result.dirs_recreated} "
+            "directories recreated.")
         files_kept = [k for k in result.kept if "/data:" in k or "/link:" in k]
         if files_kept:
-            console.print(f"Kept in place {len(files_kept)} files the run had created that are used "
-                          "or rewritten since:", highlight=False)
+            say(f"Kept in place {len(files_kept)} files the run had created that are used "
+                "or rewritten since:")
             for line in files_kept[:20]:
-                console.print(f"  {line}", highlight=False, soft_wrap=True)
+                say(f"  {line}")
         for warning in result.warnings:
-            console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
-        console.print(CACHE_REMINDER)
+            warn(f"warning: {warning}")
+        note(CACHE_REMINDER)
     raise typer.Exit(exitcodes.OK)

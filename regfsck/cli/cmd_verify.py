@@ -4,41 +4,40 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
+    SETTINGS,
     default_jobs,
     fail,
     human_bytes,
+    note,
     open_root,
+    plural,
     print_json,
+    root_words,
+    say,
     show_progress,
     stderr_console,
-    stdout_console,
+    stdout_is_terminal,
+    styled,
+    table,
+    warn,
     with_requests,
 )
-from regfsck.cli.verify_deep import RichDeepProgress, deep_json, render_deep
 from regfsck.cli.verify_incremental import (
     CHANGED_ONLY_OPTION,
     MAX_AGE_OPTION,
@@ -47,40 +46,47 @@ from regfsck.cli.verify_incremental import (
     incremental_options,
     render_incremental,
 )
-from regfsck.cli.verify_metrics import METRICS_FILE_OPTION, MetricsRun
-from regfsck.findings import Severity
-from regfsck.objectstore import default_jobs as s3_default_jobs
-from regfsck.record import RecordError
-from regfsck.storage import StorageError
-from regfsck.verify import (
-    DataProgress,
-    UnknownRepositoryError,
-    VerifyOptions,
-    VerifyReport,
-    run_verify,
-)
+from regfsck.cli.verify_metrics import METRICS_FILE_OPTION
+from regfsck.findings import BLOB_KINDS, Finding, Severity
+
+if TYPE_CHECKING:
+    from regfsck.deep import DeepProgress
+    from regfsck.root import RegistryRoot
+    from regfsck.verify import DataProgress, VerifyReport
 
 
-class RichDataProgress(DataProgress):
-    """A bytes / rate / ETA bar on stderr."""
+def data_progress() -> DataProgress:
+    """A bytes / rate / ETA bar on stderr (IEC units, like the summary)."""
+    from rich.progress import Progress, TextColumn
 
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("hashing blobs"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=stderr_console(), transient=True)
-        self.task = self.progress.add_task("hash", total=0)
-        self._lock = threading.Lock()
+    from regfsck.cli.common import byte_columns
+    from regfsck.verify import DataProgress
 
-    def start(self, total_bytes: int, total_blobs: int) -> None:
-        self.progress.update(self.task, total=total_bytes)
-        self.progress.start()
+    class RichDataProgress(DataProgress):
+        def __init__(self) -> None:
+            self.progress = Progress(TextColumn("hashing blobs"), *byte_columns(),
+                                     console=stderr_console(), transient=True)
+            self.task = self.progress.add_task("hash", total=0)
+            self._lock = threading.Lock()
 
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self.progress.advance(self.task, nbytes)
+        def start(self, total_bytes: int, total_blobs: int) -> None:
+            self.progress.update(self.task, total=total_bytes)
+            self.progress.start()
 
-    def finish(self) -> None:
-        self.progress.stop()
+        def advance(self, nbytes: int) -> None:
+            with self._lock:
+                self.progress.advance(self.task, nbytes)
+
+        def finish(self) -> None:
+            self.progress.stop()
+
+    return RichDataProgress()
+
+
+def deep_progress() -> DeepProgress:
+    from regfsck.cli.verify_deep import RichDeepProgress  # rich.progress and deep: --deep only
+
+    return RichDeepProgress()
 
 
 def stop_on_interrupt(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
@@ -95,15 +101,32 @@ def stop_on_interrupt(stop: threading.Event) -> Callable[[int, FrameType | None]
     return handler
 
 
-@app.command()
+def _awareness(registry: RegistryRoot) -> None:
+    """Say what else is at work on ROOT: findings may be its work in progress."""
+    from regfsck.safety import LockHeldError, RootLock, registry_users
+
+    try:
+        RootLock(registry).raise_if_held()
+    except LockHeldError as exc:
+        note(f"note: {exc}; what it has half done (an import's blobs without links, a gc's "
+             "moves) can show up as findings below")
+    users = registry_users(registry)
+    if users:
+        note(f"note: {plural(len(users), 'process', 'processes')} may be using this tree "
+             f"({users[0]}); a registry writing now can make findings that are only a push "
+             "in flight")
+
+
+@command()
 def verify(
     root: Path | None = ROOT_ARGUMENT,
     config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Hashing threads (default: CPU count; "
-                             "on object storage: requests in flight, default 64)."),
-    repo: list[str] = typer.Option([], "--repo", help="Check only this repository "
-                                   "(repeatable); blobs it uses are re-hashed."),
+    jobs: int = typer.Option(0, "--jobs", "-j", metavar="N", show_default=False,
+                             help="Hashing threads (default: the number of CPUs; on object "
+                             "storage: requests in flight, default 64)."),
+    repo: list[str] = typer.Option([], "--repo", metavar="REPO", help="Check only this "
+                                   "repository; blobs it uses are re-hashed.", show_default=False),
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content "
                                  "(structure only)."),
     strict: bool = typer.Option(False, "--strict", help="Treat tags without current/link, "
@@ -132,7 +155,15 @@ def verify(
         fail("--state-dir is for trees in object storage; a local tree keeps its record in "
              "ROOT/regfsck-state", exitcodes.USAGE)
     if registry.is_object_storage and not jobs:
+        from regfsck.objectstore import default_jobs as s3_default_jobs
+
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
+    from regfsck.cli.verify_metrics import MetricsRun
+    from regfsck.storage import StorageError
+    from regfsck.verify import UnknownRepositoryError, VerifyOptions, run_verify
+
+    if not registry.is_object_storage:
+        _awareness(registry)
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
                             check_data=not no_data, strict=strict, deep=deep,
                             state_dir=state_dir, **incremental_options(
@@ -144,62 +175,115 @@ def verify(
     try:
         show = show_progress(json_output)
         report = run_verify(registry, options, stop=stop,
-                            progress=RichDataProgress() if show else None,
-                            deep_progress=RichDeepProgress() if show and deep else None,
+                            progress=data_progress() if show else None,
+                            deep_progress=deep_progress() if show and deep else None,
                             inventory=metrics.scan() if metrics is not None else None)
         deep_summary = report.deep
     except UnknownRepositoryError as exc:
         if metrics is not None:
             metrics.finish(None, exitcodes.USAGE)
         fail(str(exc), exitcodes.USAGE)
-    except (RecordError, StorageError) as exc:
+    except Exception as exc:
+        record = sys.modules.get("regfsck.record")  # loaded only when blob data is checked
+        if not isinstance(exc, StorageError) and (
+                record is None or not isinstance(exc, record.RecordError)):
+            raise
         if metrics is not None:
             metrics.finish(None, exitcodes.CANNOT_RUN)
         fail(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     if json_output:
-        print_json(with_requests(registry, report.to_json() | deep_json(deep_summary)))
+        print_json(with_requests(registry, report.to_json()
+                                 | ({"deep": deep_summary.to_json()} if deep_summary else {})))
     else:
         render_verify(report)
         render_incremental(report.summary)
-        render_deep(deep_summary)
+        if deep_summary is not None:
+            from regfsck.cli.verify_deep import render_deep
+
+            render_deep(deep_summary)
+        if not report.summary.interrupted:
+            for line in next_steps(report.findings, root_words(registry)):
+                note(line)
     code = exitcodes.FINDINGS if report.summary.errors else exitcodes.OK
     if report.summary.interrupted:
-        stderr_console().print("interrupted: the summary covers only what was checked")
+        warn("interrupted: the summary covers only what was checked")
         code = exitcodes.INTERRUPTED
     raise typer.Exit(metrics.finish(report, code) if metrics is not None else code)
 
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
 _ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+GC_KINDS = frozenset({"upload_stale", "upload_no_startedat", "layer_link_dangling", "empty_dir",
+                      "tmp_leftover"})
+
+
+def _where(finding: Finding) -> str:
+    where = finding.repo or ""
+    if finding.tag:
+        where += f":{finding.tag}"
+    return where
 
 
 def render_verify(report: VerifyReport) -> None:
-    """One block per finding (severity, kind, where, what), then counts per kind."""
-    console = stdout_console()
-    for finding in report.findings:
-        style = _STYLE[finding.severity]
-        where = finding.repo or ""
-        if finding.tag:
-            where += f":{finding.tag}"
-        console.print(Text.assemble((f"{finding.severity:<7} ", style), (finding.kind, "bold"),
-                                    f"  {where}" if where else ""))
-        console.print(Text(f"        {finding.path}", style="dim"))
-        console.print(Text(f"        {finding.message}"))
-        if finding.affected_tags:
-            console.print(Text(f"        affects tags: {', '.join(finding.affected_tags)}"))
-    if report.findings:
-        counts = Counter((f.severity, f.kind) for f in report.findings)
-        table = Table(title="Findings by kind")
-        table.add_column("severity")
-        table.add_column("kind")
-        table.add_column("count", justify="right")
-        for (severity, kind), count in sorted(counts.items(), key=lambda item: (
-                _ORDER[item[0][0]], item[0][1])):
-            table.add_row(Text(str(severity), style=_STYLE[severity]), kind, str(count))
-        console.print(table)
+    """On a terminal one block per finding (severity, kind, where, path, what, tags), then
+    counts per kind. Piped: one tab-separated line per finding with the full path."""
+    findings = report.findings
+    if not stdout_is_terminal():
+        if findings:
+            table("Findings", ("severity", "kind", "where", "path", "message", "affected tags"),
+                  [(str(f.severity), f.kind, _where(f), f.path, f.message,
+                    " ".join(f.affected_tags)) for f in findings])
+    else:
+        for finding in findings:
+            where = _where(finding)
+            say(styled(f"{finding.severity:<7} ", _STYLE[finding.severity]),
+                styled(finding.kind, "bold"), f"  {where}" if where else "")
+            say(styled(f"        {finding.path}", "dim"))
+            say(f"        {finding.message}")
+            if finding.affected_tags:
+                say(f"        affects: {', '.join(finding.affected_tags)}")
+        if findings:
+            counts = Counter((f.severity, f.kind) for f in findings)
+            table("Findings by kind", ("severity", "kind", "count"), [
+                (styled(str(severity), _STYLE[severity]), kind, str(count))
+                for (severity, kind), count in sorted(counts.items(), key=lambda item: (
+                    _ORDER[item[0][0]], item[0][1]))], right=("count",))
     s = report.summary
-    console.print(
-        f"{s.errors} errors, {s.warnings} warnings, {s.infos} notes; "
-        f"{s.blobs_verified} blobs re-hashed ({human_bytes(s.bytes_verified)})")
+    say(f"{plural(s.errors, 'error')}, {plural(s.warnings, 'warning')}, "
+        f"{plural(s.infos, 'note')}; {plural(s.blobs_verified, 'blob')} re-hashed "
+        f"({human_bytes(s.bytes_verified)})")
+
+
+def next_steps(findings: list[Finding], root: str) -> list[str]:
+    """What to do about these findings, as exact command lines (stderr, silenced by -q)."""
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    lines: list[str] = []
+    if errors:
+        blob_damage = [f for f in errors if f.kind in BLOB_KINDS]
+        lines.append("Next: see the exact fixes regfsck can make (nothing changes without --apply):")
+        lines.append(f"  regfsck repair {root}")
+        if blob_damage:
+            images = sorted({t for f in blob_damage for t in f.affected_tags})
+            lines.append("Damaged or missing blobs: restore them from a good copy (another "
+                         "registry root, an OCI layout or an archive from `regfsck export`):")
+            lines.append(f"  regfsck repair {root} --from BACKUP --apply")
+            lines.append("or, without a backup, quarantine them and push the images that need "
+                         "them again (the next push uploads the blobs):")
+            lines.append(f"  regfsck repair {root} --apply")
+            if images:
+                shown = images if SETTINGS.verbose or len(images) <= 20 else images[:20]
+                lines.append(f"  then push again: {' '.join(shown)}"
+                             + (f" (and {len(images) - len(shown)} more; -v lists all)"
+                                if len(shown) < len(images) else ""))
+        else:
+            lines.append(f"  regfsck repair {root} --apply")
+        lines.append("Stop the registry before --apply, restart it afterwards.")
+    elif any(f.kind in GC_KINDS for f in findings):
+        lines.append("Next: stale uploads and dead links go with the collector:")
+        lines.append(f"  regfsck gc {root}        (the plan)")
+        lines.append(f"  regfsck gc {root} --apply")
+    elif not findings:
+        lines.append("Nothing to do: the tree is consistent.")
+    return lines

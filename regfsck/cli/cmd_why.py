@@ -3,45 +3,64 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from regfsck import exitcodes
-from regfsck.cli.app import app
+from regfsck.cli.app import command
 from regfsck.cli.common import (
+    CONFIG_OPTION,
     JSON_OPTION,
+    ROOT_HELP,
     fail,
     human_bytes,
     open_root,
+    plural,
     print_json,
-    shown,
-    stdout_console,
+    say,
+    split_root,
+    styled,
+    table,
 )
-from regfsck.digest import DigestError, parse_digest
-from regfsck.graph import ManifestStore
-from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
-from regfsck.why import WhyReport, explain_blob
+
+if TYPE_CHECKING:
+    from regfsck.why import WhyReport
 
 
-@app.command()
+@command()
 def why(
-    root: Path = typer.Argument(..., help="Registry storage root (holding docker/registry/v2) "
-                                "or the v2 directory itself.", show_default=False),
-    digest: str = typer.Argument(..., help="The blob digest, sha256:<64 hex>.",
-                                 show_default=False),
+    args: list[str] = typer.Argument(..., metavar="ROOT DIGEST", show_default=False, help=(
+        ROOT_HELP + " Then the blob digest: sha256:<64 hex>, or a unique prefix of it "
+        "(6d7e7209 or sha256:6d7e7209). Omit ROOT with --config.")),
+    config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Explain why a blob exists: who reaches it, gc's verdict, bytes each tag holds."""
-    try:
-        parse_digest(digest)
-    except DigestError as exc:
-        fail(f"not a digest: {exc}", exitcodes.USAGE)
-    registry = open_root(root, None)
+    root, digest = split_root(args, config, "DIGEST")
+    from regfsck.digest import DigestError, expand_digest, is_digest, is_digest_prefix
+
+    if not is_digest(digest) and not is_digest_prefix(digest):
+        fail(f"not a digest or a digest prefix (4+ lowercase hex digits): {digest[:80]!r}",
+             exitcodes.USAGE)
+    registry = open_root(root, config)
+    from regfsck.graph import ManifestStore
+    from regfsck.scanner import Scanner
+    from regfsck.storage import FilesystemStorage
+    from regfsck.why import ReferenceGraph, explain_blob
+
     storage = FilesystemStorage(registry.v2)
     inventory = Scanner(storage, registry).scan()
-    report = explain_blob(inventory, ManifestStore(storage, inventory), digest)
+    store = ManifestStore(storage, inventory)
+    graph = ReferenceGraph(inventory, store)
+    if not is_digest(digest):
+        known = set(inventory.blobs) | set(graph.parents) | set(graph.holders) | {
+            b.digest for b in inventory.misplaced_blobs}
+        try:
+            digest = expand_digest(digest, known, "blob")
+        except DigestError as exc:
+            fail(str(exc), exitcodes.USAGE)
+    report = explain_blob(inventory, store, digest, graph)
     if not report.exists and not report.referenced and not report.layer_links \
             and report.misplaced_at is None:
         fail(f"{digest}: no such blob, and nothing in the tree refers to it", exitcodes.FINDINGS)
@@ -49,64 +68,49 @@ def why(
         print_json(report.to_json())
     else:
         render_why(report)
-    raise typer.Exit(exitcodes.OK if report.exists else exitcodes.FINDINGS)
+    raise typer.Exit(exitcodes.OK if report.exists and not report.damage else exitcodes.FINDINGS)
 
 
 def render_why(report: WhyReport) -> None:
-    console = stdout_console()
     if report.exists:
-        state = f"{human_bytes(report.size or 0)} at {shown(report.path)}"
+        state = [f"{human_bytes(report.size or 0)} at {report.path}"]
+        if report.damage == "truncated":
+            state.append(styled(f"  TRUNCATED: {report.size} bytes on disk, its manifests say "
+                                f"{report.expected_size} (see `regfsck repair`)", "bold red"))
+        elif report.damage == "empty":
+            state.append(styled("  EMPTY: zero bytes on disk, truncated (see `regfsck repair`)",
+                                "bold red"))
+        elif report.damage:
+            state.append(styled(f"  {report.size} bytes on disk, its manifests say "
+                                f"{report.expected_size}: {report.damage}", "red"))
     elif report.misplaced_at:
-        state = f"[red]misplaced[/] at {shown(report.misplaced_at)} (see `regfsck repair`)"
+        state = [styled("misplaced", "red"), f" at {report.misplaced_at} (see `regfsck repair`)"]
     else:
-        state = "[bold red]MISSING[/] (referenced but not on disk)"
-    roles = ", ".join(report.roles) or "unreferenced"
-    console.print(f"[bold]{report.digest}[/]  {state}\nused as: {roles}")
+        state = [styled("MISSING", "bold red"), " (referenced but not on disk)"]
+    say(styled(report.digest, "bold"), "  ", *state)
+    say(f"used as: {', '.join(report.roles) or 'unreferenced'}")
     if report.paths:
-        table = Table(title="Reached from")
-        for column in ("repository", "revision", "tags", "path to the blob"):
-            table.add_column(column, overflow="fold")
-        for path in report.paths:
-            chain = " -> ".join([*(short(d) for d in path.chain), f"({path.role})"])
-            table.add_row(shown(path.repo), short(path.manifest), shown(", ".join(path.tags))
-                          or "[yellow]untagged[/]", chain)
-        console.print(table)
+        table("Reached from", ("repository", "revision", "tags", "path to the blob"), [
+            (path.repo, path.manifest, ", ".join(path.tags) or styled("untagged", "yellow"),
+             " -> ".join([*path.chain, f"({path.role})"]))
+            for path in report.paths])
     elif report.direct_parents:
-        console.print("referenced only by manifests that no repository holds a revision of: "
-                      + ", ".join(p["manifest"] for p in report.direct_parents))
+        say("referenced only by manifests that no repository holds a revision of: "
+            + ", ".join(p["manifest"] for p in report.direct_parents))
     else:
-        console.print("[yellow]no manifest of any repository references it[/]")
-    good = [shown(link.repo) for link in report.layer_links if link.content]
+        say(styled("no manifest of any repository references it", "yellow"))
+    good = [link.repo for link in report.layer_links if link.content]
     if good:
-        console.print(f"_layers links in {len(good)} repositories: {', '.join(good)}")
+        say(f"_layers links in {plural(len(good), 'repository', 'repositories')}: {', '.join(good)}")
     for link in report.layer_links:
         if not link.content:
-            console.print(f"[red]invalid _layers link[/] {shown(link.path)}: "
-                          f"{shown(link.error or 'invalid')}")
-    verdicts = Table(title="Garbage collection")
-    for column in ("mode", "verdict", "why"):
-        verdicts.add_column(column, overflow="fold")
-    for verdict in report.gc:
-        verdicts.add_row(verdict.mode, "[green]keep[/]" if verdict.keep else "[red]delete[/]",
-                         shown(verdict.reason))
-    console.print(verdicts)
+            say(styled("invalid _layers link ", "red"), f"{link.path}: {link.error or 'invalid'}")
+    table("Garbage collection", ("mode", "verdict", "why"), [
+        (v.mode, styled("keep", "green") if v.keep else styled("delete", "red"), v.reason)
+        for v in report.gc])
     if report.freed:
-        freed = Table(title="What deleting a reference would free")
-        for column in ("delete", "then", "frees", "note"):
-            freed.add_column(column, overflow="fold")
-        for item in report.freed:
-            action = item.action
-            if "@" in action:
-                name, _, digest = action.partition("@")
-                action = f"{name}@{short(digest)}"
-            freed.add_row(shown(action), item.gc_mode,
-                          f"{human_bytes(item.bytes)} ({item.blobs} blobs)", shown(item.note))
-        console.print(freed)
-        console.print("[dim]rm of a tag alone frees nothing under the default gc: the "
-                      "revision stays and keeps its blobs.[/]")
-
-
-def short(digest: str) -> str:
-    """`sha256:` and the first 12 hex digits, as docker prints image ids."""
-    algorithm, _, hex_part = digest.partition(":")
-    return f"{algorithm}:{hex_part[:12]}"
+        table("What deleting a reference would free", ("delete", "then", "frees", "note"), [
+            (item.action, item.gc_mode, f"{human_bytes(item.bytes)} ({plural(item.blobs, 'blob')})",
+             item.note) for item in report.freed])
+        say(styled("rm of a tag alone frees nothing under the default gc: the revision stays "
+                   "and keeps its blobs.", "dim"))

@@ -1,53 +1,203 @@
-"""Pieces every command shares: root arguments, JSON output, consoles, errors."""
+"""Pieces every command shares: root arguments, output settings, JSON, consoles, errors.
+
+Everything here is cheap to import (no rich, no engine): `regfsck --help` and the start of
+every command pay only for typer. Consoles and tables load rich when something is printed.
+
+Nothing read from the disk, a config, an import source or the command line is ever handed
+to rich as markup: consoles are created with `markup=False`, styles come from `Text` objects
+(`styled`), and names go through `safe_text` (control characters and undecodable bytes as
+`\\xNN`) so that neither `[red]` in a path nor an escape sequence in a tag reaches a terminal
+as anything but the characters it is.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from regfsck import exitcodes
 from regfsck.findings import safe_text
-from regfsck.root import RegistryRoot, RootError, resolve
 
-ROOT_ARGUMENT = typer.Argument(
-    None, help="Registry storage root (holding docker/registry/v2), the v2 directory "
-    "itself, or s3://BUCKET/PREFIX (scan, verify, gc). Default: /var/lib/registry.",
-    show_default=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    from regfsck.root import RegistryRoot
+
+ROOT_HELP = ("Registry storage root (holding docker/registry/v2), the v2 directory itself, or "
+             "s3://BUCKET/PREFIX (scan, verify, gc). Default: /var/lib/registry, or the root "
+             "named by --config.")
+ROOT_ARGUMENT = typer.Argument(None, metavar="ROOT", help=ROOT_HELP, show_default=False)
 CONFIG_OPTION = typer.Option(
-    None, "--config", "-c", help="Read the root directory (or the s3 bucket) from the "
-    "registry's config.yml (honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY and "
-    "REGISTRY_STORAGE_S3_*).", show_default=False)
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+    None, "--config", "-c", metavar="CONFIG.YML", help="Read the root directory (or the s3 "
+    "bucket) from the registry's config.yml (honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY "
+    "and REGISTRY_STORAGE_S3_*); then omit ROOT.", show_default=False)
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout (errors too: "
+                           '{"error": ..., "exit_code": ...}).')
 APPLY_OPTION = typer.Option(False, "--apply", help="Really do it (default: print the plan).")
+JOBS_OPTION = typer.Option(0, "--jobs", "-j", metavar="N", show_default=False,
+                           help="Hashing threads (default: the number of CPUs).")
+
+
+@dataclass
+class Settings:
+    """How this run prints: set from the global flags before a command runs."""
+
+    quiet: bool = False  # -q: results only; no notes, hints, next steps or progress
+    verbose: bool = False  # -v: every row (no truncated tables), more detail
+    no_color: bool = False  # --no-color or NO_COLOR: no colour and no bold/dim either
+    json: bool = False  # --json: errors are JSON on stdout too
+
+
+SETTINGS = Settings()
+
+
+def plain_style() -> bool:
+    """No ANSI styling at all: --no-color, or NO_COLOR set to anything (no-color.org)."""
+    return SETTINGS.no_color or bool(os.environ.get("NO_COLOR"))
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def shown(text: str) -> str:
-    """A name from the disk, ready for rich: undecodable bytes and control characters as
-    `\\xNN`, and `[` escaped, so that a directory named `[/]` is never read as markup."""
-    return escape(safe_text(text))
+    """A name from the disk, printable: undecodable bytes and control characters as `\\xNN`.
+    (Consoles never interpret markup, so `[` needs no escaping.)"""
+    return safe_text(text)
+
+
+class Styled(str):
+    """Text with a rich style, never parsed as markup; plain text wherever styles are off
+    (a pipe, --no-color, NO_COLOR), which then costs no rich import at all."""
+
+    style: str
+
+    def __new__(cls, text: str, style: str) -> Styled:
+        made = super().__new__(cls, safe_text(text))
+        made.style = style
+        return made
+
+
+def styled(text: str, style: str) -> Styled:
+    """`text` (never markup) in `style`."""
+    return Styled(text, style)
+
+
+def rich_text(*parts: str) -> Text:
+    """Rich Text of `parts` (Styled parts keep their style)."""
+    from rich.text import Text
+
+    return Text.assemble(*((p, p.style) if isinstance(p, Styled) else safe_text(p) for p in parts))
+
+
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    # In a pipe nothing is wrapped or cropped: a line is as long as what it says.
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False,
+                   soft_wrap=not tty, width=None if tty else 1 << 16,
+                   color_system=None if plain_style() else "auto")
 
 
 def stdout_console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    """Results on stdout. In a pipe lines are never wrapped (grep finds whole digests)."""
+    return _console(stderr=False)
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return _console(stderr=True)
+
+
+def _emit(stderr: bool, parts: tuple[str, ...]) -> None:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() and not plain_style():
+        _console(stderr).print(rich_text(*parts))
+        return
+    stream.write("".join(safe_text(p) for p in parts) + "\n")
+    stream.flush()
+
+
+def note(*parts: str) -> None:
+    """A note, hint or next step on stderr; -q and --json silence it."""
+    if not (SETTINGS.quiet or SETTINGS.json):
+        _emit(True, parts)
+
+
+def warn(*parts: str) -> None:
+    """A warning on stderr: shown even with -q (not with --json, whose output says it)."""
+    if not SETTINGS.json:
+        _emit(True, parts)
+
+
+def say(*parts: str) -> None:
+    """A line of results on stdout."""
+    _emit(False, parts)
+
+
+_FULL_DIGEST = re.compile(r"\b(sha256|sha512):([0-9a-f]{12})[0-9a-f]{52,116}\b")
+
+
+def short_ids(text: str) -> str:
+    """Full digests as `sha256:` plus 12 hex digits, as docker and git show ids on a screen
+    (the commands that take a digest accept the short form)."""
+    return _FULL_DIGEST.sub(r"\1:\2", text)
+
+
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
+          right: Sequence[str] = (), limit: int | None = 200, more_hint: str = "") -> None:
+    """Rows for people on a terminal, rows for grep in a pipe.
+
+    On a terminal: a rich table, full digests shortened to 12 hex digits, at most `limit`
+    rows (-v: all). Piped: the title, a `#` header line and one tab-separated line per row
+    with full digests and paths, never wrapped and never truncated."""
+    if not stdout_is_terminal():
+        out = sys.stdout
+        out.write(f"{safe_text(title)}:\n# " + "\t".join(columns) + "\n")
+        for row in rows:
+            out.write("\t".join(safe_text(c).replace("\t", " ") for c in row) + "\n")
+        out.flush()
+        return
+    from rich.table import Table
+
+    shown_rows = rows if SETTINGS.verbose or limit is None else rows[:limit]
+    grid = Table(title=safe_text(title))
+    for column in columns:
+        grid.add_column(column, justify="right" if column in right else "left",
+                        overflow="fold")
+    for row in shown_rows:
+        grid.add_row(*(rich_text(Styled(short_ids(c), c.style) if isinstance(c, Styled)
+                                 else short_ids(c)) for c in row))
+    console = stdout_console()
+    console.print(grid)
+    if len(shown_rows) < len(rows):
+        console.print(f"... and {len(rows) - len(shown_rows)} more (-v or a pipe lists all"
+                      f"{more_hint})")
 
 
 def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
-    """Print a one-line error on stderr (never wrapped, scripts grep it) and exit.
+    """Print a one-line error on stderr (never wrapped, scripts grep it) and exit; with
+    --json also `{"error": ..., "exit_code": ...}` on stdout.
 
     Names in the message may come from the disk or an import source: control characters
     (NUL, escape sequences) and undecodable bytes are shown as `\\xNN`, never sent raw."""
-    sys.stderr.write(f"regfsck: {safe_text(' '.join(message.split()))}\n")
+    line = safe_text(" ".join(message.split()))
+    if SETTINGS.json:
+        print_json({"error": line, "exit_code": code})
+    sys.stderr.write(f"regfsck: {line}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
 
@@ -57,14 +207,19 @@ OBJECT_STORAGE_COMMANDS = "scan, verify and gc (plan)"
 
 def open_root(root: Path | None, config: Path | None, *,
               object_storage: bool = False) -> RegistryRoot:
-    """Resolve ROOT/--config or exit 3 with what was expected.
+    """Resolve ROOT/--config or exit 3 with what was expected (one line).
 
     A tree in object storage is accepted only by the commands that pass `object_storage`;
     the others refuse it before reading anything."""
+    from regfsck.root import RootError, resolve
+
     try:
         registry = resolve(root, config)
     except RootError as exc:
         fail(str(exc))
+    except OSError as exc:  # an unreadable parent directory, an I/O error
+        fail(f"cannot read {root if root is not None else config}: "
+             f"{exc.strerror or exc}")
     if registry.is_object_storage and not object_storage:
         fail(f"{registry.display} is in object storage, where regfsck runs only "
              f"{OBJECT_STORAGE_COMMANDS} so far")
@@ -78,6 +233,25 @@ def with_requests(registry: RegistryRoot, doc: dict[str, Any]) -> dict[str, Any]
     from regfsck.objectstore import request_counts
 
     return {**doc, "requests": request_counts()}
+
+
+def split_root(args: list[str], config: Path | None, what: str) -> tuple[Path | None, str]:
+    """`ROOT THING` (or just `THING` with --config)."""
+    if config is not None:
+        if len(args) != 1:
+            fail(f"with --config give only the {what}", exitcodes.USAGE)
+        return None, args[0]
+    if len(args) != 2:
+        fail(f"give ROOT and the {what}" if len(args) < 2 else f"give only ROOT and the {what}",
+             exitcodes.USAGE)
+    return Path(args[0]), args[1]
+
+
+def root_words(registry: RegistryRoot) -> str:
+    """ROOT as a shell word, for the command lines regfsck suggests."""
+    import shlex
+
+    return shlex.quote(safe_text(registry.display))
 
 
 def _strict_text(text: str) -> str:
@@ -128,6 +302,7 @@ def default_jobs() -> int:
 
 
 def human_bytes(n: int) -> str:
+    """IEC units (KiB, MiB, GiB), the one unit system of every output and progress bar."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
@@ -136,6 +311,24 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`1 blob`, `2 blobs` (`words` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def show_progress(json_output: bool) -> bool:
-    """Progress bars only for people: a terminal on stderr and no --json."""
-    return not json_output and sys.stderr.isatty()
+    """Progress bars only for people: a terminal on stderr, no --json and no -q."""
+    return not json_output and not SETTINGS.quiet and sys.stderr.isatty()
+
+
+def byte_columns() -> list[ProgressColumn]:
+    """Bar, bytes done/total, rate and time left, in IEC units like every summary."""
+    from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TimeRemainingColumn
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(int(speed))}/s")
+
+    return [BarColumn(), DownloadColumn(binary_units=True), _Rate(), TimeRemainingColumn()]

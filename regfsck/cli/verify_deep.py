@@ -5,25 +5,17 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import Progress, TextColumn
 
-from regfsck.cli.common import human_bytes, stderr_console, stdout_console
+from regfsck.cli.common import byte_columns, human_bytes, plural, say, stderr_console
 from regfsck.deep import DeepProgress, DeepSummary
 
 
 class RichDeepProgress(DeepProgress):
-    """Compressed layer bytes read / rate / ETA on stderr."""
+    """Compressed layer bytes read / rate / ETA on stderr (IEC units, like the summary)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("checking layers"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("checking layers"), *byte_columns(),
                                  console=stderr_console(), transient=True)
         self.task = self.progress.add_task("deep", total=0)
         self._lock = threading.Lock()
@@ -47,7 +39,7 @@ def deep_json(summary: DeepSummary | None) -> dict[str, Any]:
 
 def render_deep(summary: DeepSummary | None) -> None:
     if summary is not None:
-        stdout_console().print(
-            f"deep: {summary.layers_checked}/{summary.layers_total} layers of {summary.images} images "
-            f"decompressed ({human_bytes(summary.bytes_read)} -> "
-            f"{human_bytes(summary.bytes_uncompressed)}, {summary.tar_entries} tar entries)")
+        say(f"deep: {summary.layers_checked}/{plural(summary.layers_total, 'layer')} of "
+            f"{plural(summary.images, 'image')} decompressed ({human_bytes(summary.bytes_read)} "
+            f"-> {human_bytes(summary.bytes_uncompressed)}, "
+            f"{plural(summary.tar_entries, 'tar entry', 'tar entries')})")

@@ -4,15 +4,18 @@ argument checking and the lines they add to the human report."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from regfsck import exitcodes
-from regfsck.cli.common import fail, human_bytes, stderr_console, stdout_console
+from regfsck.cli.common import fail, human_bytes, plural, say, warn
 from regfsck.durations import DurationError, format_duration, parse_duration
-from regfsck.incremental import DEFAULT_MAX_AGE
-from regfsck.verify import VerifySummary
+
+if TYPE_CHECKING:
+    from regfsck.verify import VerifySummary
+
+DEFAULT_MAX_AGE = timedelta(days=30)  # regfsck.incremental.DEFAULT_MAX_AGE (a test keeps them equal)
 
 CHANGED_ONLY_OPTION = typer.Option(
     False, "--changed-only", help="Re-hash only blobs that are new, whose stat changed, or "
@@ -58,16 +61,14 @@ def incremental_options(*, no_data: bool, changed_only: bool, max_age: str | Non
 
 def render_incremental(summary: VerifySummary) -> None:
     """What the record let this run skip, and what is left for the next one."""
-    console = stdout_console()
     if summary.blobs_skipped:
-        console.print(f"{summary.blobs_skipped} blobs ({human_bytes(summary.bytes_skipped)}) not "
-                      "re-hashed: unchanged since their last good verdict")
+        say(f"{plural(summary.blobs_skipped, 'blob')} ({human_bytes(summary.bytes_skipped)}) not "
+            "re-hashed: unchanged since their last good verdict")
     if summary.hashed_because and summary.hashed_because.keys() != {"all"}:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.hashed_because.items()))
-        console.print(f"chosen for re-hashing: {reasons}")
+        say(f"chosen for re-hashing: {reasons}")
     if summary.stopped_at_limit:
-        console.print(f"stopped at the --max-duration limit: {summary.blobs_deferred} blobs "
-                      f"({human_bytes(summary.bytes_deferred)}) left for the next run")
+        say(f"stopped at the --max-duration limit: {plural(summary.blobs_deferred, 'blob')} "
+            f"({human_bytes(summary.bytes_deferred)}) left for the next run")
     if summary.record_error:
-        stderr_console().print(f"warning: verification record not updated: {summary.record_error}",
-                               markup=False, highlight=False)
+        warn(f"warning: verification record not updated: {summary.record_error}")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from regfsck import exitcodes
 from regfsck.cli.common import fail
-from regfsck.inventory import Inventory
-from regfsck.root import RegistryRoot
-from regfsck.verify import VerifyReport
+
+if TYPE_CHECKING:  # the verify engine loads when verify runs, not at start-up
+    from regfsck.inventory import Inventory
+    from regfsck.root import RegistryRoot
+    from regfsck.verify import VerifyReport
 
 METRICS_FILE_OPTION = typer.Option(
     None, "--metrics-file", metavar="PATH", help="Also write Prometheus text-format metrics "
