@@ -74,10 +74,11 @@ def real_tools_missing() -> str | None:
     missing = [b for b in (REGISTRY_BIN, SKOPEO_BIN) if shutil.which(b) is None]
     if missing:
         return "real tools not installed: " + ", ".join(missing)
-    try:
-        import zstandard  # noqa: F401
-    except ImportError:
-        return "python package 'zstandard' not installed"
+    for module in ("zstandard", "cryptography", "oras"):  # zstd layers, signatures, artifacts
+        try:
+            __import__(module)
+        except ImportError:
+            return f"python package {module!r} not installed"
     return None
 
 
@@ -475,6 +476,7 @@ class GCPlan:
     manifests: set[tuple[str, str]]  # (repo, digest) eligible for deletion (only with -m)
     blobs: set[str]  # blob digests eligible for deletion
     summary: tuple[int, int, int] | None  # (blobs marked, blobs eligible, manifests eligible)
+    layer_links: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # v3 only
 
 
 def garbage_collect(
@@ -505,6 +507,9 @@ def garbage_collect(
 
 _GC_MARK = re.compile(r"^(\S+): marking (manifest|blob) (\S+)$")
 _GC_MANIFEST = re.compile(r"^manifest eligible for deletion: (\S+)$")
+# v3: ``manifest eligible for deletion: {<repo> <digest> [<tags>]}``
+_GC_MANIFEST_V3 = re.compile(r"^manifest eligible for deletion: \{(\S+) (\S+) \[[^\]]*\]\}$")
+_GC_LAYER_LINK_V3 = re.compile(r"^(\S+): layer link eligible for deletion: (\S+)$")
 _GC_BLOB = re.compile(r"^blob eligible for deletion: (\S+)$")
 _GC_SUMMARY = re.compile(
     r"^(\d+) blobs marked, (\d+) blobs and (\d+) manifests eligible for deletion$"
@@ -520,7 +525,8 @@ def parse_gc_output(output: str) -> GCPlan:
     last bare repo line); then an empty line,
     ``N blobs marked, N blobs and N manifests eligible for deletion`` and one
     ``blob eligible for deletion: <digest>`` per blob (random order). Log lines (``time=...``)
-    are ignored.
+    are ignored. v3 prints ``manifest eligible for deletion: {<repo> <digest> [<tags>]}``
+    and ``<repo>: layer link eligible for deletion: <digest>`` lines too.
     """
     plan = GCPlan([], set(), set(), set(), set(), None)
     repo = ""
@@ -533,6 +539,10 @@ def parse_gc_output(output: str) -> GCPlan:
             target.add((m[1], m[3]))
         elif m := _GC_MANIFEST.match(line):
             plan.manifests.add((repo, m[1]))
+        elif m := _GC_MANIFEST_V3.match(line):
+            plan.manifests.add((m[1], m[2]))
+        elif m := _GC_LAYER_LINK_V3.match(line):
+            plan.layer_links.add((m[1], m[2]))
         elif m := _GC_BLOB.match(line):
             plan.blobs.add(m[1])
         elif m := _GC_SUMMARY.match(line):
@@ -983,8 +993,10 @@ def build_sample_registry(root: Path | str, *, fixed_upload: bool = False) -> Sa
     ``FIXED_UPLOAD_UUID`` and ``FIXED_CREATED`` (so the upload is always stale). Repositories:
 
     * ``library/base``: OCI image tagged ``latest``, ``1.0``, ``1``; an SBOM artifact
-      (``subject`` = latest, empty-JSON config) pushed by digest only; a signature artifact
-      tagged ``sha256-<subject hex>.sig``.
+      (``subject`` = latest, empty-JSON config) pushed by digest only; a cosign signature
+      written by skopeo as the ``sha256-<subject hex>.sig`` tag.
+    * ``charts/demo``: a Helm chart pushed with oras-py (tag ``0.1.0``) and its cosign
+      signature.
     * ``a/b``: OCI image on the shared base layer (``a/b`` is also the parent of ``a/b/c``).
     * ``a/b/c``: docker schema2: ``latest`` re-pushed (old revision left untagged), ``v2`` =
       new ``latest``, ``doomed`` pushed then DELETEd by digest; an abandoned upload.
@@ -1094,13 +1106,20 @@ def build_sample_registry(root: Path | str, *, fixed_upload: bool = False) -> Sa
             annotations={"org.opencontainers.image.created": FIXED_CREATED},
         )
         sbom_digest = record("library/base", reg.push_from_layout(lay, "library/base", sbom))
-        sig = lay.add_artifact(
-            base_img,
-            "application/vnd.dev.cosign.artifact.sig.v1+json",
-            [(b"regfsck-fake-signature", "application/vnd.dev.cosign.simplesigning.v1+json")],
-        )
-        sig_tag = "sha256-" + base_digest.split(":", 1)[1] + ".sig"
-        sig_digest = record("library/base", reg.push_from_layout(lay, "library/base", sig, sig_tag))
+        # A cosign signature, written by skopeo from a sigstore signature file (deterministic
+        # ECDSA, fixed identity: same digest every run); a Helm chart (oras-py) signed too.
+        from tests import realtools_artifacts as ra
+
+        signer = ra.Signer()
+        sig_tag, sig_digest = ra.cosign_sign(reg, "library/base", "latest", Path(tmp), signer,
+                                             identity="registry.example/library/base")
+        record("library/base", sig_digest)
+        chart_digest = record("charts/demo", ra.push_artifact(
+            reg, "charts/demo", "0.1.0", None, [(ra.helm_chart_tgz(), ra.MT_HELM_CHART)],
+            config=(ra.helm_chart_config(), ra.MT_HELM_CONFIG)))
+        chart_sig_tag, chart_sig = ra.cosign_sign(reg, "charts/demo", "0.1.0", Path(tmp), signer,
+                                                  identity="registry.example/charts/demo")
+        record("charts/demo", chart_sig)
 
         # Abandoned upload in a/b/c.
         upload_data = pseudo_random_bytes("abandoned-upload", 3000)
@@ -1116,6 +1135,7 @@ def build_sample_registry(root: Path | str, *, fixed_upload: bool = False) -> Sa
                 sig_tag: sig_digest,
             },
             "a/b": {"latest": ab_digest},
+            "charts/demo": {"0.1.0": chart_digest, chart_sig_tag: chart_sig},
             "a/b/c": {"latest": v2_digest, "v2": v2_digest},
             "multi/oci": {"latest": index_digest},
             "multi/docker": {"latest": list_digest},
@@ -1128,7 +1148,6 @@ def build_sample_registry(root: Path | str, *, fixed_upload: bool = False) -> Sa
             (index_digest, index["digest"]),
             (zstd_digest, zstd_img["digest"]),
             (sbom_digest, sbom["digest"]),
-            (sig_digest, sig["digest"]),
         ]:
             if got != want:
                 raise RealToolError(f"digest changed on push: {want} -> {got}")
