@@ -10,6 +10,14 @@ tar headers as strictly as Go's archive/tar (what docker and containerd unpack w
 Each layer is read once: the compressed bytes are hashed against the blob's own digest as
 they go by (so `verify --deep` need not re-read layers for its plain re-hash), then inflated
 (ISA-L when installed, see regfsck.deflate; zstandard), hashed again and walked as a tar.
+
+Only layers whose media type says "filesystem tar" (docker rootfs diffs, OCI
+`image.layer.v1.tar[+gzip|+zstd]`, their non-distributable variants, schema1 fsLayers) are
+held to the tar rules. Anything else under an image config is an artifact blob (a cosign
+signature's simple-signing JSON, a DSSE envelope): verify proves its digest and size, and
+here only a diff_id its config lists is compared (cosign's config names the payload's own
+digest). Holding such a blob to the tar rules paged operators for every signature.
+
 Reading is bounded (1 MiB buffers, zstd frames and tar headers parsed incrementally) and
 runs one layer per thread: the inflaters and hashlib release the GIL.
 """
@@ -56,6 +64,23 @@ MAX_SPECIAL_ENTRY = 1 << 20  # Go's archive/tar refuses pax headers / long names
 ZSTD_MAX_BLOCK = 128 << 10
 IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 
+# Media types of filesystem layers: the only ones held to the tar rules. The empty type is
+# a schema1 fsLayer (schema1 has only filesystem layers).
+TAR_LAYER_TYPES = frozenset({
+    "",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
+
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 
 ProgressFn = Callable[[int], None]
@@ -79,6 +104,11 @@ def declared_compression(media_type: str) -> str | None:
     if media_type.endswith((".tar", "v1.tar", "diff.tar")):
         return "none"
     return None
+
+
+def is_tar_layer(media_type: str) -> bool:
+    """True when the media type promises a filesystem tar (see TAR_LAYER_TYPES)."""
+    return media_type in TAR_LAYER_TYPES
 
 
 def sniff_compression(head: bytes) -> str:
@@ -362,6 +392,7 @@ class LayerUse:
     expected: str | None  # None: no config diff_id to compare with (schema1)
     config: str | None
     tags: tuple[str, ...]
+    tar: bool = True  # False: an artifact blob (only the diff_id is compared, if any)
 
 
 @dataclass
@@ -370,6 +401,12 @@ class LayerJob:
     path: str
     size: int
     uses: list[LayerUse] = field(default_factory=list)
+
+    @property
+    def tar(self) -> bool:
+        """Walk the stream as a tar: some image uses the blob as a filesystem layer (a job
+        without uses is a layer checked on its own: a tar too)."""
+        return not self.uses or any(use.tar for use in self.uses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,7 +574,7 @@ def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn 
                     if not same:
                         hasher.update(chunk)
                     total += len(chunk)
-                    if tar_error is None:
+                    if tar_error is None and job.tar:
                         try:
                             tar.feed(chunk)
                         except LayerFormatError as exc:
@@ -563,7 +600,7 @@ def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn 
         return LayerOutcome(job, compression, None, total, tar.entries,
                             decompress_error=decompress_error, blob_digest=blob_digest,
                             bytes_read=source.total)
-    if tar_error is None:
+    if tar_error is None and job.tar:
         try:
             tar.finish()
         except LayerFormatError as exc:
@@ -662,9 +699,13 @@ class _Collector:
             return
         self.images += 1
         for position, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
-            if "+encrypted" not in layer.media_type:  # stored `urls` layers are checked too
-                self._use(layer.digest, LayerUse(repo, digest, position, layer.media_type, diff_id,
-                                                 config.digest, tags))
+            if "+encrypted" in layer.media_type:
+                continue  # stored `urls` layers are checked too
+            tar = is_tar_layer(layer.media_type)
+            if not tar and diff_id == layer.digest:
+                continue  # an uncompressed artifact blob: verify's digest check is the diff_id check
+            self._use(layer.digest, LayerUse(repo, digest, position, layer.media_type, diff_id,
+                                             config.digest, tags, tar))
 
     def _use(self, digest: str, use: LayerUse) -> None:
         digest = self.store.reach.resolve(digest) or digest  # a sha512 alias: its stored blob
@@ -726,6 +767,16 @@ def outcome_findings(outcome: LayerOutcome) -> list[Finding]:
 
         if outcome.read_error is not None:
             add("blob_unreadable", f"{where}: {outcome.read_error}")
+            continue
+        if not use.tar:  # an artifact blob: only the diff_id its config lists
+            if outcome.decompress_error is not None:
+                add("layer_diff_id_mismatch", f"{where}: artifact blob ({use.media_type}) cannot "
+                    f"be decompressed ({outcome.decompress_error}) to check the diff_id "
+                    f"{use.expected} config {use.config} declares")
+            elif use.expected is not None and outcome.diff_id != use.expected:
+                add("layer_diff_id_mismatch",
+                    f"{where}: artifact blob ({use.media_type}) hashes to {outcome.diff_id} "
+                    f"uncompressed, but config {use.config} declares {use.expected}")
             continue
         declared = declared_compression(use.media_type)
         if declared is not None and outcome.compression not in ("?", declared):

@@ -27,6 +27,8 @@ from typing import Any
 import zstandard
 
 from regfsck import deflate, layout
+from regfsck.artifacts import referrers_of
+from regfsck.checks import valid_revisions
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, Manifest, ManifestKind
@@ -181,6 +183,7 @@ class ExportPlan:
     blobs: list[BlobCopy] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (ref, why)
     notes: list[str] = field(default_factory=list)
+    referrers: int = 0  # referrer manifests taken along (--with-referrers)
 
     @property
     def total_bytes(self) -> int:
@@ -206,6 +209,7 @@ class ExportResult:
             "blob_bytes": self.plan.total_bytes,
             "output_bytes": self.output_bytes,
             "notes": list(self.plan.notes),
+            "referrers": self.plan.referrers,
         }
 
 
@@ -422,14 +426,54 @@ class _Planner:
             image.repo_tags.append(name)
 
 
+    # -- referrers -----------------------------------------------------------------
+    def add_referrers(self) -> None:
+        """Take along every referrer of every exported manifest (signatures, attestations,
+        SBOMs: by `subject` field or cosign's `sha256-<hex>.sig` tags), and theirs in turn.
+
+        A tagged referrer is named `repo:tag` (one entry per tag, so import restores the
+        cosign tags), an untagged one `repo@digest`. A docker-archive holds images only."""
+        if self.plan.format is ExportFormat.DOCKER_ARCHIVE:
+            self._note("referrers", "a docker-archive holds images only: signatures, "
+                       "attestations and SBOMs attached to them are not exported")
+            return
+        queue = [(image.repo, d) for image in self.plan.images
+                 for d in (image.digest, image.index_digest) if d is not None]
+        done: set[tuple[str, str]] = set()
+        while queue:
+            repo_name, subject = queue.pop(0)
+            if (repo_name, subject) in done:
+                continue
+            done.add((repo_name, subject))
+            repo = self.inv.repositories[repo_name]
+            found = referrers_of(subject, valid_revisions(repo), repo.tag_targets(), self.store.get)
+            for referrer in found:
+                names = [f"{repo_name}:{t}" for t in referrer.tags] or [
+                    f"{repo_name}@{referrer.digest}"]
+                manifest = self._manifest(referrer.digest, names[0])
+                for name in names:
+                    if name in self._names_seen:
+                        continue
+                    self._names_seen.add(name)
+                    tag = name.rpartition(":")[2] if referrer.tags else None
+                    self.plan.images.append(ExportImage(
+                        name, repo_name, tag, referrer.digest, manifest.media_type,
+                        self._blob(referrer.digest, name).size))
+                self._collect(referrer.digest, manifest, names[0])
+                self.plan.referrers += 1
+                queue.append((repo_name, referrer.digest))
+
+
 def plan_export(storage: FilesystemStorage, inventory: Inventory, store: ManifestStore,
-                refs: list[ImageRef], fmt: ExportFormat, platform: Platform | None = None
-                ) -> ExportPlan:
+                refs: list[ImageRef], fmt: ExportFormat, platform: Platform | None = None,
+                with_referrers: bool = True) -> ExportPlan:
     """Resolve `refs` into images and the exact blobs to copy; raises ExportError."""
     explicit = {str(r) for r in refs if not r.is_whole_repo}
     planner = _Planner(storage, inventory, store, fmt, platform, explicit)
     for ref in refs:
         planner.add_ref(ref)
+    if with_referrers and planner.plan.images:
+        planner.add_referrers()
     if not planner.plan.images:
         reasons = "; ".join(f"{r}: {why}" for r, why in planner.plan.skipped)
         raise ExportError(f"nothing to export ({reasons or 'no images'})")
@@ -755,12 +799,14 @@ def export_images(storage: FilesystemStorage, inventory: Inventory, refs: list[I
                   output: Path, v2_dir: Path, *, fmt: ExportFormat | None = None,
                   platform: Platform | None = None, on_start: Callable[[int], None] | None = None,
                   on_bytes: ProgressFn | None = None,
-                  stop: threading.Event | None = None) -> ExportResult:
+                  stop: threading.Event | None = None,
+                  with_referrers: bool = True) -> ExportResult:
     """Plan and write an export (`on_start` receives the total bytes before copying)."""
     fmt = fmt or default_format(output)
     compression = compression_for(output)
     check_output(output, fmt, compression, v2_dir)
-    plan = plan_export(storage, inventory, ManifestStore(storage, inventory), refs, fmt, platform)
+    plan = plan_export(storage, inventory, ManifestStore(storage, inventory), refs, fmt, platform,
+                       with_referrers)
     if on_start is not None:
         on_start(plan.total_bytes)
     return write_export(storage, plan, output, compression, on_bytes=on_bytes, stop=stop)

@@ -4,7 +4,8 @@ Mark roots are every revision link (default) or, with `--delete-untagged`, only 
 tags' `current` links point at. From the roots the walk follows configs, layers and
 index/list children recursively (a child of a kept index is kept, tagged or not), and a
 manifest with a `subject` (an OCI referrer: signature, SBOM) is kept when its subject is
-kept in the same repository. The mark set is global: a blob any repository uses stays.
+kept in the same repository; so is one cosign's tags name (`sha256-<hex>.sig` ...) for
+it. The mark set is global: a blob any repository uses stays.
 Marking is the reachability oracle's (`reach.mark`): aliases (sha512/sha384 `_layers`
 links) resolve to their stored blob, `urls` descriptors are kept when stored.
 

@@ -22,6 +22,7 @@ from typing import IO, Any
 import zstandard
 
 from regfsck import layout, refs
+from regfsck.artifacts import artifact_type_of, classify, tag_subject
 from regfsck.checks import TreeChecker, linked_layers
 from regfsck.digest import (
     EMPTY_SHA256,
@@ -199,7 +200,10 @@ class InspectReport:
     tags: list[str] = field(default_factory=list)  # "repo:tag" whose current link is `digest`
     repositories: list[str] = field(default_factory=list)  # holding a revision of `digest`
     parents: list[dict[str, Any]] = field(default_factory=list)  # indexes listing it
-    referrers: list[dict[str, str]] = field(default_factory=list)  # manifests whose subject it is
+    referrers: list[dict[str, Any]] = field(default_factory=list)  # by subject field or cosign tag
+    kind: str | None = None  # image / index / signature / ... (artifacts.classify)
+    subject: str | None = None  # what this manifest attaches to (subject field or cosign tag)
+    subject_via: str | None = None
     totals: Totals = field(default_factory=Totals)
     health: list[Finding] = field(default_factory=list)
     data_checked: bool = False
@@ -213,7 +217,8 @@ class InspectReport:
             "ref": self.ref, "repo": self.repo, "digest": self.digest,
             "media_type": self.root.media_type, "tags": self.tags,
             "repositories": self.repositories, "parents": self.parents,
-            "referrers": self.referrers, "manifest": self.root.to_json(),
+            "referrers": self.referrers, "kind": self.kind, "subject": self.subject,
+            "subject_via": self.subject_via, "manifest": self.root.to_json(),
             "totals": self.totals.to_json(), "healthy": self.healthy,
             "data_checked": self.data_checked,
             "health": [f.to_json() for f in self.health],
@@ -396,7 +401,7 @@ class Inspector:
             node.problem = loaded.message
             return node
         node.media_type = loaded.media_type
-        node.artifact_type = loaded.artifact_type
+        node.artifact_type = artifact_type_of(loaded)
         node.subject = loaded.subject.digest if loaded.subject else None
         if loaded.kind.is_index:
             for child in loaded.children:
@@ -506,13 +511,34 @@ class Inspector:
             for repo in sorted(graph.holders.get(parent, ())):
                 report.parents.append({"repo": repo, "digest": parent,
                                        "tags": graph.tags_of(repo, parent)})
+        if report.repo is not None and (loaded := self.store.get(digest)) is not None:
+            found = classify(loaded, graph.tags_of(report.repo, digest))
+            report.kind, report.subject_via = found.kind, found.subject_via
+            if found.subject is not None:
+                report.subject = found.subject
+        seen: set[tuple[str, str]] = set()
         for referrer, subject in sorted(graph.subject_of.items()):
             if subject == digest:
                 for repo in sorted(graph.holders.get(referrer, ())):
-                    loaded = self.store.get(referrer)
-                    report.referrers.append({
-                        "repo": repo, "digest": referrer,
-                        "artifact_type": (loaded.artifact_type or "") if loaded else ""})
+                    self._add_referrer(report, repo, referrer, "subject", seen)
+        for repo in report.repositories:  # cosign's tags: sha256-<hex>.sig/.att/.sbom, sha256-<hex>
+            for tag, target in sorted(self.inv.repositories[repo].tag_targets().items()):
+                named = tag_subject(tag)
+                if named is not None and named[0] == digest and target in graph.revisions[repo]:
+                    self._add_referrer(report, repo, target, "tag", seen)
+
+    def _add_referrer(self, report: InspectReport, repo: str, referrer: str, via: str,
+                      seen: set[tuple[str, str]]) -> None:
+        if (repo, referrer) in seen:
+            return
+        seen.add((repo, referrer))
+        loaded = self.store.get(referrer)
+        tags = self.graph.tags_of(repo, referrer)
+        found = classify(loaded, tags) if loaded is not None else None
+        report.referrers.append({
+            "repo": repo, "digest": referrer,
+            "artifact_type": (found.artifact_type or "") if found else "",
+            "kind": found.kind if found else "", "via": via, "tags": tags})
 
     def _totals(self, root: ManifestNode) -> Totals:
         totals = Totals()

@@ -15,8 +15,10 @@ recover / rm / repair "is this still used" checks cannot disagree:
   `urls` on a non-distributable / OCI layer, which the registry never checks) is not an
   error (`Edge.optional`).
 * **Index children** are followed recursively (a child of a kept index is kept, tagged or
-  not), **referrers** (a manifest with a `subject`) are kept when their subject is kept in
-  the same repository, to a fixpoint.
+  not), **referrers** (a manifest with a `subject`, or one cosign's tags name a subject
+  for: `sha256-<hex>.sig/.att/.sbom`, the `sha256-<hex>` referrers index) are kept when
+  their subject is kept in the same repository, to a fixpoint; those whose subject is gone
+  are reported (`OrphanReferrer`).
 * **Unknown = keep.** When part of `repositories/` could not be read or judged (a symbolic
   link the scan does not follow, an unreadable directory or link, an unreadable manifest),
   what it references is unknown, so every stored blob counts as referenced
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
+from regfsck.artifacts import tag_subject
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import Descriptor, Manifest
 
@@ -111,6 +114,7 @@ class ReachGraph:
         self.aliases = _alias_map(inventory)
         self.unknown: list[str] = unknown_parts(inventory)
         self._seen_unreadable: set[str] = set()
+        self._tag_subjects: dict[str, dict[str, str]] = {}  # repo -> revision -> cosign subject
 
     # -- resolution ----------------------------------------------------------------
     def resolve(self, digest: str) -> str | None:
@@ -144,6 +148,23 @@ class ReachGraph:
     def subject(self, manifest_digest: str) -> str | None:
         manifest = self.store.get(manifest_digest)
         return manifest.subject.digest if manifest is not None and manifest.subject else None
+
+    def subject_in(self, repo: Repository, manifest_digest: str) -> str | None:
+        """What a revision of `repo` is attached to: its `subject` field, else the digest
+        cosign's tag convention names for it (a `sha256-<hex>.sig/.att/.sbom` tag, or the
+        `sha256-<hex>` referrers index, pointing at it: see artifacts.tag_subject)."""
+        subject = self.subject(manifest_digest)
+        if subject is not None:
+            return subject
+        by_tag = self._tag_subjects.get(repo.name)
+        if by_tag is None:
+            by_tag = {}
+            for tag, target in sorted(repo.tag_targets().items()):
+                named = tag_subject(tag)
+                if named is not None:
+                    by_tag.setdefault(target, named[0])
+            self._tag_subjects[repo.name] = by_tag
+        return by_tag.get(manifest_digest)
 
     # -- walks -----------------------------------------------------------------------
     def walk(self, roots: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
@@ -185,7 +206,7 @@ class ReachGraph:
         reached = self.reachable(roots)
         while True:
             referrers = {d for d in repo.revisions if d not in reached
-                         and (s := self.subject(d)) in reached and s in repo.revisions}
+                         and (s := self.subject_in(repo, d)) in reached and s in repo.revisions}
             if not referrers:
                 return reached
             roots |= referrers
@@ -270,7 +291,7 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
         marks.kept_manifests[name] = kept
         marks.blobs |= reached
         for digest in sorted(repo.revisions):
-            subject = graph.subject(digest)
+            subject = graph.subject_in(repo, digest)
             if subject is not None and subject not in kept:
                 marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
     if graph.unknown:

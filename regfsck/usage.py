@@ -7,9 +7,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from regfsck.artifacts import KINDS, classify
 from regfsck.checks import DEFAULT_UPLOAD_AGE, linked_layers, valid_revisions
 from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory, Repository
+
+
+@dataclass
+class ObjectInfo:
+    """One manifest revision as an operator names it: image, index, signature, attestation,
+    sbom, artifact (with its artifactType) or referrers index, and what it attaches to."""
+
+    digest: str
+    kind: str
+    artifact_type: str | None
+    subject: str | None
+    subject_via: str | None  # "subject" field or cosign "tag" convention
+    tags: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -21,9 +38,10 @@ class RepoUsage:
     unique_bytes: int
     shared_bytes: int
     uploads: int
+    objects: list[ObjectInfo] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "objects": [o.to_json() for o in self.objects]}
 
 
 @dataclass
@@ -50,6 +68,14 @@ class ScanReport:
     files_seen: int = 0
     anomalies: int = 0
 
+    def kind_counts(self) -> dict[str, int]:
+        """Manifest revisions per kind (image, index, signature, ...), every kind listed."""
+        counts = dict.fromkeys(KINDS, 0)
+        for repo in self.repositories:
+            for obj in repo.objects:
+                counts[obj.kind] = counts.get(obj.kind, 0) + 1
+        return counts
+
     @property
     def dedup_ratio(self) -> float:
         used = self.blob_bytes - self.unreferenced_bytes
@@ -65,6 +91,7 @@ class ScanReport:
             "stale_uploads": {"count": sum(1 for u in self.uploads if u.stale),
                               "bytes": sum(u.size for u in self.uploads if u.stale)},
             "dedup_ratio": round(self.dedup_ratio, 4),
+            "kinds": self.kind_counts(),
             "files_seen": self.files_seen,
             "anomalies": self.anomalies,
         }
@@ -75,6 +102,22 @@ def repo_blobs(store: ManifestStore, repo: Repository) -> set[str]:
     used = reachable(store, valid_revisions(repo))
     used |= linked_layers(repo)
     return {d for d in used if d in store.inventory.blobs}
+
+
+def repo_objects(store: ManifestStore, repo: Repository) -> list[ObjectInfo]:
+    """Every readable manifest revision of a repository, classified (see artifacts.py)."""
+    tags_of: dict[str, list[str]] = {}
+    for tag, target in sorted(repo.tag_targets().items()):
+        tags_of.setdefault(target, []).append(tag)
+    objects = []
+    for digest in sorted(valid_revisions(repo)):
+        manifest = store.get(digest)
+        if manifest is None:
+            continue  # verify reports why it cannot be read
+        found = classify(manifest, tags_of.get(digest, ()))
+        objects.append(ObjectInfo(digest, found.kind, found.artifact_type, found.subject,
+                                  found.subject_via, tags_of.get(digest, [])))
+    return objects
 
 
 def build_scan_report(inv: Inventory, store: ManifestStore, now: datetime,
@@ -103,7 +146,7 @@ def build_scan_report(inv: Inventory, store: ManifestStore, now: datetime,
         report.repositories.append(RepoUsage(
             name=name, tags=repo.tag_targets(), manifests=sorted(valid_revisions(repo)),
             layer_links=len(repo.layers), unique_bytes=unique, shared_bytes=shared,
-            uploads=len(repo.uploads)))
+            uploads=len(repo.uploads), objects=repo_objects(store, repo)))
     for upload in inv.uploads():
         stale = upload.started_at is None or now - upload.started_at > upload_age
         report.uploads.append(UploadInfo(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regfsck import layout
+from regfsck.artifacts import IMAGE, INDEX, classify
 from regfsck.checks import valid_revisions
 from regfsck.digest import EMPTY_SHA256
 from regfsck.durations import format_duration
@@ -315,6 +316,36 @@ def _exclusive(graph: ReferenceGraph, sole: dict[str, str]) -> dict[str, tuple[i
     return out
 
 
+def _what(graph: ReferenceGraph, repo: str, manifest: str) -> str:
+    """` (signature of sha256:...)`, ` (artifact application/...)`: what a manifest is, for
+    anything but a plain image or index (see artifacts.classify)."""
+    loaded = graph.store.get(manifest)
+    if loaded is None:
+        return ""
+    found = classify(loaded, graph.tags_of(repo, manifest))
+    if found.kind in (IMAGE, INDEX):
+        return ""
+    what = found.kind + (f" {found.artifact_type}" if found.artifact_type else "")
+    return f" ({what}{f' of {found.subject}' if found.subject else ''})"
+
+
+def _kept_referrer(graph: ReferenceGraph, paths: list[ReferencePath], kept: Marks) -> str:
+    """Name the referrer that keeps the blob and the tag that keeps its subject."""
+    for path in paths:
+        subject = graph.subject_of.get(path.manifest)
+        seen: set[str] = set()
+        while subject is not None and subject not in seen:
+            seen.add(subject)
+            tags = graph.tags_of(path.repo, subject) if subject in graph.revisions.get(
+                path.repo, set()) else []
+            if tags and path.manifest in kept.kept_manifests.get(path.repo, set()):
+                return (f"referrer {path.repo}@{path.manifest}"
+                        f"{_what(graph, path.repo, path.manifest)}, kept because tag "
+                        f"{path.repo}:{tags[0]} keeps its subject")
+            subject = graph.subject_of.get(subject)
+    return "a referrer whose subject a tag keeps"
+
+
 def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
                  marks: dict[bool, Marks]) -> list[GcVerdict]:
     """regfsck gc's verdict in both modes (its own mark phase), then the official 2.8 one."""
@@ -328,8 +359,8 @@ def _gc_verdicts(graph: ReferenceGraph, digest: str, paths: list[ReferencePath],
         verdicts.append(GcVerdict("gc", False, "no revision of any repository reaches it" + grace))
     if digest in marks[True].blobs:
         tagged = next((p for p in paths if p.tags), None)
-        via = (f"tag {tagged.repo}:{tagged.tags[0]}" if tagged else
-               "a referrer whose subject a tag keeps")
+        via = (f"tag {tagged.repo}:{tagged.tags[0]}{_what(graph, tagged.repo, tagged.manifest)}"
+               if tagged else _kept_referrer(graph, paths, marks[True]))
         verdicts.append(GcVerdict("gc --delete-untagged", True, f"reached from {via}"))
     else:
         verdicts.append(GcVerdict("gc --delete-untagged", False, "no tag reaches it" + grace))

@@ -133,6 +133,8 @@ def test_oci_layout_holds_every_tag_byte_for_byte(fixture_root: Path, info: Samp
     refs = layout_refs(files)
     expected = {f"library/base:{t}": d for t, d in info.tags["library/base"].items()}
     expected |= {"multi/oci:latest": info.oci_index[2], "a/b/c:v2": info.tags["a/b/c"]["v2"]}
+    sbom = info.artifact[1]  # untagged SBOM referrer of library/base: taken along by digest
+    expected |= {f"library/base@{sbom}": sbom}
     assert refs == expected
     assert_blobs_intact(files, fixture_root)
     needed = set().union(*(closure(files, d) for d in refs.values()))

@@ -103,10 +103,14 @@ def _tree_blob(root: Path, digest: str) -> bytes:
 
 
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci not installed")
-def test_umoci_unpacks_the_oci_layout(exports: dict[str, Path], tmp_path: Path) -> None:
+def test_umoci_unpacks_the_oci_layout(exports: dict[str, Path], sample_info: SampleInfo,
+                                      tmp_path: Path) -> None:
     listed = subprocess.run(["umoci", "ls", "--layout", str(exports["oci"])], capture_output=True,
                             text=True, check=True).stdout.split()
-    assert sorted(listed) == sorted(OCI_REFS)
+    # The images named, and the referrers of library/base taken along (--with-referrers):
+    # its cosign signature tag and its untagged SBOM.
+    referrers = [f"library/base:{sample_info.referrer[1]}", f"library/base@{sample_info.artifact[1]}"]
+    assert sorted(listed) == sorted(OCI_REFS + referrers)
     bundle = tmp_path / "bundle"
     # umoci 0.4.7 reads neither zstd layers nor nested indexes: a gzip OCI image
     subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{exports['oci']}:a/b:latest",

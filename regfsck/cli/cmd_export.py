@@ -57,6 +57,10 @@ def export_command(
     platform: str | None = typer.Option(None, "--platform", metavar="OS/ARCH[/VARIANT]",
                                         help="Export only this platform of multi-arch images "
                                         "(required for them in a docker-archive)."),
+    with_referrers: bool = typer.Option(
+        True, "--with-referrers/--no-referrers",
+        help="Take along the signatures, attestations and SBOMs attached to each image (by "
+        "subject or cosign's sha256-<digest>.sig/.att/.sbom tags); oci and oci-archive only."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Write images (manifests and blobs byte for byte, each re-hashed) to OUTPUT."""
@@ -93,7 +97,8 @@ def export_command(
     try:
         result = export_images(storage, inventory, parsed, output, registry.v2, fmt=chosen,
                                platform=wanted, on_start=bar.start if bar else None,
-                               on_bytes=bar.advance if bar else None, stop=stop)
+                               on_bytes=bar.advance if bar else None, stop=stop,
+                               with_referrers=with_referrers)
     except ExportInterrupted:
         fail("interrupted: nothing was written", exitcodes.INTERRUPTED)
     except ExportError as exc:
@@ -143,6 +148,9 @@ def render_export(result: ExportResult) -> None:
         say(styled("skipped ", "yellow"), f"{ref}: {why}")
     for note_text in result.plan.notes:
         say(styled("note: ", "dim"), note_text)
+    if result.plan.referrers:
+        say(f"{plural(result.plan.referrers, 'referrer')} (signatures, attestations, SBOMs) taken "
+            "along; --no-referrers leaves them out")
     say(f"{plural(len(result.plan.images), 'image')}, {plural(len(result.plan.blobs), 'blob')} "
         f"({human_bytes(result.plan.total_bytes)}) verified and written; "
         f"{result.output} is {human_bytes(result.output_bytes)}"

@@ -194,9 +194,13 @@ def render_inspect(report: InspectReport) -> None:
     for parent in report.parents:
         tags = ", ".join(parent["tags"]) or "untagged"
         info.add_row("listed by index", rich_text(f"{parent['repo']}@{parent['digest']} ({tags})"))
+    if report.kind is not None and report.kind not in ("image", "index"):
+        about = f" of {report.subject} (by {report.subject_via})" if report.subject else ""
+        info.add_row("kind", rich_text(f"{report.kind}{about}"))
     for referrer in report.referrers:
-        info.add_row("referrer", rich_text(f"{referrer['repo']}@{referrer['digest']} "
-                                           f"{referrer['artifact_type']}"))
+        tags = ", ".join(referrer["tags"]) or "untagged"
+        info.add_row("referrer", rich_text(f"{referrer['kind']} {referrer['repo']}@{referrer['digest']} "
+                                        f"{referrer['artifact_type']} ({tags}; by {referrer['via']})"))
     t = report.totals
     uncompressed = (_size(t.uncompressed_bytes) if report.data_checked else "not measured")
     info.add_row("layers", f"{t.layers}: {human_bytes(t.compressed_bytes)} compressed, "

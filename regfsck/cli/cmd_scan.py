@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from regfsck import exitcodes
+from regfsck.artifacts import tag_subject
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
@@ -87,6 +88,8 @@ def render_scan(report: ScanReport, top: int) -> None:
         ("unreferenced blobs", f"{report.unreferenced_count} ({human_bytes(report.unreferenced_bytes)})"),
         ("uploads", f"{len(report.uploads)} ({len(stale)} stale, "
                     f"{human_bytes(sum(u.size for u in stale))})"),
+        ("manifests by kind", ", ".join(f"{n} {k}" for k, n in report.kind_counts().items() if n)
+         or "none"),
         ("dedup ratio", f"{report.dedup_ratio:.2f}x"),
         ("files seen", str(report.files_seen)),
     ]
@@ -97,6 +100,17 @@ def render_scan(report: ScanReport, top: int) -> None:
           [(u.name, str(len(u.tags)), str(len(u.manifests)), human_bytes(u.unique_bytes),
             human_bytes(u.shared_bytes)) for u in report.repositories],
           right=("tags", "manifests", "unique", "shared"))
+    attached = [(usage.name, obj) for usage in report.repositories for obj in usage.objects
+                if obj.kind not in ("image", "index")]
+    if attached:
+        rows = []
+        for name, obj in attached:
+            kind = f"{obj.kind} ({obj.artifact_type})" if obj.artifact_type else obj.kind
+            subject = f"{obj.subject[:19]} by {obj.subject_via}" if obj.subject else "-"
+            rows.append((name, kind, obj.digest[:19], subject,
+                         ", ".join(_short_tag(t) for t in obj.tags) or "(untagged)"))
+        table("Signatures, attestations, SBOMs and artifacts",
+              ("repository", "kind", "manifest", "attaches to", "tags"), rows)
     largest = sorted(report.repositories, key=lambda r: r.unique_bytes + r.shared_bytes,
                      reverse=True)[:top]
     if largest:
@@ -107,3 +121,8 @@ def render_scan(report: ScanReport, top: int) -> None:
         table("Stale uploads (gc --apply removes them)", ("repository", "upload", "size", "started"),
               [(u.repo, u.id, human_bytes(u.size), u.started_at or "never (no startedat)")
                for u in stale])
+
+
+def _short_tag(tag: str) -> str:
+    """cosign-convention tags (`sha256-<64 hex>.sig`) shortened to fit a terminal."""
+    return f"{tag[:19]}…{tag[71:]}" if tag_subject(tag) is not None else tag
