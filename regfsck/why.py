@@ -153,8 +153,9 @@ class ReferenceGraph:
                     subjects = by_subject.get(repo)
                     if subjects is None:
                         subjects = by_subject[repo] = {}
-                        for revision in revisions:
-                            subject = oracle.subject(revision)
+                        repository = self.inv.repositories[repo]
+                        for revision in revisions:  # the oracle's rule: field or cosign tag
+                            subject = oracle.subject_in(repository, revision)
                             if subject is not None:
                                 subjects.setdefault(subject, []).append(revision)
                     stack.extend((repo, r, new, True) for r in subjects.get(node, ()))
@@ -332,7 +333,8 @@ def _what(graph: ReferenceGraph, repo: str, manifest: str) -> str:
 def _kept_referrer(graph: ReferenceGraph, paths: list[ReferencePath], kept: Marks) -> str:
     """Name the referrer that keeps the blob and the tag that keeps its subject."""
     for path in paths:
-        subject = graph.subject_of.get(path.manifest)
+        repository = graph.inv.repositories[path.repo]
+        subject = graph.store.reach.subject_in(repository, path.manifest)
         seen: set[str] = set()
         while subject is not None and subject not in seen:
             seen.add(subject)
@@ -342,7 +344,7 @@ def _kept_referrer(graph: ReferenceGraph, paths: list[ReferencePath], kept: Mark
                 return (f"referrer {path.repo}@{path.manifest}"
                         f"{_what(graph, path.repo, path.manifest)}, kept because tag "
                         f"{path.repo}:{tags[0]} keeps its subject")
-            subject = graph.subject_of.get(subject)
+            subject = graph.store.reach.subject_in(repository, subject)
     return "a referrer whose subject a tag keeps"
 
 
