@@ -106,8 +106,8 @@ def render_scan(report: ScanReport, top: int) -> None:
         rows = []
         for name, obj in attached:
             kind = f"{obj.kind} ({obj.artifact_type})" if obj.artifact_type else obj.kind
-            subject = f"{obj.subject[:19]} by {obj.subject_via}" if obj.subject else "-"
-            rows.append((name, kind, obj.digest[:19], subject,
+            subject = f"{obj.subject} by {obj.subject_via}" if obj.subject else "-"
+            rows.append((name, kind, obj.digest, subject,  # table() shortens digests on a tty
                          ", ".join(_short_tag(t) for t in obj.tags) or "(untagged)"))
         table("Signatures, attestations, SBOMs and artifacts",
               ("repository", "kind", "manifest", "attaches to", "tags"), rows)
