@@ -109,7 +109,9 @@ def test_image_config(image: tuple[Buildah, str]) -> None:
 def test_verify_the_registry_volume(image: tuple[Buildah, str], fixture_root: Path) -> None:
     result = _run(*image, fixture_root, "verify", "/var/lib/registry")
     assert result.returncode == 0, result.stderr
-    assert "0 errors" in result.stdout and "36 blobs re-hashed" in result.stdout, result.stdout
+    stored = sum(1 for _ in (fixture_root / "docker/registry/v2/blobs").glob("*/*/*/data"))
+    assert "0 errors" in result.stdout, result.stdout
+    assert f"{stored} blobs re-hashed" in result.stdout, result.stdout
 
 
 def test_damage_is_seen_from_the_container(image: tuple[Buildah, str], fixture_root: Path) -> None:
