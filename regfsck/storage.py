@@ -281,10 +281,9 @@ class FilesystemStorage:
         dir_fd = -1
         try:
             dir_fd = os.open(self._base_str, _DIR_FLAGS)
-            for part in parts[:-1]:
-                next_fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
-                os.close(dir_fd)
-                dir_fd = next_fd
+            for part in parts[:-1]:  # the new descriptor is named before the old closes
+                dir_fd, parent_fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd), dir_fd
+                os.close(parent_fd)
             fd = os.open(parts[-1], _OPEN_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
@@ -464,9 +463,12 @@ class FilesystemStorage:
         fd = os.open(self._base_str, _DIR_FLAGS)
         try:
             for part in parts:
-                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = next_fd
+                # `fd` names the open descriptor before the old one is closed: a Ctrl-C
+                # (KeyboardInterrupt) landing between the two steps may leak one descriptor
+                # but never closes one twice (the second close failed with EBADF and turned
+                # an interrupted undo into "cannot open the directory of ...").
+                fd, parent_fd = os.open(part, _DIR_FLAGS, dir_fd=fd), fd
+                os.close(parent_fd)
         except BaseException:
             os.close(fd)
             raise

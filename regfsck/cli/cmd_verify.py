@@ -21,6 +21,7 @@ from regfsck.cli.common import (
     JSON_OPTION,
     ROOT_ARGUMENT,
     SETTINGS,
+    alert,
     default_jobs,
     fail,
     human_bytes,
@@ -35,7 +36,6 @@ from regfsck.cli.common import (
     stdout_is_terminal,
     styled,
     table,
-    warn,
     with_requests,
 )
 from regfsck.cli.verify_incremental import (
@@ -208,7 +208,7 @@ def verify(
                 note(line)
     code = exitcodes.FINDINGS if report.summary.errors else exitcodes.OK
     if report.summary.interrupted:
-        warn("interrupted: the summary covers only what was checked")
+        alert("interrupted: the summary covers only what was checked")
         code = exitcodes.INTERRUPTED
     raise typer.Exit(metrics.finish(report, code) if metrics is not None else code)
 

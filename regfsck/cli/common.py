@@ -141,6 +141,13 @@ def warn(*parts: str) -> None:
         _emit(True, parts)
 
 
+def alert(*parts: str) -> None:
+    """A line on stderr in every mode (--json and -q too): why the run ends as it does, such
+    as an interruption. Stdout keeps its one JSON document; a script reading only the exit
+    code still leaves the operator a word on the terminal or in the log."""
+    _emit(True, parts)
+
+
 def say(*parts: str) -> None:
     """A line of results on stdout."""
     _emit(False, parts)
