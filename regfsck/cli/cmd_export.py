@@ -14,7 +14,7 @@ from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
-    byte_columns,
+    ByteBar,
     fail,
     human_bytes,
     open_root,
@@ -22,7 +22,6 @@ from regfsck.cli.common import (
     print_json,
     say,
     show_progress,
-    stderr_console,
     styled,
     table,
 )
@@ -93,7 +92,7 @@ def export_command(
     inventory = Scanner(storage, registry).scan()
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bar = _Bar() if show_progress(json_output) else None
+    bar = ByteBar("exporting") if show_progress(json_output) else None
     try:
         result = export_images(storage, inventory, parsed, output, registry.v2, fmt=chosen,
                                platform=wanted, on_start=bar.start if bar else None,
@@ -106,33 +105,12 @@ def export_command(
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
-            bar.stop()
+            bar.finish()
     if json_output:
         print_json(result.to_json())
     else:
         render_export(result)
     raise typer.Exit(exitcodes.OK)
-
-
-class _Bar:
-    """Bytes copied / rate / ETA on stderr."""
-
-    def __init__(self) -> None:
-        from rich.progress import Progress, TextColumn
-
-        self.progress = Progress(TextColumn("exporting"), *byte_columns(),
-                                 console=stderr_console(), transient=True)
-        self.task = self.progress.add_task("export", total=0)
-
-    def start(self, total: int) -> None:
-        self.progress.update(self.task, total=total)
-        self.progress.start()
-
-    def advance(self, nbytes: int) -> None:
-        self.progress.advance(self.task, nbytes)
-
-    def stop(self) -> None:
-        self.progress.stop()
 
 
 def render_export(result: ExportResult) -> None:

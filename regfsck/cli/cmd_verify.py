@@ -32,7 +32,6 @@ from regfsck.cli.common import (
     root_words,
     say,
     show_progress,
-    stderr_console,
     stdout_is_terminal,
     styled,
     table,
@@ -57,30 +56,13 @@ if TYPE_CHECKING:
 
 def data_progress() -> DataProgress:
     """A bytes / rate / ETA bar on stderr (IEC units, like the summary)."""
-    from rich.progress import Progress, TextColumn
-
-    from regfsck.cli.common import byte_columns
+    from regfsck.cli.common import ByteBar
     from regfsck.verify import DataProgress
 
-    class RichDataProgress(DataProgress):
-        def __init__(self) -> None:
-            self.progress = Progress(TextColumn("hashing blobs"), *byte_columns(),
-                                     console=stderr_console(), transient=True)
-            self.task = self.progress.add_task("hash", total=0)
-            self._lock = threading.Lock()
+    class RichDataProgress(ByteBar, DataProgress):
+        pass
 
-        def start(self, total_bytes: int, total_blobs: int) -> None:
-            self.progress.update(self.task, total=total_bytes)
-            self.progress.start()
-
-        def advance(self, nbytes: int) -> None:
-            with self._lock:
-                self.progress.advance(self.task, nbytes)
-
-        def finish(self) -> None:
-            self.progress.stop()
-
-    return RichDataProgress()
+    return RichDataProgress("hashing blobs")
 
 
 def deep_progress() -> DeepProgress:

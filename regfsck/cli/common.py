@@ -339,3 +339,30 @@ def byte_columns() -> list[ProgressColumn]:
             return Text("?" if speed is None else f"{human_bytes(int(speed))}/s")
 
     return [BarColumn(), DownloadColumn(binary_units=True), _Rate(), TimeRemainingColumn()]
+
+
+class ByteBar:
+    """A transient bytes / rate / ETA bar on stderr (IEC units): hashing, the deep layer pass
+    and export all show their progress with this one bar. `advance` may be called from
+    several worker threads at once."""
+
+    def __init__(self, label: str) -> None:
+        import threading
+
+        from rich.progress import Progress, TextColumn
+
+        self.progress = Progress(TextColumn(label), *byte_columns(),
+                                 console=stderr_console(), transient=True)
+        self.task = self.progress.add_task(label, total=0)
+        self._lock = threading.Lock()
+
+    def start(self, total_bytes: int, total_items: int = 0) -> None:
+        self.progress.update(self.task, total=total_bytes)
+        self.progress.start()
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self.progress.advance(self.task, nbytes)
+
+    def finish(self) -> None:
+        self.progress.stop()

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from rich.progress import Progress, TextColumn
-
-from regfsck.cli.common import byte_columns, human_bytes, plural, say, stderr_console
+from regfsck.cli.common import ByteBar, human_bytes, plural, say
 from regfsck.deep import DeepProgress, DeepSummary
 
 
-class RichDeepProgress(DeepProgress):
+class RichDeepProgress(ByteBar, DeepProgress):
     """Compressed layer bytes read / rate / ETA on stderr (IEC units, like the summary)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("checking layers"), *byte_columns(),
-                                 console=stderr_console(), transient=True)
-        self.task = self.progress.add_task("deep", total=0)
-        self._lock = threading.Lock()
-
-    def start(self, total_bytes: int, total_layers: int) -> None:
-        self.progress.update(self.task, total=total_bytes)
-        self.progress.start()
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self.progress.advance(self.task, nbytes)
-
-    def finish(self) -> None:
-        self.progress.stop()
+        super().__init__("checking layers")
 
 
 def deep_json(summary: DeepSummary | None) -> dict[str, Any]:
