@@ -20,6 +20,7 @@ Journal lines (JSON, one per line, `seq` numbers the changes of a run):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,7 +36,14 @@ from typing import Any, BinaryIO, Literal
 
 from regfsck.layout import V2_PREFIX
 from regfsck.root import RegistryRoot
-from regfsck.storage import FilesystemStorage, StorageError, UnsafePathError, check_relative
+from regfsck.storage import (
+    AppendFile,
+    MutableStorage,
+    StorageError,
+    UnsafePathError,
+    check_relative,
+    mutable_storage,
+)
 from regfsck.undoplan import build_view, missing_parts, restored_tags, used_now
 
 QUARANTINE_DIR = "regfsck-quarantine"
@@ -239,7 +247,7 @@ class _Journal:
     note: str | None
 
 
-def _read_journal(storage: FilesystemStorage, path: str) -> _Journal:
+def _read_journal(storage: MutableStorage, path: str) -> _Journal:
     """Parse a journal; a torn last line (crash while appending) is ignored."""
     if storage.stat(path) is None:
         return _Journal([], False, False, None)  # crashed right after creating the run dir
@@ -293,54 +301,51 @@ class _JournalWriter:
     """Appends whole lines only: a line cut short (full disk, crash) is removed before the
     next append, since buried mid-file it would read as damage and block undo and recover."""
 
-    def __init__(self, storage: FilesystemStorage, path: str) -> None:
+    def __init__(self, storage: MutableStorage, path: str) -> None:
         self.path = path
-        self.fd = storage.open_append(path)
+        self.file: AppendFile | None = storage.open_journal(path)
         try:
-            self._size = self._drop_torn_tail(storage)
+            self._size = self._drop_torn_tail(self.file)
         except OSError as exc:
             self.close()
             raise StorageError(exc.errno, f"cannot repair the journal {path}: {exc.strerror}",
                                path) from exc
 
-    def _drop_torn_tail(self, storage: FilesystemStorage) -> int:
-        size = os.fstat(self.fd).st_size
+    @staticmethod
+    def _drop_torn_tail(file: AppendFile) -> int:
+        size = file.size()
         if not size:
             return 0
-        reader = storage.open_fd(self.path)
-        try:
-            tail = os.pread(reader, min(size, 1 << 16), max(0, size - (1 << 16)))
-        finally:
-            os.close(reader)
+        tail = file.read_tail(1 << 16)
         if tail.endswith(b"\n"):
             return size
         cut = tail.rfind(b"\n")
         if cut < 0 and size > len(tail):
             return size  # a 64 KiB line: not ours to judge here; the reader will say
         keep = size - len(tail) + cut + 1
-        os.ftruncate(self.fd, keep)
+        file.truncate(keep)
         return keep
 
     def write(self, entry: dict[str, Any], sync: bool = True) -> None:
         """Append one line; a full or failing disk is a StorageError (the CLI's one-line stop)."""
         line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
-        view = memoryview(line)
+        file = self.file
+        if file is None:  # as a write to a closed descriptor said before
+            raise StorageError(errno.EBADF, f"cannot write the journal {self.path}: "
+                               f"{os.strerror(errno.EBADF)}", self.path)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
-            if sync:
-                os.fsync(self.fd)
+            file.append(line, sync=sync)
         except OSError as exc:
             with contextlib.suppress(OSError):  # never leave half a line behind
-                os.ftruncate(self.fd, self._size)
+                file.truncate(self._size)
             raise StorageError(exc.errno, f"cannot write the journal {self.path}: {exc.strerror}",
                                self.path) from exc
         self._size += len(line)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 # --------------------------------------------------------------------------- a run
@@ -370,14 +375,14 @@ class _RunFiles:
         check_relative(held)
         return held
 
-    def held_roots(self, storage: FilesystemStorage) -> list[str]:
+    def held_roots(self, storage: MutableStorage) -> list[str]:
         """Every directory of the run holding bytes: payloads and reverted creations."""
         if storage.stat(self.dir) is None:
             return []
         return [f"{self.dir}/{e.name}" for e in storage.list_dir(self.dir)
                 if e.kind.value == "dir" and (e.name.startswith(PAYLOAD) or e.name.startswith(UNDONE))]
 
-    def payloads(self, storage: FilesystemStorage) -> list[str]:
+    def payloads(self, storage: MutableStorage) -> list[str]:
         """The run's payload roots: `v2`, plus `v2~<seq>` for paths moved twice."""
         if storage.stat(self.dir) is None:
             return []
@@ -385,11 +390,11 @@ class _RunFiles:
                 if e.kind.value == "dir" and (e.name == PAYLOAD or e.name.startswith(PAYLOAD + "~"))]
 
 
-def _write_meta(storage: FilesystemStorage, files: _RunFiles, meta: dict[str, Any]) -> None:
+def _write_meta(storage: MutableStorage, files: _RunFiles, meta: dict[str, Any]) -> None:
     storage.replace_file(files.meta, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def _read_meta(storage: FilesystemStorage, files: _RunFiles) -> dict[str, Any] | None:
+def _read_meta(storage: MutableStorage, files: _RunFiles) -> dict[str, Any] | None:
     try:
         meta = json.loads(storage.read_small(files.meta, 1 << 20))
     except StorageError:
@@ -411,7 +416,7 @@ class Run:
         self.root = root
         self.files = files
         self.meta = meta
-        self.storage = FilesystemStorage(root.root)
+        self.storage = mutable_storage(root)
         self._journal = _JournalWriter(self.storage, files.journal)
         self._seq = 0
         self._held_dirs: set[str] = set()  # parent dirs this run made in its quarantine
@@ -435,7 +440,7 @@ class Run:
         """Create the run directory, its meta.json and an empty journal.
 
         Refuses when the quarantine is not on the tree's filesystem: moves must be renames."""
-        storage = FilesystemStorage(root.root)
+        storage = mutable_storage(root)
         files = _RunFiles(new_run_id())
         try:
             if storage.stat(QUARANTINE_DIR) is None:
@@ -553,7 +558,7 @@ class Run:
         seq = self._next("move", rel, kind=kind, size=st.st_size if kind == "file" else None,
                          held=held)
         try:
-            self.storage.rename_noreplace(source, held)
+            self.storage.move(source, held)
         except BaseException:
             self._journal.write({"ev": "failed", "seq": seq})
             raise
@@ -581,7 +586,7 @@ class Run:
             prepared.append((seq, source, held))
         for index, (seq, source, held) in enumerate(prepared):
             try:
-                self.storage.rename_noreplace(source, held)
+                self.storage.move(source, held)
             except BaseException:
                 for later_seq, _, _ in prepared[index:]:
                     self._journal.write({"ev": "failed", "seq": later_seq}, sync=False)
@@ -639,7 +644,7 @@ class Run:
             self.storage.adopt(_v2(tmp_rel), (uid, gid), FILE_MODE if sibling is None else sibling)
             self._journal.write({"ev": "written", "seq": seq, "sha256": hasher.hexdigest(),
                                  "size": size})
-            self.storage.rename_noreplace(_v2(tmp_rel), target)
+            self.storage.move(_v2(tmp_rel), target)
         except BaseException:
             if self.storage.lstat_raw(_v2(tmp_rel)) is not None:
                 self.storage.remove_file(_v2(tmp_rel))
@@ -689,7 +694,7 @@ class Run:
 class _Reverter:
     """Puts one run back, change by change in reverse order, journaling as it goes."""
 
-    def __init__(self, root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
+    def __init__(self, root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
                  dry_run: bool = False) -> None:
         self.root = root
         self.storage = storage
@@ -995,11 +1000,11 @@ class _Reverter:
     def _do_step(self, step: UndoStep, change: _Change, result: UndoResult) -> None:
         original = _v2(change.rel)
         if step.action == "move_back" and step.held is not None:
-            self.storage.rename_noreplace(step.held, original)
+            self.storage.move(step.held, original)
             result.moved_back += 1
         elif step.action == "unmake" and step.held is not None:
             self._make_quarantine_parents(step.held)
-            self.storage.rename_noreplace(original, step.held)
+            self.storage.move(original, step.held)
             result.files_removed += 1
         elif step.action == "rmdir":
             self.storage.remove_empty_dir(original)
@@ -1051,7 +1056,7 @@ class _OtherRuns:
     """Which other run changed a path: moved it (or an ancestor) away, removed it as an
     empty directory, or created it; read from their journals (what a refusal names)."""
 
-    def __init__(self, storage: FilesystemStorage, me: str) -> None:
+    def __init__(self, storage: MutableStorage, me: str) -> None:
         self.storage = storage
         self.me = me
         self._paths: dict[str, list[str]] | None = None
@@ -1107,7 +1112,7 @@ def _since_ns(meta: dict[str, Any]) -> int:
 
 def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
     """The frozen plan an undo of `run_id` would carry out now (nothing is changed)."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     files = _RunFiles(check_run_id(run_id))
     meta = _read_meta(storage, files)
     if meta is None:
@@ -1117,7 +1122,7 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
                                                 _OtherRuns(storage, run_id))
 
 
-def _revert_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
+def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
                 meta: dict[str, Any], journal: _Journal) -> UndoResult:
     """Plan, refuse or carry out; the run is `undoing` only while steps are being done.
 
@@ -1153,7 +1158,7 @@ def _revert_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles
     return result
 
 
-def _seal_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
+def _seal_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
               meta: dict[str, Any], journal: _Journal, reason: str) -> int:
     """Keep what an interrupted run did: settle each in-flight change from the disk."""
     reverter = _Reverter(root, storage, files)
@@ -1174,7 +1179,7 @@ def _seal_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
     return applied
 
 
-def _recover_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFiles,
+def _recover_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
                  reason: str = "interrupted (crash or kill)") -> str:
     meta = _read_meta(storage, files) or {}
     journal = _read_journal(storage, files.journal)
@@ -1207,7 +1212,7 @@ def _recover_run(root: RegistryRoot, storage: FilesystemStorage, files: _RunFile
     return f"run {files.run_id} ({command}) was {reason}: reverted its {changes} changes{kept}"
 
 
-def _run_dirs(storage: FilesystemStorage) -> list[_RunFiles]:
+def _run_dirs(storage: MutableStorage) -> list[_RunFiles]:
     if storage.stat(QUARANTINE_DIR) is None:
         return []
     return [_RunFiles(e.name) for e in storage.list_dir(QUARANTINE_DIR)
@@ -1219,7 +1224,7 @@ def recover(root: RegistryRoot) -> list[str]:
 
     Each run's on_crash policy decides: "revert" puts the tree back as it was before the
     run, "finish" keeps the changes that reached the disk (still undoable)."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     messages: list[str] = []
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files)
@@ -1237,7 +1242,7 @@ def recover(root: RegistryRoot) -> list[str]:
 
 def list_runs(root: RegistryRoot) -> list[RunInfo]:
     """Every run in the quarantine, oldest first."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     runs: list[RunInfo] = []
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files) or {}
@@ -1258,7 +1263,7 @@ def list_runs(root: RegistryRoot) -> list[RunInfo]:
 
 def undo_target(root: RegistryRoot, run_id: str | None) -> str:
     """The run `undo` would revert: `run_id` (checked), or the newest not yet reverted."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     for files in reversed(_run_dirs(storage)):
         if run_id is not None and files.run_id != check_run_id(run_id):
             continue
@@ -1276,7 +1281,7 @@ def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
     Judged against the tree as it is now before anything moves: a step that cannot be
     done, or a tag that would come back without its parts, refuses the whole undo and
     names the newer run to undo first; creations used or rewritten since stay in place."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     candidates = _run_dirs(storage)
     if run_id is not None:
         check_run_id(run_id)
@@ -1307,7 +1312,7 @@ def _finished_at(meta: dict[str, Any]) -> datetime | None:
     return None
 
 
-def _needed_runs(root: RegistryRoot, storage: FilesystemStorage) -> dict[str, set[str]]:
+def _needed_runs(root: RegistryRoot, storage: MutableStorage) -> dict[str, set[str]]:
     """run id -> the other runs whose undo needs what it holds.
 
     A run U (not reverted) needs run P when undoing U would bring back a tag whose parts
@@ -1353,7 +1358,7 @@ def purge(root: RegistryRoot, older_than: timedelta, *, dry_run: bool = False,
     Runs still open (a crash, see `recover`) are never purged. A run whose content another
     run's undo still needs (see `_needed_runs`) is kept unless `force`: purging it would
     leave that undo refusing, or restoring tags that cannot be pulled."""
-    storage = FilesystemStorage(root.root)
+    storage = mutable_storage(root)
     now = now or datetime.now(UTC)
     result = PurgeResult(applied=not dry_run)
     runs = _run_dirs(storage)

@@ -5,6 +5,9 @@ Two backends implement it: `FilesystemStorage` (here) and `objectstore.ObjectSto
 (an S3 bucket, listed flat once into the same directory model). `open_storage` is the one
 place that picks the backend from a `RegistryRoot`.
 
+Changes go through the same seam: `MutableStorage` is what a journaled run
+(regfsck.quarantine) needs, rooted at ROOT, and `mutable_storage` picks its backend.
+
 Safety lives here: no operation follows a symbolic link, no path may contain `..`,
 an absolute part or NUL, and opening a FIFO or device never blocks.
 """
@@ -116,6 +119,99 @@ class Storage(Protocol):
     def open_read(self, path: str) -> BinaryIO: ...
 
     def describe(self, path: str) -> str: ...
+
+
+class StatLike(Protocol):
+    """The part of `os.stat_result` a journaled run reads (an object store fakes the rest:
+    one device, no inode, the owner and modes of the registry's own entries)."""
+
+    @property
+    def st_mode(self) -> int: ...
+
+    @property
+    def st_size(self) -> int: ...
+
+    @property
+    def st_mtime_ns(self) -> int: ...
+
+    @property
+    def st_ino(self) -> int: ...
+
+    @property
+    def st_uid(self) -> int: ...
+
+    @property
+    def st_gid(self) -> int: ...
+
+    @property
+    def st_dev(self) -> int: ...
+
+
+class AppendFile(Protocol):
+    """A file only ever appended to: a run's journal.
+
+    `append` with `sync` is the durability point (fsync on a filesystem; an object store
+    writes the lines gathered so far as one object before it returns). Errors are OSError
+    (StorageError included); the journal writer takes care of torn lines."""
+
+    path: str
+
+    def size(self) -> int: ...
+
+    def read_tail(self, limit: int) -> bytes: ...
+
+    def append(self, data: bytes, *, sync: bool) -> None: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MutableStorage(Storage, Protocol):
+    """The changes a journaled run (regfsck.quarantine) makes, and only under the root lock;
+    paths are relative to ROOT (not to `v2`: the quarantine lives beside `docker/`).
+
+    A backend implements each as one operation; `FilesystemStorage` by renames and
+    descriptor-relative calls that never follow a symlink, an object store by server-side
+    copy then delete. quarantine.py never knows which backend it talks to."""
+
+    def lstat_raw(self, path: str) -> StatLike | None: ...
+
+    def move(self, src: str, dst: str) -> None: ...
+
+    def make_dir(self, path: str, mode: int = 0o777) -> None: ...
+
+    def remove_empty_dir(self, path: str) -> None: ...
+
+    def remove_file(self, path: str) -> None: ...
+
+    def write_new_file(self, path: str, chunks: Iterable[bytes]) -> int: ...
+
+    def replace_file(self, path: str, data: bytes) -> None: ...
+
+    def fsync_dir(self, path: str) -> None: ...
+
+    def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
+                  owner: tuple[int, int] | None = None) -> None: ...
+
+    def neighbours(self, path: str, directory: bool) -> tuple[int, int, int | None]: ...
+
+    def adopt(self, path: str, owner: tuple[int, int], mode: int) -> None: ...
+
+    def open_journal(self, path: str) -> AppendFile: ...
+
+    def remove_tree(self, path: str) -> int: ...
+
+    def tree_size(self, path: str) -> int: ...
+
+
+def mutable_storage(root: RegistryRoot) -> MutableStorage:
+    """The backend a journaled run changes `root` through, rooted at ROOT: the one place
+    that picks it (a local directory; object storage once its mutations exist)."""
+    if root.s3 is not None:
+        raise StorageError(errno.EOPNOTSUPP,
+                           f"changing {root.display} is not available on object storage yet", "")
+    return FilesystemStorage(root.root)
 
 
 def local_only(storage: Storage, what: str = "this") -> FilesystemStorage:
@@ -454,9 +550,9 @@ class FilesystemStorage:
             os.close(dir_fd)
         return results
 
-    # -- mutation ------------------------------------------------------------
-    # Used only by regfsck.quarantine (under the root lock): every directory on the way is
-    # opened with O_NOFOLLOW, so no write, rename or delete can land outside the base.
+    # -- mutation (`MutableStorage`) ------------------------------------------
+    # Used only by regfsck.quarantine and the root lock (under the lock): every directory on
+    # the way is opened with O_NOFOLLOW, so no write, rename or delete can land outside the base.
 
     def _open_dir(self, parts: list[str]) -> int:
         """Open the directory `parts` below the base, refusing a symlink at every level."""
@@ -534,6 +630,10 @@ class FilesystemStorage:
         finally:
             os.close(src_fd)
             os.close(dst_fd)
+
+    def move(self, src: str, dst: str) -> None:
+        """The seam's move: a rename that never replaces `dst` (see `rename_noreplace`)."""
+        self.rename_noreplace(src, dst)
 
     def make_dir(self, path: str, mode: int = 0o777) -> None:
         """Create one directory (the umask applies, as for the registry's own directories)."""
@@ -702,6 +802,10 @@ class FilesystemStorage:
         finally:
             os.close(dir_fd)
 
+    def open_journal(self, path: str) -> FileAppender:
+        """Open (creating, mode 0644) an append-only file such as a run's journal."""
+        return FileAppender(self, path)
+
     def remove_tree(self, path: str) -> int:
         """Delete a directory tree for good without following symlinks; returns bytes freed."""
         dir_fd, name = self._parent(path)
@@ -722,6 +826,43 @@ class FilesystemStorage:
             return _tree_size_fd(fd)
         finally:
             os.close(fd)
+
+
+class FileAppender:
+    """`AppendFile` on a filesystem: one O_APPEND descriptor, each line written whole by
+    `os.write` (retried on short writes), fsynced when asked to."""
+
+    def __init__(self, storage: FilesystemStorage, path: str) -> None:
+        self.storage = storage
+        self.path = path
+        self.fd = storage.open_append(path)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def read_tail(self, limit: int) -> bytes:
+        """The last `limit` bytes, read through a descriptor of its own."""
+        size = self.size()
+        reader = self.storage.open_fd(self.path)
+        try:
+            return os.pread(reader, min(size, limit), max(0, size - limit))
+        finally:
+            os.close(reader)
+
+    def append(self, data: bytes, *, sync: bool) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        if sync:
+            os.fsync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _tree_size_fd(fd: int) -> int:
