@@ -30,7 +30,8 @@ from tests.realtools_artifacts import (
     registry_binaries,
     serves_everything,
 )
-from tests.test_gc import REPO_ROOT, cli
+from tests.support import REPO_ROOT
+from tests.support.cli import invoke as cli
 
 pytestmark = pytest.mark.realtools
 VERSIONS = ["2.8", "3"]

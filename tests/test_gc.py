@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,41 +23,13 @@ from regfsck.safety import RootLock
 from regfsck.sweep import sweep
 from tests import realtools
 from tests.realtools import SampleInfo
-from tests.test_quarantine import registry_snapshot
+from tests.support import REPO_ROOT, V2
+from tests.support.cli import invoke as cli
+from tests.support.oracle import closure, errors_after, official, tag_targets
+from tests.support.snapshot import registry_snapshot
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-V2 = "docker/registry/v2"
 NO_GRACE = GcOptions(grace=timedelta(0))
 NO_GRACE_M = GcOptions(delete_untagged=True, grace=timedelta(0))
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd or REPO_ROOT, timeout=120, check=False)
-
-
-def official(root: Path, tmp_path: Path, delete_untagged: bool) -> realtools.GCPlan:
-    config = realtools.write_registry_config(tmp_path / "gc-config.yml", root)
-    return realtools.gc_dry_run(config, delete_untagged=delete_untagged)
-
-
-def closure(root: Path, info: SampleInfo, roots: set[str]) -> set[str]:
-    """Every digest reachable from `roots` through the stored manifests (children too)."""
-    seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        digest = stack.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        if digest in info.media_types:
-            stack += realtools.manifest_references(realtools.read_stored_blob(root, digest))
-    return seen
-
-
-def tag_targets(info: SampleInfo) -> set[str]:
-    return {d for tags in info.tags.values() for d in tags.values()}
 
 
 def blob_digests(plan_json: dict[str, Any]) -> set[str]:
@@ -71,13 +41,6 @@ def backdate(root: Path, hours: float) -> None:
     for dirpath, dirnames, filenames in os.walk(root / "docker"):
         for name in dirnames + filenames:
             os.utime(Path(dirpath) / name, (when, when), follow_symlinks=False)
-
-
-def errors_after(root: Path) -> list[str]:
-    from regfsck.verify import VerifyOptions, run_verify
-
-    report = run_verify(locate(root), VerifyOptions(check_data=True, jobs=2))
-    return [f"{f.kind} {f.path}" for f in report.findings if f.severity == "error"]
 
 
 # --------------------------------------------------------------------------- the oracle

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regfsck.durations import DurationError, format_duration, parse_duration
-from tests.test_gc import cli
-from tests.test_quarantine import registry_snapshot
+from tests.support.cli import invoke as cli
+from tests.support.snapshot import registry_snapshot
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("30m", 1800), ("1h", 3600), ("7d", 604800),

@@ -21,8 +21,10 @@ import pytest
 from tests import realtools
 from tests.conftest import copy_tree
 from tests.realtools import SampleInfo
-from tests.test_gc import REPO_ROOT, cli, errors_after
-from tests.test_quarantine import Snapshot, registry_snapshot
+from tests.support import REPO_ROOT
+from tests.support.cli import invoke as cli
+from tests.support.oracle import errors_after
+from tests.support.snapshot import Snapshot, registry_snapshot
 
 pytestmark = pytest.mark.realtools
 

@@ -16,8 +16,9 @@ import pytest
 
 from tests import realtools
 from tests.realtools import SampleInfo
-from tests.test_gc import cli, closure, official, tag_targets
-from tests.test_quarantine import registry_snapshot
+from tests.support.cli import invoke as cli
+from tests.support.oracle import closure, official, tag_targets
+from tests.support.snapshot import registry_snapshot
 
 pytestmark = pytest.mark.realtools
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -36,59 +35,25 @@ from regfsck.quarantine import (
 )
 from regfsck.root import RegistryRoot, locate
 from regfsck.storage import StorageError, UnsafePathError
+from tests.support import REPO_ROOT, V2
+from tests.support.snapshot import registry_snapshot
+from tests.support.snapshot import snapshot as tree_snapshot
+from tests.support.tree import build
 
-V2 = "docker/registry/v2"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-Snapshot = dict[str, tuple[str, int, int, str]]
-
-
-def tree_snapshot(top: Path) -> Snapshot:
-    """Every path below `top`: (kind, mode, mtime_ns, sha256 of content / link target).
-
-    Directory mtimes are included: undo must restore them too."""
-    snap: Snapshot = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st_ = path.lstat()
-            rel = path.relative_to(top).as_posix()
-            if stat.S_ISLNK(st_.st_mode):
-                snap[rel] = ("link", st_.st_mode, st_.st_mtime_ns, os.readlink(path))
-            elif stat.S_ISDIR(st_.st_mode):
-                snap[rel] = ("dir", st_.st_mode, st_.st_mtime_ns, "")
-            else:
-                snap[rel] = ("file", st_.st_mode, st_.st_mtime_ns,
-                             hashlib.sha256(path.read_bytes()).hexdigest())
-    return snap
-
-
-def registry_snapshot(root: Path) -> Snapshot:
-    """Snapshot of the registry tree proper (`docker/`), the quarantine left out."""
-    return tree_snapshot(root / "docker")
+OLD_NS = 1_600_000_000_000_000_000
 
 
 def make_tree(root: Path) -> RegistryRoot:
     """A small v2 tree with old mtimes (so restoring them is visible)."""
-    v2 = root / V2
-    files = {
+    build(root, {
         "blobs/sha256/aa/aaaa/data": b"blob a" * 100,
         "blobs/sha256/bb/bbbb/data": b"blob b",
         "repositories/r/_layers/sha256/aaaa/link": b"sha256:aaaa",
         "repositories/r/_manifests/tags/t/current/link": b"sha256:bbbb",
         "repositories/r/_uploads/u1/data": b"partial",
         "repositories/r/_uploads/u1/startedat": b"2024-01-01T00:00:00Z",
-    }
-    for rel, data in files.items():
-        path = v2 / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (v2 / "repositories/r/_manifests/tags/empty").mkdir(parents=True)
-    old = 1_600_000_000_000_000_000
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in dirnames + filenames:
-            os.utime(Path(dirpath) / name, ns=(old, old))
-            old += 1_000_000_000
+        "repositories/r/_manifests/tags/empty": None,
+    }, base_mtime_ns=OLD_NS)
     return locate(root)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import realtools
-from tests.test_gc import cli
+from tests.support.cli import invoke as cli
 
 pytestmark = pytest.mark.realtools
 

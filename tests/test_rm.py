@@ -14,8 +14,10 @@ from regfsck.gc import GcOptions, plan_gc
 from regfsck.root import locate
 from tests import realtools
 from tests.realtools import SampleInfo
-from tests.test_gc import V2, cli, errors_after
-from tests.test_quarantine import registry_snapshot
+from tests.support import V2
+from tests.support.cli import invoke as cli
+from tests.support.oracle import errors_after
+from tests.support.snapshot import registry_snapshot
 
 pytestmark = pytest.mark.realtools
 
