@@ -7,19 +7,12 @@ a real registry.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
-import subprocess
-import sys
-import tarfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-import zstandard
 
 from regfsck import layout
 from regfsck.export import (
@@ -29,22 +22,12 @@ from regfsck.export import (
     ExportInterrupted,
     compression_for,
     default_format,
-    export_images,
     parse_platform,
 )
-from regfsck.refs import parse_ref
-from regfsck.root import locate
-from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
 from tests.realtools import SampleInfo
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT)
+from tests.support import REPO_ROOT, V2
+from tests.support.cli import invoke as cli
+from tests.support.export import export, read_archive, read_layout_dir
 
 
 @pytest.fixture
@@ -66,34 +49,6 @@ def sha256(data: bytes) -> str:
 
 def tree_blob(root: Path, digest: str) -> bytes:
     return (root / V2 / layout.blob_data(digest)).read_bytes()
-
-
-def export(root: Path, refs: list[str], output: Path, **kw: Any) -> Any:
-    registry = locate(root)
-    storage = FilesystemStorage(registry.v2)
-    inventory = Scanner(storage, registry).scan()
-    return export_images(storage, inventory, [parse_ref(r) for r in refs], output, registry.v2, **kw)
-
-
-def read_archive(path: Path) -> dict[str, bytes]:
-    """Every regular file of a (possibly compressed) tar, by name."""
-    raw = path.read_bytes()
-    if raw[:4] == b"\x28\xb5\x2f\xfd":
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
-    elif raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                files[member.name] = extracted.read()
-    return files
-
-
-def read_layout_dir(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
 def layout_refs(files: dict[str, bytes]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from regfsck import deflate
 from regfsck.export import ExportFormat
 from regfsck.importer import run_import
 from tests.realtools import RealRegistry, SampleInfo, sha256_digest, skopeo
-from tests.test_export import export
+from tests.support.export import export
 
 OCI_REFS = ["library/base:latest", "multi/oci:latest", "compress/zstd:latest", "a/b:latest"]
 

@@ -16,7 +16,7 @@ import pytest
 
 from regfsck.export import ExportFormat, parse_platform
 from tests.realtools import RealRegistry, SampleInfo, sha256_digest, skopeo, skopeo_copy
-from tests.test_export import export, read_archive
+from tests.support.export import export, read_archive
 
 pytestmark = pytest.mark.realtools
 

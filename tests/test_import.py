@@ -6,12 +6,9 @@ registry; here the engine and the CLI are checked against the tree and the sourc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,33 +26,10 @@ from regfsck.root import locate
 from regfsck.safety import RootLock
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import SampleInfo
-from tests.test_export import export, read_layout_dir
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-V2 = "docker/registry/v2"
-STATE = ("regfsck-state", "regfsck-quarantine")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT)
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
-    """Every path of the registry tree (not regfsck's own state) with kind, mode and content."""
-    result: dict[str, tuple[str, int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        if rel_dir.parts and rel_dir.parts[0] in STATE:
-            continue
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if not rel_dir.parts and name in STATE:
-                continue
-            st = path.lstat()
-            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
-            result[str(path.relative_to(root))] = ("d" if path.is_dir() else "f", st.st_mode, content)
-    return result
+from tests.support import REPO_ROOT, V2
+from tests.support.cli import invoke as cli
+from tests.support.export import export, read_layout_dir
+from tests.support.snapshot import STATE_NAMES, snapshot
 
 
 @pytest.fixture
@@ -105,7 +79,7 @@ def test_links_are_the_registrys_byte_format(full_export: Path, tmp_path: Path,
 def test_plan_writes_nothing(fixture_root: Path, tmp_path: Path, info: SampleInfo) -> None:
     source = tmp_path / "base.tar.gz"
     export(fixture_root, ["library/base"], source)
-    before = snapshot(fixture_root)
+    before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
     result = cli("import", str(fixture_root), str(source), "--repo", "mirror/base", "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -116,7 +90,7 @@ def test_plan_writes_nothing(fixture_root: Path, tmp_path: Path, info: SampleInf
         info.tags["library/base"])
     # The untagged SBOM referrer came along with its subject (export --with-referrers).
     assert [i["digest"] for i in doc["images"] if i["tag"] is None] == [info.artifact[1]]
-    assert snapshot(fixture_root) == before
+    assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
     assert not (fixture_root / "regfsck-quarantine").exists()
 
 
@@ -138,16 +112,16 @@ def test_import_into_populated_tree_shares_blobs_and_undo_restores(
     unique = _only_used_by(info, gone)
     for digest in unique:
         shutil.rmtree((fixture_root / V2 / layout.blob_data(digest)).parent)
-    before = snapshot(fixture_root)
+    before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
     plan = run_import(fixture_root, full_export, apply=True)
     assert set(plan.new_blobs) == unique
     assert set(plan.existing_blobs) >= set(info.shared_layers) - unique
     assert {link.repo for link in plan.links} == gone  # the other repositories have it all
-    with_uploads = {p for p in snapshot(fixture_root) if "_uploads" in p}
+    with_uploads = {p for p in snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) if "_uploads" in p}
     assert run_verify(locate(fixture_root), VerifyOptions(jobs=2)).summary.errors == 0
     assert not with_uploads - set(before)
     undo(locate(fixture_root), plan.run_id)
-    assert snapshot(fixture_root) == before
+    assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
 
 
 def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: SampleInfo,
@@ -157,7 +131,7 @@ def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: Sa
     shutil.copy(out, tmp_path / "ab2.tar")
     repo = "library/base"
     old = info.tags[repo]["latest"]
-    before = snapshot(fixture_root)
+    before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
     plan = run_import(fixture_root, out, repo=repo, apply=True)
     new = info.tags["a/b"]["latest"]
     current = fixture_root / V2 / layout.tag_current_link(repo, "latest")
@@ -168,7 +142,7 @@ def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: Sa
     assert [(r.tag, r.replaces, r.digest) for r in plan.retags] == [("latest", old, new)]
     assert any("moves from" in note for note in plan.notes)
     undo(locate(fixture_root), plan.run_id)
-    assert snapshot(fixture_root) == before
+    assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
 
 
 def test_corrupt_source_blob_is_refused_before_writing(full_export: Path, tmp_path: Path,
@@ -232,11 +206,11 @@ def test_missing_blob_in_source(full_export: Path, tmp_path: Path, info: SampleI
 
 
 def test_refuses_while_the_root_lock_is_held(full_export: Path, fixture_root: Path) -> None:
-    before = snapshot(fixture_root)
+    before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
     with RootLock(locate(fixture_root)):
         result = cli("import", str(fixture_root), str(full_export), "--apply")
     assert result.returncode == 3 and "another regfsck run" in result.stderr
-    assert snapshot(fixture_root) == before
+    assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
 
 
 def test_refuses_a_directory_that_is_neither_registry_nor_empty(full_export: Path,

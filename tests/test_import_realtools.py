@@ -22,8 +22,8 @@ import zstandard
 
 from regfsck.importer import run_import
 from tests.realtools import RealRegistry, SampleInfo, pull_every_tag, skopeo_copy
-from tests.test_export import export
-from tests.test_import import snapshot
+from tests.support.export import export
+from tests.support.snapshot import STATE_NAMES, snapshot
 
 pytestmark = pytest.mark.realtools
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,12 +105,13 @@ def test_import_writes_what_a_push_writes(real_sample: tuple[Path, SampleInfo], 
                         "--preserve-digests")
     imported.mkdir()
     run_import(imported, archive, apply=True)
-    by_push = {p: v for p, v in snapshot(pushed).items() if "_uploads" not in p}
-    assert snapshot(imported) == by_push
+    by_push = {p: v for p, v in snapshot(pushed, mtimes="none", skip=STATE_NAMES).items()
+               if "_uploads" not in p}
+    assert snapshot(imported, mtimes="none", skip=STATE_NAMES) == by_push
 
 
 def test_refuses_while_a_registry_serves_root(skopeo_sources: dict[str, Path], sample_root: Path) -> None:
-    before = snapshot(sample_root)
+    before = snapshot(sample_root, mtimes="none", skip=STATE_NAMES)
     with RealRegistry(sample_root):
         result = subprocess.run([sys.executable, "-m", "regfsck", "import", str(sample_root),
                                  str(skopeo_sources["archive"]), "--repo", "x/y", "--apply"],
@@ -118,4 +119,4 @@ def test_refuses_while_a_registry_serves_root(skopeo_sources: dict[str, Path], s
                                 env={**os.environ})
     assert result.returncode == 3, result.stderr
     assert "docker-registry" in result.stderr and "Stop the registry" in result.stderr
-    assert snapshot(sample_root) == before
+    assert snapshot(sample_root, mtimes="none", skip=STATE_NAMES) == before
