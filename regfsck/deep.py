@@ -49,8 +49,10 @@ import zstandard
 
 from regfsck import deflate, layout
 from regfsck.checks import FindingSet, valid_revisions
+from regfsck.compression import LayerFormatError, ZstdFrameChecker, sniff_compression
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
+from regfsck.hashing import HASHERS, new_hasher
 from regfsck.inventory import Inventory
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, Manifest, ManifestKind
 from regfsck.root import RegistryRoot
@@ -61,7 +63,6 @@ BUFFER = 1 << 20
 CONFIG_LIMIT = 16 << 20
 TAR_BLOCK = 512
 MAX_SPECIAL_ENTRY = 1 << 20  # Go's archive/tar refuses pax headers / long names above 1 MiB
-ZSTD_MAX_BLOCK = 128 << 10
 IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 
 # Media types of filesystem layers: the only ones held to the tar rules. The empty type is
@@ -81,13 +82,7 @@ TAR_LAYER_TYPES = frozenset({
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 })
 
-MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
-
 ProgressFn = Callable[[int], None]
-
-
-class LayerFormatError(ValueError):
-    """The bytes break the container format (tar header, zstd frame structure)."""
 
 
 # -- what the media type says ---------------------------------------------------------
@@ -109,14 +104,6 @@ def declared_compression(media_type: str) -> str | None:
 def is_tar_layer(media_type: str) -> bool:
     """True when the media type promises a filesystem tar (see TAR_LAYER_TYPES)."""
     return media_type in TAR_LAYER_TYPES
-
-
-def sniff_compression(head: bytes) -> str:
-    """What the first bytes say: gzip, zstd, bzip2, xz, or none (plain data, maybe a tar)."""
-    for magic, name in MAGIC.items():
-        if head.startswith(magic):
-            return name
-    return "none"
 
 
 # -- strict streaming tar walker ----------------------------------------------------------
@@ -299,85 +286,6 @@ class TarStreamChecker:
             pos += length
 
 
-# -- zstd frame structure ---------------------------------------------------------------
-
-
-class ZstdFrameChecker:
-    """Push parser over the frame structure of a zstd stream (headers and block sizes only).
-
-    The decompressor quietly stops at a truncated frame; walking the frame and block
-    headers alongside it proves that every frame is complete, that skippable frames are
-    well formed and that nothing but frames follows."""
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self._need = 4
-        self._state = "magic"
-        self._buf = bytearray()
-        self._skip = 0
-        self._checksum = False
-
-    def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        pos, end = 0, len(view)
-        while pos < end:
-            if self._skip:
-                take = min(self._skip, end - pos)
-                self._skip -= take
-                pos += take
-                continue
-            take = min(self._need - len(self._buf), end - pos)
-            self._buf += view[pos:pos + take]
-            pos += take
-            if len(self._buf) == self._need:
-                chunk = bytes(self._buf)
-                self._buf.clear()
-                self._advance(chunk)
-
-    def _advance(self, chunk: bytes) -> None:
-        state = self._state
-        if state == "magic":
-            magic = int.from_bytes(chunk, "little")
-            if magic == 0xFD2FB528:
-                self._state, self._need = "descriptor", 1
-            elif magic & 0xFFFFFFF0 == 0x184D2A50:
-                self._state, self._need = "skippable", 4
-            else:
-                raise LayerFormatError(f"not a zstd frame after {self.frames} frame(s) "
-                                       f"(bytes {chunk!r})")
-        elif state == "skippable":
-            self._skip = int.from_bytes(chunk, "little")
-            self._state, self._need = "magic", 4
-        elif state == "descriptor":
-            descriptor = chunk[0]
-            if descriptor & 0x08:
-                raise LayerFormatError("zstd frame header has the reserved bit set")
-            single = bool(descriptor & 0x20)
-            self._checksum = bool(descriptor & 0x04)
-            fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
-            rest = (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
-            self._skip = rest
-            self._state, self._need = "block", 3
-        elif state == "block":
-            header = int.from_bytes(chunk, "little")
-            last, kind, size = header & 1, (header >> 1) & 3, header >> 3
-            if kind == 3:
-                raise LayerFormatError("zstd block of the reserved type")
-            if kind != 1 and size > ZSTD_MAX_BLOCK:
-                raise LayerFormatError(f"zstd block of {size} bytes (limit {ZSTD_MAX_BLOCK})")
-            self._skip = 1 if kind == 1 else size
-            if last:
-                self.frames += 1
-                self._skip += 4 if self._checksum else 0
-                self._state, self._need = "magic", 4
-
-    def finish(self) -> None:
-        if self._skip or self._buf or self._state != "magic":
-            raise LayerFormatError("zstd stream is truncated (its last frame is incomplete)")
-        if not self.frames:
-            raise LayerFormatError("zstd stream holds no frame")
-
-
 # -- one layer ------------------------------------------------------------------------------
 
 
@@ -425,14 +333,10 @@ class LayerOutcome:
     bytes_read: int = 0
 
 
-_HASHERS: dict[str, Callable[[], Any]] = {
-    "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
-
-
 def blob_hasher(digest: str) -> Any:
     """A hasher for the algorithm `digest` is named with (None if regfsck does not know it)."""
-    new = _HASHERS.get(digest.partition(":")[0])
-    return new() if new is not None else None
+    algorithm = digest.partition(":")[0]
+    return new_hasher(algorithm) if algorithm in HASHERS else None
 
 
 class _Source(io.RawIOBase):

@@ -8,6 +8,9 @@ and manifests; and when there are many small blobs, their batches go to worker p
 (`jobs` of them, forked): hashing a few KiB is mostly per-file Python work that threads
 would do one at a time under the GIL. A mismatch is re-read once before it is reported: a flaky
 read is not damage.
+
+It is also the one place that hashes bytes while they stream past (`verified`,
+`hash_stream`): import, `repair --from`, export and the sources all prove blobs this way.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from regfsck.inventory import Blob
 from regfsck.storage import FilesystemStorage, Storage, StorageError
@@ -35,9 +38,16 @@ PROCESS_MIN_BLOBS = 20_000  # fewer small blobs than this do not pay for startin
 HASH_PROCESSES_ENV = "REGFSCK_HASH_PROCESSES"  # "0": threads only, "1": always (jobs > 1)
 
 ProgressFn = Callable[[int], None]
-_HASHERS: dict[str, Callable[[], hashlib._Hash]] = {
+# The algorithms registries name blobs with, by their direct (faster) constructors.
+HASHERS: dict[str, Callable[[], hashlib._Hash]] = {
     "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 _SEQUENTIAL: int | None = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
+
+
+def new_hasher(algorithm: str) -> hashlib._Hash:
+    """A hasher for `algorithm` (the direct constructors of the usual ones are faster)."""
+    new = HASHERS.get(algorithm)
+    return new() if new is not None else hashlib.new(algorithm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,86 @@ class Interrupted(Exception):
     """Hashing stopped early because the stop event was set."""
 
 
+# -- hashing while the bytes stream past ---------------------------------------------------
+
+
+class DigestMismatch(Exception):
+    """Streamed bytes that are not the blob they claim to be; callers word the message."""
+
+    def __init__(self, expected: str, actual: str, total: int, size: int | None) -> None:
+        super().__init__(f"{expected}: {total} bytes hash to {actual}")
+        self.expected = expected
+        self.actual = actual
+        self.total = total  # bytes read (for a longer blob: up to the chunk that overran)
+        self.size = size
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    """`alg:hex` of bytes in memory (a manifest, a small file)."""
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def read_chunks(stream: IO[bytes], size: int = BUFFER_SIZE) -> Iterator[bytes]:
+    """A file object as bounded chunks."""
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def _hashed(chunks: Iterable[bytes], hasher: hashlib._Hash, on_bytes: ProgressFn | None,
+            stop: threading.Event | None, limit: int | None = None) -> Generator[bytes, None, int]:
+    """Hash each chunk and pass it on; returns the byte count. Ends at a chunk that takes
+    the count past `limit` (not passed on); raises Interrupted when `stop` is set."""
+    total = 0
+    for chunk in chunks:
+        if stop is not None and stop.is_set():
+            raise Interrupted
+        hasher.update(chunk)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            break
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+        yield chunk
+    return total
+
+
+def _drain(chunks: Generator[bytes, None, int]) -> int:
+    """Run a `_hashed` generator to its end; its byte count."""
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as end:
+            return int(end.value)
+
+
+def verified(chunks: Iterable[bytes], digest: str, size: int | None = None, *,
+             on_bytes: ProgressFn | None = None,
+             stop: threading.Event | None = None) -> Iterator[bytes]:
+    """Pass `chunks` on while hashing them; after the last one raise DigestMismatch unless
+    they hash to `digest` (and add up to `size`, when given).
+
+    The verdict comes only at the end, so a consumer trusts the bytes once the generator
+    is exhausted without error (a journaled write reverts otherwise). A chunk that takes
+    the count past `size` is not passed on: a longer stream is never copied whole.
+    Raises Interrupted when `stop` is set."""
+    algorithm = digest.partition(":")[0]
+    hasher = new_hasher(algorithm)
+    total = yield from _hashed(chunks, hasher, on_bytes, stop, size)
+    actual = f"{algorithm}:{hasher.hexdigest()}"
+    if actual != digest or (size is not None and total != size):
+        raise DigestMismatch(digest, actual, total, size)
+
+
+def hash_stream(stream: IO[bytes], algorithm: str, on_bytes: ProgressFn | None = None,
+                stop: threading.Event | None = None) -> tuple[str, int]:
+    """(`alg:hex`, bytes read) of a file object read to its end."""
+    hasher = new_hasher(algorithm)
+    total = _drain(_hashed(read_chunks(stream), hasher, on_bytes, stop))
+    return f"{algorithm}:{hasher.hexdigest()}", total
+
+
 _local = threading.local()
 
 
@@ -72,29 +162,20 @@ def _buffer() -> memoryview:
 def _hash_stream(storage: Storage, path: str, hasher: hashlib._Hash,
                  on_bytes: ProgressFn | None, stop: threading.Event | None) -> int:
     """Object storage: one streaming GET, hashed chunk by chunk (memory: one chunk)."""
-    total = 0
     chunks = storage.iter_chunks(path)
     try:
-        for chunk in chunks:
-            if stop is not None and stop.is_set():
-                raise Interrupted
-            hasher.update(chunk)
-            total += len(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
+        return _drain(_hashed(chunks, hasher, on_bytes, stop))
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-    return total
 
 
 def hash_file(storage: Storage, path: str, algorithm: str,
               on_bytes: ProgressFn | None = None, stop: threading.Event | None = None
               ) -> tuple[str, int]:
     """Stream one file through `algorithm`; returns (`alg:hex`, bytes read)."""
-    new = _HASHERS.get(algorithm)
-    hasher = new() if new is not None else hashlib.new(algorithm)
+    hasher = new_hasher(algorithm)
     if not isinstance(storage, FilesystemStorage):
         total = _hash_stream(storage, path, hasher, on_bytes, stop)
         return f"{algorithm}:{hasher.hexdigest()}", total

@@ -1,10 +1,11 @@
 """Put images from an OCI layout or archive into a registry tree, as the registry would.
 
 Three layers, kept apart:
-* reading the SOURCE: an OCI image layout directory, or a tar of one (`oci-archive`, plain,
-  .gz or .zst). An archive cannot be read at random, so it is streamed twice: once to
-  read index.json and the manifests and to hash every blob (the plan), once more to copy
-  the blobs the tree lacks, each verified again while it is written;
+* reading the SOURCE (`regfsck.sources.open_layout`): an OCI image layout directory, or a
+  tar of one (`oci-archive`, plain, .gz or .zst). An archive cannot be read at random, so
+  it is streamed twice: once to read index.json and the manifests and to hash every blob
+  (the plan), once more to copy the blobs the tree lacks, each verified again while it is
+  written;
 * planning against the tree (`plan_import`): which blobs to add, which `_layers`,
   revision and tag links to create, which tags move; nothing is written;
 * applying the plan (`apply_import`) through the journaled quarantine run, under the
@@ -18,23 +19,23 @@ files hold the bare digest with no newline.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import os
-import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-import zstandard
+from typing import Any
 
 from regfsck import layout
-from regfsck.deep import LayerFormatError, ZstdFrameChecker
-from regfsck.digest import DigestError, parse_digest, quote_bytes
+from regfsck.digest import DigestError, parse_digest
+from regfsck.hashing import (
+    DigestMismatch,
+    Interrupted,
+    ProgressFn,
+    digest_of,
+    read_chunks,
+    verified,
+)
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.names import is_valid_tag, repo_name_problem
@@ -43,18 +44,10 @@ from regfsck.refs import split_ref
 from regfsck.root import RegistryRoot, RootError, locate
 from regfsck.safety import mutation_guard
 from regfsck.scanner import Scanner
+from regfsck.sources import Source, corrupt_message, open_layout
 from regfsck.storage import FilesystemStorage, StorageError
 
-INDEX_JSON = "index.json"
-OCI_LAYOUT = "oci-layout"
 REF_NAME = "org.opencontainers.image.ref.name"
-CHUNK = 1 << 20
-INDEX_LIMIT = 64 << 20
-KEPT_MANIFEST_LIMIT = 256 << 20  # manifests held in memory while an archive streams past
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
-
-ProgressFn = Callable[[int], None]
 
 
 class ImportFailed(Exception):
@@ -65,339 +58,9 @@ class ImportFailed(Exception):
         self.reason = reason
 
 
-class ImportInterrupted(Exception):
-    """Ctrl-C: reading stopped (and an --apply run was reverted)."""
-
-
-def _checked(chunks: Iterable[bytes], digest: str, size: int, what: str,
-             on_bytes: ProgressFn | None = None, stop: threading.Event | None = None
-             ) -> Iterator[bytes]:
-    """Pass chunks through, raising ImportFailed at the end unless they hash to `digest`."""
-    algorithm = digest.partition(":")[0]
-    hasher = hashlib.new(algorithm)
-    total = 0
-    for chunk in chunks:
-        if stop is not None and stop.is_set():
-            raise ImportInterrupted
-        hasher.update(chunk)
-        total += len(chunk)
-        if on_bytes is not None:
-            on_bytes(len(chunk))
-        yield chunk
-    actual = f"{algorithm}:{hasher.hexdigest()}"
-    if actual != digest or total != size:
-        raise ImportFailed(f"{what}: blob {digest} is corrupt (its {total} bytes hash to {actual})",
-                           "damage")
-
-
-def _blob_digest(name: str) -> str | None:
-    """`blobs/<alg>/<hex>` (optionally under `./`) as a digest; None for anything else."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if len(parts) != 3 or parts[0] != "blobs":
-        return None
-    try:
-        return str(parse_digest(f"{parts[1]}:{parts[2]}"))
-    except DigestError:
-        return None
-
-
-def _read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK):
-        yield chunk
-
-
-# -- sources ----------------------------------------------------------------------------
-
-
-class Source:
-    """An OCI layout to import from: index.json, manifests and blob streams, all verified."""
-
-    label: str
-    blob_sizes: dict[str, int]
-    corrupt: dict[str, str]  # digest -> why (found while reading; an archive is hashed whole)
-
-    def index_bytes(self) -> bytes:
-        raise NotImplementedError
-
-    def size(self, digest: str) -> int | None:
-        """The blob's size in the source; None when the source does not have it."""
-        raise NotImplementedError
-
-    def read_manifest(self, digest: str) -> bytes:
-        raise NotImplementedError
-
-    def verify(self, digests: Iterable[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> None:
-        """Hash these blobs now (a directory is read in place; archives were hashed whole)."""
-
-    def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
-        """Yield (digest, size, verified chunks) once for each wanted blob; consume in order."""
-        raise NotImplementedError
-
-
-class DirectorySource(Source):
-    """An OCI image layout directory, read in place (no symlink is followed)."""
-
-    def __init__(self, path: Path) -> None:
-        self.label = str(path)
-        self.storage = FilesystemStorage(path)
-        for name in (OCI_LAYOUT, INDEX_JSON):
-            st = self.storage.stat(name)
-            if st is None or st.kind.value != "file":
-                raise ImportFailed(f"{path} is not an OCI image layout (no {name} file)")
-        self._check_layout(self.storage.read_small(OCI_LAYOUT, 4096))
-        self.corrupt = {}
-        self.blob_sizes = {}
-
-    @staticmethod
-    def _check_layout(raw: bytes) -> None:
-        try:
-            version = json.loads(raw).get("imageLayoutVersion")
-        except (ValueError, RecursionError, AttributeError):
-            version = None
-        if not isinstance(version, str) or not version.startswith("1."):
-            raise ImportFailed(f"unsupported oci-layout {quote_bytes(raw[:80])} "
-                               "(expected imageLayoutVersion 1.x)")
-
-    def _path(self, digest: str) -> str:
-        return "/".join(("blobs", *layout.split_digest(digest)))
-
-    def size(self, digest: str) -> int | None:
-        if digest not in self.blob_sizes:
-            st = self.storage.stat(self._path(digest))
-            if st is None or st.kind.value != "file":
-                return None
-            self.blob_sizes[digest] = st.size
-        return self.blob_sizes[digest]
-
-    def index_bytes(self) -> bytes:
-        return self.storage.read_small(INDEX_JSON, INDEX_LIMIT)
-
-    def read_manifest(self, digest: str) -> bytes:
-        try:
-            raw = self.storage.read_small(self._path(digest), MAX_MANIFEST_BYTES)
-        except StorageError as exc:
-            raise ImportFailed(f"{self.label}: manifest {digest}: {exc.message}", "damage") from exc
-        algorithm = digest.partition(":")[0]
-        actual = f"{algorithm}:{hashlib.new(algorithm, raw).hexdigest()}"
-        if actual != digest:
-            raise ImportFailed(f"{self.label}: manifest {digest} is corrupt (its bytes hash to "
-                               f"{actual})", "damage")
-        return raw
-
-    def _chunks(self, digest: str) -> Iterator[bytes]:
-        with self.storage.open_read(self._path(digest)) as stream:
-            yield from _read_chunks(stream)
-
-    def verify(self, digests: Iterable[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> None:
-        for digest in digests:
-            size = self.size(digest)
-            if size is None or digest in self.corrupt:
-                continue
-            try:
-                for _ in _checked(self._chunks(digest), digest, size, self.label, on_bytes, stop):
-                    pass
-            except ImportFailed as exc:
-                self.corrupt[digest] = str(exc)
-            except StorageError as exc:
-                self.corrupt[digest] = exc.message
-
-    def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
-        for digest in sorted(digests):
-            size = self.size(digest)
-            if size is None:
-                raise ImportFailed(f"{self.label}: blob {digest} disappeared", "damage")
-            yield digest, size, _checked(self._chunks(digest), digest, size, self.label, on_bytes, stop)
-
-
-class _CountingReader(io.RawIOBase):
-    """The archive file, counting compressed bytes for the progress bar (and zstd frames)."""
-
-    def __init__(self, raw: IO[bytes], on_bytes: ProgressFn | None,
-                 stop: threading.Event | None) -> None:
-        self.raw = raw
-        self.on_bytes = on_bytes
-        self.stop = stop
-        self.frames: ZstdFrameChecker | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self.stop is not None and self.stop.is_set():
-            raise ImportInterrupted
-        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
-        if n and self.frames is not None:
-            self.frames.feed(memoryview(buffer)[:n])
-        if n and self.on_bytes is not None:
-            self.on_bytes(n)
-        return n or 0
-
-
-def _truncation(frames: ZstdFrameChecker | None, counted: io.BufferedIOBase) -> str | None:
-    """Why a zstd archive ended early (None when it did not, or is not zstd)."""
-    if frames is None:
-        return None
-    try:
-        while counted.read(CHUNK):
-            pass
-        frames.finish()
-    except (LayerFormatError, OSError) as exc:
-        return str(exc)
-    return None
-
-
-class ArchiveSource(Source):
-    """A tar of an OCI layout (plain, gzip or zstd, told apart by magic bytes), streamed."""
-
-    def __init__(self, path: Path, on_bytes: ProgressFn | None = None,
-                 stop: threading.Event | None = None) -> None:
-        self.label = str(path)
-        self.path = path
-        self.blob_sizes = {}
-        self.corrupt = {}
-        self._manifests: dict[str, bytes] = {}
-        self._index: bytes | None = None
-        self.compressed_size = path.stat().st_size
-        self._scan(on_bytes, stop)
-
-    def _members(self, on_bytes: ProgressFn | None, stop: threading.Event | None
-                 ) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-        """Every member of the archive, in order (a fresh stream each call)."""
-        try:
-            raw = open(self.path, "rb")  # noqa: SIM115 (closed below)
-        except OSError as exc:
-            raise ImportFailed(f"cannot open {self.path}: {exc.strerror}", "io") from exc
-        frames = None
-        try:
-            head = raw.read(4)
-            raw.seek(0)
-            source = _CountingReader(raw, on_bytes, stop)
-            counted = io.BufferedReader(source, CHUNK)
-            stream: IO[bytes]
-            if head.startswith(GZIP_MAGIC):
-                stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[assignment]
-            elif head == ZSTD_MAGIC:
-                # the zstd decoder ends quietly at a truncated frame: walk the frames too
-                frames = source.frames = ZstdFrameChecker()
-                stream = zstandard.ZstdDecompressor().stream_reader(counted, read_size=CHUNK,
-                                                                    read_across_frames=True)
-            else:
-                stream = counted
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-                for member in tar:
-                    yield member, tar
-                    tar.members = []  # type: ignore[attr-defined]  # stream mode keeps every header otherwise
-            why = _truncation(frames, counted)
-            if why is not None:
-                raise ImportFailed(f"the archive {self.path} is damaged: {why}", "damage")
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError, LayerFormatError) as exc:
-            raise ImportFailed(f"cannot read the archive {self.path}: "
-                               f"{_truncation(frames, counted) or exc}", "damage") from exc
-        finally:
-            raw.close()
-
-    def _scan(self, on_bytes: ProgressFn | None, stop: threading.Event | None) -> None:
-        kept = 0
-        layout_seen = False
-        for member, tar in self._members(on_bytes, stop):
-            name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
-            if name in (OCI_LAYOUT, INDEX_JSON) and member.isfile():
-                data = self._read_member(tar, member, INDEX_LIMIT)
-                if name == INDEX_JSON:
-                    if self._index is not None:
-                        raise ImportFailed(f"{self.label} holds two index.json files")
-                    self._index = data
-                else:
-                    DirectorySource._check_layout(data)
-                    layout_seen = True
-                continue
-            digest = _blob_digest(name)
-            if digest is None or (digest in self.blob_sizes and digest not in self.corrupt):
-                continue
-            if not member.isfile():
-                self.corrupt[digest] = f"{name} is not a regular file in the archive"
-                continue
-            self.corrupt.pop(digest, None)
-            self.blob_sizes[digest] = member.size
-            small = member.size <= MAX_MANIFEST_BYTES
-            body = bytearray()
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            try:
-                for chunk in _checked(_read_chunks(extracted), digest, member.size, self.label,
-                                      stop=stop):
-                    if small and (body or chunk[:1] == b"{"):
-                        body += chunk
-            except ImportFailed as exc:
-                self.corrupt[digest] = str(exc)
-                continue
-            if body and b'"schemaVersion"' in body:  # a manifest (configs have no schemaVersion)
-                kept += len(body)
-                if kept > KEPT_MANIFEST_LIMIT:
-                    raise ImportFailed(f"{self.label}: more than {KEPT_MANIFEST_LIMIT >> 20} MiB of "
-                                       "manifests; unpack it and import the directory")
-                self._manifests[digest] = bytes(body)
-        if self._index is None or not layout_seen:
-            missing = INDEX_JSON if self._index is None else OCI_LAYOUT
-            raise ImportFailed(f"{self.label} is not an OCI archive (no {missing} in it); "
-                               "regfsck imports OCI layouts and oci-archives")
-
-    @staticmethod
-    def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
-        if member.size > limit:
-            raise ImportFailed(f"{member.name} is larger than {limit} bytes")
-        extracted = tar.extractfile(member)
-        assert extracted is not None
-        return extracted.read()
-
-    def size(self, digest: str) -> int | None:
-        return self.blob_sizes.get(digest)
-
-    def index_bytes(self) -> bytes:
-        assert self._index is not None
-        return self._index
-
-    def read_manifest(self, digest: str) -> bytes:
-        if digest in self.corrupt:
-            raise ImportFailed(self.corrupt[digest], "damage")
-        found = self._manifests.get(digest)
-        if found is None:
-            raise ImportFailed(f"{self.label}: blob {digest} is not a manifest", "damage")
-        return found
-
-    def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
-        left = set(digests)
-        for member, tar in self._members(None, stop):
-            digest = _blob_digest("/".join(p for p in member.name.split("/") if p not in ("", ".")))
-            if digest not in left or not member.isfile():
-                continue
-            left.discard(digest)
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            yield digest, member.size, _checked(_read_chunks(extracted), digest, member.size,
-                                                self.label, on_bytes, stop)
-            if not left:
-                return
-        if left:
-            raise ImportFailed(f"{self.label} changed while importing: {sorted(left)[0]} is gone",
-                               "damage")
-
-
-def open_source(path: Path, on_bytes: ProgressFn | None = None,
-                stop: threading.Event | None = None) -> Source:
-    """An OCI layout directory or an (optionally compressed) oci-archive."""
-    if path.is_symlink() and path.is_dir():
-        raise ImportFailed(f"{path} is a symbolic link; give the real directory")
-    if path.is_dir():
-        return DirectorySource(path)
-    if path.is_file():
-        return ArchiveSource(path, on_bytes, stop)
-    raise ImportFailed(f"{path} does not exist (expected an OCI layout directory or archive)")
+# Ctrl-C: reading stopped (and an --apply run was reverted). The one exception every
+# reader raises when its stop event is set.
+ImportInterrupted = Interrupted
 
 
 # -- what index.json names ----------------------------------------------------------------
@@ -607,8 +270,7 @@ class _Planner:
                 raw = self.storage.read_small(layout.blob_data(digest), MAX_MANIFEST_BYTES)
             except StorageError as exc:
                 raise ImportFailed(f"{image}: the tree's manifest {digest}: {exc.message}", "damage") from exc
-            algorithm = digest.partition(":")[0]
-            if f"{algorithm}:{hashlib.new(algorithm, raw).hexdigest()}" != digest:
+            if digest_of(raw, digest.partition(":")[0]) != digest:
                 raise ImportFailed(f"{image}: the tree's copy of manifest {digest} is corrupt "
                                    f"(repair it: regfsck repair ROOT --from {self.source.label})", "damage")
         try:
@@ -694,11 +356,12 @@ class _Planner:
             assert self.storage is not None
             try:
                 with self.storage.open_read(layout.blob_data(digest)) as stream:
-                    for _ in _checked(_read_chunks(stream), digest, size, "the tree", on_bytes, stop):
+                    for _ in verified(read_chunks(stream), digest, size, on_bytes=on_bytes,
+                                      stop=stop):
                         pass
-            except ImportFailed as exc:
-                raise ImportFailed(f"{exc}; repair it first: regfsck repair ROOT --from "
-                                   f"{self.source.label}", "damage") from exc
+            except DigestMismatch as exc:
+                raise ImportFailed(f"{corrupt_message('the tree', exc)}; repair it first: "
+                                   f"regfsck repair ROOT --from {self.source.label}", "damage") from exc
             except StorageError as exc:
                 raise ImportFailed(f"the tree's blob {digest}: {exc.message}", "damage") from exc
 
@@ -786,7 +449,7 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
                on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
     """Plan an import (and with `apply`, do it under the root lock, re-planned there)."""
     root, fresh = target_root(root_path)
-    source = open_source(source_path, on_bytes, stop)
+    source = open_layout(source_path, on_bytes, stop)
     images = images_from_index(source.index_bytes(), repo, source.label)
 
     def plan_now(verify: bool) -> ImportPlan:

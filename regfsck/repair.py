@@ -34,12 +34,12 @@ from regfsck.graph import ManifestStore, tag_users
 from regfsck.hashing import hash_file
 from regfsck.inventory import Inventory, Link
 from regfsck.layout import V2_PREFIX
-from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from regfsck.manifest import Manifest, ManifestError, parse_manifest
 from regfsck.quarantine import Run, recover
-from regfsck.repair_source import BlobSource
 from regfsck.root import RegistryRoot
 from regfsck.safety import mutation_guard
 from regfsck.scanner import Scanner
+from regfsck.sources import Source, SourceError
 from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
 from regfsck.why import ReferenceGraph, paths_to
@@ -279,7 +279,7 @@ class Planner:
     """Derives the fixes from one verify report over one inventory."""
 
     def __init__(self, inventory: Inventory, store: ManifestStore, findings: list[Finding],
-                 sources: list[BlobSource], *, data_checked: bool = True,
+                 sources: list[Source], *, data_checked: bool = True,
                  restore_deleted: bool = False) -> None:
         self.inv = inventory
         # Index children deleted from a repository (through the API, or by a collector)
@@ -296,7 +296,7 @@ class Planner:
                         if f.kind in CORRUPT_KINDS and f.digest in inventory.blobs}
         self.good = set(inventory.blobs) - self.corrupt  # blobs sound after the fixes
         self.decided: set[str] = set()  # digests whose blob fate is settled
-        self.from_source: dict[str, BlobSource] = {}  # digests that a source will provide
+        self.from_source: dict[str, Source] = {}  # digests that a source will provide
         self.lost: dict[str, str] = {}  # digest -> why
         self.revisions: dict[str, set[str]] = {n: valid_revisions(r)
                                                for n, r in inventory.repositories.items()}
@@ -318,15 +318,15 @@ class Planner:
         source = self.from_source.get(digest)
         if source is not None:
             try:
-                parsed = parse_manifest(source.read_small(digest, MAX_MANIFEST_BYTES))
-            except (StorageError, ManifestError):
+                parsed = parse_manifest(source.read_manifest(digest))
+            except (SourceError, StorageError, ManifestError):
                 parsed = None
         elif digest in self.good:
             parsed = self.store.get(digest)
         self._parsed[digest] = parsed
         return parsed
 
-    def _source_for(self, digest: str) -> BlobSource | None:
+    def _source_for(self, digest: str) -> Source | None:
         if not digest.startswith("sha256:"):
             return None
         for source in self.sources:
@@ -635,7 +635,7 @@ def _describe(link: Link) -> str:
     return link.target or "nothing readable"
 
 
-def plan_repair(root: RegistryRoot, sources: list[BlobSource], *, jobs: int = 1,
+def plan_repair(root: RegistryRoot, sources: list[Source], *, jobs: int = 1,
                 check_data: bool = True, stop: threading.Event | None = None,
                 restore_deleted: bool = False,
                 ) -> tuple[RepairPlan, VerifyReport, Inventory]:
@@ -657,7 +657,7 @@ def plan_repair(root: RegistryRoot, sources: list[BlobSource], *, jobs: int = 1,
 class Applier:
     """Applies a plan's fixes in order inside one journaled run; re-checks each first."""
 
-    def __init__(self, root: RegistryRoot, run: Run, sources: list[BlobSource]) -> None:
+    def __init__(self, root: RegistryRoot, run: Run, sources: list[Source]) -> None:
         self.root = root
         self.run = run
         self.storage = FilesystemStorage(root.v2)
@@ -733,7 +733,7 @@ class Applier:
         return None
 
 
-def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[BlobSource], *,
+def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[Source], *,
                stop: threading.Event | None = None) -> tuple[str | None, bool]:
     """Apply `plan` in one journaled run (caller holds `mutation_guard`); (run id, interrupted).
 
@@ -764,7 +764,7 @@ def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[BlobSource], 
     return run.run_id, interrupted
 
 
-def run_repair(root: RegistryRoot, sources: list[BlobSource], *, apply: bool, jobs: int = 1,
+def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: int = 1,
                check_data: bool = True, stop: threading.Event | None = None,
                restore_deleted: bool = False) -> RepairResult:
     """Plan (and with `apply`, carry out) the repair of `root`.

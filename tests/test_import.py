@@ -24,6 +24,7 @@ from regfsck.importer import (
 from regfsck.quarantine import undo
 from regfsck.root import locate
 from regfsck.safety import RootLock
+from regfsck.sources import SourceError
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import SampleInfo
 from tests.support import REPO_ROOT, V2
@@ -168,7 +169,7 @@ def test_corrupt_blob_found_while_applying_reverts_the_run(full_export: Path, tm
     blob.write_bytes(blob.read_bytes()[:-1] + b"X")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ImportFailed, match="corrupt"):
+    with pytest.raises(SourceError, match="corrupt"):  # the source's copy, found as it is read
         run_import(empty, full_export, apply=True)
     tree = empty / V2
     assert [p for p in tree.rglob("*") if p.is_file()] == []  # every blob written was taken back

@@ -9,6 +9,7 @@ original digest, verify is clean again, and `undo` restores the damaged tree byt
 from __future__ import annotations
 
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import zstandard
 
 from regfsck import layout
-from regfsck.repair_source import SourceError, open_source
+from regfsck.sources import SourceError, open_blob_source
 from tests.realtools import RealRegistry, SampleInfo, skopeo_copy
 from tests.test_repair import V2, cli, findings, repair, repaired, snapshot
 
@@ -178,10 +179,44 @@ def test_bad_sources(sample_root: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     for path in (tmp_path / "empty", tmp_path / "junk.tar", tmp_path / "absent"):
         with pytest.raises(SourceError):
-            open_source(path)
+            open_blob_source(path)
         result = cli("repair", str(sample_root), "--from", str(path))
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def zstd_cut_at_a_frame_boundary(archive: Path, after: str, out: Path) -> Path:
+    """`archive` zstd-compressed in two frames, the second cut short. The first frame ends
+    at a tar member boundary just after the member holding digest `after`, so the decoder
+    yields a shorter tar that reads as complete: only the frame walk shows the cut."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    held = next(i for i, name in enumerate(names) if name.endswith(after.split(":")[1]))
+    cut = (members[held + 1].offset if held + 1 < len(members)
+           else members[held].offset_data + -(-members[held].size // 512) * 512)
+    raw = archive.read_bytes()
+    first = zstandard.ZstdCompressor(level=3).compress(raw[:cut])
+    second = zstandard.ZstdCompressor(level=3).compress(raw[cut:])
+    out.write_bytes(first + second[:len(second) // 2])
+    return out
+
+
+def test_truncated_zstd_archive_is_refused(sample_root: Path, sample_info: SampleInfo,
+                                           backups: Backups, tmp_path: Path) -> None:
+    """The blob is in the part of the archive that survived, but a truncated backup is not a
+    backup to trust: repair refuses it (it used to take the blob as if the archive were
+    whole; import always refused such an archive)."""
+    layer = sample_info.zstd[2]
+    cut = zstd_cut_at_a_frame_boundary(backups.archive, layer, tmp_path / "cut.tar.zst")
+    corrupt(sample_root, layer)
+    before = snapshot(sample_root)
+    result = cli("repair", str(sample_root), "--from", str(cut), "--apply")
+    assert result.returncode == 2, result.stderr
+    assert "zstd stream is truncated" in result.stderr and result.stderr.count("\n") == 1
+    assert snapshot(sample_root) == before
+    with pytest.raises(SourceError, match="truncated"):
+        open_blob_source(cut)
 
 
 def test_plan_with_source_changes_nothing(sample_root: Path, sample_info: SampleInfo,

@@ -50,6 +50,7 @@ def import_command(
     from regfsck.quarantine import QuarantineError
     from regfsck.root import RootError, rootdir_from_config
     from regfsck.safety import SafetyError
+    from regfsck.sources import SourceError
     from regfsck.storage import StorageError
 
     root, source_text = split_root(args, config, "SOURCE")
@@ -69,7 +70,7 @@ def import_command(
     except ImportInterrupted:
         fail("interrupted: nothing was imported" + (" (the run was reverted)" if apply else ""),
              exitcodes.INTERRUPTED)
-    except ImportFailed as exc:
+    except (ImportFailed, SourceError) as exc:
         fail(str(exc), _EXIT.get(exc.reason, exitcodes.CANNOT_RUN))
     except (SafetyError, QuarantineError) as exc:
         fail(str(exc), exitcodes.CANNOT_RUN)

@@ -35,7 +35,7 @@ from regfsck.findings import Severity
 
 if TYPE_CHECKING:
     from regfsck.repair import RepairResult
-    from regfsck.repair_source import BlobSource
+    from regfsck.sources import Source
 
 _ACTION_LABEL = {
     "rewrite_link": "rewrite link", "create_link": "create link",
@@ -69,14 +69,14 @@ def repair(
     registry = open_root(root, config)
     from regfsck.quarantine import QuarantineError
     from regfsck.repair import RepairError, run_repair
-    from regfsck.repair_source import SourceError, open_source
     from regfsck.safety import SafetyError
+    from regfsck.sources import SourceError, open_blob_source
     from regfsck.storage import StorageError
 
-    opened: list[BlobSource] = []
+    opened: list[Source] = []
     try:
         for path in sources:
-            opened.append(open_source(path))
+            opened.append(open_blob_source(path))
     except SourceError as exc:
         fail(str(exc), exitcodes.USAGE)
     stop = threading.Event()
@@ -91,6 +91,8 @@ def repair(
         fail(str(exc))
     except RepairError as exc:
         fail(f"repair stopped, nothing changed: {exc}")
+    except SourceError as exc:  # an archive that changed or broke after it was opened
+        fail(f"repair stopped: {exc}")
     except StorageError as exc:
         fail(f"repair stopped: {exc.message}")
     finally:
