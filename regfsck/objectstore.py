@@ -23,9 +23,11 @@ the GIL, paginated listing, retries with backoff).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import stat as stat_module
 import threading
@@ -614,3 +616,442 @@ class ObjectStorage:
         reader: Any = io.BufferedReader(_ChunkReader(self.iter_chunks(path)),
                                         buffer_size=STREAM_CHUNK)
         return reader  # type: ignore[no-any-return]
+
+
+# -- mutations -------------------------------------------------------------------
+# Object storage has no rename and no directories. A quarantine move is a server-side
+# CopyObject of every key below the source to the same place below the destination, each
+# copy checked (size, and ETag when the source's is a plain MD5), then one DeleteObjects
+# for the sources (1,000 keys a request): at every moment each key exists in the tree, in
+# the quarantine, or in both (the copy done, the delete not yet) -- never in neither.
+# "Directories" need no creation or removal: they exist while a key lies below them.
+
+DELETE_PAGE = 1000  # keys per DeleteObjects request (the S3 maximum)
+LOCK_PATH = "regfsck-state/lock"  # relative to ROOT: outside docker/, where the registry looks
+LOCK_REFRESH_S = 30.0
+LOCK_STALE_S = 300.0
+
+
+def _plain_md5(etag: str | None) -> bool:
+    """An ETag that is the MD5 of the bytes (one PutObject, no SSE-KMS), not a multipart one."""
+    value = (etag or "").strip('"')
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One object as listed or HEADed: ROOT-relative path, size, mtime, ETag."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    etag: str | None
+
+
+class ObjectMutator:
+    """Writes, copies and deletes below `s3://BUCKET/PREFIX/` (paths relative to ROOT,
+    like the filesystem backend rooted at ROOT that the quarantine uses).
+
+    Every request is counted in `REQUESTS` by kind: `list`, `head`, `get`, `put`, `copy`,
+    `delete` (one DeleteObjects of up to 1,000 keys)."""
+
+    def __init__(self, location: S3Location, *, jobs: int | None = None,
+                 client: S3Store | None = None) -> None:
+        self.location = location
+        self.base = f"{location.prefix}/" if location.prefix else ""
+        self.jobs = jobs or default_jobs()
+        self._client = client
+
+    @property
+    def client(self) -> S3Store:
+        if self._client is None:
+            self._client = make_client(self.location)
+        return self._client
+
+    def key(self, path: str) -> str:
+        parts = check_relative(path)
+        if not parts:
+            raise StorageError(errno.EINVAL, "the root itself is not an object", path)
+        return self.base + "/".join(parts)
+
+    def describe(self, path: str) -> str:
+        return f"s3://{self.location.bucket}/{self.base}{path}"
+
+    @staticmethod
+    def _error(exc: BaseException, what: str, path: str) -> StorageError:
+        from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
+
+        if isinstance(exc, NotFoundError | FileNotFoundError):
+            return StorageError(errno.ENOENT, f"cannot {what} {path}: no such object", path)
+        if isinstance(exc, AlreadyExistsError | PreconditionError):
+            return StorageError(errno.EEXIST, f"cannot {what} {path}: it exists (or changed)",
+                                path)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StorageError(errno.EIO, f"cannot {what} {path}: {first}", path)
+
+    # -- reading the current state (never from a cached listing) ----------------------
+    def head(self, path: str) -> KeyInfo | None:
+        """The object at `path`, or None (one HEAD)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        REQUESTS.add("head")
+        try:
+            meta = obstore.head(self.client, self.key(path))
+        except (NotFoundError, FileNotFoundError):
+            return None
+        except Exception as exc:
+            raise self._error(exc, "stat", path) from exc
+        return KeyInfo(path, int(meta["size"]), _mtime_ns(dict(meta)), meta.get("e_tag"))
+
+    def list_below(self, path: str) -> list[KeyInfo]:
+        """Every object below the "directory" `path` (flat, every page), sorted by path."""
+        import obstore
+
+        prefix = self.key(path) + "/" if check_relative(path) else self.base
+        found: list[KeyInfo] = []
+        pages = 0
+        try:
+            for page in obstore.list(self.client, prefix, chunk_size=LIST_PAGE):
+                pages += 1
+                for meta in page:
+                    key = str(meta["path"])
+                    if key.startswith(prefix):
+                        found.append(KeyInfo(key[len(self.base):], int(meta["size"]),
+                                             _mtime_ns(dict(meta)), meta.get("e_tag")))
+        except Exception as exc:
+            raise self._error(exc, "list", path or ".") from exc
+        finally:
+            REQUESTS.add("list", max(1, pages))
+        return sorted(found, key=lambda k: k.path)
+
+    def objects_at(self, path: str) -> list[KeyInfo]:
+        """What `path` names now: the object itself, else every object below it (a
+        "directory"); empty when neither exists. One HEAD, plus one listing when no object."""
+        found = self.head(path)
+        return [found] if found is not None else self.list_below(path)
+
+    def read(self, path: str) -> bytes:
+        import obstore
+
+        REQUESTS.add("get")
+        try:
+            data = bytes(obstore.get(self.client, self.key(path)).bytes())
+        except Exception as exc:
+            raise self._error(exc, "read", path) from exc
+        REQUESTS.add("get_bytes", len(data))
+        return data
+
+    # -- writing -----------------------------------------------------------------
+    def put(self, path: str, data: bytes, *, create: bool = False,
+            if_etag: str | None = None) -> str | None:
+        """Write one object; `create`: only if absent (If-None-Match: *), `if_etag`: only if
+        unchanged (If-Match). A refused condition is StorageError(EEXIST). Returns the ETag."""
+        import obstore
+
+        mode: Any = "create" if create else ({"e_tag": if_etag} if if_etag else "overwrite")
+        REQUESTS.add("put")
+        try:
+            result = obstore.put(self.client, self.key(path), data, mode=mode)
+        except Exception as exc:
+            raise self._error(exc, "write", path) from exc
+        return result.get("e_tag") if isinstance(result, dict) else None
+
+    def copy_checked(self, source: KeyInfo, dest: str) -> KeyInfo:
+        """Server-side copy of one object, then a HEAD of the copy: same size, and the same
+        ETag when the source's is the MD5 of its bytes (a multipart ETag changes on copy).
+        A copy that does not match is deleted again and reported as an error."""
+        import obstore
+
+        REQUESTS.add("copy")
+        try:
+            obstore.copy(self.client, self.key(source.path), self.key(dest), overwrite=True)
+        except Exception as exc:
+            raise self._error(exc, f"copy {source.path} to", dest) from exc
+        copied = self.head(dest)
+        if copied is None or copied.size != source.size or (
+                _plain_md5(source.etag) and (copied.etag or "").strip('"')
+                != (source.etag or "").strip('"')):
+            with _suppress_storage():
+                self.delete([dest])
+            raise StorageError(errno.EIO, f"the copy of {source.path} at {dest} does not match "
+                               "it (size or ETag); nothing was deleted", source.path)
+        return copied
+
+    def delete(self, paths: Sequence[str]) -> None:
+        """Delete objects, 1,000 per DeleteObjects request (a missing key is no error)."""
+        import obstore
+
+        keys = [self.key(p) for p in paths]
+        for start in range(0, len(keys), DELETE_PAGE):
+            chunk = keys[start:start + DELETE_PAGE]
+            REQUESTS.add("delete")
+            try:
+                obstore.delete(self.client, chunk)
+            except Exception as exc:
+                raise self._error(exc, "delete", paths[start]) from exc
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> list[list[str]]:
+        """Move each (source, destination) path, a file or a "directory": copy every key
+        (checked, `jobs` at a time), and only when every copy of the whole batch is in
+        place delete the sources. Returns, per move, the source keys moved (ROOT-relative).
+
+        A failed copy deletes the copies this call made and raises: no source was deleted.
+        A failed delete raises with some sources still there: each key is then in both
+        places, which `settle_move` resolves."""
+        plans: list[list[tuple[KeyInfo, str]]] = []
+        with ThreadPoolExecutor(max(1, min(self.jobs, len(moves) or 1)),
+                                thread_name_prefix="regfsck-move") as pool:
+            listed = list(pool.map(lambda m: self.objects_at(m[0]), moves))
+            for (source, dest), objects in zip(moves, listed, strict=True):
+                if not objects:
+                    raise StorageError(errno.ENOENT, f"cannot move {source}: no such object",
+                                       source)
+                plans.append([(o, dest + o.path[len(source):]) for o in objects])
+            copies = [pair for plan in plans for pair in plan]
+            futures = [pool.submit(self.copy_checked, info, dest) for info, dest in copies]
+            failure: BaseException | None = None
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as exc:  # every copy is waited for
+                    failure = failure or exc
+            if failure is not None:
+                with _suppress_storage():
+                    self.delete([dest for _, dest in copies])
+                raise failure
+        self.delete([info.path for info, _ in copies])
+        return [[info.path for info, _ in plan] for plan in plans]
+
+    def settle_move(self, source: str, dest: str) -> bool | None:
+        """After a crash during `move`: did the move of `source` to `dest` happen?
+
+        True: only the quarantine copy exists (or the deletes had begun: the remaining
+        sources, whose copies are checked equal, are deleted now). False: only the source
+        exists (or every source key is still there: the copies are deleted, the move had
+        not begun to take effect). None: neither exists."""
+        here = {k.path[len(source):]: k for k in self.objects_at(source)}
+        held = {k.path[len(dest):]: k for k in self.objects_at(dest)}
+        if not held:
+            return False if here else None
+        if not here:
+            return True
+        if set(held) <= set(here):
+            self.delete([dest + rest for rest in held])  # copies of a move not yet done
+            return False
+        for rest, info in here.items():  # deletes had begun: finish them
+            copy = held.get(rest)
+            if copy is None or copy.size != info.size:
+                raise StorageError(errno.EIO, f"{source}{rest} is in the tree and half in "
+                                   f"the quarantine ({dest}); resolve it by hand", source)
+        self.delete([source + rest for rest in here])
+        return True
+
+    def remove_below(self, path: str) -> int:
+        """Delete every object below `path` for good (purge); returns the bytes freed."""
+        objects = self.objects_at(path)
+        self.delete([o.path for o in objects])
+        return sum(o.size for o in objects)
+
+    def size_below(self, path: str) -> int:
+        return sum(o.size for o in self.objects_at(path))
+
+
+def _suppress_storage() -> contextlib.suppress:
+    """Cleaning up after a failure: a second failure must not hide the first."""
+    return contextlib.suppress(StorageError)
+
+
+# -- the lock between regfsck runs ----------------------------------------------------
+
+
+class LockHeld(Exception):
+    """Another regfsck run holds the object lock; `holder` says who, `stale` whether it
+    has stopped refreshing it (a crash) so that --break-lock may take it."""
+
+    def __init__(self, message: str, holder: dict[str, Any], stale: bool) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.stale = stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HELD: dict[str, ObjectLock] = {}  # the locks this process holds, by ROOT URL
+_HELD_GUARD = threading.Lock()
+
+
+def held_lock(location: S3Location) -> ObjectLock | None:
+    with _HELD_GUARD:
+        return _HELD.get(location.url)
+
+
+class ObjectLock:
+    """`PREFIX/regfsck-state/lock`: created with a conditional write (If-None-Match: *),
+    so of two runs starting at once exactly one gets it; it holds the owner (user, host,
+    pid, command) and times. S3 cannot drop it when its holder dies, as the kernel drops a
+    flock: the holder rewrites it every LOCK_REFRESH_S (If-Match its own ETag), and a lock
+    not refreshed for LOCK_STALE_S, or held by a dead process on this host, is stale.
+    A stale lock is still refused unless the operator passes --break-lock; breaking it is
+    a conditional write on the stale lock's ETag, so two breakers cannot both win."""
+
+    def __init__(self, location: S3Location, *, command: str = "", break_stale: bool = False,
+                 mutator: ObjectMutator | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.location = location
+        self.mutator = mutator or ObjectMutator(location)
+        self.command = command
+        self.break_stale = break_stale
+        self.clock = clock or time.time
+        self.etag: str | None = None
+        self.lost: str | None = None  # why the lock is no longer ours (broken by another run)
+        self.broke: dict[str, Any] | None = None  # the stale holder this run broke
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._write = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.mutator.describe(LOCK_PATH)
+
+    def _content(self, acquired: float) -> bytes:
+        import getpass
+        import socket
+        from datetime import UTC, datetime
+
+        def iso(t: float) -> str:
+            return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid())
+        now = self.clock()
+        return (json.dumps({"owner": f"{user}@{socket.gethostname()} pid {os.getpid()}",
+                            "user": user, "host": socket.gethostname(), "pid": os.getpid(),
+                            "command": self.command, "acquired_at": iso(acquired),
+                            "refreshed_at": iso(now), "refreshed": now,
+                            "stale_after_s": LOCK_STALE_S}, sort_keys=True) + "\n").encode()
+
+    def read_holder(self) -> tuple[dict[str, Any], KeyInfo] | None:
+        info = self.mutator.head(LOCK_PATH)
+        if info is None:
+            return None
+        try:
+            holder = json.loads(self.mutator.read(LOCK_PATH))
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        except ValueError:
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), info
+
+    def staleness(self, holder: dict[str, Any], info: KeyInfo) -> str | None:
+        """Why the lock is stale, or None while its holder may be alive."""
+        import socket
+
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"]):
+            return f"its process {holder['pid']} on this host is gone"
+        refreshed = holder.get("refreshed")
+        written = info.mtime_ns / 1e9
+        last = max(written, float(refreshed)) if isinstance(refreshed, int | float) else written
+        age = self.clock() - last
+        if age > LOCK_STALE_S:
+            return f"not refreshed for {int(age)}s (a live run refreshes it every {int(LOCK_REFRESH_S)}s)"
+        return None
+
+    def describe_holder(self, holder: dict[str, Any]) -> str:
+        owner = holder.get("owner") or "holder unknown"
+        command = f", {holder['command']}" if holder.get("command") else ""
+        since = f", since {holder['acquired_at']}" if holder.get("acquired_at") else ""
+        return f"{owner}{command}{since}"
+
+    def acquire(self) -> None:
+        acquired = self.clock()
+        try:
+            self.etag = self.mutator.put(LOCK_PATH, self._content(acquired), create=True)
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            self._take_over(acquired)
+        self._start_refresh(acquired)
+
+    def _take_over(self, acquired: float) -> None:
+        found = self.read_holder()
+        if found is None:  # released between our write and our read: try once more
+            self.etag = self.mutator.put(LOCK_PATH, self._content(acquired), create=True)
+            return
+        holder, info = found
+        stale = self.staleness(holder, info)
+        who = self.describe_holder(holder)
+        if stale is None:
+            raise LockHeld(f"another regfsck run is changing {self.location.url} ({who}; lock "
+                           f"{self.url}); wait for it to finish and run again", holder, False)
+        if not self.break_stale:
+            raise LockHeld(f"{self.location.url} is locked by a regfsck run that looks dead "
+                           f"({who}: {stale}); if no regfsck run is changing it, run again with "
+                           f"--break-lock (lock {self.url})", holder, True)
+        try:
+            self.etag = self.mutator.put(LOCK_PATH, self._content(acquired),
+                                         if_etag=info.etag or '""')
+        except StorageError as exc:
+            if exc.errno == errno.EEXIST:
+                raise LockHeld(f"another regfsck run took the lock of {self.location.url} "
+                               "while this one was breaking it; run again", holder,
+                               False) from exc
+            raise
+        self.broke = holder
+
+    def _start_refresh(self, acquired: float) -> None:
+        with _HELD_GUARD:
+            _HELD[self.location.url] = self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._refresh_loop, args=(acquired,),
+                                        name="regfsck-lock", daemon=True)
+        self._thread.start()
+
+    def refresh(self, acquired: float) -> None:
+        """Rewrite the lock if it is still ours (If-Match); marks it lost otherwise."""
+        with self._write:
+            if self.lost is not None or self.etag is None:
+                return
+            try:
+                self.etag = self.mutator.put(LOCK_PATH, self._content(acquired),
+                                             if_etag=self.etag)
+            except StorageError as exc:
+                if exc.errno == errno.EEXIST:
+                    self.lost = (f"its lock {self.url} was taken by another run "
+                                 "(--break-lock) while this one was running")
+                # another error (network): tried again at the next refresh
+
+    def _refresh_loop(self, acquired: float) -> None:
+        while not self._stop.wait(LOCK_REFRESH_S):
+            self.refresh(acquired)
+
+    def release(self) -> None:
+        """Stop refreshing and delete the lock, if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        with _HELD_GUARD:
+            if _HELD.get(self.location.url) is self:
+                del _HELD[self.location.url]
+        with self._write:
+            if self.lost is None and self.etag is not None:
+                current = self.mutator.head(LOCK_PATH)
+                if current is not None and (current.etag or "") == self.etag:
+                    self.mutator.delete([LOCK_PATH])
+            self.etag = None

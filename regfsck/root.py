@@ -60,6 +60,11 @@ class RegistryRoot:
     root: Path
     v2: Path
     s3: S3Location | None = None
+    # Object storage only: regfsck cannot see a registry's processes there, so before it
+    # changes the tree it asks each of these registries (`safety.registry_url_state`) whether
+    # it is down or read-only; `registry_check=False` is the operator's --no-registry-check.
+    registry_urls: tuple[str, ...] = ()
+    registry_check: bool = True
 
     @property
     def is_object_storage(self) -> bool:

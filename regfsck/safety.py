@@ -538,8 +538,123 @@ def _why_user(process: _Process, privileged: bool, owner_uid: int | None) -> str
     return None
 
 
+# -- object storage: the registry's own answer instead of /proc ----------------------------
+
+PROBE_REPOSITORY = "regfsck/probe"  # any valid name: the route answers for every repository
+PROBE_TIMEOUT_S = 5.0
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+API_VERSION_HEADER = "Docker-Distribution-Api-Version"
+DOWN, READ_ONLY, WRITABLE, UNKNOWN = "down", "read-only", "writable", "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryState:
+    """What a registry's HTTP API says of it: `down` and `read-only` allow changes."""
+
+    url: str
+    state: str
+    detail: str
+
+    @property
+    def allows_changes(self) -> bool:
+        return self.state in (DOWN, READ_ONLY)
+
+
+def _probe_url(url: str) -> str:
+    """`OPTIONS` target for a registry base URL (`https://host[:port]`, `/v2/` accepted)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SafetyError(f"--registry-url {url!r} is not an http(s)://HOST[:PORT] URL")
+    path = parts.path.rstrip("/")
+    path = path.removesuffix("/v2")
+    return f"{parts.scheme}://{parts.netloc}{path}/v2/{PROBE_REPOSITORY}/blobs/uploads/"
+
+
+def registry_url_state(url: str, timeout: float = PROBE_TIMEOUT_S) -> RegistryState:
+    """Ask a registry, without writing anything, whether it can write to its storage now.
+
+    `OPTIONS /v2/<repo>/blobs/uploads/` is routed by every registry without touching
+    storage; its `Allow` header lists the methods the route takes. Measured on 2.8.2 and
+    3.1.1: `DELETE, GET, HEAD, PATCH, POST, PUT` when writable, `GET, HEAD` in read-only
+    maintenance mode (`storage.maintenance.readonly.enabled`, where POST answers 405).
+    A refused connection is a stopped registry. Anything else (a timeout, an auth
+    challenge, a proxy's error page, an answer without the registry's API header) cannot
+    tell, and counts as a registry that may write."""
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    target = _probe_url(url)
+    host = urlsplit(target).hostname or ""
+    handlers: list[urllib.request.BaseHandler] = []
+    if host in ("127.0.0.1", "localhost", "::1"):
+        handlers.append(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(*handlers)
+    request = urllib.request.Request(target, method="OPTIONS")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            status, headers = response.status, response.headers
+    except urllib.error.HTTPError as exc:
+        return RegistryState(url, UNKNOWN, f"answered {exc.code} {exc.reason} to OPTIONS "
+                             f"{target}: cannot tell whether it writes")
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return RegistryState(url, DOWN, "refuses connections (stopped)")
+        if isinstance(reason, socket.timeout | TimeoutError):
+            return RegistryState(url, UNKNOWN, f"did not answer within {timeout:g}s: cannot "
+                                 "tell whether it is down")
+        return RegistryState(url, UNKNOWN, f"cannot be asked ({reason}): cannot tell whether "
+                             "it is down")
+    except (TimeoutError, OSError) as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            return RegistryState(url, DOWN, "refuses connections (stopped)")
+        return RegistryState(url, UNKNOWN, f"cannot be asked ({exc}): cannot tell whether it "
+                             "is down")
+    if headers.get(API_VERSION_HEADER) is None:
+        return RegistryState(url, UNKNOWN, f"answered OPTIONS {target} without the "
+                             f"{API_VERSION_HEADER} header: not a registry's answer")
+    allow = {m.strip().upper() for m in (headers.get("Allow") or "").split(",") if m.strip()}
+    if status != 200 or not allow:
+        return RegistryState(url, UNKNOWN, f"answered {status} without an Allow header: "
+                             "cannot tell whether it writes")
+    writes = sorted(allow & WRITE_METHODS)
+    if writes:
+        return RegistryState(url, WRITABLE, f"accepts {', '.join(writes)} (writable)")
+    return RegistryState(url, READ_ONLY, "is in read-only mode (Allow: "
+                         f"{', '.join(sorted(allow))})")
+
+
+NO_REGISTRY_URL = (
+    "no --registry-url given: regfsck cannot see the processes of a registry storing in "
+    "object storage, so it must ask each registry serving this bucket whether it is stopped "
+    "or read-only")
+
+
+def object_storage_users(root: RegistryRoot) -> list[str]:
+    """What may be writing to a tree in object storage: each --registry-url that is neither
+    down nor read-only (all of them asked, every time), or the lack of any URL."""
+    if not root.registry_check:
+        return []  # --no-registry-check: the operator's word (docs/s3.md, the risk)
+    if not root.registry_urls:
+        return [NO_REGISTRY_URL]
+    users: list[str] = []
+    for url in root.registry_urls:
+        state = registry_url_state(url)
+        if not state.allows_changes:
+            users.append(f"the registry at {url}, which {state.detail}"
+                         if state.state == WRITABLE else f"the registry at {url}: it {state.detail}")
+    return users
+
+
 def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
     """Human descriptions of processes that may be using ROOT (empty when none is seen).
+
+    On object storage there are no processes to see: the registries named with
+    --registry-url are asked instead (`object_storage_users`).
 
     Whatever its name, a process counts when its mount namespace holds ROOT (a container
     with ROOT bind-mounted), its working or root directory or an open file is in ROOT,
@@ -548,6 +663,8 @@ def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
     inode, looked up as the process sees them. A process that cannot be inspected counts
     too; unprivileged, regfsck can only inspect its own user's processes, so there it
     counts those of the tree's owner (docs/invariants.md, M2)."""
+    if root.is_object_storage:
+        return object_storage_users(root)
     try:
         target = _Target.of(root, proc)
     except OSError:
@@ -675,6 +792,11 @@ def users_message(root: RegistryRoot, users: list[str]) -> str:
     """One line saying what uses ROOT and how to proceed."""
     shown = "; ".join(users[:MAX_REPORTED])
     more = f"; and {len(users) - MAX_REPORTED} more" if len(users) > MAX_REPORTED else ""
+    if root.is_object_storage:
+        return (f"refusing to change {root.display}: it may be in use by {shown}{more}. "
+                "Stop every registry serving it or put it in read-only maintenance mode "
+                "(storage.maintenance.readonly.enabled), name it with --registry-url URL, and "
+                "run again (or --no-registry-check, at the risk of losing pushes made meanwhile)")
     return (f"refusing to change {root.root}: it may be in use by {shown}{more}. "
             "Stop the registry (and any process working in the tree), then run again")
 
