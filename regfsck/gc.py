@@ -686,8 +686,13 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
         known = fresh.get(key)
         if known is None:
             previous = fresh["links"].inv if "links" in fresh else None
-            known = fresh[key] = _fresh(root, storage, plan, previous, key == "blobs")
-        elif key == "blobs" and _fingerprint(storage, known.paths) != known.seen:
+            # Object storage answers from one listing: a fresh mark needs a fresh listing.
+            source = open_storage(root) if root.is_object_storage else storage
+            known = fresh[key] = _fresh(root, source, plan, previous, key == "blobs")
+        elif key == "blobs" and not root.is_object_storage \
+                and _fingerprint(storage, known.paths) != known.seen:
+            # (object storage: a fingerprint would be a listing of every repository per
+            # batch; there the registry check between batches is what sees a writer)
             known = fresh[key] = _fresh(root, storage, plan, known.inv, True)
         return known
 

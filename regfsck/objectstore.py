@@ -322,9 +322,9 @@ class ObjectStorage:
     scan_threads = 1  # the walk runs on the listing in memory; reads are batched below
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
-                 client: S3Store | None = None) -> None:
+                 client: S3Store | None = None, base: str | None = None) -> None:
         self.location = location
-        self.base = location.v2_prefix
+        self.base = location.v2_prefix if base is None else base  # a quarantine payload's
         self.jobs = jobs or default_jobs()
         self.io_threads = self.jobs  # manifests: ManifestStore.preload reads this many at once
         self._client = client
@@ -820,8 +820,24 @@ class ObjectMutator:
                 with _suppress_storage():
                     self.delete([dest for _, dest in copies])
                 raise failure
-        self.delete([info.path for info, _ in copies])
+        try:
+            self.delete([info.path for info, _ in copies])
+        except StorageError:
+            self._restore(copies)  # put back any source already deleted: nothing moved
+            raise
         return [[info.path for info, _ in plan] for plan in plans]
+
+    def _restore(self, copies: Sequence[tuple[KeyInfo, str]]) -> None:
+        """After a failed bulk delete: copy back each deleted source, then drop the copies,
+        so the move as a whole did not happen (what the journal's `failed` line says). If
+        that fails too, the keys stay in both places or the quarantine: `settle_move`."""
+        with _suppress_storage():
+            for info, dest in copies:
+                if self.head(info.path) is None:
+                    held = self.head(dest)
+                    if held is not None:
+                        self.copy_checked(held, info.path)
+            self.delete([dest for _, dest in copies])
 
     def settle_move(self, source: str, dest: str) -> bool | None:
         """After a crash during `move`: did the move of `source` to `dest` happen?
@@ -1055,3 +1071,325 @@ class ObjectLock:
                 if current is not None and (current.etag or "") == self.etag:
                     self.mutator.delete([LOCK_PATH])
             self.etag = None
+
+
+# -- the mutation seam (`storage.MutableStorage`) on object storage ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawStat:
+    """`StatLike` of an object or an implied directory: one device, no inode, the owner of
+    the process (object storage keeps none of these)."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_ino: int = 0
+    st_uid: int = 0
+    st_gid: int = 0
+    st_dev: int = 0
+
+    @property
+    def st_ctime_ns(self) -> int:
+        return self.st_mtime_ns
+
+
+class ObjectJournal:
+    """`AppendFile` on object storage: S3 cannot append, so each durability point (`append`
+    with `sync`) writes the lines gathered since the last one as a new object
+    `<path>.d/<number>` (created with If-None-Match: *, never overwritten); the journal is
+    their concatenation in order. Each part is written whole or not at all, so a torn
+    line cannot happen; lines appended without `sync` are written with the next part
+    (or on `close`), as unsynced lines on a disk may be lost in a crash."""
+
+    def __init__(self, storage: ObjectRootStorage, path: str) -> None:
+        self.storage = storage
+        self.path = path
+        self._parts = storage.journal_parts(path)
+        self._size = sum(p.size for p in self._parts)
+        self._next = len(self._parts)
+        self._pending = bytearray()
+
+    def size(self) -> int:
+        return self._size + len(self._pending)
+
+    def read_tail(self, limit: int) -> bytes:
+        data = self.storage.read_journal(self.path) + bytes(self._pending)
+        return data[-limit:]
+
+    def append(self, data: bytes, *, sync: bool) -> None:
+        self._pending += data
+        if sync:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        part = journal_part(self.path, self._next)
+        self.storage.mutator.put(part, bytes(self._pending), create=True)
+        self._next += 1
+        self._size += len(self._pending)
+        self._pending.clear()
+
+    def truncate(self, size: int) -> None:
+        """Only what is not written yet can be dropped (each written part is whole)."""
+        if size < self._size:
+            raise StorageError(errno.EINVAL, f"cannot shorten the journal {self.path}: its "
+                               "parts are written whole", self.path)
+        del self._pending[size - self._size:]
+
+    def close(self) -> None:
+        self.flush()
+
+
+JOURNAL_PARTS = ".d"
+
+
+def journal_part(path: str, number: int) -> str:
+    return f"{path}{JOURNAL_PARTS}/{number:08d}"
+
+
+class ObjectRootStorage:
+    """`MutableStorage` on object storage, rooted at ROOT (`s3://BUCKET/PREFIX/`).
+
+    Every answer comes from a request made now, never from a cached listing: a journaled
+    run judges the tree as it is at each step. A "directory" exists while an object lies
+    below it; its mtime is the newest below (`lstat_raw`: a listing of everything below,
+    `stat`: existence only, one page). Directories need no creation or removal, so
+    `make_dir`, `remove_empty_dir` (checked empty), `fsync_dir`, `set_times` and `adopt`
+    change nothing. `move` is `ObjectMutator.move` and refuses an existing destination."""
+
+    io_threads = 1
+    scan_threads = 1
+    implicit_dirs = True
+
+    def __init__(self, location: S3Location, *, jobs: int | None = None,
+                 mutator: ObjectMutator | None = None) -> None:
+        self.location = location
+        self.mutator = mutator or ObjectMutator(location, jobs=jobs)
+
+    def describe(self, path: str) -> str:
+        return self.mutator.describe(path)
+
+    # -- what is there now -----------------------------------------------------------
+    def _dir_entries(self, path: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """One delimiter listing of the "directory" `path`: (objects, child prefixes)."""
+        import obstore
+
+        parts = check_relative(path)
+        prefix = self.mutator.base + ("/".join(parts) + "/" if parts else "")
+        REQUESTS.add("list")
+        try:
+            result = obstore.list_with_delimiter(self.mutator.client, prefix or None)
+        except Exception as exc:
+            raise self.mutator._error(exc, "list", path or ".") from exc
+        return [dict(m) for m in result["objects"]], list(result["common_prefixes"])
+
+    def _has_below(self, path: str) -> bool:
+        import obstore
+
+        prefix = self.mutator.key(path) + "/"
+        REQUESTS.add("list")
+        try:
+            for page in obstore.list(self.mutator.client, prefix, chunk_size=1):
+                if page:
+                    return True
+        except Exception as exc:
+            raise self.mutator._error(exc, "list", path) from exc
+        return False
+
+    def lstat_raw(self, path: str) -> RawStat | None:
+        if not check_relative(path):
+            return RawStat(_DIR_MODE, 0, 0)
+        found = self.mutator.head(path)
+        if found is not None:
+            return RawStat(_FILE_MODE, found.size, found.mtime_ns)
+        below = self.mutator.list_below(path)
+        if not below:
+            return self._journal_stat(path)
+        return RawStat(_DIR_MODE, 0, max(k.mtime_ns for k in below))
+
+    def _journal_stat(self, path: str) -> RawStat | None:
+        parts = self.journal_parts(path) if path.endswith(".jsonl") else []
+        if not parts:
+            return None
+        return RawStat(_FILE_MODE, sum(p.size for p in parts), max(p.mtime_ns for p in parts))
+
+    def stat(self, path: str) -> Stat | None:
+        if not check_relative(path):
+            return Stat(EntryKind.DIR, 0, 0, 0, 0)
+        found = self.mutator.head(path)
+        if found is not None:
+            return Stat(EntryKind.FILE, found.size, found.mtime_ns, found.mtime_ns, 0)
+        if self._has_below(path):
+            return Stat(EntryKind.DIR, 0, 0, 0, 0)
+        journal = self._journal_stat(path)
+        if journal is not None:
+            return Stat(EntryKind.FILE, journal.st_size, journal.st_mtime_ns,
+                        journal.st_mtime_ns, 0)
+        return None
+
+    def list_dir(self, path: str) -> list[Any]:
+        from regfsck.storage import Entry
+
+        objects, prefixes = self._dir_entries(path)
+        base = len(self.mutator.base + ("/".join(check_relative(path)) + "/"
+                                        if check_relative(path) else ""))
+        entries = {str(m["path"])[base:]: EntryKind.FILE for m in objects}
+        for prefix in prefixes:
+            name = prefix[base:].rstrip("/")
+            if name.endswith(JOURNAL_PARTS) and name[:-len(JOURNAL_PARTS)].endswith(".jsonl"):
+                entries.setdefault(name[:-len(JOURNAL_PARTS)], EntryKind.FILE)
+            else:
+                entries[name] = EntryKind.DIR
+        return [Entry(name, kind) for name, kind in sorted(entries.items()) if name]
+
+    def scandir(self, path: str) -> Iterator[ListedEntry]:
+        for entry in self.list_dir(path):
+            child = f"{path}/{entry.name}" if path else entry.name
+            st = self.lstat_raw(child)
+            if st is not None:
+                yield ListedEntry(entry.name, ListedStat(st.st_mode, st.st_size, st.st_mtime_ns))
+
+    def lstat_many(self, dir_path: str, names: Sequence[str]) -> list[Any]:
+        """Existence (and size) of many entries of one directory from one listing."""
+        objects, prefixes = self._dir_entries(dir_path)
+        base = len(self.mutator.base + "/".join(check_relative(dir_path)) + "/")
+        files = {str(m["path"])[base:]: m for m in objects}
+        dirs = {p[base:].rstrip("/") for p in prefixes}
+        result: list[Any] = []
+        for name in names:
+            if name in files:
+                meta = files[name]
+                result.append(RawStat(_FILE_MODE, int(meta["size"]), _mtime_ns(meta)))
+            elif name in dirs:
+                result.append(RawStat(_DIR_MODE, 0, 0))
+            else:
+                result.append(None)
+        return result
+
+    # -- reading -------------------------------------------------------------------
+    def journal_parts(self, path: str) -> list[KeyInfo]:
+        return [k for k in self.mutator.list_below(path + JOURNAL_PARTS)
+                if k.path.rpartition("/")[2].isdigit()]
+
+    def read_journal(self, path: str) -> bytes:
+        return b"".join(self.mutator.read(k.path) for k in self.journal_parts(path))
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        try:
+            data = self.mutator.read(path)
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT and path.endswith(".jsonl") and self.journal_parts(path):
+                data = self.read_journal(path)
+            else:
+                raise
+        if len(data) > limit:
+            raise StorageError(errno.EFBIG, f"{path} is larger than {limit} bytes", path)
+        return data
+
+    def read_link_fast(self, path: str, limit: int = 256) -> bytes:
+        return self.mutator.read(path)[:limit + 1]
+
+    def read_small_many(self, dir_path: str, names: Sequence[str], limit: int
+                        ) -> list[bytes | StorageError]:
+        results: list[bytes | StorageError] = []
+        for name in names:
+            try:
+                results.append(self.mutator.read(f"{dir_path}/{name}")[:limit + 1])
+            except StorageError as exc:
+                results.append(exc)
+        return results
+
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+                 limit: int) -> None:
+        """Nothing: every read here is made when asked (the tree is changing)."""
+
+    def unmodelled(self) -> list[str]:
+        return []
+
+    def iter_chunks(self, path: str, chunk_size: int = STREAM_CHUNK) -> Iterator[bytes]:
+        import obstore
+
+        REQUESTS.add("get")
+        try:
+            stream = obstore.get(self.mutator.client, self.mutator.key(path)).stream(
+                min_chunk_size=chunk_size)
+            for chunk in stream:
+                data = bytes(chunk)
+                REQUESTS.add("get_bytes", len(data))
+                yield data
+        except Exception as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise self.mutator._error(exc, "read", path) from exc
+
+    def open_read(self, path: str) -> BinaryIO:
+        if path.endswith(".jsonl") and self.mutator.head(path) is None and \
+                self.journal_parts(path):
+            return io.BytesIO(self.read_journal(path))
+        reader: Any = io.BufferedReader(_ChunkReader(self.iter_chunks(path)),
+                                        buffer_size=STREAM_CHUNK)
+        return reader  # type: ignore[no-any-return]
+
+    # -- changing ------------------------------------------------------------------
+    def move(self, src: str, dst: str) -> None:
+        if self.mutator.objects_at(dst):
+            raise StorageError(errno.EEXIST, f"cannot move {src} to {dst}: {dst} exists", src)
+        self.mutator.move([(src, dst)])
+
+    def move_many(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Several moves as one batch: the copies of all, then one bulk delete."""
+        for _, dst in moves:
+            if self.mutator.objects_at(dst):
+                raise StorageError(errno.EEXIST, f"cannot move to {dst}: it exists", dst)
+        self.mutator.move(moves)
+
+    def settle_move(self, src: str, dst: str) -> None:
+        """Resolve a move a crash left in both places (see `ObjectMutator.settle_move`)."""
+        self.mutator.settle_move(src, dst)
+
+    def make_dir(self, path: str, mode: int = 0o777) -> None:
+        """Nothing to create: a directory exists once an object lies below it."""
+
+    def remove_empty_dir(self, path: str) -> None:
+        if self.mutator.head(path) is not None or self._has_below(path):
+            raise StorageError(errno.ENOTEMPTY, f"cannot remove directory {path}: not empty",
+                               path)
+
+    def remove_file(self, path: str) -> None:
+        if self.mutator.head(path) is None:
+            raise StorageError(errno.ENOENT, f"cannot remove {path}: no such object", path)
+        self.mutator.delete([path])
+
+    def write_new_file(self, path: str, chunks: Iterable[bytes]) -> int:
+        """Create an object that must not exist yet (If-None-Match: *)."""
+        data = b"".join(chunks)
+        self.mutator.put(path, data, create=True)
+        return len(data)
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """One PutObject replaces an object atomically."""
+        self.mutator.put(path, data)
+
+    def fsync_dir(self, path: str) -> None:
+        """Nothing to do: a completed request is durable (S3 is strongly consistent)."""
+
+    def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
+                  owner: tuple[int, int] | None = None) -> None:
+        """Nothing: objects keep no settable mtime, mode or owner."""
+
+    def neighbours(self, path: str, directory: bool) -> tuple[int, int, int | None]:
+        return 0, 0, None
+
+    def adopt(self, path: str, owner: tuple[int, int], mode: int) -> None:
+        """Nothing: objects have no owner or mode."""
+
+    def open_journal(self, path: str) -> ObjectJournal:
+        return ObjectJournal(self, path)
+
+    def remove_tree(self, path: str) -> int:
+        return self.mutator.remove_below(path)
+
+    def tree_size(self, path: str) -> int:
+        return self.mutator.size_below(path)

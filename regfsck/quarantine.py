@@ -452,7 +452,7 @@ class Run:
                 st = storage.lstat_raw("/".join(p for p in (V2_PREFIX, part) if p))
                 if st is not None and q_dev is not None and st.st_dev != q_dev.st_dev:
                     raise QuarantineError(
-                        f"{root.root / QUARANTINE_DIR} is not on the same filesystem as "
+                        f"{root.display}/{QUARANTINE_DIR} is not on the same filesystem as "
                         f"{root.v2 / part}; regfsck only moves files by rename, never copies")
             made = storage.lstat_raw(files.dir)  # the file clock: later writes are not older
             meta = {"run_id": files.run_id, "command": command, "details": details,
@@ -466,7 +466,7 @@ class Run:
             with contextlib.suppress(StorageError):
                 if storage.stat(files.dir) is not None:
                     storage.remove_tree(files.dir)
-            raise QuarantineError(f"cannot start a run in {root.root / QUARANTINE_DIR}: {exc}") from exc
+            raise QuarantineError(f"cannot start a run in {root.display}/{QUARANTINE_DIR}: {exc}") from exc
         run = cls(root, files, meta)
         try:
             run._journal.write({"ev": "begin", "run_id": files.run_id, "command": command})
@@ -474,7 +474,7 @@ class Run:
             run._journal.close()
             with contextlib.suppress(StorageError):  # nothing happened: leave no "running" run
                 storage.remove_tree(files.dir)
-            raise QuarantineError(f"cannot start a run in {root.root / QUARANTINE_DIR}: {exc}") from exc
+            raise QuarantineError(f"cannot start a run in {root.display}/{QUARANTINE_DIR}: {exc}") from exc
         return run
 
     def finish(self, note: str | None = None) -> None:
@@ -517,7 +517,9 @@ class Run:
             raise QuarantineError(f"run {self.run_id} is already finished")
         self._seq += 1
         parent = _parent_of(_v2(rel))
-        st = self.storage.lstat_raw(parent)
+        # Object storage keeps no directory times to restore (and a directory's stat there
+        # is a listing of everything below it): nothing to note.
+        st = None if self.storage.implicit_dirs else self.storage.lstat_raw(parent)
         entry = {"ev": "intent", "seq": self._seq, "op": op, "rel": rel,
                  "parent_mtime_ns": st.st_mtime_ns if st is not None else None, **info}
         self._journal.write(entry, sync=sync)
@@ -711,6 +713,8 @@ class _Reverter:
             return known
         original = _v2(change.rel)
         if change.op == "move":
+            if not self.dry_run:  # object storage: a copy made, its source not yet deleted
+                self.storage.settle_move(original, self.files.held_of(change))
             here, held = self.exists(original), self.exists(self.files.held_of(change))
             if held and not here:
                 return True
@@ -852,7 +856,7 @@ class _Reverter:
                     candidates.append(change.rel)
                 else:
                     changed[change.seq] = why
-        payloads = [self.root.root / p for p in self.files.payloads(self.storage)]
+        payloads = self.files.payloads(self.storage)
         view = build_view(self.root, candidates, payloads)
         used = used_now(self.root, view, since_ns)
 
@@ -901,6 +905,9 @@ class _Reverter:
             else:
                 problems.append(what)
 
+        # Object storage: a directory is only what the keys below imply; moving a key back
+        # brings its parents back with it, so a vanished parent is no obstacle.
+        implicit_dirs = self.storage.implicit_dirs
         for change in applied:
             original = _v2(change.rel)
             parent = _parent_of(original)
@@ -914,7 +921,7 @@ class _Reverter:
                                               "the same content is back in place", held))
                     else:
                         blocked(change.rel, f"{change.rel}: something new exists at that path")
-                elif not exists(parent):
+                elif not implicit_dirs and not exists(parent):
                     blocked(parent.removeprefix(V2_PREFIX + "/"),
                             f"{change.rel}: its parent directory is gone")
                 else:
@@ -954,7 +961,7 @@ class _Reverter:
                     else:
                         steps.append(UndoStep(change.seq, "already_there", change.rel,
                                               "the directory exists again"))
-                elif not exists(parent):
+                elif not implicit_dirs and not exists(parent):
                     blocked(parent.removeprefix(V2_PREFIX + "/"),
                             f"{change.rel}: its parent directory is gone")
                 else:
@@ -1044,6 +1051,8 @@ class _Reverter:
 
     def _restore_times(self, change: _Change) -> None:
         """Give a recreated directory its mode, owner and mtime, and its parent its mtime."""
+        if self.storage.implicit_dirs:
+            return  # object storage: no directory times, modes or owners exist
         if change.op == "rmdir":
             info = change.info
             owner = (int(info["uid"]), int(info["gid"])) if info.get("uid") is not None else None
@@ -1116,7 +1125,7 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
     files = _RunFiles(check_run_id(run_id))
     meta = _read_meta(storage, files)
     if meta is None:
-        raise QuarantineError(f"no run {run_id} in {root.root / QUARANTINE_DIR}")
+        raise QuarantineError(f"no run {run_id} in {root.display}/{QUARANTINE_DIR}")
     journal = _read_journal(storage, files.journal)
     return _Reverter(root, storage, files, dry_run=True).plan(journal, _since_ns(meta),
                                                 _OtherRuns(storage, run_id))
@@ -1271,8 +1280,8 @@ def undo_target(root: RegistryRoot, run_id: str | None) -> str:
         if meta is not None and (run_id is not None or meta.get("status") != REVERTED):
             return files.run_id
     if run_id is not None:
-        raise QuarantineError(f"no run {run_id} in {root.root / QUARANTINE_DIR}")
-    raise QuarantineError(f"nothing to undo in {root.root / QUARANTINE_DIR}")
+        raise QuarantineError(f"no run {run_id} in {root.display}/{QUARANTINE_DIR}")
+    raise QuarantineError(f"nothing to undo in {root.display}/{QUARANTINE_DIR}")
 
 
 def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
@@ -1287,7 +1296,7 @@ def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
         check_run_id(run_id)
         candidates = [f for f in candidates if f.run_id == run_id]
         if not candidates:
-            raise QuarantineError(f"no run {run_id} in {root.root / QUARANTINE_DIR}")
+            raise QuarantineError(f"no run {run_id} in {root.display}/{QUARANTINE_DIR}")
     for files in reversed(candidates):
         meta = _read_meta(storage, files)
         if meta is None:
@@ -1298,7 +1307,7 @@ def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
             continue
         journal = _read_journal(storage, files.journal)
         return _revert_run(root, storage, files, meta, journal)
-    raise QuarantineError(f"nothing to undo in {root.root / QUARANTINE_DIR}")
+    raise QuarantineError(f"nothing to undo in {root.display}/{QUARANTINE_DIR}")
 
 
 def _finished_at(meta: dict[str, Any]) -> datetime | None:
@@ -1334,10 +1343,10 @@ def _needed_runs(root: RegistryRoot, storage: MutableStorage) -> dict[str, set[s
             if change.op in ("move", "rmdir") and not change.undo_done \
                     and change.applied_by_journal is not False:
                 parent = _parent_of(change.rel)
-                if parent and storage.lstat_raw(_v2(parent)) is None:
+                if parent and not storage.implicit_dirs and storage.lstat_raw(_v2(parent)) is None:
                     for holder in others.holders(parent):
                         needed.setdefault(holder, set()).add(files.run_id)
-        payloads = [root.root / p for p in files.payloads(storage)]
+        payloads = files.payloads(storage)
         if not any(restored_tags(root, p) for p in payloads):
             continue  # brings back no tag: nothing of its needs another run's content
         view = build_view(root, [], payloads)
@@ -1366,7 +1375,7 @@ def purge(root: RegistryRoot, older_than: timedelta, *, dry_run: bool = False,
         known = {files.run_id for files in runs}
         unknown = sorted(set(run_ids) - known)
         if unknown:
-            raise QuarantineError(f"no run {unknown[0]} in {root.root}/{QUARANTINE_DIR} "
+            raise QuarantineError(f"no run {unknown[0]} in {root.display}/{QUARANTINE_DIR} "
                                   "(see `regfsck runs`)")
         runs = [files for files in runs if files.run_id in run_ids]
     needed = {} if force else _needed_runs(root, storage)

@@ -22,7 +22,7 @@ from regfsck.reach import mark
 from regfsck.refs import ImageRef, RefError, parse_ref
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import EntryKind, FilesystemStorage
+from regfsck.storage import EntryKind, Storage, open_storage
 from regfsck.sweep import Removal
 
 
@@ -114,7 +114,7 @@ def _without(repo: Repository, tags: set[str], digests: set[str]) -> Repository:
 
 
 class _RmPlanner:
-    def __init__(self, inv: Inventory, store: ManifestStore, storage: FilesystemStorage,
+    def __init__(self, inv: Inventory, store: ManifestStore, storage: Storage,
                  refs: list[ImageRef], force: bool) -> None:
         self.inv = inv
         self.store = store
@@ -224,7 +224,7 @@ class _RmPlanner:
 
 def plan_rm(root: RegistryRoot, refs: list[str], *, force: bool = False) -> RmPlan:
     """Scan the tree and plan removing `refs` (raises RmRefError for a bad or unknown REF)."""
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root)
     inv = Scanner(storage, root).scan()
     store = ManifestStore(storage, inv)
     resolved = list(dict.fromkeys(resolve_ref(text, inv) for text in refs))

@@ -65,6 +65,7 @@ class RegistryRoot:
     # it is down or read-only; `registry_check=False` is the operator's --no-registry-check.
     registry_urls: tuple[str, ...] = ()
     registry_check: bool = True
+    break_lock: bool = False  # --break-lock: take over a stale object-storage lock
 
     @property
     def is_object_storage(self) -> bool:

@@ -22,10 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from regfsck.layout import V2_PREFIX
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
+
+if TYPE_CHECKING:
+    from regfsck.objectstore import ObjectLock
 
 LOCK_DIR = "regfsck-state"
 LOCK_FILE = "lock"
@@ -637,11 +641,17 @@ NO_REGISTRY_URL = (
 def object_storage_users(root: RegistryRoot) -> list[str]:
     """What may be writing to a tree in object storage: each --registry-url that is neither
     down nor read-only (all of them asked, every time), or the lack of any URL."""
-    if not root.registry_check:
-        return []  # --no-registry-check: the operator's word (docs/s3.md, the risk)
-    if not root.registry_urls:
-        return [NO_REGISTRY_URL]
     users: list[str] = []
+    if root.s3 is not None:
+        from regfsck.objectstore import held_lock
+
+        lock = held_lock(root.s3)
+        if lock is not None and lock.lost is not None:
+            users.append(f"another regfsck run: {lock.lost}")
+    if not root.registry_check:
+        return users  # --no-registry-check: the operator's word (docs/s3.md, the risk)
+    if not root.registry_urls:
+        return [*users, NO_REGISTRY_URL]
     for url in root.registry_urls:
         state = registry_url_state(url)
         if not state.allows_changes:
@@ -706,19 +716,47 @@ def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
 class RootLock:
     """Exclusive, non-blocking `flock` on ROOT/regfsck-state/lock for one mutating run.
 
-    The kernel drops the lock when the process dies, so a crash never leaves it stuck."""
+    The kernel drops the lock when the process dies, so a crash never leaves it stuck.
+    On object storage the lock is an object created with a conditional write
+    (`objectstore.ObjectLock`): nothing drops it when its holder dies, so a stale one is
+    taken over only with --break-lock (`RegistryRoot.break_lock`)."""
 
-    def __init__(self, root: RegistryRoot) -> None:
+    def __init__(self, root: RegistryRoot, command: str = "") -> None:
         self.root = root
         self.storage = FilesystemStorage(root.root)
         self.path = f"{LOCK_DIR}/{LOCK_FILE}"
         self._fd: int | None = None
+        self._object: ObjectLock | None = None
+        if root.s3 is not None:
+            from regfsck.objectstore import ObjectLock
+
+            self._object = ObjectLock(root.s3, command=command, break_stale=root.break_lock)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None or (self._object is not None and self._object.etag is not None)
+
+    @property
+    def broke(self) -> dict[str, object] | None:
+        """The stale holder whose lock --break-lock took over (object storage), if any."""
+        return self._object.broke if self._object is not None else None
+
+    def _object_acquire(self, lock: ObjectLock) -> None:
+        from regfsck.objectstore import LockHeld
+
+        if lock.etag is not None:
+            raise SafetyError("the root lock is already held by this run")
+        try:
+            lock.acquire()
+        except LockHeld as exc:
+            raise LockHeldError(str(exc)) from exc
+        except StorageError as exc:
+            raise SafetyError(f"cannot take the lock {lock.url}: {exc}") from exc
 
     def acquire(self) -> None:
+        if self._object is not None:
+            self._object_acquire(self._object)
+            return
         if self._fd is not None:
             raise SafetyError("the root lock is already held by this run")
         try:
@@ -747,6 +785,9 @@ class RootLock:
 
     def raise_if_held(self) -> None:
         """LockHeldError when another process holds the lock (never creates the lock file)."""
+        if self._object is not None:
+            self._object_raise_if_held(self._object)
+            return
         if self.storage.stat(self.path) is None:
             return
         try:
@@ -763,6 +804,16 @@ class RootLock:
         finally:
             os.close(fd)
 
+    def _object_raise_if_held(self, lock: ObjectLock) -> None:
+        try:
+            found = lock.read_holder()
+        except StorageError:
+            return
+        if found is not None:
+            holder, _ = found
+            raise LockHeldError(f"another regfsck run is changing {self.root.display} "
+                                f"({lock.describe_holder(holder)}; lock {lock.url})")
+
     def _holder(self) -> str:
         try:
             text = self.storage.read_small(self.path, 64).decode("ascii", "replace").strip()
@@ -771,6 +822,10 @@ class RootLock:
         return f"pid {text}" if text.isdigit() else "holder unknown"
 
     def release(self) -> None:
+        if self._object is not None:
+            with contextlib.suppress(StorageError):  # a lock left behind goes stale
+                self._object.release()
+            return
         fd, self._fd = self._fd, None
         if fd is not None:
             try:

@@ -175,9 +175,15 @@ class MutableStorage(Storage, Protocol):
     descriptor-relative calls that never follow a symlink, an object store by server-side
     copy then delete. quarantine.py never knows which backend it talks to."""
 
+    # True where directories are only implied by what lies below them (object storage):
+    # they vanish when emptied and come back with their first entry.
+    implicit_dirs: bool
+
     def lstat_raw(self, path: str) -> StatLike | None: ...
 
     def move(self, src: str, dst: str) -> None: ...
+
+    def settle_move(self, src: str, dst: str) -> None: ...
 
     def make_dir(self, path: str, mode: int = 0o777) -> None: ...
 
@@ -207,11 +213,24 @@ class MutableStorage(Storage, Protocol):
 
 def mutable_storage(root: RegistryRoot) -> MutableStorage:
     """The backend a journaled run changes `root` through, rooted at ROOT: the one place
-    that picks it (a local directory; object storage once its mutations exist)."""
+    that picks it (a local directory, or `s3://BUCKET/PREFIX/`: copy+delete moves and
+    journal objects, see objectstore.ObjectRootStorage)."""
     if root.s3 is not None:
-        raise StorageError(errno.EOPNOTSUPP,
-                           f"changing {root.display} is not available on object storage yet", "")
+        from regfsck.objectstore import ObjectRootStorage
+
+        return ObjectRootStorage(root.s3)
     return FilesystemStorage(root.root)
+
+
+def open_storage_at(root: RegistryRoot, path: str) -> Storage:
+    """A reading backend rooted at `path` below ROOT (a quarantine payload, which holds a
+    `v2` tree of its own), listed fresh: what an undo judges besides the live tree."""
+    if root.s3 is not None:
+        from regfsck.objectstore import ObjectStorage
+
+        base = "/".join([*([root.s3.prefix] if root.s3.prefix else []), *check_relative(path)])
+        return ObjectStorage(root.s3, base=base + "/")
+    return FilesystemStorage(root.root.joinpath(*check_relative(path)))
 
 
 def local_only(storage: Storage, what: str = "this") -> FilesystemStorage:
@@ -292,6 +311,8 @@ def io_threads() -> int:
 
 class FilesystemStorage:
     """A registry tree on a local (or mounted) filesystem, rooted at the `v2` directory."""
+
+    implicit_dirs = False  # `MutableStorage`: directories are made and removed explicitly
 
     def __init__(self, v2_dir: Path) -> None:
         self.base = Path(v2_dir)
@@ -634,6 +655,9 @@ class FilesystemStorage:
     def move(self, src: str, dst: str) -> None:
         """The seam's move: a rename that never replaces `dst` (see `rename_noreplace`)."""
         self.rename_noreplace(src, dst)
+
+    def settle_move(self, src: str, dst: str) -> None:
+        """Nothing to settle: a rename happened whole or not at all."""
 
     def make_dir(self, path: str, mode: int = 0o777) -> None:
         """Create one directory (the umask applies, as for the registry's own directories)."""

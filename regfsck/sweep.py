@@ -23,7 +23,7 @@ from regfsck.layout import V2_PREFIX
 from regfsck.quarantine import Run
 from regfsck.root import RegistryRoot
 from regfsck.safety import SafetyError, check_unused
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import MutableStorage, mutable_storage
 
 # Order of the sweep: what refers to other things goes first, so a crash at any point
 # leaves no link pointing at something already moved away that the link still needs.
@@ -61,12 +61,13 @@ class SweepResult:
 Revalidate = Callable[[str, Sequence[Removal]], dict[str, str]]  # phase, items -> {path: why}
 
 
-def recheck(storage: FilesystemStorage, removal: Removal, cutoff_ns: int) -> str | None:
-    """Why `removal` must not be moved now, or None when it still may."""
-    if storage.lstat_raw(removal.path) is None:
+def recheck(storage: MutableStorage, removal: Removal, cutoff_ns: int) -> str | None:
+    """Why `removal` must not be moved now, or None when it still may (`storage` is rooted
+    at ROOT, the removal's paths at v2)."""
+    if storage.lstat_raw(f"{V2_PREFIX}/{removal.path}") is None:
         return "gone since the scan"
     for path, seen_ns in removal.checks:
-        st = storage.lstat_raw(path)
+        st = storage.lstat_raw(f"{V2_PREFIX}/{path}")
         if st is None or st.st_mtime_ns != seen_ns:
             return f"{path} changed since the scan"
         if removal.grace_applies and st.st_mtime_ns > cutoff_ns:
@@ -107,7 +108,7 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
     result = SweepResult()
     if not removals and not empty_dirs:
         return result
-    storage = FilesystemStorage(root.v2)
+    storage = mutable_storage(root)
     with Run.begin(root, command, details, on_crash="finish") as run:
         result.run_id = run.run_id
         last_check = 0.0
@@ -120,7 +121,7 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
                 raise SafetyError(
                     f"stopped after {len(result.moved)} of {len(removals)} moves: {exc}. What was "
                     f"moved is kept in run {run.run_id} (see `regfsck runs`; revert it with "
-                    f"`regfsck undo {root.root} {run.run_id}` once nothing uses the tree)") from exc
+                    f"`regfsck undo {root.display} {run.run_id}` once nothing uses the tree)") from exc
             last_check = time.monotonic()
 
         for phase in PHASES:

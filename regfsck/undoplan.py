@@ -18,8 +18,8 @@ uses (config, layers, index children; foreign layers skipped unless stored)."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from regfsck import layout
 from regfsck.graph import ManifestStore, reachable
@@ -27,7 +27,7 @@ from regfsck.inventory import Blob, Inventory, Link, Repository, Tag
 from regfsck.manifest import MAX_MANIFEST_BYTES
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import Storage, StorageError, open_storage, open_storage_at
 
 MANIFESTS = f"/{layout.MANIFESTS_DIR}/"
 LAYERS = f"/{layout.LAYERS_DIR}/"
@@ -72,8 +72,8 @@ def classify(rel: str) -> PathKind:
 class _ViewStore(ManifestStore):
     """Reads each manifest from wherever the view found it: the tree or a quarantine."""
 
-    def __init__(self, storage: FilesystemStorage, inventory: Inventory,
-                 sources: dict[str, FilesystemStorage]) -> None:
+    def __init__(self, storage: Storage, inventory: Inventory,
+                 sources: dict[str, Storage]) -> None:
         super().__init__(storage, inventory)
         self.sources = sources
 
@@ -87,6 +87,7 @@ class UndoView:
 
     inv: Inventory
     store: ManifestStore
+    tree: Storage  # the live tree, as listed for this view
     restored_tags: list[tuple[str, str, str]] = field(default_factory=list)  # repo, tag, target
     removed: dict[str, PathKind] = field(default_factory=dict)
     _saved: dict[str, object] = field(default_factory=dict)
@@ -99,26 +100,44 @@ def _repo(inv: Inventory, name: str) -> Repository:
     return repo
 
 
-def restored_tags(root: RegistryRoot, payload: Path) -> bool:
-    """Does this quarantine payload hold any tag (so undoing it brings tags back)?"""
-    repos = payload / layout.REPOSITORIES
-    if not repos.is_dir():
+def restored_tags(root: RegistryRoot, payload: str) -> bool:
+    """Does this quarantine payload (ROOT-relative) hold any tag (so undoing it brings tags
+    back)?"""
+    storage = _payload(root, payload)
+    if storage is None or storage.stat(layout.REPOSITORIES) is None:
         return False
-    held = Scanner(FilesystemStorage(payload), root).scan()
+    held = Scanner(storage, root).scan()
     return any(repo.tags for repo in held.repositories.values())
 
 
-def build_view(root: RegistryRoot, removals: list[str], payloads: list[Path]) -> UndoView:
-    """The live tree without `removals` (v2-relative files) and with every payload's content."""
-    tree_storage = FilesystemStorage(root.v2)
+def _payload(root: RegistryRoot, payload: str) -> Storage | None:
+    """The payload's tree, or None when it holds nothing (an emptied payload does not
+    exist on object storage, where directories are only what objects imply)."""
+    storage = open_storage_at(root, payload)
+    try:
+        if storage.stat("") is None:
+            return None
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return storage
+
+
+def build_view(root: RegistryRoot, removals: list[str], payloads: list[str]) -> UndoView:
+    """The live tree without `removals` (v2-relative files) and with every payload's
+    content (payloads: ROOT-relative directories holding a `v2` tree of their own)."""
+    tree_storage = open_storage(root)
     inv = Scanner(tree_storage, root).scan()
-    sources: dict[str, FilesystemStorage] = {}
+    sources: dict[str, Storage] = {}
     # The store reads from every blob known, those the undo would take away included:
     # what a manifest references does not depend on whether it stays.
     known = Inventory(root=root, blobs=inv.blobs.copy(), repositories=inv.repositories)
-    view = UndoView(inv, _ViewStore(tree_storage, known, sources))
+    view = UndoView(inv, _ViewStore(tree_storage, known, sources), tree_storage)
     for payload in payloads:
-        storage = FilesystemStorage(payload)
+        storage = _payload(root, payload)
+        if storage is None:
+            continue
         held = Scanner(storage, root).scan()
         for digest, blob in held.blobs.items():
             if digest not in inv.blobs:
@@ -192,7 +211,7 @@ def used_now(root: RegistryRoot, view: UndoView, since_ns: int) -> set[str]:
     """The removals that something written since `since_ns` uses; they go back into the
     view (the undo keeps them). Roots are revision and tag links of the live tree whose
     mtime is at least `since_ns` (a moved-back link keeps its old mtime: not a new root)."""
-    tree = FilesystemStorage(root.v2)
+    tree = view.tree
     reach: dict[str, set[str]] = {}
     for name, repo in view.inv.repositories.items():
         roots: set[str] = set()
@@ -227,9 +246,9 @@ def used_now(root: RegistryRoot, view: UndoView, since_ns: int) -> set[str]:
     return used
 
 
-def _is_new(tree: FilesystemStorage, path: str, since_ns: int) -> bool:
-    st = tree.lstat_raw(path)
-    return st is not None and st.st_mtime_ns >= since_ns
+def _is_new(tree: Storage, path: str, since_ns: int) -> bool:
+    st = tree.stat(path)
+    return st is not None and st.mtime_ns >= since_ns
 
 
 def missing_parts(view: UndoView, repo_name: str, target: str) -> list[str]:

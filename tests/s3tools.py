@@ -144,15 +144,19 @@ def s3_storage_section(endpoint: str, bucket: str, rootdirectory: str, *,
 
 
 def s3_registry_config(path: Path, endpoint: str, bucket: str, rootdirectory: str, *,
-                       port: int = 5000, path_style: bool = False) -> Path:
-    """A distribution config (2.8 and 3 read it) storing into the bucket through its s3 driver."""
+                       port: int = 5000, path_style: bool = False, readonly: bool = False) -> Path:
+    """A distribution config (2.8 and 3 read it) storing into the bucket through its s3 driver
+    (`readonly`: the registry's read-only maintenance mode)."""
+    maintenance: dict[str, Any] = {"uploadpurging": {"enabled": False}}
+    if readonly:
+        maintenance["readonly"] = {"enabled": True}
     config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "info", "accesslog": {"disabled": True}},
         "storage": {
             "s3": s3_storage_section(endpoint, bucket, rootdirectory, path_style=path_style),
             "delete": {"enabled": True},
-            "maintenance": {"uploadpurging": {"enabled": False}},
+            "maintenance": maintenance,
             "redirect": {"disable": True},
         },
         "http": {"addr": f"127.0.0.1:{port}", "secret": "regfsck-test-secret"},
@@ -164,8 +168,10 @@ def s3_registry_config(path: Path, endpoint: str, bucket: str, rootdirectory: st
 class S3Registry:
     """A real registry (2.8 `docker-registry` or the v3 binary) serving from a bucket."""
 
-    def __init__(self, binary: str, endpoint: str, bucket: str, rootdirectory: str) -> None:
+    def __init__(self, binary: str, endpoint: str, bucket: str, rootdirectory: str, *,
+                 readonly: bool = False) -> None:
         self.binary = binary
+        self.readonly = readonly
         self.endpoint = endpoint
         self.bucket = bucket
         self.rootdirectory = rootdirectory
@@ -185,7 +191,8 @@ class S3Registry:
     def write_config(self, directory: Path) -> Path:
         return s3_registry_config(directory / "config.yml", self.endpoint, self.bucket,
                                   self.rootdirectory, port=self.port,
-                                  path_style=self.binary != "docker-registry")
+                                  path_style=self.binary != "docker-registry",
+                                  readonly=self.readonly)
 
     def start(self) -> S3Registry:
         self._tmp = Path(tempfile.mkdtemp(prefix="regfsck-s3-registry-"))
@@ -275,3 +282,29 @@ def upload_tree(client: Any, src: Path, bucket: str, prefix: str, *, jobs: int =
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(put, files))
     return len(files)
+
+
+def clone_bucket(client: Any, src: str, dst: str, *, jobs: int = 32) -> int:
+    """A new bucket `dst` holding every key of `src` (server-side copies): a private copy of
+    a tree the real registry wrote, free to change."""
+    client.create_bucket(Bucket=dst)
+    keys = [o["Key"] for o in iter_keys(client, src)]
+
+    def copy(key: str) -> None:
+        client.copy_object(Bucket=dst, Key=key, CopySource={"Bucket": src, "Key": key})
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(copy, keys))
+    return len(keys)
+
+
+def snapshot(client: Any, bucket: str, prefix: str = "") -> dict[str, tuple[str, str]]:
+    """key -> (ETag, sha256 of the bytes) of every object below `prefix`."""
+    import hashlib
+
+    def one(obj: dict[str, Any]) -> tuple[str, tuple[str, str]]:
+        body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        return obj["Key"], (obj["ETag"], hashlib.sha256(body).hexdigest())
+
+    with ThreadPoolExecutor(32) as pool:
+        return dict(pool.map(one, list(iter_keys(client, bucket, prefix))))

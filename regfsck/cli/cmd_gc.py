@@ -12,10 +12,14 @@ from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
+    NO_REGISTRY_CHECK_OPTION,
+    REGISTRY_URL_OPTION,
     ROOT_ARGUMENT,
     fail,
+    for_changes,
     human_bytes,
     note,
     open_root,
@@ -61,12 +65,13 @@ def gc(
         "only a damaged manifest needs are removed too."),
     apply: bool = APPLY_OPTION,
     json_output: bool = JSON_OPTION,
+    registry_url: list[str] | None = REGISTRY_URL_OPTION,
+    no_registry_check: bool = NO_REGISTRY_CHECK_OPTION,
+    break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Remove what no image needs: unreferenced blobs, dead links, stale uploads (undoable)."""
-    registry = open_root(root, config, object_storage=True)
-    if apply and registry.is_object_storage:
-        fail(f"gc --apply is not available on object storage yet: nothing was changed in "
-             f"{registry.display} (run without --apply for the plan)")
+    registry = for_changes(open_root(root, config, object_storage=True), registry_url,
+                           no_registry_check, break_lock)
     from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
     from regfsck.gc import GcOptions, plan_gc, revalidator
     from regfsck.quarantine import QuarantineError, list_runs

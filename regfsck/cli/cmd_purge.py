@@ -10,9 +10,11 @@ from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
     fail,
+    for_changes,
     human_bytes,
     open_root,
     plural,
@@ -38,6 +40,7 @@ def purge(
                                "run's undo still needs (that undo will then refuse, or restore "
                                "tags that cannot be pulled)."),
     json_output: bool = JSON_OPTION,
+    break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Delete quarantined runs for good and report the bytes freed (they can no longer be undone)."""
     from regfsck.durations import DurationError, parse_duration
@@ -48,7 +51,7 @@ def purge(
 
     values = list(args or [])
     root = None if config is not None or not values else Path(values.pop(0))
-    registry = open_root(root, config)
+    registry = for_changes(open_root(root, config, object_storage=True), break_lock=break_lock)
     try:
         age = parse_duration(older_than)
         run_ids = [check_run_id(v) for v in values] or None
@@ -58,7 +61,7 @@ def purge(
         fail(str(exc), exitcodes.USAGE)
     try:
         # Only the lock: the registry never reads the quarantine, so it may keep running.
-        with RootLock(registry):
+        with RootLock(registry, "purge"):
             result = purge_runs(registry, age, dry_run=not apply, force=force, run_ids=run_ids)
     except (SafetyError, QuarantineError, StorageError) as exc:
         fail(str(exc))

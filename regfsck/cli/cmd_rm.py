@@ -13,9 +13,13 @@ from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
+    NO_REGISTRY_CHECK_OPTION,
+    REGISTRY_URL_OPTION,
     fail,
+    for_changes,
     human_bytes,
     note,
     open_root,
@@ -50,6 +54,9 @@ def rm(
                                "index of the repository lists it as a child (breaks that image)."),
     apply: bool = APPLY_OPTION,
     json_output: bool = JSON_OPTION,
+    registry_url: list[str] | None = REGISTRY_URL_OPTION,
+    no_registry_check: bool = NO_REGISTRY_CHECK_OPTION,
+    break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Remove tags, manifests or repositories; then `regfsck gc` frees the blobs."""
     values = list(args)
@@ -60,7 +67,8 @@ def rm(
     if not values:
         fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
              exitcodes.USAGE)
-    registry = open_root(root, config)
+    registry = for_changes(open_root(root, config, object_storage=True), registry_url,
+                           no_registry_check, break_lock)
     from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
 
     if not apply:

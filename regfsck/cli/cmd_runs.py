@@ -25,7 +25,7 @@ from regfsck.cli.common import (
 def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
          json_output: bool = JSON_OPTION) -> None:
     """List the runs kept in ROOT/regfsck-quarantine (oldest first)."""
-    registry = open_root(root, config)
+    registry = open_root(root, config, object_storage=True)
     from regfsck.quarantine import QuarantineError, list_runs
 
     try:
@@ -40,7 +40,7 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
         say("No runs in the quarantine.")
         raise typer.Exit(exitcodes.OK)
     words = root_words(registry)
-    say(f"Runs in {registry.root}/regfsck-quarantine (ids start with the UTC time):")
+    say(f"Runs in {registry.display}/regfsck-quarantine (ids start with the UTC time):")
     for run in found:
         note = f"  ({run.note})" if run.note else ""
         changes = f"{run.changes:>7} {'change ' if run.changes == 1 else 'changes'}"

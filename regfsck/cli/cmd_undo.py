@@ -9,7 +9,20 @@ import typer
 
 from regfsck import exitcodes
 from regfsck.cli.app import command
-from regfsck.cli.common import CONFIG_OPTION, JSON_OPTION, fail, note, open_root, print_json, say, warn
+from regfsck.cli.common import (
+    BREAK_LOCK_OPTION,
+    CONFIG_OPTION,
+    JSON_OPTION,
+    NO_REGISTRY_CHECK_OPTION,
+    REGISTRY_URL_OPTION,
+    fail,
+    for_changes,
+    note,
+    open_root,
+    print_json,
+    say,
+    warn,
+)
 
 if TYPE_CHECKING:
     from regfsck.quarantine import UndoPlan
@@ -58,7 +71,10 @@ def _show_plan(plan: UndoPlan, json_output: bool) -> None:
 
 @command()
 def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
-         dry_run: bool = DRY_RUN_OPTION, json_output: bool = JSON_OPTION) -> None:
+         dry_run: bool = DRY_RUN_OPTION, json_output: bool = JSON_OPTION,
+         registry_url: list[str] | None = REGISTRY_URL_OPTION,
+         no_registry_check: bool = NO_REGISTRY_CHECK_OPTION,
+         break_lock: bool = BREAK_LOCK_OPTION) -> None:
     """Revert a run: what it moved comes back, what it created goes to its quarantine.
 
     Planned against the tree as it is now before anything moves: creations that something
@@ -71,7 +87,8 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     from regfsck.quarantine import undo as undo_run
 
     root, run_id = split_root_and_run(args, config)
-    registry = open_root(root, config)
+    registry = for_changes(open_root(root, config, object_storage=True), registry_url,
+                           no_registry_check, break_lock)
     if dry_run:
         try:
             _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from regfsck.root import RegistryRoot
 
 ROOT_HELP = ("Registry storage root (holding docker/registry/v2), the v2 directory itself, or "
-             "s3://BUCKET/PREFIX (scan, verify, gc). Default: /var/lib/registry, or the root "
+             "s3://BUCKET/PREFIX. Default: /var/lib/registry, or the root "
              "named by --config.")
 ROOT_ARGUMENT = typer.Argument(None, metavar="ROOT", help=ROOT_HELP, show_default=False)
 CONFIG_OPTION = typer.Option(
@@ -46,6 +46,17 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdou
 APPLY_OPTION = typer.Option(False, "--apply", help="Really do it (default: print the plan).")
 JOBS_OPTION = typer.Option(0, "--jobs", "-j", metavar="N", show_default=False,
                            help="Hashing threads (default: the number of CPUs).")
+REGISTRY_URL_OPTION = typer.Option(
+    None, "--registry-url", metavar="URL", show_default=False,
+    help="Object storage: a registry serving this bucket (repeat for each), asked before and "
+    "during the change whether it is stopped or in read-only maintenance mode; --apply "
+    "refuses otherwise.")
+NO_REGISTRY_CHECK_OPTION = typer.Option(
+    False, "--no-registry-check", help="Object storage: change the bucket without asking any "
+    "registry. RISK: a push while regfsck runs can lose its blobs (see docs/s3.md).")
+BREAK_LOCK_OPTION = typer.Option(
+    False, "--break-lock", help="Object storage: take over a lock left by a regfsck run that "
+    "died (not refreshed for 5 minutes); a live run's lock is never broken.")
 
 
 @dataclass
@@ -209,7 +220,28 @@ def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
     raise typer.Exit(code)
 
 
-OBJECT_STORAGE_COMMANDS = "scan, verify and gc (plan)"
+OBJECT_STORAGE_COMMANDS = "scan, verify, gc, rm, runs, undo and purge"
+
+
+def for_changes(registry: RegistryRoot, registry_urls: list[str] | None = None,
+                no_registry_check: bool = False, break_lock: bool = False) -> RegistryRoot:
+    """ROOT with what a changing command was told about object storage (--registry-url,
+    --no-registry-check, --break-lock): `safety` asks the registries and takes the lock
+    by these. On a local tree regfsck sees the processes itself: the options are refused."""
+    import dataclasses
+
+    given = [name for name, value in (("--registry-url", registry_urls),
+                                      ("--no-registry-check", no_registry_check),
+                                      ("--break-lock", break_lock)) if value]
+    if not registry.is_object_storage:
+        if given:
+            fail(f"{given[0]} is for trees in object storage; on a local tree regfsck looks "
+                 "at the processes using it itself", exitcodes.USAGE)
+        return registry
+    if registry_urls and no_registry_check:
+        fail("give either --registry-url or --no-registry-check, not both", exitcodes.USAGE)
+    return dataclasses.replace(registry, registry_urls=tuple(registry_urls or ()),
+                               registry_check=not no_registry_check, break_lock=break_lock)
 
 
 def open_root(root: Path | None, config: Path | None, *,

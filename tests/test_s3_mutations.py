@@ -1,0 +1,371 @@
+"""regfsck changing registries stored in S3 (gc --apply, rm, runs, undo, purge), against a
+real S3 API server (moto) on loopback, with trees written by the REAL registry s3 drivers.
+
+Each test works on a private clone of a bucket the real registry (2.8.2 or 3.1.1) filled
+through its s3 driver (the session's sample images, one image deleted through the API, one
+unfinished upload). The official collector's dry-run against the bucket is the oracle for
+what gc removes; after a change a fresh s3-backed registry of both versions must serve every
+tag that is kept (`skopeo copy --all` to `dir:`); `undo` must put every key back byte for
+byte. The registry check is exercised with the real registries: a writable one refuses,
+one in read-only maintenance mode or a stopped one allows.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import realtools, s3tools
+from tests.test_s3 import Bucket, _push_into_bucket, needs_server, regfsck
+
+V2 = "docker/registry/v2/"
+QUARANTINE = "regfsck-quarantine/"
+LOCK = "regfsck-state/lock"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[s3tools.MotoServer]:
+    with s3tools.MotoServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def base28(moto: s3tools.MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    return _push_into_bucket(moto, real_sample[0], realtools.REGISTRY_BIN, "regfsck-m28")
+
+
+@pytest.fixture(scope="module")
+def base3(moto: s3tools.MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    binary = s3tools.registry3_binary()
+    if binary is None:
+        pytest.skip("registry v3 binary not available (/work/shared/bin/unpack-registry3)")
+    return _push_into_bucket(moto, real_sample[0], binary, "regfsck-m3")
+
+
+_CLONES = iter(range(1, 1000))
+
+
+def clone(base: Bucket) -> Bucket:
+    """A private copy of `base` (the real registry's tree), free to change."""
+    name = f"{base.name}-c{next(_CLONES)}"
+    s3tools.clone_bucket(base.moto.client(), base.name, name)
+    return Bucket(base.moto, name, base.prefix, base.binary, set(base.doomed_blobs))
+
+
+def run(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any], str]:
+    proc = regfsck(*args, "--json", env=bucket.moto.env())
+    doc = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, doc, proc.stderr
+
+
+def tree(bucket: Bucket) -> dict[str, tuple[str, str]]:
+    """Every key of the registry's tree (below PREFIX/docker/registry/v2/), with its bytes."""
+    return s3tools.snapshot(bucket.moto.client(), bucket.name, f"{bucket.prefix}/{V2}")
+
+
+def everything(bucket: Bucket) -> dict[str, tuple[str, str]]:
+    return s3tools.snapshot(bucket.moto.client(), bucket.name)
+
+
+def keys_below(bucket: Bucket, rel: str) -> list[str]:
+    return [o["Key"] for o in s3tools.iter_keys(bucket.moto.client(), bucket.name,
+                                                 f"{bucket.prefix}/{rel}")]
+
+
+def dead_url() -> str:
+    """A registry URL nothing listens on: a stopped registry."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def registry3() -> str | None:
+    return s3tools.registry3_binary()
+
+
+def serves_every_tag(bucket: Bucket, binary: str, expected: dict[str, list[str]]) -> None:
+    """A fresh s3-backed registry of `binary` serves each repo:tag (skopeo copy --all checks
+    every digest on the way into a dir: layout)."""
+    registry = s3tools.S3Registry(binary, bucket.moto.endpoint, bucket.name, "/" + bucket.prefix)
+    with registry as reg, tempfile.TemporaryDirectory(prefix="regfsck-s3-pull-") as tmp:
+        opener = __import__("urllib.request").request.build_opener(
+            __import__("urllib.request").request.ProxyHandler({}))
+        for repo, tags in sorted(expected.items()):
+            for tag in tags:
+                dest = Path(tmp) / f"{repo.replace('/', '_')}-{tag}"
+                realtools.skopeo_copy(f"docker://{reg.host}/{repo}:{tag}", f"dir:{dest}", "--all")
+        served = json.loads(opener.open(f"http://{reg.host}/v2/_catalog", timeout=30).read())
+        assert set(expected) <= set(served["repositories"])
+
+
+def tags_of(bucket: Bucket) -> dict[str, list[str]]:
+    """repo -> tags, read from the tree's tag `current/link` keys."""
+    found: dict[str, list[str]] = {}
+    for key in keys_below(bucket, V2 + "repositories/"):
+        rel = key.split(V2 + "repositories/", 1)[1]
+        if "/_manifests/tags/" in rel and rel.endswith("/current/link"):
+            repo, _, rest = rel.partition("/_manifests/tags/")
+            found.setdefault(repo, []).append(rest.split("/")[0])
+    return {repo: sorted(tags) for repo, tags in found.items()}
+
+
+def blob_keys(snapshot: dict[str, tuple[str, str]]) -> set[str]:
+    return {"sha256:" + k.split("/")[-2] for k in snapshot if "/blobs/sha256/" in k}
+
+
+# -- the registry check -----------------------------------------------------------------
+
+
+@needs_server
+def test_gc_apply_refuses_without_a_registry_check(moto: s3tools.MotoServer, base28: Bucket
+                                                   ) -> None:
+    """No --registry-url, or a URL whose registry is writable: exit 3, one line, nothing
+    changed (every key and ETag, no lock, no quarantine)."""
+    bucket = clone(base28)
+    before = everything(bucket)
+    code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply")
+    assert code == 3, (doc, err)
+    assert "--registry-url" in doc["error"] and "cannot see" in doc["error"]
+    assert len(err.strip().splitlines()) == 1
+    with bucket.registry() as writable:
+        code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                             "--registry-url", f"http://{writable.host}")
+    assert code == 3, (doc, err)
+    assert "writable" in doc["error"] and "read-only" in doc["error"]
+    code, doc, _ = run(bucket, "rm", bucket.url, "a/b:latest", "--apply")
+    assert code == 3 and "--registry-url" in doc["error"]
+    code, doc, _ = run(bucket, "gc", bucket.url, "--apply", "--registry-url", dead_url(),
+                       "--no-registry-check")
+    assert code == 2, doc
+    assert everything(bucket) == before
+
+
+@needs_server
+@pytest.mark.parametrize("which", ["base28", "base3"])
+def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
+    """gc --apply with the registry in read-only mode removes exactly what the official
+    collector would; both registry versions then serve every tag; undo restores every key
+    byte for byte; purge empties the quarantine."""
+    bucket = clone(request.getfixturevalue(which))
+    before = tree(bucket)
+    code, out = bucket.registry().garbage_collect("--dry-run")
+    assert code == 0, out
+    oracle = realtools.parse_gc_output(out).blobs
+    assert oracle == bucket.doomed_blobs
+    tags = tags_of(bucket)
+    readonly = s3tools.S3Registry(bucket.binary, bucket.moto.endpoint, bucket.name,
+                                  "/" + bucket.prefix, readonly=True)
+    with readonly as reg:
+        started = time.monotonic()
+        code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                             "--registry-url", f"http://{reg.host}")
+        elapsed = time.monotonic() - started
+    assert code == 0, (doc, err)
+    assert doc["applied"] is True and doc["run_id"]
+    print(f"gc --apply on {which}: {elapsed:.1f}s, requests {doc['requests']}")
+    after = tree(bucket)
+    gone = blob_keys(before) - blob_keys(after)
+    assert gone == oracle
+    assert {b["digest"] for b in doc["blobs"]} == oracle
+    assert not keys_below(bucket, "regfsck-state/lock")  # released
+    held = keys_below(bucket, f"{QUARANTINE}{doc['run_id']}/v2/blobs/")
+    assert {"sha256:" + k.split("/")[-2] for k in held} == oracle
+    for binary in filter(None, (realtools.REGISTRY_BIN, registry3())):
+        serves_every_tag(bucket, binary, tags)
+
+    code, runs, _ = run(bucket, "runs", bucket.url)
+    assert code == 0 and [r["run_id"] for r in runs["runs"]] == [doc["run_id"]]
+    assert runs["runs"][0]["status"] == "complete" and runs["runs"][0]["bytes"] > 0
+
+    code, undone, err = run(bucket, "undo", bucket.url, doc["run_id"], "--registry-url",
+                            dead_url())
+    assert code == 0, (undone, err)
+    assert undone["moved_back"] == doc["apply"]["moved"] > 0
+    assert tree(bucket) == before  # every key, byte for byte (and ETag)
+    code, purged, _ = run(bucket, "purge", bucket.url, doc["run_id"], "--apply")
+    assert code == 0 and purged["runs"] == [doc["run_id"]]
+    assert not keys_below(bucket, QUARANTINE)
+    assert tree(bucket) == before
+
+
+@needs_server
+def test_rm_then_undo(base28: Bucket) -> None:
+    """rm --apply of a tag with the registry stopped: that tag is gone, every other one is
+    served; undo puts every key back byte for byte."""
+    bucket = clone(base28)
+    before = tree(bucket)
+    tags = tags_of(bucket)
+    repo = sorted(tags)[0]
+    tag = tags[repo][0]
+    code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tag}", "--apply",
+                         "--registry-url", dead_url())
+    assert code == 0, (doc, err)
+    assert doc["applied"] is True
+    assert tag not in tags_of(bucket).get(repo, [])
+    kept = {r: [t for t in ts if (r, t) != (repo, tag)] for r, ts in tags.items()}
+    serves_every_tag(bucket, bucket.binary, {r: ts for r, ts in kept.items() if ts})
+    code, undone, err = run(bucket, "undo", bucket.url, "--no-registry-check")
+    assert code == 0, (undone, err)
+    assert tree(bucket) == before
+
+
+# -- the lock -----------------------------------------------------------------------------
+
+
+def _put_lock(bucket: Bucket, **fields: Any) -> None:
+    holder = {"owner": "someone@elsewhere pid 4242", "host": "elsewhere", "pid": 4242,
+              "command": "gc", "acquired_at": "2026-12-04T00:00:00+00:00",
+              "refreshed": time.time(), **fields}
+    bucket.moto.client().put_object(Bucket=bucket.name, Key=f"{bucket.prefix}/{LOCK}",
+                                    Body=json.dumps(holder).encode())
+
+
+@needs_server
+def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(base28: Bucket) -> None:
+    bucket = clone(base28)
+    before = tree(bucket)
+    _put_lock(bucket)  # a live run elsewhere (refreshed just now)
+    code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                       "--no-registry-check")
+    assert code == 3 and "someone@elsewhere" in doc["error"], doc
+    code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                       "--no-registry-check", "--break-lock")
+    assert code == 3 and "someone@elsewhere" in doc["error"], doc  # a live lock stays
+    assert tree(bucket) == before
+
+    # A run on this host that died (its pid is gone). A lock not refreshed for 5 minutes
+    # is stale too, but S3 stamps every write with the server's time, so a test cannot
+    # plant an old one: that path is test_lock_object_is_a_conditional_write's clock.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _put_lock(bucket, host=socket.gethostname(), pid=gone.pid,
+              owner=f"someone@{socket.gethostname()} pid {gone.pid}")
+    code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                       "--no-registry-check")
+    assert code == 3 and "--break-lock" in doc["error"] and "is gone" in doc["error"], doc
+    assert tree(bucket) == before
+    code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                         "--no-registry-check", "--break-lock")
+    assert code == 0, (doc, err)
+    assert blob_keys(before) - blob_keys(tree(bucket)) == bucket.doomed_blobs
+    assert not keys_below(bucket, LOCK)
+
+
+@needs_server
+def test_lock_object_is_a_conditional_write(moto: s3tools.MotoServer) -> None:
+    """moto honours If-None-Match: * on PutObject: of two runs, exactly one gets the lock;
+    the second sees the first's owner. A lock refreshed by its holder is not stale; the
+    same lock seen by a clock an hour later is, and --break-lock replaces it (If-Match)."""
+    from regfsck.objectstore import LockHeld, ObjectLock, ObjectMutator, make_client
+    from regfsck.root import S3Location
+
+    moto.make_bucket("regfsck-lock")
+    location = S3Location("regfsck-lock", "p", endpoint=moto.endpoint,
+                          access_key=s3tools.ACCESS_KEY, secret_key=s3tools.SECRET_KEY,
+                          region=s3tools.REGION, force_path_style=True)
+    client = make_client(location)
+    first = ObjectLock(location, command="gc", mutator=ObjectMutator(location, client=client))
+    first.acquire()
+    try:
+        second = ObjectLock(location, command="rm", mutator=ObjectMutator(location, client=client))
+        with pytest.raises(LockHeld) as held:
+            second.acquire()
+        assert not held.value.stale and "gc" in str(held.value)
+        later = ObjectLock(location, command="rm", break_stale=True,
+                           mutator=ObjectMutator(location, client=client),
+                           clock=lambda: time.time() + 3600)
+        later.acquire()  # stale by its clock: broken with a conditional write
+        assert later.broke is not None and later.broke["command"] == "gc"
+        first.refresh(0.0)
+        assert first.lost is not None  # the first run learns its lock was taken
+        later.release()
+    finally:
+        first.release()
+    assert not list(s3tools.iter_keys(moto.client(), "regfsck-lock"))
+
+
+@needs_server
+def test_a_move_interrupted_between_copy_and_delete_settles(moto: s3tools.MotoServer) -> None:
+    """A crash after the copies and before the delete leaves keys in both places: settled as
+    not moved (the copies go). After part of the deletes: settled as moved (the rest go)."""
+    from regfsck.objectstore import ObjectMutator
+    from regfsck.root import S3Location
+
+    moto.make_bucket("regfsck-settle")
+    client = moto.client()
+    location = S3Location("regfsck-settle", "", endpoint=moto.endpoint,
+                          access_key=s3tools.ACCESS_KEY, secret_key=s3tools.SECRET_KEY,
+                          region=s3tools.REGION, force_path_style=True)
+    mutator = ObjectMutator(location)
+    for name in ("a", "b"):
+        client.put_object(Bucket="regfsck-settle", Key=f"src/{name}", Body=name.encode())
+        client.copy_object(Bucket="regfsck-settle", Key=f"dst/{name}",
+                           CopySource={"Bucket": "regfsck-settle", "Key": f"src/{name}"})
+    assert mutator.settle_move("src", "dst") is False
+    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["src/a", "src/b"]
+    mutator.move([("src", "dst")])
+    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
+    client.put_object(Bucket="regfsck-settle", Key="src/b", Body=b"b")  # one delete undone
+    assert mutator.settle_move("src", "dst") is True
+    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
+
+
+# -- the probe ------------------------------------------------------------------------------
+
+
+@pytest.mark.realtools
+@pytest.mark.skipif(bool(realtools.REAL_TOOLS_SKIP_REASON),
+                    reason=realtools.REAL_TOOLS_SKIP_REASON or "-")
+@pytest.mark.parametrize("version", ["2.8", "3"])
+def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Path) -> None:
+    """OPTIONS on the upload route: writable, read-only and stopped registries of both
+    versions; an HTTP server that is not a registry cannot tell."""
+    from regfsck.safety import registry_url_state
+
+    binary = realtools.REGISTRY_BIN if version == "2.8" else registry3()
+    if binary is None:
+        pytest.skip("registry v3 binary not available")
+    for readonly, state in ((False, "writable"), (True, "read-only")):
+        port = realtools.free_port()
+        config = tmp_path / f"config-{readonly}.yml"
+        config.write_text(json.dumps({
+            "version": 0.1, "log": {"level": "error"},
+            "storage": {"filesystem": {"rootdirectory": str(tmp_path / "root")},
+                        "maintenance": {"readonly": {"enabled": readonly}}},
+            "http": {"addr": f"127.0.0.1:{port}"}}))
+        proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=s3tools.registry_env())
+        try:
+            deadline = time.monotonic() + 20
+            found = registry_url_state(f"http://127.0.0.1:{port}")
+            while found.state == "down" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                found = registry_url_state(f"http://127.0.0.1:{port}/v2/")
+            assert found.state == state, found
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert registry_url_state(dead_url()).state == "down"
+    port = realtools.free_port()
+    other = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        found = registry_url_state(f"http://127.0.0.1:{port}")
+        while found.state == "down" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = registry_url_state(f"http://127.0.0.1:{port}")
+        assert found.state == "unknown", found
+        assert not found.allows_changes
+    finally:
+        other.terminate()
+        other.wait(10)
