@@ -70,6 +70,10 @@ class LatencyProxy:
                     kind = "list"
                 elif self.command == "GET":
                     kind = "get"
+                elif self.command == "PUT" and self.headers.get("x-amz-copy-source"):
+                    kind = "copy"
+                elif self.command == "POST" and "delete" in params:
+                    kind = "delete"
                 else:
                     kind = self.command.lower()
                 with proxy.lock:
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", default="docker-registry", help="official binary (2.8 or 3)")
     parser.add_argument("--no-verify", action="store_true", help="skip the verify measurements")
     parser.add_argument("--json", dest="json_out", help="also write the figures here")
+    parser.add_argument("--apply", action="store_true", help="then measure gc --apply (with "
+                        "--no-registry-check) and the undo of its run on the same bucket")
     args = parser.parse_args(argv)
 
     with s3tools.MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-s3-tree-") as tmp:
@@ -185,6 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{t_us:.1f}s {r_us['total']} req; {t_off / t_us:.1f}x faster, "
                       f"{r_off['total'] / max(1, r_us['total']):.1f}x fewer requests; "
                       f"same blobs: {same}", file=sys.stderr)
+            if args.apply:
+                t_a, r_a, applied = _regfsck(proxy, url, "gc", "--grace", "0", "--apply",
+                                             "--no-registry-check")
+                moved = applied.get("apply", {}).get("moved")
+                rows.append({"tool": "regfsck gc --apply", "seconds": t_a, "requests": r_a,
+                             "self_reported": applied.get("requests"), "moved": moved})
+                print(f"gc --apply: {t_a:.1f}s, {moved} paths moved, requests {r_a}",
+                      file=sys.stderr)
+                t_u, r_u, undone = _regfsck(proxy, url, "undo", "--no-registry-check")
+                rows.append({"tool": "regfsck undo", "seconds": t_u, "requests": r_u,
+                             "moved_back": undone.get("moved_back")})
+                print(f"undo: {t_u:.1f}s, {undone.get('moved_back')} moved back, requests {r_u}",
+                      file=sys.stderr)
             if not args.no_verify:
                 t_nd, r_nd, _ = _regfsck(proxy, url, "verify", "--no-data")
                 rows.append({"tool": "regfsck verify --no-data", "seconds": t_nd, "requests": r_nd})

@@ -226,7 +226,8 @@ def test_config_and_env_overrides(bucket28: Bucket, tmp_path: Path) -> None:
 
 @needs_server
 def test_mutations_and_other_commands_refuse(bucket28: Bucket) -> None:
-    """Until mutations exist on S3: one line, exit 3, not one key changed."""
+    """Mutations without --registry-url (regfsck cannot see a registry on S3), and the
+    commands not yet available there: one line, exit 3, not one key changed."""
     client = bucket28.moto.client()
     before = {o["Key"]: o["ETag"] for o in s3tools.iter_keys(client, bucket28.name)}
     env = bucket28.moto.env()
