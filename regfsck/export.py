@@ -235,7 +235,7 @@ class _Planner:
 
     # -- references ----------------------------------------------------------------
     def add_ref(self, ref: ImageRef) -> None:
-        repo = self.inv.repositories.get(ref.repo)
+        repo = self.inv.repositories.get(ref.repository)
         if repo is None:
             raise ExportError(f"{ref}: no repository {ref.repo!r} in the tree")
         if ref.digest is not None:

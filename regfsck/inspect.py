@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import zstandard
 
-from regfsck import layout, refs
+from regfsck import layout
 from regfsck.artifacts import artifact_type_of, classify, tag_subject
 from regfsck.checks import TreeChecker, linked_layers
 from regfsck.digest import (
@@ -29,15 +29,13 @@ from regfsck.digest import (
     DigestError,
     expand_digest,
     is_digest,
-    is_digest_prefix,
-    parse_digest,
 )
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.hashing import verify_blobs
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import Descriptor, Manifest, ManifestKind
-from regfsck.refs import split_ref
+from regfsck.refs import ImageRef, RefError
 from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.why import ReferenceGraph
 
@@ -49,48 +47,6 @@ MAX_TREE_NODES = 10_000
 READ_CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class RefError(refs.RefError):
-    """The REF names nothing in the tree (or is malformed); the message says what exists."""
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """`repo:tag`, `repo@digest`, `repo` (= `repo:latest`) or a bare digest (any repository)."""
-
-    repo: str | None
-    tag: str | None = None
-    digest: str | None = None
-
-    def __str__(self) -> str:
-        if self.digest:
-            return f"{self.repo}@{self.digest}" if self.repo else self.digest
-        return f"{self.repo}:{self.tag}"
-
-
-def parse_ref(text: str) -> ImageRef:
-    """`refs.split_ref` plus two offline conveniences: a bare digest, and `repo` = `repo:latest`."""
-    if not text:
-        raise RefError("empty REF")
-    try:
-        parse_digest(text)
-        return ImageRef(None, None, text)
-    except DigestError:
-        pass
-    if text.startswith(("sha256:", "sha384:", "sha512:")) and is_digest_prefix(text):
-        return ImageRef(None, None, text)  # a short bare digest
-    repo, tag, digest = split_ref(text)
-    if digest is not None:
-        if tag is not None:
-            raise RefError(f"{text!r}: give a tag or a digest, not both")
-        if not is_digest_prefix(digest):
-            try:
-                parse_digest(digest)
-            except DigestError as exc:
-                raise RefError(f"bad digest in {text!r}: {exc}") from exc
-        return ImageRef(repo or None, None, digest)
-    return ImageRef(repo, tag or "latest")
 
 
 # -- the report ----------------------------------------------------------------------

@@ -26,10 +26,6 @@ from regfsck.storage import EntryKind, Storage, open_storage
 from regfsck.sweep import Removal
 
 
-class RmRefError(ValueError):
-    """A REF that does not parse or names nothing in the tree (usage error)."""
-
-
 @dataclass
 class RmPlan:
     refs: list[str]
@@ -79,24 +75,24 @@ def resolve_ref(text: str, inv: Inventory) -> ImageRef:
     A whole repository whose on-disk name breaks the grammar (it aborts the official GC)
     can still be named exactly as it is on disk, so it can be removed."""
     try:
-        ref = parse_ref(text)
-    except RefError as exc:
+        ref = parse_ref(text, bare="repository")
+    except RefError:
         if text in inv.repositories:
             return ImageRef(text)
-        raise RmRefError(str(exc)) from exc
-    repo = inv.repositories.get(ref.repo)
+        raise
+    repo = inv.repositories.get(ref.repository)
     if repo is None:
-        raise RmRefError(f"{text!r}: no repository {ref.repo!r} in this tree")
+        raise RefError(f"{text!r}: no repository {ref.repo!r} in this tree")
     if ref.tag is not None and ref.tag not in repo.tags:
-        raise RmRefError(f"{text!r}: repository {ref.repo} has no tag {ref.tag!r}")
+        raise RefError(f"{text!r}: repository {ref.repo} has no tag {ref.tag!r}")
     if ref.digest is not None and ref.digest not in repo.revisions:
         if is_digest(ref.digest):
-            raise RmRefError(f"{text!r}: repository {ref.repo} has no manifest {ref.digest}")
+            raise RefError(f"{text!r}: repository {ref.repo} has no manifest {ref.digest}")
         try:  # a short digest, as git takes them
             ref = ImageRef(ref.repo, None, expand_digest(ref.digest, repo.revisions,
                                                         f"manifest of {ref.repo}"))
         except DigestError as exc:
-            raise RmRefError(f"{text!r}: {exc}") from exc
+            raise RefError(f"{text!r}: {exc}") from exc
     return ref
 
 
@@ -129,16 +125,16 @@ class _RmPlanner:
         self.removals.append(Removal(path, phase, checks, grace_applies=False))
 
     def build(self) -> RmPlan:
-        whole = {r.repo for r in self.refs if r.is_whole_repo}
+        whole = {r.repository for r in self.refs if r.is_whole_repo}
         tags: dict[str, set[str]] = {}
         digests: dict[str, set[str]] = {}
         for ref in self.refs:
-            if ref.repo in whole:
+            if ref.repository in whole:
                 continue
             if ref.tag is not None:
-                tags.setdefault(ref.repo, set()).add(ref.tag)
+                tags.setdefault(ref.repository, set()).add(ref.tag)
             elif ref.digest is not None:
-                digests.setdefault(ref.repo, set()).add(ref.digest)
+                digests.setdefault(ref.repository, set()).add(ref.digest)
         for name, removed in sorted(digests.items()):
             repo = self.inv.repositories[name]
             for tag_name, tag in repo.tags.items():
@@ -223,7 +219,7 @@ class _RmPlanner:
 
 
 def plan_rm(root: RegistryRoot, refs: list[str], *, force: bool = False) -> RmPlan:
-    """Scan the tree and plan removing `refs` (raises RmRefError for a bad or unknown REF)."""
+    """Scan the tree and plan removing `refs` (raises RefError for a bad or unknown REF)."""
     storage = open_storage(root)
     inv = Scanner(storage, root).scan()
     store = ManifestStore(storage, inv)

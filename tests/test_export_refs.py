@@ -21,16 +21,16 @@ digests = st.from_regex(r"[a-f0-9]{64}", fullmatch=True).map(lambda h: "sha256:"
 @given(repos, st.one_of(st.none(), tags), st.one_of(st.none(), digests))
 def test_round_trip(repo: str, tag: str | None, digest: str | None) -> None:
     ref = ImageRef(repo, None if digest else tag, digest)
-    assert parse_ref(str(ref)) == ref
+    assert parse_ref(str(ref), bare="repository") == ref
 
 
 @given(st.text(max_size=40))
 def test_parse_never_crashes(text: str) -> None:
     try:
-        ref = parse_ref(text)
+        ref = parse_ref(text, bare="repository")
     except RefError:
         return
-    assert is_valid_repo_name(ref.repo)
+    assert is_valid_repo_name(ref.repository)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -40,7 +40,7 @@ def test_parse_never_crashes(text: str) -> None:
     ("library/base:1.0", ImageRef("library/base", "1.0")),
 ])
 def test_examples(text: str, expected: ImageRef) -> None:
-    assert parse_ref(text) == expected
+    assert parse_ref(text, bare="repository") == expected
     assert split_ref(text) == (expected.repo, expected.tag, expected.digest)
 
 
@@ -53,4 +53,4 @@ def test_examples(text: str, expected: ImageRef) -> None:
 ])
 def test_rejects(text: str, message: str) -> None:
     with pytest.raises(RefError, match=message):
-        parse_ref(text)
+        parse_ref(text, bare="repository")

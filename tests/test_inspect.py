@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from regfsck import layout
-from regfsck.inspect import ImageRef, RefError, parse_ref
+from regfsck.refs import ImageRef, RefError, parse_ref
 from tests.realtools import RealRegistry, SampleInfo, read_stored_blob, skopeo
 
 V2 = "docker/registry/v2"
@@ -68,17 +68,35 @@ def platform_args(platform: str) -> list[str]:
 
 
 def test_parse_ref_forms() -> None:
+    """inspect reads a REF as one image: a bare name is `repo:latest`, a digest alone is
+    allowed (any repository)."""
     digest = "sha256:" + "a" * 64
-    assert parse_ref("a/b:v1") == ImageRef("a/b", "v1")
-    assert parse_ref("a/b") == ImageRef("a/b", "latest")
-    assert parse_ref("localhost:5000/a") == ImageRef("localhost:5000/a", "latest")
-    assert parse_ref("localhost:5000/a:x") == ImageRef("localhost:5000/a", "x")
-    assert parse_ref(f"a/b@{digest}") == ImageRef("a/b", None, digest)
-    assert parse_ref(digest) == ImageRef(None, None, digest)
+
+    def image(text: str) -> ImageRef:
+        return parse_ref(text, bare="latest", digest_alone=True)
+
+    assert image("a/b:v1") == ImageRef("a/b", "v1")
+    assert image("a/b") == ImageRef("a/b", "latest")
+    assert image("localhost:5000/a") == ImageRef("localhost:5000/a", "latest")
+    assert image("localhost:5000/a:x") == ImageRef("localhost:5000/a", "x")
+    assert image(f"a/b@{digest}") == ImageRef("a/b", None, digest)
+    assert image(digest) == ImageRef(None, None, digest)
+    assert image("sha256:6d7e7209") == ImageRef(None, None, "sha256:6d7e7209")
     with pytest.raises(RefError):
-        parse_ref("a/b@sha256:XYZ")
+        image("a/b@sha256:XYZ")
     with pytest.raises(RefError):
-        parse_ref("")
+        image("")
+
+
+def test_the_caller_says_what_a_bare_name_means() -> None:
+    """One parser: rm and export read a bare name as the whole repository, inspect as
+    `repo:latest`; only inspect takes a digest alone."""
+    assert parse_ref("a/b", bare="repository").is_whole_repo
+    assert parse_ref("a/b", bare="latest") == ImageRef("a/b", "latest")
+    digest = "sha256:" + "a" * 64
+    assert parse_ref(digest, bare="repository") == ImageRef("sha256", "a" * 64)
+    with pytest.raises(RefError, match="give the repository"):
+        _ = parse_ref(digest, bare="latest", digest_alone=True).repository
 
 
 # -- against skopeo -----------------------------------------------------------------------

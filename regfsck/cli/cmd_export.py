@@ -80,7 +80,7 @@ def export_command(
         fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
              exitcodes.USAGE)
     try:
-        parsed: list[ImageRef] = [parse_ref(text) for text in values]
+        parsed: list[ImageRef] = [parse_ref(text, bare="repository") for text in values]
         wanted: Platform | None = parse_platform(platform) if platform else None
         if fmt is not None and fmt not in {f.value for f in ExportFormat}:
             raise ValueError(f"--format: {fmt!r} is not one of oci, oci-archive, docker-archive")

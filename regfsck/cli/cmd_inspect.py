@@ -64,12 +64,11 @@ def inspect(
     from regfsck.graph import ManifestStore
     from regfsck.inspect import (
         Inspector,
-        RefError,
-        parse_ref,
         pick_platform,
         read_config_bytes,
         read_manifest_bytes,
     )
+    from regfsck.refs import RefError, parse_ref
     from regfsck.scanner import Scanner
     from regfsck.storage import FilesystemStorage, StorageError
 
@@ -78,7 +77,7 @@ def inspect(
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
     try:
-        image_ref = parse_ref(ref)
+        image_ref = parse_ref(ref, bare="latest", digest_alone=True)
     except RefError as exc:
         fail(str(exc), exitcodes.USAGE)
     registry = open_root(root, config)

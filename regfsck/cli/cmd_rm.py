@@ -108,11 +108,12 @@ def gc_hint(plan: RmPlan, root: str) -> list[str]:
 
 
 def _plan(registry: RegistryRoot, refs: list[str], force: bool) -> RmPlan:
-    from regfsck.rm import RmRefError, plan_rm
+    from regfsck.refs import RefError
+    from regfsck.rm import plan_rm
 
     try:
         return plan_rm(registry, refs, force=force)
-    except RmRefError as exc:
+    except RefError as exc:
         fail(str(exc), exitcodes.USAGE)
 
 

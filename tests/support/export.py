@@ -22,7 +22,8 @@ def export(root: Path, refs: list[str], output: Path, **kw: Any) -> Any:
     registry = locate(root)
     storage = FilesystemStorage(registry.v2)
     inventory = Scanner(storage, registry).scan()
-    return export_images(storage, inventory, [parse_ref(r) for r in refs], output, registry.v2, **kw)
+    parsed = [parse_ref(r, bare="repository") for r in refs]
+    return export_images(storage, inventory, parsed, output, registry.v2, **kw)
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
