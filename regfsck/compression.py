@@ -19,6 +19,7 @@ import zstandard
 
 from regfsck.hashing import Interrupted
 
+MAGIC_BYTES = 8  # enough for every magic below
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 ZSTD_MAX_BLOCK = 128 << 10
 CHUNK = 1 << 20
@@ -152,7 +153,7 @@ class DecompressedReader:
 
     def __init__(self, raw: IO[bytes], on_bytes: ProgressFn | None = None,
                  stop: threading.Event | None = None) -> None:
-        head = raw.read(4)
+        head = raw.read(MAGIC_BYTES)
         raw.seek(0)
         self.compression = sniff_compression(head)
         self._tap = _Tap(raw, on_bytes, stop)

@@ -49,7 +49,7 @@ import zstandard
 
 from regfsck import deflate, layout
 from regfsck.checks import FindingSet, valid_revisions
-from regfsck.compression import LayerFormatError, ZstdFrameChecker, sniff_compression
+from regfsck.compression import MAGIC_BYTES, LayerFormatError, ZstdFrameChecker, sniff_compression
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
 from regfsck.hashing import HASHERS, new_hasher
@@ -462,7 +462,7 @@ def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn 
     compression = "?"
     source = _Source(fd, None, on_bytes, stop, blob_hasher(job.digest))
     try:
-        compression = sniff_compression(os.pread(fd, 8, 0))
+        compression = sniff_compression(os.pread(fd, MAGIC_BYTES, 0))
         frames = source.frames = ZstdFrameChecker() if compression == "zstd" else None
         buffered = io.BufferedReader(source, BUFFER)
         if compression in ("bzip2", "xz"):

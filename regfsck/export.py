@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from regfsck import deflate, layout
 from regfsck.artifacts import referrers_of
 from regfsck.checks import valid_revisions
 from regfsck.graph import ManifestStore, Unloadable
+from regfsck.hashing import DigestMismatch, Interrupted, verified
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, Manifest, ManifestKind
 from regfsck.refs import ImageRef
@@ -489,39 +489,34 @@ def verified_chunks(storage: FilesystemStorage, blob: BlobCopy, on_bytes: Progre
 
     The check happens after the last chunk, so consumers must treat the data as good only
     once the generator is exhausted without error."""
-    algorithm = blob.digest.partition(":")[0]
-    hasher = hashlib.new(algorithm)
-    total = 0
     try:
         fd = storage.open_fd(blob.path)
     except StorageError as exc:
         raise ExportError(f"{blob.image}: blob {blob.digest}: {exc.message}", "damage") from exc
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, COPY_BUFFER)
+                except OSError as exc:
+                    raise ExportError(f"{blob.image}: cannot read blob {blob.digest}: "
+                                      f"{exc.strerror}", "damage") from exc
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
+
     try:
-        while True:
-            if stop is not None and stop.is_set():
-                raise ExportInterrupted
-            try:
-                chunk = os.read(fd, COPY_BUFFER)
-            except OSError as exc:
-                raise ExportError(f"{blob.image}: cannot read blob {blob.digest}: {exc.strerror}",
-                                  "damage") from exc
-            if not chunk:
-                break
-            hasher.update(chunk)
-            total += len(chunk)
-            if total > blob.size:
-                break
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-            yield chunk
-    finally:
-        os.close(fd)
-    actual = f"{algorithm}:{hasher.hexdigest()}"
-    if total != blob.size or actual != blob.digest:
+        yield from verified(chunks(), blob.digest, blob.size, on_bytes=on_bytes, stop=stop)
+    except Interrupted as exc:
+        raise ExportInterrupted from exc
+    except DigestMismatch as exc:
         raise ExportError(
-            f"{blob.image}: blob {blob.digest} is corrupt (its data hashes to {actual}, "
-            f"{total} bytes read, {blob.size} expected); nothing was exported "
-            "(run `regfsck verify`)", "damage")
+            f"{blob.image}: blob {blob.digest} is corrupt (its data hashes to {exc.actual}, "
+            f"{exc.total} bytes read, {blob.size} expected); nothing was exported "
+            "(run `regfsck verify`)", "damage") from exc
 
 
 class _Sink:

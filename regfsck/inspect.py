@@ -24,6 +24,7 @@ import zstandard
 from regfsck import layout
 from regfsck.artifacts import artifact_type_of, classify, tag_subject
 from regfsck.checks import TreeChecker, linked_layers
+from regfsck.compression import MAGIC_BYTES, sniff_compression
 from regfsck.digest import (
     EMPTY_SHA256,
     DigestError,
@@ -45,8 +46,6 @@ MAX_CONFIG_BYTES = 32 * 1024 * 1024
 MAX_INDEX_DEPTH = 32
 MAX_TREE_NODES = 10_000
 READ_CHUNK = 1 << 20
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 # -- the report ----------------------------------------------------------------------
@@ -184,14 +183,6 @@ class InspectReport:
 # -- reading blobs --------------------------------------------------------------------
 
 
-def compression_of(head: bytes) -> str:
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "none"
-
-
 def _count(stream: IO[bytes]) -> int:
     total = 0
     while chunk := stream.read(READ_CHUNK):
@@ -204,8 +195,8 @@ def measure_layer(storage: FilesystemStorage, path: str) -> tuple[str, int]:
 
     Raises ValueError / StorageError when the bytes are not the stream they claim to be."""
     with storage.open_read(path) as raw:
-        head = raw.read(4)
-        kind = compression_of(head)
+        head = raw.read(MAGIC_BYTES)
+        kind = sniff_compression(head)
     with storage.open_read(path) as raw:
         try:
             if kind == "gzip":
