@@ -1,15 +1,22 @@
 """Findings: the plain-data result of every check, and the catalogue of their kinds.
 
-Each kind has a stable id (scripts match on it), a default severity and one line of
-documentation; the README's table is generated from `CATALOG` (see `regfsck kinds`).
+Each kind has a stable id (scripts match on it) and the whole policy for it in one place,
+`CATALOG`: default severity, one line of documentation, what an operator can do (repair's
+advice), its severity under `verify --strict`, whether it makes gc refuse, how repair deals
+with it, and the sets other modules ask about (blob findings, gc-removable leftovers, parts
+reachability cannot read). Commands ask the catalogue instead of keeping their own lists,
+so a new kind cannot be half-known. The README's table is generated from it
+(`python -m regfsck.findings`) and `regfsck kinds` lists it with its policy.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from regfsck import layout
 from regfsck.layout import V2_PREFIX
 
 
@@ -19,87 +26,342 @@ class Severity(enum.StrEnum):
     INFO = "info"
 
 
+class Kind(enum.StrEnum):
+    """Every finding kind regfsck can report (the ids of `CATALOG`)."""
+
+    BLOB_DIGEST_MISMATCH = "blob_digest_mismatch"
+    BLOB_EMPTY = "blob_empty"
+    BLOB_SIZE_MISMATCH = "blob_size_mismatch"
+    BLOB_MISSING_DATA = "blob_missing_data"
+    BLOB_DATA_NOT_FILE = "blob_data_not_file"
+    BLOB_WRONG_FANOUT = "blob_wrong_fanout"
+    BLOB_BAD_NAME = "blob_bad_name"
+    BLOB_UNREADABLE = "blob_unreadable"
+    LINK_INVALID = "link_invalid"
+    LINK_MISMATCH = "link_mismatch"
+    LINK_NOT_FILE = "link_not_file"
+    LINK_BAD_PATH = "link_bad_path"
+    LINK_ALIAS = "link_alias"
+    MISSING_LINK = "missing_link"
+    LAYER_LINK_DANGLING = "layer_link_dangling"
+    REVISION_BLOB_MISSING = "revision_blob_missing"
+    REVISION_NOT_MANIFEST = "revision_not_manifest"
+    TAG_BAD_NAME = "tag_bad_name"
+    TAG_NO_CURRENT = "tag_no_current"
+    TAG_REVISION_MISSING = "tag_revision_missing"
+    TAG_BLOB_MISSING = "tag_blob_missing"
+    TAG_INDEX_ORPHAN = "tag_index_orphan"
+    TAG_INDEX_MISSING_CURRENT = "tag_index_missing_current"
+    MANIFEST_INVALID_JSON = "manifest_invalid_json"
+    MANIFEST_UNKNOWN_TYPE = "manifest_unknown_type"
+    MANIFEST_TOO_LARGE = "manifest_too_large"
+    MANIFEST_TOO_DEEP = "manifest_too_deep"
+    MANIFEST_BAD_DESCRIPTOR = "manifest_bad_descriptor"
+    MANIFEST_SCHEMA1 = "manifest_schema1"
+    MANIFEST_CYCLE = "manifest_cycle"
+    REFERENCE_MISSING = "reference_missing"
+    REFERENCE_NOT_LINKED = "reference_not_linked"
+    CHILD_NOT_IN_REPO = "child_not_in_repo"
+    INDEX_CHILD_DELETED = "index_child_deleted"
+    SUBJECT_MISSING = "subject_missing"
+    LAYER_DIFF_ID_MISMATCH = "layer_diff_id_mismatch"
+    LAYER_NOT_TAR = "layer_not_tar"
+    LAYER_DECOMPRESS_ERROR = "layer_decompress_error"
+    LAYER_COMPRESSION_MISMATCH = "layer_compression_mismatch"
+    CONFIG_DIFF_IDS_INVALID = "config_diff_ids_invalid"
+    REPO_BAD_NAME = "repo_bad_name"
+    REPO_NO_LAYERS = "repo_no_layers"
+    UPLOAD_NO_STARTEDAT = "upload_no_startedat"
+    UPLOAD_STALE = "upload_stale"
+    UPLOAD_BAD_NAME = "upload_bad_name"
+    UPLOAD_OUTSIDE_REPO = "upload_outside_repo"
+    SYMLINK = "symlink"
+    UNEXPECTED_ENTRY = "unexpected_entry"
+    UNREADABLE = "unreadable"
+    TMP_LEFTOVER = "tmp_leftover"
+    LEGACY_ENTRY = "legacy_entry"
+    EMPTY_DIR = "empty_dir"
+
+
+class GcBlock(enum.StrEnum):
+    """When a finding makes gc refuse: damage after which the mark set cannot be trusted."""
+
+    NEVER = "never"
+    ALWAYS = "always"
+    # Link damage decides marking only where links say what is kept: a repository's
+    # revisions and tags (under `_manifests`), not its `_layers`.
+    MANIFEST_LINKS = "manifest_links"
+    # Without a current link, which manifests a tag still wants is unknown: only
+    # `--delete-untagged` asks that question.
+    DELETE_UNTAGGED = "delete_untagged"
+
+
+class RepairClass(enum.StrEnum):
+    """How `regfsck repair` deals with a kind."""
+
+    CORRUPT_BLOB = "corrupt_blob"  # bad bytes: replaced from --from, else quarantined
+    BLOB_SIZE = "blob_size"  # settled with its blob's replacement or quarantine
+    MISSING_BLOB = "missing_blob"  # gone: restored from --from, else lost (re-push)
+    DANGLING_LINK = "dangling_link"  # settled when its blob is restored
+    LINK_CONTENT = "link_content"  # rewritten to the digest its path names
+    DERIVED = "derived"  # a link the tree proves is created or rewritten
+    MANUAL = "manual"  # no provable fix: the advice says what to do
+
+
 @dataclass(frozen=True)
 class KindInfo:
+    """The policy of one kind (see the module docstring)."""
+
     severity: Severity
     summary: str
+    advice: str
+    repair: RepairClass
+    blocks_gc: GcBlock
+    strict: Severity | None = None  # its severity under `verify --strict` (None: unchanged)
+    blob: bool = False  # about a blob: `affected_tags` name every tag that needs the blob
+    gc_removes: bool = False  # a leftover `regfsck gc --apply` removes
+    unknown: bool = False  # a part of the tree reachability cannot read (keep everything)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"severity": str(self.severity), "summary": self.summary, "advice": self.advice,
+                "strict_severity": str(self.strict or self.severity),
+                "repair": str(self.repair), "blocks_gc": str(self.blocks_gc),
+                "blob": self.blob, "gc_removes": self.gc_removes, "unknown": self.unknown}
 
 
 E, W, N = Severity.ERROR, Severity.WARNING, Severity.INFO
+R, G = RepairClass, GcBlock
 
-CATALOG: dict[str, KindInfo] = {
-    # blobs
-    "blob_digest_mismatch": KindInfo(E, "blob data does not hash to its name (re-hashed twice)"),
-    "blob_empty": KindInfo(E, "zero-byte blob data under a digest other than the empty one"),
-    "blob_size_mismatch": KindInfo(E, "blob size differs from a descriptor that references it"),
-    "blob_missing_data": KindInfo(E, "blob directory without a data file"),
-    "blob_data_not_file": KindInfo(E, "blob data is a directory or special file"),
-    "blob_wrong_fanout": KindInfo(E, "blob stored under the wrong two-character fan-out dir"),
-    "blob_bad_name": KindInfo(E, "blob path component is not a valid algorithm/hex name"),
-    "blob_unreadable": KindInfo(E, "blob data could not be read"),
-    # links
-    "link_invalid": KindInfo(E, "link content is not exactly a digest (empty, newline, junk)"),
-    "link_mismatch": KindInfo(E, "revision or tag-index link content differs from its path"),
-    "link_not_file": KindInfo(E, "a link is a directory or special file"),
-    "link_bad_path": KindInfo(E, "link directory is not a valid algorithm/hex name"),
-    "link_alias": KindInfo(N, "_layers alias link (content differs from the path by design)"),
-    "missing_link": KindInfo(W, "a link directory holds no link file but other entries"),
-    "layer_link_dangling": KindInfo(W, "_layers link to a blob that does not exist"),
-    "revision_blob_missing": KindInfo(E, "revision link to a manifest blob that does not exist"),
-    "revision_not_manifest": KindInfo(E, "revision's blob is not a usable manifest"),
-    # tags
-    "tag_bad_name": KindInfo(E, "tag directory name breaks the tag grammar"),
-    "tag_no_current": KindInfo(W, "tag directory without current/link (listed, unresolvable)"),
-    "tag_revision_missing": KindInfo(E, "tag points at a digest with no revision link"),
-    "tag_blob_missing": KindInfo(E, "tag points at a digest whose blob is missing"),
-    "tag_index_orphan": KindInfo(N, "tag history entry whose revision is gone"),
-    "tag_index_missing_current": KindInfo(W, "tag's current digest is absent from its history"),
-    # manifests
-    "manifest_invalid_json": KindInfo(E, "manifest blob is not a JSON object"),
-    "manifest_unknown_type": KindInfo(E, "unknown schemaVersion or mediaType"),
-    "manifest_too_large": KindInfo(E, "manifest over the registry's 4 MiB limit"),
-    "manifest_too_deep": KindInfo(E, "manifest JSON nested deeper than regfsck's bound"),
-    "manifest_bad_descriptor": KindInfo(E, "a descriptor without a valid digest or size"),
-    "manifest_schema1": KindInfo(W, "schema1 manifest: readable by 2.8, refused by 3.x"),
-    "manifest_cycle": KindInfo(E, "index/list references itself through its children"),
-    "reference_missing": KindInfo(E, "config, layer or child blob does not exist"),
-    "reference_not_linked": KindInfo(E, "config/layer exists but has no _layers link in repo"),
-    "child_not_in_repo": KindInfo(E, "index child manifest's revision link is damaged"),
-    "index_child_deleted": KindInfo(W, "index lists a child deleted from the repo (platform unpullable)"),
-    "subject_missing": KindInfo(W, "referrer whose subject manifest is not in the repository"),
-    # layers (verify --deep)
-    "layer_diff_id_mismatch": KindInfo(E, "uncompressed layer does not hash to its config's diff_id"),
-    "layer_not_tar": KindInfo(E, "decompressed layer is not a readable tar stream"),
-    "layer_decompress_error": KindInfo(E, "layer data is truncated or corrupt for its compression"),
-    "layer_compression_mismatch": KindInfo(W, "layer media type names another compression than its bytes"),
-    "config_diff_ids_invalid": KindInfo(E, "image config unreadable or its diff_ids do not match the layers"),
-    # repositories and uploads
-    "repo_bad_name": KindInfo(E, "repository path breaks the name grammar"),
-    "repo_no_layers": KindInfo(W, "repository with _manifests but no _layers (2.8 GC sweeps it)"),
-    "upload_no_startedat": KindInfo(E, "upload without a parsable startedat (never purged)"),
-    "upload_stale": KindInfo(W, "upload older than the purge age (168h)"),
-    "upload_bad_name": KindInfo(W, "upload directory name is not a UUID"),
-    "upload_outside_repo": KindInfo(W, "_uploads directory outside a repository"),
-    # the tree itself
-    "symlink": KindInfo(E, "symbolic link in the tree (reported, never followed)"),
-    "unexpected_entry": KindInfo(W, "file or directory the layout does not put there"),
-    "unreadable": KindInfo(E, "file or directory that could not be read (permissions, I/O)"),
-    "tmp_leftover": KindInfo(N, "*.tmp file left by an interrupted write"),
-    "legacy_entry": KindInfo(N, "legacy tarsum/signature entries (ignored by the registry)"),
-    "empty_dir": KindInfo(N, "empty link directory (normal after deletes)"),
+CATALOG: dict[Kind, KindInfo] = {
+    Kind.BLOB_DIGEST_MISMATCH: KindInfo(
+        E, 'blob data does not hash to its name (re-hashed twice)',
+        'repair --from a backup that has the blob; without one `regfsck repair --apply` quarantines '
+        'it and the images that need it are pushed again',
+        R.CORRUPT_BLOB, G.NEVER, blob=True),
+    Kind.BLOB_EMPTY: KindInfo(
+        E, 'zero-byte blob data under a digest other than the empty one',
+        'repair --from a backup that has the blob; without one `regfsck repair --apply` quarantines '
+        'it and the images that need it are pushed again',
+        R.CORRUPT_BLOB, G.NEVER, blob=True),
+    Kind.BLOB_SIZE_MISMATCH: KindInfo(
+        E, 'blob size differs from a descriptor that references it',
+        "the blob hashes to its name, so the manifest's descriptor is wrong: re-push the image",
+        R.BLOB_SIZE, G.NEVER, blob=True),
+    Kind.BLOB_MISSING_DATA: KindInfo(
+        E, 'blob directory without a data file',
+        'an empty blob directory: repair --from a backup, or re-push',
+        R.MISSING_BLOB, G.NEVER, blob=True),
+    Kind.BLOB_DATA_NOT_FILE: KindInfo(
+        E, 'blob data is a directory or special file',
+        'inspect by hand; regfsck never touches special files',
+        R.MANUAL, G.NEVER, blob=True),
+    Kind.BLOB_WRONG_FANOUT: KindInfo(
+        E, 'blob stored under the wrong two-character fan-out dir',
+        'the misplaced copy could not be verified: inspect it by hand',
+        R.DERIVED, G.NEVER, blob=True),
+    Kind.BLOB_BAD_NAME: KindInfo(
+        E, 'blob path component is not a valid algorithm/hex name',
+        'a directory in blobs/ that is not a digest: inspect it by hand',
+        R.MANUAL, G.NEVER),
+    Kind.BLOB_UNREADABLE: KindInfo(
+        E, 'blob data could not be read',
+        'fix permissions or the disk, then verify again; bad bytes: repair --from a backup',
+        R.CORRUPT_BLOB, G.NEVER, blob=True),
+    Kind.LINK_INVALID: KindInfo(
+        E, 'link content is not exactly a digest (empty, newline, junk)',
+        'the content cannot be derived from the path: re-push the tag, or write the right digest into'
+        ' the link by hand (see `regfsck inspect`)',
+        R.LINK_CONTENT, G.MANIFEST_LINKS),
+    Kind.LINK_MISMATCH: KindInfo(
+        E, 'revision or tag-index link content differs from its path',
+        're-push the tag',
+        R.LINK_CONTENT, G.MANIFEST_LINKS),
+    Kind.LINK_NOT_FILE: KindInfo(
+        E, 'a link is a directory or special file',
+        'a link that is a directory or special file: inspect it by hand',
+        R.MANUAL, G.MANIFEST_LINKS),
+    Kind.LINK_BAD_PATH: KindInfo(
+        E, 'link directory is not a valid algorithm/hex name',
+        'a link directory that is not a digest: inspect and remove it by hand',
+        R.MANUAL, G.MANIFEST_LINKS),
+    Kind.LINK_ALIAS: KindInfo(
+        N, '_layers alias link (content differs from the path by design)',
+        'nothing to do: the registry writes alias links this way',
+        R.MANUAL, G.NEVER),
+    Kind.MISSING_LINK: KindInfo(
+        W, 'a link directory holds no link file but other entries',
+        'a link directory without its link file: inspect by hand',
+        R.MANUAL, G.MANIFEST_LINKS),
+    Kind.LAYER_LINK_DANGLING: KindInfo(
+        W, '_layers link to a blob that does not exist',
+        'normal after the official GC; `regfsck gc --apply` removes it',
+        R.DANGLING_LINK, G.NEVER, strict=E, blob=True, gc_removes=True),
+    Kind.REVISION_BLOB_MISSING: KindInfo(
+        E, 'revision link to a manifest blob that does not exist',
+        're-push the image by tag, or repair --from a backup; if the revision is not wanted, `regfsck'
+        ' rm REPO@DIGEST`',
+        R.MISSING_BLOB, G.ALWAYS, blob=True),
+    Kind.REVISION_NOT_MANIFEST: KindInfo(
+        E, "revision's blob is not a usable manifest",
+        'remove the revision (`regfsck rm REPO@DIGEST`) and re-push',
+        R.MANUAL, G.ALWAYS, blob=True),
+    Kind.TAG_BAD_NAME: KindInfo(
+        E, 'tag directory name breaks the tag grammar',
+        'remove the tag (`regfsck rm REPO:TAG`)',
+        R.MANUAL, G.NEVER),
+    Kind.TAG_NO_CURRENT: KindInfo(
+        W, 'tag directory without current/link (listed, unresolvable)',
+        're-push the tag, or remove it (`regfsck rm REPO:TAG`)',
+        R.DERIVED, G.DELETE_UNTAGGED, strict=E),
+    Kind.TAG_REVISION_MISSING: KindInfo(
+        E, 'tag points at a digest with no revision link',
+        "the tag's manifest is gone: re-push the tag or remove it (`regfsck rm REPO:TAG`)",
+        R.DERIVED, G.ALWAYS),
+    Kind.TAG_BLOB_MISSING: KindInfo(
+        E, 'tag points at a digest whose blob is missing',
+        're-push the tag, or repair --from a backup holding the manifest',
+        R.MISSING_BLOB, G.ALWAYS, blob=True),
+    Kind.TAG_INDEX_ORPHAN: KindInfo(
+        N, 'tag history entry whose revision is gone',
+        'nothing to do: the registry ignores history entries without a revision',
+        R.DERIVED, G.NEVER),
+    Kind.TAG_INDEX_MISSING_CURRENT: KindInfo(
+        W, "tag's current digest is absent from its history",
+        'harmless; re-push the tag to restore its history',
+        R.DERIVED, G.NEVER),
+    Kind.MANIFEST_INVALID_JSON: KindInfo(
+        E, 'manifest blob is not a JSON object',
+        'the manifest blob hashes to its name but is not a manifest: remove the revision (`regfsck rm'
+        ' REPO@DIGEST`) and re-push',
+        R.MANUAL, G.ALWAYS, blob=True),
+    Kind.MANIFEST_UNKNOWN_TYPE: KindInfo(
+        E, 'unknown schemaVersion or mediaType',
+        'remove the revision (`regfsck rm REPO@DIGEST`) and re-push',
+        R.MANUAL, G.ALWAYS, blob=True),
+    Kind.MANIFEST_TOO_LARGE: KindInfo(
+        E, "manifest over the registry's 4 MiB limit",
+        'remove the revision (`regfsck rm REPO@DIGEST`)',
+        R.MANUAL, G.ALWAYS, blob=True),
+    Kind.MANIFEST_TOO_DEEP: KindInfo(
+        E, "manifest JSON nested deeper than regfsck's bound",
+        'remove the revision (`regfsck rm REPO@DIGEST`)',
+        R.MANUAL, G.ALWAYS, blob=True),
+    Kind.MANIFEST_BAD_DESCRIPTOR: KindInfo(
+        E, 'a descriptor without a valid digest or size',
+        're-push the image from its source',
+        R.MANUAL, G.ALWAYS),
+    Kind.MANIFEST_SCHEMA1: KindInfo(
+        W, 'schema1 manifest: readable by 2.8, refused by 3.x',
+        're-push as schema2 (`skopeo copy --format v2s2`) before moving to registry 3.x',
+        R.MANUAL, G.NEVER),
+    Kind.MANIFEST_CYCLE: KindInfo(
+        E, 'index/list references itself through its children',
+        'remove the index (`regfsck rm REPO@DIGEST`)',
+        R.MANUAL, G.NEVER),
+    Kind.REFERENCE_MISSING: KindInfo(
+        E, 'config, layer or child blob does not exist',
+        're-push an image that contains the blob (one push restores it for every repository), or run '
+        'repair --from a backup that has it',
+        R.MISSING_BLOB, G.NEVER, blob=True),
+    Kind.REFERENCE_NOT_LINKED: KindInfo(
+        E, 'config/layer exists but has no _layers link in repo',
+        '`regfsck repair --apply` links the blob into the repository (it is stored)',
+        R.DERIVED, G.NEVER),
+    Kind.CHILD_NOT_IN_REPO: KindInfo(
+        E, "index child manifest's revision link is damaged",
+        'the child manifest is missing: re-push the multi-arch image with all platforms (`skopeo copy'
+        ' --all`) or repair --from a backup',
+        R.DERIVED, G.NEVER),
+    Kind.INDEX_CHILD_DELETED: KindInfo(
+        W, 'index lists a child deleted from the repo (platform unpullable)',
+        'deleted on purpose (API DELETE or a collector): re-push the multi-arch image, or `repair '
+        '--restore-deleted` to bring the child back (its blob is still there)',
+        R.DERIVED, G.NEVER),
+    Kind.SUBJECT_MISSING: KindInfo(
+        W, 'referrer whose subject manifest is not in the repository',
+        'push the subject image again, or remove the referrer',
+        R.DERIVED, G.NEVER, strict=E),
+    Kind.LAYER_DIFF_ID_MISMATCH: KindInfo(
+        E, "uncompressed layer does not hash to its config's diff_id",
+        'the layer is not what its image config says: push the image again from its source, or repair'
+        ' --from a backup',
+        R.MANUAL, G.NEVER, blob=True),
+    Kind.LAYER_NOT_TAR: KindInfo(
+        E, 'decompressed layer is not a readable tar stream',
+        'the layer is not what its image config says: push the image again from its source, or repair'
+        ' --from a backup',
+        R.MANUAL, G.NEVER, blob=True),
+    Kind.LAYER_DECOMPRESS_ERROR: KindInfo(
+        E, 'layer data is truncated or corrupt for its compression',
+        "the layer's bytes are damaged: push the image again from its source, or repair --from a backup",
+        R.MANUAL, G.NEVER, blob=True),
+    Kind.LAYER_COMPRESSION_MISMATCH: KindInfo(
+        W, 'layer media type names another compression than its bytes',
+        'some clients cannot unpack it: push the image again from its source',
+        R.MANUAL, G.NEVER),
+    Kind.CONFIG_DIFF_IDS_INVALID: KindInfo(
+        E, 'image config unreadable or its diff_ids do not match the layers',
+        'push the image again from its source',
+        R.MANUAL, G.NEVER, blob=True),
+    Kind.REPO_BAD_NAME: KindInfo(
+        E, 'repository path breaks the name grammar',
+        'rename the directory by hand or remove the repository',
+        R.MANUAL, G.NEVER),
+    Kind.REPO_NO_LAYERS: KindInfo(
+        W, 'repository with _manifests but no _layers (2.8 GC sweeps it)',
+        'push one image to the repository (2.8 GC sweeps it otherwise)',
+        R.DERIVED, G.NEVER),
+    Kind.UPLOAD_NO_STARTEDAT: KindInfo(
+        E, 'upload without a parsable startedat (never purged)',
+        '`regfsck gc --apply` removes it',
+        R.MANUAL, G.NEVER, gc_removes=True),
+    Kind.UPLOAD_STALE: KindInfo(
+        W, 'upload older than the purge age (168h)',
+        '`regfsck gc --apply` removes it',
+        R.MANUAL, G.NEVER, gc_removes=True),
+    Kind.UPLOAD_BAD_NAME: KindInfo(
+        W, 'upload directory name is not a UUID',
+        'inspect and remove it by hand',
+        R.MANUAL, G.NEVER),
+    Kind.UPLOAD_OUTSIDE_REPO: KindInfo(
+        W, '_uploads directory outside a repository',
+        'inspect and remove it by hand',
+        R.MANUAL, G.NEVER),
+    Kind.SYMLINK: KindInfo(
+        E, 'symbolic link in the tree (reported, never followed)',
+        'regfsck never follows or removes symbolic links: inspect by hand',
+        R.MANUAL, G.ALWAYS, unknown=True),
+    Kind.UNEXPECTED_ENTRY: KindInfo(
+        W, 'file or directory the layout does not put there',
+        'inspect by hand',
+        R.MANUAL, G.NEVER),
+    Kind.UNREADABLE: KindInfo(
+        E, 'file or directory that could not be read (permissions, I/O)',
+        'fix permissions or the disk, then verify again',
+        R.MANUAL, G.ALWAYS, unknown=True),
+    Kind.TMP_LEFTOVER: KindInfo(
+        N, '*.tmp file left by an interrupted write',
+        'harmless leftover of an interrupted write: inspect and remove it by hand',
+        R.MANUAL, G.NEVER, gc_removes=True),
+    Kind.LEGACY_ENTRY: KindInfo(
+        N, 'legacy tarsum/signature entries (ignored by the registry)',
+        'nothing to do: the registry ignores it',
+        R.MANUAL, G.NEVER),
+    Kind.EMPTY_DIR: KindInfo(
+        N, 'empty link directory (normal after deletes)',
+        'nothing to do (normal after deletes)',
+        R.MANUAL, G.NEVER, gc_removes=True),
 }
+
+
+def kinds_where(test: Callable[[KindInfo], bool]) -> frozenset[Kind]:
+    """The kinds whose policy passes `test` (modules derive their sets from the catalogue)."""
+    return frozenset(kind for kind, info in CATALOG.items() if test(info))
 
 
 # Findings about a blob's bytes or existence: their `affected_tags` name every tag, in every
 # repository, whose image needs the blob (a layer shared by ten images breaks all ten).
-BLOB_KINDS = frozenset({
-    "blob_digest_mismatch", "blob_empty", "blob_size_mismatch", "blob_missing_data",
-    "blob_data_not_file", "blob_wrong_fanout", "blob_unreadable", "reference_missing",
-    "revision_blob_missing", "tag_blob_missing", "layer_link_dangling", "revision_not_manifest",
-    "manifest_invalid_json", "manifest_unknown_type", "manifest_too_large", "manifest_too_deep",
-    "layer_diff_id_mismatch", "layer_not_tar", "layer_decompress_error",
-    "config_diff_ids_invalid",
-})
+BLOB_KINDS = kinds_where(lambda info: info.blob)
 
 
 @dataclass(frozen=True)
@@ -110,7 +372,7 @@ class Finding:
     tag of every repository whose image needs that blob; for others the tags of the
     finding's repository that the problem makes unpullable."""
 
-    kind: str
+    kind: Kind
     severity: Severity
     path: str
     message: str
@@ -121,6 +383,7 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["kind"] = str(self.kind)
         data["severity"] = str(self.severity)
         data["affected_tags"] = list(self.affected_tags)
         return {k: v for k, v in data.items() if v not in (None, [])}
@@ -137,7 +400,7 @@ def safe_text(text: str) -> str:
     return text
 
 
-def make_finding(kind: str, path: str, message: str, *, severity: Severity | None = None,
+def make_finding(kind: Kind | str, path: str, message: str, *, severity: Severity | None = None,
                  repo: str | None = None, tag: str | None = None, digest: str | None = None,
                  affected_tags: tuple[str, ...] = ()) -> Finding:
     """Build a finding with its catalogue severity and printable names.
@@ -145,7 +408,9 @@ def make_finding(kind: str, path: str, message: str, *, severity: Severity | Non
     `affected_tags` may be bare tag names of `repo`: they are stored as `repo:tag`.
 
     `path` is relative to the `v2` directory (as everywhere inside regfsck); findings
-    report it relative to the storage root, as an operator would look it up."""
+    report it relative to the storage root, as an operator would look it up. A kind the
+    catalogue does not know is a bug: `Kind(kind)` raises rather than report it."""
+    kind = Kind(kind)
     info = CATALOG[kind]
     return Finding(
         kind=kind,
@@ -158,6 +423,26 @@ def make_finding(kind: str, path: str, message: str, *, severity: Severity | Non
         affected_tags=tuple(safe_text(f"{repo}:{t}" if repo is not None and ":" not in t else t)
                             for t in affected_tags),
     )
+
+
+def strict_severity(finding: Finding) -> Severity:
+    """The finding's severity under `verify --strict` (warnings that mean "listed by the
+    registry but cannot be pulled" become errors)."""
+    return CATALOG[finding.kind].strict or finding.severity
+
+
+def blocks_gc(finding: Finding, delete_untagged: bool) -> bool:
+    """Whether this finding makes gc's mark unreliable (gc refuses unless forced).
+
+    For link damage the answer depends on which link it is: the finding's repository's
+    `_manifests` (revision and tag links decide what is marked), not its `_layers`."""
+    rule = CATALOG[finding.kind].blocks_gc
+    if rule is GcBlock.MANIFEST_LINKS:
+        if finding.repo is None:
+            return False
+        manifests = layout.join(V2_PREFIX, layout.repo_dir(finding.repo), layout.MANIFESTS_DIR)
+        return finding.path.startswith(manifests + "/")
+    return rule is GcBlock.ALWAYS or (rule is GcBlock.DELETE_UNTAGGED and delete_untagged)
 
 
 def catalog_markdown() -> str:

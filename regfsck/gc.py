@@ -28,7 +28,7 @@ from typing import Any
 from regfsck import layout
 from regfsck.checks import DEFAULT_UPLOAD_AGE, TreeChecker
 from regfsck.durations import format_duration
-from regfsck.findings import Finding
+from regfsck.findings import Finding, blocks_gc
 from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory, Upload
 from regfsck.names import is_upload_id
@@ -40,18 +40,6 @@ from regfsck.sweep import Removal, Revalidate
 
 DEFAULT_GRACE = timedelta(hours=1)
 
-# Damage after which the mark set cannot be trusted (see the module docstring).
-BLOCKING_KINDS = frozenset({
-    "revision_blob_missing", "revision_not_manifest", "manifest_invalid_json",
-    "manifest_unknown_type", "manifest_too_large", "manifest_too_deep",
-    "manifest_bad_descriptor", "tag_revision_missing", "tag_blob_missing", "symlink",
-    "unreadable",
-})
-# Link damage blocks where links decide what is marked: revisions and tags.
-BLOCKING_LINK_KINDS = frozenset({"link_invalid", "link_mismatch", "link_not_file",
-                                 "link_bad_path", "missing_link"})
-# Without a current link, which manifests a tag still wants is unknown.
-BLOCKING_UNTAGGED_KINDS = frozenset({"tag_no_current"})
 
 
 @dataclass
@@ -74,13 +62,9 @@ class GcOptions:
 
 
 def blocking_findings(findings: Iterable[Finding], delete_untagged: bool) -> list[Finding]:
-    """The findings that make marking unreliable (gc refuses unless forced)."""
-    blocking: list[Finding] = []
-    for finding in findings:
-        if finding.kind in BLOCKING_KINDS or (
-                finding.kind in BLOCKING_LINK_KINDS and "/_manifests/" in finding.path) or (
-                delete_untagged and finding.kind in BLOCKING_UNTAGGED_KINDS):
-            blocking.append(finding)
+    """The findings that make marking unreliable (gc refuses unless forced): the catalogue's
+    `blocks_gc` policy of each kind (damage after which the mark set cannot be trusted)."""
+    blocking = [f for f in findings if blocks_gc(f, delete_untagged)]
     return sorted(blocking, key=lambda f: (f.kind, f.path))
 
 

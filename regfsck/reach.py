@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
 from regfsck.artifacts import tag_subject
+from regfsck.findings import kinds_where
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import Descriptor, Manifest
 
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # graph.py hands out one ReachGraph per store (`ManifestStore
     from regfsck.graph import ManifestStore
 
 # Anomalies after which part of a repository's content is unknown to the scan.
-UNKNOWN_KINDS = frozenset({"symlink", "unreadable"})
+UNKNOWN_KINDS = kinds_where(lambda info: info.unknown)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import Any
 from regfsck import layout
 from regfsck.checks import valid_revisions
 from regfsck.digest import DigestError, parse_digest, quote_bytes
-from regfsck.findings import Finding, Severity, make_finding
+from regfsck.findings import CATALOG, Finding, Kind, RepairClass, Severity, kinds_where, make_finding
 from regfsck.graph import ManifestStore, tag_users
 from regfsck.hashing import hash_file
 from regfsck.inventory import Inventory, Link
@@ -55,67 +55,19 @@ CREATE_LINK = "create_link"
 ACTION_ORDER = (MOVE_BLOB_HOME, DROP_STRAY_COPY, REPLACE_BLOB, RESTORE_BLOB, QUARANTINE_BLOB,
                 REWRITE_LINK, CREATE_LINK)
 
-CORRUPT_KINDS = frozenset({"blob_digest_mismatch", "blob_empty", "blob_unreadable"})
-MISSING_KINDS = frozenset({"reference_missing", "revision_blob_missing", "tag_blob_missing",
-                           "blob_missing_data"})
-LINK_KINDS = frozenset({"link_invalid", "link_mismatch"})
+# What repair does per kind is the catalogue's `repair` policy (findings.RepairClass).
+CORRUPT_KINDS = kinds_where(lambda info: info.repair is RepairClass.CORRUPT_BLOB)
+MISSING_KINDS = kinds_where(lambda info: info.repair is RepairClass.MISSING_BLOB)
+LINK_KINDS = kinds_where(lambda info: info.repair is RepairClass.LINK_CONTENT)
+# Settled by the fix of their blob: replaced or quarantined (bytes), restored (existence).
+WITH_BYTES_KINDS = CORRUPT_KINDS | kinds_where(lambda info: info.repair is RepairClass.BLOB_SIZE)
+WITH_EXISTENCE_KINDS = MISSING_KINDS | kinds_where(
+    lambda info: info.repair is RepairClass.DANGLING_LINK)
 # What else a rewritten link makes right (same repository and digest).
 FOLLOW_ON = {
     "layer": frozenset({"reference_not_linked"}),
     "revision": frozenset({"tag_revision_missing", "child_not_in_repo", "tag_index_orphan"}),
 }
-
-ADVICE: dict[str, str] = {
-    "reference_missing": "re-push an image that contains the blob (one push restores it for "
-                         "every repository), or run repair --from a backup that has it",
-    "revision_blob_missing": "re-push the image by tag, or repair --from a backup; if the "
-                             "revision is not wanted, `regfsck rm REPO@DIGEST`",
-    "tag_blob_missing": "re-push the tag, or repair --from a backup holding the manifest",
-    "blob_missing_data": "an empty blob directory: repair --from a backup, or re-push",
-    "blob_size_mismatch": "the blob hashes to its name, so the manifest's descriptor is wrong: "
-                          "re-push the image",
-    "link_invalid": "the content cannot be derived from the path: re-push the tag, or write the "
-                    "right digest into the link by hand (see `regfsck inspect`)",
-    "link_mismatch": "re-push the tag",
-    "link_not_file": "a link that is a directory or special file: inspect it by hand",
-    "link_bad_path": "a link directory that is not a digest: inspect and remove it by hand",
-    "tag_no_current": "re-push the tag, or remove it (`regfsck rm REPO:TAG`)",
-    "tag_revision_missing": "the tag's manifest is gone: re-push the tag or remove it "
-                            "(`regfsck rm REPO:TAG`)",
-    "manifest_invalid_json": "the manifest blob hashes to its name but is not a manifest: "
-                             "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
-    "manifest_unknown_type": "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
-    "manifest_too_large": "remove the revision (`regfsck rm REPO@DIGEST`)",
-    "manifest_too_deep": "remove the revision (`regfsck rm REPO@DIGEST`)",
-    "manifest_bad_descriptor": "re-push the image from its source",
-    "revision_not_manifest": "remove the revision (`regfsck rm REPO@DIGEST`) and re-push",
-    "manifest_cycle": "remove the index (`regfsck rm REPO@DIGEST`)",
-    "manifest_schema1": "re-push as schema2 (`skopeo copy --format v2s2`) before moving to "
-                        "registry 3.x",
-    "index_child_deleted": "deleted on purpose (API DELETE or a collector): re-push the "
-                           "multi-arch image, or `repair --restore-deleted` to bring the child "
-                           "back (its blob is still there)",
-    "child_not_in_repo": "the child manifest is missing: re-push the multi-arch image with "
-                         "all platforms (`skopeo copy --all`) or repair --from a backup",
-    "subject_missing": "push the subject image again, or remove the referrer",
-    "layer_link_dangling": "normal after the official GC; `regfsck gc --apply` removes it",
-    "blob_wrong_fanout": "the misplaced copy could not be verified: inspect it by hand",
-    "blob_data_not_file": "inspect by hand; regfsck never touches special files",
-    "blob_bad_name": "a directory in blobs/ that is not a digest: inspect it by hand",
-    "symlink": "regfsck never follows or removes symbolic links: inspect by hand",
-    "unexpected_entry": "inspect by hand",
-    "unreadable": "fix permissions or the disk, then verify again",
-    "tag_bad_name": "remove the tag (`regfsck rm REPO:TAG`)",
-    "repo_bad_name": "rename the directory by hand or remove the repository",
-    "repo_no_layers": "push one image to the repository (2.8 GC sweeps it otherwise)",
-    "upload_no_startedat": "`regfsck gc --apply` removes it",
-    "upload_stale": "`regfsck gc --apply` removes it",
-    "upload_bad_name": "inspect and remove it by hand",
-    "upload_outside_repo": "inspect and remove it by hand",
-    "missing_link": "a link directory without its link file: inspect by hand",
-    "tag_index_missing_current": "harmless; re-push the tag to restore its history",
-}
-
 
 class RepairError(Exception):
     """Repair cannot run or had to stop (the message says why; CLI exit 3)."""
@@ -140,7 +92,7 @@ class Fix:
     action: str
     path: str
     reason: str
-    resolves: list[tuple[str, str]] = field(default_factory=list)  # (finding kind, v2 path)
+    resolves: list[tuple[Kind, str]] = field(default_factory=list)  # (finding kind, v2 path)
     repo: str | None = None
     tag: str | None = None
     digest: str | None = None
@@ -165,7 +117,7 @@ class Fix:
             data["from_path"] = _rooted(self.from_path)
         if self.note:
             data["note"] = self.note
-        data["resolves"] = sorted({kind for kind, _ in self.resolves})
+        data["resolves"] = sorted({str(kind) for kind, _ in self.resolves})
         return data
 
 
@@ -304,7 +256,7 @@ class Planner:
         self.linked: dict[str, set[str]] = {n: set(r.layers)
                                             for n, r in inventory.repositories.items()}
         self._parsed: dict[str, Manifest | None] = {}
-        self._reported: set[tuple[str, str]] = set()  # findings explained by a specific refusal
+        self._reported: set[tuple[Kind, str]] = set()  # findings explained by a specific refusal
 
     # -- helpers -------------------------------------------------------------------
     def add(self, fix: Fix) -> None:
@@ -338,13 +290,13 @@ class Planner:
     def plan_misplaced(self) -> None:
         for blob in self.inv.misplaced_blobs:
             stray_dir = blob.path.rpartition("/")[0]
-            where = [("blob_wrong_fanout", blob.path)]
+            where = [(Kind.BLOB_WRONG_FANOUT, blob.path)]
             try:
                 actual, _ = hash_file(self.storage, blob.path, blob.digest.partition(":")[0])
             except StorageError as exc:
                 self.plan.unfixable.append(Unfixable(
                     _finding("blob_wrong_fanout", blob.path, exc.message, blob.digest),
-                    ADVICE["unreadable"]))
+                    CATALOG[Kind.UNREADABLE].advice))
                 continue
             home = layout.blob_data(blob.digest)
             if actual != blob.digest:
@@ -368,10 +320,9 @@ class Planner:
                 self.good.add(blob.digest)
                 self.decided.add(blob.digest)
 
-    def _blob_findings(self, digest: str) -> list[tuple[str, str]]:
-        kinds = CORRUPT_KINDS | MISSING_KINDS | {"blob_size_mismatch", "layer_link_dangling"}
+    def _blob_findings(self, digest: str) -> list[tuple[Kind, str]]:
         return [(f.kind, _rel(f.path)) for f in self.findings
-                if f.digest == digest and f.kind in kinds]
+                if f.digest == digest and f.kind in WITH_BYTES_KINDS | WITH_EXISTENCE_KINDS]
 
     def plan_corrupt(self) -> None:
         for digest in sorted(self.corrupt - self.decided):
@@ -386,7 +337,7 @@ class Planner:
                 self.from_source[digest] = source
                 self.good.add(digest)
             else:
-                resolves = [r for r in resolves if r[0] in CORRUPT_KINDS | {"blob_size_mismatch"}]
+                resolves = [r for r in resolves if r[0] in WITH_BYTES_KINDS]
                 self.add(Fix(QUARANTINE_BLOB, layout.blob_dir(digest), "bytes do not match the "
                              "digest and no source has a good copy: quarantined so that the next "
                              "push uploads it again", resolves, digest=digest, size=blob.size))
@@ -505,7 +456,7 @@ class Planner:
             return
         resolves = [(f.kind, _rel(f.path)) for f in self.findings
                     if f.repo == repo and f.digest == digest and f.kind == "reference_not_linked"]
-        resolves += [("repo_no_layers", _rel(f.path)) for f in self.findings
+        resolves += [(Kind.REPO_NO_LAYERS, _rel(f.path)) for f in self.findings
                      if f.repo == repo and f.kind == "repo_no_layers"]
         self.add(Fix(CREATE_LINK, path, f"blob is referenced by manifest {manifest} but not "
                      "linked in the repository (the registry answers 'blob unknown')", resolves,
@@ -606,8 +557,8 @@ class Planner:
                 continue
             if finding.kind == "subject_missing" and self._subject_restored(finding):
                 continue
-            advice = ADVICE.get(finding.kind, "see `regfsck verify` and docs/repair-inspect-why.md")
-            if finding.digest in lost and finding.kind in MISSING_KINDS | {"layer_link_dangling"}:
+            advice = CATALOG[finding.kind].advice
+            if finding.digest in lost and finding.kind in WITH_EXISTENCE_KINDS:
                 advice = ("lost: push again one of the images listed under \"Blobs lost\", or "
                           "repair --from a backup that has it")
             self.plan.unfixable.append(Unfixable(finding, advice))

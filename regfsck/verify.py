@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.digest import EMPTY_SHA256
-from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding
+from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding, strict_severity
 from regfsck.graph import ManifestStore, reachable, tag_users
 from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
 from regfsck.inventory import Blob, Inventory
@@ -45,10 +45,6 @@ class VerifyOptions:
         """The incremental flags cannot work without the verification record."""
         return self.check_data and (self.changed_only or self.sample_percent is not None
                                     or self.max_duration is not None)
-
-
-# Warnings that mean "listed by the registry but cannot be pulled": errors under --strict.
-STRICT_ERRORS = frozenset({"tag_no_current", "layer_link_dangling", "subject_missing"})
 
 
 @dataclass
@@ -176,8 +172,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         summary.interrupted = summary.interrupted or deep.summary.interrupted
     found = with_affected_tags(findings.findings(), inv, ManifestStore(storage, inv))
     if options.strict:
-        found = [replace(f, severity=Severity.ERROR) if f.kind in STRICT_ERRORS else f
-                 for f in found]
+        found = [replace(f, severity=strict_severity(f)) for f in found]
     report = VerifyReport(sorted(found, key=_finding_order), summary,
                           deep.summary if deep is not None else None)
     for finding in report.findings:

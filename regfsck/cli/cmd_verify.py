@@ -46,7 +46,7 @@ from regfsck.cli.verify_incremental import (
     render_incremental,
 )
 from regfsck.cli.verify_metrics import METRICS_FILE_OPTION
-from regfsck.findings import BLOB_KINDS, Finding, Severity
+from regfsck.findings import BLOB_KINDS, CATALOG, Finding, Severity
 
 if TYPE_CHECKING:
     from regfsck.deep import DeepProgress
@@ -197,8 +197,6 @@ def verify(
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
 _ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
-GC_KINDS = frozenset({"upload_stale", "upload_no_startedat", "layer_link_dangling", "empty_dir",
-                      "tmp_leftover"})
 
 
 def _where(finding: Finding) -> str:
@@ -262,7 +260,7 @@ def next_steps(findings: list[Finding], root: str) -> list[str]:
         else:
             lines.append(f"  regfsck repair {root} --apply")
         lines.append("Stop the registry before --apply, restart it afterwards.")
-    elif any(f.kind in GC_KINDS for f in findings):
+    elif any(CATALOG[f.kind].gc_removes for f in findings):
         lines.append("Next: stale uploads and dead links go with the collector:")
         lines.append(f"  regfsck gc {root}        (the plan)")
         lines.append(f"  regfsck gc {root} --apply")
