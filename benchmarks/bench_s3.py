@@ -90,7 +90,9 @@ class LatencyProxy:
                     if key.lower() not in ("transfer-encoding", "connection", "content-length",
                                            "server", "date"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD has no body: its Content-Length is the object's size, kept as is.
+                length_header = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length_header or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -285,8 +285,11 @@ class _Tree:
 
 
 def _mtime_ns(meta: dict[str, Any]) -> int:
+    """LastModified in whole seconds: a HEAD gives it as an HTTP date (seconds) while some
+    servers (MinIO) list it to the millisecond, and the re-check before a move compares a
+    HEAD with what the listing said (AWS and moto list whole seconds: nothing changes)."""
     when = meta["last_modified"]
-    return int(when.timestamp()) * 1_000_000_000 + int(when.microsecond) * 1000
+    return int(when.timestamp()) * 1_000_000_000
 
 
 class _ChunkReader(io.RawIOBase):

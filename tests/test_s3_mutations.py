@@ -369,3 +369,50 @@ def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Pat
     finally:
         other.terminate()
         other.wait(10)
+
+
+# -- a crash --------------------------------------------------------------------------------
+
+
+@needs_server
+def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path) -> None:
+    """kill -9 of gc --apply between two phases (the test hook pauses it there): its lock
+    stays behind and refuses the next run until --break-lock (its process is gone); that
+    run recovers the interrupted one (kept, undoable); undoing both puts every key back."""
+    import os
+    import signal
+    import sys
+
+    from tests.test_s3 import REPO_ROOT
+
+    bucket = clone(base28)
+    before = tree(bucket)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "blobs.pause").touch()  # after the manifests, layer links and uploads moved
+    env = {**bucket.moto.env(), "PYTHONPATH": str(REPO_ROOT),
+           "REGFSCK_TEST_PAUSE_DIR": str(hooks)}
+    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "gc", bucket.url, "--grace", "0",
+                             "--delete-untagged", "--uploads-older-than", "0", "--apply",
+                             "--no-registry-check", "--json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (hooks / "blobs.reached").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "gc never paused"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert keys_below(bucket, LOCK)  # nothing drops an object lock
+    assert tree(bucket) != before  # it had moved something
+    code, doc, _ = run(bucket, "runs", bucket.url)
+    assert [r["status"] for r in doc["runs"]] == ["running"]
+    code, doc, _ = run(bucket, "undo", bucket.url, "--no-registry-check")
+    assert code == 3 and "--break-lock" in doc["error"], doc
+    code, doc, err = run(bucket, "undo", bucket.url, "--no-registry-check", "--break-lock")
+    assert code == 0, (doc, err)
+    assert tree(bucket) == before  # recovered by its policy, then undone: every key back
+    code, doc, _ = run(bucket, "runs", bucket.url)
+    assert all(r["status"] == "reverted" for r in doc["runs"]), doc
+    assert not keys_below(bucket, LOCK)
