@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import tarfile
 from pathlib import Path
 from typing import Any
-
-import zstandard
 
 
 def export(root: Path, refs: list[str], output: Path, **kw: Any) -> Any:
@@ -27,19 +23,20 @@ def export(root: Path, refs: list[str], output: Path, **kw: Any) -> Any:
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
-    """Every regular file of a (possibly compressed) tar, by name."""
-    raw = path.read_bytes()
-    if raw[:4] == b"\x28\xb5\x2f\xfd":
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
-    elif raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    """Every regular file of a (possibly compressed) tar, by name; the compressed stream
+    must be whole (regfsck.compression: the reader import and `repair --from` use)."""
+    from regfsck.compression import DecompressedReader
+
     files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                files[member.name] = extracted.read()
+    with path.open("rb") as raw:
+        reader = DecompressedReader(raw)
+        with tarfile.open(fileobj=reader.stream, mode="r|") as tar:
+            for member in tar:
+                if member.isfile():
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    files[member.name] = extracted.read()
+        assert reader.damage() is None, f"{path}: {reader.damage()}"
     return files
 
 
