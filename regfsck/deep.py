@@ -30,19 +30,18 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
-    Executor,
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
     wait,
 )
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import zstandard
@@ -57,12 +56,20 @@ from regfsck.inventory import Inventory
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, Manifest, ManifestKind
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import (
+    FilesystemStorage,
+    Storage,
+    StorageError,
+    StorageSpec,
+    open_storage,
+    worker_spec,
+)
 
 BUFFER = 1 << 20
 CONFIG_LIMIT = 16 << 20
 TAR_BLOCK = 512
 MAX_SPECIAL_ENTRY = 1 << 20  # Go's archive/tar refuses pax headers / long names above 1 MiB
+REMOTE_SMALL_LAYER = 4 << 20  # object storage: layers up to this size are read by threads
 IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 
 # Media types of filesystem layers: the only ones held to the tar rules. The empty type is
@@ -339,13 +346,58 @@ def blob_hasher(digest: str) -> Any:
     return new_hasher(algorithm) if algorithm in HASHERS else None
 
 
-class _Source(io.RawIOBase):
-    """The layer file as a raw stream: hashes the compressed bytes, counts progress, feeds a
-    frame checker, honours stop."""
+class _ChunkFeed:
+    """A streaming read of an object (`Storage.iter_chunks`) as `readinto` calls, with the
+    first bytes available to sniff before reading starts (no second request)."""
 
-    def __init__(self, fd: int, frames: ZstdFrameChecker | None, on_bytes: ProgressFn | None,
-                 stop: threading.Event | None, hasher: Any) -> None:
-        self.fd = fd
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = memoryview(b"")
+
+    def _fill(self) -> bool:
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return False
+        return True
+
+    def head(self, n: int) -> bytes:
+        """The first `n` bytes (fewer for a shorter object), left to be read again."""
+        got = bytes(self._pending)
+        while len(got) < n:
+            try:
+                got += next(self._chunks)
+            except StopIteration:
+                break
+        self._pending = memoryview(got)
+        return got[:n]
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill `buffer` whole unless the object ends, as a read of a regular file does: the
+        inflater then sees the same pieces as on disk, so even where a damaged stream
+        stops (and how many bytes it gave before) is the same on both."""
+        n = 0
+        while n < len(buffer) and self._fill():
+            take = min(len(buffer) - n, len(self._pending))
+            buffer[n:n + take] = self._pending[:take]
+            self._pending = self._pending[take:]
+            n += take
+        return n
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
+class _Source(io.RawIOBase):
+    """The layer blob as a raw stream (a file descriptor or a streaming GET): hashes the
+    compressed bytes, counts progress, feeds a frame checker, honours stop."""
+
+    def __init__(self, read_into: Callable[[memoryview], int], frames: ZstdFrameChecker | None,
+                 on_bytes: ProgressFn | None, stop: threading.Event | None, hasher: Any) -> None:
+        self.read_into = read_into
         self.frames = frames
         self.on_bytes = on_bytes
         self.stop = stop
@@ -358,7 +410,7 @@ class _Source(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         if self.stop is not None and self.stop.is_set():
             raise Stopped
-        n = os.readv(self.fd, [buffer])
+        n = self.read_into(memoryview(buffer).cast("B"))
         if n:
             view = memoryview(buffer)[:n]
             self.total += n
@@ -445,13 +497,34 @@ _DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (
     EOFError, GzipTrailingGarbage, zstandard.ZstdError, *deflate.ERRORS)
 
 
-def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn | None = None,
+def _open_layer(storage: Storage, path: str) -> tuple[Callable[[memoryview], int], bytes,
+                                                     Callable[[], None]]:
+    """(read_into, first MAGIC_BYTES bytes, close) of a layer blob: a descriptor on a local tree, a
+    streaming GET (`iter_chunks`, one request) on object storage."""
+    if isinstance(storage, FilesystemStorage):
+        fd = storage.open_fd_fast(path)
+        try:
+            head = os.pread(fd, MAGIC_BYTES, 0)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(exc.errno, f"cannot read {path}: {exc.strerror}", path) from exc
+        return (lambda buffer: os.readv(fd, [buffer])), head, lambda: os.close(fd)
+    feed = _ChunkFeed(storage.iter_chunks(path, BUFFER))
+    try:
+        head = feed.head(MAGIC_BYTES)
+    except BaseException:
+        feed.close()
+        raise
+    return feed.readinto, head, feed.close
+
+
+def check_layer(storage: Storage, job: LayerJob, on_bytes: ProgressFn | None = None,
                 stop: threading.Event | None = None) -> LayerOutcome:
     """Read one layer blob once: hash its bytes, decompress them, hash the result and walk it
     as a tar (bounded memory). A layer that cannot be decompressed is still read to its end,
     so its blob digest is known whatever the data is."""
     try:
-        fd = storage.open_fd_fast(job.path)
+        read_into, head, close = _open_layer(storage, job.path)
     except StorageError as exc:
         return LayerOutcome(job, "?", None, 0, 0, read_error=exc.message)
     hasher: Any = hashlib.sha256()
@@ -460,9 +533,9 @@ def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn 
     decompress_error: str | None = None
     total = 0
     compression = "?"
-    source = _Source(fd, None, on_bytes, stop, blob_hasher(job.digest))
+    source = _Source(read_into, None, on_bytes, stop, blob_hasher(job.digest))
     try:
-        compression = sniff_compression(os.pread(fd, MAGIC_BYTES, 0))
+        compression = sniff_compression(head)
         frames = source.frames = ZstdFrameChecker() if compression == "zstd" else None
         buffered = io.BufferedReader(source, BUFFER)
         if compression in ("bzip2", "xz"):
@@ -494,10 +567,11 @@ def check_layer(storage: FilesystemStorage, job: LayerJob, on_bytes: ProgressFn 
                                     else f"{compression} data is corrupt: {exc or type(exc).__name__}")
         source.drain(buffered)
     except OSError as exc:
-        return LayerOutcome(job, compression, None, total, tar.entries,
-                            read_error=f"cannot read {job.path}: {exc.strerror or exc}")
+        why = exc.message if isinstance(exc, StorageError) else \
+            f"cannot read {job.path}: {exc.strerror or exc}"
+        return LayerOutcome(job, compression, None, total, tar.entries, read_error=why)
     finally:
-        os.close(fd)
+        close()
     blob_digest = (f"{job.digest.partition(':')[0]}:{source.hasher.hexdigest()}"
                    if source.hasher is not None else None)
     if decompress_error is not None:
@@ -563,7 +637,7 @@ def _manifest_tags(inv: Inventory, store: ManifestStore, repo_name: str) -> dict
 class _Collector:
     """Builds one job per layer blob from every image manifest in scope (reads configs)."""
 
-    def __init__(self, storage: FilesystemStorage, inv: Inventory, store: ManifestStore) -> None:
+    def __init__(self, storage: Storage, inv: Inventory, store: ManifestStore) -> None:
         self.storage = storage
         self.inv = inv
         self.store = store
@@ -699,15 +773,15 @@ def outcome_findings(outcome: LayerOutcome) -> list[Finding]:
     return found
 
 
-def _bounded_map(pool: Executor, work: Callable[[LayerJob], LayerOutcome],
+def _bounded_map(submit: Callable[[LayerJob], Future[Any]],
                  jobs: Iterable[LayerJob], limit: int,
                  stop: threading.Event, tick: Callable[[], None] | None = None
-                 ) -> Iterator[LayerOutcome]:
-    """Run `work` over `jobs` with at most `limit` in flight, yielding as they finish.
-    `tick` runs while waiting, every 0.1 s (to pass a stop on to worker processes)."""
-    pending: set[Future[LayerOutcome]] = set()
+                 ) -> Iterator[Any]:
+    """Run `submit`ted work over `jobs` with at most `limit` in flight, yielding results as
+    they finish. `tick` runs while waiting, every 0.1 s (to pass a stop on to worker processes)."""
+    pending: set[Future[Any]] = set()
 
-    def finished() -> set[Future[LayerOutcome]]:
+    def finished() -> set[Future[Any]]:
         nonlocal pending
         while True:
             done, pending = wait(pending, timeout=0.1 if tick else None,
@@ -721,7 +795,7 @@ def _bounded_map(pool: Executor, work: Callable[[LayerJob], LayerOutcome],
         for job in jobs:
             if stop.is_set():
                 break
-            pending.add(pool.submit(work, job))
+            pending.add(submit(job))
             if len(pending) >= limit:
                 yield from _results(finished())
         while pending:
@@ -735,7 +809,7 @@ def _bounded_map(pool: Executor, work: Callable[[LayerJob], LayerOutcome],
             future.cancel()
 
 
-def _results(done: Iterable[Future[LayerOutcome]]) -> Iterator[LayerOutcome]:
+def _results(done: Iterable[Future[Any]]) -> Iterator[Any]:
     for future in done:
         try:
             yield future.result()
@@ -753,10 +827,32 @@ class DeepPlan:
     findings: FindingSet
 
 
-def plan_deep(storage: FilesystemStorage, inv: Inventory, store: ManifestStore,
+def _prefetch_configs(storage: Storage, inv: Inventory, store: ManifestStore,
+                      repos: set[str] | None) -> None:
+    """Object storage: read every image config in scope with concurrent GETs before the
+    collector asks for them one by one (a local tree reads each when asked)."""
+    if isinstance(storage, FilesystemStorage):
+        return
+    paths: set[str] = set()
+    for name, repo in inv.repositories.items():
+        if repos is not None and name not in repos:
+            continue
+        for digest in valid_revisions(repo):
+            manifest = store.get(digest)
+            config = manifest.config if manifest is not None else None
+            blob = inv.blobs.get(config.digest) if config is not None and \
+                config.media_type in IMAGE_CONFIG_TYPES else None
+            if blob is not None:
+                paths.add(blob.path)
+    if paths:
+        storage.prefetch(paths.__contains__, lambda _: None, CONFIG_LIMIT)
+
+
+def plan_deep(storage: Storage, inv: Inventory, store: ManifestStore,
               repos: set[str] | None = None) -> DeepPlan:
     """Collect the layers of every image manifest (in `repos`, or everywhere)."""
     collector = _Collector(storage, inv, store)
+    _prefetch_configs(storage, inv, store, repos)
     for name in sorted(inv.repositories):
         if repos is None or name in repos:
             collector.add_repository(name)
@@ -764,7 +860,7 @@ def plan_deep(storage: FilesystemStorage, inv: Inventory, store: ManifestStore,
     return DeepPlan(jobs, collector.images, collector.findings)
 
 
-def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
+def check_layers(storage: Storage, plan: DeepPlan, *, jobs: int = 1,
                  progress: DeepProgress | None = None, stop: threading.Event | None = None,
                  on_outcome: Callable[[LayerOutcome], None] | None = None) -> DeepReport:
     """Read every planned layer once (`jobs` at a time) and judge it.
@@ -787,32 +883,50 @@ def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
     if progress is not None:
         progress.start(summary.bytes_total, summary.layers_total)
     workers = max(1, jobs)
-    procs = _process_pool(storage, workers) if workers > 1 and len(plan.jobs) > 1 else None
+    remote = not isinstance(storage, FilesystemStorage)
+    if remote:
+        # Object storage: a small layer costs a request's latency, not CPU, so `jobs` threads
+        # keep that many GETs in flight; large layers cost CPU (inflate, hash, tar walk under
+        # the GIL) and go to one spawned process per CPU, each streaming its own GET.
+        big = [j for j in plan.jobs if j.size > REMOTE_SMALL_LAYER]
+        procs = (_process_pool(storage, min(workers, os.cpu_count() or 1))
+                 if len(big) > 1 and workers > 1 else None)
+    else:
+        procs = _process_pool(storage, workers) if workers > 1 and len(plan.jobs) > 1 else None
+    threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep")
+    tick: Callable[[], None] | None = None
+
+    def submit(job: LayerJob) -> Future[Any]:
+        if procs is not None and (not remote or job.size > REMOTE_SMALL_LAYER):
+            return procs[0].submit(_check_in_worker, job)
+        return threads.submit(check_layer, storage, job, advance, halt)
+
+    if procs is not None:
+        process_stop = procs[1]
+
+        def tick() -> None:
+            if halt.is_set():
+                process_stop.set()
+
     try:
-        pool: Executor
-        tick: Callable[[], None] | None = None
-        if procs is not None:
-            pool, process_stop = procs
-
-            def tick() -> None:
-                if halt.is_set():
-                    process_stop.set()
-
-            work: Callable[[LayerJob], Any] = _check_in_worker
-        else:
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regfsck-deep")
-            work = lambda job: check_layer(storage, job, advance, halt)  # noqa: E731
-        with pool:
-            for outcome in _bounded_map(pool, work, plan.jobs, 2 * workers, halt, tick):
-                if procs is not None:
-                    advance(outcome.bytes_read or outcome.job.size)  # per layer, not per read
-                summary.layers_checked += 1
-                summary.bytes_uncompressed += outcome.uncompressed_bytes
-                summary.tar_entries += outcome.tar_entries
-                findings.extend(outcome_findings(outcome))
-                if on_outcome is not None:
-                    on_outcome(outcome)
+        for result in _bounded_map(submit, plan.jobs, 2 * workers, halt, tick):
+            if isinstance(result, tuple):  # from a worker process: progress per layer
+                outcome, requests = result
+                if requests:
+                    _merge_requests(requests)
+                advance(outcome.bytes_read or outcome.job.size)
+            else:
+                outcome = result
+            summary.layers_checked += 1
+            summary.bytes_uncompressed += outcome.uncompressed_bytes
+            summary.tar_entries += outcome.tar_entries
+            findings.extend(outcome_findings(outcome))
+            if on_outcome is not None:
+                on_outcome(outcome)
     finally:
+        threads.shutdown(wait=True, cancel_futures=True)
+        if procs is not None:
+            procs[0].shutdown(wait=True, cancel_futures=True)
         if progress is not None:
             progress.finish()
     summary.interrupted = stop is not None and stop.is_set()
@@ -821,42 +935,59 @@ def check_layers(storage: FilesystemStorage, plan: DeepPlan, *, jobs: int = 1,
     return DeepReport(result, summary)
 
 
-_worker_storage: FilesystemStorage | None = None
+def _merge_requests(counts: dict[str, int]) -> None:
+    from regfsck.objectstore import REQUESTS
+
+    REQUESTS.merge(counts)
+
+
+_worker_storage: Storage | None = None
 _worker_stop: Any = None
 
 
-def _worker_init(base: str, stop: Any) -> None:
-    """A deep worker process: Ctrl-C is the parent's to handle (it sets `stop`)."""
+def _worker_init(spec: StorageSpec, stop: Any) -> None:
+    """A deep worker process: Ctrl-C is the parent's to handle (it sets `stop`). It reopens
+    the parent's tree from `spec`: a local directory, or the bucket (not listed again)."""
     global _worker_storage, _worker_stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_storage = FilesystemStorage(Path(base))
+    _worker_storage = spec.open()
     _worker_stop = stop
 
 
-def _check_in_worker(job: LayerJob) -> LayerOutcome:
+def _check_in_worker(job: LayerJob) -> tuple[LayerOutcome, dict[str, int]]:
+    """One layer in a worker process, with the requests it made (object storage bills them:
+    the parent adds them to its own count)."""
     assert _worker_storage is not None
-    return check_layer(_worker_storage, job, None, _worker_stop)
+    outcome = check_layer(_worker_storage, job, None, _worker_stop)
+    counter = sys.modules.get("regfsck.objectstore")
+    return outcome, counter.REQUESTS.take() if counter is not None else {}
 
 
-def _process_pool(storage: FilesystemStorage, jobs: int) -> tuple[ProcessPoolExecutor, Any] | None:
-    """`jobs` forked worker processes for the layers, and the event that stops them.
+def _process_pool(storage: Storage, jobs: int) -> tuple[ProcessPoolExecutor, Any] | None:
+    """`jobs` worker processes for the layers, and the event that stops them.
 
     Threads do not scale here: the tar walk and the glue between inflater and hashers run
     under the GIL, and on a busy machine two threads handing it back and forth ran slower
-    than one. Forked processes share nothing; they run only check_layer (os, hashlib,
-    the inflaters), so no lock another thread may hold at fork time is taken. Where
-    processes cannot start, threads do the work. REGFSCK_DEEP_PROCESSES=0 forces threads."""
+    than one. Processes share nothing; they run only check_layer (os, hashlib, the
+    inflaters, streaming GETs). On a local tree they are forked (nothing is re-imported,
+    and no lock another thread may hold at fork time is taken); for object storage they
+    are spawned, because the object-store client's runtime does not survive a fork.
+    Where processes cannot start, threads do the work. REGFSCK_DEEP_PROCESSES=0 forces
+    threads."""
     if os.environ.get("REGFSCK_DEEP_PROCESSES") == "0":
         return None
+    spec = worker_spec(storage)
+    if spec is None:
+        return None
     try:
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("fork" if spec.fork_safe else "spawn")
     except ValueError:
         return None
     stop = context.Event()
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                               initargs=(os.fspath(storage.base), stop))
+                               initargs=(spec, stop))
     try:
-        pool.submit(os.getpid).result()  # forks every worker now
+        pool.submit(os.getpid).result()  # starts every worker now
     except Exception:  # cannot start processes here (limits, sandbox): threads only
         pool.shutdown(wait=False, cancel_futures=True)
         return None
@@ -867,7 +998,7 @@ def run_deep(root: RegistryRoot, *, jobs: int = 1, repos: set[str] | None = None
              inventory: Inventory | None = None, progress: DeepProgress | None = None,
              stop: threading.Event | None = None) -> DeepReport:
     """Check every layer of every image manifest (in `repos`, or everywhere)."""
-    storage = FilesystemStorage(root.v2)
+    storage = open_storage(root)
     inv = inventory if inventory is not None else Scanner(storage, root).scan()
     plan = plan_deep(storage, inv, ManifestStore(storage, inv), repos)
     return check_layers(storage, plan, jobs=jobs, progress=progress, stop=stop)

@@ -33,11 +33,12 @@ from regfsck.hashing import DigestMismatch, Interrupted, verified
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, Manifest, ManifestKind
 from regfsck.refs import ImageRef
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, Storage, StorageError
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 COPY_BUFFER = 1 << 20
+READ_AHEAD = 16  # object storage: blob streams started ahead of their turn (one chunk each)
 CONFIG_LIMIT = 16 << 20  # image configs are JSON: refuse anything absurd before parsing
 TAR_RECORD = 10240  # tar(1) pads archives to whole records
 ZSTD_LEVEL = 3
@@ -220,7 +221,7 @@ class _Skip(Exception):
 class _Planner:
     """Resolves references into images and the blobs they need (reads manifests only)."""
 
-    def __init__(self, storage: FilesystemStorage, inventory: Inventory, store: ManifestStore,
+    def __init__(self, storage: Storage, inventory: Inventory, store: ManifestStore,
                  fmt: ExportFormat, platform: Platform | None, explicit: set[str]) -> None:
         self.storage = storage
         self.inv = inventory
@@ -464,7 +465,7 @@ class _Planner:
                 queue.append((repo_name, referrer.digest))
 
 
-def plan_export(storage: FilesystemStorage, inventory: Inventory, store: ManifestStore,
+def plan_export(storage: Storage, inventory: Inventory, store: ManifestStore,
                 refs: list[ImageRef], fmt: ExportFormat, platform: Platform | None = None,
                 with_referrers: bool = True) -> ExportPlan:
     """Resolve `refs` into images and the exact blobs to copy; raises ExportError."""
@@ -483,33 +484,35 @@ def plan_export(storage: FilesystemStorage, inventory: Inventory, store: Manifes
 # -- writing ------------------------------------------------------------------------------
 
 
-def verified_chunks(storage: FilesystemStorage, blob: BlobCopy, on_bytes: ProgressFn | None = None,
-                    stop: threading.Event | None = None) -> Iterator[bytes]:
+def verified_chunks(storage: Storage, blob: BlobCopy, on_bytes: ProgressFn | None = None,
+                    stop: threading.Event | None = None,
+                    chunks: Iterator[bytes] | None = None) -> Iterator[bytes]:
     """Yield a blob's bytes in bounded chunks; raise ExportError at the end if they are wrong.
 
-    The check happens after the last chunk, so consumers must treat the data as good only
+    `chunks`: the blob's stream if already opened (`_read_ahead`), else it is opened here
+    through the storage seam (a descriptor on a local tree, a streaming GET on S3). The
+    check happens after the last chunk, so consumers must treat the data as good only
     once the generator is exhausted without error."""
-    try:
-        fd = storage.open_fd(blob.path)
-    except StorageError as exc:
-        raise ExportError(f"{blob.image}: blob {blob.digest}: {exc.message}", "damage") from exc
+    source = chunks if chunks is not None else storage.iter_chunks(blob.path, COPY_BUFFER)
 
-    def chunks() -> Iterator[bytes]:
+    def read() -> Iterator[bytes]:
         try:
             while True:
                 try:
-                    chunk = os.read(fd, COPY_BUFFER)
-                except OSError as exc:
-                    raise ExportError(f"{blob.image}: cannot read blob {blob.digest}: "
-                                      f"{exc.strerror}", "damage") from exc
+                    chunk = next(source, b"")
+                except StorageError as exc:
+                    raise ExportError(f"{blob.image}: blob {blob.digest}: {exc.message}",
+                                      "damage") from exc
                 if not chunk:
                     return
                 yield chunk
         finally:
-            os.close(fd)
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
     try:
-        yield from verified(chunks(), blob.digest, blob.size, on_bytes=on_bytes, stop=stop)
+        yield from verified(read(), blob.digest, blob.size, on_bytes=on_bytes, stop=stop)
     except Interrupted as exc:
         raise ExportInterrupted from exc
     except DigestMismatch as exc:
@@ -517,6 +520,69 @@ def verified_chunks(storage: FilesystemStorage, blob: BlobCopy, on_bytes: Progre
             f"{blob.image}: blob {blob.digest} is corrupt (its data hashes to {exc.actual}, "
             f"{exc.total} bytes read, {blob.size} expected); nothing was exported "
             "(run `regfsck verify`)", "damage") from exc
+
+
+class _Opened:
+    """A blob stream started ahead of its turn: its first chunk (or its error) is here."""
+
+    def __init__(self, storage: Storage, blob: BlobCopy) -> None:
+        self.chunks = storage.iter_chunks(blob.path, COPY_BUFFER)
+        self.first: bytes | StorageError = b""
+        try:
+            self.first = next(self.chunks, b"")
+        except StorageError as exc:
+            self.first = exc
+
+    def stream(self) -> Iterator[bytes]:
+        try:
+            if isinstance(self.first, StorageError):
+                raise self.first
+            if self.first:
+                yield self.first
+                yield from self.chunks
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _read_ahead(storage: Storage, blobs: list[BlobCopy],
+                stop: threading.Event | None) -> Iterator[tuple[BlobCopy, Iterator[bytes] | None]]:
+    """The blobs in order, each with its stream. On object storage up to READ_AHEAD streaming
+    GETs are started ahead (their first chunk fetched), so the output is written in order
+    while the next requests' latency passes: memory stays at READ_AHEAD chunks. A local tree
+    opens each blob when its turn comes (None: verified_chunks opens it)."""
+    if isinstance(storage, FilesystemStorage) or len(blobs) < 2:
+        for blob in blobs:
+            yield blob, None
+        return
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    ahead = min(READ_AHEAD, getattr(storage, "io_threads", 1) or 1)
+    pending: list[tuple[BlobCopy, Future[_Opened]]] = []
+    with ThreadPoolExecutor(ahead, thread_name_prefix="regfsck-export") as pool:
+        try:
+            queue = iter(blobs)
+            for blob in queue:
+                pending.append((blob, pool.submit(_Opened, storage, blob)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                if stop is not None and stop.is_set():
+                    raise ExportInterrupted
+                blob, future = pending.pop(0)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_Opened, storage, nxt)))
+                yield blob, future.result().stream()
+        finally:
+            for _, future in pending:
+                future.cancel()
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result().close()
 
 
 class _Sink:
@@ -757,7 +823,7 @@ def check_output(output: Path, fmt: ExportFormat, compression: Compression, v2_d
         raise ExportError(f"{output} is inside the registry tree {tree}; export elsewhere")
 
 
-def write_export(storage: FilesystemStorage, plan: ExportPlan, output: Path,
+def write_export(storage: Storage, plan: ExportPlan, output: Path,
                  compression: Compression, *, on_bytes: ProgressFn | None = None,
                  stop: threading.Event | None = None) -> ExportResult:
     """Stream the plan into OUTPUT; on any error nothing is left under OUTPUT's name."""
@@ -767,16 +833,14 @@ def write_export(storage: FilesystemStorage, plan: ExportPlan, output: Path,
     except OSError as exc:
         raise ExportError(f"cannot create {output}: {exc.strerror}", "io") from exc
     try:
+        if plan.format is not ExportFormat.DOCKER_ARCHIVE:
+            sink.add_bytes("oci-layout", OCI_LAYOUT_BYTES)
+        for blob, chunks in _read_ahead(storage, plan.blobs, stop):
+            sink.add_stream(blob_name(blob.digest), blob.size,
+                            verified_chunks(storage, blob, on_bytes, stop, chunks))
         if plan.format is ExportFormat.DOCKER_ARCHIVE:
-            for blob in plan.blobs:
-                sink.add_stream(blob_name(blob.digest), blob.size,
-                                verified_chunks(storage, blob, on_bytes, stop))
             sink.add_bytes("manifest.json", docker_manifest(plan))
         else:
-            sink.add_bytes("oci-layout", OCI_LAYOUT_BYTES)
-            for blob in plan.blobs:
-                sink.add_stream(blob_name(blob.digest), blob.size,
-                                verified_chunks(storage, blob, on_bytes, stop))
             sink.add_bytes("index.json", oci_index(plan))  # last: a reader sees all or nothing
         size = sink.finish()
     except OSError as exc:
@@ -790,7 +854,7 @@ def write_export(storage: FilesystemStorage, plan: ExportPlan, output: Path,
     return ExportResult(str(output), plan.format, compression, plan, size)
 
 
-def export_images(storage: FilesystemStorage, inventory: Inventory, refs: list[ImageRef],
+def export_images(storage: Storage, inventory: Inventory, refs: list[ImageRef],
                   output: Path, v2_dir: Path, *, fmt: ExportFormat | None = None,
                   platform: Platform | None = None, on_start: Callable[[int], None] | None = None,
                   on_bytes: ProgressFn | None = None,

@@ -11,6 +11,7 @@ it, and its health from verify's checks restricted to the image's blobs.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import threading
 import zlib
@@ -37,7 +38,7 @@ from regfsck.hashing import verify_blobs
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import Descriptor, Manifest, ManifestKind
 from regfsck.refs import ImageRef, RefError
-from regfsck.storage import FilesystemStorage, StorageError, local_only
+from regfsck.storage import Storage, StorageError
 from regfsck.why import ReferenceGraph
 
 MAX_CONFIG_BYTES = 32 * 1024 * 1024
@@ -190,14 +191,15 @@ def _count(stream: IO[bytes]) -> int:
     return total
 
 
-def measure_layer(storage: FilesystemStorage, path: str) -> tuple[str, int]:
-    """(compression, uncompressed size) of a layer blob, decompressing as a stream.
+def measure_layer(storage: Storage, path: str) -> tuple[str, int]:
+    """(compression, uncompressed size) of a layer blob, decompressing as a stream (one read
+    through the storage seam: a file, or one streaming GET on object storage).
 
     Raises ValueError / StorageError when the bytes are not the stream they claim to be."""
-    with storage.open_read(path) as raw:
-        head = raw.read(MAGIC_BYTES)
-        kind = sniff_compression(head)
-    with storage.open_read(path) as raw:
+    with storage.open_read(path) as opened:
+        raw: Any = opened if isinstance(opened, io.BufferedReader) else \
+            io.BufferedReader(opened, READ_CHUNK)
+        kind = sniff_compression(raw.peek(MAGIC_BYTES)[:MAGIC_BYTES])
         try:
             if kind == "gzip":
                 with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
@@ -438,7 +440,7 @@ class Inspector:
         cached = self._measured.get(blob.digest)
         if cached is None:
             try:
-                kind, size = measure_layer(local_only(self.storage, "inspect"), blob.path)
+                kind, size = measure_layer(self.storage, blob.path)
                 cached = (kind, size, None)
             except (ValueError, StorageError) as exc:
                 cached = (None, None, str(exc))

@@ -27,7 +27,7 @@ from regfsck.findings import CATALOG, Finding
 from regfsck.gc import GcOptions, plan_from_inventory
 from regfsck.graph import ManifestStore
 from regfsck.inventory import Inventory
-from regfsck.storage import FilesystemStorage
+from regfsck.storage import Storage
 from regfsck.verify import VerifyReport
 
 GC_MODES = {"default": False, "delete_untagged": True}
@@ -45,7 +45,7 @@ class GcOutlook:
     blocked: Mapping[str, bool] = field(default_factory=dict)
 
 
-def gc_outlook(inv: Inventory, storage: FilesystemStorage, now: datetime,
+def gc_outlook(inv: Inventory, storage: Storage, now: datetime,
                findings: Iterable[Finding] | None) -> GcOutlook:
     """Plan gc in both modes on verify's own scan (read-only: only the plan is built).
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from regfsck.root import S3Location
-from regfsck.storage import EntryKind, Stat, StorageError, check_relative
+from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -62,6 +62,17 @@ class _Counter:
     def add(self, kind: str, n: int = 1) -> None:
         with self._lock:
             self.counts[kind] = self.counts.get(kind, 0) + n
+
+    def take(self) -> dict[str, int]:
+        """The counts so far, reset to zero (a worker process hands its requests back)."""
+        with self._lock:
+            counts, self.counts = self.counts, {}
+        return counts
+
+    def merge(self, counts: dict[str, int]) -> None:
+        """Add a worker process's counts to this process's."""
+        for kind, n in counts.items():
+            self.add(kind, n)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -350,8 +361,11 @@ class ObjectStorage:
     def describe(self, path: str) -> str:
         return f"s3://{self.location.bucket}/{self.key(path)}"
 
+    def spec(self) -> StorageSpec:
+        return StorageSpec(s3=self.location, jobs=self.jobs)
+
     def _error(self, exc: BaseException, what: str, path: str) -> StorageError:
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
             return StorageError(errno.ENOENT, f"cannot {what} {path}: no such object", path)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StorageError(errno.EIO, f"cannot {what} {path}: {first}", path)
@@ -592,7 +606,9 @@ class ObjectStorage:
         import obstore
 
         path = "/".join(check_relative(path))
-        if path not in self.tree.files:
+        # A worker process (StorageSpec.open) streams what the parent listed without listing
+        # the bucket again: there a missing object is the GET's 404.
+        if self._tree is not None and path not in self._tree.files:
             raise StorageError(errno.ENOENT, f"cannot open {path}: no such object", path)
         REQUESTS.add("get")
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
-    from regfsck.root import RegistryRoot
+    from regfsck.root import RegistryRoot, S3Location
 
 
 class EntryKind(enum.Enum):
@@ -119,6 +119,42 @@ class Storage(Protocol):
     def open_read(self, path: str) -> BinaryIO: ...
 
     def describe(self, path: str) -> str: ...
+
+
+def worker_spec(storage: Storage) -> StorageSpec | None:
+    """How a worker process reopens `storage` (None: this backend cannot be reopened
+    there, so its work stays in threads). The reading backends (a local `v2` directory, a
+    listed bucket) offer `spec()`."""
+    spec = getattr(storage, "spec", None)
+    return spec() if callable(spec) else None
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """What a worker process needs to open the same tree again (picklable).
+
+    Worker processes (the deep layer pass, many-small-blob hashing) cannot share the parent's
+    storage object: they reopen it from this. `fork_safe` says whether the backend survives
+    a fork: a local tree does; an object-store client does not (obstore's runtime threads
+    do not exist in a forked child), so its workers are spawned."""
+
+    v2_dir: str | None = None
+    s3: S3Location | None = None
+    jobs: int | None = None
+
+    @property
+    def fork_safe(self) -> bool:
+        return self.s3 is None
+
+    def open(self) -> Storage:
+        """The storage in a worker: an object store is not listed again (the parent has
+        listed it; a worker only streams the objects it is given)."""
+        if self.s3 is not None:
+            from regfsck.objectstore import ObjectStorage
+
+            return ObjectStorage(self.s3, jobs=self.jobs)
+        assert self.v2_dir is not None
+        return FilesystemStorage(Path(self.v2_dir))
 
 
 class StatLike(Protocol):
@@ -356,6 +392,9 @@ class FilesystemStorage:
 
     def describe(self, path: str) -> str:
         return self.full_path(path)
+
+    def spec(self) -> StorageSpec:
+        return StorageSpec(v2_dir=self._base_str)
 
     # -- reading -------------------------------------------------------------
     def list_dir(self, path: str) -> list[Entry]:

@@ -19,7 +19,7 @@ from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, se
 from regfsck.inventory import Blob, Inventory
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import FilesystemStorage, Storage, StorageError, local_only, open_storage
+from regfsck.storage import Storage, StorageError, open_storage
 
 if TYPE_CHECKING:  # loaded when used: `verify --no-data` needs neither hashing nor the record
     from regfsck.deep import DeepPlan, DeepProgress, DeepReport, DeepSummary, LayerOutcome
@@ -127,7 +127,8 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
                stop: threading.Event | None = None,
                inventory: Inventory | None = None,
                on_finding: Callable[[Finding], None] | None = None,
-               deep_progress: DeepProgress | None = None) -> VerifyReport:
+               deep_progress: DeepProgress | None = None,
+               storage: Storage | None = None) -> VerifyReport:
     """Run every check; `stop` (set on Ctrl-C) ends hashing early with a partial summary.
 
     With `options.deep`, layers are read once: the deep pass hashes each layer blob's bytes
@@ -137,7 +138,8 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     from regfsck.deep import check_layers, plan_deep
 
     started = time.monotonic()
-    storage = open_storage(root, jobs=options.jobs if root.is_object_storage else None)
+    if storage is None:  # `storage`: the one `inventory` was scanned from (listed once)
+        storage = open_storage(root, jobs=options.jobs if root.is_object_storage else None)
     inv = inventory if inventory is not None else Scanner(storage, root).scan()
     if options.repos:
         unknown = sorted(options.repos - set(inv.repositories))
@@ -148,7 +150,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings = FindingSet()
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
-    deep_plan = plan_deep(_local(storage), inv, store, options.repos) if options.deep else None
+    deep_plan = plan_deep(storage, inv, store, options.repos) if options.deep else None
     deep: DeepReport | None = None
     if options.check_data:
         blobs = _blobs_to_hash(inv, store, options.repos)
@@ -166,7 +168,7 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
                 _record(record, summary, record.close)
     elif deep_plan is not None:
         del store
-        deep = check_layers(_local(storage), deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
+        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
     if deep is not None:
         findings.extend(deep.findings)
         summary.interrupted = summary.interrupted or deep.summary.interrupted
@@ -183,10 +185,6 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         else:
             summary.infos += 1
     return report
-
-
-def _local(storage: Storage) -> FilesystemStorage:
-    return local_only(storage, "--deep")
 
 
 def with_affected_tags(found: list[Finding], inv: Inventory, store: ManifestStore) -> list[Finding]:
@@ -294,7 +292,7 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
     def take_layer(outcome: LayerOutcome) -> None:
         blob = layers.get(outcome.job.digest)
         if blob is not None:
-            take(_layer_verdict(_local(storage), blob, outcome))
+            take(_layer_verdict(storage, blob, outcome))
 
     if progress is not None:
         progress.start(sum(b.size for b in chosen), len(chosen))
@@ -309,7 +307,7 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
             progress.finish()
     deep: DeepReport | None = None
     if deep_plan is not None and not (stop is not None and stop.is_set()):
-        deep = check_layers(_local(storage), deep_plan, jobs=options.jobs, progress=deep_progress,
+        deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress,
                             stop=stop, on_outcome=take_layer)
     planned = [*selection.to_hash, *layers.values()]
     summary.blobs_deferred = len(planned) - done
@@ -332,7 +330,7 @@ def _deep_layers(blobs: list[Blob], plan: DeepPlan | None) -> dict[str, Blob]:
             if j.digest in by_digest and blob_hasher(j.digest) is not None}
 
 
-def _layer_verdict(storage: FilesystemStorage, blob: Blob, outcome: LayerOutcome) -> HashOutcome:
+def _layer_verdict(storage: Storage, blob: Blob, outcome: LayerOutcome) -> HashOutcome:
     """The plain verdict on a layer the deep pass read: its blob digest, with the plain
     pass's rule that a mismatch is re-read once before it is reported."""
     from regfsck.hashing import HashOutcome, hash_file

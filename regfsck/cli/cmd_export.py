@@ -24,6 +24,7 @@ from regfsck.cli.common import (
     show_progress,
     styled,
     table,
+    with_requests,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def export_command(
     )
     from regfsck.refs import RefError, parse_ref
     from regfsck.scanner import Scanner
-    from regfsck.storage import FilesystemStorage
+    from regfsck.storage import StorageError, open_storage
 
     values = list(args)
     root = None if config is not None else Path(values.pop(0))
@@ -87,9 +88,12 @@ def export_command(
         chosen: ExportFormat | None = ExportFormat(fmt) if fmt is not None else None
     except (RefError, ValueError) as exc:
         fail(str(exc), exitcodes.USAGE)
-    registry = open_root(root, config)
-    storage = FilesystemStorage(registry.v2)
-    inventory = Scanner(storage, registry).scan()
+    registry = open_root(root, config, object_storage=True)
+    storage = open_storage(registry)
+    try:
+        inventory = Scanner(storage, registry).scan()
+    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
+        fail(str(exc))
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = ByteBar("exporting") if show_progress(json_output) else None
@@ -107,7 +111,7 @@ def export_command(
         if bar is not None:
             bar.finish()
     if json_output:
-        print_json(result.to_json())
+        print_json(with_requests(registry, result.to_json()))
     else:
         render_export(result)
     raise typer.Exit(exitcodes.OK)

@@ -29,6 +29,7 @@ from regfsck.cli.common import (
     stdout_console,
     styled,
     table,
+    with_requests,
 )
 from regfsck.findings import Severity
 
@@ -70,7 +71,7 @@ def inspect(
     )
     from regfsck.refs import RefError, parse_ref
     from regfsck.scanner import Scanner
-    from regfsck.storage import FilesystemStorage, StorageError
+    from regfsck.storage import StorageError, open_storage
 
     if raw and image_config:
         fail("--raw and --image-config print different blobs: choose one", exitcodes.USAGE)
@@ -80,9 +81,16 @@ def inspect(
         image_ref = parse_ref(ref, bare="latest", digest_alone=True)
     except RefError as exc:
         fail(str(exc), exitcodes.USAGE)
-    registry = open_root(root, config)
-    storage = FilesystemStorage(registry.v2)
-    inventory = Scanner(storage, registry).scan()
+    registry = open_root(root, config, object_storage=True)
+    if registry.is_object_storage and not jobs:
+        from regfsck.objectstore import default_jobs as s3_default_jobs
+
+        jobs = s3_default_jobs()  # requests in flight, not CPU threads
+    storage = open_storage(registry, jobs=jobs or None if registry.is_object_storage else None)
+    try:
+        inventory = Scanner(storage, registry).scan()
+    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
+        fail(str(exc))
     store = ManifestStore(storage, inventory)
     inspector = Inspector(inventory, store, measure_layers=not no_data)
     try:
@@ -110,7 +118,7 @@ def inspect(
     except (StorageError, ValueError) as exc:
         fail(str(exc), exitcodes.FINDINGS)
     if json_output:
-        print_json(report.to_json())
+        print_json(with_requests(registry, report.to_json()))
     else:
         render_inspect(report)
     raise typer.Exit(exitcodes.OK if report.healthy else exitcodes.FINDINGS)

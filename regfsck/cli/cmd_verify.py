@@ -129,10 +129,6 @@ def verify(
     if jobs < 0:
         fail("--jobs must be positive", exitcodes.USAGE)
     registry = open_root(root, config, object_storage=True)
-    if registry.is_object_storage and deep:
-        fail("--deep is not available on object storage yet")
-    if registry.is_object_storage and metrics_file is not None:
-        fail("--metrics-file is not available on object storage yet")
     if state_dir is not None and not registry.is_object_storage:
         fail("--state-dir is for trees in object storage; a local tree keeps its record in "
              "ROOT/regfsck-state", exitcodes.USAGE)
@@ -159,7 +155,9 @@ def verify(
         report = run_verify(registry, options, stop=stop,
                             progress=data_progress() if show else None,
                             deep_progress=deep_progress() if show and deep else None,
-                            inventory=metrics.scan() if metrics is not None else None)
+                            inventory=metrics.scan(jobs if registry.is_object_storage else None)
+                            if metrics is not None else None,
+                            storage=metrics.storage if metrics is not None else None)
         deep_summary = report.deep
     except UnknownRepositoryError as exc:
         if metrics is not None:

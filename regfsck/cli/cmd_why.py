@@ -22,6 +22,7 @@ from regfsck.cli.common import (
     split_root,
     styled,
     table,
+    with_requests,
 )
 
 if TYPE_CHECKING:
@@ -43,14 +44,17 @@ def why(
     if not is_digest(digest) and not is_digest_prefix(digest):
         fail(f"not a digest or a digest prefix (4+ lowercase hex digits): {digest[:80]!r}",
              exitcodes.USAGE)
-    registry = open_root(root, config)
+    registry = open_root(root, config, object_storage=True)
     from regfsck.graph import ManifestStore
     from regfsck.scanner import Scanner
-    from regfsck.storage import FilesystemStorage
+    from regfsck.storage import StorageError, open_storage
     from regfsck.why import ReferenceGraph, explain_blob
 
-    storage = FilesystemStorage(registry.v2)
-    inventory = Scanner(storage, registry).scan()
+    storage = open_storage(registry)
+    try:
+        inventory = Scanner(storage, registry).scan()
+    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
+        fail(str(exc))
     store = ManifestStore(storage, inventory)
     graph = ReferenceGraph(inventory, store)
     if not is_digest(digest):
@@ -65,7 +69,7 @@ def why(
             and report.misplaced_at is None:
         fail(f"{digest}: no such blob, and nothing in the tree refers to it", exitcodes.FINDINGS)
     if json_output:
-        print_json(report.to_json())
+        print_json(with_requests(registry, report.to_json()))
     else:
         render_why(report)
     raise typer.Exit(exitcodes.OK if report.exists and not report.damage else exitcodes.FINDINGS)

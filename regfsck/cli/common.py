@@ -220,7 +220,7 @@ def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
     raise typer.Exit(code)
 
 
-OBJECT_STORAGE_COMMANDS = "scan, verify, gc, rm, runs, undo and purge"
+OBJECT_STORAGE_COMMANDS = "scan, verify, gc, rm, runs, undo, purge, export, inspect and why"
 
 
 def for_changes(registry: RegistryRoot, registry_urls: list[str] | None = None,

@@ -15,6 +15,7 @@ from regfsck.cli.common import fail
 if TYPE_CHECKING:  # the verify engine loads when verify runs, not at start-up
     from regfsck.inventory import Inventory
     from regfsck.root import RegistryRoot
+    from regfsck.storage import Storage
     from regfsck.verify import VerifyReport
 
 METRICS_FILE_OPTION = typer.Option(
@@ -36,12 +37,16 @@ class MetricsRun:
         self.repos = tuple(repos)
         self.started = datetime.now(UTC)
         self.inventory: Inventory | None = None
+        self.storage: Storage | None = None
 
-    def scan(self) -> Inventory:
-        """The scan verify runs on, kept to plan gc afterwards without scanning twice."""
+    def scan(self, jobs: int | None = None) -> Inventory:
+        """The scan verify runs on, kept (with its storage: a bucket is listed once) to plan
+        gc afterwards without scanning twice. Only the tree may be remote: the metrics file
+        is always a local file."""
         from regfsck.scanner import Scanner
-        from regfsck.storage import FilesystemStorage
-        self.inventory = Scanner(FilesystemStorage(self.registry.v2), self.registry).scan()
+        from regfsck.storage import open_storage
+        self.storage = open_storage(self.registry, jobs=jobs)
+        self.inventory = Scanner(self.storage, self.registry).scan()
         return self.inventory
 
     def finish(self, report: VerifyReport | None, code: int) -> int:
@@ -49,12 +54,11 @@ class MetricsRun:
         and exit 3 unless the run already exits non-zero: its own code says more)."""
         from regfsck.findings import safe_text
         from regfsck.metrics import MetricsWriteError, RunFacts, gc_outlook, verify_metrics, write_atomically
-        from regfsck.storage import FilesystemStorage
-        facts = RunFacts(root=safe_text(str(self.registry.root)), started=self.started,
+        facts = RunFacts(root=safe_text(self.registry.display), started=self.started,
                          finished=datetime.now(UTC), exit_status=code, repos=self.repos)
         outlook = None
-        if report is not None and self.inventory is not None:
-            outlook = gc_outlook(self.inventory, FilesystemStorage(self.registry.v2),
+        if report is not None and self.inventory is not None and self.storage is not None:
+            outlook = gc_outlook(self.inventory, self.storage,
                                  facts.finished, None if self.repos else report.findings)
         try:
             write_atomically(self.path, verify_metrics(report, facts, outlook))
