@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,11 @@ from regfsck.hashing import (
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.names import is_valid_tag, repo_name_problem
-from regfsck.quarantine import Run, recover
+from regfsck.quarantine import Run
 from regfsck.refs import split_ref
 from regfsck.root import RegistryRoot, RootError, locate
-from regfsck.safety import mutation_guard
 from regfsck.scanner import Scanner
+from regfsck.session import MutationSession, mutation_session
 from regfsck.sources import Source, corrupt_message, open_layout
 from regfsck.storage import FilesystemStorage, StorageError
 
@@ -188,6 +189,7 @@ class ImportPlan:
     notes: list[str] = field(default_factory=list)
     applied: bool = False
     run_id: str | None = None
+    recovered: list[str] = field(default_factory=list)  # what recovery did before --apply
 
     @property
     def bytes_to_write(self) -> int:
@@ -215,6 +217,7 @@ class ImportPlan:
             "applied": self.applied,
             "run_id": self.run_id,
             "notes": list(self.notes),
+            "recovered": list(self.recovered),
         }
 
 
@@ -419,9 +422,9 @@ def target_root(path: Path) -> tuple[RegistryRoot, bool]:
         return RegistryRoot(path, v2), True
 
 
-def apply_import(root: RegistryRoot, plan: ImportPlan, source: Source, *,
+def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
                  on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
-    """Write the plan through a journaled run (call under `mutation_guard`).
+    """Write the plan through a journaled run of `session` (regfsck.session).
 
     Blobs first, then `_layers` and revision links, then tag history and `current` links.
     Any failure (a blob that no longer verifies, Ctrl-C) reverts the whole run."""
@@ -430,7 +433,7 @@ def apply_import(root: RegistryRoot, plan: ImportPlan, source: Source, *,
 
     details = {"source": plan.source, "images": [str(i) for i in plan.images],
                "blobs": len(plan.new_blobs), "links": len(plan.links)}
-    with Run.begin(root, "import", details, on_crash="revert") as run:
+    with session.begin(details, on_crash="revert") as run:
         for digest, _, chunks in source.stream(set(plan.new_blobs), on_bytes, stop):
             created(run, layout.blob_data(digest), chunks)
         for link in plan.links:
@@ -446,8 +449,12 @@ def apply_import(root: RegistryRoot, plan: ImportPlan, source: Source, *,
 
 
 def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, apply: bool = False,
-               on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
-    """Plan an import (and with `apply`, do it under the root lock, re-planned there)."""
+               on_bytes: ProgressFn | None = None, stop: threading.Event | None = None,
+               on_recovered: Callable[[list[str]], None] | None = None) -> ImportPlan:
+    """Plan an import (and with `apply`, do it in a mutation session, re-planned there).
+
+    What recovery made of runs a crash left open is in `plan.recovered` (and handed to
+    `on_recovered` as soon as it is known)."""
     root, fresh = target_root(root_path)
     source = open_layout(source_path, on_bytes, stop)
     images = images_from_index(source.index_bytes(), repo, source.label)
@@ -462,16 +469,16 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
     if not apply:
         return plan_now(verify=True)
     plan_now(verify=False)  # refuse bad input before taking the lock or creating anything
-    with mutation_guard(root):
-        recover(root)
+    with mutation_session(root, command="import", on_recovered=on_recovered) as session:
         plan = plan_now(verify=False)  # again under the lock; blobs are verified as they are written
+        plan.recovered = list(session.recovered)
         if plan.is_empty:
             plan.applied = True
             return plan
         check_free_space(root.root, plan.bytes_to_write)
         if fresh:
             os.makedirs(root.v2, exist_ok=True)
-        return apply_import(root, plan, source, on_bytes=on_bytes, stop=stop)
+        return apply_import(session, plan, source, on_bytes=on_bytes, stop=stop)
 
 
 # Room kept beyond the blobs themselves: links, the journal and the run's metadata.

@@ -32,7 +32,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from regfsck.layout import V2_PREFIX
 from regfsck.root import RegistryRoot
@@ -45,6 +45,9 @@ from regfsck.storage import (
     mutable_storage,
 )
 from regfsck.undoplan import build_view, missing_parts, restored_tags, used_now
+
+if TYPE_CHECKING:
+    from regfsck.session import MutationSession
 
 QUARANTINE_DIR = "regfsck-quarantine"
 JOURNAL = "journal.jsonl"
@@ -405,6 +408,17 @@ def _read_meta(storage: MutableStorage, files: _RunFiles) -> dict[str, Any] | No
     return meta if isinstance(meta, dict) else None
 
 
+def _active(session: MutationSession) -> MutationSession:
+    """`session`, if it is an open mutation session; anything else refuses the run."""
+    from regfsck.session import MutationSession
+
+    if not isinstance(session, MutationSession) or not session.active:
+        raise QuarantineError("a run begins only inside an open mutation session "
+                              "(regfsck.session.mutation_session: root lock held, interrupted "
+                              "runs recovered); nothing was changed")
+    return session
+
+
 class Run:
     """One journaled mutation of the tree (see the module docstring).
 
@@ -412,11 +426,12 @@ class Run:
     `on_crash` policy ("revert": put everything back; "finish": keep what was done),
     the same policy `recover` applies after a crash."""
 
-    def __init__(self, root: RegistryRoot, files: _RunFiles, meta: dict[str, Any]) -> None:
-        self.root = root
+    def __init__(self, session: MutationSession, files: _RunFiles, meta: dict[str, Any]) -> None:
+        self.session = _active(session)
+        self.root = session.root
         self.files = files
         self.meta = meta
-        self.storage = mutable_storage(root)
+        self.storage = session.storage
         self._journal = _JournalWriter(self.storage, files.journal)
         self._seq = 0
         self._held_dirs: set[str] = set()  # parent dirs this run made in its quarantine
@@ -435,12 +450,16 @@ class Run:
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
-    def begin(cls, root: RegistryRoot, command: str, details: dict[str, Any], *,
-              on_crash: OnCrash = "revert") -> Run:
+    def begin(cls, session: MutationSession, details: dict[str, Any], *,
+              on_crash: OnCrash = "revert", command: str | None = None) -> Run:
         """Create the run directory, its meta.json and an empty journal.
 
+        Only inside an open mutation session (regfsck.session): the root lock is held and
+        interrupted runs are settled, or no run begins. `command` defaults to the session's.
         Refuses when the quarantine is not on the tree's filesystem: moves must be renames."""
-        storage = mutable_storage(root)
+        root = _active(session).root
+        command = command or session.command
+        storage = session.storage
         files = _RunFiles(new_run_id())
         try:
             if storage.stat(QUARANTINE_DIR) is None:
@@ -467,7 +486,7 @@ class Run:
                 if storage.stat(files.dir) is not None:
                     storage.remove_tree(files.dir)
             raise QuarantineError(f"cannot start a run in {root.display}/{QUARANTINE_DIR}: {exc}") from exc
-        run = cls(root, files, meta)
+        run = cls(session, files, meta)
         try:
             run._journal.write({"ev": "begin", "run_id": files.run_id, "command": command})
         except StorageError as exc:

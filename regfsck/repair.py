@@ -15,7 +15,7 @@ Only what the tree itself proves is fixed:
   re-push are listed); a missing blob is restored from a source when one has it.
 
 The plan is plain data (`RepairPlan`); applying it goes through the shared mutation API
-(`safety.mutation_guard`, `quarantine.Run`): every replaced or removed file is moved to
+(`session.mutation_session`, `quarantine.Run`): every replaced or removed file is moved to
 the quarantine with a journal line first, so `regfsck undo` reverts a repair exactly.
 """
 
@@ -35,10 +35,10 @@ from regfsck.hashing import hash_file
 from regfsck.inventory import Inventory, Link
 from regfsck.layout import V2_PREFIX
 from regfsck.manifest import Manifest, ManifestError, parse_manifest
-from regfsck.quarantine import Run, recover
+from regfsck.quarantine import Run
 from regfsck.root import RegistryRoot
-from regfsck.safety import mutation_guard
 from regfsck.scanner import Scanner
+from regfsck.session import MutationSession, mutation_session
 from regfsck.sources import Source, SourceError
 from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
@@ -684,12 +684,13 @@ class Applier:
         return None
 
 
-def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[Source], *,
+def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source], *,
                stop: threading.Event | None = None) -> tuple[str | None, bool]:
-    """Apply `plan` in one journaled run (caller holds `mutation_guard`); (run id, interrupted).
+    """Apply `plan` in one journaled run of `session` (regfsck.session); (run id, interrupted).
 
     Archive sources spool the blobs they provide first (verified). Ctrl-C (`stop`) ends the
     run between two fixes: what was applied stays, and `undo` reverts it."""
+    root = session.root
     todo = [f for f in plan.fixes if f.status == "planned"]
     if not todo:
         return None, False
@@ -703,7 +704,7 @@ def apply_plan(root: RegistryRoot, plan: RepairPlan, sources: list[Source], *,
     details = {"fixes": len(todo), "sources": plan.sources,
                "actions": sorted({f.action for f in todo})}
     interrupted = False
-    with Run.begin(root, "repair", details, on_crash="revert") as run:
+    with session.begin(details, on_crash="revert") as run:
         applier = Applier(root, run, sources)
         for fix in todo:
             if stop is not None and stop.is_set():
@@ -720,20 +721,20 @@ def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: 
                restore_deleted: bool = False) -> RepairResult:
     """Plan (and with `apply`, carry out) the repair of `root`.
 
-    Applying happens under `mutation_guard` (refuses while a registry may use ROOT; holds
-    the lock), after `recover` has settled runs a crash left open; the plan is made under
+    Applying happens in a mutation session (regfsck.session: refuses while a registry may
+    use ROOT, holds the lock, settles runs a crash left open first); the plan is made under
     the lock, so nothing changes between planning and applying. Afterwards the structure
     is verified again and whatever still needs attention is returned in `remaining`."""
     if not apply:
         plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
                                  restore_deleted=restore_deleted)
         return RepairResult(plan)
-    with mutation_guard(root):
-        recovered = recover(root)
+    with mutation_session(root, command="repair") as session:
+        recovered = session.recovered
         plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
                                  restore_deleted=restore_deleted)
         try:
-            run_id, interrupted = apply_plan(root, plan, sources, stop=stop)
+            run_id, interrupted = apply_plan(session, plan, sources, stop=stop)
         finally:
             for source in sources:
                 source.close()

@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from regfsck.layout import V2_PREFIX
-from regfsck.quarantine import Run
 from regfsck.root import RegistryRoot
-from regfsck.safety import SafetyError, check_unused
-from regfsck.storage import MutableStorage, mutable_storage
+from regfsck.safety import SafetyError
+from regfsck.session import MutationSession, mutation_session
+from regfsck.storage import MutableStorage
 
 # Order of the sweep: what refers to other things goes first, so a crash at any point
 # leaves no link pointing at something already moved away that the link still needs.
@@ -91,14 +91,15 @@ def _pause(point: str) -> None:
         time.sleep(0.02)
 
 
-def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: Sequence[Removal],
+def sweep(session: MutationSession, details: dict[str, Any], removals: Sequence[Removal],
           empty_dirs: Sequence[str], *, grace: timedelta,
           revalidate: Revalidate | None = None, stop: threading.Event | None = None,
           on_progress: Callable[[int], None] | None = None,
           now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> SweepResult:
     """Quarantine `removals` phase by phase in one run, then the directories left empty.
 
-    Call under `safety.mutation_guard`. A stop request (Ctrl-C) ends the run cleanly
+    The run is the session's (`regfsck.session`: lock held, interrupted runs recovered).
+    A stop request (Ctrl-C) ends the run cleanly
     between batches; everything moved so far stays undoable. Anything that starts using
     ROOT meanwhile (seen at each phase, between batches at least every USERS_EVERY_S and
     before the run ends) stops the run: SafetyError, with what was moved kept in the
@@ -108,15 +109,16 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
     result = SweepResult()
     if not removals and not empty_dirs:
         return result
-    storage = mutable_storage(root)
-    with Run.begin(root, command, details, on_crash="finish") as run:
+    root = session.root
+    storage = session.storage  # rooted at ROOT, as `recheck` expects
+    with session.begin(details, on_crash="finish") as run:
         result.run_id = run.run_id
         last_check = 0.0
 
         def users_check() -> None:
             nonlocal last_check
             try:
-                check_unused(root)
+                session.check_unused()
             except SafetyError as exc:
                 raise SafetyError(
                     f"stopped after {len(result.moved)} of {len(removals)} moves: {exc}. What was "
@@ -164,3 +166,59 @@ def sweep(root: RegistryRoot, command: str, details: dict[str, Any], removals: S
             note = f"stopped on request after {len(result.moved)} of {len(removals)} moves"
         run.finish(note)
     return result
+
+
+class RemovalPlan(Protocol):
+    """What gc's and rm's plans share: the paths to quarantine, and where the outcome goes."""
+
+    removal_list: list[Removal]
+    empty_dirs: list[str]
+    applied: bool
+    run_id: str | None
+    apply_result: dict[str, Any] | None
+
+    @property
+    def is_blocked(self) -> bool: ...
+
+
+P = TypeVar("P", bound=RemovalPlan)
+
+
+@dataclass
+class Applied(Generic[P]):
+    """A plan made under the lock and carried out; `result` is None when the plan refused
+    (`plan.is_blocked`: nothing was changed)."""
+
+    plan: P
+    recovered: list[str]
+    result: SweepResult | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.result is not None and self.result.interrupted
+
+
+def apply_removals(root: RegistryRoot, command: str, make_plan: Callable[[], P],
+                   details: Callable[[P], dict[str, Any]], *, grace: timedelta,
+                   revalidate: Callable[[P], Revalidate | None] = lambda plan: None,
+                   stop: threading.Event | None = None,
+                   on_recovered: Callable[[list[str]], None] | None = None,
+                   on_start: Callable[[int], Callable[[int], None] | None] | None = None
+                   ) -> Applied[P]:
+    """The apply flow of gc and rm: open the mutation session, plan again under the lock
+    (what a plan made before the lock saw may have changed), refuse a blocked plan, else
+    sweep it and record the outcome in the plan.
+
+    `on_start(total)` is called just before the sweep with the number of removals and may
+    return the progress callback (a bar on a terminal)."""
+    with mutation_session(root, command=command, on_recovered=on_recovered) as session:
+        plan = make_plan()
+        if plan.is_blocked:
+            return Applied(plan, session.recovered)
+        progress = on_start(len(plan.removal_list)) if on_start is not None else None
+        result = sweep(session, details(plan), plan.removal_list, plan.empty_dirs, grace=grace,
+                       revalidate=revalidate(plan), stop=stop, on_progress=progress)
+    plan.applied = result.run_id is not None
+    plan.run_id = result.run_id
+    plan.apply_result = result.to_json()
+    return Applied(plan, session.recovered, result)

@@ -20,6 +20,7 @@ from regfsck import layout
 from regfsck.gc import GcOptions, plan_gc, revalidator
 from regfsck.root import RegistryRoot, locate
 from regfsck.safety import RootLock
+from regfsck.session import mutation_session
 from regfsck.sweep import sweep
 from tests import realtools
 from tests.realtools import SampleInfo
@@ -229,8 +230,8 @@ def test_victim_changed_after_planning_is_left_alone(sample_root: Path, sample_i
     changed = sample_info.unreferenced_blobs[0]
     data = sample_root / V2 / layout.blob_data(changed)
     os.utime(data, (1_000_000_000, 1_000_000_000))  # something wrote it since the scan
-    with RootLock(root):
-        result = sweep(root, "gc", {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
+    with mutation_session(root, command="gc") as session:
+        result = sweep(session, {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
                        revalidate=revalidator(root, plan))
     assert (layout.blob_dir(changed), f"{layout.blob_data(changed)} changed since the scan") in result.skipped
     assert data.exists()
@@ -247,8 +248,8 @@ def test_victims_referenced_again_before_the_sweep_are_kept(sample_root: Path,
     current = sample_root / V2 / layout.tag_current_link(repo, "again")
     current.parent.mkdir(parents=True)
     current.write_text(untagged)
-    with RootLock(root):
-        result = sweep(root, "gc", {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
+    with mutation_session(root, command="gc") as session:
+        result = sweep(session, {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
                        revalidate=revalidator(root, plan))
     kept = {p for p, why in result.skipped if "referenced again" in why}
     needed = closure(sample_root, sample_info, {untagged})

@@ -21,9 +21,10 @@ from regfsck.importer import (
     images_from_index,
     run_import,
 )
-from regfsck.quarantine import undo
+from regfsck.quarantine import Run, list_runs, undo
 from regfsck.root import locate
 from regfsck.safety import RootLock
+from regfsck.session import mutation_session
 from regfsck.sources import SourceError
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import SampleInfo
@@ -212,6 +213,32 @@ def test_refuses_while_the_root_lock_is_held(full_export: Path, fixture_root: Pa
         result = cli("import", str(fixture_root), str(full_export), "--apply")
     assert result.returncode == 3 and "another regfsck run" in result.stderr
     assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
+
+
+def test_import_reports_the_recovery_of_an_interrupted_run(fixture_root: Path, tmp_path: Path,
+                                                           info: SampleInfo) -> None:
+    """Import settles a run a crash left open before writing, as every mutating command
+    does, and says so (it used to recover silently and drop the messages)."""
+    source = tmp_path / "base.tar.gz"
+    export(fixture_root, ["library/base"], source)
+    registry = locate(fixture_root)
+    tag_dir = fixture_root / V2 / layout.tag_dir("library/base", sorted(info.tags["library/base"])[0])
+    for number, output in enumerate((["--json"], [])):
+        with mutation_session(registry, command="gc") as session:
+            run = Run.begin(session, {})
+            run.quarantine(str(tag_dir.relative_to(fixture_root / V2)))
+            run._journal.close()  # the process died here: the run stays "running"
+        assert not tag_dir.exists()
+        result = cli("import", str(fixture_root), str(source), "--repo", f"mirror/base{number}",
+                     "--apply", *output)
+        assert result.returncode == 0, result.stderr
+        if output:
+            [message] = json.loads(result.stdout)["recovered"]
+            assert run.run_id in message and "reverted" in message
+        else:
+            assert f"recovered: run {run.run_id} (gc) was interrupted" in result.stderr
+        assert tag_dir.is_dir()  # put back before the import wrote anything
+        assert next(r.status for r in list_runs(registry) if r.run_id == run.run_id) == "reverted"
 
 
 def test_refuses_a_directory_that_is_neither_registry_nor_empty(full_export: Path,

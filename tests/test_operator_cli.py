@@ -395,6 +395,7 @@ def test_a_run_that_cannot_write_its_metadata_leaves_nothing(fixture_root: Path,
 
     from regfsck import quarantine
     from regfsck.root import locate
+    from regfsck.session import mutation_session
     from regfsck.storage import StorageError
 
     def full(*args: object, **kwargs: object) -> None:
@@ -402,6 +403,7 @@ def test_a_run_that_cannot_write_its_metadata_leaves_nothing(fixture_root: Path,
 
     monkeypatch.setattr(quarantine, "_write_meta", full)
     registry = locate(fixture_root)
-    with pytest.raises(quarantine.QuarantineError, match="No space left"):
-        quarantine.Run.begin(registry, "gc", {})
+    with pytest.raises(quarantine.QuarantineError, match="No space left"), \
+            mutation_session(registry, command="gc") as session:
+        quarantine.Run.begin(session, {})
     assert quarantine.list_runs(registry) == []

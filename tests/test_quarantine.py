@@ -34,6 +34,7 @@ from regfsck.quarantine import (
     undo,
 )
 from regfsck.root import RegistryRoot, locate
+from regfsck.session import MutationSession, mutation_session
 from regfsck.storage import StorageError, UnsafePathError
 from tests.support import REPO_ROOT, V2
 from tests.support.snapshot import registry_snapshot
@@ -76,7 +77,8 @@ def locate_dummy() -> RegistryRoot:
 
 def test_every_change_is_undone_byte_for_byte(tree: RegistryRoot) -> None:
     before = registry_snapshot(tree.root)
-    with Run.begin(tree, "test", {"why": "all ops"}) as run:
+    with mutation_session(tree, command="test") as session, \
+            Run.begin(session, {"why": "all ops"}) as run:
         run.quarantine("blobs/sha256/aa/aaaa")  # a directory
         run.quarantine("repositories/r/_uploads/u1/data")  # a file
         run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")  # new dirs
@@ -113,14 +115,48 @@ def test_every_change_is_undone_byte_for_byte(tree: RegistryRoot) -> None:
         undo(tree)
 
 
+def test_a_run_cannot_begin_without_an_open_session(tree: RegistryRoot) -> None:
+    """The lock and recovery are not something a caller may forget: Run.begin takes an
+    open mutation session and refuses anything else, before touching the tree."""
+    before = registry_snapshot(tree.root)
+    with pytest.raises(QuarantineError, match="inside an open mutation session"):
+        Run.begin(tree, {})  # type: ignore[arg-type]  # a root, as Run.begin took before
+    with mutation_session(tree, command="test") as session:
+        assert session.active and session.lock.held
+    assert not session.active and not session.lock.held
+    with pytest.raises(QuarantineError, match="inside an open mutation session"):
+        Run.begin(session, {})  # the session has ended: the lock is released
+    fake = MutationSession(tree, "test", session.lock, session.storage)  # never opened
+    with pytest.raises(QuarantineError, match="inside an open mutation session"):
+        Run.begin(fake, {})
+    assert registry_snapshot(tree.root) == before
+    assert not (tree.root / QUARANTINE_DIR).exists()
+
+
+def test_a_session_recovers_interrupted_runs_first(tree: RegistryRoot) -> None:
+    before = registry_snapshot(tree.root)
+    with mutation_session(tree, command="gc") as session:
+        run = Run.begin(session, {})
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run._journal.close()  # the process died here: the run stays "running"
+    assert not (tree.v2 / "blobs/sha256/aa/aaaa").exists()
+    seen: list[list[str]] = []
+    with mutation_session(tree, command="rm", on_recovered=seen.append) as session:
+        assert registry_snapshot(tree.root) == before  # reverted before the command goes on
+    [message] = session.recovered
+    assert seen == [[message]] and run.run_id in message and "reverted" in message
+    assert [r.status for r in list_runs(tree)] == ["reverted"]
+
+
 def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
-    first = Run.begin(tree, "one", {})
-    first.quarantine("blobs/sha256/aa/aaaa")
-    first.finish()
-    after_first = registry_snapshot(tree.root)
-    second = Run.begin(tree, "two", {})
-    second.quarantine("blobs/sha256/bb/bbbb")
-    second.finish()
+    with mutation_session(tree, command="one") as session:
+        first = Run.begin(session, {})
+        first.quarantine("blobs/sha256/aa/aaaa")
+        first.finish()
+        after_first = registry_snapshot(tree.root)
+        second = Run.begin(session, {}, command="two")
+        second.quarantine("blobs/sha256/bb/bbbb")
+        second.finish()
     assert first.run_id < second.run_id
     assert undo(tree).run_id == second.run_id
     assert registry_snapshot(tree.root) == after_first
@@ -128,7 +164,7 @@ def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
 
 
 def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
-    with Run.begin(tree, "test", {}) as run:
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         run.quarantine("blobs/sha256/bb/bbbb")
         run.create_file("blobs/sha256/cc/cccc/data", b"new")
         run.finish()
@@ -148,7 +184,7 @@ def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
 
 
 def test_create_refuses_an_existing_target_and_unsafe_paths(tree: RegistryRoot) -> None:
-    with Run.begin(tree, "test", {}) as run:
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         with pytest.raises(QuarantineError, match="already exists"):
             run.create_file("blobs/sha256/bb/bbbb/data", b"x")
         for bad in ("../outside", "/etc/passwd", "blobs/../../x", "a\x00b"):
@@ -168,7 +204,7 @@ def test_never_writes_through_a_symlink(tree: RegistryRoot, tmp_path: Path) -> N
     (outside / "victim").write_bytes(b"keep me")
     (tree.v2 / "repositories/evil").symlink_to(outside)
     before_outside = tree_snapshot(outside)
-    with Run.begin(tree, "test", {}) as run:
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         with pytest.raises(StorageError):
             run.create_file("repositories/evil/new", b"x")
         with pytest.raises(StorageError):
@@ -185,7 +221,8 @@ def test_never_writes_through_a_symlink(tree: RegistryRoot, tmp_path: Path) -> N
 
 def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
     before = registry_snapshot(tree.root)
-    with pytest.raises(RuntimeError), Run.begin(tree, "test", {}) as run:
+    with pytest.raises(RuntimeError), mutation_session(tree, command="test") as session, \
+            Run.begin(session, {}) as run:
         run.quarantine("blobs/sha256/aa/aaaa")
         run.create_file("repositories/r/new/link", b"x")
         raise RuntimeError("boom")
@@ -195,7 +232,8 @@ def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
 
 
 def test_a_failing_finish_policy_run_keeps_its_changes(tree: RegistryRoot) -> None:
-    with pytest.raises(RuntimeError), Run.begin(tree, "gc", {}, on_crash="finish") as run:
+    with pytest.raises(RuntimeError), mutation_session(tree, command="gc") as session, \
+            Run.begin(session, {}, on_crash="finish") as run:
         run.quarantine("blobs/sha256/aa/aaaa")
         raise RuntimeError("boom")
     assert not (tree.v2 / "blobs/sha256/aa/aaaa").exists()
@@ -209,7 +247,8 @@ def test_streamed_create_and_returned_digest(tree: RegistryRoot, tmp_path: Path)
     big = os.urandom(3 * (1 << 20) + 5)
     source = tmp_path / "big"
     source.write_bytes(big)
-    with Run.begin(tree, "test", {}) as run, source.open("rb") as handle:
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run, \
+            source.open("rb") as handle:
         digest = run.create_file("blobs/sha256/dd/dddd/data", handle)
         run.create_file("blobs/sha256/ee/eeee/data", iter([b"a", b"b"]))
         run.finish()
@@ -219,10 +258,11 @@ def test_streamed_create_and_returned_digest(tree: RegistryRoot, tmp_path: Path)
 
 
 def test_purge_deletes_old_runs_for_good(tree: RegistryRoot) -> None:
-    run = Run.begin(tree, "test", {})
-    run.quarantine("blobs/sha256/aa/aaaa")
-    run.finish()
-    open_run = Run.begin(tree, "test", {})  # still running: never purged
+    with mutation_session(tree, command="test") as session:
+        run = Run.begin(session, {})
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run.finish()
+        open_run = Run.begin(session, {})  # still running: never purged
     young = purge(tree, timedelta(hours=1))
     assert young.runs == [] and young.bytes_freed == 0
     later = datetime.now(UTC) + timedelta(hours=2)
@@ -249,7 +289,7 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
                                                 ops: list[tuple[str, int]]) -> None:
     root = make_tree(tmp_path_factory.mktemp("prop") / "root")
     before = registry_snapshot(root.root)
-    with Run.begin(root, "prop", {}) as run:
+    with mutation_session(root, command="prop") as session, Run.begin(session, {}) as run:
         for number, (op, pick) in enumerate(ops):
             entries = sorted(p.relative_to(root.v2).as_posix() for p in root.v2.rglob("*"))
             files = [e for e in entries if (root.v2 / e).is_file()]
@@ -281,6 +321,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     from regfsck.root import locate
     from regfsck.storage import FilesystemStorage
     from regfsck.quarantine import Run
+    from regfsck.session import mutation_session
 
     root, policy, method, match, nth, when = sys.argv[1:7]
     seen = [0]
@@ -298,13 +339,14 @@ CRASH_SCRIPT = textwrap.dedent("""
         return result
 
     setattr(FilesystemStorage, method, crashing)
-    run = Run.begin(locate(root), "crashtest", {}, on_crash=policy)
-    run.quarantine_batch(["blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb"])
-    run.quarantine("repositories/r/_uploads/u1")
-    run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
-    run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
-    run.remove_empty_dirs(["repositories/r/_manifests/tags/empty"])
-    run.finish()
+    with mutation_session(locate(root), command="crashtest") as session:
+        run = Run.begin(session, {}, on_crash=policy)
+        run.quarantine_batch(["blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb"])
+        run.quarantine("repositories/r/_uploads/u1")
+        run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
+        run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
+        run.remove_empty_dirs(["repositories/r/_manifests/tags/empty"])
+        run.finish()
     print("finished")
 """)
 
@@ -373,7 +415,7 @@ def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: Crash
 def test_kill_9_during_undo_then_recover_finishes_the_undo(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "root")
     before = registry_snapshot(tree.root)
-    with Run.begin(tree, "test", {}) as run:
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         run.quarantine("blobs/sha256/aa/aaaa")
         run.quarantine("blobs/sha256/bb/bbbb")
         run.create_file("repositories/r/x/link", b"x")
@@ -402,8 +444,9 @@ def test_kill_9_during_undo_then_recover_finishes_the_undo(tmp_path: Path) -> No
 
 
 def test_torn_journal_line_is_tolerated(tree: RegistryRoot) -> None:
-    run = Run.begin(tree, "test", {})
-    run.quarantine("blobs/sha256/aa/aaaa")
+    with mutation_session(tree, command="test") as session:
+        run = Run.begin(session, {})
+        run.quarantine("blobs/sha256/aa/aaaa")
     journal = tree.root / run.path / "journal.jsonl"
     with journal.open("ab") as handle:
         handle.write(b'{"ev": "intent", "seq": 2, "op": "mo')  # the crash cut it here
@@ -421,8 +464,9 @@ def test_quarantine_must_be_on_the_same_filesystem(tree: RegistryRoot) -> None:
     target.mkdir()
     try:
         (tree.root / QUARANTINE_DIR).symlink_to(target)
-        with pytest.raises((QuarantineError, StorageError)):
-            Run.begin(tree, "test", {})
+        with pytest.raises((QuarantineError, StorageError)), \
+                mutation_session(tree, command="test") as session:
+            Run.begin(session, {})
         assert list(target.iterdir()) == []  # nothing written through the symlink either
     finally:
         os.rmdir(target)

@@ -23,7 +23,7 @@ import pytest
 from regfsck import layout
 from regfsck.quarantine import undo
 from regfsck.root import locate
-from regfsck.safety import mutation_guard
+from regfsck.session import mutation_session
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import RealRegistry, RealToolError, SampleInfo, skopeo_copy
 
@@ -67,7 +67,7 @@ def findings(root: Path) -> set[tuple[str, str]]:
 
 def undo_last(root: Path) -> None:
     registry = locate(root)
-    with mutation_guard(registry):
+    with mutation_session(registry, command="undo"):
         undo(registry)
 
 

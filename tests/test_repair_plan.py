@@ -20,6 +20,7 @@ from regfsck.quarantine import list_runs, undo
 from regfsck.repair import Applier, RepairError, RepairPlan, apply_plan, plan_repair
 from regfsck.root import locate
 from regfsck.scanner import Scanner
+from regfsck.session import mutation_session
 from regfsck.storage import FilesystemStorage
 from regfsck.why import ReferenceGraph
 from tests.realtools import SampleInfo, materialize_fixture
@@ -156,7 +157,8 @@ def test_interrupt_between_fixes_keeps_a_finished_undoable_run(fixture_root: Pat
     registry = locate(fixture_root)
     plan = plan_of(fixture_root)
     assert len(plan.fixes) == 3
-    run_id, interrupted = apply_plan(registry, plan, [], stop=StopAfter(1))
+    with mutation_session(registry, command="repair") as session:
+        run_id, interrupted = apply_plan(session, plan, [], stop=StopAfter(1))
     assert interrupted and run_id
     assert [f.status for f in plan.fixes] == ["applied", "planned", "planned"]
     assert [r.status for r in list_runs(registry)] == ["complete"]
@@ -181,8 +183,8 @@ def test_failure_midway_reverts_the_whole_run(fixture_root: Path,
         return real(self, fix)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Applier, "_rewrite_link", flaky)
-    with pytest.raises(RepairError):
-        apply_plan(registry, plan, [])
+    with pytest.raises(RepairError), mutation_session(registry, command="repair") as session:
+        apply_plan(session, plan, [])
     assert snapshot(fixture_root) == damaged
     assert [r.status for r in list_runs(registry)] == ["reverted"]
 
@@ -192,7 +194,8 @@ def test_changed_link_is_skipped_not_overwritten(fixture_root: Path) -> None:
     registry = locate(fixture_root)
     plan = plan_of(fixture_root)
     (fixture_root / V2 / paths[1]).write_bytes(b"written meanwhile")
-    apply_plan(registry, plan, [])
+    with mutation_session(registry, command="repair") as session:
+        apply_plan(session, plan, [])
     statuses = {f.path: f.status for f in plan.fixes}
     assert statuses[paths[1]] == "skipped" and statuses[paths[0]] == "applied"
     assert (fixture_root / V2 / paths[1]).read_bytes() == b"written meanwhile"
@@ -234,8 +237,6 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
     import sys
     import time
 
-    from regfsck.quarantine import recover
-    from regfsck.safety import mutation_guard
 
     meta = json.loads((FIXTURES / "registry.json").read_text())
     root = materialize_fixture(FIXTURES / "registry", tmp_path / "root", meta["empty_dirs"])
@@ -259,8 +260,8 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
     runs = list_runs(registry)
     if kill_after:
         assert runs and runs[-1].status == "running", "the kill must land inside the run"
-    with mutation_guard(registry):
-        recover(registry)
+    with mutation_session(registry, command="repair") as session:  # what the next command does
+        assert len(session.recovered) == (1 if kill_after else 0)
     assert snapshot(root) == damaged
     assert [r.status for r in list_runs(registry)] == (["reverted"] if kill_after else [])
     result = subprocess.run([sys.executable, "-m", "regfsck", "repair", str(root), "--apply",
@@ -280,5 +281,6 @@ def test_symlinked_link_is_left_to_the_operator(fixture_root: Path, tmp_path: Pa
     plan = plan_of(fixture_root)
     assert not [f for f in plan.fixes if f.path == layout.revision_link(repo, digest)]
     assert "symlink" in {u.finding.kind for u in plan.unfixable}
-    apply_plan(locate(fixture_root), plan, [])
+    with mutation_session(locate(fixture_root), command="repair") as session:
+        apply_plan(session, plan, [])
     assert link.is_symlink() and outside.read_bytes() == digest.encode()

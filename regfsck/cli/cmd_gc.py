@@ -72,8 +72,8 @@ def gc(
     """Remove what no image needs: unreferenced blobs, dead links, stale uploads (undoable)."""
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
-    from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
-    from regfsck.gc import GcOptions, plan_gc, revalidator
+    from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
+    from regfsck.gc import GcOptions, apply_gc, plan_gc
     from regfsck.quarantine import QuarantineError, list_runs
     from regfsck.safety import registry_users
     from regfsck.storage import StorageError
@@ -103,22 +103,16 @@ def gc(
         plan = plan_gc(registry, options)
         _output(plan, json_output, [], registry)
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
-    with guarded(registry, json_output) as recovered:
-        plan = plan_gc(registry, options)
-        if plan.is_blocked:
-            _output(plan, json_output, recovered, registry)
-            raise typer.Exit(exitcodes.CANNOT_RUN)
-        result = run_sweep(registry, "gc", {"options": options.to_json()}, plan.removal_list,
-                           plan.empty_dirs, grace=options.grace,
-                           revalidate=revalidator(registry, plan), json_output=json_output)
-    plan.applied = result.run_id is not None
-    plan.run_id = result.run_id
-    plan.apply_result = result.to_json()
-    _output(plan, json_output, recovered, registry)
+    with refusals(registry), sweep_controls(json_output) as (stop, on_start):
+        applied = apply_gc(registry, options, stop=stop, on_recovered=show_recovered(json_output),
+                           on_start=on_start)
+    _output(applied.plan, json_output, applied.recovered, registry)
+    if applied.result is None:  # blocked: nothing was changed
+        raise typer.Exit(exitcodes.CANNOT_RUN)
     if not json_output:
-        for line in after_apply_text(registry, result):
+        for line in after_apply_text(registry, applied.result):
             note(line)
-    raise typer.Exit(exitcodes.INTERRUPTED if result.interrupted else exitcodes.OK)
+    raise typer.Exit(exitcodes.INTERRUPTED if applied.interrupted else exitcodes.OK)
 
 
 def _output(plan: GcPlan, json_output: bool, recovered: list[str],

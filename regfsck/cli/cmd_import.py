@@ -46,6 +46,7 @@ def import_command(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Import images offline, exactly as the registry would write them (plan first, --apply)."""
+    from regfsck.cli.sweeping import show_recovered
     from regfsck.importer import ImportFailed, ImportInterrupted, run_import
     from regfsck.quarantine import QuarantineError
     from regfsck.root import RootError, rootdir_from_config
@@ -66,7 +67,8 @@ def import_command(
     bar = _Bar() if show_progress(json_output) else None
     try:
         plan = run_import(root, source, repo=repo, apply=apply,
-                          on_bytes=bar.advance if bar else None, stop=stop)
+                          on_bytes=bar.advance if bar else None, stop=stop,
+                          on_recovered=show_recovered(json_output))
     except ImportInterrupted:
         fail("interrupted: nothing was imported" + (" (the run was reverted)" if apply else ""),
              exitcodes.INTERRUPTED)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,30 +68,31 @@ def rm(
              exitcodes.USAGE)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
-    from regfsck.cli.sweeping import after_apply_text, guarded, run_sweep
+    from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
 
     if not apply:
         plan = _plan(registry, values, force)
         _output(plan, json_output, [], root_words(registry))
         raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
-    with guarded(registry, json_output) as recovered:
-        plan = _plan(registry, values, force)
-        if plan.is_blocked:
-            _output(plan, json_output, recovered, root_words(registry))
-            raise typer.Exit(exitcodes.CANNOT_RUN)
-        result = run_sweep(registry, "rm", {"refs": plan.refs, "force": force}, plan.removal_list,
-                           plan.empty_dirs, grace=timedelta(0),
-                           revalidate=None, json_output=json_output)
-    plan.applied = result.run_id is not None
-    plan.run_id = result.run_id
-    plan.apply_result = result.to_json()
-    _output(plan, json_output, recovered, root_words(registry))
+    from regfsck.refs import RefError
+    from regfsck.rm import apply_rm
+
+    try:
+        with refusals(registry), sweep_controls(json_output) as (stop, on_start):
+            applied = apply_rm(registry, values, force=force, stop=stop,
+                               on_recovered=show_recovered(json_output), on_start=on_start)
+    except RefError as exc:
+        fail(str(exc), exitcodes.USAGE)
+    plan = applied.plan
+    _output(plan, json_output, applied.recovered, root_words(registry))
+    if applied.result is None:  # blocked: nothing was changed
+        raise typer.Exit(exitcodes.CANNOT_RUN)
     if not json_output:
-        for line in after_apply_text(registry, result):
+        for line in after_apply_text(registry, applied.result):
             note(line)
         for line in gc_hint(plan, root_words(registry)):
             note(line)
-    raise typer.Exit(exitcodes.INTERRUPTED if result.interrupted else exitcodes.OK)
+    raise typer.Exit(exitcodes.INTERRUPTED if applied.interrupted else exitcodes.OK)
 
 
 def gc_hint(plan: RmPlan, root: str) -> list[str]:

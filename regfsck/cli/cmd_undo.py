@@ -98,7 +98,8 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
         open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
     except QuarantineError as exc:
         fail(str(exc))
-    with guarded(registry, json_output) as recovered:
+    with guarded(registry, json_output, "undo") as session:
+        recovered = session.recovered
         reverted_by_recovery = [r.run_id for r in list_runs(registry)
                                 if r.run_id in open_runs and r.status == "reverted"]
         if reverted_by_recovery and (run_id is None or run_id in reverted_by_recovery):

@@ -1,8 +1,9 @@
 """What the tree-changing commands (gc, rm, undo, purge) share on the command line.
 
-Taking the mutation guard and recovering interrupted runs, turning safety and quarantine
-errors into one-line refusals (exit 3), Ctrl-C into a clean stop between batches, and
-the reminders printed after a change.
+Rendering around the core's mutation session (regfsck.session) and apply flows
+(gc.apply_gc, rm.apply_rm): safety and quarantine errors as one-line refusals (exit 3),
+recovery messages on stderr, Ctrl-C as a clean stop between batches with a progress bar,
+and the reminders printed after a change.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import errno
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from regfsck import exitcodes
@@ -20,7 +20,8 @@ from regfsck.cli.common import fail, human_bytes, note, root_words, show_progres
 
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot
-    from regfsck.sweep import Removal, Revalidate, SweepResult
+    from regfsck.session import MutationSession
+    from regfsck.sweep import SweepResult
 
 CACHE_REMINDER = (
     "Restart the registry before it serves this tree again: its blob-descriptor cache "
@@ -46,21 +47,17 @@ def _full_disk_hint(registry: RegistryRoot) -> str:
 
 
 @contextmanager
-def guarded(registry: RegistryRoot, json_output: bool) -> Iterator[list[str]]:
-    """Hold the root lock (refusing while anything may use ROOT), after crash recovery.
+def refusals(registry: RegistryRoot) -> Iterator[None]:
+    """Turn what stops a tree-changing command into one line on stderr and exit 3.
 
-    Yields the recovery messages; every refusal is one line on stderr and exit 3."""
-    from regfsck.quarantine import QuarantineError, recover
-    from regfsck.safety import SafetyError, mutation_guard
+    Safety and quarantine refusals (a registry running, the lock held, a damaged run) are
+    shown as they are; an I/O error midway says that the changes made so far are kept."""
+    from regfsck.quarantine import QuarantineError
+    from regfsck.safety import SafetyError
     from regfsck.storage import StorageError, UnsafePathError
 
     try:
-        with mutation_guard(registry):
-            messages = recover(registry)
-            if messages and not json_output:
-                for message in messages:
-                    note(f"recovered: {message}")
-            yield messages
+        yield
     except (SafetyError, QuarantineError) as exc:
         fail(str(exc) + (_full_disk_hint(registry) if _no_space(exc) else ""),
              exitcodes.CANNOT_RUN)
@@ -68,6 +65,28 @@ def guarded(registry: RegistryRoot, json_output: bool) -> Iterator[list[str]]:
         hint = _full_disk_hint(registry) if _no_space(exc) else ""
         fail(f"stopped: {exc} (changes made so far are kept and undoable; see `regfsck runs`)"
              f"{hint}", exitcodes.CANNOT_RUN)
+
+
+def show_recovered(json_output: bool) -> Callable[[list[str]], None]:
+    """The `on_recovered` of a mutation session: each recovery message on stderr, at once
+    (the JSON documents carry them under "recovered")."""
+    def show(messages: list[str]) -> None:
+        if not json_output:
+            for message in messages:
+                note(f"recovered: {message}")
+    return show
+
+
+@contextmanager
+def guarded(registry: RegistryRoot, json_output: bool, command: str
+            ) -> Iterator[MutationSession]:
+    """A mutation session (root lock, refusal while anything may use ROOT, crash recovery
+    first) for a command that changes the tree itself; every refusal is one line, exit 3."""
+    from regfsck.session import mutation_session
+
+    with refusals(registry), mutation_session(registry, command=command,
+                                              on_recovered=show_recovered(json_output)) as session:
+        yield session
 
 
 def _no_space(exc: BaseException) -> bool:
@@ -80,31 +99,38 @@ def _no_space(exc: BaseException) -> bool:
     return False
 
 
-def run_sweep(registry: RegistryRoot, command: str, details: dict[str, Any],
-              removals: Sequence[Removal], empty_dirs: Sequence[str], *, grace: timedelta,
-              revalidate: Revalidate | None, json_output: bool) -> SweepResult:
-    """Run `sweep.sweep` with a progress bar on a terminal and Ctrl-C as a clean stop."""
+OnStart = Callable[[int], Callable[[int], None] | None]
+
+
+@contextmanager
+def sweep_controls(json_output: bool) -> Iterator[tuple[threading.Event, OnStart]]:
+    """(stop event, `on_start`) for `sweep.apply_removals`: when the sweep starts, Ctrl-C
+    becomes a clean stop between batches, and a terminal gets a progress bar for more
+    than 200 moves; both end with the block."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from regfsck.sweep import sweep
-
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    progress: Progress | None = None
+    bars: list[Progress] = []
+    previous: list[Any] = []
+
+    def on_start(total: int) -> Callable[[int], None] | None:
+        previous.append(signal.signal(signal.SIGINT, lambda *_: stop.set()))
+        if not (show_progress(json_output) and total > 200):
+            return None
+        progress = Progress(TextColumn("moving to quarantine"), BarColumn(),
+                            MofNCompleteColumn(), console=stderr_console(), transient=True)
+        task = progress.add_task("move", total=total)
+        progress.start()
+        bars.append(progress)
+        return lambda n: progress.advance(task, n)
+
     try:
-        if show_progress(json_output) and len(removals) > 200:
-            progress = Progress(TextColumn("moving to quarantine"), BarColumn(),
-                                MofNCompleteColumn(), console=stderr_console(), transient=True)
-            task = progress.add_task("move", total=len(removals))
-            progress.start()
-        result = sweep(registry, command, details, removals, empty_dirs, grace=grace,
-                       revalidate=revalidate, stop=stop,
-                       on_progress=(lambda n: progress.advance(task, n)) if progress else None)
+        yield stop, on_start
     finally:
-        if progress is not None:
+        for progress in bars:
             progress.stop()
-        signal.signal(signal.SIGINT, previous)
-    return result
+        if previous:
+            signal.signal(signal.SIGINT, previous[0])
 
 
 def after_apply_text(registry: RegistryRoot, result: SweepResult, bytes_moved: int | None = None
