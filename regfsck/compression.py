@@ -12,19 +12,16 @@ from __future__ import annotations
 import gzip
 import io
 import threading
-from collections.abc import Callable
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from regfsck.hashing import Interrupted
+from regfsck.hashing import Interrupted, ProgressFn
 
 MAGIC_BYTES = 8  # enough for every magic below
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 ZSTD_MAX_BLOCK = 128 << 10
 CHUNK = 1 << 20
-
-ProgressFn = Callable[[int], None]
 
 
 class LayerFormatError(ValueError):

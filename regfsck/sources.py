@@ -27,7 +27,7 @@ import tarfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from regfsck import layout
 from regfsck.compression import READ_ERRORS, DecompressedReader
@@ -284,6 +284,14 @@ class ArchiveSource(Source):
         finally:
             raw.close()
 
+    def _data(self, extracted: IO[bytes]) -> Iterator[bytes]:
+        """A member's bytes; the archive failing under them (it changed since it was opened,
+        or breaks mid-member) is a SourceError wherever the chunks are consumed."""
+        try:
+            yield from read_chunks(extracted)
+        except _ARCHIVE_ERRORS as exc:
+            raise SourceError(f"cannot read the archive {self.path}: {exc}", "damage") from exc
+
     def _scan(self, on_bytes: ProgressFn | None, stop: threading.Event | None) -> None:
         kept = 0
         for position, name, member, tar in self._members(on_bytes, stop):
@@ -304,7 +312,7 @@ class ArchiveSource(Source):
             extracted = tar.extractfile(member)
             assert extracted is not None
             try:
-                for chunk in self._proven(read_chunks(extracted), digest, member.size, None, stop):
+                for chunk in self._proven(self._data(extracted), digest, member.size, None, stop):
                     if small and (body or chunk[:1] == b"{"):
                         body += chunk
             except SourceError as exc:
@@ -372,7 +380,7 @@ class ArchiveSource(Source):
                 continue
             extracted = tar.extractfile(member)
             assert extracted is not None
-            yield digest, member.size, self._proven(read_chunks(extracted), digest, member.size,
+            yield digest, member.size, self._proven(self._data(extracted), digest, member.size,
                                                     on_bytes, stop)
             if not left:
                 return

@@ -11,6 +11,7 @@ import bz2
 import gzip
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -35,7 +36,8 @@ COMPRESSIONS = ["plain", "gzip", "zstd"]
 def small_layout(path: Path) -> tuple[OCILayoutWriter, dict[str, bytes]]:
     """A one-image layout; returns it and every blob by digest."""
     writer = OCILayoutWriter(path)
-    layer = writer.add_layer({"a.txt": b"hello " * 3000}, "gzip")
+    layer = writer.add_layer({"a.txt": b"hello " * 3000, "noise": random.randbytes(200_000)},
+                             "gzip")
     writer.add_image([layer], tag="team/app:v1")
     blobs = {f"sha256:{p.name}": p.read_bytes() for p in (path / "blobs" / "sha256").iterdir()}
     return writer, blobs
@@ -202,3 +204,25 @@ def test_hostile_members(layout: tuple[Path, dict[str, bytes]], tmp_path: Path) 
     with pytest.raises(SourceError, match=r"two index\.json"):
         two.index_bytes()
     assert not (tmp_path.parent / "escape").exists() and not Path("/abs/path").exists()
+
+
+def test_an_archive_that_changes_after_it_was_opened(layout: tuple[Path, dict[str, bytes]],
+                                                     tmp_path: Path) -> None:
+    """Import copies (and repair spools) in a second pass: an archive cut in between is a
+    SourceError from the chunks, never a half-written blob taken as good."""
+    path, blobs = layout
+    packed = archive(tmp_path, layout_members(path))
+    source = open_layout(packed)
+    layer = max(blobs, key=lambda d: len(blobs[d]))
+    with tarfile.open(packed) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(layer[7:]))
+    packed.write_bytes(packed.read_bytes()[: member.offset_data + member.size // 2])
+    with pytest.raises(SourceError, match=r"cannot read the archive"):
+        for _, _, chunks in source.stream({layer}):
+            b"".join(chunks)
+    spooling = open_blob_source(archive(tmp_path, layout_members(path), "zstd", name="b.tar"))
+    (tmp_path / "b.tar").write_bytes(b"")
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(SourceError):
+        spooling.prepare(set(blobs), RegistryRoot(root, root / "docker/registry/v2"))
