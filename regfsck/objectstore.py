@@ -40,7 +40,9 @@ from regfsck.root import S3Location
 from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative
 
 if TYPE_CHECKING:
-    from obstore.store import S3Store
+    from obstore.store import AzureStore, S3Store
+
+    ObjectClient = S3Store | AzureStore
 
 DEFAULT_JOBS = 64
 JOBS_ENV = "REGFSCK_S3_JOBS"
@@ -147,8 +149,38 @@ def client_config(location: S3Location, environ: dict[str, str] | None = None) -
     return config
 
 
-def make_client(location: S3Location, environ: dict[str, str] | None = None) -> S3Store:
+def azure_client_config(location: S3Location,
+                        environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """How to reach an Azure container (obstore's Azure config keys): the registry's
+    `azure` parameters first, then AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT,
+    AZURE_STORAGE_ACCOUNT_KEY / AZURE_STORAGE_KEY and AZURE_STORAGE_ENDPOINT (the account's
+    blob URL, e.g. Azurite's `http://127.0.0.1:10000/devstoreaccount1`)."""
+    env = os.environ if environ is None else environ
+    config: dict[str, Any] = {}
+    account = location.access_key or env.get("AZURE_STORAGE_ACCOUNT_NAME") or \
+        env.get("AZURE_STORAGE_ACCOUNT")
+    key = location.secret_key or env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_KEY")
+    endpoint = location.endpoint or env.get("AZURE_STORAGE_ENDPOINT")
+    if account:
+        config["account_name"] = account
+    if key:
+        config["account_key"] = key
+    else:
+        config["skip_signature"] = True  # a public container, or the server says no
+    if endpoint:
+        config["endpoint"] = endpoint
+    return config
+
+
+def make_client(location: S3Location, environ: dict[str, str] | None = None) -> ObjectClient:
     """The obstore client for `location` (see `client_config`)."""
+    if location.provider == "azure":
+        from obstore.store import AzureStore
+
+        azure = azure_client_config(location, environ)
+        options: dict[str, Any] = {"allow_http": str(azure.get("endpoint", "")).startswith("http://"),
+                                   "timeout": "300s", "connect_timeout": "10s"}
+        return AzureStore(location.bucket, config=azure, client_options=options)  # type: ignore[arg-type]
     from obstore.store import S3Store
 
     config = client_config(location, environ)
@@ -164,6 +196,9 @@ def _list_raw(location: S3Location, prefix: str,
     """ListObjectsV2 through boto3, for a partition holding a key obstore refuses to parse
     (an empty, `.` or `..` segment: `a//b`, `a/./b`). Such keys are possible on S3 and
     must become findings, not stop the scan. Returns (objects, common prefixes, pages)."""
+    if location.provider != "s3":
+        raise StorageError(errno.EIO, f"cannot list {prefix}: a key there is not a valid path "
+                           f"(only S3 keys of that kind are listed as findings)", prefix)
     try:
         import boto3
         from botocore.config import Config  # type: ignore[import-untyped]
@@ -336,7 +371,7 @@ class ObjectStorage:
     scan_threads = 1  # the walk runs on the listing in memory; reads are batched below
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
-                 client: S3Store | None = None, base: str | None = None) -> None:
+                 client: ObjectClient | None = None, base: str | None = None) -> None:
         self.location = location
         self.base = location.v2_prefix if base is None else base  # a quarantine payload's
         self.jobs = jobs or default_jobs()
@@ -349,7 +384,7 @@ class ObjectStorage:
 
     # -- plumbing ------------------------------------------------------------------
     @property
-    def client(self) -> S3Store:
+    def client(self) -> ObjectClient:
         if self._client is None:
             self._client = make_client(self.location)
         return self._client
@@ -675,14 +710,14 @@ class ObjectMutator:
     `delete` (one DeleteObjects of up to 1,000 keys)."""
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
-                 client: S3Store | None = None) -> None:
+                 client: ObjectClient | None = None) -> None:
         self.location = location
         self.base = f"{location.prefix}/" if location.prefix else ""
         self.jobs = jobs or default_jobs()
         self._client = client
 
     @property
-    def client(self) -> S3Store:
+    def client(self) -> ObjectClient:
         if self._client is None:
             self._client = make_client(self.location)
         return self._client

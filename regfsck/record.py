@@ -76,7 +76,7 @@ def record_base(root: RegistryRoot, state_dir: Path | None = None, *, create: bo
     if home is None:
         xdg = os.environ.get(STATE_HOME_ENV)
         home = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "regfsck"
-    base = Path(home) / "s3" / root.s3.bucket / (root.s3.prefix or "_")
+    base = Path(home) / root.s3.provider / root.s3.bucket / (root.s3.prefix or "_")
     if not create:
         return base  # absent: no record yet (nothing is created by a plain verify)
     try:

@@ -34,10 +34,15 @@ class S3Location:
     secret_key: str | None = None
     force_path_style: bool | None = None
     secure: bool = True
+    # "s3", or "azure": the registry's `azure` driver, read through the same object-store
+    # backend (bucket = container, access_key = accountname, secret_key = accountkey,
+    # endpoint = serviceurl, the account's blob URL).
+    provider: str = "s3"
 
     @property
     def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        scheme = self.provider
+        return f"{scheme}://{self.bucket}/{self.prefix}" if self.prefix else f"{scheme}://{self.bucket}"
 
     @property
     def v2_prefix(self) -> str:
@@ -83,19 +88,24 @@ def object_root(location: S3Location) -> RegistryRoot:
 
 
 def parse_s3_url(text: str) -> S3Location:
-    """`s3://BUCKET/PREFIX` (PREFIX: the registry's rootdirectory, may be empty)."""
-    rest = text[len("s3://"):] if text.startswith("s3://") else text[len("s3:/"):]
+    """`s3://BUCKET/PREFIX` or `azure://CONTAINER/PREFIX` (PREFIX: the registry's
+    rootdirectory, may be empty)."""
+    provider = "azure" if text.startswith("azure:/") else "s3"
+    scheme = f"{provider}:/"
+    rest = text[len(scheme) + 1:] if text.startswith(scheme + "/") else text[len(scheme):]
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not bucket or "\x00" in text or any(p in (".", "..") for p in prefix.split("/") if p):
-        raise RootError(f"{text!r} is not a usable s3://BUCKET/PREFIX URL")
-    return S3Location(bucket, "/".join(p for p in prefix.split("/") if p))
+        raise RootError(f"{text!r} is not a usable {provider}://"
+                        f"{'CONTAINER' if provider == 'azure' else 'BUCKET'}/PREFIX URL")
+    return S3Location(bucket, "/".join(p for p in prefix.split("/") if p), provider=provider)
 
 
 def is_s3_url(path: Path | str) -> bool:
-    """ROOT names a bucket. typer hands ROOT over as a Path, which folds `s3://` to `s3:/`."""
+    """ROOT names a bucket (`s3://`) or an Azure container (`azure://`). typer hands ROOT
+    over as a Path, which folds `s3://` to `s3:/`."""
     text = str(path)
-    return text.startswith("s3://") or text.startswith("s3:/")
+    return text.startswith(("s3:/", "azure:/"))
 
 
 def _refuse_symlinks(root: Path) -> None:
@@ -175,6 +185,35 @@ def s3_location_from_config(section: object, env: Mapping[str, str]) -> S3Locati
                       force_path_style=force, secure=secure)
 
 
+AZURE_ENV = "REGISTRY_STORAGE_AZURE_"
+
+
+def azure_location_from_config(section: object, env: Mapping[str, str]) -> S3Location:
+    """The registry's `storage: azure:` parameters (accountname, accountkey, container,
+    serviceurl or realm, rootdirectory), with its REGISTRY_STORAGE_AZURE_* overrides.
+    Without `serviceurl` the account's blob URL is `https://ACCOUNT.blob.REALM`
+    (realm `core.windows.net`), as the driver builds it."""
+    params: dict[str, object] = {str(k).lower(): v for k, v in section.items()} \
+        if isinstance(section, dict) else {}
+    for key, value in env.items():
+        if key.startswith(AZURE_ENV) and value != "":
+            params[key[len(AZURE_ENV):].lower()] = value
+
+    def text(name: str) -> str | None:
+        value = params.get(name)
+        return None if value is None or value == "" else str(value)
+
+    container = text("container")
+    if not container:
+        raise RootError("storage driver 'azure' without a container")
+    account = text("accountname")
+    endpoint = text("serviceurl")
+    if endpoint is None and account is not None:
+        endpoint = f"https://{account}.blob.{text('realm') or 'core.windows.net'}"
+    return S3Location(container, (text("rootdirectory") or "").strip("/"), endpoint=endpoint,
+                      access_key=account, secret_key=text("accountkey"), provider="azure")
+
+
 def _storage_rootdir(config: dict[str, Any]) -> str | None:
     storage = config.get("storage")
     if not isinstance(storage, dict):
@@ -183,7 +222,8 @@ def _storage_rootdir(config: dict[str, Any]) -> str | None:
     if fs is None:
         drivers = [k for k in storage if k not in _NOT_DRIVERS]
         if drivers:
-            raise RootError(f"storage driver is {drivers[0]!r}; regfsck reads 'filesystem' and 's3'")
+            raise RootError(f"storage driver is {drivers[0]!r}; regfsck reads 'filesystem', "
+                            "'s3' and 'azure'")
         return None
     if isinstance(fs, dict):
         value = fs.get("rootdirectory")
@@ -214,6 +254,8 @@ def root_from_config(config_path: Path, environ: Mapping[str, str] | None = None
     storage = config.get("storage")
     if isinstance(storage, dict) and "filesystem" not in storage and "s3" in storage:
         return s3_location_from_config(storage.get("s3"), env)
+    if isinstance(storage, dict) and "filesystem" not in storage and "azure" in storage:
+        return azure_location_from_config(storage.get("azure"), env)
     return _rootdir(config, env)
 
 
