@@ -8,14 +8,14 @@ a KeyboardInterrupt traceback from deep inside an import.
 import os
 import signal
 
-from regfsck.exitcodes import INTERRUPTED
+from regfsck.errors import ExitCode
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
     # Nothing has been read or written yet. Raising here would unwind through importlib's
     # locks (seen to hang the interpreter at exit), so leave at once.
     os.write(2, b"regfsck: interrupted\n")
-    os._exit(INTERRUPTED)
+    os._exit(ExitCode.INTERRUPTED)
 
 
 def entry() -> None:

@@ -16,7 +16,8 @@ from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from regfsck.hashing import Interrupted, ProgressFn
+from regfsck.errors import Interrupted
+from regfsck.hashing import ProgressFn
 
 MAGIC_BYTES = 8  # enough for every magic below
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}

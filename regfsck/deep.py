@@ -49,6 +49,7 @@ import zstandard
 from regfsck import deflate, layout
 from regfsck.checks import FindingSet, valid_revisions
 from regfsck.compression import MAGIC_BYTES, LayerFormatError, ZstdFrameChecker, sniff_compression
+from regfsck.errors import Interrupted
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
 from regfsck.hashing import HASHERS, new_hasher
@@ -409,7 +410,7 @@ class _Source(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if self.stop is not None and self.stop.is_set():
-            raise Stopped
+            raise Interrupted
         n = self.read_into(memoryview(buffer).cast("B"))
         if n:
             view = memoryview(buffer)[:n]
@@ -427,10 +428,6 @@ class _Source(io.RawIOBase):
         self.frames = None
         while buffered.read(BUFFER):
             pass
-
-
-class Stopped(Exception):
-    """The stop event was set while a layer was being read."""
 
 
 class GzipTrailingGarbage(ValueError):
@@ -813,7 +810,7 @@ def _results(done: Iterable[Future[Any]]) -> Iterator[Any]:
     for future in done:
         try:
             yield future.result()
-        except Stopped:
+        except Interrupted:
             continue
 
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from regfsck.errors import UsageError
+
 HEX_LENGTHS: dict[str, int] = {"sha256": 64, "sha384": 96, "sha512": 128}
 EMPTY_SHA256 = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 EMPTY_JSON_SHA256 = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
@@ -20,6 +22,10 @@ _HEX_RE = re.compile(r"[a-f0-9]+")
 
 class DigestError(ValueError):
     """Raised when a string is not a digest the registry would accept."""
+
+
+class DigestArgumentError(DigestError, UsageError):
+    """A digest or prefix typed by the operator that names no single candidate (exit 2)."""
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -96,20 +102,20 @@ def is_digest_prefix(text: str) -> bool:
 
 def expand_digest(text: str, candidates: Iterable[str], what: str = "digest") -> str:
     """The one digest of `candidates` that `text` (a full digest, `sha256:6d7e7209` or
-    `6d7e7209`) names; DigestError (one line) when none or several match."""
+    `6d7e7209`) names; DigestArgumentError (one line, exit 2) when none or several match."""
     if is_digest(text):
         return text
     match = _PREFIX_RE.fullmatch(text)
     if match is None:
-        raise DigestError(f"not a digest or a digest prefix (4+ lowercase hex digits): {text[:80]!r}")
+        raise DigestArgumentError(f"not a digest or a digest prefix (4+ lowercase hex digits): {text[:80]!r}")
     prefix = f"{match.group(1) or 'sha256'}:{match.group(2)}"
     found = sorted({c for c in candidates if c.startswith(prefix)})
     if not found:
-        raise DigestError(f"no {what} starts with {text}")
+        raise DigestArgumentError(f"no {what} starts with {text}")
     if len(found) > 1:
         shown = ", ".join(f[:len(prefix) + 4] + "..." for f in found[:5])
         more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-        raise DigestError(f"{text} is ambiguous: {len(found)} {what}s start with it ({shown}{more}); "
+        raise DigestArgumentError(f"{text} is ambiguous: {len(found)} {what}s start with it ({shown}{more}); "
                           "give more digits")
     return found[0]
 

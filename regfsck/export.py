@@ -28,8 +28,9 @@ import zstandard
 from regfsck import deflate, layout
 from regfsck.artifacts import referrers_of
 from regfsck.checks import valid_revisions
+from regfsck.errors import REASON_EXIT, Interrupted, RegfsckError
 from regfsck.graph import ManifestStore, Unloadable
-from regfsck.hashing import DigestMismatch, Interrupted, verified
+from regfsck.hashing import DigestMismatch, verified
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, Manifest, ManifestKind
 from regfsck.refs import ImageRef
@@ -63,16 +64,13 @@ class Compression(enum.StrEnum):
     ZSTD = "zstd"
 
 
-class ExportError(Exception):
-    """The export cannot be done; `reason` is "usage" (bad request), "damage" (the tree) or "io"."""
+class ExportError(RegfsckError):
+    """The export cannot be done; `reason` is "usage" (bad request), "damage" (the tree) or
+    "io", and decides the exit code (2, 1, 3)."""
 
     def __init__(self, message: str, reason: str = "usage") -> None:
-        super().__init__(message)
+        super().__init__(message, exit_code=REASON_EXIT[reason])
         self.reason = reason
-
-
-class ExportInterrupted(Exception):
-    """The stop event was set (Ctrl-C); the partial output has been removed."""
 
 
 def compression_for(output: Path) -> Compression:
@@ -122,7 +120,7 @@ def parse_platform(text: str) -> Platform:
     """Parse `OS/ARCH[/VARIANT]` (e.g. `linux/arm64/v8`)."""
     parts = text.split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"platform {text!r} is not OS/ARCH[/VARIANT] (e.g. linux/amd64)")
+        raise ExportError(f"platform {text!r} is not OS/ARCH[/VARIANT] (e.g. linux/amd64)")
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
@@ -513,8 +511,8 @@ def verified_chunks(storage: Storage, blob: BlobCopy, on_bytes: ProgressFn | Non
 
     try:
         yield from verified(read(), blob.digest, blob.size, on_bytes=on_bytes, stop=stop)
-    except Interrupted as exc:
-        raise ExportInterrupted from exc
+    except Interrupted as exc:  # the caller removes the partial output
+        raise Interrupted("interrupted: nothing was written") from exc
     except DigestMismatch as exc:
         raise ExportError(
             f"{blob.image}: blob {blob.digest} is corrupt (its data hashes to {exc.actual}, "
@@ -572,7 +570,7 @@ def _read_ahead(storage: Storage, blobs: list[BlobCopy],
                     break
             while pending:
                 if stop is not None and stop.is_set():
-                    raise ExportInterrupted
+                    raise Interrupted("interrupted: nothing was written")
                 blob, future = pending.pop(0)
                 nxt = next(queue, None)
                 if nxt is not None:

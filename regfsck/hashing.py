@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from regfsck.errors import Interrupted
 from regfsck.inventory import Blob
 from regfsck.storage import FilesystemStorage, Storage, StorageError
 
@@ -62,10 +63,6 @@ class HashOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None and self.actual == self.blob.digest
-
-
-class Interrupted(Exception):
-    """Hashing stopped early because the stop event was set."""
 
 
 # -- hashing while the bytes stream past ---------------------------------------------------

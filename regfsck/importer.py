@@ -29,9 +29,9 @@ from typing import Any
 
 from regfsck import layout
 from regfsck.digest import DigestError, parse_digest
+from regfsck.errors import REASON_EXIT, Interrupted, RegfsckError
 from regfsck.hashing import (
     DigestMismatch,
-    Interrupted,
     ProgressFn,
     digest_of,
     read_chunks,
@@ -51,17 +51,13 @@ from regfsck.storage import FilesystemStorage, StorageError
 REF_NAME = "org.opencontainers.image.ref.name"
 
 
-class ImportFailed(Exception):
-    """The import cannot go ahead; `reason` is "usage", "damage" (bad data) or "io"."""
+class ImportFailed(RegfsckError):
+    """The import cannot go ahead; `reason` is "usage", "damage" (bad data) or "io", and
+    decides the exit code (2, 1, 3)."""
 
     def __init__(self, message: str, reason: str = "usage") -> None:
-        super().__init__(message)
+        super().__init__(message, exit_code=REASON_EXIT[reason])
         self.reason = reason
-
-
-# Ctrl-C: reading stopped (and an --apply run was reverted). The one exception every
-# reader raises when its stop event is set.
-ImportInterrupted = Interrupted
 
 
 # -- what index.json names ----------------------------------------------------------------
@@ -438,7 +434,7 @@ def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
             created(run, layout.blob_data(digest), chunks)
         for link in plan.links:
             if stop is not None and stop.is_set():
-                raise ImportInterrupted
+                raise Interrupted
             if link.replaces is not None:
                 run.quarantine(link.path)
             created(run, link.path, link.digest.encode("ascii"))
@@ -454,7 +450,21 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
     """Plan an import (and with `apply`, do it in a mutation session, re-planned there).
 
     What recovery made of runs a crash left open is in `plan.recovered` (and handed to
-    `on_recovered` as soon as it is known)."""
+    `on_recovered` as soon as it is known). A stop or an I/O error says what became of
+    the import (nothing imported; an --apply run reverted), which only this level knows."""
+    try:
+        return _run_import(root_path, source_path, repo=repo, apply=apply, on_bytes=on_bytes,
+                           stop=stop, on_recovered=on_recovered)
+    except Interrupted as exc:
+        raise Interrupted("interrupted: nothing was imported"
+                          + (" (the run was reverted)" if apply else "")) from exc
+    except StorageError as exc:
+        raise ImportFailed(f"{exc} (nothing was imported)", "io") from exc
+
+
+def _run_import(root_path: Path, source_path: Path, *, repo: str | None, apply: bool,
+                on_bytes: ProgressFn | None, stop: threading.Event | None,
+                on_recovered: Callable[[list[str]], None] | None) -> ImportPlan:
     root, fresh = target_root(root_path)
     source = open_layout(source_path, on_bytes, stop)
     images = images_from_index(source.index_bytes(), repo, source.label)

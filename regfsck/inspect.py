@@ -10,15 +10,16 @@ it, and its health from verify's checks restricted to the image's blobs.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import zstandard
 
@@ -32,6 +33,7 @@ from regfsck.digest import (
     expand_digest,
     is_digest,
 )
+from regfsck.errors import ExitCode, RegfsckError
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, Unloadable
 from regfsck.hashing import verify_blobs
@@ -47,6 +49,31 @@ MAX_CONFIG_BYTES = 32 * 1024 * 1024
 MAX_INDEX_DEPTH = 32
 MAX_TREE_NODES = 10_000
 READ_CHUNK = 1 << 20
+
+
+class ImageDamaged(RegfsckError):
+    """The image cannot be read whole (a missing or unreadable blob, a manifest or config
+    that does not parse): inspect reports it as damage, exit 1."""
+
+    exit_code = ExitCode.FINDINGS
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _damage_is_findings(function: Callable[P, T]) -> Callable[P, T]:
+    """Reading an image: an I/O error or a value that does not parse is `ImageDamaged`
+    (a REF naming nothing stays the usage error it is)."""
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return function(*args, **kwargs)
+        except RefError:
+            raise
+        except (StorageError, ValueError) as exc:
+            raise ImageDamaged(str(exc)) from exc
+    return wrapper
 
 
 # -- the report ----------------------------------------------------------------------
@@ -295,6 +322,7 @@ class Inspector:
         except DigestError as exc:
             raise RefError(str(exc)) from exc
 
+    @_damage_is_findings
     def resolve(self, ref: ImageRef) -> tuple[str | None, str]:
         """(repository, manifest digest) the REF names; RefError says what is there instead."""
         if ref.digest is not None and not is_digest(ref.digest):
@@ -325,6 +353,7 @@ class Inspector:
                            "`regfsck repair`")
         return ref.repo, tag.current.target
 
+    @_damage_is_findings
     def build(self, ref: ImageRef, *, check_data: bool = True, jobs: int = 1,
               stop: threading.Event | None = None) -> InspectReport:
         repo, digest = self.resolve(ref)
@@ -563,6 +592,7 @@ class Inspector:
         return sorted(found.values(), key=lambda f: (order[f.severity], f.kind, f.path))
 
 
+@_damage_is_findings
 def read_manifest_bytes(store: ManifestStore, digest: str) -> bytes:
     """The manifest exactly as stored (what `skopeo inspect --raw` prints for non-schema1)."""
     if digest not in store.inventory.blobs:
@@ -570,6 +600,7 @@ def read_manifest_bytes(store: ManifestStore, digest: str) -> bytes:
     return store.raw(digest)
 
 
+@_damage_is_findings
 def read_config_bytes(inventory: Inventory, store: ManifestStore, digest: str) -> bytes:
     """The config blob of an image manifest, exactly as stored."""
     manifest = store.get(digest)
@@ -584,6 +615,7 @@ def read_config_bytes(inventory: Inventory, store: ManifestStore, digest: str) -
     return store.storage.read_small(blob.path, MAX_CONFIG_BYTES)
 
 
+@_damage_is_findings
 def pick_platform(store: ManifestStore, digest: str, platform: str) -> str:
     """The child of index `digest` for `os/arch[/variant]` (the manifest itself if not an index)."""
     manifest = store.get(digest)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
+from regfsck.errors import ExitCode, RegfsckError
 from regfsck.layout import V2_PREFIX
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
@@ -69,8 +70,8 @@ RUNNING, COMPLETE, INTERRUPTED, UNDOING, REVERTED = (
 FINAL_STATES = (COMPLETE, INTERRUPTED, REVERTED)
 
 
-class QuarantineError(Exception):
-    """A run cannot start, continue or be undone; the message says why (CLI exit 3)."""
+class QuarantineError(RegfsckError):
+    """A run cannot start, continue or be undone; the message says why (exit 3)."""
 
 
 class UndoConflictError(QuarantineError):
@@ -83,10 +84,12 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{when.strftime('%Y%m%dT%H%M%S.%f')}Z-{secrets.token_hex(3)}"
 
 
-def check_run_id(run_id: str) -> str:
-    """Refuse anything but a run id (it becomes a path component)."""
+def check_run_id(run_id: str, exit_code: ExitCode = ExitCode.CANNOT_RUN) -> str:
+    """Refuse anything but a run id (it becomes a path component). `purge RUN_ID...` calls
+    a bad one a usage error (2); `undo` has always refused it as a run it cannot undo (3)."""
     if not RUN_ID_RE.fullmatch(run_id):
-        raise QuarantineError(f"not a run id: {run_id[:80]!r} (see `regfsck runs ROOT`)")
+        raise QuarantineError(f"not a run id: {run_id[:80]!r} (see `regfsck runs ROOT`)",
+                              exit_code=exit_code)
     return run_id
 
 

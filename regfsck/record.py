@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from regfsck.errors import RegfsckError
 from regfsck.inventory import Blob
 from regfsck.root import RegistryRoot
 from regfsck.storage import EntryKind, FilesystemStorage, StorageError
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS verified (
 """
 
 
-class RecordError(Exception):
+class RecordError(RegfsckError):
     """The record cannot be opened or written (read-only root, not a database, symlink)."""
 
 

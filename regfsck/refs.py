@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from regfsck.digest import DigestError, is_digest_prefix, parse_digest
+from regfsck.errors import UsageError
 from regfsck.names import is_valid_tag, repo_name_problem
 
 # What a name without tag or digest means: the whole repository, or `repo:latest`.
@@ -22,8 +23,8 @@ Bare = Literal["repository", "latest"]
 ALGORITHMS = ("sha256:", "sha384:", "sha512:")
 
 
-class RefError(ValueError):
-    """A REF that does not parse, or names nothing in the tree (a usage error)."""
+class RefError(UsageError, ValueError):
+    """A REF that does not parse, or names nothing in the tree (a usage error, exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from regfsck import layout
 from regfsck.checks import valid_revisions
 from regfsck.digest import DigestError, parse_digest, quote_bytes
+from regfsck.errors import ExitCode, Interrupted, RegfsckError
 from regfsck.findings import CATALOG, Finding, Kind, RepairClass, Severity, kinds_where, make_finding
 from regfsck.graph import ManifestStore, tag_users
 from regfsck.hashing import hash_file
@@ -39,7 +41,7 @@ from regfsck.quarantine import Run
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.session import MutationSession, mutation_session
-from regfsck.sources import Source, SourceError
+from regfsck.sources import Source, SourceError, open_blob_source
 from regfsck.storage import FilesystemStorage, StorageError, local_only
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
 from regfsck.why import ReferenceGraph, paths_to
@@ -69,8 +71,8 @@ FOLLOW_ON = {
     "revision": frozenset({"tag_revision_missing", "child_not_in_repo", "tag_index_orphan"}),
 }
 
-class RepairError(Exception):
-    """Repair cannot run or had to stop (the message says why; CLI exit 3)."""
+class RepairError(RegfsckError):
+    """Repair cannot run or had to stop (the message says why; exit 3)."""
 
 
 def _rooted(path: str) -> str:
@@ -596,7 +598,7 @@ def plan_repair(root: RegistryRoot, sources: list[Source], *, jobs: int = 1,
     report = run_verify(root, VerifyOptions(jobs=jobs, check_data=check_data), stop=stop,
                         inventory=inventory)
     if report.summary.interrupted:
-        raise KeyboardInterrupt
+        raise Interrupted("interrupted before anything was changed")
     planner = Planner(inventory, ManifestStore(storage, inventory), report.findings, sources,
                       data_checked=check_data, restore_deleted=restore_deleted)
     return planner.build(), report, inventory
@@ -659,8 +661,8 @@ class Applier:
             self.run.quarantine(stray_dir)
             written = self.run.create_file(fix.path, stream)
         if written != fix.digest:
-            raise RepairError(f"the copy of {fix.from_path} hashes to {written}, not {fix.digest}; "
-                              "the run is reverted")
+            raise RepairError(f"repair stopped, nothing changed: the copy of {fix.from_path} "
+                              f"hashes to {written}, not {fix.digest}; the run is reverted")
         return None
 
     def _from_source(self, fix: Fix) -> str | None:
@@ -679,8 +681,8 @@ class Applier:
                 return "the blob appeared since the plan"
             written = self.run.create_file(fix.path, stream)
         if written != fix.digest:
-            raise RepairError(f"the copy from {fix.source} hashes to {written}, not {fix.digest}; "
-                              "the run is reverted")
+            raise RepairError(f"repair stopped, nothing changed: the copy from {fix.source} "
+                              f"hashes to {written}, not {fix.digest}; the run is reverted")
         return None
 
 
@@ -724,7 +726,35 @@ def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: 
     Applying happens in a mutation session (regfsck.session: refuses while a registry may
     use ROOT, holds the lock, settles runs a crash left open first); the plan is made under
     the lock, so nothing changes between planning and applying. Afterwards the structure
-    is verified again and whatever still needs attention is returned in `remaining`."""
+    is verified again and whatever still needs attention is returned in `remaining`.
+    An I/O error stops it as a RepairError ("repair stopped: ..."; an applied run is
+    reverted by its journal)."""
+    try:
+        return _run_repair(root, sources, apply=apply, jobs=jobs, check_data=check_data,
+                           stop=stop, restore_deleted=restore_deleted)
+    except StorageError as exc:
+        raise RepairError(f"repair stopped: {exc.message}") from exc
+    except SourceError as exc:  # an archive that changed or broke after it was opened
+        raise RepairError(f"repair stopped: {exc}") from exc
+
+
+def open_sources(paths: Iterable[Path]) -> list[Source]:
+    """Open every --from SOURCE; one that cannot be used is a bad argument (exit 2), and
+    the ones opened before it are closed."""
+    opened: list[Source] = []
+    for path in paths:
+        try:
+            opened.append(open_blob_source(path))
+        except SourceError as exc:
+            for source in opened:
+                source.close()
+            raise SourceError(str(exc), exc.reason, exit_code=ExitCode.USAGE) from exc
+    return opened
+
+
+def _run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: int,
+                check_data: bool, stop: threading.Event | None,
+                restore_deleted: bool) -> RepairResult:
     if not apply:
         plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
                                  restore_deleted=restore_deleted)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regfsck.errors import RegfsckError
 from regfsck.layout import V2_PREFIX
 
 DEFAULT_ROOT = Path("/var/lib/registry")
 ROOTDIR_ENV = "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"
 
 
-class RootError(Exception):
+class RootError(RegfsckError):
     """The given path or config does not lead to a registry tree (exit 3)."""
 
 
@@ -274,7 +275,16 @@ def _rootdir(config: dict[str, Any], env: Mapping[str, str]) -> Path:
 
 
 def resolve(path: Path | None, config: Path | None) -> RegistryRoot:
-    """Resolve the CLI's ROOT / --config pair into a registry tree."""
+    """Resolve the CLI's ROOT / --config pair into a registry tree (RootError, exit 3, with
+    what was expected; an unreadable parent directory or an I/O error is one too)."""
+    try:
+        return _resolve(path, config)
+    except OSError as exc:
+        raise RootError(f"cannot read {path if path is not None else config}: "
+                        f"{exc.strerror or exc}") from exc
+
+
+def _resolve(path: Path | None, config: Path | None) -> RegistryRoot:
     if config is not None:
         if path is not None:
             raise RootError("give either ROOT or --config, not both")

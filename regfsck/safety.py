@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from regfsck.errors import RegfsckError
 from regfsck.layout import V2_PREFIX
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
@@ -48,7 +49,7 @@ IGNORED_ENV = frozenset({"PWD", "OLDPWD", "_"})
 NOT_DRIVERS = frozenset({"delete", "maintenance", "cache", "redirect", "tag"})
 
 
-class SafetyError(Exception):
+class SafetyError(RegfsckError):
     """Changing the tree now is not safe; the message says what blocks and how to proceed."""
 
 

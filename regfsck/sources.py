@@ -32,6 +32,7 @@ from typing import IO, BinaryIO
 from regfsck import layout
 from regfsck.compression import READ_ERRORS, DecompressedReader
 from regfsck.digest import DigestError, parse_digest, quote_bytes
+from regfsck.errors import REASON_EXIT, ExitCode, RegfsckError
 from regfsck.hashing import (
     DigestMismatch,
     ProgressFn,
@@ -54,12 +55,14 @@ SCRATCH_DIR = "regfsck-state"  # archive blobs `repair --from` needs are spooled
 _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (tarfile.TarError, *READ_ERRORS)
 
 
-class SourceError(Exception):
+class SourceError(RegfsckError):
     """A source that cannot be read as asked; `reason` is "usage" (not such a source),
-    "damage" (bad bytes in it) or "io" (cannot be opened)."""
+    "damage" (bad bytes in it) or "io" (cannot be opened), and decides the exit code
+    (2, 1, 3) unless the caller knows better (`exit_code`)."""
 
-    def __init__(self, message: str, reason: str = "usage") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "usage", *,
+                 exit_code: ExitCode | None = None) -> None:
+        super().__init__(message, exit_code=exit_code or REASON_EXIT[reason])
         self.reason = reason
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from regfsck.errors import RegfsckError
+
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot, S3Location
 
@@ -53,11 +55,12 @@ class Stat:
     inode: int
 
 
-class StorageError(OSError):
-    """An I/O problem reading the tree, carrying the relative path for findings."""
+class StorageError(RegfsckError, OSError):
+    """An I/O problem reading the tree, carrying the relative path for findings (an OSError
+    for the code that handles I/O; exit 3 when it reaches the operator)."""
 
     def __init__(self, code: int | None, message: str, path: str) -> None:
-        super().__init__(code, message, path)
+        OSError.__init__(self, code, message, path)
         self.message = message
         self.path = path
 
@@ -65,7 +68,7 @@ class StorageError(OSError):
         return self.message
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(RegfsckError, ValueError):
     """A path that could leave the root (`..`, absolute, NUL, symlink on the way)."""
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.digest import EMPTY_SHA256
+from regfsck.errors import UsageError
 from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding, strict_severity
 from regfsck.graph import ManifestStore, reachable, tag_users
 from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
@@ -81,7 +82,7 @@ class VerifyReport:
                 "summary": self.summary.to_json()}
 
 
-class UnknownRepositoryError(LookupError):
+class UnknownRepositoryError(UsageError, LookupError):
     """--repo named a repository the tree does not have."""
 
 

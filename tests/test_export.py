@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from regfsck import layout
+from regfsck.errors import Interrupted
 from regfsck.export import (
     REF_NAME_ANNOTATION,
     ExportError,
     ExportFormat,
-    ExportInterrupted,
     compression_for,
     default_format,
     parse_platform,
@@ -213,7 +213,7 @@ def test_interrupt_removes_partial_output(fixture_root: Path, out_dir: Path) -> 
         calls.append(n)
         stop.set()
 
-    with pytest.raises(ExportInterrupted):
+    with pytest.raises(Interrupted):
         export(fixture_root, ["library/base", "multi/oci"], out_dir / "o.tar.gz", on_bytes=on_bytes,
                stop=stop)
     assert calls and list(out_dir.iterdir()) == []

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from regfsck import layout
+from regfsck.errors import Interrupted
 from regfsck.export import ExportFormat
 from regfsck.importer import (
     ImportFailed,
-    ImportInterrupted,
     images_from_index,
     run_import,
 )
@@ -191,7 +191,7 @@ def test_interrupt_while_applying_reverts(full_export: Path, tmp_path: Path) -> 
         if len(seen) > 3:
             stop.set()
 
-    with pytest.raises(ImportInterrupted):
+    with pytest.raises(Interrupted):
         run_import(empty, full_export, apply=True, on_bytes=on_bytes, stop=stop)
     assert [p for p in (empty / V2).rglob("*") if p.is_file()] == []
 

@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regfsck import hashing, layout
+from regfsck.errors import Interrupted
 from regfsck.incremental import Reason, SelectionOptions, select_blobs
 from regfsck.inventory import Blob
 from regfsck.record import RECORD_REL, STATE_DIR, RecordEntry
@@ -239,7 +240,7 @@ def slow_hashing(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         deadline = time.monotonic() + 0.1
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
-                raise hashing.Interrupted
+                raise Interrupted
             time.sleep(0.005)
         outcome = real(storage, blob, on_bytes, stop)
         checked.append(blob.digest)

@@ -21,8 +21,9 @@ import typer
 import typer.core
 from typer.core import TyperCommand, TyperGroup
 
-from regfsck import __version__, exitcodes
-from regfsck.cli.common import SETTINGS, print_json
+from regfsck import __version__
+from regfsck.cli.common import SETTINGS, fail, print_json
+from regfsck.errors import ExitCode, RegfsckError
 
 # typer >= 0.26 vendors click as typer._click; older ones use click itself.
 _click: Any = getattr(typer.core, "_click", None) or __import__("click")
@@ -147,7 +148,15 @@ def _plain_param_class(base_class: type) -> Any:
 
 
 class Command(TyperCommand):
-    """A regfsck command: global flags, plain help, JSON usage errors under --json."""
+    """A regfsck command: global flags, plain help, JSON usage errors under --json, and the
+    one place a `RegfsckError` becomes output: one line on stderr (and the
+    `{"error", "exit_code"}` document under --json), exit with the error's own code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RegfsckError as exc:
+            fail(str(exc), exc.exit_code)
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = list(super().get_params(ctx))
@@ -275,7 +284,7 @@ def main() -> None:
         app(prog_name="regfsck")
     except KeyboardInterrupt:
         sys.stderr.write("regfsck: interrupted\n")
-        sys.exit(exitcodes.INTERRUPTED)
+        sys.exit(ExitCode.INTERRUPTED)
     except SystemExit:
         raise
     except Exception as exc:  # last resort: one line, exit 3
@@ -283,4 +292,4 @@ def main() -> None:
             raise
         sys.stderr.write(f"regfsck: internal error: {type(exc).__name__}: {exc}\n"
                          "(set REGFSCK_DEBUG=1 for a traceback)\n")
-        sys.exit(exitcodes.CANNOT_RUN)
+        sys.exit(ExitCode.CANNOT_RUN)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
@@ -26,6 +25,7 @@ from regfsck.cli.common import (
     table,
     with_requests,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.export import ExportFormat, ExportResult, Platform
@@ -39,9 +39,6 @@ _SHORT_TYPES = {
     "application/vnd.docker.distribution.manifest.v1+json": "schema1",
     "application/vnd.docker.distribution.manifest.v1+prettyjws": "schema1",
 }
-_EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes.CANNOT_RUN}
-
-
 @command("export")
 def export_command(
     args: list[str] = typer.Argument(..., metavar="ROOT REF...", show_default=False, help=(
@@ -64,36 +61,24 @@ def export_command(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Write images (manifests and blobs byte for byte, each re-hashed) to OUTPUT."""
-    from regfsck.export import (
-        ExportError,
-        ExportFormat,
-        ExportInterrupted,
-        export_images,
-        parse_platform,
-    )
-    from regfsck.refs import RefError, parse_ref
+    from regfsck.export import ExportError, ExportFormat, export_images, parse_platform
+    from regfsck.refs import parse_ref
     from regfsck.scanner import Scanner
-    from regfsck.storage import StorageError, open_storage
+    from regfsck.storage import open_storage
 
     values = list(args)
     root = None if config is not None else Path(values.pop(0))
     if not values:
         fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
-             exitcodes.USAGE)
-    try:
-        parsed: list[ImageRef] = [parse_ref(text, bare="repository") for text in values]
-        wanted: Platform | None = parse_platform(platform) if platform else None
-        if fmt is not None and fmt not in {f.value for f in ExportFormat}:
-            raise ValueError(f"--format: {fmt!r} is not one of oci, oci-archive, docker-archive")
-        chosen: ExportFormat | None = ExportFormat(fmt) if fmt is not None else None
-    except (RefError, ValueError) as exc:
-        fail(str(exc), exitcodes.USAGE)
+             ExitCode.USAGE)
+    parsed: list[ImageRef] = [parse_ref(text, bare="repository") for text in values]
+    wanted: Platform | None = parse_platform(platform) if platform else None
+    if fmt is not None and fmt not in {f.value for f in ExportFormat}:
+        raise ExportError(f"--format: {fmt!r} is not one of oci, oci-archive, docker-archive")
+    chosen: ExportFormat | None = ExportFormat(fmt) if fmt is not None else None
     registry = open_root(root, config, object_storage=True)
     storage = open_storage(registry)
-    try:
-        inventory = Scanner(storage, registry).scan()
-    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
-        fail(str(exc))
+    inventory = Scanner(storage, registry).scan()
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = ByteBar("exporting") if show_progress(json_output) else None
@@ -102,10 +87,6 @@ def export_command(
                                platform=wanted, on_start=bar.start if bar else None,
                                on_bytes=bar.advance if bar else None, stop=stop,
                                with_referrers=with_referrers)
-    except ExportInterrupted:
-        fail("interrupted: nothing was written", exitcodes.INTERRUPTED)
-    except ExportError as exc:
-        fail(str(exc), _EXIT.get(exc.reason, exitcodes.CANNOT_RUN))
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
@@ -114,7 +95,7 @@ def export_command(
         print_json(with_requests(registry, result.to_json()))
     else:
         render_export(result)
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)
 
 
 def render_export(result: ExportResult) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
@@ -18,7 +16,6 @@ from regfsck.cli.common import (
     NO_REGISTRY_CHECK_OPTION,
     REGISTRY_URL_OPTION,
     ROOT_ARGUMENT,
-    fail,
     for_changes,
     human_bytes,
     note,
@@ -32,19 +29,11 @@ from regfsck.cli.common import (
     warn,
     with_requests,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.gc import GcPlan
     from regfsck.root import RegistryRoot
-
-
-def _duration(value: str, option: str) -> timedelta:
-    from regfsck.durations import DurationError, parse_duration
-
-    try:
-        return parse_duration(value)
-    except DurationError as exc:
-        fail(f"{option}: {exc}", exitcodes.USAGE)
 
 
 @command()
@@ -73,21 +62,19 @@ def gc(
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
     from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
+    from regfsck.durations import parse_duration
     from regfsck.gc import GcOptions, apply_gc, plan_gc
     from regfsck.quarantine import QuarantineError, list_runs
     from regfsck.safety import registry_users
-    from regfsck.storage import StorageError
 
     options = GcOptions(delete_untagged=delete_untagged,
-                        uploads_older_than=_duration(uploads_older_than, "--uploads-older-than"),
-                        grace=_duration(grace, "--grace"), force=force)
+                        uploads_older_than=parse_duration(uploads_older_than,
+                                                           "--uploads-older-than"),
+                        grace=parse_duration(grace, "--grace"), force=force)
     if not apply and registry.is_object_storage:
-        try:
-            plan = plan_gc(registry, options)
-        except StorageError as exc:
-            fail(str(exc))
+        plan = plan_gc(registry, options)
         _output(plan, json_output, [], registry)
-        raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
+        raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     if not apply:
         users = registry_users(registry)
         if users:
@@ -102,17 +89,17 @@ def gc(
             note(f"note: run {pending[0]} was interrupted; the next --apply recovers it first.")
         plan = plan_gc(registry, options)
         _output(plan, json_output, [], registry)
-        raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
+        raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     with refusals(registry), sweep_controls(json_output) as (stop, on_start):
         applied = apply_gc(registry, options, stop=stop, on_recovered=show_recovered(json_output),
                            on_start=on_start)
     _output(applied.plan, json_output, applied.recovered, registry)
     if applied.result is None:  # blocked: nothing was changed
-        raise typer.Exit(exitcodes.CANNOT_RUN)
+        raise typer.Exit(ExitCode.CANNOT_RUN)
     if not json_output:
         for line in after_apply_text(registry, applied.result):
             note(line)
-    raise typer.Exit(exitcodes.INTERRUPTED if applied.interrupted else exitcodes.OK)
+    raise typer.Exit(ExitCode.INTERRUPTED if applied.interrupted else ExitCode.OK)
 
 
 def _output(plan: GcPlan, json_output: bool, recovered: list[str],

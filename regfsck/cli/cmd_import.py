@@ -9,13 +9,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
-    fail,
     human_bytes,
     plural,
     print_json,
@@ -26,12 +24,10 @@ from regfsck.cli.common import (
     styled,
     table,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.importer import ImportPlan
-
-_EXIT = {"usage": exitcodes.USAGE, "damage": exitcodes.FINDINGS, "io": exitcodes.CANNOT_RUN}
-
 
 @command("import")
 def import_command(
@@ -47,21 +43,14 @@ def import_command(
 ) -> None:
     """Import images offline, exactly as the registry would write them (plan first, --apply)."""
     from regfsck.cli.sweeping import show_recovered
-    from regfsck.importer import ImportFailed, ImportInterrupted, run_import
-    from regfsck.quarantine import QuarantineError
-    from regfsck.root import RootError, rootdir_from_config
-    from regfsck.safety import SafetyError
-    from regfsck.sources import SourceError
-    from regfsck.storage import StorageError
+    from regfsck.importer import run_import
+    from regfsck.root import rootdir_from_config
 
     root, source_text = split_root(args, config, "SOURCE")
     source = Path(source_text)
     if root is None:
         assert config is not None
-        try:
-            root = rootdir_from_config(config)
-        except RootError as exc:
-            fail(str(exc))
+        root = rootdir_from_config(config)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = _Bar() if show_progress(json_output) else None
@@ -69,15 +58,6 @@ def import_command(
         plan = run_import(root, source, repo=repo, apply=apply,
                           on_bytes=bar.advance if bar else None, stop=stop,
                           on_recovered=show_recovered(json_output))
-    except ImportInterrupted:
-        fail("interrupted: nothing was imported" + (" (the run was reverted)" if apply else ""),
-             exitcodes.INTERRUPTED)
-    except (ImportFailed, SourceError) as exc:
-        fail(str(exc), _EXIT.get(exc.reason, exitcodes.CANNOT_RUN))
-    except (SafetyError, QuarantineError) as exc:
-        fail(str(exc), exitcodes.CANNOT_RUN)
-    except StorageError as exc:
-        fail(f"{exc} (nothing was imported)", exitcodes.CANNOT_RUN)
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
@@ -86,7 +66,7 @@ def import_command(
         print_json(plan.to_json())
     else:
         render_plan(plan)
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)
 
 
 class _Bar:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
@@ -31,6 +30,7 @@ from regfsck.cli.common import (
     table,
     with_requests,
 )
+from regfsck.errors import ExitCode
 from regfsck.findings import Severity
 
 if TYPE_CHECKING:
@@ -69,59 +69,48 @@ def inspect(
         read_config_bytes,
         read_manifest_bytes,
     )
-    from regfsck.refs import RefError, parse_ref
+    from regfsck.refs import parse_ref
     from regfsck.scanner import Scanner
-    from regfsck.storage import StorageError, open_storage
+    from regfsck.storage import open_storage
 
     if raw and image_config:
-        fail("--raw and --image-config print different blobs: choose one", exitcodes.USAGE)
+        fail("--raw and --image-config print different blobs: choose one", ExitCode.USAGE)
     if jobs < 0:
-        fail("--jobs must be positive", exitcodes.USAGE)
-    try:
-        image_ref = parse_ref(ref, bare="latest", digest_alone=True)
-    except RefError as exc:
-        fail(str(exc), exitcodes.USAGE)
+        fail("--jobs must be positive", ExitCode.USAGE)
+    image_ref = parse_ref(ref, bare="latest", digest_alone=True)
     registry = open_root(root, config, object_storage=True)
     if registry.is_object_storage and not jobs:
         from regfsck.objectstore import default_jobs as s3_default_jobs
 
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
     storage = open_storage(registry, jobs=jobs or None if registry.is_object_storage else None)
-    try:
-        inventory = Scanner(storage, registry).scan()
-    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
-        fail(str(exc))
+    inventory = Scanner(storage, registry).scan()
     store = ManifestStore(storage, inventory)
     inspector = Inspector(inventory, store, measure_layers=not no_data)
+    _, digest = inspector.resolve(image_ref)
+    if raw or image_config:
+        if image_config or platform:
+            digest = pick_platform(store, digest, platform or "linux/amd64")
+        data = (read_manifest_bytes(store, digest) if raw
+                else read_config_bytes(inventory, store, digest))
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        raise typer.Exit(ExitCode.OK)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        _, digest = inspector.resolve(image_ref)
-        if raw or image_config:
-            if image_config or platform:
-                digest = pick_platform(store, digest, platform or "linux/amd64")
-            data = (read_manifest_bytes(store, digest) if raw
-                    else read_config_bytes(inventory, store, digest))
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-            raise typer.Exit(exitcodes.OK)
-        stop = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-        try:
-            report = inspector.build(image_ref, check_data=not no_data,
-                                     jobs=jobs or default_jobs(), stop=stop)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if stop.is_set():
-            stderr_console().print("interrupted")
-            raise typer.Exit(exitcodes.INTERRUPTED)
-    except RefError as exc:
-        fail(str(exc), exitcodes.USAGE)
-    except (StorageError, ValueError) as exc:
-        fail(str(exc), exitcodes.FINDINGS)
+        report = inspector.build(image_ref, check_data=not no_data,
+                                 jobs=jobs or default_jobs(), stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        stderr_console().print("interrupted")
+        raise typer.Exit(ExitCode.INTERRUPTED)
     if json_output:
         print_json(with_requests(registry, report.to_json()))
     else:
         render_inspect(report)
-    raise typer.Exit(exitcodes.OK if report.healthy else exitcodes.FINDINGS)
+    raise typer.Exit(ExitCode.OK if report.healthy else ExitCode.FINDINGS)
 
 
 def _size(n: int | None) -> str:

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
     BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
-    fail,
     for_changes,
     human_bytes,
     open_root,
@@ -21,6 +19,7 @@ from regfsck.cli.common import (
     print_json,
     say,
 )
+from regfsck.errors import ExitCode
 
 ARGS = typer.Argument(None, metavar="[ROOT] [RUN_ID]...", show_default=False,
                       help="Registry storage root (default /var/lib/registry; omit it with "
@@ -43,31 +42,22 @@ def purge(
     break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Delete quarantined runs for good and report the bytes freed (they can no longer be undone)."""
-    from regfsck.durations import DurationError, parse_duration
-    from regfsck.quarantine import QuarantineError, check_run_id
+    from regfsck.durations import parse_duration
+    from regfsck.quarantine import check_run_id
     from regfsck.quarantine import purge as purge_runs
-    from regfsck.safety import RootLock, SafetyError
-    from regfsck.storage import StorageError
+    from regfsck.safety import RootLock
 
     values = list(args or [])
     root = None if config is not None or not values else Path(values.pop(0))
     registry = for_changes(open_root(root, config, object_storage=True), break_lock=break_lock)
-    try:
-        age = parse_duration(older_than)
-        run_ids = [check_run_id(v) for v in values] or None
-    except DurationError as exc:
-        fail(f"--older-than: {exc}", exitcodes.USAGE)
-    except QuarantineError as exc:
-        fail(str(exc), exitcodes.USAGE)
-    try:
-        # Only the lock: the registry never reads the quarantine, so it may keep running.
-        with RootLock(registry, "purge"):
-            result = purge_runs(registry, age, dry_run=not apply, force=force, run_ids=run_ids)
-    except (SafetyError, QuarantineError, StorageError) as exc:
-        fail(str(exc))
+    age = parse_duration(older_than, "--older-than")
+    run_ids = [check_run_id(v, ExitCode.USAGE) for v in values] or None
+    # Only the lock: the registry never reads the quarantine, so it may keep running.
+    with RootLock(registry, "purge"):
+        result = purge_runs(registry, age, dry_run=not apply, force=force, run_ids=run_ids)
     if json_output:
         print_json(result.to_json())
-        raise typer.Exit(exitcodes.OK)
+        raise typer.Exit(ExitCode.OK)
     verb = "Deleted" if apply else "Would delete"
     say(f"{verb} {plural(len(result.runs), 'run')}: {human_bytes(result.bytes_freed)} "
         f"{'freed' if apply else 'to free'}.")
@@ -82,4 +72,4 @@ def purge(
             "the next gc/undo recovers those).")
     if not apply and result.runs:
         say("Nothing was deleted: run again with --apply (this cannot be undone).")
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)

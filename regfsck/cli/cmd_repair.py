@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
@@ -31,6 +30,7 @@ from regfsck.cli.common import (
     table,
     warn,
 )
+from regfsck.errors import ExitCode
 from regfsck.findings import Severity
 
 if TYPE_CHECKING:
@@ -65,36 +65,17 @@ def repair(
 ) -> None:
     """Plan exact fixes for verify's findings; apply them (undoably) with --apply."""
     if jobs < 0:
-        fail("--jobs must be positive", exitcodes.USAGE)
+        fail("--jobs must be positive", ExitCode.USAGE)
     registry = open_root(root, config)
-    from regfsck.quarantine import QuarantineError
-    from regfsck.repair import RepairError, run_repair
-    from regfsck.safety import SafetyError
-    from regfsck.sources import SourceError, open_blob_source
-    from regfsck.storage import StorageError
+    from regfsck.repair import open_sources, run_repair
 
-    opened: list[Source] = []
-    try:
-        for path in sources:
-            opened.append(open_blob_source(path))
-    except SourceError as exc:
-        fail(str(exc), exitcodes.USAGE)
+    opened: list[Source] = open_sources(sources)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         result = run_repair(registry, opened, apply=apply, jobs=jobs or default_jobs(),
                             check_data=not no_data, stop=stop,
                             restore_deleted=restore_deleted)
-    except KeyboardInterrupt:
-        fail("interrupted before anything was changed", exitcodes.INTERRUPTED)
-    except (SafetyError, QuarantineError) as exc:
-        fail(str(exc))
-    except RepairError as exc:
-        fail(f"repair stopped, nothing changed: {exc}")
-    except SourceError as exc:  # an archive that changed or broke after it was opened
-        fail(f"repair stopped: {exc}")
-    except StorageError as exc:
-        fail(f"repair stopped: {exc.message}")
     finally:
         signal.signal(signal.SIGINT, previous)
         for source in opened:
@@ -104,17 +85,17 @@ def repair(
     else:
         render_repair(result, root_words(registry))
     if result.interrupted:
-        raise typer.Exit(exitcodes.INTERRUPTED)
+        raise typer.Exit(ExitCode.INTERRUPTED)
     raise typer.Exit(_exit_code(result))
 
 
 def _exit_code(result: RepairResult) -> int:
     if result.applied:
         errors = any(f.severity is Severity.ERROR for f in result.remaining)
-        return exitcodes.FINDINGS if errors else exitcodes.OK
+        return ExitCode.FINDINGS if errors else ExitCode.OK
     plan = result.plan
     errors = any(u.finding.severity is Severity.ERROR for u in plan.unfixable)
-    return exitcodes.FINDINGS if plan.fixes or errors else exitcodes.OK
+    return ExitCode.FINDINGS if plan.fixes or errors else ExitCode.OK
 
 
 def render_repair(result: RepairResult, root: str) -> None:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
@@ -28,6 +27,7 @@ from regfsck.cli.common import (
     styled,
     table,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.rm import RmPlan
@@ -61,11 +61,11 @@ def rm(
     values = list(args)
     if config is None and _looks_like_ref(values[0]):
         fail(f"ROOT is missing: {values[0]!r} is a REF, not a directory; give the registry "
-             f"storage root first (regfsck rm ROOT {values[0]}) or --config", exitcodes.USAGE)
+             f"storage root first (regfsck rm ROOT {values[0]}) or --config", ExitCode.USAGE)
     root = None if config is not None else Path(values.pop(0))
     if not values:
         fail("give at least one REF after ROOT (repo:tag, repo@sha256:... or repo)",
-             exitcodes.USAGE)
+             ExitCode.USAGE)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
     from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
@@ -73,26 +73,22 @@ def rm(
     if not apply:
         plan = _plan(registry, values, force)
         _output(plan, json_output, [], root_words(registry))
-        raise typer.Exit(exitcodes.CANNOT_RUN if plan.is_blocked else exitcodes.OK)
-    from regfsck.refs import RefError
+        raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     from regfsck.rm import apply_rm
 
-    try:
-        with refusals(registry), sweep_controls(json_output) as (stop, on_start):
-            applied = apply_rm(registry, values, force=force, stop=stop,
-                               on_recovered=show_recovered(json_output), on_start=on_start)
-    except RefError as exc:
-        fail(str(exc), exitcodes.USAGE)
+    with refusals(registry), sweep_controls(json_output) as (stop, on_start):
+        applied = apply_rm(registry, values, force=force, stop=stop,
+                           on_recovered=show_recovered(json_output), on_start=on_start)
     plan = applied.plan
     _output(plan, json_output, applied.recovered, root_words(registry))
     if applied.result is None:  # blocked: nothing was changed
-        raise typer.Exit(exitcodes.CANNOT_RUN)
+        raise typer.Exit(ExitCode.CANNOT_RUN)
     if not json_output:
         for line in after_apply_text(registry, applied.result):
             note(line)
         for line in gc_hint(plan, root_words(registry)):
             note(line)
-    raise typer.Exit(exitcodes.INTERRUPTED if applied.interrupted else exitcodes.OK)
+    raise typer.Exit(ExitCode.INTERRUPTED if applied.interrupted else ExitCode.OK)
 
 
 def gc_hint(plan: RmPlan, root: str) -> list[str]:
@@ -108,13 +104,9 @@ def gc_hint(plan: RmPlan, root: str) -> list[str]:
 
 
 def _plan(registry: RegistryRoot, refs: list[str], force: bool) -> RmPlan:
-    from regfsck.refs import RefError
     from regfsck.rm import plan_rm
 
-    try:
-        return plan_rm(registry, refs, force=force)
-    except RefError as exc:
-        fail(str(exc), exitcodes.USAGE)
+    return plan_rm(registry, refs, force=force)
 
 
 def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str) -> None:

@@ -6,19 +6,18 @@ from pathlib import Path
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
-    fail,
     human_bytes,
     open_root,
     print_json,
     root_words,
     say,
 )
+from regfsck.errors import ExitCode
 
 
 @command()
@@ -26,19 +25,16 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
          json_output: bool = JSON_OPTION) -> None:
     """List the runs kept in ROOT/regfsck-quarantine (oldest first)."""
     registry = open_root(root, config, object_storage=True)
-    from regfsck.quarantine import QuarantineError, list_runs
+    from regfsck.quarantine import list_runs
 
-    try:
-        found = list_runs(registry)
-    except QuarantineError as exc:
-        fail(str(exc))
+    found = list_runs(registry)
     if json_output:
         print_json({"runs": [r.to_json() for r in found],
                     "bytes": sum(r.bytes for r in found)})
-        raise typer.Exit(exitcodes.OK)
+        raise typer.Exit(ExitCode.OK)
     if not found:
         say("No runs in the quarantine.")
-        raise typer.Exit(exitcodes.OK)
+        raise typer.Exit(ExitCode.OK)
     words = root_words(registry)
     say(f"Runs in {registry.display}/regfsck-quarantine (ids start with the UTC time):")
     for run in found:
@@ -49,4 +45,4 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     say(f"{human_bytes(sum(r.bytes for r in found))} held in total; "
         f"`regfsck undo {words} RUN_ID` reverts a run, `regfsck purge {words} RUN_ID --apply` "
         "frees it for good.")
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)

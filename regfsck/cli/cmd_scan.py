@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.artifacts import tag_subject
 from regfsck.cli.app import command
 from regfsck.cli.common import (
@@ -23,6 +22,7 @@ from regfsck.cli.common import (
     table,
     with_requests,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.usage import ScanReport
@@ -42,20 +42,17 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
              "(the output of `regfsck verify --json`).", show_default=False)) -> None:
     """Index repositories, tags, manifests, blobs and uploads; report disk use."""
     if findings is not None and html is None:
-        fail("--findings goes with --html FILE", exitcodes.USAGE)
+        fail("--findings goes with --html FILE", ExitCode.USAGE)
     if html is not None and not html.parent.is_dir():
-        fail(f"--html: directory {html.parent} does not exist", exitcodes.USAGE)
+        fail(f"--html: directory {html.parent} does not exist", ExitCode.USAGE)
     registry = open_root(root, config, object_storage=True)
     from regfsck.graph import ManifestStore
     from regfsck.scanner import Scanner
-    from regfsck.storage import StorageError, open_storage
+    from regfsck.storage import open_storage
     from regfsck.usage import build_scan_report
 
     storage = open_storage(registry)
-    try:
-        inventory = Scanner(storage, registry).scan()
-    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
-        fail(str(exc))
+    inventory = Scanner(storage, registry).scan()
     if html is not None:
         from regfsck.cli.scan_html import load_findings, render_html, write_html
         from regfsck.diskmap import build_disk_map
@@ -74,7 +71,7 @@ def scan(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
         print_json(with_requests(registry, report.to_json()))
     else:
         render_scan(report, top)
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)
 
 
 def render_scan(report: ScanReport, top: int) -> None:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     BREAK_LOCK_OPTION,
@@ -23,6 +22,7 @@ from regfsck.cli.common import (
     say,
     warn,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.quarantine import UndoPlan
@@ -38,7 +38,7 @@ def split_root_and_run(args: list[str] | None, config: Path | None) -> tuple[Pat
     values = list(args or [])
     root = None if config is not None or not values else Path(values.pop(0))
     if len(values) > 1:
-        fail("give at most one RUN_ID", exitcodes.USAGE)
+        fail("give at most one RUN_ID", ExitCode.USAGE)
     return root, values[0] if values else None
 
 
@@ -50,7 +50,7 @@ DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Show the plan the undo w
 def _show_plan(plan: UndoPlan, json_output: bool) -> None:
     if json_output:
         print_json({**plan.to_json(), "applied": False})
-        raise typer.Exit(exitcodes.CANNOT_RUN if plan.problems else exitcodes.OK)
+        raise typer.Exit(ExitCode.CANNOT_RUN if plan.problems else ExitCode.OK)
     counts = {a: plan.count(a) for a in ("move_back", "unmake", "rmdir", "remake_dir", "keep",
                                          "already_there")}
     say(f"Undo of run {plan.run_id} would: move {counts['move_back']} paths back, move "
@@ -64,9 +64,9 @@ def _show_plan(plan: UndoPlan, json_output: bool) -> None:
         say(f"  warning: {warning}")
     if plan.problems:
         say(f"Refused: {plan.refusal()}")
-        raise typer.Exit(exitcodes.CANNOT_RUN)
+        raise typer.Exit(ExitCode.CANNOT_RUN)
     say("Nothing was changed (--dry-run).")
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)
 
 
 @command()
@@ -83,21 +83,15 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     naming the newer run to undo first. Nothing is deleted: reverted creations wait in
     the run's quarantine for `purge`."""
     from regfsck.cli.sweeping import CACHE_REMINDER, guarded
-    from regfsck.quarantine import QuarantineError, list_runs, plan_undo, undo_target
+    from regfsck.quarantine import list_runs, plan_undo, undo_target
     from regfsck.quarantine import undo as undo_run
 
     root, run_id = split_root_and_run(args, config)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
     if dry_run:
-        try:
-            _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
-        except QuarantineError as exc:
-            fail(str(exc), exitcodes.CANNOT_RUN)
-    try:
-        open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
-    except QuarantineError as exc:
-        fail(str(exc))
+        _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
+    open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
     with guarded(registry, json_output, "undo") as session:
         recovered = session.recovered
         reverted_by_recovery = [r.run_id for r in list_runs(registry)
@@ -109,11 +103,8 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
                             "recovered": recovered})
             else:
                 say(f"Run {reverted_by_recovery[-1]} had been interrupted; recovery reverted it.")
-            raise typer.Exit(exitcodes.OK)
-        try:
-            result = undo_run(registry, run_id)
-        except QuarantineError as exc:
-            fail(str(exc), exitcodes.CANNOT_RUN)
+            raise typer.Exit(ExitCode.OK)
+        result = undo_run(registry, run_id)
     if json_output:
         print_json({**result.to_json(), "reverted_by_recovery": False, "recovered": recovered})
     else:
@@ -130,4 +121,4 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
         for warning in result.warnings:
             warn(f"warning: {warning}")
         note(CACHE_REMINDER)
-    raise typer.Exit(exitcodes.OK)
+    raise typer.Exit(ExitCode.OK)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
@@ -46,6 +44,7 @@ from regfsck.cli.verify_incremental import (
     render_incremental,
 )
 from regfsck.cli.verify_metrics import METRICS_FILE_OPTION
+from regfsck.errors import ExitCode, RegfsckError
 from regfsck.findings import BLOB_KINDS, CATALOG, Finding, Severity
 
 if TYPE_CHECKING:
@@ -127,18 +126,17 @@ def verify(
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
-        fail("--jobs must be positive", exitcodes.USAGE)
+        fail("--jobs must be positive", ExitCode.USAGE)
     registry = open_root(root, config, object_storage=True)
     if state_dir is not None and not registry.is_object_storage:
         fail("--state-dir is for trees in object storage; a local tree keeps its record in "
-             "ROOT/regfsck-state", exitcodes.USAGE)
+             "ROOT/regfsck-state", ExitCode.USAGE)
     if registry.is_object_storage and not jobs:
         from regfsck.objectstore import default_jobs as s3_default_jobs
 
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
     from regfsck.cli.verify_metrics import MetricsRun
-    from regfsck.storage import StorageError
-    from regfsck.verify import UnknownRepositoryError, VerifyOptions, run_verify
+    from regfsck.verify import VerifyOptions, run_verify
 
     if not registry.is_object_storage:
         _awareness(registry)
@@ -159,18 +157,10 @@ def verify(
                             if metrics is not None else None,
                             storage=metrics.storage if metrics is not None else None)
         deep_summary = report.deep
-    except UnknownRepositoryError as exc:
+    except RegfsckError as exc:  # the metrics file records the failed run, then the app says why
         if metrics is not None:
-            metrics.finish(None, exitcodes.USAGE)
-        fail(str(exc), exitcodes.USAGE)
-    except Exception as exc:
-        record = sys.modules.get("regfsck.record")  # loaded only when blob data is checked
-        if not isinstance(exc, StorageError) and (
-                record is None or not isinstance(exc, record.RecordError)):
-            raise
-        if metrics is not None:
-            metrics.finish(None, exitcodes.CANNOT_RUN)
-        fail(str(exc))
+            metrics.finish(None, exc.exit_code)
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     if json_output:
@@ -186,10 +176,10 @@ def verify(
         if not report.summary.interrupted:
             for line in next_steps(report.findings, root_words(registry)):
                 note(line)
-    code = exitcodes.FINDINGS if report.summary.errors else exitcodes.OK
+    code = ExitCode.FINDINGS if report.summary.errors else ExitCode.OK
     if report.summary.interrupted:
         alert("interrupted: the summary covers only what was checked")
-        code = exitcodes.INTERRUPTED
+        code = ExitCode.INTERRUPTED
     raise typer.Exit(metrics.finish(report, code) if metrics is not None else code)
 
 

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
@@ -24,6 +23,7 @@ from regfsck.cli.common import (
     table,
     with_requests,
 )
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.why import WhyReport
@@ -39,11 +39,11 @@ def why(
 ) -> None:
     """Explain why a blob exists: who reaches it, gc's verdict, bytes each tag holds."""
     root, digest = split_root(args, config, "DIGEST")
-    from regfsck.digest import DigestError, expand_digest, is_digest, is_digest_prefix
+    from regfsck.digest import expand_digest, is_digest, is_digest_prefix
 
     if not is_digest(digest) and not is_digest_prefix(digest):
         fail(f"not a digest or a digest prefix (4+ lowercase hex digits): {digest[:80]!r}",
-             exitcodes.USAGE)
+             ExitCode.USAGE)
     registry = open_root(root, config, object_storage=True)
     from regfsck.graph import ManifestStore
     from regfsck.scanner import Scanner
@@ -60,19 +60,16 @@ def why(
     if not is_digest(digest):
         known = set(inventory.blobs) | set(graph.parents) | set(graph.holders) | {
             b.digest for b in inventory.misplaced_blobs}
-        try:
-            digest = expand_digest(digest, known, "blob")
-        except DigestError as exc:
-            fail(str(exc), exitcodes.USAGE)
+        digest = expand_digest(digest, known, "blob")
     report = explain_blob(inventory, store, digest, graph)
     if not report.exists and not report.referenced and not report.layer_links \
             and report.misplaced_at is None:
-        fail(f"{digest}: no such blob, and nothing in the tree refers to it", exitcodes.FINDINGS)
+        fail(f"{digest}: no such blob, and nothing in the tree refers to it", ExitCode.FINDINGS)
     if json_output:
         print_json(with_requests(registry, report.to_json()))
     else:
         render_why(report)
-    raise typer.Exit(exitcodes.OK if report.exists and not report.damage else exitcodes.FINDINGS)
+    raise typer.Exit(ExitCode.OK if report.exists and not report.damage else ExitCode.FINDINGS)
 
 
 def render_why(report: WhyReport) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from regfsck import exitcodes
+from regfsck.errors import ExitCode
 from regfsck.findings import safe_text
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
                       f"{more_hint})")
 
 
-def fail(message: str, code: int = exitcodes.CANNOT_RUN) -> NoReturn:
+def fail(message: str, code: int = ExitCode.CANNOT_RUN) -> NoReturn:
     """Print a one-line error on stderr (never wrapped, scripts grep it) and exit; with
     --json also `{"error": ..., "exit_code": ...}` on stdout.
 
@@ -236,29 +236,23 @@ def for_changes(registry: RegistryRoot, registry_urls: list[str] | None = None,
     if not registry.is_object_storage:
         if given:
             fail(f"{given[0]} is for trees in object storage; on a local tree regfsck looks "
-                 "at the processes using it itself", exitcodes.USAGE)
+                 "at the processes using it itself", ExitCode.USAGE)
         return registry
     if registry_urls and no_registry_check:
-        fail("give either --registry-url or --no-registry-check, not both", exitcodes.USAGE)
+        fail("give either --registry-url or --no-registry-check, not both", ExitCode.USAGE)
     return dataclasses.replace(registry, registry_urls=tuple(registry_urls or ()),
                                registry_check=not no_registry_check, break_lock=break_lock)
 
 
 def open_root(root: Path | None, config: Path | None, *,
               object_storage: bool = False) -> RegistryRoot:
-    """Resolve ROOT/--config or exit 3 with what was expected (one line).
+    """Resolve ROOT/--config (RootError: exit 3 with what was expected, one line).
 
     A tree in object storage is accepted only by the commands that pass `object_storage`;
     the others refuse it before reading anything."""
-    from regfsck.root import RootError, resolve
+    from regfsck.root import resolve
 
-    try:
-        registry = resolve(root, config)
-    except RootError as exc:
-        fail(str(exc))
-    except OSError as exc:  # an unreadable parent directory, an I/O error
-        fail(f"cannot read {root if root is not None else config}: "
-             f"{exc.strerror or exc}")
+    registry = resolve(root, config)
     if registry.is_object_storage and not object_storage:
         fail(f"{registry.display} is in object storage, where regfsck runs only "
              f"{OBJECT_STORAGE_COMMANDS} so far")
@@ -278,11 +272,11 @@ def split_root(args: list[str], config: Path | None, what: str) -> tuple[Path | 
     """`ROOT THING` (or just `THING` with --config)."""
     if config is not None:
         if len(args) != 1:
-            fail(f"with --config give only the {what}", exitcodes.USAGE)
+            fail(f"with --config give only the {what}", ExitCode.USAGE)
         return None, args[0]
     if len(args) != 2:
         fail(f"give ROOT and the {what}" if len(args) < 2 else f"give only ROOT and the {what}",
-             exitcodes.USAGE)
+             ExitCode.USAGE)
     return Path(args[0]), args[1]
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from regfsck import __version__, exitcodes
+from regfsck import __version__
+from regfsck.errors import ExitCode
 
 EXIT_CODES = (
-    (exitcodes.OK, "nothing wrong (verify), the plan or the change succeeded"),
-    (exitcodes.FINDINGS, "findings: verify found errors, a blob is missing or damaged"),
-    (exitcodes.USAGE, "usage error: a bad option, REF or digest (one line on stderr)"),
-    (exitcodes.CANNOT_RUN, "cannot run: ROOT unreadable or not a registry, a registry uses it, "
+    (ExitCode.OK, "nothing wrong (verify), the plan or the change succeeded"),
+    (ExitCode.FINDINGS, "findings: verify found errors, a blob is missing or damaged"),
+    (ExitCode.USAGE, "usage error: a bad option, REF or digest (one line on stderr)"),
+    (ExitCode.CANNOT_RUN, "cannot run: ROOT unreadable or not a registry, a registry uses it, "
                            "another regfsck holds the lock"),
-    (exitcodes.INTERRUPTED, "interrupted (Ctrl-C); what was done is kept and undoable"),
+    (ExitCode.INTERRUPTED, "interrupted (Ctrl-C); what was done is kept and undoable"),
 )
 
 

@@ -22,9 +22,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from regfsck import __version__, exitcodes
+from regfsck import __version__
 from regfsck.cli.common import fail, human_bytes
 from regfsck.diskmap import DiskMap
+from regfsck.errors import ExitCode
 from regfsck.findings import safe_text
 
 FINDINGS_ROWS = 2000
@@ -41,13 +42,13 @@ def load_findings(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_bytes())
     except OSError as exc:
-        fail(f"--findings: cannot read {path}: {exc.strerror or exc}", exitcodes.USAGE)
+        fail(f"--findings: cannot read {path}: {exc.strerror or exc}", ExitCode.USAGE)
     except ValueError as exc:
-        fail(f"--findings: {path} is not JSON: {exc}", exitcodes.USAGE)
+        fail(f"--findings: {path} is not JSON: {exc}", ExitCode.USAGE)
     findings = doc.get("findings") if isinstance(doc, dict) else doc
     if not isinstance(findings, list) or not all(
             isinstance(f, dict) and all(isinstance(f.get(k), str) for k in KEYS) for f in findings):
-        fail(f"--findings: {path} is not the output of `regfsck verify --json`", exitcodes.USAGE)
+        fail(f"--findings: {path} is not the output of `regfsck verify --json`", ExitCode.USAGE)
     return findings
 
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from regfsck import exitcodes
 from regfsck.cli.common import fail, human_bytes, note, root_words, show_progress, stderr_console
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot
@@ -60,11 +60,11 @@ def refusals(registry: RegistryRoot) -> Iterator[None]:
         yield
     except (SafetyError, QuarantineError) as exc:
         fail(str(exc) + (_full_disk_hint(registry) if _no_space(exc) else ""),
-             exitcodes.CANNOT_RUN)
+             ExitCode.CANNOT_RUN)
     except (StorageError, UnsafePathError) as exc:
         hint = _full_disk_hint(registry) if _no_space(exc) else ""
         fail(f"stopped: {exc} (changes made so far are kept and undoable; see `regfsck runs`)"
-             f"{hint}", exitcodes.CANNOT_RUN)
+             f"{hint}", ExitCode.CANNOT_RUN)
 
 
 def show_recovered(json_output: bool) -> Callable[[list[str]], None]:

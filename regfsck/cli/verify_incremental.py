@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.common import fail, human_bytes, plural, say, warn
-from regfsck.durations import DurationError, format_duration, parse_duration
+from regfsck.durations import format_duration, parse_duration
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.verify import VerifySummary
@@ -32,12 +32,9 @@ MAX_DURATION_OPTION = typer.Option(
 
 
 def _positive_duration(text: str, option: str) -> timedelta:
-    try:
-        value = parse_duration(text)
-    except DurationError as exc:
-        fail(f"{option}: {exc}", exitcodes.USAGE)
+    value = parse_duration(text, option)
     if value <= timedelta(0):
-        fail(f"{option} must be longer than 0", exitcodes.USAGE)
+        fail(f"{option} must be longer than 0", ExitCode.USAGE)
     return value
 
 
@@ -46,11 +43,11 @@ def incremental_options(*, no_data: bool, changed_only: bool, max_age: str | Non
     """VerifyOptions fields for these flags, or a usage error (exit 2) saying what is wrong."""
     if no_data and (changed_only or sample is not None or max_duration is not None):
         fail("--changed-only, --sample and --max-duration choose which blobs to re-hash: "
-             "they cannot be used with --no-data", exitcodes.USAGE)
+             "they cannot be used with --no-data", ExitCode.USAGE)
     if max_age is not None and not changed_only:
-        fail("--max-age applies to --changed-only; add --changed-only", exitcodes.USAGE)
+        fail("--max-age applies to --changed-only; add --changed-only", ExitCode.USAGE)
     if sample is not None and not 0 < sample <= 100:
-        fail("--sample must be a percentage above 0 and at most 100", exitcodes.USAGE)
+        fail("--sample must be a percentage above 0 and at most 100", ExitCode.USAGE)
     options: dict[str, Any] = {"changed_only": changed_only, "sample_percent": sample}
     if max_age is not None:
         options["max_age"] = _positive_duration(max_age, "--max-age")

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from regfsck import exitcodes
 from regfsck.cli.common import fail
+from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:  # the verify engine loads when verify runs, not at start-up
     from regfsck.inventory import Inventory
@@ -29,9 +29,9 @@ class MetricsRun:
 
     def __init__(self, path: Path, registry: RegistryRoot, repos: list[str]) -> None:
         if not path.parent.is_dir():
-            fail(f"--metrics-file: directory {path.parent} does not exist", exitcodes.USAGE)
+            fail(f"--metrics-file: directory {path.parent} does not exist", ExitCode.USAGE)
         if path.is_dir():
-            fail(f"--metrics-file: {path} is a directory", exitcodes.USAGE)
+            fail(f"--metrics-file: {path} is a directory", ExitCode.USAGE)
         self.path = path
         self.registry = registry
         self.repos = tuple(repos)
@@ -63,5 +63,5 @@ class MetricsRun:
         try:
             write_atomically(self.path, verify_metrics(report, facts, outlook))
         except MetricsWriteError as exc:
-            fail(str(exc), code or exitcodes.CANNOT_RUN)
+            fail(str(exc), code or ExitCode.CANNOT_RUN)
         return code
