@@ -29,7 +29,7 @@ def _all_error_classes() -> dict[str, type[RegfsckError]]:
         if module.name.endswith("__main__"):
             continue
         loaded = importlib.import_module(module.name)
-        for name, value in vars(loaded).items():
+        for value in vars(loaded).values():
             if inspect.isclass(value) and issubclass(value, RegfsckError):
                 found[f"{value.__module__}.{value.__qualname__}"] = value
     return found
@@ -122,5 +122,5 @@ def test_the_app_renders_an_error_as_json_under_json(tmp_path: Path) -> None:
 def test_usage_errors_are_usage_errors() -> None:
     from regfsck.durations import parse_duration
 
-    with pytest.raises(UsageError, match="^--grace: not a duration"):
+    with pytest.raises(UsageError, match=r"^--grace: not a duration"):
         parse_duration("soon", "--grace")
