@@ -47,14 +47,11 @@ def why(
     registry = open_root(root, config, object_storage=True)
     from regfsck.graph import ManifestStore
     from regfsck.scanner import Scanner
-    from regfsck.storage import StorageError, open_storage
+    from regfsck.storage import open_storage
     from regfsck.why import ReferenceGraph, explain_blob
 
     storage = open_storage(registry)
-    try:
-        inventory = Scanner(storage, registry).scan()
-    except StorageError as exc:  # object storage: the bucket or prefix cannot be listed
-        fail(str(exc))
+    inventory = Scanner(storage, registry).scan()
     store = ManifestStore(storage, inventory)
     graph = ReferenceGraph(inventory, store)
     if not is_digest(digest):
