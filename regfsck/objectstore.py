@@ -780,10 +780,15 @@ class ObjectMutator:
         return sorted(found, key=lambda k: k.path)
 
     def objects_at(self, path: str) -> list[KeyInfo]:
-        """What `path` names now: the object itself, else every object below it (a
-        "directory"); empty when neither exists. One HEAD, plus one listing when no object."""
+        """What `path` names now: every object below it (a "directory", which wins over an
+        object of the same name, as in the listing's model), else the object itself; empty
+        when neither exists. One listing, plus one HEAD when nothing lies below (most paths
+        a run moves are directories: a blob's, a link's, an upload's)."""
+        below = self.list_below(path)
+        if below:
+            return below
         found = self.head(path)
-        return [found] if found is not None else self.list_below(path)
+        return [found] if found is not None else []
 
     def read(self, path: str) -> bytes:
         import obstore
@@ -1216,6 +1221,7 @@ class ObjectRootStorage:
     io_threads = 1
     scan_threads = 1
     implicit_dirs = True
+    batch_moves = True
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
                  mutator: ObjectMutator | None = None) -> None:
@@ -1255,13 +1261,13 @@ class ObjectRootStorage:
     def lstat_raw(self, path: str) -> RawStat | None:
         if not check_relative(path):
             return RawStat(_DIR_MODE, 0, 0)
+        below = self.mutator.list_below(path)  # a directory wins, as in the listing's model
+        if below:
+            return RawStat(_DIR_MODE, 0, max(k.mtime_ns for k in below))
         found = self.mutator.head(path)
         if found is not None:
             return RawStat(_FILE_MODE, found.size, found.mtime_ns)
-        below = self.mutator.list_below(path)
-        if not below:
-            return self._journal_stat(path)
-        return RawStat(_DIR_MODE, 0, max(k.mtime_ns for k in below))
+        return self._journal_stat(path)
 
     def _journal_stat(self, path: str) -> RawStat | None:
         parts = self.journal_parts(path) if path.endswith(".jsonl") else []
@@ -1393,9 +1399,15 @@ class ObjectRootStorage:
         self.mutator.move([(src, dst)])
 
     def move_many(self, moves: Sequence[tuple[str, str]]) -> None:
-        """Several moves as one batch: the copies of all, then one bulk delete."""
-        for _, dst in moves:
-            if self.mutator.objects_at(dst):
+        """Several moves as one batch: every destination checked free and every copy made
+        (`jobs` requests in flight), then one bulk delete of the sources."""
+        if not moves:
+            return
+        with ThreadPoolExecutor(max(1, min(self.mutator.jobs, len(moves))),
+                                thread_name_prefix="regfsck-check") as pool:
+            taken = list(pool.map(lambda m: bool(self.mutator.objects_at(m[1])), moves))
+        for (_, dst), busy in zip(moves, taken, strict=True):
+            if busy:
                 raise StorageError(errno.EEXIST, f"cannot move to {dst}: it exists", dst)
         self.mutator.move(moves)
 

@@ -217,10 +217,15 @@ class MutableStorage(Storage, Protocol):
     # True where directories are only implied by what lies below them (object storage):
     # they vanish when emptied and come back with their first entry.
     implicit_dirs: bool
+    # True where `move_many` is worth more than one `move` per path (object storage: the
+    # copies of a batch run in parallel and its sources go in one bulk delete).
+    batch_moves: bool
 
     def lstat_raw(self, path: str) -> StatLike | None: ...
 
     def move(self, src: str, dst: str) -> None: ...
+
+    def move_many(self, moves: Sequence[tuple[str, str]]) -> None: ...
 
     def settle_move(self, src: str, dst: str) -> None: ...
 
@@ -352,6 +357,7 @@ class FilesystemStorage:
     """A registry tree on a local (or mounted) filesystem, rooted at the `v2` directory."""
 
     implicit_dirs = False  # `MutableStorage`: directories are made and removed explicitly
+    batch_moves = False  # a rename is one system call: the journal follows each one
 
     def __init__(self, v2_dir: Path) -> None:
         self.base = Path(v2_dir)
@@ -697,6 +703,11 @@ class FilesystemStorage:
     def move(self, src: str, dst: str) -> None:
         """The seam's move: a rename that never replaces `dst` (see `rename_noreplace`)."""
         self.rename_noreplace(src, dst)
+
+    def move_many(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Each move in turn (`batch_moves` is False: callers journal them one by one)."""
+        for src, dst in moves:
+            self.rename_noreplace(src, dst)
 
     def settle_move(self, src: str, dst: str) -> None:
         """Nothing to settle: a rename happened whole or not at all."""
