@@ -869,15 +869,16 @@ def check_unused(root: RegistryRoot) -> None:
 
 
 @contextmanager
-def mutation_guard(root: RegistryRoot) -> Iterator[RootLock]:
+def mutation_guard(root: RegistryRoot, command: str = "") -> Iterator[RootLock]:
     """Hold the root lock for a mutating command, refusing while anything may use ROOT.
 
     A refusal touches nothing (not even the lock file is created). When the process in
-    the way is another regfsck holding the lock, the refusal says so."""
+    the way is another regfsck holding the lock, the refusal says so. `command` is shown
+    to other runs by an object-storage lock (its holder's command)."""
     users = registry_users(root)
     if users:
         RootLock(root).raise_if_held()
         raise SafetyError(users_message(root, users))
-    with RootLock(root) as lock:
+    with RootLock(root, command) as lock:
         check_unused(root)  # again, now that no other regfsck can start
         yield lock

@@ -67,7 +67,7 @@ def mutation_session(root: RegistryRoot, *, command: str,
     the operator's only news of what an interrupted run became, even if the command then
     fails."""
     storage = mutable_storage(root)  # a backend that cannot change yet refuses before the lock
-    with mutation_guard(root) as lock:
+    with mutation_guard(root, command) as lock:
         session = MutationSession(root, command, lock, storage)
         session.recovered = recover(root)
         if on_recovered is not None:
