@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,20 +14,16 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests import realtools
+from tests.support import REPO_ROOT
+from tests.support.deep_images import Crafted, build_crafted
+from tests.support.tree import copy_tree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_ROOT = REPO_ROOT / "fixtures" / "registry"
 
 settings.register_profile("ci", derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
-
-
-def copy_tree(src: Path, dest: Path) -> Path:
-    """Copy a registry root keeping mtimes and symlinks as they are."""
-    shutil.copytree(src, dest, symlinks=True, copy_function=shutil.copy2)
-    return dest
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +55,15 @@ def fixture_root(tmp_path: Path) -> Path:
     return realtools.materialize_fixture(FIXTURE_ROOT, tmp_path / "root", meta.get("empty_dirs", []))
 
 
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory: pytest.TempPathFactory) -> Crafted:
+    """Images with one defect each that only `verify --deep` sees (tests/support/deep_images.py)."""
+    missing = realtools.real_tools_missing()
+    if missing:
+        pytest.skip(f"real registry tools unavailable: {missing}")
+    return build_crafted(tmp_path_factory.mktemp("deep"))
+
+
 @pytest.fixture
 def running_registry() -> Iterator[type[realtools.RealRegistry]]:
     """The RealRegistry class, skipping when the binaries are absent."""
@@ -69,17 +73,27 @@ def running_registry() -> Iterator[type[realtools.RealRegistry]]:
     yield realtools.RealRegistry
 
 
-# Modules too slow for the inner loop (they build trees with the real tools, fuzz, send
-# signals, build images or drive a browser): `python -m pytest -m "not realtools and not
-# slow"` leaves them out and runs in well under a minute; CI runs everything.
-FAST_MODULES = frozenset({
-    "test_parsers", "test_readme", "test_record", "test_export_refs", "test_gc_cli_runs",
-    "test_deep", "test_import",
+# The fast tier, `python -m pytest -m "not realtools and not slow"` (README), runs in well
+# under a minute: it leaves out every test that needs the real registry tools and every test
+# marked slow. A test needs the real tools when it takes one of these fixtures (or its
+# module says `pytestmark = pytest.mark.realtools`); it is slow when its module is listed
+# below (it fuzzes, sends signals, mounts filesystems, builds images or drives a browser)
+# or it carries `@pytest.mark.slow` itself (measured: `--durations=0`, over ~1 s). CI runs
+# everything.
+REAL_TOOL_FIXTURES = frozenset({"real_sample", "sample_root", "sample_info", "running_registry",
+                                "crafted"})
+SLOW_MODULES = frozenset({
+    "test_container", "test_fuzz_gc", "test_fuzz_sequences", "test_fuzz_verify",
+    "test_hostile_manifests", "test_hostile_paths", "test_interrupt_apply",
+    "test_interrupt_verify", "test_readonly_failing_writes", "test_readonly_storage",
+    "test_scan_html", "test_s3", "test_synthetic", "test_realtools_smoke",
 })
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        if REAL_TOOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realtools)
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""  # type: ignore[attr-defined]
-        if module not in FAST_MODULES:
+        if module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)

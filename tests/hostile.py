@@ -15,16 +15,19 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
-import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-V2 = "docker/registry/v2"
+from tests.realtools import SampleInfo
+from tests.support import V2, cli
+
 CLI_TIMEOUT = 60.0
 
 # Running as root, permission bits do not stop reads: the CLI is then run without the two
@@ -46,18 +49,14 @@ def unprivileged_prefix() -> list[str] | None:
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "REGFSCK_DEBUG" and not k.startswith("REGISTRY_")}
     env["COLUMNS"] = "120"
-    return env
-
-
-def cli_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
-    return [*prefix, sys.executable, "-m", "regfsck", *args]
+    return cli.child_env(env)
 
 
 def run_cli(*args: str, prefix: Sequence[str] = (), timeout: float = CLI_TIMEOUT,
             cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run regfsck as a subprocess (bytes out: the test judges the encoding itself)."""
-    return subprocess.run(cli_command(*args, prefix=prefix), capture_output=True, timeout=timeout,
-                          env=cli_env(), stdin=subprocess.DEVNULL, check=False, cwd=cwd)
+    return cli.run(*args, prefix=prefix, timeout=timeout, env=cli_env(), cwd=cwd, text=False,
+                   stdin=subprocess.DEVNULL)
 
 
 def strict_json(raw: bytes) -> Any:
@@ -93,29 +92,6 @@ def assert_clean_exit(result: subprocess.CompletedProcess[bytes], allowed: Seque
 
 
 # --------------------------------------------------------------------------- tree snapshots
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
-    """Every path under `root` (not following symlinks): kind + content hash, mode, mtime.
-
-    Walks by directory descriptors, so paths longer than PATH_MAX are included."""
-    result: dict[str, tuple[str, int, int]] = {}
-    for dirpath, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in dirnames + filenames:
-            st = os.lstat(name, dir_fd=dir_fd)
-            if stat.S_ISLNK(st.st_mode):
-                what = "l:" + os.readlink(name, dir_fd=dir_fd)
-            elif stat.S_ISREG(st.st_mode):
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                with os.fdopen(fd, "rb") as fh:
-                    what = "f:" + hashlib.sha256(fh.read()).hexdigest()
-            elif stat.S_ISDIR(st.st_mode):
-                what = "d"
-            else:
-                what = f"o:{stat.S_IFMT(st.st_mode)}"
-            result[os.path.normpath(os.path.join(rel_dir, name))] = (what, st.st_mode, st.st_mtime_ns)
-    return result
 
 
 def restore_access(root: Path) -> None:
@@ -411,11 +387,6 @@ def intact_images(root: Path, refs: Sequence[tuple[str, str]]) -> set[tuple[str,
     return {(repo, ref) for repo, ref in refs if why_not_pullable(root, repo, ref) is None}
 
 
-def content_snapshot(root: Path) -> dict[str, str]:
-    """What undo must restore: every path with its kind and content (not modes or times)."""
-    return {path: what for path, (what, _mode, _mtime) in snapshot(root).items()}
-
-
 # --------------------------------------------------------------------------- a disk that fills up
 
 
@@ -464,7 +435,7 @@ def add_orphan_blobs(root: Path, count: int, tag: str = "orphan") -> list[str]:
 def run_many(commands: dict[str, Sequence[str]], prefix: Sequence[str] = (),
              timeout: float = CLI_TIMEOUT) -> dict[str, subprocess.CompletedProcess[bytes]]:
     """Run several CLI commands at once (they only read); each gets `timeout` seconds."""
-    procs = {name: subprocess.Popen(cli_command(*args, prefix=prefix), stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen(cli.command(*args, prefix=prefix), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env())
              for name, args in commands.items()}
     results: dict[str, subprocess.CompletedProcess[bytes]] = {}
@@ -478,3 +449,59 @@ def run_many(commands: dict[str, Sequence[str]], prefix: Sequence[str] = (),
                 proc.kill()
                 proc.wait()
     return results
+
+
+# --------------------------------------------------------------------------- runs to undo or interrupt
+
+GC = ("--grace", "0", "--uploads-older-than", "0", "--apply")
+
+
+def all_refs(info: SampleInfo) -> list[tuple[str, str]]:
+    return sorted([(r, t) for r, tags in info.tags.items() for t in tags]
+                  + [(r, "@" + d) for r, ds in info.revisions.items() for d in ds])
+
+
+def undo_everything(root: Path, prefix: list[str] | None = None) -> None:
+    """Undo every run that can be undone, newest first."""
+    listed = run_cli("runs", str(root), "--json", prefix=prefix or [])
+    assert_clean_exit(listed, (0,), "runs")
+    doc = strict_json(listed.stdout)
+    for run in sorted(doc["runs"], key=lambda r: r["run_id"], reverse=True):
+        if run["status"] in ("complete", "interrupted", "running", "undoing"):
+            result = run_cli("undo", str(root), run["run_id"], prefix=prefix or [])
+            assert_clean_exit(result, (0,), f"undo {run['run_id']} ({run['status']})")
+
+
+def journal_events(root: Path, event: str = "intent") -> int:
+    """How many `event` lines the newest run's journal holds so far."""
+    runs = root / "regfsck-quarantine"
+    if not runs.is_dir():
+        return 0
+    newest = sorted(runs.iterdir())
+    if not newest:
+        return 0
+    try:
+        raw = (newest[-1] / "journal.jsonl").read_bytes()
+    except FileNotFoundError:
+        return 0
+    return raw.count(f'"ev":"{event}"'.encode())
+
+
+def signal_midway(args: list[str], root: Path, sig: signal.Signals, after: int,
+                  event: str = "intent") -> subprocess.CompletedProcess[bytes]:
+    """Start the CLI, wait until its journal holds `after` `event` lines, send `sig`."""
+    proc = subprocess.Popen(cli.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if journal_events(root, event) >= after:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.002)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
+
 MIRROR = "http://deb.debian.org/debian"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 

@@ -19,7 +19,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
+from tests.support.cli import run
+
 SYSTEMD = REPO_ROOT / "contrib" / "systemd"
 CRONJOB = REPO_ROOT / "contrib" / "kubernetes" / "regfsck-verify-cronjob.yaml"
 NIGHTLY = ["--changed-only", "--sample", "5", "--max-duration", "2h", "--metrics-file"]
@@ -45,8 +47,7 @@ def run_verify_line(args: list[str],
                 arg = str(new) + arg[len(old):]
         mapped.append(arg)
     metrics = Path(mapped[mapped.index("--metrics-file") + 1])
-    result = subprocess.run([sys.executable, "-m", "regfsck", *mapped], capture_output=True,
-                            text=True, timeout=300)
+    result = run(*mapped)
     return result, metrics
 
 

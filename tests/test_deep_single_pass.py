@@ -27,9 +27,8 @@ from regfsck.root import locate
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify, with_affected_tags
-from tests.test_deep_realtools import Crafted, crafted  # noqa: F401  (the module fixture)
-
-V2 = "docker/registry/v2"
+from tests.support import V2
+from tests.support.deep_images import Crafted
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -40,7 +39,7 @@ def _flip(path: Path, offset: int) -> None:
 
 
 @pytest.fixture
-def damaged(crafted: Crafted, tmp_path: Path) -> tuple[Path, dict[str, str]]:  # noqa: F811
+def damaged(crafted: Crafted, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """The crafted tree with the clean image's three layers damaged on disk (gzip: a byte
     of deflate data; plain tar: a byte of file content; zstd: the last frame cut)."""
     root = tmp_path / "root"
@@ -138,7 +137,7 @@ def test_single_pass_gives_the_two_pass_verdicts(damaged: tuple[Path, dict[str, 
 
 @pytest.mark.realtools
 def test_single_pass_on_an_intact_tree_reads_each_layer_once(
-        crafted: Crafted, count_opens: collections.Counter[str]) -> None:  # noqa: F811
+        crafted: Crafted, count_opens: collections.Counter[str]) -> None:
     expected, plain = _two_pass(crafted.root)
     count_opens.clear()
     one = run_verify(locate(crafted.root), VerifyOptions(jobs=2, deep=True))
@@ -207,7 +206,7 @@ def test_gunzip_keeps_a_bomb_in_bounded_chunks() -> None:
 
 
 @pytest.mark.realtools
-def test_layers_read_by_the_deep_pass_enter_the_record(crafted: Crafted,  # noqa: F811
+def test_layers_read_by_the_deep_pass_enter_the_record(crafted: Crafted,
                                                        tmp_path: Path) -> None:
     """--changed-only --deep: the layers' verdicts (taken from the deep pass) are recorded
     like every other blob's, so the next --changed-only run vouches for them."""
@@ -231,7 +230,7 @@ def test_layers_read_by_the_deep_pass_enter_the_record(crafted: Crafted,  # noqa
 
 
 @pytest.mark.realtools
-def test_worker_processes_stop_and_agree_with_threads(crafted: Crafted,  # noqa: F811
+def test_worker_processes_stop_and_agree_with_threads(crafted: Crafted,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Layers go to forked worker processes when jobs > 1: the same findings as threads,
     and a stop set mid-run ends it early with a partial summary."""

@@ -18,6 +18,7 @@ tags = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 digests = st.from_regex(r"[a-f0-9]{64}", fullmatch=True).map(lambda h: "sha256:" + h)
 
 
+@pytest.mark.slow  # over a second (--durations)
 @given(repos, st.one_of(st.none(), tags), st.one_of(st.none(), digests))
 def test_round_trip(repo: str, tag: str | None, digest: str | None) -> None:
     ref = ImageRef(repo, None if digest else tag, digest)

@@ -28,22 +28,21 @@ from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
 from regfsck import layout
 from tests.hostile import (
-    V2,
     assert_clean_exit,
     can_mknod,
-    content_snapshot,
     intact_images,
     remove_tree,
     replace_with,
     run_cli,
     sha256_of,
-    snapshot,
     strict_json,
     unprivileged_prefix,
     why_not_pullable,
 )
 from tests.realtools import RealRegistry, SampleInfo, skopeo_copy
-from tests.test_fuzz_verify import DamageMachine, fuzz_settings
+from tests.support import V2
+from tests.support.damage import DamageMachine, fuzz_settings
+from tests.support.snapshot import content_snapshot, registry_snapshot
 
 EXAMPLES = int(os.environ.get("REGFSCK_FUZZ_EXAMPLES", "15"))
 
@@ -53,10 +52,6 @@ def image_refs(info: SampleInfo, *, untagged_too: bool) -> list[tuple[str, str]]
     if untagged_too:
         refs += [(repo, "@" + d) for repo, digests in info.revisions.items() for d in digests]
     return sorted(refs)
-
-
-def docker_snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
-    return snapshot(root / "docker")
 
 
 def quarantine_runs(root: Path) -> list[str]:
@@ -70,7 +65,7 @@ def gc_property(machine: DamageMachine, delete_untagged: bool) -> None:
     context = f" after damage {machine.log} (--delete-untagged={delete_untagged})"
     refs = image_refs(machine.info, untagged_too=not delete_untagged)
     whole_before = intact_images(root, refs)
-    before = docker_snapshot(root)
+    before = registry_snapshot(root)
     content_before = content_snapshot(root / "docker")
     runs_before = quarantine_runs(root)
     args = ["gc", str(root), "--grace", "0", "--uploads-older-than", "0", "--apply", "--json",
@@ -85,7 +80,7 @@ def gc_property(machine: DamageMachine, delete_untagged: bool) -> None:
         with open(os.environ["REGFSCK_FUZZ_LOG"], "a") as log:
             log.write(f"{outcome} {len(whole_before)}/{len(refs)} whole; {machine.log}\n")
     if result.returncode == 3 and not new_runs:
-        assert docker_snapshot(root) == before, "gc refused but changed the tree" + context
+        assert registry_snapshot(root) == before, "gc refused but changed the tree" + context
         assert result.stderr.strip() or result.stdout.strip(), "refusal without a word" + context
         return
     if result.returncode == 0:
@@ -264,11 +259,11 @@ def test_gc_on_damage_it_cannot_judge_refuses_and_touches_nothing(sample_root: P
     v2 = sample_root / V2
     (v2 / layout.tag_current_link("a/b/c", "latest")).write_bytes(b"sha256:nothex\n")
     (v2 / layout.blob_data(sample_info.tags["a/b"]["latest"])).write_bytes(b"{not json")
-    before = docker_snapshot(sample_root)
+    before = registry_snapshot(sample_root)
     for extra in ([], ["--delete-untagged"]):
         result = run_cli("gc", str(sample_root), "--grace", "0", "--apply", "--json", *extra)
         assert_clean_exit(result, (3,), "gc --apply on a damaged tree")
-        assert docker_snapshot(sample_root) == before
+        assert registry_snapshot(sample_root) == before
         plan = strict_json(result.stdout)
         assert plan["applied"] is False
     assert json.dumps(plan).count("link_invalid") + json.dumps(plan).count("manifest_invalid_json") >= 1

@@ -21,8 +21,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests import realtools
-from tests.hostile import assert_clean_exit, content_snapshot, run_cli, strict_json
+from tests.hostile import (
+    assert_clean_exit,
+    run_cli,
+    strict_json,
+)
 from tests.realtools import OCILayoutWriter, RealRegistry, SampleInfo, skopeo_copy
+from tests.support.snapshot import content_snapshot
 
 pytestmark = pytest.mark.realtools
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests import realtools
-from tests.conftest import copy_tree
 from tests.realtools import SampleInfo
 from tests.support import REPO_ROOT
 from tests.support.cli import invoke as cli
 from tests.support.oracle import errors_after
 from tests.support.snapshot import Snapshot, registry_snapshot
+from tests.support.tree import copy_tree
 
 pytestmark = pytest.mark.realtools
 

@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from regfsck import layout
-from tests import hostile, realtools
+from tests import realtools
 from tests.realtools import RealRegistry, SampleInfo
+from tests.support import V2, cli
+from tests.support.cli import invoke
+from tests.support.snapshot import registry_snapshot
 
 pytestmark = pytest.mark.realtools
-REPO_ROOT = Path(__file__).resolve().parent.parent
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env={**realtools.clean_env(), "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
 
 
 class PausedGc:
@@ -43,10 +38,10 @@ class PausedGc:
         hooks.mkdir()
         for point in points:
             (hooks / f"{point}.pause").touch()
-        env = {**realtools.clean_env(), "PYTHONPATH": str(REPO_ROOT), "REGFSCK_TEST_PAUSE_DIR": str(hooks)}
+        env = cli.child_env({**realtools.clean_env(), "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "regfsck", "gc", str(root), "--apply", "--grace", "0",
-             "--uploads-older-than", "0", "--json", *extra],
+            cli.command("gc", str(root), "--apply", "--grace", "0", "--uploads-older-than", "0",
+                        "--json", *extra),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def wait_for(self, point: str) -> None:
@@ -78,7 +73,8 @@ def doomed_image(root: Path, info: SampleInfo) -> tuple[bytes, str, list[bytes]]
 def test_image_pushed_again_between_the_mark_and_the_moves_stays_pullable(
         sample_root: Path, sample_info: SampleInfo, tmp_path: Path) -> None:
     body, media_type, blobs = doomed_image(sample_root, sample_info)
-    plan = json.loads(cli("gc", str(sample_root), "--grace", "0", "--json").stdout)
+    plan = json.loads(invoke("gc", str(sample_root), "--grace", "0", "--json",
+                             env=realtools.clean_env()).stdout)
     queued = [d for b in blobs if (d := realtools.sha256_digest(b)) in
               {v["digest"] for v in plan["blobs"]}]
     assert queued  # its layers nothing else uses
@@ -106,7 +102,7 @@ def test_image_pushed_again_between_the_mark_and_the_moves_stays_pullable(
 
 def test_registry_started_midway_stops_gc_and_the_run_undoes(
         sample_root: Path, sample_info: SampleInfo, tmp_path: Path) -> None:
-    before = hostile.snapshot(sample_root / "docker")
+    before = registry_snapshot(sample_root, mtimes="none")  # contents and modes
     gc = PausedGc(sample_root, tmp_path / "hooks", ["blobs"])
     registry = RealRegistry(sample_root)
     try:
@@ -117,13 +113,12 @@ def test_registry_started_midway_stops_gc_and_the_run_undoes(
         registry.stop()
     assert code == 3, out + err
     assert "stopped after" in err and "docker-registry serve" in err
-    runs = json.loads(cli("runs", str(sample_root), "--json").stdout)
+    runs = json.loads(invoke("runs", str(sample_root), "--json", env=realtools.clean_env()).stdout)
     [run] = runs["runs"] if isinstance(runs, dict) else runs
     assert run["status"] in ("interrupted", "complete")
     assert (sample_root / V2 / layout.blob_dir(sample_info.unreferenced_blobs[0])).exists()
-    undone = cli("undo", str(sample_root), run["run_id"])
+    undone = invoke("undo", str(sample_root), run["run_id"], env=realtools.clean_env())
     assert undone.returncode == 0, undone.stderr
-    after = hostile.snapshot(sample_root / "docker")
-    assert {k: v[:2] for k, v in after.items()} == {k: v[:2] for k, v in before.items()}
+    assert registry_snapshot(sample_root, mtimes="none") == before
     with RealRegistry(sample_root) as registry:
         assert realtools.pull_every_tag(registry, tmp_path / "all")

@@ -25,11 +25,8 @@ from regfsck.root import locate
 from regfsck.scanner import scan_tree
 from regfsck.storage import FilesystemStorage
 from tests.hostile import (
-    V2,
     assert_clean_exit,
-    cli_command,
     cli_env,
-    content_snapshot,
     deep_json,
     index_of,
     run_cli,
@@ -38,40 +35,9 @@ from tests.hostile import (
     strict_json,
 )
 from tests.realtools import SampleInfo
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def put(root: Path, rel: str, data: bytes) -> None:
-    path = root / V2 / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def add_manifest(root: Path, repo: str, body: bytes, tag: str | None = None) -> str:
-    """Store `body` under its true digest with a revision link (and a tag), as a push would."""
-    digest = sha256_of(body)
-    put(root, layout.blob_data(digest), body)
-    put(root, layout.revision_link(repo, digest), digest.encode())
-    if tag is not None:
-        put(root, layout.tag_current_link(repo, tag), digest.encode())
-        put(root, layout.tag_index_link(repo, tag, digest), digest.encode())
-    return digest
-
-
-def nested_indexes(root: Path, repo: str, leaf: str, levels: int, width: int = 1,
-                   tag: str = "nested") -> str:
-    """`levels` indexes stacked on `leaf`, each listing the one below `width` times."""
-    child, size = leaf, (root / V2 / layout.blob_data(leaf)).stat().st_size
-    media_type = "application/vnd.oci.image.manifest.v1+json"
-    for level in range(levels):
-        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-            {"mediaType": media_type, "digest": child, "size": size,
-             "platform": {"os": "linux", "architecture": f"l{level}w{i}"}} for i in range(width)
-        ]}).encode()
-        child = add_manifest(root, repo, body, tag if level == levels - 1 else None)
-        size, media_type = len(body), OCI_INDEX
-    return child
+from tests.support import V2, cli
+from tests.support.snapshot import content_snapshot
+from tests.support.tree import OCI_INDEX, add_manifest, nested_indexes, put
 
 
 def peak_rss_mb(*args: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProcess[bytes], float]:
@@ -82,7 +48,7 @@ def peak_rss_mb(*args: str, timeout: float = 120.0) -> tuple[subprocess.Complete
                "sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % "
                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
                "sys.exit(r.returncode)\n")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cli_command(*args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cli.command(*args)], capture_output=True,
                           timeout=timeout, env=cli_env(), check=False)
     err, _, peak = proc.stderr.rpartition(b"\nPEAK_RSS_KB=")
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, err), int(peak) / 1024

@@ -20,17 +20,17 @@ from regfsck import layout
 from regfsck.names import repo_name_problem
 from regfsck.storage import FilesystemStorage, UnsafePathError
 from tests.hostile import (
-    V2,
     assert_clean_exit,
     can_mknod,
     replace_with,
     run_cli,
     run_many,
-    snapshot,
     strict_json,
     watch_opens,
 )
 from tests.realtools import OCILayoutWriter, SampleInfo
+from tests.support import V2, cli
+from tests.support.snapshot import snapshot
 
 
 def verify_json(root: Path, *extra: str) -> dict:
@@ -144,11 +144,8 @@ def test_device_named_link_is_never_opened(sample_root: Path, sample_info: Sampl
     for rel in rels:
         replace_with(sample_root / V2 / rel, "chardev")
     trace = sample_root.parent / "strace.out"
-    import subprocess
-    import sys
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(trace),
-                    sys.executable, "-m", "regfsck", "verify", str(sample_root), "--json"],
-                   capture_output=True, timeout=120, check=False)
+    cli.run("verify", str(sample_root), "--json", timeout=120,
+            prefix=["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(trace)])
     opened = [line for line in trace.read_text().splitlines()
               if any(rel in line for rel in rels) and "= -1" not in line]
     assert opened == []

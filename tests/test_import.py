@@ -47,6 +47,7 @@ def full_export(fixture_root: Path, tmp_path: Path, info: SampleInfo) -> Path:
     return out
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_export_import_export_gives_identical_layout(full_export: Path, tmp_path: Path,
                                                      info: SampleInfo) -> None:
     empty = tmp_path / "empty"
@@ -61,6 +62,7 @@ def test_export_import_export_gives_identical_layout(full_export: Path, tmp_path
     assert report.summary.blobs_verified == len(plan.new_blobs)
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_links_are_the_registrys_byte_format(full_export: Path, tmp_path: Path,
                                              fixture_root: Path, info: SampleInfo) -> None:
     empty = tmp_path / "empty"
@@ -260,6 +262,7 @@ def test_damaged_link_in_tree_is_refused(full_export: Path, fixture_root: Path,
     assert result.returncode == 1 and "damaged" in result.stderr and "regfsck repair" in result.stderr
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_new_files_belong_to_the_trees_owner(full_export: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to create files for another user")

@@ -12,9 +12,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,11 @@ import zstandard
 
 from regfsck.importer import run_import
 from tests.realtools import RealRegistry, SampleInfo, pull_every_tag, skopeo_copy
+from tests.support.cli import run
 from tests.support.export import export
 from tests.support.snapshot import STATE_NAMES, snapshot
 
 pytestmark = pytest.mark.realtools
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +110,8 @@ def test_import_writes_what_a_push_writes(real_sample: tuple[Path, SampleInfo], 
 def test_refuses_while_a_registry_serves_root(skopeo_sources: dict[str, Path], sample_root: Path) -> None:
     before = snapshot(sample_root, mtimes="none", skip=STATE_NAMES)
     with RealRegistry(sample_root):
-        result = subprocess.run([sys.executable, "-m", "regfsck", "import", str(sample_root),
-                                 str(skopeo_sources["archive"]), "--repo", "x/y", "--apply"],
-                                capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
-                                env={**os.environ})
+        result = run("import", str(sample_root), str(skopeo_sources["archive"]), "--repo", "x/y",
+                     "--apply")
     assert result.returncode == 3, result.stderr
     assert "docker-registry" in result.stderr and "Stop the registry" in result.stderr
     assert snapshot(sample_root, mtimes="none", skip=STATE_NAMES) == before

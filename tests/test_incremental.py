@@ -12,8 +12,6 @@ import json
 import math
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,17 +30,12 @@ from regfsck.record import RECORD_REL, STATE_DIR, RecordEntry
 from regfsck.root import locate
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import RealRegistry, SampleInfo, pseudo_random_bytes
-
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", "verify", *args], capture_output=True,
-                          text=True, timeout=300)
+from tests.support import V2
+from tests.support.cli import invoke
 
 
 def verify_json(root: Path, *args: str, expect: int = 0) -> dict[str, object]:
-    result = cli(str(root), "--json", *args)
+    result = invoke("verify", str(root), "--json", *args)
     assert result.returncode == expect, result.stderr + result.stdout[-2000:]
     return json.loads(result.stdout)
 
@@ -168,7 +161,7 @@ def test_bit_rot_hides_from_changed_only_but_not_from_the_rotating_sample(
     runs = math.ceil(100 / percent)
     for _ in range(runs):
         time.sleep(0.01)  # verdict times strictly increase between runs
-        result = cli(str(sample_root), "--json", "--changed-only", "--sample", str(percent))
+        result = invoke("verify", str(sample_root), "--json", "--changed-only", "--sample", str(percent))
         doc = json.loads(result.stdout)
         if "blob_digest_mismatch" in kinds(doc):
             assert result.returncode == 1
@@ -202,7 +195,7 @@ def test_max_age_expires_old_verdicts(sample_root: Path, sample_info: SampleInfo
     ["--max-duration", "-5m"],
 ])
 def test_bad_incremental_arguments_are_usage_errors(fixture_root: Path, args: list[str]) -> None:
-    result = cli(str(fixture_root), "--json", *args)
+    result = invoke("verify", str(fixture_root), "--json", *args)
     assert result.returncode == 2, result.stderr
     assert json.loads(result.stdout)["exit_code"] == 2  # --json: the error, as JSON, only
     assert len(result.stderr.strip().splitlines()) <= 3  # typer's own errors take three lines
@@ -211,7 +204,7 @@ def test_bad_incremental_arguments_are_usage_errors(fixture_root: Path, args: li
 
 def test_unusable_record_stops_incremental_runs_but_not_plain_ones(fixture_root: Path) -> None:
     (fixture_root / STATE_DIR).write_text("a file where the state directory belongs")
-    result = cli(str(fixture_root), "--json", "--changed-only")
+    result = invoke("verify", str(fixture_root), "--json", "--changed-only")
     assert result.returncode == 3
     assert json.loads(result.stdout)["exit_code"] == 3 and result.stderr.startswith("regfsck: ")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -250,6 +243,7 @@ def slow_hashing(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield checked
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_max_duration_stops_cleanly_and_the_next_run_resumes(
         fixture_root: Path, slow_hashing: list[str]) -> None:
     root = locate(fixture_root)
@@ -290,6 +284,7 @@ def test_interrupt_keeps_the_verdicts_already_reached(fixture_root: Path,
     assert set(record_rows(fixture_root)) == set(slow_hashing)
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_a_bad_blob_found_during_a_limited_run_is_not_recorded(fixture_root: Path,
                                                               slow_hashing: list[str]) -> None:
     root = locate(fixture_root)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
 from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import SampleInfo
-
-V2 = "docker/registry/v2"
+from tests.support import V2
+from tests.support.cli import run
 
 
 def outcomes(root: Path, processes: bool, jobs: int = 2) -> list[tuple[str, str | None, int, bool]]:
@@ -83,8 +81,7 @@ def test_cli_verify_is_the_same_either_way(fixture_root: Path) -> None:
     summaries = []
     for mode in ("0", "1"):
         env = {**os.environ, hashing.HASH_PROCESSES_ENV: mode}
-        result = subprocess.run([sys.executable, "-m", "regfsck", "verify", str(fixture_root),
-                                 "--json"], capture_output=True, text=True, timeout=300, env=env)
+        result = run("verify", str(fixture_root), "--json", env=env)  # its own process pool
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
         summaries.append(json.loads(result.stdout)["summary"])

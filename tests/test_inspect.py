@@ -10,8 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,12 @@ import zstandard
 from regfsck import layout
 from regfsck.refs import ImageRef, RefError, parse_ref
 from tests.realtools import RealRegistry, SampleInfo, read_stored_blob, skopeo
-
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          timeout=300, check=False)
+from tests.support import V2
+from tests.support.cli import invoke
 
 
 def inspect_json(root: Path, ref: str, *extra: str) -> tuple[int, dict[str, Any]]:
-    result = cli("inspect", str(root), ref, "--json", *extra)
+    result = invoke("inspect", str(root), ref, "--json", *extra, text=False)
     assert result.stdout, result.stderr.decode()
     return result.returncode, json.loads(result.stdout)
 
@@ -106,7 +99,7 @@ def test_the_caller_says_what_a_bare_name_means() -> None:
 def test_raw_manifest_and_config_bytes_equal_skopeo(served: tuple[Path, SampleInfo, str]) -> None:
     root, info, host = served
     for repo, tag, digest in all_tags(info):
-        ours = cli("inspect", str(root), f"{repo}:{tag}", "--raw")
+        ours = invoke("inspect", str(root), f"{repo}:{tag}", "--raw", text=False)
         assert ours.returncode == 0, ours.stderr
         if digest == info.schema1[2]:  # the registry re-signs schema1 on every GET
             assert json.loads(ours.stdout)["fsLayers"] == json.loads(
@@ -117,7 +110,7 @@ def test_raw_manifest_and_config_bytes_equal_skopeo(served: tuple[Path, SampleIn
         platforms = (["linux/amd64", "linux/arm64/v8"] if children else [""])
         for platform in platforms:
             extra = ["--platform", platform] if platform else []
-            config = cli("inspect", str(root), f"{repo}:{tag}", "--image-config", *extra)
+            config = invoke("inspect", str(root), f"{repo}:{tag}", "--image-config", *extra, text=False)
             assert config.returncode == 0, config.stderr
             theirs = skopeo_inspect(host, repo, tag, "--config", "--raw",
                                     *(platform_args(platform) if platform else []))
@@ -267,7 +260,7 @@ def test_missing_layer_link_shows_in_tree_and_health(sample_root: Path,
     ("a/b@sha256:zz", "bad digest"),
 ])
 def test_bad_refs_exit_2(fixture_root: Path, ref: str, message: str) -> None:
-    result = cli("inspect", str(fixture_root), ref)
+    result = invoke("inspect", str(fixture_root), ref, text=False)
     assert result.returncode == 2
     assert message in result.stderr.decode()
     assert b"Traceback" not in result.stderr
@@ -276,13 +269,13 @@ def test_bad_refs_exit_2(fixture_root: Path, ref: str, message: str) -> None:
 def test_damaged_tag_link_is_one_line_error(fixture_root: Path) -> None:
     link = fixture_root / V2 / layout.tag_current_link("a/b", "latest")
     link.write_bytes(b"")
-    result = cli("inspect", str(fixture_root), "a/b:latest")
+    result = invoke("inspect", str(fixture_root), "a/b:latest", text=False)
     assert result.returncode == 2
     assert "cannot be resolved" in result.stderr.decode()
 
 
 def test_human_output_mentions_the_tree(fixture_root: Path) -> None:
-    result = cli("inspect", str(fixture_root), "multi/oci:latest")
+    result = invoke("inspect", str(fixture_root), "multi/oci:latest", text=False)
     assert result.returncode == 0, result.stderr
     text = result.stdout.decode()
     for expected in ("linux/amd64", "linux/arm64/v8", "ADD base", "uncompressed", "healthy"):

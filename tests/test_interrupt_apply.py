@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,55 +20,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.hostile import (
+    GC,
     add_orphan_blobs,
+    all_refs,
     assert_clean_exit,
-    cli_command,
-    cli_env,
-    content_snapshot,
     intact_images,
     run_cli,
+    signal_midway,
     strict_json,
+    undo_everything,
     why_not_pullable,
 )
 from tests.realtools import OCILayoutWriter, SampleInfo
-from tests.test_readonly_failing_writes import GC, all_refs, undo_everything
+from tests.support.snapshot import content_snapshot
 
 ORPHANS = 1500
-
-
-def journal_events(root: Path, event: str = "intent") -> int:
-    """How many `event` lines the newest run's journal holds so far."""
-    runs = root / "regfsck-quarantine"
-    if not runs.is_dir():
-        return 0
-    newest = sorted(runs.iterdir())
-    if not newest:
-        return 0
-    try:
-        raw = (newest[-1] / "journal.jsonl").read_bytes()
-    except FileNotFoundError:
-        return 0
-    return raw.count(f'"ev":"{event}"'.encode())
-
-
-def signal_midway(args: list[str], root: Path, sig: signal.Signals, after: int,
-                  event: str = "intent") -> subprocess.CompletedProcess[bytes]:
-    """Start the CLI, wait until its journal holds `after` `event` lines, send `sig`."""
-    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=cli_env())
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if journal_events(root, event) >= after:
-                proc.send_signal(sig)
-                break
-            time.sleep(0.002)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def check_signalled(result: subprocess.CompletedProcess[bytes], sig: signal.Signals, what: str) -> None:

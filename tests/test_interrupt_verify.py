@@ -17,8 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile import V2, assert_clean_exit, cli_command, cli_env, strict_json
+from tests.hostile import (
+    assert_clean_exit,
+    cli_env,
+    strict_json,
+)
 from tests.realtools import SampleInfo
+from tests.support import V2, cli
 
 BIG_BLOBS = 4
 BIG_SIZE = 8 << 30  # 8 GiB each, sparse
@@ -69,7 +74,7 @@ def test_sigint_while_hashing_gives_a_partial_summary(big_tree: tuple[Path, list
                                                        as_json: bool) -> None:
     root, big = big_tree
     args = ["verify", str(root), "--jobs", jobs, *(["--json"] if as_json else [])]
-    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, env=cli_env())
     try:
         wait_until_hashing(proc, big)
@@ -132,7 +137,7 @@ def test_second_sigint_stops_at_once(big_tree: tuple[Path, list[Path]]) -> None:
     """The first Ctrl-C asks for a summary (a huge tree's scan still runs to its end); a
     second one stops at once: exit 130, no traceback, nothing half-printed on stdout."""
     root, big = big_tree
-    proc = subprocess.Popen(cli_command("verify", str(root), "--json", "--jobs", "1"),
+    proc = subprocess.Popen(cli.command("verify", str(root), "--json", "--jobs", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env=cli_env())
     try:

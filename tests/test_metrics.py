@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,13 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from regfsck import metrics
 from regfsck.metrics import RunFacts, verify_metrics, write_atomically
 from regfsck.verify import VerifyReport, VerifySummary
-
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=300)
+from tests.support import V2
+from tests.support.cli import invoke as cli
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -25,8 +25,11 @@ import pytest
 from regfsck import layout
 from tests import realtools
 from tests.hostile import unprivileged_prefix
+from tests.support import REPO_ROOT
+from tests.support.cli import command as regfsck_argv
+from tests.support.cli import invoke
+from tests.support.cli import run as run_cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 META = json.loads((REPO_ROOT / "fixtures" / "registry.json").read_text())
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -40,9 +43,8 @@ def env80(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """regfsck with stdout and stderr piped (as `regfsck ... > plan.txt` or `| grep`)."""
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env=env80(**env), stdin=subprocess.DEVNULL, timeout=300, check=False)
+    """regfsck with stdout and stderr not terminals (as `regfsck ... > plan.txt` or `| grep`)."""
+    return invoke(*args, env=env80(**env))
 
 
 def tty(*args: str, columns: int = 80, **env: str) -> tuple[int, str]:
@@ -51,8 +53,8 @@ def tty(*args: str, columns: int = 80, **env: str) -> tuple[int, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     environment = env80(**env)
     environment.pop("COLUMNS")
-    proc = subprocess.Popen([sys.executable, "-m", "regfsck", *args], stdin=slave, stdout=slave,
-                            stderr=slave, env=environment, close_fds=True)
+    proc = subprocess.Popen(regfsck_argv(*args), stdin=slave, stdout=slave, stderr=slave, env=environment,
+                            close_fds=True)
     os.close(slave)
     chunks = []
     while True:
@@ -320,9 +322,7 @@ def test_root_forgotten_or_unreadable(fixture_root: Path) -> None:
     locked.mkdir(mode=0o000)
     try:
         for command in ("verify", "scan", "gc"):
-            run = subprocess.run([*prefix, sys.executable, "-m", "regfsck", command,
-                                  str(locked / "root")], capture_output=True, text=True,
-                                 env=env80(), timeout=120, check=False)
+            run = run_cli(command, str(locked / "root"), prefix=prefix, env=env80(), timeout=120)
             assert run.returncode == 3, run.stderr
             assert run.stderr.count("\n") == 1 and run.stderr.startswith("regfsck: "), run.stderr
     finally:
@@ -340,6 +340,7 @@ def test_json_errors_are_json(fixture_root: Path) -> None:
     assert bad.returncode == 2 and "digest" in json.loads(bad.stdout)["error"]
 
 
+@pytest.mark.slow  # over a second (--durations)
 def test_no_color_and_no_color_env_remove_every_style(fixture_root: Path) -> None:
     corrupt(fixture_root, BASE)
     code, styled = tty("verify", str(fixture_root))
@@ -350,9 +351,8 @@ def test_no_color_and_no_color_env_remove_every_style(fixture_root: Path) -> Non
 
 
 def test_shell_completion_and_man_page(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "regfsck"], capture_output=True, text=True,
-                          env=env80(_REGFSCK_COMPLETE="complete_bash", COMP_WORDS="regfsck ve",
-                                    COMP_CWORD="1"), timeout=60, check=False)
+    done = run_cli(env=env80(_REGFSCK_COMPLETE="complete_bash", COMP_WORDS="regfsck ve",
+                             COMP_CWORD="1"), timeout=60)
     assert "verify" in done.stdout.split()
     page = subprocess.run([sys.executable, "-m", "regfsck.cli.manpage"], capture_output=True,
                           text=True, env=env80(), timeout=60, check=True).stdout

@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,18 +22,17 @@ import pytest
 from regfsck import layout
 from tests import realtools
 from tests.realtools import SampleInfo
-from tests.test_safety_reach import Served
+from tests.support import REPO_ROOT, V2
+from tests.support.cli import run
+from tests.support.served import Served
 
 pytestmark = pytest.mark.realtools
-REPO_ROOT = Path(__file__).resolve().parent.parent
-V2 = "docker/registry/v2"
 UID = GID = 999
 
 
 def as_root_with_umask(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**realtools.clean_env(), "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO_ROOT, timeout=300, preexec_fn=lambda: os.umask(0o027))
+    """A process with umask 027: what regfsck creates must not take its modes from it."""
+    return run(*args, env=realtools.clean_env(), cwd=REPO_ROOT, preexec_fn=lambda: os.umask(0o027))
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -283,6 +283,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["move", "batch", "create", "replace", 
                          st.integers(0, 50)), max_size=12)
 
 
+@pytest.mark.slow  # over a second (--durations)
 @settings(max_examples=int(os.environ.get("QUARANTINE_EXAMPLES", "40")), deadline=None)
 @given(ops=OPS)
 def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPathFactory,

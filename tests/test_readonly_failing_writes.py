@@ -18,37 +18,22 @@ import pytest
 
 from regfsck import layout
 from tests.hostile import (
-    V2,
+    GC,
     add_orphan_blobs,
+    all_refs,
     assert_clean_exit,
-    content_snapshot,
     fill_up,
     intact_images,
     run_cli,
     small_filesystem,
     strict_json,
+    undo_everything,
     unprivileged_prefix,
     why_not_pullable,
 )
 from tests.realtools import OCILayoutWriter, SampleInfo, pseudo_random_bytes
-
-GC = ("--grace", "0", "--uploads-older-than", "0", "--apply")
-
-
-def all_refs(info: SampleInfo) -> list[tuple[str, str]]:
-    return sorted([(r, t) for r, tags in info.tags.items() for t in tags]
-                  + [(r, "@" + d) for r, ds in info.revisions.items() for d in ds])
-
-
-def undo_everything(root: Path, prefix: list[str] | None = None) -> None:
-    """Undo every run that can be undone, newest first."""
-    listed = run_cli("runs", str(root), "--json", prefix=prefix or [])
-    assert_clean_exit(listed, (0,), "runs")
-    doc = strict_json(listed.stdout)
-    for run in sorted(doc["runs"], key=lambda r: r["run_id"], reverse=True):
-        if run["status"] in ("complete", "interrupted", "running", "undoing"):
-            result = run_cli("undo", str(root), run["run_id"], prefix=prefix or [])
-            assert_clean_exit(result, (0,), f"undo {run['run_id']} ({run['status']})")
+from tests.support import V2
+from tests.support.snapshot import content_snapshot
 
 
 def one_line_about(result_err: bytes, *words: str) -> str:

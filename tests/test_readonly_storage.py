@@ -13,15 +13,15 @@ import pytest
 
 from regfsck import layout
 from tests.hostile import (
-    V2,
     assert_clean_exit,
     readonly_root,
     run_cli,
     run_many,
-    snapshot,
     strict_json,
 )
 from tests.realtools import SampleInfo
+from tests.support import V2
+from tests.support.snapshot import snapshot
 
 
 @pytest.fixture(scope="module")

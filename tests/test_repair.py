@@ -9,105 +9,19 @@ For every kind: damage the copy, `regfsck repair --apply` it, then
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from regfsck import layout
-from regfsck.quarantine import undo
-from regfsck.root import locate
-from regfsck.session import mutation_session
-from regfsck.verify import VerifyOptions, run_verify
 from tests.realtools import RealRegistry, RealToolError, SampleInfo, skopeo_copy
+from tests.support import V2
+from tests.support.cli import invoke as cli
+from tests.support.repairing import findings, repair, repaired
+from tests.support.snapshot import registry_snapshot
 
 pytestmark = pytest.mark.realtools
-
-V2 = "docker/registry/v2"
-Snapshot = dict[str, tuple[str, int, int]]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=300, check=False)
-
-
-def repair(root: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    result = cli("repair", str(root), "--json", *extra)
-    assert result.stdout, result.stderr
-    return result.returncode, json.loads(result.stdout)
-
-
-def snapshot(root: Path) -> Snapshot:
-    """The registry tree (docker/) with content hash, mode and file mtime of every entry."""
-    out: Snapshot = {}
-    base = root / "docker"
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            if path.is_file():
-                out[str(path.relative_to(root))] = (
-                    hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode, st.st_mtime_ns)
-            else:
-                out[str(path.relative_to(root))] = ("dir", st.st_mode, 0)
-    return out
-
-
-def findings(root: Path) -> set[tuple[str, str]]:
-    report = run_verify(locate(root), VerifyOptions(jobs=2))
-    return {(f.kind, f.path) for f in report.findings if f.kind != "empty_dir"}
-
-
-def undo_last(root: Path) -> None:
-    registry = locate(root)
-    with mutation_session(registry, command="undo"):
-        undo(registry)
-
-
-def assert_served(root: Path, info: SampleInfo, tags: list[tuple[str, str]], tmp: Path) -> None:
-    """The real registry serves every tag with its original digest; the affected ones pull."""
-    with RealRegistry(root) as registry:
-        for repo, repo_tags in info.tags.items():
-            for tag, digest in repo_tags.items():
-                assert registry.manifest_digest(repo, tag) == digest, f"{repo}:{tag}"
-        for n, (repo, tag) in enumerate(tags):
-            skopeo_copy(f"docker://{registry.host}/{repo}:{tag}", f"dir:{tmp / f'pull-{n}'}",
-                        "--all")
-
-
-def repaired(root: Path, info: SampleInfo, tmp: Path, damage: Callable[[Path], None],
-             affected: list[tuple[str, str]], expect_fixes: dict[str, int],
-             *extra: str) -> dict[str, Any]:
-    """Damage, repair, check verify + registry + undo; returns the applied repair's JSON."""
-    clean = findings(root)
-    damage(root)
-    broken = findings(root)
-    assert broken - clean, "the damage must be visible to verify"
-    damaged = snapshot(root)
-    code, plan = repair(root, *extra)
-    assert code == 1 and plan["applied"] is False
-    counts: dict[str, int] = {}
-    for fix in plan["fixes"]:
-        counts[fix["action"]] = counts.get(fix["action"], 0) + 1
-    assert counts == expect_fixes, plan["fixes"]
-    assert snapshot(root) == damaged, "a plan without --apply must not touch the tree"
-    code, result = repair(root, "--apply", *extra)
-    assert result["applied"] is True and result["run_id"]
-    assert all(f["status"] == "applied" for f in result["fixes"]), result["fixes"]
-    assert findings(root) == clean, "verify after repair must equal verify before the damage"
-    assert code == 0
-    assert_served(root, info, affected, tmp)
-    undo_last(root)
-    assert snapshot(root) == damaged, "undo must restore the damaged tree byte for byte"
-    return result
-
 
 def write(root: Path, rel: str, data: bytes) -> None:
     path = root / V2 / rel
@@ -177,14 +91,14 @@ def test_ambiguous_current_link_is_reported_not_guessed(sample_root: Path,
     repo, tag, old = sample_info.untagged  # a/b/c:latest was pushed twice: two candidates
     link = sample_root / V2 / layout.tag_current_link(repo, tag)
     link.write_bytes(b"")
-    before = snapshot(sample_root)
+    before = registry_snapshot(sample_root, mtimes="files")
     code, result = repair(sample_root, "--apply")
     assert code == 1
     assert not any(f["path"].endswith(layout.tag_current_link(repo, tag)) for f in result["fixes"])
     unfixable = [u for u in result["unfixable"] if u.get("tag") == tag and u["repo"] == repo]
     assert unfixable and "cannot choose" in unfixable[0]["advice"]
     assert old in unfixable[0]["advice"] and sample_info.tags[repo][tag] in unfixable[0]["advice"]
-    assert snapshot(sample_root) == before and link.read_bytes() == b""
+    assert registry_snapshot(sample_root, mtimes="files") == before and link.read_bytes() == b""
 
 
 def test_readable_but_conflicting_current_is_not_overwritten(sample_root: Path,
@@ -321,11 +235,11 @@ def test_corrupt_blob_is_quarantined_and_a_push_heals_it(sample_root: Path,
 
 
 def test_plan_only_and_clean_tree(sample_root: Path) -> None:
-    before = snapshot(sample_root)
+    before = registry_snapshot(sample_root, mtimes="files")
     code, result = repair(sample_root)
     assert code == 0 and result["fixes"] == [] and result["lost_blobs"] == []
     assert {u["kind"] for u in result["unfixable"]} <= {"manifest_schema1", "upload_stale"}
-    assert snapshot(sample_root) == before
+    assert registry_snapshot(sample_root, mtimes="files") == before
     assert not (sample_root / "regfsck-quarantine").exists()
 
 
@@ -333,9 +247,9 @@ def test_refuses_while_the_registry_serves_the_root(sample_root: Path,
                                                     sample_info: SampleInfo) -> None:
     repo, _tag, digest = sample_info.oci_index
     write(sample_root, layout.revision_link(repo, digest), b"")
-    before = snapshot(sample_root)
+    before = registry_snapshot(sample_root, mtimes="files")
     with RealRegistry(sample_root):
         result = cli("repair", str(sample_root), "--apply")
     assert result.returncode == 3
     assert "docker-registry" in result.stderr or "in use" in result.stderr
-    assert snapshot(sample_root) == before
+    assert registry_snapshot(sample_root, mtimes="files") == before

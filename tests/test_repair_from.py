@@ -19,7 +19,10 @@ import zstandard
 from regfsck import layout
 from regfsck.sources import SourceError, open_blob_source
 from tests.realtools import RealRegistry, SampleInfo, skopeo_copy
-from tests.test_repair import V2, cli, findings, repair, repaired, snapshot
+from tests.support import V2
+from tests.support.cli import invoke as cli
+from tests.support.repairing import findings, repair, repaired
+from tests.support.snapshot import registry_snapshot
 
 pytestmark = pytest.mark.realtools
 
@@ -222,10 +225,10 @@ def test_truncated_zstd_archive_is_refused(sample_root: Path, sample_info: Sampl
 def test_plan_with_source_changes_nothing(sample_root: Path, sample_info: SampleInfo,
                                           backups: Backups) -> None:
     corrupt(sample_root, sample_info.zstd[2])
-    before = snapshot(sample_root)
+    before = registry_snapshot(sample_root, mtimes="files")
     code, plan = repair(sample_root, "--from", str(backups.archive_zst))
     assert code == 1 and [f["action"] for f in plan["fixes"]] == ["replace_blob"]
-    assert snapshot(sample_root) == before
+    assert registry_snapshot(sample_root, mtimes="files") == before
     assert not (sample_root / "regfsck-state").exists()
     assert ("blob_digest_mismatch", f"{V2}/{layout.blob_data(sample_info.zstd[2])}") in findings(
         sample_root)

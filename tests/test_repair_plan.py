@@ -3,9 +3,7 @@ rewrites, never-guess rules for tags, and how an interrupted or failing apply en
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +22,9 @@ from regfsck.session import mutation_session
 from regfsck.storage import FilesystemStorage
 from regfsck.why import ReferenceGraph
 from tests.realtools import SampleInfo, materialize_fixture
+from tests.support import V2, cli
+from tests.support.snapshot import registry_snapshot
 
-V2 = "docker/registry/v2"
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 INFO = SampleInfo.from_json(json.loads((FIXTURES / "registry.json").read_text()))
 
@@ -41,17 +40,6 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def plan_of(root: Path) -> RepairPlan:
     plan, _, _ = plan_repair(locate(root), [], check_data=False)
     return plan
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    out: dict[str, tuple[str, int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root / "docker"):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            out[str(path.relative_to(root))] = (content, path.lstat().st_mtime_ns
-                                                if path.is_file() else 0)
-    return out
 
 
 @settings(max_examples=40)
@@ -153,7 +141,7 @@ class StopAfter(threading.Event):
 
 def test_interrupt_between_fixes_keeps_a_finished_undoable_run(fixture_root: Path) -> None:
     _damage_links(fixture_root)
-    damaged = snapshot(fixture_root)
+    damaged = registry_snapshot(fixture_root, mtimes="files")
     registry = locate(fixture_root)
     plan = plan_of(fixture_root)
     assert len(plan.fixes) == 3
@@ -164,13 +152,13 @@ def test_interrupt_between_fixes_keeps_a_finished_undoable_run(fixture_root: Pat
     assert [r.status for r in list_runs(registry)] == ["complete"]
     assert len(plan_of(fixture_root).fixes) == 2  # the rest is still to do
     undo(registry, run_id)
-    assert snapshot(fixture_root) == damaged
+    assert registry_snapshot(fixture_root, mtimes="files") == damaged
 
 
 def test_failure_midway_reverts_the_whole_run(fixture_root: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _damage_links(fixture_root)
-    damaged = snapshot(fixture_root)
+    damaged = registry_snapshot(fixture_root, mtimes="files")
     registry = locate(fixture_root)
     plan = plan_of(fixture_root)
     real = Applier._rewrite_link
@@ -185,7 +173,7 @@ def test_failure_midway_reverts_the_whole_run(fixture_root: Path,
     monkeypatch.setattr(Applier, "_rewrite_link", flaky)
     with pytest.raises(RepairError), mutation_session(registry, command="repair") as session:
         apply_plan(session, plan, [])
-    assert snapshot(fixture_root) == damaged
+    assert registry_snapshot(fixture_root, mtimes="files") == damaged
     assert [r.status for r in list_runs(registry)] == ["reverted"]
 
 
@@ -228,13 +216,13 @@ def _intents(root: Path) -> int:
     return journals[0].read_bytes().count(b'"ev":"intent"')
 
 
+@pytest.mark.slow  # over a second (--durations)
 @pytest.mark.parametrize("kill_after", [0, 1, 7, 25])
 def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: int) -> None:
     """A repair killed after N journaled changes: recover (run by the next mutating command)
     puts the damaged tree back exactly, and a new repair then fixes everything."""
     import signal
     import subprocess
-    import sys
     import time
 
 
@@ -247,9 +235,9 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
     for repo in ("a/b", "compress/zstd", "library/base"):
         for link in (root / V2 / "repositories" / repo / "_layers").rglob("link"):
             link.unlink()
-    damaged = snapshot(root)
-    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "repair", str(root), "--apply",
-                             "--no-data"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    damaged = registry_snapshot(root, mtimes="files")
+    proc = subprocess.Popen(cli.command("repair", str(root), "--apply", "--no-data"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli.child_env())
     deadline = time.monotonic() + 60
     while kill_after and _intents(root) < kill_after and proc.poll() is None:
         assert time.monotonic() < deadline
@@ -262,10 +250,9 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
         assert runs and runs[-1].status == "running", "the kill must land inside the run"
     with mutation_session(registry, command="repair") as session:  # what the next command does
         assert len(session.recovered) == (1 if kill_after else 0)
-    assert snapshot(root) == damaged
+    assert registry_snapshot(root, mtimes="files") == damaged
     assert [r.status for r in list_runs(registry)] == (["reverted"] if kill_after else [])
-    result = subprocess.run([sys.executable, "-m", "regfsck", "repair", str(root), "--apply",
-                             "--no-data", "--json"], capture_output=True, text=True, check=False)
+    result = cli.run("repair", str(root), "--apply", "--no-data", "--json")
     assert json.loads(result.stdout)["applied"] is True, result.stderr
     after = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
     assert after == clean

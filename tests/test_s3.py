@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,9 @@ from typing import Any
 import pytest
 
 from tests import realtools, s3tools
+from tests.support import REPO_ROOT
+from tests.support.cli import run as regfsck  # a process each: request counts are per process
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def needs_server(test: Any) -> Any:
     """The real registry, skopeo and moto_server: skipped with the reason when absent."""
@@ -59,13 +59,6 @@ class Bucket:
 
     def registry(self) -> s3tools.S3Registry:
         return s3tools.S3Registry(self.binary, self.moto.endpoint, self.name, "/" + self.prefix)
-
-
-def regfsck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = dict(env if env is not None else os.environ)
-    full_env["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env=full_env, timeout=600, check=False)
 
 
 def run_json(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any]]:

@@ -21,8 +21,7 @@ from regfsck.safety import (
     registry_users,
 )
 from tests import realtools
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
 
 
 def make_root(path: Path) -> RegistryRoot:

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +22,12 @@ import pytest
 
 from regfsck.root import locate
 from regfsck.safety import registry_users
-from tests import hostile, realtools
+from tests import realtools
+from tests.support import REPO_ROOT
+from tests.support.cli import run
+from tests.support.served import Served
+from tests.support.snapshot import snapshot
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.realtools
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]  # takes any arguments
 
@@ -62,43 +63,8 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**realtools.clean_env(), "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO_ROOT, timeout=300)
-
-
-class Served:
-    """A real registry binary serving a root; stopped by its PID."""
-
-    def __init__(self, args: list[str], port: int, env: dict[str, str], cwd: Path) -> None:
-        self.port = port
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise AssertionError(f"registry exited: {self.log.read()[-2000:]!r}")
-            try:
-                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                        f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            assert time.monotonic() < deadline, "registry did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+    """In a process of its own: the safety checks look at the processes around it."""
+    return run(*args, env=realtools.clean_env(), cwd=REPO_ROOT)
 
 
 @pytest.fixture
@@ -121,11 +87,11 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
 
 def assert_gc_refused(root: Path) -> None:
-    before = hostile.snapshot(root)
+    before = snapshot(root)
     result = cli("gc", str(root), "--apply", "--grace", "0", "--uploads-older-than", "0")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "refusing to change" in result.stderr
-    assert hostile.snapshot(root) == before
+    assert snapshot(root) == before
 
 
 def assert_gc_has_work(root: Path) -> None:

@@ -12,25 +12,20 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from regfsck.cli.common import human_bytes
+from tests.support import V2
+from tests.support.cli import invoke as cli
 
-V2 = "docker/registry/v2"
 HOSTILE = ["x<img src=x onerror=alert(1)>&amp;\"'", "q<"]  # one repository: x<img.../q<
 SCRIPT_BREAKER = ["x<", "script><script>document.title='pwned'<", "script>"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None,
                                     reason="chromium is not installed (Debian package chromium)")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def browser(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,31 +11,9 @@ import pytest
 from regfsck import layout
 from regfsck.root import RootError, locate, rootdir_from_config
 from tests.realtools import RealRegistry, SampleInfo
-
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, int, str]]:
-    """Every path under root with its type, mode, mtime and content hash."""
-    result: dict[str, tuple[str, int, int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            if path.is_symlink():
-                digest = os.readlink(path)
-            elif path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                digest = ""
-            result[str(path.relative_to(root))] = (digest, st.st_mode, st.st_mtime_ns,
-                                                   "d" if path.is_dir() else "f")
-    return result
+from tests.support import V2
+from tests.support.cli import invoke as cli
+from tests.support.snapshot import snapshot
 
 
 def test_scan_agrees_with_the_registry_api(sample_root: Path, sample_info: SampleInfo) -> None:

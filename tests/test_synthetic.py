@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,13 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import synth
 
-V2 = "docker/registry/v2"
+from tests.support import V2
+from tests.support.cli import invoke as regfsck
+
 SMALL = synth.SynthConfig(repositories=30, seed=7)
-
-
-def regfsck(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

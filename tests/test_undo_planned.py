@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 
 from tests import realtools
-from tests.hostile import assert_clean_exit, run_cli, strict_json, why_not_pullable
+from tests.hostile import (
+    assert_clean_exit,
+    run_cli,
+    signal_midway,
+    strict_json,
+    why_not_pullable,
+)
 from tests.realtools import OCILayoutWriter, RealRegistry, skopeo_copy
 from tests.support.snapshot import registry_snapshot
-from tests.test_interrupt_apply import signal_midway
 
 pytestmark = pytest.mark.realtools
 

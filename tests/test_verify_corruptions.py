@@ -19,8 +19,8 @@ from regfsck.findings import Severity
 from regfsck.root import locate
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
 from tests.realtools import SampleInfo
+from tests.support import V2
 
-V2 = "docker/registry/v2"
 Key = tuple[str, str, str | None]
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +23,8 @@ from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
 from regfsck.why import ReferenceGraph, WhyReport, explain_blob
 from tests.realtools import SampleInfo, gc_dry_run, read_stored_blob, write_registry_config
-
-V2 = "docker/registry/v2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regfsck", *args], capture_output=True,
-                          text=True, timeout=300, check=False)
+from tests.support import V2
+from tests.support.cli import invoke as cli
 
 
 def explain_all(root: Path, digests: list[str]) -> dict[str, WhyReport]:
@@ -253,7 +246,7 @@ def test_chain_of_3000_nested_indexes_gives_the_same_answer(sample_root: Path,
     """3 000 index revisions stacked on an image: every level is a path to the layer, and
     the freed bytes of each are what one reach per root gives (each level alone holds
     exactly itself under the default gc)."""
-    from tests.test_hostile_manifests import nested_indexes
+    from tests.support.tree import nested_indexes
 
     repo = "library/base"
     leaf = sample_info.tags[repo]["latest"]

@@ -42,8 +42,8 @@ def command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`env` (default: this process's environment) with this checkout first on PYTHONPATH."""
     out = dict(os.environ if env is None else env)
-    rest = out.get("PYTHONPATH", "")
-    out["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + rest if rest else "")
+    paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)]
+    out["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
     return out
 
 

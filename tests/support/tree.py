@@ -10,11 +10,22 @@ fixtures); these are for the shapes a push never produces or that a unit test wa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from regfsck import layout
 from tests.support import V2
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def copy_tree(src: Path, dest: Path) -> Path:
+    """Copy a registry root keeping mtimes and symlinks as they are."""
+    shutil.copytree(src, dest, symlinks=True, copy_function=shutil.copy2)
+    return dest
 
 
 def sha256_of(data: bytes) -> str:
@@ -72,3 +83,29 @@ def build(root: Path, spec: Mapping[str, bytes | None], *, base_mtime_ns: int | 
 def empty_root(root: Path) -> Path:
     """A registry root with empty `blobs/` and `repositories/`."""
     return build(root, {"blobs": None, "repositories": None})
+
+
+def add_manifest(root: Path, repo: str, body: bytes, tag: str | None = None) -> str:
+    """Store `body` under its true digest with a revision link (and a tag), as a push would."""
+    digest = sha256_of(body)
+    put(root, layout.blob_data(digest), body)
+    put(root, layout.revision_link(repo, digest), digest.encode())
+    if tag is not None:
+        put(root, layout.tag_current_link(repo, tag), digest.encode())
+        put(root, layout.tag_index_link(repo, tag, digest), digest.encode())
+    return digest
+
+
+def nested_indexes(root: Path, repo: str, leaf: str, levels: int, width: int = 1,
+                   tag: str = "nested") -> str:
+    """`levels` indexes stacked on `leaf`, each listing the one below `width` times."""
+    child, size = leaf, (root / V2 / layout.blob_data(leaf)).stat().st_size
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    for level in range(levels):
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": media_type, "digest": child, "size": size,
+             "platform": {"os": "linux", "architecture": f"l{level}w{i}"}} for i in range(width)
+        ]}).encode()
+        child = add_manifest(root, repo, body, tag if level == levels - 1 else None)
+        size, media_type = len(body), OCI_INDEX
+    return child
