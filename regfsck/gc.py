@@ -19,7 +19,6 @@ keeps every blob: what it references is unknown (`reach.unknown_parts`).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +33,10 @@ from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory, Upload
 from regfsck.names import is_upload_id
 from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
+from regfsck.removal import Removal, Revalidate
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import EntryKind, Storage, open_storage
-from regfsck.sweep import Applied, Removal, Revalidate, apply_removals
 
 DEFAULT_GRACE = timedelta(hours=1)
 
@@ -725,16 +724,3 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
 def _digest_of_blob_dir(path: str) -> str:
     parts = path.split("/")  # blobs/<alg>/<xx>/<hex>
     return f"{parts[1]}:{parts[3]}"
-
-
-
-def apply_gc(root: RegistryRoot, options: GcOptions, *, stop: threading.Event | None = None,
-             on_recovered: Callable[[list[str]], None] | None = None,
-             on_start: Callable[[int], Callable[[int], None] | None] | None = None
-             ) -> Applied[GcPlan]:
-    """`gc --apply`: plan under the root lock (after recovery), refuse a blocked plan, else
-    move the victims into one journaled run, re-marking before each phase (`revalidator`)."""
-    return apply_removals(root, "gc", lambda: plan_gc(root, options),
-                          lambda plan: {"options": options.to_json()}, grace=options.grace,
-                          revalidate=lambda plan: revalidator(root, plan), stop=stop,
-                          on_recovered=on_recovered, on_start=on_start)

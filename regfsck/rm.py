@@ -11,10 +11,7 @@ would break that multi-arch image, so it is refused unless forced.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from regfsck import layout
@@ -23,10 +20,10 @@ from regfsck.graph import ManifestStore
 from regfsck.inventory import Inventory, Repository
 from regfsck.reach import mark
 from regfsck.refs import ImageRef, RefError, parse_ref
+from regfsck.removal import Removal
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import EntryKind, Storage, open_storage
-from regfsck.sweep import Applied, Removal, apply_removals
 
 
 @dataclass
@@ -228,15 +225,3 @@ def plan_rm(root: RegistryRoot, refs: list[str], *, force: bool = False) -> RmPl
     store = ManifestStore(storage, inv)
     resolved = list(dict.fromkeys(resolve_ref(text, inv) for text in refs))
     return _RmPlanner(inv, store, storage, resolved, force).build()
-
-
-def apply_rm(root: RegistryRoot, refs: list[str], *, force: bool = False,
-             stop: threading.Event | None = None,
-             on_recovered: Callable[[list[str]], None] | None = None,
-             on_start: Callable[[int], Callable[[int], None] | None] | None = None
-             ) -> Applied[RmPlan]:
-    """`rm --apply`: plan under the root lock (after recovery), refuse a blocked plan, else
-    move what the REFs name into one journaled run (no grace: the operator named them)."""
-    return apply_removals(root, "rm", lambda: plan_rm(root, refs, force=force),
-                          lambda plan: {"refs": plan.refs, "force": force}, grace=timedelta(0),
-                          stop=stop, on_recovered=on_recovered, on_start=on_start)

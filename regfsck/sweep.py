@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
+from regfsck.gc import GcOptions, GcPlan, plan_gc, revalidator
 from regfsck.layout import V2_PREFIX
+from regfsck.removal import Removal, Revalidate
+from regfsck.rm import RmPlan, plan_rm
 from regfsck.root import RegistryRoot
 from regfsck.safety import SafetyError
 from regfsck.session import MutationSession, mutation_session
@@ -34,16 +37,6 @@ PAUSE_ENV = "REGFSCK_TEST_PAUSE_DIR"
 PAUSE_LIMIT_S = 600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Removal:
-    """One path (relative to v2) to quarantine as a whole, with what the plan saw of it."""
-
-    path: str
-    phase: str
-    checks: tuple[tuple[str, int], ...] = ()  # (path, mtime_ns when planned)
-    grace_applies: bool = True
-
-
 @dataclass
 class SweepResult:
     run_id: str | None = None
@@ -56,9 +49,6 @@ class SweepResult:
         return {"run_id": self.run_id, "moved": len(self.moved),
                 "skipped": [{"path": f"{V2_PREFIX}/{p}", "reason": r} for p, r in self.skipped],
                 "dirs_removed": len(self.dirs_removed), "interrupted": self.interrupted}
-
-
-Revalidate = Callable[[str, Sequence[Removal]], dict[str, str]]  # phase, items -> {path: why}
 
 
 def recheck(storage: MutableStorage, removal: Removal, cutoff_ns: int) -> str | None:
@@ -222,3 +212,30 @@ def apply_removals(root: RegistryRoot, command: str, make_plan: Callable[[], P],
     plan.run_id = result.run_id
     plan.apply_result = result.to_json()
     return Applied(plan, session.recovered, result)
+
+
+# --------------------------------------------------------------------------- the two removal commands
+
+
+def apply_gc(root: RegistryRoot, options: GcOptions, *, stop: threading.Event | None = None,
+             on_recovered: Callable[[list[str]], None] | None = None,
+             on_start: Callable[[int], Callable[[int], None] | None] | None = None
+             ) -> Applied[GcPlan]:
+    """`gc --apply`: plan under the root lock (after recovery), refuse a blocked plan, else
+    move the victims into one journaled run, re-marking before each phase (`revalidator`)."""
+    return apply_removals(root, "gc", lambda: plan_gc(root, options),
+                          lambda plan: {"options": options.to_json()}, grace=options.grace,
+                          revalidate=lambda plan: revalidator(root, plan), stop=stop,
+                          on_recovered=on_recovered, on_start=on_start)
+
+
+def apply_rm(root: RegistryRoot, refs: list[str], *, force: bool = False,
+             stop: threading.Event | None = None,
+             on_recovered: Callable[[list[str]], None] | None = None,
+             on_start: Callable[[int], Callable[[int], None] | None] | None = None
+             ) -> Applied[RmPlan]:
+    """`rm --apply`: plan under the root lock (after recovery), refuse a blocked plan, else
+    move what the REFs name into one journaled run (no grace: the operator named them)."""
+    return apply_removals(root, "rm", lambda: plan_rm(root, refs, force=force),
+                          lambda plan: {"refs": plan.refs, "force": force}, grace=timedelta(0),
+                          stop=stop, on_recovered=on_recovered, on_start=on_start)

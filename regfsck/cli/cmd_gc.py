@@ -63,9 +63,10 @@ def gc(
                            no_registry_check, break_lock)
     from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
     from regfsck.durations import parse_duration
-    from regfsck.gc import GcOptions, apply_gc, plan_gc
+    from regfsck.gc import GcOptions, plan_gc
     from regfsck.quarantine import QuarantineError, list_runs
     from regfsck.safety import registry_users
+    from regfsck.sweep import apply_gc
 
     options = GcOptions(delete_untagged=delete_untagged,
                         uploads_older_than=parse_duration(uploads_older_than,

@@ -74,7 +74,7 @@ def rm(
         plan = _plan(registry, values, force)
         _output(plan, json_output, [], root_words(registry))
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
-    from regfsck.rm import apply_rm
+    from regfsck.sweep import apply_rm
 
     with refusals(registry), sweep_controls(json_output) as (stop, on_start):
         applied = apply_rm(registry, values, force=force, stop=stop,

@@ -1,7 +1,7 @@
 """What the tree-changing commands (gc, rm, undo, purge) share on the command line.
 
 Rendering around the core's mutation session (regfsck.session) and apply flows
-(gc.apply_gc, rm.apply_rm): safety and quarantine errors as one-line refusals (exit 3),
+(sweep.apply_gc, sweep.apply_rm): safety and quarantine errors as one-line refusals (exit 3),
 recovery messages on stderr, Ctrl-C as a clean stop between batches with a progress bar,
 and the reminders printed after a change.
 """
