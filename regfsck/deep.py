@@ -52,7 +52,7 @@ from regfsck.compression import MAGIC_BYTES, LayerFormatError, ZstdFrameChecker,
 from regfsck.errors import Interrupted
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
-from regfsck.hashing import HASHERS, new_hasher
+from regfsck.hashing import HASHERS, ProgressFn, new_hasher
 from regfsck.inventory import Inventory
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, Manifest, ManifestKind
 from regfsck.root import RegistryRoot
@@ -90,7 +90,6 @@ TAR_LAYER_TYPES = frozenset({
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 })
 
-ProgressFn = Callable[[int], None]
 
 
 # -- what the media type says ---------------------------------------------------------

@@ -30,7 +30,7 @@ from regfsck.artifacts import referrers_of
 from regfsck.checks import valid_revisions
 from regfsck.errors import REASON_EXIT, Interrupted, RegfsckError
 from regfsck.graph import ManifestStore, Unloadable
-from regfsck.hashing import DigestMismatch, verified
+from regfsck.hashing import DigestMismatch, ProgressFn, verified
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, Manifest, ManifestKind
 from regfsck.refs import ImageRef
@@ -49,7 +49,6 @@ IMAGE_CONFIG_TYPES = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 DOCKER_TYPES = frozenset({ManifestKind.DOCKER_MANIFEST, ManifestKind.DOCKER_LIST})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".gz", ".zst")
 
-ProgressFn = Callable[[int], None]
 
 
 class ExportFormat(enum.StrEnum):

@@ -38,6 +38,8 @@ SMALL_BLOB = 256 << 10  # at most this: hashed in a worker process when there ar
 PROCESS_MIN_BLOBS = 20_000  # fewer small blobs than this do not pay for starting processes
 HASH_PROCESSES_ENV = "REGFSCK_HASH_PROCESSES"  # "0": threads only, "1": always (jobs > 1)
 
+# Told how much more was just done (bytes read or hashed, entries listed): what progress
+# bars and counters receive. The one definition; every engine takes it from here.
 ProgressFn = Callable[[int], None]
 # The algorithms registries name blobs with, by their direct (faster) constructors.
 HASHERS: dict[str, Callable[[], hashlib._Hash]] = {

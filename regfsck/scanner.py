@@ -25,6 +25,7 @@ from sys import intern
 
 from regfsck import layout
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
+from regfsck.hashing import ProgressFn
 from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
 from regfsck.storage import DirEntryLike, EntryKind, Stat, Storage, StorageError, open_storage, to_stat
@@ -34,7 +35,6 @@ STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
 
-ProgressFn = Callable[[int], None]
 Task = tuple[str, Callable[["Scanner"], "list[Task]"]]  # (sort key, work on a child scanner)
 
 
