@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NewType
 
 from regfsck.errors import UsageError
 
@@ -18,6 +19,11 @@ EMPTY_SHA256 = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7
 EMPTY_JSON_SHA256 = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
 _HEX_RE = re.compile(r"[a-f0-9]+")
+
+# A digest as text, `<alg>:<hex>`: what a link file holds and what a path names. A plain
+# `str` is accepted wherever a digest is read; functions that produce one from a path or
+# a parse say so with this type.
+Digest = NewType("Digest", str)
 
 
 class DigestError(ValueError):
@@ -29,7 +35,7 @@ class DigestArgumentError(DigestError, UsageError):
 
 
 @dataclass(frozen=True, order=True, slots=True)
-class Digest:
+class ParsedDigest:
     """A validated digest; `str(d)` is the exact link-file content."""
 
     algorithm: str
@@ -38,6 +44,10 @@ class Digest:
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"
 
+    @property
+    def text(self) -> Digest:
+        return Digest(str(self))
+
 
 def is_valid_hex(algorithm: str, hex_part: str) -> bool:
     """True when `hex_part` is lowercase hex of the right length for `algorithm`."""
@@ -45,7 +55,7 @@ def is_valid_hex(algorithm: str, hex_part: str) -> bool:
     return length is not None and len(hex_part) == length and _HEX_RE.fullmatch(hex_part) is not None
 
 
-def parse_digest(text: str) -> Digest:
+def parse_digest(text: str) -> ParsedDigest:
     """Parse `alg:hex` strictly (no whitespace, lowercase only, known algorithm)."""
     algorithm, sep, hex_part = text.partition(":")
     if not sep:
@@ -57,7 +67,7 @@ def parse_digest(text: str) -> Digest:
             f"invalid {algorithm} hex (need {HEX_LENGTHS[algorithm]} lowercase hex chars): "
             f"{hex_part[:140]!r}"
         )
-    return Digest(algorithm, hex_part)
+    return ParsedDigest(algorithm, hex_part)
 
 
 def is_digest(text: str) -> bool:
@@ -69,7 +79,7 @@ def is_digest(text: str) -> bool:
     return True
 
 
-def parse_link_content(raw: bytes) -> Digest:
+def parse_link_content(raw: bytes) -> ParsedDigest:
     """Parse the bytes of a link file; the whole file must be the digest and nothing else."""
     if not raw:
         raise DigestError("empty link file")

@@ -521,15 +521,6 @@ def remark(root: RegistryRoot, delete_untagged: bool) -> tuple[Inventory, Marks]
     return inv, mark(inv, ManifestStore(storage, inv), delete_untagged)
 
 
-def _repo_and_digest(path: str) -> tuple[str, str]:
-    """(repository, digest) of a `repositories/<repo>/_.../<alg>/<hex>` link directory."""
-    repo_part, _, rest = path.partition(f"/{layout.MANIFESTS_DIR}/")
-    if not rest:
-        repo_part, _, rest = path.partition(f"/{layout.LAYERS_DIR}/")
-    parts = rest.split("/")
-    return repo_part.removeprefix(layout.REPOSITORIES + "/"), f"{parts[-2]}:{parts[-1]}"
-
-
 # --------------------------------------------------------------------------- revalidation
 #
 # Between the plan and each move a registry (started despite the refusal, or one regfsck
@@ -693,7 +684,7 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
                 refused[item.path] = "the repositories kept changing while gc re-checked them"
                 continue
             if phase == "blobs":
-                digest = _digest_of_blob_dir(item.path)
+                digest = layout.blob_dir_digest(item.path)
                 if digest in marks.blobs:
                     refused[item.path] = why
                 elif digest in state.keep:
@@ -707,7 +698,7 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
                 if repo is not None and (repo.tags or marks.kept_manifests.get(name)):
                     refused[item.path] = "no longer empty (a fresh scan finds content)"
                 continue
-            repo_name, digest = _repo_and_digest(item.path)
+            repo_name, digest = layout.link_dir_owner(item.path)
             if phase == "manifests" and digest in marks.kept_manifests.get(repo_name, set()):
                 refused[item.path] = why
             elif phase == "layer_links":
@@ -719,8 +710,3 @@ def revalidator(root: RegistryRoot, plan: GcPlan) -> Revalidate:
                     refused[item.path] = newer
         return refused
     return revalidate
-
-
-def _digest_of_blob_dir(path: str) -> str:
-    parts = path.split("/")  # blobs/<alg>/<xx>/<hex>
-    return f"{parts[1]}:{parts[3]}"

@@ -390,7 +390,7 @@ def plan_import(source: Source, images: list[SourceImage], root: RegistryRoot,
 
 # -- applying -------------------------------------------------------------------------------
 
-STATE_ENTRIES = frozenset({"regfsck-state", "regfsck-quarantine", "lost+found"})
+STATE_ENTRIES = frozenset({*layout.OWN_DIRS, "lost+found"})
 
 
 def target_root(path: Path) -> tuple[RegistryRoot, bool]:

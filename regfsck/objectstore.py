@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from regfsck.layout import STATE_DIR
 from regfsck.root import S3Location
 from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative
 
@@ -681,7 +682,7 @@ class ObjectStorage:
 # "Directories" need no creation or removal: they exist while a key lies below them.
 
 DELETE_PAGE = 1000  # keys per DeleteObjects request (the S3 maximum)
-LOCK_PATH = "regfsck-state/lock"  # relative to ROOT: outside docker/, where the registry looks
+LOCK_PATH = f"{STATE_DIR}/lock"  # relative to ROOT: outside docker/, where the registry looks
 LOCK_REFRESH_S = 30.0
 LOCK_STALE_S = 300.0
 

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from regfsck.errors import ExitCode, RegfsckError
-from regfsck.layout import V2_PREFIX
+from regfsck.layout import QUARANTINE_DIR, V2_PREFIX
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
     AppendFile,
@@ -50,7 +50,6 @@ from regfsck.undoplan import build_view, missing_parts, restored_tags, used_now
 if TYPE_CHECKING:
     from regfsck.session import MutationSession
 
-QUARANTINE_DIR = "regfsck-quarantine"
 JOURNAL = "journal.jsonl"
 META = "meta.json"
 PAYLOAD = "v2"

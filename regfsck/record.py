@@ -20,10 +20,10 @@ from types import TracebackType
 
 from regfsck.errors import RegfsckError
 from regfsck.inventory import Blob
+from regfsck.layout import STATE_DIR
 from regfsck.root import RegistryRoot
 from regfsck.storage import EntryKind, FilesystemStorage, StorageError
 
-STATE_DIR = "regfsck-state"
 RECORD_FILE = "verify.sqlite"
 SCHEMA_VERSION = "1"
 FLUSH_ROWS = 2000

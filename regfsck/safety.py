@@ -25,14 +25,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from regfsck.errors import RegfsckError
-from regfsck.layout import V2_PREFIX
+from regfsck.layout import STATE_DIR, V2_PREFIX
 from regfsck.root import ROOTDIR_ENV, RegistryRoot
 from regfsck.storage import FilesystemStorage, StorageError
 
 if TYPE_CHECKING:
     from regfsck.objectstore import ObjectLock
 
-LOCK_DIR = "regfsck-state"
+LOCK_DIR = STATE_DIR
 LOCK_FILE = "lock"
 REGISTRY_BINARIES = frozenset({"registry", "docker-registry"})
 CONFIG_ENV = "REGISTRY_CONFIGURATION_PATH"

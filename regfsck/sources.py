@@ -51,7 +51,7 @@ OCI_LAYOUT = "oci-layout"
 CHUNK = 1 << 20
 INDEX_LIMIT = 64 << 20
 KEPT_MANIFEST_LIMIT = 256 << 20  # manifests held in memory while an archive streams past
-SCRATCH_DIR = "regfsck-state"  # archive blobs `repair --from` needs are spooled under it
+SCRATCH_DIR = layout.STATE_DIR  # archive blobs `repair --from` needs are spooled under it
 _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (tarfile.TarError, *READ_ERRORS)
 
 

@@ -29,45 +29,6 @@ from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import Storage, StorageError, open_storage, open_storage_at
 
-MANIFESTS = f"/{layout.MANIFESTS_DIR}/"
-LAYERS = f"/{layout.LAYERS_DIR}/"
-
-
-@dataclass(frozen=True)
-class PathKind:
-    """What a v2-relative path is in the layout (only the kinds an undo judges)."""
-
-    kind: str  # "blob", "revision", "layer", "tag_current", "tag_index", "other"
-    repo: str | None = None
-    digest: str | None = None
-    tag: str | None = None
-
-
-def classify(rel: str) -> PathKind:
-    """Parse a v2-relative file path into its layout role."""
-    parts = rel.split("/")
-    if parts[0] == layout.BLOBS and len(parts) == 5 and parts[4] == "data":
-        return PathKind("blob", digest=f"{parts[1]}:{parts[3]}")
-    if parts[0] != layout.REPOSITORIES or parts[-1] != "link":
-        return PathKind("other")
-    body = "/".join(parts[1:])
-    if LAYERS in "/" + body:
-        repo, _, rest = ("/" + body).partition(LAYERS)
-        bits = rest.split("/")
-        if len(bits) == 3:
-            return PathKind("layer", repo[1:], f"{bits[0]}:{bits[1]}")
-        return PathKind("other")
-    repo, _, rest = ("/" + body).partition(MANIFESTS)
-    bits = rest.split("/")
-    repo = repo[1:]
-    if bits[0] == "revisions" and len(bits) == 4:
-        return PathKind("revision", repo, f"{bits[1]}:{bits[2]}")
-    if bits[0] == "tags" and len(bits) == 4 and bits[2] == "current":
-        return PathKind("tag_current", repo, tag=bits[1])
-    if bits[0] == "tags" and len(bits) == 6 and bits[2] == "index":
-        return PathKind("tag_index", repo, f"{bits[3]}:{bits[4]}", bits[1])
-    return PathKind("other")
-
 
 class _ViewStore(ManifestStore):
     """Reads each manifest from wherever the view found it: the tree or a quarantine."""
@@ -89,7 +50,7 @@ class UndoView:
     store: ManifestStore
     tree: Storage  # the live tree, as listed for this view
     restored_tags: list[tuple[str, str, str]] = field(default_factory=list)  # repo, tag, target
-    removed: dict[str, PathKind] = field(default_factory=dict)
+    removed: dict[str, layout.LayoutPath] = field(default_factory=dict)
     _saved: dict[str, object] = field(default_factory=dict)
 
 
@@ -161,12 +122,12 @@ def build_view(root: RegistryRoot, removals: list[str], payloads: list[str]) -> 
                 for digest, link in tag.index.items():
                     mine.index.setdefault(digest, link)
     for rel in removals:
-        view.removed[rel] = kind = classify(rel)
+        view.removed[rel] = kind = layout.parse_path(rel)
         _take(view, rel, kind)
     return view
 
 
-def _take(view: UndoView, rel: str, kind: PathKind) -> None:
+def _take(view: UndoView, rel: str, kind: layout.LayoutPath) -> None:
     inv = view.inv
     repo = inv.repositories.get(kind.repo or "") if kind.repo is not None else None
     saved: object = None

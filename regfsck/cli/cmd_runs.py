@@ -18,6 +18,7 @@ from regfsck.cli.common import (
     say,
 )
 from regfsck.errors import ExitCode
+from regfsck.layout import QUARANTINE_DIR
 
 
 @command()
@@ -36,7 +37,7 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
         say("No runs in the quarantine.")
         raise typer.Exit(ExitCode.OK)
     words = root_words(registry)
-    say(f"Runs in {registry.display}/regfsck-quarantine (ids start with the UTC time):")
+    say(f"Runs in {registry.display}/{QUARANTINE_DIR} (ids start with the UTC time):")
     for run in found:
         note = f"  ({run.note})" if run.note else ""
         changes = f"{run.changes:>7} {'change ' if run.changes == 1 else 'changes'}"

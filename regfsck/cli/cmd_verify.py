@@ -46,6 +46,7 @@ from regfsck.cli.verify_incremental import (
 from regfsck.cli.verify_metrics import METRICS_FILE_OPTION
 from regfsck.errors import ExitCode, RegfsckError
 from regfsck.findings import BLOB_KINDS, CATALOG, Finding, Severity
+from regfsck.layout import STATE_DIR
 
 if TYPE_CHECKING:
     from regfsck.deep import DeepProgress
@@ -130,7 +131,7 @@ def verify(
     registry = open_root(root, config, object_storage=True)
     if state_dir is not None and not registry.is_object_storage:
         fail("--state-dir is for trees in object storage; a local tree keeps its record in "
-             "ROOT/regfsck-state", ExitCode.USAGE)
+             f"ROOT/{STATE_DIR}", ExitCode.USAGE)
     if registry.is_object_storage and not jobs:
         from regfsck.objectstore import default_jobs as s3_default_jobs
 

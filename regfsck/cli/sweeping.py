@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck.cli.common import fail, human_bytes, note, root_words, show_progress, stderr_console
 from regfsck.errors import ExitCode
+from regfsck.layout import QUARANTINE_DIR
 
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot
@@ -140,7 +141,7 @@ def after_apply_text(registry: RegistryRoot, result: SweepResult, bytes_moved: i
         return ["Nothing was changed."]
     root = root_words(registry)
     held = f" ({human_bytes(bytes_moved)})" if bytes_moved else ""
-    lines = [f"Moved {len(result.moved)} paths{held} into {root}/regfsck-quarantine/"
+    lines = [f"Moved {len(result.moved)} paths{held} into {root}/{QUARANTINE_DIR}/"
              f"{result.run_id}/ (nothing is deleted yet)."]
     if result.dirs_removed:
         lines.append(f"Removed {len(result.dirs_removed)} directories left empty.")
