@@ -851,6 +851,44 @@ def write_export(storage: Storage, plan: ExportPlan, output: Path,
     return ExportResult(str(output), plan.format, compression, plan, size)
 
 
+def _prefetch(storage: Storage, inventory: Inventory, store: ManifestStore,
+              refs: list[ImageRef], *, configs: bool) -> None:
+    """Object storage: read the manifests the refs name (level by level down their indexes)
+    and, when `configs` (--platform checks them), their image configs with concurrent GETs,
+    before the planner asks for them one by one. Only what the refs reach is read, not
+    every revision of a repository. A local tree reads each one when asked."""
+    if isinstance(storage, FilesystemStorage):
+        return
+    level: set[str] = set()
+    for ref in refs:
+        repo = inventory.repositories.get(ref.repo) if ref.repo is not None else None
+        if ref.digest is not None:
+            level.add(ref.digest)
+        elif repo is not None:
+            targets = repo.tag_targets()
+            level.update(targets.values() if ref.tag is None else
+                         [targets[ref.tag]] if ref.tag in targets else [])
+    seen: set[str] = set()
+    paths: set[str] = set()
+    while level:
+        seen |= level
+        store.preload(level)
+        following: set[str] = set()
+        for digest in level:
+            manifest = store.get(digest)
+            if manifest is None:
+                continue
+            following.update(c.digest for c in manifest.children)
+            config = manifest.config
+            blob = inventory.blobs.get(config.digest) if config is not None else None
+            if configs and blob is not None and config is not None and \
+                    config.media_type in IMAGE_CONFIG_TYPES:
+                paths.add(blob.path)
+        level = following - seen
+    if paths:
+        storage.prefetch(paths.__contains__, lambda _: None, CONFIG_LIMIT)
+
+
 def export_images(storage: Storage, inventory: Inventory, refs: list[ImageRef],
                   output: Path, v2_dir: Path, *, fmt: ExportFormat | None = None,
                   platform: Platform | None = None, on_start: Callable[[int], None] | None = None,
@@ -861,8 +899,9 @@ def export_images(storage: Storage, inventory: Inventory, refs: list[ImageRef],
     fmt = fmt or default_format(output)
     compression = compression_for(output)
     check_output(output, fmt, compression, v2_dir)
-    plan = plan_export(storage, inventory, ManifestStore(storage, inventory), refs, fmt, platform,
-                       with_referrers)
+    store = ManifestStore(storage, inventory)
+    _prefetch(storage, inventory, store, refs, configs=platform is not None)
+    plan = plan_export(storage, inventory, store, refs, fmt, platform, with_referrers)
     if on_start is not None:
         on_start(plan.total_bytes)
     return write_export(storage, plan, output, compression, on_bytes=on_bytes, stop=stop)
