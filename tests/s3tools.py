@@ -169,9 +169,10 @@ class S3Registry:
     """A real registry (2.8 `docker-registry` or the v3 binary) serving from a bucket."""
 
     def __init__(self, binary: str, endpoint: str, bucket: str, rootdirectory: str, *,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, port: int = 0) -> None:
         self.binary = binary
         self.readonly = readonly
+        self.wanted_port = port  # 0: a free one
         self.endpoint = endpoint
         self.bucket = bucket
         self.rootdirectory = rootdirectory
@@ -196,7 +197,7 @@ class S3Registry:
 
     def start(self) -> S3Registry:
         self._tmp = Path(tempfile.mkdtemp(prefix="regfsck-s3-registry-"))
-        self.port = free_port()
+        self.port = self.wanted_port or free_port()
         self.write_config(self._tmp)
         log = open(self._tmp / "registry.log", "wb")  # noqa: SIM115 (closed in stop)
         self._proc = subprocess.Popen([self.binary, "serve", str(self.config_path)],

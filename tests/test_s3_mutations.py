@@ -416,3 +416,51 @@ def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path
     code, doc, _ = run(bucket, "runs", bucket.url)
     assert all(r["status"] == "reverted" for r in doc["runs"]), doc
     assert not keys_below(bucket, LOCK)
+
+
+@needs_server
+def test_a_registry_that_becomes_writable_midway_stops_gc(base28: Bucket, tmp_path: Path) -> None:
+    """--registry-url of a stopped registry: gc starts. Paused before its blob phase, the
+    registry is started writable at that URL: the next check stops the run (exit 3, the
+    moves so far kept in an undoable run); undo then restores every key."""
+    import os
+    import sys
+
+    from tests.test_s3 import REPO_ROOT
+
+    bucket = clone(base28)
+    before = tree(bucket)
+    url = dead_url()
+    port = int(url.rsplit(":", 1)[1])
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "blobs.pause").touch()
+    env = {**bucket.moto.env(), "PYTHONPATH": str(REPO_ROOT), "REGFSCK_TEST_PAUSE_DIR": str(hooks)}
+    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "gc", bucket.url, "--grace", "0",
+                             "--delete-untagged", "--uploads-older-than", "0", "--apply",
+                             "--registry-url", url, "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writable = s3tools.S3Registry(bucket.binary, bucket.moto.endpoint, bucket.name,
+                                  "/" + bucket.prefix, port=port)
+    try:
+        deadline = time.monotonic() + 120
+        while not (hooks / "blobs.reached").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        with writable:
+            (hooks / "blobs.go").touch()
+            out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+            proc.wait(30)
+    assert proc.returncode == 3, (out, err)
+    doc = json.loads(out)
+    assert "writable" in doc["error"] and "undo" in doc["error"], doc
+    assert not keys_below(bucket, LOCK)
+    code, runs, _ = run(bucket, "runs", bucket.url)
+    assert [r["status"] for r in runs["runs"]] == ["interrupted"], runs
+    assert runs["runs"][0]["changes"] > 0 and tree(bucket) != before  # it had moved some
+    code, undone, err = run(bucket, "undo", bucket.url, "--registry-url", url)
+    assert code == 0, (undone, err)
+    assert tree(bucket) == before
