@@ -20,7 +20,7 @@ keeps every blob: what it references is unknown (`reach.unknown_parts`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +35,7 @@ from regfsck.names import is_upload_id
 from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
 from regfsck.removal import Removal, Revalidate
 from regfsck.root import RegistryRoot
-from regfsck.scanner import Scanner
+from regfsck.scanner import Scanner, read_deferred_layers
 from regfsck.storage import EntryKind, Storage, open_storage
 
 DEFAULT_GRACE = timedelta(hours=1)
@@ -152,7 +152,7 @@ class GcPlan:
     blocked: list[Finding] = field(default_factory=list)
     empty_link_dirs: list[str] = field(default_factory=list)  # empty link and name dirs
     removal_list: list[Removal] = field(default_factory=list)
-    seen_links: frozenset[str] = frozenset()  # link paths the plan saw (see `seen_links`)
+    seen_links: Container[str] = frozenset()  # link paths the plan saw (see `seen_links`)
     empty_dirs: list[str] = field(default_factory=list)  # removed at the end if still empty
     per_repository: dict[str, RepoUsage] = field(default_factory=dict)
     applied: bool = False
@@ -278,20 +278,22 @@ class _Planner:
         return gone
 
     def blobs(self, marks: Marks) -> None:
-        users: dict[str, set[str]] = {}
+        # Which repositories used each victim (only victims: a set per blob of the tree
+        # was the plan's largest table).
+        users: dict[str, set[str]] = {d: set() for d in self.inv.blobs if d not in marks.blobs}
         for name, repo in self.inv.repositories.items():
             for link in repo.layers.values():
-                if link.target is not None:
-                    users.setdefault(link.target, set()).add(name)
+                if link.target in users:
+                    users[link.target].add(name)
             for digest in repo.revisions:
-                users.setdefault(digest, set()).add(name)
+                if digest in users:
+                    users[digest].add(name)
         referenced: set[str] = set()
         if self.options.delete_untagged:
             referenced = reachable(self.store, {d for repo in self.inv.repositories.values()
                                                 for d in revision_roots(repo)})
-        for digest, blob in sorted(self.inv.blobs.items()):
-            if digest in marks.blobs:
-                continue
+        for digest in sorted(users):
+            blob = self.inv.blobs[digest]
             blob_dir = layout.blob_dir(digest)
             checks: list[tuple[str, int]] = []
             if not self._old_enough(blob_dir, f"blob {digest}", checks, [blob.path]):
@@ -486,12 +488,16 @@ class _Planner:
 def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
                         options: GcOptions, *, now: datetime,
                         findings: Sequence[Finding] | None = None) -> GcPlan:
-    """The sweep plan for one scan (pure judgement: reads only manifests and mtimes)."""
+    """The sweep plan for one scan (pure judgement: reads only manifests and mtimes, and
+    the deferred `_layers` links the plan could act on: see `plan_gc`)."""
+    # A link whose blob is not stored may be an alias the mark follows: read before marking.
+    read_deferred_layers(storage, inv, lambda digest: digest not in inv.blobs)
     if findings is None:
         findings = TreeChecker(inv, store, now=now).run()
     planner = _Planner(inv, store, storage, options, now)
     planner.plan.blocked = blocking_findings(findings, options.delete_untagged)
     marks = mark(inv, store, options.delete_untagged)
+    read_deferred_layers(storage, inv, lambda digest: digest not in marks.blobs)
     planner.plan.orphan_referrers = marks.orphan_referrers
     gone_manifests = planner.manifests(marks)
     gone_links = planner.layer_links(marks)
@@ -507,9 +513,16 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
 
 
 def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None) -> GcPlan:
-    """Scan the tree and plan a collection (nothing is changed)."""
+    """Scan the tree and plan a collection (nothing is changed).
+
+    The scan only lstat's `_layers/sha256/<hex>/link` files (a symbolic link, a missing or
+    odd file is still found): most of them name a blob some manifest keeps, and the plan
+    never acts on such a link, whatever it holds. The content of the others (blob not
+    stored, or not kept by the mark) is read before the plan judges them. The one
+    difference from reading them all: a damaged link (content naming another digest) at
+    the path of a kept blob is kept; `verify` reports it."""
     storage = open_storage(root)
-    inv = Scanner(storage, root).scan()
+    inv = Scanner(storage, root, defer_layers=True).scan()
     store = ManifestStore(storage, inv)
     return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
 
@@ -571,10 +584,42 @@ def _fingerprint(storage: Storage, paths: Iterable[str]) -> Fingerprint:
     return result
 
 
-def seen_links(inv: Inventory) -> frozenset[str]:
+class SeenLinks:
+    """A set of link paths (`<alg dir>/<hex>/link`) kept as digests per directory: one
+    string per directory instead of one per link (a plan holds every link of the tree)."""
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, set[str]] = {}
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        """(`<alg dir>`, `alg:hex`) of `<alg dir>/<hex>/link`."""
+        alg_dir, _, hex_part = path.removesuffix("/" + layout.LINK).rpartition("/")
+        return alg_dir, f"{alg_dir.rpartition('/')[2]}:{hex_part}"
+
+    def add(self, path: str, digest: str | None = None) -> None:
+        """Add a link path; `digest`: the `alg:hex` its path names, if at hand (its
+        string is shared with the inventory's)."""
+        alg_dir, named = self._split(path)
+        self._by_dir.setdefault(alg_dir, set()).add(digest if digest == named else named)
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str) or not path.endswith("/" + layout.LINK):
+            return False
+        alg_dir, named = self._split(path)
+        return named in self._by_dir.get(alg_dir, ())
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_dir.values())
+
+
+def seen_links(inv: Inventory) -> SeenLinks:
     """Layer and revision links the plan saw: any other one found later was written since."""
-    return frozenset(link.path for repo in inv.repositories.values()
-                     for link in (*repo.layers.values(), *repo.revisions.values()))
+    seen = SeenLinks()
+    for repo in inv.repositories.values():
+        for digest, link in (*repo.layers.items(), *repo.revisions.items()):
+            seen.add(link.path, digest)
+    return seen
 
 
 def _moved_links(plan: GcPlan) -> Callable[[str], bool]:

@@ -72,6 +72,9 @@ class ManifestStore:
             return Unloadable("manifest_too_large",
                               f"manifest blob is {blob.size} bytes, over the registry's "
                               f"{MAX_MANIFEST_BYTES}-byte limit")
+        early = self.inventory.manifests.pop(digest, None)  # read by the walk's workers
+        if early is not None and early[0] == blob.size:
+            return cast("Manifest | Unloadable", early[1])
         try:
             raw = self._read(blob)
         except StorageError as exc:

@@ -16,19 +16,29 @@ the schedule.
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
-from stat import S_ISREG
+from stat import S_ISLNK, S_ISREG
 from sys import intern
 
-from regfsck import layout
+from regfsck import layout, scanpool
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.hashing import ProgressFn
 from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
-from regfsck.storage import DirEntryLike, EntryKind, Stat, Storage, StorageError, open_storage, to_stat
+from regfsck.storage import (
+    DirEntryLike,
+    EntryKind,
+    FilesystemStorage,
+    Stat,
+    Storage,
+    StorageError,
+    open_storage,
+    to_stat,
+)
 
 LINK_READ_LIMIT = 4096
 STARTEDAT_LIMIT = 4096
@@ -65,11 +75,15 @@ class Scanner:
     """Walks one tree into an `Inventory`; create one per scan."""
 
     def __init__(self, storage: Storage, root: RegistryRoot,
-                 on_progress: ProgressFn | None = None, threads: int | None = None) -> None:
+                 on_progress: ProgressFn | None = None, threads: int | None = None,
+                 *, defer_layers: bool = False) -> None:
         self.storage = storage
         self.inv = Inventory(root=root)
         self.on_progress = on_progress
         self.threads = max(1, threads or storage.scan_threads)
+        # gc's plan: `_layers/sha256/<hex>/link` files are lstat'ed, not read (see
+        # `read_deferred_layers`); their Link says the digest the path names.
+        self.defer_layers = defer_layers
 
     # -- helpers -------------------------------------------------------------
     def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
@@ -218,7 +232,7 @@ class Scanner:
                 continue
             if st is not None and S_ISREG(st.st_mode) and hex_part.startswith(fan):
                 files += 1
-                blobs[digest] = Blob(digest, data_path, st.st_size, st.st_mtime_ns,
+                blobs[digest] = Blob(digest, None, st.st_size, st.st_mtime_ns,
                                      st.st_ctime_ns, st.st_ino)
                 continue
             self._odd_blob(digest, fan, hex_part, path, data_path,
@@ -358,15 +372,27 @@ class Scanner:
             if not valid:
                 continue
             try:
-                contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
+                if self.defer_layers and alg == "sha256" and into is repo.layers:
+                    repo.layers_unread = True
+                    contents = _as_read(self.storage.lstat_many(alg_path, names), valid, alg_path,
+                                        names)
+                else:
+                    contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
             except StorageError as exc:
                 self._anomaly("unreadable", alg_path, exc.message, repo=repo_name)
                 continue
             make_link = self._link
+            listed = Link.listed
+            files = 0
             for (hex_path, digest), raw in zip(valid, contents, strict=True):
+                if type(raw) is bytes and raw.decode("latin-1") == digest:  # the normal case
+                    files += 1
+                    into[digest] = listed(alg_path, digest, digest)
+                    continue
                 link = make_link(raw, f"{hex_path}/link", repo_name, hex_path, digest)
                 if link is not None:
                     into[digest] = link
+            self.inv.files_seen += files
 
     def _scan_manifests(self, repo: Repository, path: str) -> None:
         for entry in self._entries(path, repo.name) or ():
@@ -482,12 +508,16 @@ class Scanner:
                 tasks.extend(self._blob_tasks())
             else:
                 tasks.append((layout.REPOSITORIES, _walk_task(layout.REPOSITORIES, ())))
-        self._run_tasks(tasks)
+        processes = self._processes(tasks)
+        if processes > 1:
+            self._run_processes(tasks, processes)
+        else:
+            self._run_tasks(tasks)
         return self.inv
 
     # -- running tasks -----------------------------------------------------------
     def _child(self) -> Scanner:
-        return Scanner(self.storage, self.inv.root, threads=1)
+        return Scanner(self.storage, self.inv.root, threads=1, defer_layers=self.defer_layers)
 
     def _run_tasks(self, tasks: list[Task]) -> None:
         """Run `tasks` (and the tasks they spawn) and merge their inventories in key order."""
@@ -505,6 +535,54 @@ class Scanner:
         done.sort(key=_fragment_key, reverse=True)
         while done:  # popping frees each fragment's tables as soon as it is merged
             self._merge(done.pop()[1])
+
+    def _processes(self, tasks: list[Task]) -> int:
+        """How many worker processes walk this tree (1: this process alone, see scanpool).
+
+        Only a local tree walked without threads; by default only when the blob fan-out
+        directories hold enough (their link counts say how many subdirectories, no listing)
+        for the workers' start to pay off."""
+        if self.threads > 1 or not isinstance(self.storage, FilesystemStorage):
+            return 1
+        forced = scanpool.scan_processes()
+        if forced is not None:
+            return forced
+        fanouts = [key for key, _ in tasks if key.startswith(layout.BLOBS + "/")]
+        if not fanouts:
+            return 1
+        try:
+            subdirs = os.lstat(self.storage.full_path(fanouts[0])).st_nlink - 2
+        except OSError:
+            return 1
+        return scanpool.DEFAULT_PROCESSES if subdirs * len(fanouts) >= scanpool.MIN_BLOBS else 1
+
+    def _run_processes(self, tasks: list[Task], processes: int) -> None:
+        """`_run_tasks` in worker processes: the directories under `repositories/` are
+        opened here first (to the depth of one namespace), so a registry whose repositories
+        share one namespace still spreads them over every worker."""
+        done: list[tuple[str, Inventory]] = []
+        queue: list[Task] = []
+        for key, work in tasks:
+            if key.startswith(layout.BLOBS + "/"):
+                queue.append((key, work))
+                continue
+            level = [(key, work)]
+            for _depth in range(2):
+                if len(level) >= 4 * processes:
+                    break
+                spawned: list[Task] = []
+                for sub_key, sub_work in level:
+                    child = self._child()
+                    spawned.extend(sub_work(child))
+                    done.append((sub_key, child.inv))
+                level = spawned
+            queue.extend(level)
+        fragments, manifests = scanpool.run_in_processes(self, queue, processes, self._progress)
+        done.extend(fragments)
+        done.sort(key=_fragment_key, reverse=True)
+        while done:
+            self._merge(done.pop()[1])
+        self.inv.manifests.update(manifests)
 
     def _progress(self, key: str) -> None:
         if self.on_progress is not None and key.startswith(layout.BLOBS):
@@ -533,6 +611,62 @@ class Scanner:
         inv.anomalies.extend(fragment.anomalies)
         inv.files_seen += fragment.files_seen
         inv.dirs_seen += fragment.dirs_seen
+
+
+def _as_read(stats: list[os.stat_result | StorageError | None], valid: list[tuple[str, str]],
+             dir_path: str, names: list[str]) -> list[bytes | StorageError]:
+    """What `read_small_many` would say of link files only lstat'ed: the errors it would
+    give (absent, symbolic link, not a regular file), else the digest the path names."""
+    out: list[bytes | StorageError] = []
+    for (_, digest), st, name in zip(valid, stats, names, strict=True):
+        path = f"{dir_path}/{name}"
+        if st is None:
+            out.append(StorageError(errno.ENOENT, f"cannot read {path}: no such file", path))
+        elif isinstance(st, StorageError):
+            out.append(st)
+        elif S_ISLNK(st.st_mode):
+            out.append(StorageError(errno.ELOOP, f"{path} is a symbolic link", path))
+        elif not S_ISREG(st.st_mode):
+            out.append(StorageError(errno.EINVAL, f"{path} is not a regular file", path))
+        else:
+            out.append(digest.encode("ascii"))
+    return out
+
+
+def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str], bool]) -> None:
+    """Read the content of the deferred `_layers/sha256` links (see `Scanner.defer_layers`)
+    whose path digest `select` picks, replacing their Link by what the content says.
+
+    gc asks this for every link whose blob is not stored (its content may name another
+    blob: an alias kept by the mark) before marking, and for every link whose digest the
+    mark did not keep before planning: the links the plan could act on. A link that
+    cannot be read now (it changed since the scan) holds no digest: the plan keeps it."""
+    for repo in inv.repositories.values():
+        if not repo.layers_unread:
+            continue
+        alg_path = f"{repo.path}/{layout.LAYERS_DIR}/sha256"
+        todo = [d for d, link in repo.layers.items() if d.startswith("sha256:")
+                and link.target == d and link.path.startswith(alg_path + "/") and select(d)]
+        if not todo:
+            continue
+        names = [f"{d[7:]}/{layout.LINK}" for d in todo]
+        try:
+            contents = storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
+        except StorageError as exc:
+            contents = [exc] * len(todo)
+        for digest, raw in zip(todo, contents, strict=True):
+            path = repo.layers[digest].path
+            if isinstance(raw, StorageError):
+                repo.layers[digest] = Link(path, None, raw.message)
+                continue
+            if raw.decode("latin-1") == digest:
+                continue
+            try:
+                target = str(parse_link_content(raw))
+            except DigestError as exc:
+                repo.layers[digest] = Link(path, None, str(exc), raw[:LINK_READ_LIMIT])
+                continue
+            repo.layers[digest] = Link(path, intern(target))
 
 
 def _fragment_key(item: tuple[str, Inventory]) -> str:

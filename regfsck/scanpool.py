@@ -1,0 +1,245 @@
+"""The walk in worker processes: shared-nothing shards that return compact fragments.
+
+A registry tree is millions of tiny files. One Python process walks it at one core's
+speed, with one read outstanding at a time: on a cold cache (a registry larger than RAM)
+every lookup waits for the disk, which could serve many at once. So a big local tree is
+walked by forked worker processes (`scan_processes`, default 8 on any machine: the point
+is the reads in flight as much as the cores). Each worker runs the same `Scanner` code on
+whole tasks (a blob fan-out directory, a directory under `repositories/`), and also reads
+the manifest blobs its repositories' revision links name, so the parent never waits for
+them one by one.
+
+Threads were tried first and lost (the GIL hand-off on every system call), and so did
+pickling the fragments' objects (slower than the walk). What crosses the pipe here is
+plain data: digests as strings, a link only as the digest its path names when it holds
+exactly that digest (the normal case), numbers in arrays; the rare odd entries (a damaged
+link, an anomaly, an upload) as objects. The parent rebuilds the objects and merges the
+fragments in task-key order, so the inventory is the one the serial walk builds.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
+from array import array
+from collections.abc import Callable
+from sys import intern
+from typing import TYPE_CHECKING, Any
+
+from regfsck import layout
+from regfsck.inventory import Blob, Inventory, Link, Repository, Tag
+from regfsck.manifest import MAX_MANIFEST_BYTES
+
+if TYPE_CHECKING:
+    from regfsck.scanner import Scanner, Task
+
+PROCESSES_ENV = "REGFSCK_SCAN_PROCESSES"
+DEFAULT_PROCESSES = 8
+MIN_BLOBS = 4000  # below this (estimated) the serial walk is done before workers start
+
+Fragment = tuple[str, Inventory]
+
+
+def scan_processes() -> int | None:
+    """Worker processes for the walk: REGFSCK_SCAN_PROCESSES=N forces N (0 or 1: the serial
+    walk, whatever the size); unset: None, meaning DEFAULT_PROCESSES for a big tree."""
+    value = os.environ.get(PROCESSES_ENV, "")
+    return max(1, min(64, int(value))) if value.isdigit() else None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _link_path(base: str, digest: str) -> str:
+    alg, _, hex_part = digest.partition(":")
+    return f"{base}/{alg}/{hex_part}/link"
+
+
+def _enc_links(links: dict[str, Link], base: str) -> list[Any]:
+    """A link as its digest when it is exactly what the walk makes of a good link file."""
+    out: list[Any] = []
+    for digest, link in links.items():
+        if (link.target == digest and link.error is None and link.raw is None
+                and link.mtime_ns == 0 and link.path == _link_path(base, digest)):
+            out.append(digest)
+        else:
+            out.append((digest, link))
+    return out
+
+
+def _dec_links(items: list[Any], base: str) -> dict[str, Link]:
+    out: dict[str, Link] = {}
+    alg_dirs: dict[str, str] = {}  # one directory string shared by its links
+    for item in items:
+        if type(item) is str:
+            digest = intern(item)
+            alg = digest.partition(":")[0]
+            alg_dir = alg_dirs.get(alg)
+            if alg_dir is None:
+                alg_dir = alg_dirs[alg] = f"{base}/{alg}"
+            out[digest] = Link.listed(alg_dir, digest, digest)
+        else:
+            digest, link = item
+            if link.target is not None:
+                link.target = intern(link.target)
+            out[intern(digest)] = link
+    return out
+
+
+def _enc_tag(tag: Tag) -> tuple[Any, ...]:
+    current: Any = tag.current
+    cur = tag.current
+    if (cur is not None and cur.target is not None and cur.error is None and cur.raw is None
+            and cur.mtime_ns == 0 and cur.path == f"{tag.path}/{layout.CURRENT}/{layout.LINK}"):
+        current = cur.target
+    return (tag.name, tag.path, current, _enc_links(tag.index, f"{tag.path}/{layout.INDEX}"),
+            tag.mtime_ns)
+
+
+def _dec_tag(data: tuple[Any, ...]) -> Tag:
+    name, path, current, index, mtime_ns = data
+    if type(current) is str:
+        current = Link(f"{path}/{layout.CURRENT}/{layout.LINK}", intern(current))
+    elif current is not None and current.target is not None:
+        current.target = intern(current.target)
+    return Tag(name, path, current, _dec_links(index, f"{path}/{layout.INDEX}"), mtime_ns)
+
+
+def _enc_repo(repo: Repository) -> tuple[Any, ...]:
+    return (repo.name, repo.path, repo.has_manifests, repo.has_layers, repo.mtime_ns,
+            _enc_links(repo.revisions, f"{repo.path}/{layout.MANIFESTS_DIR}/{layout.REVISIONS}"),
+            _enc_links(repo.layers, f"{repo.path}/{layout.LAYERS_DIR}"),
+            [_enc_tag(t) for t in repo.tags.values()], repo.uploads, repo.layers_unread)
+
+
+def _dec_repo(data: tuple[Any, ...]) -> Repository:
+    name, path, has_manifests, has_layers, mtime_ns, revisions, layers, tags, uploads, unread = data
+    repo = Repository(name, path, has_manifests, has_layers, mtime_ns=mtime_ns,
+                      layers_unread=unread)
+    repo.revisions = _dec_links(revisions, f"{path}/{layout.MANIFESTS_DIR}/{layout.REVISIONS}")
+    repo.layers = _dec_links(layers, f"{path}/{layout.LAYERS_DIR}")
+    for tag_data in tags:
+        tag = _dec_tag(tag_data)
+        repo.tags[tag.name] = tag
+    repo.uploads = uploads
+    return repo
+
+
+def _enc_inv(inv: Inventory) -> tuple[Any, ...]:
+    digests: list[str] = []
+    numbers = array("q")
+    odd: list[Blob] = []
+    for digest, blob in inv.blobs.items():
+        if blob.digest == digest and blob._path is None:
+            digests.append(digest)
+            numbers.extend((blob.size, blob.mtime_ns, blob.ctime_ns, blob.inode))
+        else:
+            odd.append(blob)
+    return ("\n".join(digests), numbers.tobytes(), odd, inv.misplaced_blobs,
+            [_enc_repo(r) for r in inv.repositories.values()], inv.anomalies,
+            inv.files_seen, inv.dirs_seen)
+
+
+def _dec_inv(data: tuple[Any, ...], inv: Inventory) -> Inventory:
+    digests, raw_numbers, odd, misplaced, repos, anomalies, files_seen, dirs_seen = data
+    numbers = array("q")
+    numbers.frombytes(raw_numbers)
+    blobs = inv.blobs
+    if digests:
+        for i, digest in enumerate(digests.split("\n")):
+            digest = intern(digest)
+            n = 4 * i
+            blobs[digest] = Blob(digest, None, numbers[n], numbers[n + 1], numbers[n + 2],
+                                 numbers[n + 3])
+    for blob in odd:
+        blobs[intern(blob.digest)] = blob
+    inv.misplaced_blobs.extend(misplaced)
+    for repo_data in repos:
+        repo = _dec_repo(repo_data)
+        inv.repositories[repo.name] = repo
+    inv.anomalies.extend(anomalies)
+    inv.files_seen += files_seen
+    inv.dirs_seen += dirs_seen
+    return inv
+
+
+# --------------------------------------------------------------------------- workers
+
+_JOB: tuple[Scanner, list[Task]] | None = None  # set before the fork, read by the workers
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool, workers stay quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _manifest_digests(fragments: list[Fragment]) -> list[str]:
+    """The digests this worker's revision links name (by path and by content)."""
+    wanted: dict[str, None] = {}
+    for _, inv in fragments:
+        for repo in inv.repositories.values():
+            for digest, link in repo.revisions.items():
+                wanted[digest] = None
+                if link.target is not None:
+                    wanted[link.target] = None
+    return list(wanted)
+
+
+def _work(index: int) -> bytes:
+    """Run task `index` and everything it spawns; the fragments and the manifests read."""
+    assert _JOB is not None
+    scanner, tasks = _JOB
+    fragments: list[Fragment] = []
+    stack = [tasks[index]]
+    while stack:
+        key, work = stack.pop()
+        child = scanner._child()
+        stack.extend(reversed(work(child)))
+        fragments.append((key, child.inv))
+    manifests: dict[str, bytes] = {}
+    storage = scanner.storage
+    for digest in _manifest_digests(fragments):
+        try:
+            directory = layout.blob_dir(digest)
+        except ValueError:
+            continue
+        raw = storage.read_small_many(directory, [layout.DATA], MAX_MANIFEST_BYTES)[0]
+        if isinstance(raw, bytes) and len(raw) <= MAX_MANIFEST_BYTES:
+            manifests[digest] = raw
+    return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
+                     on_fragment: Callable[[str], None]
+                     ) -> tuple[list[Fragment], dict[str, tuple[int, Any]]]:
+    """Run `tasks` (each with what it spawns) in `processes` forked workers; the fragments
+    (unsorted) and the manifests the workers read, by digest: (size read, what
+    `ManifestStore._parse` made of the bytes)."""
+    from regfsck.graph import ManifestStore
+
+    global _JOB
+    fragments: list[Fragment] = []
+    manifests: dict[str, tuple[int, Any]] = {}
+    _JOB = (scanner, tasks)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new objects, no cycles among them: no collection passes
+    try:
+        ctx = multiprocessing.get_context("fork")
+        chunk = max(1, len(tasks) // (processes * 16))
+        with ctx.Pool(processes, initializer=_worker_init) as pool:
+            for data in pool.imap_unordered(_work, range(len(tasks)), chunksize=chunk):
+                encoded, read = pickle.loads(data)
+                for digest, raw in read.items():  # parsed at once: no pile of raw bytes
+                    manifests[intern(digest)] = (len(raw), ManifestStore._parse(raw))
+                for key, enc in encoded:
+                    fragments.append((key, _dec_inv(enc, scanner._child().inv)))
+                    on_fragment(key)
+    finally:
+        _JOB = None
+        if collecting:
+            gc.enable()
+    return fragments, manifests

@@ -1,0 +1,158 @@
+"""The walk in worker processes builds the inventory the serial walk builds, and gc's plan
+with deferred `_layers` reads is the plan that reads every link (issue 15).
+
+The tree is a synthetic one (benchmarks/synth.py, checked against the real registry by
+test_synthetic) with damage of every kind the walk records planted in it: a symbolic
+link, link files holding other digests or garbage, a missing link, an empty directory, a
+leftover temp file, a blob in the wrong fan-out directory, a blob directory without data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from regfsck.gc import GcOptions, plan_gc
+from regfsck.graph import ManifestStore
+from regfsck.root import resolve
+from regfsck.scanner import Scanner
+from regfsck.storage import open_storage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import synth
+
+V2 = "docker/registry/v2"
+
+
+def _plant_damage(v2: Path, result: synth.SynthResult) -> tuple[str, str]:
+    repos = sorted((v2 / "repositories").glob("*/*/_layers/sha256"))
+    # A _layers link naming another (unreferenced) blob, one holding garbage, one missing.
+    unreferenced = sorted(result.unreferenced)
+    links = sorted(repos[0].glob("*/link"))
+    links[0].write_text(unreferenced[0])
+    links[1].write_bytes(b"not a digest\n")
+    links[2].unlink()
+    # An unmarked layer link (orphan layer) whose content names a kept blob.
+    orphan_repo = repos[3]
+    for link in sorted(orphan_repo.glob("*/link")):
+        if link.read_text() in result.unreferenced:
+            kept = next(p.read_text() for p in sorted(orphan_repo.glob("*/link"))
+                        if p.read_text() not in result.unreferenced)
+            link.write_text(kept)
+            break
+    # A revision link left as a temp file, an unexpected directory beside a link.
+    revs = sorted((v2 / "repositories").glob("*/*/_manifests/revisions/sha256/*"))
+    (revs[5] / "link").rename(revs[5] / "link.tmp")
+    (revs[6] / "extra").mkdir()
+    # A blob in a wrong fan-out directory and a blob directory without data.
+    blobs = sorted((v2 / "blobs/sha256").glob("*/*"))
+    wrong = v2 / "blobs/sha256" / ("00" if blobs[0].parent.name != "00" else "01")
+    wrong.mkdir(exist_ok=True)
+    shutil.copytree(blobs[0], wrong / blobs[0].name)
+    (blobs[1] / "data").rename(blobs[1] / "data.old")
+    # An upload without startedat.
+    upload = next((v2 / "repositories").glob("*/*/_uploads"))
+    (upload / "0b1e4f6d-1f0c-4c55-9c1e-3f3b0b2a9f00").mkdir()
+    repo = str(repos[0].parent.parent.relative_to(v2 / "repositories"))
+    return repo, f"sha256:{links[0].parent.name}"
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, str]]:
+    root = tmp_path_factory.mktemp("scanpool") / "root"
+    result = synth.generate(root, synth.SynthConfig(repositories=40, seed=3))
+    return root, _plant_damage(root / V2, result)
+
+
+def _scan(root: Path, processes: str, monkeypatch: pytest.MonkeyPatch, **kw: bool) -> object:
+    monkeypatch.setenv("REGFSCK_SCAN_PROCESSES", processes)
+    registry = resolve(root, None)
+    return Scanner(open_storage(registry), registry, **kw).scan()
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_processes_build_the_serial_inventory(damaged: tuple[Path, tuple[str, str]],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              defer: bool) -> None:
+    root, _ = damaged
+    serial = _scan(root, "1", monkeypatch, defer_layers=defer)
+    forked = _scan(root, "3", monkeypatch, defer_layers=defer)
+    assert not serial.manifests  # type: ignore[attr-defined]
+    assert forked.manifests  # type: ignore[attr-defined]  # the workers read them
+    assert list(forked.blobs.items()) == list(serial.blobs.items())  # type: ignore[attr-defined]
+    assert forked.repositories == serial.repositories  # type: ignore[attr-defined]
+    assert forked.anomalies == serial.anomalies  # type: ignore[attr-defined]
+    assert forked == serial
+    kinds = {a.kind for a in serial.anomalies}  # type: ignore[attr-defined]
+    assert {"tmp_leftover", "blob_wrong_fanout", "blob_missing_data", "missing_link",
+            "empty_dir", "unexpected_entry"} <= kinds
+
+
+def test_manifests_read_by_workers_equal_the_store_s(damaged: tuple[Path, tuple[str, str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = damaged
+    registry = resolve(root, None)
+    forked = _scan(root, "3", monkeypatch)
+    serial = _scan(root, "1", monkeypatch)
+    early = ManifestStore(open_storage(registry), forked)  # type: ignore[arg-type]
+    late = ManifestStore(open_storage(registry), serial)  # type: ignore[arg-type]
+    digests = sorted(forked.manifests)  # type: ignore[attr-defined]
+    assert [early.load(d) for d in digests] == [late.load(d) for d in digests]
+    assert not forked.manifests  # type: ignore[attr-defined]  # each taken once
+
+
+def test_gc_plan_with_deferred_layer_reads_is_the_full_read_plan(
+        damaged: tuple[Path, tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deferring the `_layers` reads changes one thing: a link at the path of a kept blob
+    that holds another (unreferenced) digest is kept, where reading it would remove it.
+    Every other damaged link (at a path the plan acts on, or holding garbage) and every
+    other part of the plan are the same."""
+    root, mismatched = damaged
+    registry = resolve(root, None)
+    options = GcOptions(grace=timedelta(0), force=True)
+    for processes in ("1", "3"):
+        monkeypatch.setenv("REGFSCK_SCAN_PROCESSES", processes)
+        deferred = plan_gc(registry, options)
+        monkeypatch.setattr("regfsck.gc.Scanner", _FullReadScanner)
+        full = plan_gc(registry, options)
+        monkeypatch.undo()
+        ours = {(v.repo, v.digest) for v in deferred.layer_links}
+        theirs = {(v.repo, v.digest) for v in full.layer_links}
+        assert theirs - ours == {mismatched}
+        # ours has no extra victim: the orphan layer link whose content names a kept
+        # blob was read before planning, as the full read does.
+        assert ours < theirs
+        for part in ("blobs", "manifests", "uploads", "blocked_by", "repositories",
+                     "empty_link_dirs", "orphan_referrers", "tag_dirs"):
+            assert deferred.to_json()[part] == full.to_json()[part], part
+        assert len(deferred.removal_list) == len(full.removal_list) - 1
+        for removal in full.removal_list:
+            if removal.phase == "layer_links":
+                assert f"{removal.path}/link" in deferred.seen_links
+
+
+class _FullReadScanner(Scanner):
+    def __init__(self, *args: object, **kw: object) -> None:
+        kw.pop("defer_layers", None)
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+
+def test_cli_plan_equals_serial_plan(damaged: tuple[Path, tuple[str, str]]) -> None:
+    root, _ = damaged
+    docs = []
+    for processes in ("1", "4"):
+        env = {**os.environ, "REGFSCK_SCAN_PROCESSES": processes}
+        out = subprocess.run([sys.executable, "-m", "regfsck", "gc", str(root), "--grace", "0",
+                              "--json"], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 3, out.stderr  # the planted damage blocks the plan
+        docs.append(json.loads(out.stdout))
+    assert docs[0] == docs[1]
+    assert docs[0]["blocked_by"]
