@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -138,8 +138,11 @@ SHARED = "(several repositories)"
 UNLINKED = "(no repository)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GcPlan:
+    """What a collection removes and why (judgement only: `sweep.Applied` wraps the outcome
+    of carrying it out)."""
+
     options: GcOptions
     blobs: list[BlobVictim] = field(default_factory=list)
     manifests: list[ManifestVictim] = field(default_factory=list)
@@ -155,9 +158,6 @@ class GcPlan:
     seen_links: Container[str] = frozenset()  # link paths the plan saw (see `seen_links`)
     empty_dirs: list[str] = field(default_factory=list)  # removed at the end if still empty
     per_repository: dict[str, RepoUsage] = field(default_factory=dict)
-    applied: bool = False
-    run_id: str | None = None
-    apply_result: dict[str, Any] | None = None
 
     @property
     def reclaimable_bytes(self) -> int:
@@ -186,9 +186,8 @@ class GcPlan:
             "kept_by_grace": [{"path": f"{layout.V2_PREFIX}/{p}", "what": w} for p, w in self.young],
             "blocked_by": [f.to_json() for f in self.blocked],
             "options": self.options.to_json(),
-            "applied": self.applied,
-            "run_id": self.run_id,
-            **({"apply": self.apply_result} if self.apply_result is not None else {}),
+            "applied": False,  # a plan; `sweep.Applied.to_json` fills in the outcome
+            "run_id": None,
         }
 
 
@@ -481,8 +480,8 @@ class _Planner:
         # Within a phase, what refers goes before what is referred to: a tag's history entry
         # before the revision it names, so a crash in between leaves nothing dangling.
         chosen.sort(key=lambda r: (order[r.phase], f"/{layout.TAGS}/" not in r.path, r.path))
-        self.plan.removal_list = chosen
-        self.plan.empty_dirs = sorted(set(self.plan.empty_dirs))
+        self.plan = replace(self.plan, removal_list=chosen,
+                            empty_dirs=sorted(set(self.plan.empty_dirs)))
 
 
 def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
@@ -495,10 +494,11 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     if findings is None:
         findings = TreeChecker(inv, store, now=now).run()
     planner = _Planner(inv, store, storage, options, now)
-    planner.plan.blocked = blocking_findings(findings, options.delete_untagged)
     marks = mark(inv, store, options.delete_untagged)
     read_deferred_layers(storage, inv, lambda digest: digest not in marks.blobs)
-    planner.plan.orphan_referrers = marks.orphan_referrers
+    planner.plan = replace(planner.plan,
+                           blocked=blocking_findings(findings, options.delete_untagged),
+                           orphan_referrers=marks.orphan_referrers)
     gone_manifests = planner.manifests(marks)
     gone_links = planner.layer_links(marks)
     planner.blobs(marks)
@@ -508,8 +508,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     planner.empty_link_dirs()
     planner.empty_name_dirs()
     planner.finish()
-    planner.plan.seen_links = seen_links(inv)
-    return planner.plan
+    return replace(planner.plan, seen_links=seen_links(inv))
 
 
 def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None) -> GcPlan:

@@ -174,8 +174,10 @@ class LinkWrite:
         return data
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImportPlan:
+    """What an import writes (judgement only: `ImportResult` wraps the outcome)."""
+
     source: str
     root: str
     images: list[SourceImage] = field(default_factory=list)
@@ -183,9 +185,6 @@ class ImportPlan:
     existing_blobs: dict[str, int] = field(default_factory=dict)  # already in the tree
     links: list[LinkWrite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    applied: bool = False
-    run_id: str | None = None
-    recovered: list[str] = field(default_factory=list)  # what recovery did before --apply
 
     @property
     def bytes_to_write(self) -> int:
@@ -210,11 +209,26 @@ class ImportPlan:
             "retagged": [{"repo": link.repo, "tag": link.tag, "from": link.replaces,
                           "to": link.digest} for link in self.retags],
             "bytes_to_write": self.bytes_to_write,
-            "applied": self.applied,
-            "run_id": self.run_id,
+            "applied": False,  # a plan; `ImportResult.to_json` fills in the outcome
+            "run_id": None,
             "notes": list(self.notes),
-            "recovered": list(self.recovered),
+            "recovered": [],
         }
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """An import plan and what became of it: applied (in run `run_id`; an empty plan is
+    applied without a run), and what recovery did before --apply."""
+
+    plan: ImportPlan
+    applied: bool = False
+    run_id: str | None = None
+    recovered: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "applied": self.applied, "run_id": self.run_id,
+                "recovered": list(self.recovered)}
 
 
 class _Planner:
@@ -419,7 +433,8 @@ def target_root(path: Path) -> tuple[RegistryRoot, bool]:
 
 
 def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
-                 on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
+                 on_bytes: ProgressFn | None = None, stop: threading.Event | None = None
+                 ) -> ImportResult:
     """Write the plan through a journaled run of `session` (regfsck.session).
 
     Blobs first, then `_layers` and revision links, then tag history and `current` links.
@@ -439,17 +454,16 @@ def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
                 run.quarantine(link.path)
             created(run, link.path, link.digest.encode("ascii"))
         run.finish(f"imported {len(plan.images)} images from {plan.source}")
-    plan.applied = True
-    plan.run_id = run.run_id
-    return plan
+    return ImportResult(plan, applied=True, run_id=run.run_id,
+                        recovered=list(session.recovered))
 
 
 def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, apply: bool = False,
                on_bytes: ProgressFn | None = None, stop: threading.Event | None = None,
-               on_recovered: Callable[[list[str]], None] | None = None) -> ImportPlan:
+               on_recovered: Callable[[list[str]], None] | None = None) -> ImportResult:
     """Plan an import (and with `apply`, do it in a mutation session, re-planned there).
 
-    What recovery made of runs a crash left open is in `plan.recovered` (and handed to
+    What recovery made of runs a crash left open is in `result.recovered` (and handed to
     `on_recovered` as soon as it is known). A stop or an I/O error says what became of
     the import (nothing imported; an --apply run reverted), which only this level knows."""
     try:
@@ -464,7 +478,7 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
 
 def _run_import(root_path: Path, source_path: Path, *, repo: str | None, apply: bool,
                 on_bytes: ProgressFn | None, stop: threading.Event | None,
-                on_recovered: Callable[[list[str]], None] | None) -> ImportPlan:
+                on_recovered: Callable[[list[str]], None] | None) -> ImportResult:
     root, fresh = target_root(root_path)
     source = open_layout(source_path, on_bytes, stop)
     images = images_from_index(source.index_bytes(), repo, source.label)
@@ -477,14 +491,12 @@ def _run_import(root_path: Path, source_path: Path, *, repo: str | None, apply: 
                            stop=stop)
 
     if not apply:
-        return plan_now(verify=True)
+        return ImportResult(plan_now(verify=True))
     plan_now(verify=False)  # refuse bad input before taking the lock or creating anything
     with mutation_session(root, command="import", on_recovered=on_recovered) as session:
         plan = plan_now(verify=False)  # again under the lock; blobs are verified as they are written
-        plan.recovered = list(session.recovered)
         if plan.is_empty:
-            plan.applied = True
-            return plan
+            return ImportResult(plan, applied=True, recovered=list(session.recovered))
         check_free_space(root.root, plan.bytes_to_write)
         if fresh:
             os.makedirs(root.v2, exist_ok=True)

@@ -26,8 +26,10 @@ from regfsck.scanner import Scanner
 from regfsck.storage import EntryKind, Storage, open_storage
 
 
-@dataclass
+@dataclass(frozen=True)
 class RmPlan:
+    """What an rm removes (judgement only: `sweep.Applied` wraps the outcome)."""
+
     refs: list[str]
     tags: list[tuple[str, str, str | None]] = field(default_factory=list)  # (repo, tag, digest)
     manifests: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (repo, digest, tags)
@@ -41,9 +43,6 @@ class RmPlan:
     force: bool = False
     removal_list: list[Removal] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)
-    applied: bool = False
-    run_id: str | None = None
-    apply_result: dict[str, Any] | None = None
 
     @property
     def is_blocked(self) -> bool:
@@ -63,9 +62,8 @@ class RmPlan:
             "refused": self.refused,
             "reclaimable_bytes": self.reclaimable_bytes,
             "reclaimable_bytes_delete_untagged": self.reclaimable_bytes_delete_untagged,
-            "applied": self.applied,
-            "run_id": self.run_id,
-            **({"apply": self.apply_result} if self.apply_result is not None else {}),
+            "applied": False,  # a plan; `sweep.Applied.to_json` fills in the outcome
+            "run_id": None,
         }
 
 
@@ -146,9 +144,10 @@ class _RmPlanner:
             self._repository_parts(self.inv.repositories[name], tags.get(name, set()),
                                    digests.get(name, set()))
         self._reclaimable(whole, tags, digests)
-        self.plan.removal_list = sorted(self.removals, key=lambda r: (
-            ("tags", "manifests", "repositories").index(r.phase), r.path))
-        self.plan.empty_dirs = sorted(set(self.plan.empty_dirs))
+        self.plan = dataclasses.replace(
+            self.plan, removal_list=sorted(self.removals, key=lambda r: (
+                ("tags", "manifests", "repositories").index(r.phase), r.path)),
+            empty_dirs=sorted(set(self.plan.empty_dirs)))
         return self.plan
 
     def _repository_parts(self, repo: Repository, tags: set[str], digests: set[str]) -> None:
@@ -186,8 +185,8 @@ class _RmPlanner:
 
     def _whole_repository(self, repo: Repository) -> None:
         self.plan.repositories.append(repo.name)
-        self.plan.layer_links += [(repo.name, d) for d in sorted(repo.layers)]
-        self.plan.uploads += [(repo.name, u.id, u.size) for u in repo.uploads]
+        self.plan.layer_links.extend((repo.name, d) for d in sorted(repo.layers))
+        self.plan.uploads.extend((repo.name, u.id, u.size) for u in repo.uploads)
         nested = any(e.kind is EntryKind.DIR and not e.name.startswith("_")
                      for e in self.storage.list_dir(repo.path))
         if nested:  # `a/b` is also the parent of `a/b/c`: move only a/b's own parts
@@ -213,9 +212,9 @@ class _RmPlanner:
             freed = sum(self.inv.blobs[d].size for d in before - now if d in self.inv.blobs)
             freed += sum(size for _, _, size in self.plan.uploads)
             if delete_untagged:
-                self.plan.reclaimable_bytes_delete_untagged = freed
+                self.plan = dataclasses.replace(self.plan, reclaimable_bytes_delete_untagged=freed)
             else:
-                self.plan.reclaimable_bytes = freed
+                self.plan = dataclasses.replace(self.plan, reclaimable_bytes=freed)
 
 
 def plan_rm(root: RegistryRoot, refs: list[str], *, force: bool = False) -> RmPlan:

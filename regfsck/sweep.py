@@ -159,25 +159,28 @@ def sweep(session: MutationSession, details: dict[str, Any], removals: Sequence[
 
 
 class RemovalPlan(Protocol):
-    """What gc's and rm's plans share: the paths to quarantine, and where the outcome goes."""
+    """What gc's and rm's plans share: the paths to quarantine (a plan stays a plan: the
+    outcome of carrying it out is `Applied`, which wraps it)."""
 
-    removal_list: list[Removal]
-    empty_dirs: list[str]
-    applied: bool
-    run_id: str | None
-    apply_result: dict[str, Any] | None
+    @property
+    def removal_list(self) -> list[Removal]: ...
+
+    @property
+    def empty_dirs(self) -> list[str]: ...
 
     @property
     def is_blocked(self) -> bool: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 P = TypeVar("P", bound=RemovalPlan)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Applied(Generic[P]):
     """A plan made under the lock and carried out; `result` is None when the plan refused
-    (`plan.is_blocked`: nothing was changed)."""
+    (`plan.is_blocked`: nothing was changed). The plan itself is left as it was planned."""
 
     plan: P
     recovered: list[str]
@@ -186,6 +189,19 @@ class Applied(Generic[P]):
     @property
     def interrupted(self) -> bool:
         return self.result is not None and self.result.interrupted
+
+    @property
+    def run_id(self) -> str | None:
+        return self.result.run_id if self.result is not None else None
+
+    @property
+    def applied(self) -> bool:
+        return self.run_id is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan's document with the outcome in its `applied`, `run_id` (and `apply`)."""
+        return {**self.plan.to_json(), "applied": self.applied, "run_id": self.run_id,
+                **({"apply": self.result.to_json()} if self.result is not None else {})}
 
 
 def apply_removals(root: RegistryRoot, command: str, make_plan: Callable[[], P],
@@ -208,9 +224,6 @@ def apply_removals(root: RegistryRoot, command: str, make_plan: Callable[[], P],
         progress = on_start(len(plan.removal_list)) if on_start is not None else None
         result = sweep(session, details(plan), plan.removal_list, plan.empty_dirs, grace=grace,
                        revalidate=revalidate(plan), stop=stop, on_progress=progress)
-    plan.applied = result.run_id is not None
-    plan.run_id = result.run_id
-    plan.apply_result = result.to_json()
     return Applied(plan, session.recovered, result)
 
 

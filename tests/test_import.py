@@ -52,8 +52,9 @@ def test_export_import_export_gives_identical_layout(full_export: Path, tmp_path
                                                      info: SampleInfo) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    plan = run_import(empty, full_export, apply=True)
-    assert plan.applied and plan.run_id
+    result = run_import(empty, full_export, apply=True)
+    plan = result.plan
+    assert result.applied and result.run_id
     again = tmp_path / "again"
     export(empty, sorted(info.catalog), again)
     assert read_layout_dir(again) == read_layout_dir(full_export)
@@ -67,7 +68,8 @@ def test_links_are_the_registrys_byte_format(full_export: Path, tmp_path: Path,
                                              fixture_root: Path, info: SampleInfo) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    plan = run_import(empty, full_export, apply=True)
+    result = run_import(empty, full_export, apply=True)
+    plan = result.plan
     for link in plan.links:
         written = (empty / V2 / link.path).read_bytes()
         assert written == link.digest.encode() and len(written) == 71
@@ -117,14 +119,15 @@ def test_import_into_populated_tree_shares_blobs_and_undo_restores(
     for digest in unique:
         shutil.rmtree((fixture_root / V2 / layout.blob_data(digest)).parent)
     before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
-    plan = run_import(fixture_root, full_export, apply=True)
+    result = run_import(fixture_root, full_export, apply=True)
+    plan = result.plan
     assert set(plan.new_blobs) == unique
     assert set(plan.existing_blobs) >= set(info.shared_layers) - unique
     assert {link.repo for link in plan.links} == gone  # the other repositories have it all
     with_uploads = {p for p in snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) if "_uploads" in p}
     assert run_verify(locate(fixture_root), VerifyOptions(jobs=2)).summary.errors == 0
     assert not with_uploads - set(before)
-    undo(locate(fixture_root), plan.run_id)
+    undo(locate(fixture_root), result.run_id)
     assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
 
 
@@ -136,7 +139,8 @@ def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: Sa
     repo = "library/base"
     old = info.tags[repo]["latest"]
     before = snapshot(fixture_root, mtimes="none", skip=STATE_NAMES)
-    plan = run_import(fixture_root, out, repo=repo, apply=True)
+    result = run_import(fixture_root, out, repo=repo, apply=True)
+    plan = result.plan
     new = info.tags["a/b"]["latest"]
     current = fixture_root / V2 / layout.tag_current_link(repo, "latest")
     assert current.read_bytes() == new.encode()
@@ -145,7 +149,7 @@ def test_retag_moves_current_and_keeps_old_revision(fixture_root: Path, info: Sa
     assert (fixture_root / V2 / layout.tag_index_link(repo, "latest", old)).is_file()
     assert [(r.tag, r.replaces, r.digest) for r in plan.retags] == [("latest", old, new)]
     assert any("moves from" in note for note in plan.notes)
-    undo(locate(fixture_root), plan.run_id)
+    undo(locate(fixture_root), result.run_id)
     assert snapshot(fixture_root, mtimes="none", skip=STATE_NAMES) == before
 
 
@@ -270,7 +274,8 @@ def test_new_files_belong_to_the_trees_owner(full_export: Path, tmp_path: Path) 
     (empty / V2).mkdir(parents=True)
     for path in [empty / "docker", empty / "docker/registry", empty / V2]:
         os.chown(path, 4321, 4321)
-    plan = run_import(empty, full_export, apply=True)
+    result = run_import(empty, full_export, apply=True)
+    plan = result.plan
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in (empty / V2).rglob("*")}
     assert owners == {(4321, 4321)}
     assert len(plan.links) > 0

@@ -57,7 +57,8 @@ def test_skopeo_sources_into_an_empty_root(skopeo_sources: dict[str, Path], samp
     empty.mkdir()
     for kind in ("archive", "zst", "gz"):
         run_import(empty, skopeo_sources[kind], repo=f"imported/{kind}", apply=True)
-    plan = run_import(empty, skopeo_sources["layout"], repo="imported/layout", apply=True)
+    result = run_import(empty, skopeo_sources["layout"], repo="imported/layout", apply=True)
+    plan = result.plan
     assert sorted(i.tag or "" for i in plan.images) == ["abc", "base", "zstd"]
     with RealRegistry(empty) as registry:
         pulled = pull_every_tag(registry, tmp_path / "pulled")
@@ -75,10 +76,12 @@ def test_skopeo_sources_into_an_empty_root(skopeo_sources: dict[str, Path], samp
 
 def test_skopeo_archive_into_a_populated_root(skopeo_sources: dict[str, Path], sample_root: Path,
                                               sample_info: SampleInfo, tmp_path: Path) -> None:
-    plan = run_import(sample_root, skopeo_sources["zst"], repo="multi/oci", apply=True)
+    result = run_import(sample_root, skopeo_sources["zst"], repo="multi/oci", apply=True)
+    plan = result.plan
     assert plan.new_blobs == {}  # the tree already holds the image: nothing to copy ...
     assert plan.links == []  # ... and nothing to link: the same tag, the same digest
-    plan = run_import(sample_root, skopeo_sources["layout"], repo="copies/skopeo", apply=True)
+    result = run_import(sample_root, skopeo_sources["layout"], repo="copies/skopeo", apply=True)
+    plan = result.plan
     assert plan.existing_blobs and plan.links
     refs = [(repo, tag) for repo, tags in sample_info.tags.items() for tag in tags]
     served = _served(sample_root, [*refs, ("copies/skopeo", "base")])

@@ -34,6 +34,7 @@ from regfsck.errors import ExitCode
 if TYPE_CHECKING:
     from regfsck.gc import GcPlan
     from regfsck.root import RegistryRoot
+    from regfsck.sweep import Applied
 
 
 @command()
@@ -94,7 +95,7 @@ def gc(
     with refusals(registry), sweep_controls(json_output) as (stop, on_start):
         applied = apply_gc(registry, options, stop=stop, on_recovered=show_recovered(json_output),
                            on_start=on_start)
-    _output(applied.plan, json_output, applied.recovered, registry)
+    _output(applied.plan, json_output, applied.recovered, registry, applied)
     if applied.result is None:  # blocked: nothing was changed
         raise typer.Exit(ExitCode.CANNOT_RUN)
     if not json_output:
@@ -104,15 +105,17 @@ def gc(
 
 
 def _output(plan: GcPlan, json_output: bool, recovered: list[str],
-            registry: RegistryRoot) -> None:
+            registry: RegistryRoot, applied: Applied[GcPlan] | None = None) -> None:
     if json_output:
-        doc = {**plan.to_json(), "recovered": recovered}
+        doc = {**(applied or plan).to_json(), "recovered": recovered}
         print_json(with_requests(registry, doc) if registry is not None else doc)
     else:
-        render_plan(plan, root_words(registry))
+        render_plan(plan, root_words(registry), applied.run_id if applied else None)
 
 
-def render_plan(plan: GcPlan, root: str = "ROOT") -> None:
+def render_plan(plan: GcPlan, root: str = "ROOT", run_id: str | None = None) -> None:
+    """The plan, or with the `run_id` of the run that carried it out, what went."""
+    applied = run_id is not None
     from regfsck.durations import format_duration
 
     mode = ("--delete-untagged: marking from tags only" if plan.options.delete_untagged
@@ -130,7 +133,7 @@ def render_plan(plan: GcPlan, root: str = "ROOT") -> None:
                 "or restore), or pass --force to collect anyway and accept losing blobs only "
                 "damaged manifests need.")
     if plan.per_repository:
-        table("What would go, per repository" if not plan.applied else "What went",
+        table("What would go, per repository" if not applied else "What went",
               ("repository", "manifests", "layer links", "uploads", "tag dirs", "bytes"),
               [(name, str(u.manifests), str(u.layer_links), str(u.uploads), str(u.tag_dirs),
                 human_bytes(u.reclaimable_bytes))
@@ -152,7 +155,7 @@ def render_plan(plan: GcPlan, root: str = "ROOT") -> None:
             f"({fate})")
     if plan.empty_link_dirs:
         say(f"{plural(len(plan.empty_link_dirs), 'empty directory', 'empty directories')} (left "
-            "by API deletes or an interrupted run) " + ("were removed." if plan.applied else "go too."))
+            "by API deletes or an interrupted run) " + ("were removed." if applied else "go too."))
     if plan.young:
         say(f"{plural(len(plan.young), 'candidate')} younger than the grace period "
             f"{'stays' if len(plan.young) == 1 else 'stay'}.")
@@ -160,10 +163,10 @@ def render_plan(plan: GcPlan, root: str = "ROOT") -> None:
               f"{plural(len(plan.layer_links), 'layer link')}, {plural(len(plan.uploads), 'upload')}, "
               f"{plural(len(plan.tag_dirs), 'tag dir')}, "
               f"{plural(len(plan.repositories), 'repository', 'repositories')}")
-    if plan.applied:
+    if applied:
         say(f"Moved to quarantine: {human_bytes(plan.reclaimable_bytes)} ({counts}); "
-            f"freed once purged: regfsck purge {root} {plan.run_id} --apply")
+            f"freed once purged: regfsck purge {root} {run_id} --apply")
     else:
         say(f"Reclaimable: {human_bytes(plan.reclaimable_bytes)} ({counts})")
-    if not plan.applied and not plan.is_blocked and not plan.empty:
+    if not applied and not plan.is_blocked and not plan.empty:
         say("Nothing was changed: run again with --apply to move these into the quarantine.")

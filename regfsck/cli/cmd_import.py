@@ -27,7 +27,7 @@ from regfsck.cli.common import (
 from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
-    from regfsck.importer import ImportPlan
+    from regfsck.importer import ImportResult
 
 @command("import")
 def import_command(
@@ -55,7 +55,7 @@ def import_command(
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     bar = _Bar() if show_progress(json_output) else None
     try:
-        plan = run_import(root, source, repo=repo, apply=apply,
+        result = run_import(root, source, repo=repo, apply=apply,
                           on_bytes=bar.advance if bar else None, stop=stop,
                           on_recovered=show_recovered(json_output))
     finally:
@@ -63,9 +63,9 @@ def import_command(
         if bar is not None:
             bar.stop()
     if json_output:
-        print_json(plan.to_json())
+        print_json(result.to_json())
     else:
-        render_plan(plan)
+        render_plan(result)
     raise typer.Exit(ExitCode.OK)
 
 
@@ -88,9 +88,10 @@ class _Bar:
         self.progress.stop()
 
 
-def render_plan(plan: ImportPlan) -> None:
+def render_plan(result: ImportResult) -> None:
     import shlex
 
+    plan = result.plan
     table(f"Images in {plan.source}", ("repository", "tag", "digest"),
           [(image.repo, image.tag or "(by digest)", image.digest) for image in plan.images])
     kinds: dict[str, int] = {}
@@ -101,10 +102,10 @@ def render_plan(plan: ImportPlan) -> None:
     links = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
     what = (f"{plural(len(plan.new_blobs), 'new blob')} ({human_bytes(plan.bytes_to_write)}), "
             f"{len(plan.existing_blobs)} already in the tree; links: {links}")
-    if plan.applied:
+    if result.applied:
         done = "nothing to do: the tree already has all of it" if plan.is_empty else (
             f"imported into {plan.root}: {what}; undo with "
-            f"`regfsck undo {shlex.quote(str(plan.root))} {plan.run_id}`")
+            f"`regfsck undo {shlex.quote(str(plan.root))} {result.run_id}`")
         say(done)
     else:
         say(f"plan: {what}. Nothing was written; run again with --apply "

@@ -32,6 +32,7 @@ from regfsck.errors import ExitCode
 if TYPE_CHECKING:
     from regfsck.rm import RmPlan
     from regfsck.root import RegistryRoot
+    from regfsck.sweep import Applied
 
 ARGS = typer.Argument(..., metavar="ROOT REF...", show_default=False,
                       help="The registry storage root (omit it with --config), then one or more of "
@@ -80,7 +81,7 @@ def rm(
         applied = apply_rm(registry, values, force=force, stop=stop,
                            on_recovered=show_recovered(json_output), on_start=on_start)
     plan = applied.plan
-    _output(plan, json_output, applied.recovered, root_words(registry))
+    _output(plan, json_output, applied.recovered, root_words(registry), applied)
     if applied.result is None:  # blocked: nothing was changed
         raise typer.Exit(ExitCode.CANNOT_RUN)
     if not json_output:
@@ -109,10 +110,12 @@ def _plan(registry: RegistryRoot, refs: list[str], force: bool) -> RmPlan:
     return plan_rm(registry, refs, force=force)
 
 
-def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str) -> None:
+def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str,
+            applied: Applied[RmPlan] | None = None) -> None:
     if json_output:
-        print_json({**plan.to_json(), "recovered": recovered})
+        print_json({**(applied or plan).to_json(), "recovered": recovered})
         return
+    done = applied is not None and applied.applied
     rows: list[tuple[str, str, str]] = []
     for repo in plan.repositories:
         links = sum(1 for r, _ in plan.layer_links if r == repo)
@@ -122,7 +125,7 @@ def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str) ->
         rows.append(("manifest", f"{repo}@{digest}", f"tags: {', '.join(tags)}" if tags else "untagged"))
     for repo, tag, was in plan.tags:
         rows.append(("tag", f"{repo}:{tag}", f"was {was}" if was else ""))
-    table("Removed" if plan.applied else "Would remove", ("what", "name", "note"), rows)
+    table("Removed" if done else "Would remove", ("what", "name", "note"), rows)
     for repo, digest, subject in plan.orphaned_referrers:
         say(f"note: referrer {repo}@{digest} loses its subject {subject} "
             "(gc --delete-untagged removes it unless it is tagged)")
@@ -131,5 +134,5 @@ def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str) ->
     say(f"The next `regfsck gc` frees {human_bytes(plan.reclaimable_bytes)}; "
         f"`regfsck gc --delete-untagged` frees "
         f"{human_bytes(plan.reclaimable_bytes_delete_untagged)} because of this.")
-    if not plan.applied and not plan.is_blocked:
+    if not done and not plan.is_blocked:
         say("Nothing was changed: run again with --apply to move these into the quarantine.")
