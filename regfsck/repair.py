@@ -87,9 +87,19 @@ def _rel(finding_path: str) -> str:
 # -- the plan -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
+class FixOutcome:
+    """What applying one fix did: "applied", or "skipped" with why (the tree changed since
+    the plan)."""
+
+    status: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Fix:
-    """One change to the tree; `path` is relative to the v2 directory."""
+    """One change to the tree; `path` is relative to the v2 directory. A plan's fix stays
+    as planned: what applying it did is a `FixOutcome` in the `RepairResult`."""
 
     action: str
     path: str
@@ -103,12 +113,12 @@ class Fix:
     from_path: str | None = None  # move_blob_home: the misplaced data file
     source: str | None = None  # restore/replace: the --from SOURCE used
     size: int | None = None
-    status: str = "planned"  # planned, applied, skipped
-    note: str = ""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, outcome: FixOutcome | None = None) -> dict[str, Any]:
+        """The fix, with its `status` (planned, applied, skipped) and `note` from `outcome`."""
         data: dict[str, Any] = {"action": self.action, "path": _rooted(self.path),
-                                "reason": self.reason, "status": self.status}
+                                "reason": self.reason,
+                                "status": outcome.status if outcome else "planned"}
         for key in ("repo", "tag", "digest", "content", "source", "size"):
             value = getattr(self, key)
             if value is not None:
@@ -117,8 +127,8 @@ class Fix:
             data["old_content"] = self.old_content.decode("ascii", "backslashreplace")
         if self.from_path is not None:
             data["from_path"] = _rooted(self.from_path)
-        if self.note:
-            data["note"] = self.note
+        if outcome is not None and outcome.note:
+            data["note"] = outcome.note
         data["resolves"] = sorted({str(kind) for kind, _ in self.resolves})
         return data
 
@@ -172,7 +182,17 @@ class RepairPlan:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
+class FixesApplied:
+    """The outcome of `apply_plan`: the run, whether Ctrl-C ended it, and per fix of the
+    plan (same order) its outcome, None for a fix not reached."""
+
+    run_id: str | None
+    interrupted: bool
+    outcomes: tuple[FixOutcome | None, ...] = ()
+
+
+@dataclass(frozen=True)
 class RepairResult:
     plan: RepairPlan
     applied: bool = False
@@ -180,9 +200,15 @@ class RepairResult:
     recovered: list[str] = field(default_factory=list)
     remaining: list[Finding] = field(default_factory=list)  # errors/warnings after --apply
     interrupted: bool = False
+    outcomes: tuple[FixOutcome | None, ...] = ()  # per fix of the plan, when applied
+
+    def outcome(self, index: int) -> FixOutcome | None:
+        return self.outcomes[index] if index < len(self.outcomes) else None
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.plan.to_json(), "applied": self.applied, "run_id": self.run_id,
+        return {**self.plan.to_json(),
+                "fixes": [f.to_json(self.outcome(i)) for i, f in enumerate(self.plan.fixes)],
+                "applied": self.applied, "run_id": self.run_id,
                 "recovered": self.recovered, "interrupted": self.interrupted,
                 "remaining": [f.to_json() for f in self.remaining]}
 
@@ -616,8 +642,8 @@ class Applier:
         self.storage = FilesystemStorage(root.v2)
         self.sources = {s.label: s for s in sources}
 
-    def apply(self, fix: Fix) -> None:
-        """Apply one fix, or mark it skipped when the tree changed since the plan."""
+    def apply(self, fix: Fix) -> FixOutcome:
+        """Apply one fix, or skip it (saying why) when the tree changed since the plan."""
         handler = {
             REWRITE_LINK: self._rewrite_link, CREATE_LINK: self._create_link,
             MOVE_BLOB_HOME: self._move_home, DROP_STRAY_COPY: self._quarantine,
@@ -625,8 +651,7 @@ class Applier:
             RESTORE_BLOB: self._from_source,
         }[fix.action]
         why_not = handler(fix)
-        fix.status = "skipped" if why_not else "applied"
-        fix.note = why_not or fix.note
+        return FixOutcome("skipped", why_not) if why_not else FixOutcome("applied")
 
     def _rewrite_link(self, fix: Fix) -> str | None:
         assert fix.content is not None
@@ -687,15 +712,15 @@ class Applier:
 
 
 def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source], *,
-               stop: threading.Event | None = None) -> tuple[str | None, bool]:
-    """Apply `plan` in one journaled run of `session` (regfsck.session); (run id, interrupted).
+               stop: threading.Event | None = None) -> FixesApplied:
+    """Apply `plan` in one journaled run of `session` (regfsck.session).
 
     Archive sources spool the blobs they provide first (verified). Ctrl-C (`stop`) ends the
     run between two fixes: what was applied stays, and `undo` reverts it."""
     root = session.root
-    todo = [f for f in plan.fixes if f.status == "planned"]
+    todo = plan.fixes
     if not todo:
-        return None, False
+        return FixesApplied(None, False)
     wanted: dict[str, set[str]] = {}
     for fix in todo:
         if fix.source is not None and fix.digest is not None:
@@ -706,16 +731,18 @@ def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source]
     details = {"fixes": len(todo), "sources": plan.sources,
                "actions": sorted({f.action for f in todo})}
     interrupted = False
+    outcomes: list[FixOutcome | None] = []
     with session.begin(details, on_crash="revert") as run:
         applier = Applier(root, run, sources)
         for fix in todo:
             if stop is not None and stop.is_set():
                 interrupted = True
                 break
-            applier.apply(fix)
-        done = sum(1 for f in todo if f.status == "applied")
+            outcomes.append(applier.apply(fix))
+        done = sum(1 for o in outcomes if o is not None and o.status == "applied")
         run.finish(f"{done} fixes applied" + (" (interrupted)" if interrupted else ""))
-    return run.run_id, interrupted
+    outcomes += [None] * (len(todo) - len(outcomes))
+    return FixesApplied(run.run_id, interrupted, tuple(outcomes))
 
 
 def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: int = 1,
@@ -764,11 +791,11 @@ def _run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs:
         plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
                                  restore_deleted=restore_deleted)
         try:
-            run_id, interrupted = apply_plan(session, plan, sources, stop=stop)
+            done = apply_plan(session, plan, sources, stop=stop)
         finally:
             for source in sources:
                 source.close()
         after = run_verify(root, VerifyOptions(jobs=jobs, check_data=False))
     remaining = [f for f in after.findings if f.severity is not Severity.INFO]
-    return RepairResult(plan, applied=True, run_id=run_id, recovered=recovered,
-                        remaining=remaining, interrupted=interrupted)
+    return RepairResult(plan, applied=True, run_id=done.run_id, recovered=recovered,
+                        remaining=remaining, interrupted=done.interrupted, outcomes=done.outcomes)

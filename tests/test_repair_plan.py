@@ -146,9 +146,10 @@ def test_interrupt_between_fixes_keeps_a_finished_undoable_run(fixture_root: Pat
     plan = plan_of(fixture_root)
     assert len(plan.fixes) == 3
     with mutation_session(registry, command="repair") as session:
-        run_id, interrupted = apply_plan(session, plan, [], stop=StopAfter(1))
+        done = apply_plan(session, plan, [], stop=StopAfter(1))
+    run_id, interrupted = done.run_id, done.interrupted
     assert interrupted and run_id
-    assert [f.status for f in plan.fixes] == ["applied", "planned", "planned"]
+    assert [o.status if o else "planned" for o in done.outcomes] == ["applied", "planned", "planned"]
     assert [r.status for r in list_runs(registry)] == ["complete"]
     assert len(plan_of(fixture_root).fixes) == 2  # the rest is still to do
     undo(registry, run_id)
@@ -183,8 +184,8 @@ def test_changed_link_is_skipped_not_overwritten(fixture_root: Path) -> None:
     plan = plan_of(fixture_root)
     (fixture_root / V2 / paths[1]).write_bytes(b"written meanwhile")
     with mutation_session(registry, command="repair") as session:
-        apply_plan(session, plan, [])
-    statuses = {f.path: f.status for f in plan.fixes}
+        done = apply_plan(session, plan, [])
+    statuses = {f.path: o.status if o else "planned" for f, o in zip(plan.fixes, done.outcomes, strict=True)}
     assert statuses[paths[1]] == "skipped" and statuses[paths[0]] == "applied"
     assert (fixture_root / V2 / paths[1]).read_bytes() == b"written meanwhile"
 

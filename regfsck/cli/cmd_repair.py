@@ -106,10 +106,12 @@ def render_repair(result: RepairResult, root: str) -> None:
         title = "Fixes applied" if result.applied else "Fixes (run with --apply to make them)"
         columns = ("action", "where", "why") + (("status",) if result.applied else ())
         rows = []
-        for fix in plan.fixes:
+        for i, fix in enumerate(plan.fixes):
             row = [_ACTION_LABEL.get(fix.action, fix.action), fix.to_json()["path"], fix.reason]
             if result.applied:
-                row.append(fix.status + (f": {fix.note}" if fix.note else ""))
+                outcome = result.outcome(i)
+                row.append("planned" if outcome is None else
+                           outcome.status + (f": {outcome.note}" if outcome.note else ""))
             rows.append(row)
         table(title, columns, rows)
     else:
@@ -125,7 +127,9 @@ def render_repair(result: RepairResult, root: str) -> None:
                 where += f":{item.finding.tag}"
             unfixable.append((item.finding.kind, f"{where} {item.finding.path}".strip(), item.advice))
         table("Not fixable by regfsck", ("kind", "where", "what you can do"), unfixable)
-    restored = sum(f.size or 0 for f in plan.fixes if f.source and f.status != "skipped")
+    statuses = [o.status if o else "planned" for o in map(result.outcome, range(len(plan.fixes)))]
+    restored = sum(f.size or 0 for f, status in zip(plan.fixes, statuses, strict=True)
+                   if f.source and status != "skipped")
     if restored:
         say(f"{human_bytes(restored)} taken from {', '.join(plan.sources)}")
     if not result.applied:
@@ -137,7 +141,7 @@ def render_repair(result: RepairResult, root: str) -> None:
         if plan.repush:
             note("Then push again: " + " ".join(plan.repush))
         return
-    applied = sum(1 for f in plan.fixes if f.status == "applied")
+    applied = statuses.count("applied")
     if result.run_id:
         say(f"{plural(applied, 'fix', 'fixes')} applied in run {result.run_id}; "
             f"revert with: regfsck undo {root} {result.run_id}")
