@@ -405,6 +405,7 @@ class _Planner:
             if newest > self.cutoff_ns:
                 self.plan.young.append((repo.path, f"repository {name}"))
                 continue
+            read_deferred_layers(self.storage, self.inv, lambda digest: True, [name])
             for digest, link in sorted(repo.layers.items()):
                 if (name, digest) not in gone_links and link.target is not None:
                     self.plan.layer_links.append(LayerLinkVictim(

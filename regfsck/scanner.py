@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from stat import S_ISLNK, S_ISREG
@@ -633,15 +633,20 @@ def _as_read(stats: list[os.stat_result | StorageError | None], valid: list[tupl
     return out
 
 
-def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str], bool]) -> None:
+def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str], bool],
+                         repos: Iterable[str] | None = None) -> None:
     """Read the content of the deferred `_layers/sha256` links (see `Scanner.defer_layers`)
     whose path digest `select` picks, replacing their Link by what the content says.
 
     gc asks this for every link whose blob is not stored (its content may name another
     blob: an alias kept by the mark) before marking, and for every link whose digest the
     mark did not keep before planning: the links the plan could act on. A link that
-    cannot be read now (it changed since the scan) holds no digest: the plan keeps it."""
-    for repo in inv.repositories.values():
+    cannot be read now (it changed since the scan) holds no digest: the plan keeps it.
+    `repos`: only these repositories (gc reads every link of a repository it removes whole,
+    so the plan names what each held)."""
+    chosen = (inv.repositories.values() if repos is None
+              else [inv.repositories[name] for name in repos if name in inv.repositories])
+    for repo in chosen:
         if not repo.layers_unread:
             continue
         alg_path = f"{repo.path}/{layout.LAYERS_DIR}/sha256"
