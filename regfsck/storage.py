@@ -2,11 +2,16 @@
 
 Everything above this module speaks in POSIX paths relative to the `v2` directory.
 Two backends implement it: `FilesystemStorage` (here) and `objectstore.ObjectStorage`
-(an S3 bucket, listed flat once into the same directory model). `open_storage` is the one
-place that picks the backend from a `RegistryRoot`.
+(a bucket or container in object storage, S3 or Azure, listed flat once into the same
+directory model). `open_storage` is the one place that picks the backend from a
+`RegistryRoot`. Not every reader takes any `Storage` yet: what reads through file
+descriptors (hashing in worker processes, the deep layer pass, repair and its sources,
+import, the verification record) asks `local_only` or builds a `FilesystemStorage`, and
+refuses object storage with a one-line error.
 
 Changes go through the same seam: `MutableStorage` is what a journaled run
-(regfsck.quarantine) needs, rooted at ROOT, and `mutable_storage` picks its backend.
+(regfsck.quarantine) needs, rooted at ROOT, and `mutable_storage` picks its backend
+(`FilesystemStorage`, or `objectstore.ObjectRootStorage` on S3).
 
 Safety lives here: no operation follows a symbolic link, no path may contain `..`,
 an absolute part or NUL, and opening a FIFO or device never blocks.

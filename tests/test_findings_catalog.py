@@ -158,3 +158,21 @@ def test_tag_without_current_blocks_only_delete_untagged_and_is_an_error_under_s
     assert strict_severity(finding) is Severity.ERROR
     other = make_finding("upload_stale", "repositories/app/_uploads/x", "x", repo="app")
     assert strict_severity(other) is Severity.WARNING
+
+
+def test_kinds_command_lists_the_catalogue_with_its_policy() -> None:
+    import json
+
+    from tests.support.cli import invoke
+
+    done = invoke("kinds", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)["kinds"]
+    assert [k["kind"] for k in listed] == [str(kind) for kind in CATALOG]
+    by_kind = {k["kind"]: k for k in listed}
+    assert by_kind["tag_no_current"]["strict_severity"] == "error"
+    assert by_kind["link_mismatch"]["blocks_gc"] == "manifest_links"
+    text = invoke("kinds")
+    assert text.returncode == 0
+    rows = [line.split("\t") for line in text.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == [str(kind) for kind in CATALOG]
