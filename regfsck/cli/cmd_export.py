@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +12,7 @@ from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
     ByteBar,
+    CtrlC,
     fail,
     human_bytes,
     open_root,
@@ -79,16 +78,15 @@ def export_command(
     registry = open_root(root, config, object_storage=True)
     storage = open_storage(registry)
     inventory = Scanner(storage, registry).scan()
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctrl_c = CtrlC()
     bar = ByteBar("exporting") if show_progress(json_output) else None
     try:
         result = export_images(storage, inventory, parsed, output, registry.v2, fmt=chosen,
                                platform=wanted, on_start=bar.start if bar else None,
-                               on_bytes=bar.advance if bar else None, stop=stop,
+                               on_bytes=bar.advance if bar else None, stop=ctrl_c.stop,
                                with_referrers=with_referrers)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ctrl_c.restore()
         if bar is not None:
             bar.finish()
     if json_output:

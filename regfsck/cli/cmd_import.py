@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +12,7 @@ from regfsck.cli.common import (
     APPLY_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
+    CtrlC,
     human_bytes,
     plural,
     print_json,
@@ -51,15 +50,14 @@ def import_command(
     if root is None:
         assert config is not None
         root = rootdir_from_config(config)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctrl_c = CtrlC()
     bar = _Bar() if show_progress(json_output) else None
     try:
         result = run_import(root, source, repo=repo, apply=apply,
-                          on_bytes=bar.advance if bar else None, stop=stop,
+                          on_bytes=bar.advance if bar else None, stop=ctrl_c.stop,
                           on_recovered=show_recovered(json_output))
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ctrl_c.restore()
         if bar is not None:
             bar.stop()
     if json_output:

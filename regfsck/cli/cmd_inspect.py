@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +14,7 @@ from regfsck.cli.common import (
     JOBS_OPTION,
     JSON_OPTION,
     ROOT_HELP,
+    CtrlC,
     default_jobs,
     fail,
     human_bytes,
@@ -96,14 +95,13 @@ def inspect(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         raise typer.Exit(ExitCode.OK)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctrl_c = CtrlC()
     try:
         report = inspector.build(image_ref, check_data=not no_data,
-                                 jobs=jobs or default_jobs(), stop=stop)
+                                 jobs=jobs or default_jobs(), stop=ctrl_c.stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if stop.is_set():
+        ctrl_c.restore()
+    if ctrl_c.stop.is_set():
         stderr_console().print("interrupted")
         raise typer.Exit(ExitCode.INTERRUPTED)
     if json_output:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +15,7 @@ from regfsck.cli.common import (
     JOBS_OPTION,
     JSON_OPTION,
     ROOT_ARGUMENT,
+    CtrlC,
     default_jobs,
     fail,
     human_bytes,
@@ -70,14 +69,13 @@ def repair(
     from regfsck.repair import open_sources, run_repair
 
     opened: list[Source] = open_sources(sources)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctrl_c = CtrlC()
     try:
         result = run_repair(registry, opened, apply=apply, jobs=jobs or default_jobs(),
-                            check_data=not no_data, stop=stop,
+                            check_data=not no_data, stop=ctrl_c.stop,
                             restore_deleted=restore_deleted)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ctrl_c.restore()
         for source in opened:
             source.close()
     if json_output:

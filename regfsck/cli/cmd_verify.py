@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import typer
@@ -19,6 +14,7 @@ from regfsck.cli.common import (
     JSON_OPTION,
     ROOT_ARGUMENT,
     SETTINGS,
+    CtrlC,
     alert,
     default_jobs,
     fail,
@@ -69,18 +65,6 @@ def deep_progress() -> DeepProgress:
     from regfsck.cli.verify_deep import RichDeepProgress  # rich.progress and deep: --deep only
 
     return RichDeepProgress()
-
-
-def stop_on_interrupt(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
-    """First Ctrl-C: stop hashing at the next buffer and print what was checked (the scan of
-    a huge tree still runs to its end); a second Ctrl-C stops at once, without a summary."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        os.write(2, b"regfsck: stopping; the summary will cover what was checked "
-                    b"(Ctrl-C again to stop at once)\n")
-    return handler
 
 
 def _awareness(registry: RegistryRoot) -> None:
@@ -147,11 +131,11 @@ def verify(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
     metrics = MetricsRun(metrics_file, registry, repo) if metrics_file is not None else None
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, stop_on_interrupt(stop))
+    ctrl_c = CtrlC(notice="stopping; the summary will cover what was checked "
+                          "(Ctrl-C again to stop at once)")
     try:
         show = show_progress(json_output)
-        report = run_verify(registry, options, stop=stop,
+        report = run_verify(registry, options, stop=ctrl_c.stop,
                             progress=data_progress() if show else None,
                             deep_progress=deep_progress() if show and deep else None,
                             inventory=metrics.scan(jobs if registry.is_object_storage else None)
@@ -163,7 +147,7 @@ def verify(
             metrics.finish(None, exc.exit_code)
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ctrl_c.restore()
     if json_output:
         print_json(with_requests(registry, report.to_json()
                                  | ({"deep": deep_summary.to_json()} if deep_summary else {})))

@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -328,6 +331,47 @@ def print_json(data: Any) -> None:
             size = 0
     sys.stdout.write("".join(pieces) + "\n")
     sys.stdout.flush()
+
+
+class CtrlC:
+    """Ctrl-C as a request to stop at the engine's next safe point.
+
+    While installed, SIGINT sets `stop` (which the engine polls between blobs, batches or
+    files) instead of raising KeyboardInterrupt wherever it lands, such as between a journal
+    write and its rename. `restore()`, or leaving the `with` block, puts the previous handler
+    back. `now=False` defers `install()` (a sweep installs it once its run starts). With
+    `notice`, the first Ctrl-C also prints it on stderr and a second one raises
+    KeyboardInterrupt: stop at once (verify, whose hashing can take hours)."""
+
+    def __init__(self, notice: str | None = None, *, now: bool = True) -> None:
+        self.stop = threading.Event()
+        self._notice = notice
+        self._previous: Any = None
+        if now:
+            self.install()
+
+    def install(self) -> None:
+        if self._previous is None:
+            self._previous = signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, signum: int, frame: FrameType | None) -> None:
+        if self._notice is not None and self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        if self._notice is not None:
+            os.write(2, f"regfsck: {self._notice}\n".encode())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> threading.Event:
+        return self.stop
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.restore()
 
 
 def default_jobs() -> int:

@@ -9,13 +9,12 @@ and the reminders printed after a change.
 from __future__ import annotations
 
 import errno
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from regfsck.cli.common import fail, human_bytes, note, root_words, show_progress, stderr_console
+from regfsck.cli.common import CtrlC, fail, human_bytes, note, root_words, show_progress, stderr_console
 from regfsck.errors import ExitCode
 from regfsck.layout import QUARANTINE_DIR
 
@@ -110,12 +109,11 @@ def sweep_controls(json_output: bool) -> Iterator[tuple[threading.Event, OnStart
     than 200 moves; both end with the block."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    stop = threading.Event()
+    ctrl_c = CtrlC(now=False)
     bars: list[Progress] = []
-    previous: list[Any] = []
 
     def on_start(total: int) -> Callable[[int], None] | None:
-        previous.append(signal.signal(signal.SIGINT, lambda *_: stop.set()))
+        ctrl_c.install()
         if not (show_progress(json_output) and total > 200):
             return None
         progress = Progress(TextColumn("moving to quarantine"), BarColumn(),
@@ -126,12 +124,11 @@ def sweep_controls(json_output: bool) -> Iterator[tuple[threading.Event, OnStart
         return lambda n: progress.advance(task, n)
 
     try:
-        yield stop, on_start
+        yield ctrl_c.stop, on_start
     finally:
         for progress in bars:
             progress.stop()
-        if previous:
-            signal.signal(signal.SIGINT, previous[0])
+        ctrl_c.restore()
 
 
 def after_apply_text(registry: RegistryRoot, result: SweepResult, bytes_moved: int | None = None
