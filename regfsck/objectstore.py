@@ -1223,6 +1223,7 @@ class ObjectRootStorage:
     scan_threads = 1
     implicit_dirs = True
     batch_moves = True
+    atomic_moves = False  # copy, then delete: a crash between the two is settled by settle_move
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
                  mutator: ObjectMutator | None = None) -> None:
@@ -1429,8 +1430,9 @@ class ObjectRootStorage:
             raise StorageError(errno.ENOENT, f"cannot remove {path}: no such object", path)
         self.mutator.delete([path])
 
-    def write_new_file(self, path: str, chunks: Iterable[bytes]) -> int:
-        """Create an object that must not exist yet (If-None-Match: *)."""
+    def write_new_file(self, path: str, chunks: Iterable[bytes], *, sync: bool = True) -> int:
+        """Create an object that must not exist yet (If-None-Match: *); durable once the
+        request completes, `sync` or not."""
         data = b"".join(chunks)
         self.mutator.put(path, data, create=True)
         return len(data)
@@ -1441,6 +1443,9 @@ class ObjectRootStorage:
 
     def fsync_dir(self, path: str) -> None:
         """Nothing to do: a completed request is durable (S3 is strongly consistent)."""
+
+    def sync_all(self) -> None:
+        """Nothing to do: every completed request is durable already."""
 
     def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
                   owner: tuple[int, int] | None = None) -> None:

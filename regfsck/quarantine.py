@@ -56,7 +56,9 @@ PAYLOAD = "v2"
 UNDONE = "undone"  # where an undo puts the files the run had created (kept until purge)
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
-UNDO_BATCH = 256
+BATCH = 256  # changes per journal flush: moves, creations and directory changes alike
+UNDO_BATCH = BATCH
+STAGING = "new"  # where a run writes new files before renaming them into the tree
 # What the registry's filesystem driver creates under the usual umask 022; new entries
 # with no sibling to copy from get these.
 FILE_MODE = 0o644
@@ -277,7 +279,9 @@ def _read_journal(storage: MutableStorage, path: str) -> _Journal:
             raise QuarantineError(f"damaged journal {path}, line {number}") from exc
         seq = entry.get("seq")
         if event == "intent":
-            changes[seq] = _Change(seq, entry["op"], entry["rel"], entry)
+            changes[seq] = change = _Change(seq, entry["op"], entry["rel"], entry)
+            if "staged" in entry:  # written ahead: the intent knows the bytes
+                change.written = {"sha256": entry.get("sha256"), "size": entry.get("size")}
         elif event == "finish":
             finished = True
             note = entry.get("note")
@@ -333,19 +337,28 @@ class _JournalWriter:
 
     def write(self, entry: dict[str, Any], sync: bool = True) -> None:
         """Append one line; a full or failing disk is a StorageError (the CLI's one-line stop)."""
-        line = (json.dumps(entry, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+        self.write_many([entry], sync=sync)
+
+    def write_many(self, entries: Sequence[dict[str, Any]], sync: bool = False) -> None:
+        """Append whole lines with one write (a batch's intents, or its outcomes)."""
+        data = b"".join((json.dumps(e, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+                        for e in entries)
         file = self.file
         if file is None:  # as a write to a closed descriptor said before
             raise StorageError(errno.EBADF, f"cannot write the journal {self.path}: "
                                f"{os.strerror(errno.EBADF)}", self.path)
         try:
-            file.append(line, sync=sync)
+            file.append(data, sync=sync)
         except OSError as exc:
             with contextlib.suppress(OSError):  # never leave half a line behind
                 file.truncate(self._size)
             raise StorageError(exc.errno, f"cannot write the journal {self.path}: {exc.strerror}",
                                self.path) from exc
-        self._size += len(line)
+        self._size += len(data)
+
+    def sync(self) -> None:
+        """The lines written so far durable (the journal's own flush)."""
+        self.write_many([], sync=True)
 
     def close(self) -> None:
         if self.file is not None:
@@ -365,6 +378,7 @@ class _RunFiles:
         self.journal = f"{self.dir}/{JOURNAL}"
         self.meta = f"{self.dir}/{META}"
         self.payload = f"{self.dir}/{PAYLOAD}"
+        self.staging = f"{self.dir}/{STAGING}"
 
     def held(self, rel: str, payload: str | None = None) -> str:
         """Where a quarantined path `rel` (relative to v2) is kept."""
@@ -421,12 +435,36 @@ def _active(session: MutationSession) -> MutationSession:
     return session
 
 
+@dataclass(slots=True)
+class _Op:
+    """One change of a batch: journaled with the batch, then carried out in order."""
+
+    seq: int
+    op: str
+    rel: str  # relative to v2
+    entry: dict[str, Any]  # the intent line
+    source: str  # ROOT-relative: what a move or create renames
+    target: str  # ROOT-relative: where it goes (a mkdir/rmdir: the directory)
+    happened: bool = False
+
+
 class Run:
     """One journaled mutation of the tree (see the module docstring).
 
+    Each change is carried out before its method returns, unless it is made inside
+    `with run.batch():`; there changes are queued, up to BATCH at a time, and carried out
+    by `flush` (when the batch is full, when a change needs the disk as the batch leaves
+    it, at the end of the block, or when the run finishes). Either way every intent line
+    of a batch, and the bytes of every file it creates (written ahead into the run's
+    `new/` directory), are made durable by one flush of the filesystem before the first
+    change of the batch; the changes then follow in order. A crash at any point leaves
+    intents whose outcome the disk tells (a file is in exactly one of its two places),
+    so `recover` reverts or keeps exactly what happened.
+
     Use as a context manager: leaving it with an exception ends the run by its
     `on_crash` policy ("revert": put everything back; "finish": keep what was done),
-    the same policy `recover` applies after a crash."""
+    the same policy `recover` applies after a crash. A batch not yet flushed was never
+    journaled nor applied: it is dropped."""
 
     def __init__(self, session: MutationSession, files: _RunFiles, meta: dict[str, Any]) -> None:
         self.session = _active(session)
@@ -440,6 +478,16 @@ class Run:
         self._held_items: set[str] = set()  # paths of the moved items themselves
         self.moved = self.created = self.dirs_created = self.dirs_removed = 0
         self.closed = False
+        self._batch: list[_Op] = []
+        # What the queued batch does to v2-relative paths: "dir"/"file" made fresh (empty),
+        # or "gone"; `_below` holds every ancestor of those paths (to find descendants).
+        self._overlay: dict[str, str] = {}
+        self._below: set[str] = set()
+        self._parent_mtimes: dict[str, int | None] = {}
+        self._staged = 0
+        self._broken: str | None = None
+        self._batching = 0
+        self._bulk_moves = False  # in quarantine_batch: independent moves only
 
     @property
     def run_id(self) -> str:
@@ -501,9 +549,14 @@ class Run:
         return run
 
     def finish(self, note: str | None = None) -> None:
-        """Mark the run complete (every journaled change is in place; undo reverts it)."""
+        """Mark the run complete (every journaled change is in place; undo reverts it).
+
+        The queued batch is carried out first, and every change of the run is made durable
+        before the journal's last line says so."""
         if self.closed:
             return
+        self.flush()
+        self.storage.sync_all()
         entry: dict[str, Any] = {"ev": "finish"}
         if note:
             entry["note"] = note
@@ -515,11 +568,20 @@ class Run:
         if note:
             self.meta["note"] = note
         _write_meta(self.storage, self.files, self.meta)
+        _drop_staging(self.storage, self.files)
 
     def abort(self, reason: str) -> list[str]:
-        """End a run that failed midway by its on_crash policy; returns what was done."""
+        """End a run that failed midway by its on_crash policy; returns what was done.
+
+        The changes still queued were asked for before the failure: a "finish" run carries
+        them out and keeps them with the rest, a "revert" run drops them (never journaled,
+        never applied: nothing to put back)."""
         if self.closed:
             return []
+        if self.meta.get("on_crash") == "finish" and self._broken is None:
+            with contextlib.suppress(StorageError, QuarantineError):
+                self.flush()  # a failure here leaves intents the disk settles below
+        self._forget_batch()
         self._journal.close()
         self.closed = True
         return [_recover_run(self.root, self.storage, self.files, reason=reason)]
@@ -535,18 +597,193 @@ class Run:
     def _seq_applied(self) -> int:
         return self.moved + self.created + self.dirs_created + self.dirs_removed
 
-    def _next(self, op: str, rel: str, sync: bool = True, **info: Any) -> int:
+    # -- the batch -----------------------------------------------------------
+    def _check_open(self) -> None:
         if self.closed:
             raise QuarantineError(f"run {self.run_id} is already finished")
-        self._seq += 1
-        parent = _parent_of(_v2(rel))
+        if self._broken is not None:
+            raise QuarantineError(f"run {self.run_id} stopped: {self._broken}")
+
+    def _state(self, rel: str) -> str | None:
+        """What the queued batch leaves at `rel`: "dir"/"file" (made by it), "gone", or
+        None when the disk tells. Below a path the batch made or moved away nothing of
+        the disk's counts: what it made is empty, what it moved took its contents along."""
+        state = self._overlay.get(rel)
+        if state is not None or not self._overlay:
+            return state
+        path = rel
+        while "/" in path:
+            path = path.rpartition("/")[0]
+            if path in self._overlay:
+                return "gone"
+        return None
+
+    def _mark(self, rel: str, state: str) -> None:
+        if state == "gone" and rel in self._below:  # what the batch made inside goes along
+            for path in [p for p in self._overlay if p.startswith(rel + "/")]:
+                del self._overlay[path]
+        self._overlay[rel] = state
+        path = rel
+        while "/" in path:
+            path = path.rpartition("/")[0]
+            if path in self._below:
+                break
+            self._below.add(path)
+
+    def _touches(self, rel: str) -> bool:
+        """Does the queued batch change `rel`, something inside it or one of its parents?"""
+        return rel in self._below or self._state(rel) is not None
+
+    def _parent_mtime(self, rel: str) -> int | None:
+        """The mtime of `rel`'s parent before the batch (what undo puts back)."""
+        parent = _parent_of(rel)
+        if parent and self._state(parent) is not None:
+            return None  # made by this batch: undo removes it again
+        if parent in self._parent_mtimes:
+            return self._parent_mtimes[parent]
         # Object storage keeps no directory times to restore (and a directory's stat there
         # is a listing of everything below it): nothing to note.
-        st = None if self.storage.implicit_dirs else self.storage.lstat_raw(parent)
+        st = None if self.storage.implicit_dirs else self.storage.lstat_raw(_parent_of(_v2(rel)))
+        mtime = st.st_mtime_ns if st is not None else None
+        self._parent_mtimes[parent] = mtime
+        return mtime
+
+    def _queue(self, op: str, rel: str, source: str, target: str, **info: Any) -> _Op:
+        self._seq += 1
         entry = {"ev": "intent", "seq": self._seq, "op": op, "rel": rel,
-                 "parent_mtime_ns": st.st_mtime_ns if st is not None else None, **info}
-        self._journal.write(entry, sync=sync)
-        return self._seq
+                 "parent_mtime_ns": self._parent_mtime(rel), **info}
+        item = _Op(self._seq, op, rel, entry, source, target)
+        self._batch.append(item)
+        return item
+
+    def _full(self) -> None:
+        # Where a crash can leave a move half done (object storage: copy, then delete),
+        # two open changes on one path (a replace) could not be told apart: there every
+        # change is its own batch, except quarantine_batch's moves of distinct paths (each
+        # settled from the bucket on its own; the backend moves them all at once).
+        if not self._batching or len(self._batch) >= BATCH or (
+                not self.storage.atomic_moves and not self._bulk_moves):
+            self.flush()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Run]:
+        """Queue the changes made inside the block (see the class docstring) and carry out
+        the rest at its end. Between two changes the disk may not show the earlier ones
+        yet: a caller that looks at the tree first calls `settle` with the paths it reads.
+        Leaving by an exception leaves the queue to `abort` (the run's exit)."""
+        self._batching += 1
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+        if not self._batching:
+            self.flush()
+
+    def _forget_batch(self) -> None:
+        self._batch = []
+        self._overlay.clear()
+        self._below.clear()
+        self._parent_mtimes.clear()
+
+    def settle(self, *rels: str) -> None:
+        """Carry out the queued batch if it changes any of `rels` (v2-relative), so that
+        the disk shows them as the run leaves them: for callers that look before they act."""
+        if self._batch and any(self._touches(rel) for rel in rels):
+            self.flush()
+
+    def flush(self) -> None:
+        """Journal the queued batch, make it durable with one flush, then carry it out.
+
+        A change that fails stops the batch: the changes before it are journaled done,
+        those after it failed, and the run refuses further changes (the caller's exit
+        ends it by its on_crash policy). A change interrupted otherwise (Ctrl-C) gets no
+        line at all: the disk tells whether it happened."""
+        self._check_open()
+        batch = self._batch
+        if not batch:
+            return
+        self._forget_batch()
+        staged = [item.source for item in batch if item.op == "create"]
+        try:
+            self._journal.write_many([item.entry for item in batch], sync=False)
+            if staged:  # their bytes, and the intent lines with them, durable at once
+                self.storage.sync_all()
+            self._journal.sync()
+        except BaseException as exc:
+            self._broken = f"cannot write the journal: {exc}"
+            raise
+        if self.storage.batch_moves and all(item.op == "move" for item in batch):
+            # Object storage: the whole batch at once (copies in parallel, one bulk delete).
+            # A failure leaves no lines: `recover` settles each move from the bucket.
+            try:
+                self.storage.move_many([(item.source, item.target) for item in batch])
+            except BaseException as exc:
+                self._broken = str(exc)[:300] or type(exc).__name__
+                raise
+            self.moved += len(batch)
+            for item in batch:
+                item.happened = True
+            self._journal.write_many([{"ev": "done", "seq": item.seq} for item in batch])
+            return
+        lines: list[dict[str, Any]] = []
+        owners: dict[tuple[str, bool], tuple[int, int, int | None]] = {}
+        finished = 0  # items of the batch settled so far
+        try:
+            for item in batch:
+                try:
+                    self._apply(item, owners)
+                except StorageError:
+                    if item.op != "rmdir" or item.happened:
+                        raise
+                    lines.append({"ev": "failed", "seq": item.seq})  # not empty after all
+                else:
+                    lines.append({"ev": "done", "seq": item.seq})
+                finished += 1
+        except BaseException as exc:
+            index = finished
+            item = batch[index]
+            if item.happened:
+                lines.append({"ev": "done", "seq": item.seq})
+            elif isinstance(exc, StorageError):
+                lines.append({"ev": "failed", "seq": item.seq})
+            lines.extend({"ev": "failed", "seq": later.seq} for later in batch[index + 1:])
+            self._broken = str(exc)[:300] or type(exc).__name__
+            with contextlib.suppress(StorageError):
+                self._journal.write_many(lines, sync=False)
+            raise
+        self._journal.write_many(lines, sync=False)
+
+    def _owner(self, directory: str, is_dir: bool,
+               owners: dict[tuple[str, bool], tuple[int, int, int | None]]) -> tuple[int, int, int]:
+        """(uid, gid, mode) for a new entry in `directory` (cached for the batch: what the
+        batch adds there gets exactly this, so asking again would find the same)."""
+        key = (directory, is_dir)
+        if key not in owners:
+            owners[key] = self.storage.neighbours(directory, directory=is_dir)
+        uid, gid, mode = owners[key]
+        return uid, gid, (DIR_MODE if is_dir else FILE_MODE) if mode is None else mode
+
+    def _apply(self, item: _Op, owners: dict[tuple[str, bool], tuple[int, int, int | None]]) -> None:
+        if item.op == "move":
+            self.storage.move(item.source, item.target)
+            item.happened = True
+            self.moved += 1
+        elif item.op == "create":
+            uid, gid, mode = self._owner(_parent_of(item.target), False, owners)
+            self.storage.adopt(item.source, (uid, gid), mode)
+            self.storage.move(item.source, item.target)
+            item.happened = True
+            self.created += 1
+        elif item.op == "mkdir":
+            uid, gid, mode = self._owner(_parent_of(item.target), True, owners)
+            self.storage.make_dir(item.target)
+            item.happened = True
+            self.dirs_created += 1
+            self.storage.adopt(item.target, (uid, gid), mode)
+        elif item.op == "rmdir":
+            self.storage.remove_empty_dir(item.target)
+            item.happened = True
+            self.dirs_removed += 1
 
     def _held_path(self, rel: str) -> str:
         """A free quarantine path for `rel`, its parent directories created (not journaled).
@@ -569,102 +806,75 @@ class Run:
                     if not self.storage.implicit_dirs and self.storage.lstat_raw(path) is None:
                         self.storage.make_dir(path, 0o700)
                     self._held_dirs.add(path)
+            self._held_items.add(held)  # reserved: later moves must not nest in it
             return held
         raise QuarantineError(f"no free quarantine path for {rel}")  # unreachable: seq is new
 
     # -- changes -------------------------------------------------------------
-    def quarantine(self, rel: str) -> None:
-        """Move a file or directory (relative to v2) into the run's quarantine, journaled first."""
+    def _queue_move(self, rel: str) -> None:
+        self._check_open()
         source = _v2(rel)
+        state = self._state(rel)
+        if state == "gone":
+            raise QuarantineError(f"cannot quarantine {rel}: it does not exist")
+        if state is not None or rel in self._below:
+            self.flush()  # made by the batch, or holding what it made: move it as it will be
         st = self.storage.lstat_raw(source)
         if st is None:
             raise QuarantineError(f"cannot quarantine {rel}: it does not exist")
         held = self._held_path(rel)
         kind = "dir" if stat_module.S_ISDIR(st.st_mode) else "file"
-        seq = self._next("move", rel, kind=kind, size=st.st_size if kind == "file" else None,
-                         held=held)
-        try:
-            self.storage.move(source, held)
-        except BaseException:
-            self._journal.write({"ev": "failed", "seq": seq})
-            raise
-        self._journal.write({"ev": "done", "seq": seq}, sync=False)
-        self._held_items.add(held)
-        self.moved += 1
+        self._queue("move", rel, source, held, kind=kind,
+                    size=st.st_size if kind == "file" else None, held=held)
+        self._mark(rel, "gone")
+
+    def quarantine(self, rel: str) -> None:
+        """Move a file or directory (relative to v2) into the run's quarantine (queued:
+        see the class docstring; journaled before it happens)."""
+        self._queue_move(rel)
+        self._full()
 
     def quarantine_batch(self, rels: Sequence[str]) -> None:
-        """`quarantine` for many paths with one journal fsync for the whole batch.
+        """`quarantine` for many paths, carried out now (one journal fsync per BATCH).
 
         All intent lines are written and synced before the first move, so the journal
         still announces every move before it happens; a crash in the middle leaves some
         moves done and some not, which `recover` tells apart from the disk."""
-        prepared: list[tuple[int, str, str]] = []
-        for number, rel in enumerate(rels):
-            source = _v2(rel)
-            st = self.storage.lstat_raw(source)
-            if st is None:
-                raise QuarantineError(f"cannot quarantine {rel}: it does not exist")
-            held = self._held_path(rel)
-            self._held_items.add(held)  # reserve it: later paths of the batch must not nest in it
-            kind = "dir" if stat_module.S_ISDIR(st.st_mode) else "file"
-            seq = self._next("move", rel, kind=kind, size=st.st_size if kind == "file" else None,
-                             held=held, sync=number == len(rels) - 1)
-            prepared.append((seq, source, held))
-        if self.storage.batch_moves and prepared:
-            # Object storage: the whole batch at once (copies in parallel, one bulk delete).
-            # A failure leaves no failed lines: `recover` settles each move from the bucket.
-            self.storage.move_many([(source, held) for _, source, held in prepared])
-            for seq, _, _ in prepared:
-                self._journal.write({"ev": "done", "seq": seq}, sync=False)
-                self.moved += 1
-            return
-        for index, (seq, source, held) in enumerate(prepared):
-            try:
-                self.storage.move(source, held)
-            except BaseException:
-                for later_seq, _, _ in prepared[index:]:
-                    self._journal.write({"ev": "failed", "seq": later_seq}, sync=False)
-                self._journal.write({"ev": "failed", "seq": seq})
-                raise
-            self._journal.write({"ev": "done", "seq": seq}, sync=False)
-            self.moved += 1
+        self._bulk_moves = True
+        try:
+            with self.batch():
+                for rel in rels:
+                    self._queue_move(rel)
+                    self._full()
+        finally:
+            self._bulk_moves = False
 
-    def _make_parents(self, rel: str) -> None:
+    def _missing_parents(self, rel: str) -> list[str]:
+        """The directories (v2-relative, outermost first) to make before `rel` can be created."""
         parts = check_relative(rel)[:-1]
-        for depth in range(1, len(parts) + 1):
+        missing: list[str] = []
+        for depth in range(len(parts), 0, -1):
             dir_rel = "/".join(parts[:depth])
-            st = self.storage.lstat_raw(_v2(dir_rel))
-            if st is not None:
-                if not stat_module.S_ISDIR(st.st_mode):
-                    raise QuarantineError(f"cannot create {rel}: {dir_rel} is not a directory")
+            state = self._state(dir_rel)
+            if state is None:
+                st = self.storage.lstat_raw(_v2(dir_rel))
+                state = "gone" if st is None else "dir" if stat_module.S_ISDIR(st.st_mode) else "file"
+            if state == "gone":
+                missing.append(dir_rel)
                 continue
-            seq = self._next("mkdir", dir_rel)
-            try:
-                uid, gid, mode = self.storage.neighbours(_parent_of(_v2(dir_rel)), directory=True)
-                self.storage.make_dir(_v2(dir_rel))
-                self.storage.adopt(_v2(dir_rel), (uid, gid), DIR_MODE if mode is None else mode)
-            except BaseException:
-                self._journal.write({"ev": "failed", "seq": seq})
-                raise
-            self._journal.write({"ev": "done", "seq": seq}, sync=False)
-            self.dirs_created += 1
+            if state != "dir":
+                raise QuarantineError(f"cannot create {rel}: {dir_rel} is not a directory")
+            break
+        missing.reverse()
+        return missing
 
-    def create_file(self, rel: str, data: bytes | BinaryIO | Iterable[bytes]) -> str:
-        """Create a new file atomically (temp file, fsync, rename); refuses if it exists.
-
-        `data` may be bytes, a binary file or an iterable of chunks (streamed, so blobs
-        of any size need bounded memory). Returns the sha256 digest of what was written.
-        The file, and every directory made for it, gets the owner and group of the
-        directory it lands in and the mode of its neighbours (a sibling's, else the
-        registry's 0644/0755): a registry running as the tree's owner must read what root
-        wrote, whatever root's umask."""
-        target = _v2(rel)
-        if self.storage.lstat_raw(target) is not None:
-            raise QuarantineError(f"refusing to create {rel}: it already exists")
-        self._make_parents(rel)
-        name = check_relative(rel)[-1]
-        tmp_rel = "/".join([*check_relative(rel)[:-1], f".{name}.{self.run_id}.tmp"])
-        seq = self._next("create", rel, tmp=tmp_rel)
+    def _stage(self, data: bytes | BinaryIO | Iterable[bytes]) -> tuple[str, str, int]:
+        """Write the bytes of a new file into the run's `new/` directory (no fsync: the
+        batch's one flush makes them durable); (path, sha256 hex, size)."""
+        if not self._staged and self.storage.lstat_raw(self.files.staging) is None:
+            self.storage.make_dir(self.files.staging, 0o700)
+        self._staged += 1
+        path = f"{self.files.staging}/{self._staged}"
         hasher = hashlib.sha256()
 
         def hashed() -> Iterator[bytes]:
@@ -673,23 +883,42 @@ class Run:
                 yield chunk
 
         try:
-            uid, gid, sibling = self.storage.neighbours(_parent_of(target), directory=False)
-            size = self.storage.write_new_file(_v2(tmp_rel), hashed())
-            self.storage.adopt(_v2(tmp_rel), (uid, gid), FILE_MODE if sibling is None else sibling)
-            self._journal.write({"ev": "written", "seq": seq, "sha256": hasher.hexdigest(),
-                                 "size": size})
-            self.storage.move(_v2(tmp_rel), target)
+            size = self.storage.write_new_file(path, hashed(), sync=False)
         except BaseException:
-            if self.storage.lstat_raw(_v2(tmp_rel)) is not None:
-                self.storage.remove_file(_v2(tmp_rel))
-            self._journal.write({"ev": "failed", "seq": seq})
+            with contextlib.suppress(StorageError):
+                if self.storage.lstat_raw(path) is not None:
+                    self.storage.remove_file(path)
             raise
-        self.storage.fsync_dir(_parent_of(target))
-        made = self.storage.lstat_raw(target)  # an undo tells a later rewrite from ours by these
-        self._journal.write({"ev": "done", "seq": seq, "mtime_ns": made.st_mtime_ns if made else None,
-                             "ino": made.st_ino if made else None}, sync=False)
-        self.created += 1
-        return f"sha256:{hasher.hexdigest()}"
+        return path, hasher.hexdigest(), size
+
+    def create_file(self, rel: str, data: bytes | BinaryIO | Iterable[bytes]) -> str:
+        """Create a new file (queued; refuses if it exists); returns the sha256 digest of
+        what will be there.
+
+        `data` may be bytes, a binary file or an iterable of chunks (streamed, so blobs of
+        any size need bounded memory); it is read and written (to the run's `new/`) now:
+        a stream that fails (a digest that does not match) changes nothing. The file, and
+        every directory made for it, gets the owner and group of the directory it lands in
+        and the mode of its neighbours (a sibling's, else the registry's 0644/0755): a
+        registry running as the tree's owner must read what root wrote, whatever root's
+        umask. The file keeps the inode and mtime it is written with (renamed into place),
+        which the intent records: an undo tells a later rewrite from ours by them."""
+        self._check_open()
+        target = _v2(rel)
+        state = self._state(rel)
+        if state in ("dir", "file") or (state is None and self.storage.lstat_raw(target) is not None):
+            raise QuarantineError(f"refusing to create {rel}: it already exists")
+        parents = self._missing_parents(rel)
+        staged, sha256, size = self._stage(data)
+        st = self.storage.lstat_raw(staged)
+        for dir_rel in parents:
+            self._queue("mkdir", dir_rel, "", _v2(dir_rel))
+            self._mark(dir_rel, "dir")
+        self._queue("create", rel, staged, target, staged=staged, sha256=sha256, size=size,
+                    mtime_ns=st.st_mtime_ns if st else None, ino=st.st_ino if st else None)
+        self._mark(rel, "file")
+        self._full()
+        return f"sha256:{sha256}"
 
     def replace_file(self, rel: str, data: bytes | BinaryIO | Iterable[bytes]) -> str:
         """Quarantine the existing file, then create the new one in its place.
@@ -703,23 +932,34 @@ class Run:
         """Remove the directories that are empty (deepest first); undo recreates them.
 
         Directories that are missing or not empty are skipped; returns those removed."""
-        removed: list[str] = []
+        self.flush()
+        with self.batch():
+            queued = self._queue_rmdirs(rel_dirs)
+        return [item.rel for item in queued if item.happened]
+
+    def _queue_rmdirs(self, rel_dirs: Iterable[str]) -> list[_Op]:
+        queued: list[_Op] = []
         for rel in sorted(set(rel_dirs), key=lambda r: (-len(check_relative(r)), r)):
             path = _v2(rel)
+            if self._state(rel) == "gone":
+                continue
             st = self.storage.lstat_raw(path)
-            if st is None or not stat_module.S_ISDIR(st.st_mode) or self.storage.list_dir(path):
+            if st is None or not stat_module.S_ISDIR(st.st_mode) or any(
+                    self._state(f"{rel}/{e.name}") != "gone" for e in self.storage.list_dir(path)):
                 continue
-            seq = self._next("rmdir", rel, mtime_ns=st.st_mtime_ns, mode=st.st_mode,
-                             uid=st.st_uid, gid=st.st_gid)
-            try:
-                self.storage.remove_empty_dir(path)
-            except StorageError:
-                self._journal.write({"ev": "failed", "seq": seq})
-                continue
-            self._journal.write({"ev": "done", "seq": seq}, sync=False)
-            self.dirs_removed += 1
-            removed.append(rel)
-        return removed
+            queued.append(self._queue("rmdir", rel, "", path, mtime_ns=st.st_mtime_ns,
+                                      mode=st.st_mode, uid=st.st_uid, gid=st.st_gid))
+            self._mark(rel, "gone")
+            self._full()
+        return queued
+
+
+def _drop_staging(storage: MutableStorage, files: _RunFiles) -> None:
+    """Delete what a run wrote ahead and never put in the tree (its own copies, never part
+    of the tree: an interrupted batch, or creations a revert found not applied)."""
+    with contextlib.suppress(StorageError):
+        if storage.lstat_raw(files.staging) is not None:
+            storage.remove_tree(files.staging)
 
 
 # --------------------------------------------------------------------------- undo / recover
@@ -734,35 +974,74 @@ class _Reverter:
         self.storage = storage
         self.files = files
         self.dry_run = dry_run  # planning only: not even our own leftover temp files go
+        self._outcome: dict[int, bool] = {}  # changes the journal leaves open, settled by `learn`
 
     def exists(self, path: str) -> bool:
         return self.storage.lstat_raw(path) is not None
 
+    def learn(self, journal: _Journal) -> None:
+        """Settle from the disk every change the journal leaves open (a crash came first).
+
+        A run carries out its changes strictly in order and stops at the first that does
+        not happen, so the open changes that happened are a prefix of them: each is asked
+        of the disk in order until one did not happen, and none after it did. This also
+        settles what the disk alone cannot: a directory made where the same batch moved
+        the old one away exists either way, but only counts once everything before it
+        happened."""
+        self._outcome = {}
+        stopped = False
+        for change in journal.changes:
+            if change.applied_by_journal is not None:
+                continue
+            state = False if stopped else self._on_disk(change)
+            self._outcome[change.seq] = state
+            # Object storage moves a batch's paths all at once (in parallel), not in order:
+            # there each is settled on its own (one change per batch holds anything else).
+            stopped = (stopped or not state) and self.storage.atomic_moves
+
     def forward_applied(self, change: _Change) -> bool:
         """Did this change reach the disk? Asked of the disk when the journal cannot tell."""
         known = change.applied_by_journal
-        if known is not None and change.op != "create":
-            return known
+        if known is None:
+            known = self._outcome.get(change.seq)
+        if change.op == "create" and "tmp" in change.info:
+            return self._tmp_create_applied(change, known)
+        return self._on_disk(change) if known is None else known
+
+    def _on_disk(self, change: _Change) -> bool:
         original = _v2(change.rel)
         if change.op == "move":
+            held = self.files.held_of(change)
             if not self.dry_run:  # object storage: a copy made, its source not yet deleted
-                self.storage.settle_move(original, self.files.held_of(change))
-            here, held = self.exists(original), self.exists(self.files.held_of(change))
-            if held and not here:
+                self.storage.settle_move(original, held)
+            # Its quarantine path was free when the move was journaled and only this move
+            # fills it: there, the move happened (whatever a later change put in its place).
+            if self.exists(held):
                 return True
-            if here and not held:
+            if self.exists(original):
                 return False
-            state = "both" if here else "neither"
             raise UndoConflictError(
-                f"run {self.files.run_id}: {change.rel} is in {state} of the tree and the "
-                f"quarantine; resolve it by hand ({self.files.held_of(change)})")
+                f"run {self.files.run_id}: {change.rel} is in neither the tree nor the "
+                f"quarantine; resolve it by hand ({held})")
         if change.op == "mkdir":
-            return self.exists(original) if known is None else known
+            return self.exists(original)
         if change.op == "rmdir":
-            return not self.exists(original) if known is None else known
-        return self._create_applied(change, original, known)
+            return not self.exists(original)
+        if "tmp" in change.info:
+            return self._tmp_create_applied(change, None)
+        # Written ahead into the run's `new/` and durable before the intent: the rename
+        # into the tree takes it from there, so it is in exactly one of the two places.
+        staged = change.info.get("staged")
+        if not isinstance(staged, str) or not staged.startswith(self.files.staging + "/"):
+            raise QuarantineError(f"damaged journal in {self.files.dir}: bad staged path")
+        check_relative(staged)
+        if not self.dry_run:  # object storage: copied into the tree, not yet deleted
+            self.storage.settle_move(staged, original)
+        return not self.exists(staged)
 
-    def _create_applied(self, change: _Change, original: str, known: bool | None) -> bool:
+    def _tmp_create_applied(self, change: _Change, known: bool | None) -> bool:
+        """A creation journaled by an older regfsck: temp file beside its target."""
+        original = _v2(change.rel)
         tmp = _v2(change.info["tmp"])
         if self.exists(tmp):
             # Ours (the name carries the run id) and never renamed: the change did not happen.
@@ -810,6 +1089,8 @@ class _Reverter:
         if st is None or not stat_module.S_ISREG(st.st_mode):
             return "replaced since by something that is not a file"
         done = change.done_info or {}
+        if "staged" in change.info:  # the intent recorded the file's inode and mtime
+            done = change.info
         if done.get("mtime_ns") is not None and (
                 int(done["mtime_ns"]) != st.st_mtime_ns or int(done.get("ino", st.st_ino)) != st.st_ino):
             return "written again since the run (a push or another tool)"
@@ -863,6 +1144,7 @@ class _Reverter:
         second pass simulates every step in reverse order with those decisions (parents
         present, directories empty, paths free) and checks that no tag the undo brings
         back would lack a part (naming the newer run that holds it)."""
+        self.learn(journal)
         pending = [c for c in reversed(journal.changes) if not c.undo_done]
         applied: list[_Change] = []
         steps: list[UndoStep] = []
@@ -1186,6 +1468,7 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
     writer = _JournalWriter(storage, files.journal)
     try:
         reverter.execute(plan, journal, result, writer)
+        storage.sync_all()  # every step durable before the journal says reverted
         writer.write({"ev": "reverted"})
     except (StorageError, QuarantineError) as exc:
         meta.update(status=before or INTERRUPTED, note=f"undo stopped partway: {exc}"[:300])
@@ -1196,6 +1479,7 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
         writer.close()
     meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
     _write_meta(storage, files, meta)
+    _drop_staging(storage, files)  # every creation is settled: what is left was never used
     return result
 
 
@@ -1206,17 +1490,22 @@ def _seal_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
     writer = _JournalWriter(storage, files.journal)
     applied = 0
     try:
+        storage.sync_all()  # what the disk shows now is what stays, power loss or not
+        reverter.learn(journal)
+        lines: list[dict[str, Any]] = []
         for change in journal.changes:
             known = change.applied_by_journal
             state = reverter.forward_applied(change)
             if known is None or change.op == "create":
-                writer.write({"ev": "resolved", "seq": change.seq, "applied": state})
+                lines.append({"ev": "resolved", "seq": change.seq, "applied": state})
             applied += state
-        writer.write({"ev": "finish", "note": reason})
+        writer.write_many(lines)
+        writer.write({"ev": "finish", "note": reason})  # synced: the lines above with it
     finally:
         writer.close()
     meta.update(status=INTERRUPTED, finished_at=_now_iso(), changes=applied, note=reason)
     _write_meta(storage, files, meta)
+    _drop_staging(storage, files)  # every creation is settled ("resolved"): the rest was never used
     return applied
 
 
@@ -1235,6 +1524,7 @@ def _recover_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
     if journal.finished:
         meta.update(status=COMPLETE, finished_at=meta.get("finished_at") or _now_iso())
         _write_meta(storage, files, meta)
+        _drop_staging(storage, files)
         return f"run {files.run_id} ({command}): had completed; bookkeeping updated"
     if meta.get("on_crash", "revert") == "finish":
         applied = _seal_run(root, storage, files, meta, journal, reason)

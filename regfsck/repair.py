@@ -655,6 +655,7 @@ class Applier:
 
     def _rewrite_link(self, fix: Fix) -> str | None:
         assert fix.content is not None
+        self.run.settle(fix.path)
         try:
             now = self.storage.read_small(fix.path, 4096)
         except StorageError as exc:
@@ -666,12 +667,14 @@ class Applier:
 
     def _create_link(self, fix: Fix) -> str | None:
         assert fix.content is not None
+        self.run.settle(fix.path)
         if self.storage.stat(fix.path) is not None:
             return "the link appeared since the plan"
         self.run.create_file(fix.path, fix.content.encode("ascii"))
         return None
 
     def _quarantine(self, fix: Fix) -> str | None:
+        self.run.settle(fix.path)
         if self.storage.stat(fix.path) is None:
             return "gone since the plan"
         self.run.quarantine(fix.path)
@@ -680,6 +683,7 @@ class Applier:
     def _move_home(self, fix: Fix) -> str | None:
         assert fix.from_path is not None and fix.digest is not None
         stray_dir = fix.from_path.rpartition("/")[0]
+        self.run.settle(fix.path, fix.from_path)
         with self.storage.open_read(fix.from_path) as stream:
             if self.storage.stat(fix.path) is not None:
                 self.run.quarantine(layout.blob_dir(fix.digest))  # the corrupt copy at home
@@ -698,6 +702,7 @@ class Applier:
             stream = source.open(fix.digest)
         except StorageError as exc:
             return f"source copy unavailable: {exc.message}"
+        self.run.settle(fix.path)
         with stream:
             if fix.action == REPLACE_BLOB:
                 if self.storage.stat(layout.blob_dir(fix.digest)) is not None:
@@ -734,11 +739,12 @@ def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source]
     outcomes: list[FixOutcome | None] = []
     with session.begin(details, on_crash="revert") as run:
         applier = Applier(root, run, sources)
-        for fix in todo:
-            if stop is not None and stop.is_set():
-                interrupted = True
-                break
-            outcomes.append(applier.apply(fix))
+        with run.batch():  # one filesystem flush per batch of fixes (the Applier settles what it reads)
+            for fix in todo:
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                    break
+                outcomes.append(applier.apply(fix))
         done = sum(1 for o in outcomes if o is not None and o.status == "applied")
         run.finish(f"{done} fixes applied" + (" (interrupted)" if interrupted else ""))
     outcomes += [None] * (len(todo) - len(outcomes))

@@ -318,13 +318,13 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
 # --------------------------------------------------------------------------- crashes
 
 CRASH_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
+    import contextlib, os, signal, sys
     from regfsck.root import locate
     from regfsck.storage import FilesystemStorage
     from regfsck.quarantine import Run
     from regfsck.session import mutation_session
 
-    root, policy, method, match, nth, when = sys.argv[1:7]
+    root, policy, method, match, nth, when, batched = sys.argv[1:8]
     seen = [0]
     original = getattr(FilesystemStorage, method)
 
@@ -342,44 +342,59 @@ CRASH_SCRIPT = textwrap.dedent("""
     setattr(FilesystemStorage, method, crashing)
     with mutation_session(locate(root), command="crashtest") as session:
         run = Run.begin(session, {}, on_crash=policy)
-        run.quarantine_batch(["blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb"])
-        run.quarantine("repositories/r/_uploads/u1")
-        run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
-        run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
+        with run.batch() if batched == "batched" else contextlib.nullcontext():
+            run.quarantine_batch(["blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb"])
+            run.quarantine("repositories/r/_uploads/u1")
+            run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
+            run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
+            run.create_file("blobs/sha256/cc/cccc/data", b"blob c")
         run.remove_empty_dirs(["repositories/r/_manifests/tags/empty"])
         run.finish()
     print("finished")
 """)
 
 # (storage method, substring of its path argument, which matching call, before/after it):
-# every boundary between a journal write and the change it announces.
+# every boundary between a journal write and the change it announces. New files are
+# written ahead into the run's `new/` ("/new/1" is the replacing link, "/new/3" the blob).
 CRASH_POINTS = [
     ("rename_noreplace", "blobs/sha256/aa", 1, "before"),  # batch journaled, nothing moved
     ("rename_noreplace", "blobs/sha256/aa", 1, "after"),  # batch half moved, "done" not journaled
     ("rename_noreplace", "current/link", 1, "after"),  # replace: old link out, new one not yet in
-    ("write_new_file", "current/.link", 1, "before"),  # temp file announced, not written
-    ("write_new_file", "current/.link", 1, "after"),  # temp file written, not renamed
-    ("rename_noreplace", "current/.link", 1, "after"),  # new link in place, "done" not journaled
+    ("write_new_file", "/new/1", 1, "before"),  # new link about to be written ahead
+    ("write_new_file", "/new/1", 1, "after"),  # written ahead, not journaled yet
+    ("rename_noreplace", "/new/1", 1, "before"),  # journaled with its bytes, not renamed
+    ("rename_noreplace", "/new/1", 1, "after"),  # new link in place, "done" not journaled
+    ("adopt", "/new/3", 1, "after"),  # the new blob given its owner, not renamed yet
+    ("rename_noreplace", "/new/3", 1, "after"),  # the new blob in place, last of its batch
     ("make_dir", "_layers/sha256/cccc", 1, "after"),  # a directory created for a new file
     ("remove_empty_dir", "tags/empty", 1, "after"),
     ("replace_file", "meta.json", 2, "before"),  # finish: journal says finished, meta not yet
 ]
+MODES = ["direct", "batched"]  # each change on its own, or all in one batch
 
 
 CrashPoint = tuple[str, str, int, str]
 
 
-def run_crashing(root: Path, policy: str, point: CrashPoint) -> subprocess.CompletedProcess[str]:
+def run_crashing(root: Path, policy: str, point: CrashPoint,
+                 mode: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(root), policy, *map(str, point)],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    return subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(root), policy, *map(str, point),
+                           mode], capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
+def assert_no_leftovers(tree: RegistryRoot) -> None:
+    """Nothing half-written in the tree, and nothing written ahead left in any run."""
+    assert not list(tree.v2.rglob("*.tmp"))
+    assert not list((tree.root / QUARANTINE_DIR).glob("*/new/*"))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("point", CRASH_POINTS, ids=lambda p: f"{p[0]}-{p[1]}-{p[3]}")
-def test_kill_9_then_recover_reverts(tmp_path: Path, point: CrashPoint) -> None:
+def test_kill_9_then_recover_reverts(tmp_path: Path, point: CrashPoint, mode: str) -> None:
     tree = make_tree(tmp_path / "root")
     before = registry_snapshot(tree.root)
-    proc = run_crashing(tree.root, "revert", point)
+    proc = run_crashing(tree.root, "revert", point, mode)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     messages = recover(tree)
     assert len(messages) == 1
@@ -391,13 +406,16 @@ def test_kill_9_then_recover_reverts(tmp_path: Path, point: CrashPoint) -> None:
         assert "reverted" in messages[0]
     assert registry_snapshot(tree.root) == before
     assert recover(tree) == []
+    assert_no_leftovers(tree)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("point", CRASH_POINTS, ids=lambda p: f"{p[0]}-{p[1]}-{p[3]}")
-def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: CrashPoint) -> None:
+def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: CrashPoint,
+                                                    mode: str) -> None:
     tree = make_tree(tmp_path / "root")
     before = registry_snapshot(tree.root)
-    proc = run_crashing(tree.root, "finish", point)
+    proc = run_crashing(tree.root, "finish", point, mode)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     [message] = recover(tree)
     [info] = list_runs(tree)
@@ -408,7 +426,7 @@ def test_kill_9_then_recover_keeps_and_undo_reverts(tmp_path: Path, point: Crash
         here = (tree.v2 / rel).exists()
         held = (tree.root / info.path / "v2" / rel).exists()
         assert here != held, rel
-    assert not list(tree.v2.rglob("*.tmp"))
+    assert_no_leftovers(tree)
     undo(tree)
     assert registry_snapshot(tree.root) == before
 

@@ -1,0 +1,255 @@
+"""Writes at I/O speed: `import --apply`, `repair --apply`, `gc --apply` and `undo` against
+`tar x` + one `sync` of the same bytes, side by side in one run.
+
+It writes, once, in the work directory:
+
+* an OCI image layout of --images images of --layers incompressible layers each (sizes
+  spread log-uniformly, --mb MB of blobs in all) plus config and manifest: the import source;
+* the registry tree that importing it produces, and `import.tar`, the tar of that tree's
+  `docker/` (exactly the bytes an import writes);
+* a copy whose `_layers`, revision and tag-index links all hold junk (what `repair` rewrites),
+  and `repair.tar`, the tar of the good links (the bytes repair writes);
+* a copy with --orphans unreferenced blobs (what `gc --apply` moves: ~20k changes).
+
+Then, interleaved round after round (order rotated), each timed command on a fresh copy
+with `sync` run before it (untimed), so no earlier write is charged to it:
+
+* tar_import: `tar xf import.tar -C EMPTY && sync`;  import: `regfsck import EMPTY LAYOUT --apply`;
+  import_undo: `regfsck undo` of that import;
+* tar_repair: `tar xf repair.tar -C EMPTY && sync`;  repair: `regfsck repair --apply`;
+  repair_plan: `regfsck repair` (the dry run: what repair costs before it writes anything);
+* gc: `regfsck gc --grace 0 --apply` (the orphans);  gc_undo: `regfsck undo` of it.
+
+With `--baseline DIR` the regfsck commands are also run from another checkout (the code
+before a change), in the same rounds, as `before:<name>`.
+
+    python benchmarks/bench_writes.py
+    python benchmarks/bench_writes.py --baseline /tmp/regfsck-before --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import measure
+from measure import Run, Series, log
+
+from tests.realtools import OCILayoutWriter, make_layer
+
+V2 = "docker/registry/v2"
+REPO = "bench/images"
+
+
+def _sizes(count: int, total: int, rng: random.Random) -> list[int]:
+    """`count` sizes spread log-uniformly from 1 KiB to 8 MiB, scaled to `total` bytes."""
+    raw = [math.exp(rng.uniform(math.log(1 << 10), math.log(8 << 20))) for _ in range(count)]
+    scale = total / sum(raw)
+    return [max(512, int(r * scale)) for r in raw]
+
+
+def write_layout(path: Path, images: int, layers: int, total: int) -> None:
+    rng = random.Random(20261204)
+    writer = OCILayoutWriter(path)
+    sizes = iter(_sizes(images * layers, total, rng))
+    for i in range(images):
+        made = [writer.add_layer({f"l{i}-{j}.bin": rng.randbytes(next(sizes))}, "none")
+                for j in range(layers)]
+        writer.add_image(made, tag=f"t{i}", history=[f"ADD {j}" for j in range(layers)])
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+
+
+def fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def copy(src: Path, dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    sh("cp", "-a", str(src), str(dest))
+    return dest
+
+
+def regfsck(checkout: str | None, *args: str) -> Run:
+    sh("sync")
+    cmd = measure.regfsck_cmd(*args, "-q")
+    if checkout is None:
+        return measure.run(cmd)
+    return measure.baseline_run(checkout, cmd)
+
+
+def tar_x(tar: Path, dest: Path) -> Run:
+    fresh(dest)
+    sh("sync")
+    return measure.run(["sh", "-c", f"tar xf '{tar}' -C '{dest}' && sync"])
+
+
+def damage_links(root: Path) -> list[str]:
+    """Junk in every `_layers`, revision and tag-index link; returns their v2 paths."""
+    damaged = []
+    v2 = root / V2
+    for path in sorted(v2.rglob("link")):
+        rel = path.relative_to(v2).as_posix()
+        if "/_layers/" in rel or "/_manifests/revisions/" in rel or "/index/" in rel:
+            path.write_bytes(b"junk")
+            damaged.append(rel)
+    return damaged
+
+
+def add_orphans(root: Path, count: int) -> None:
+    rng = random.Random(7)
+    import hashlib
+    for i in range(count):
+        data = rng.randbytes(rng.randint(200, 4000)) + b"%d" % i
+        hexd = hashlib.sha256(data).hexdigest()
+        path = root / V2 / "blobs/sha256" / hexd[:2] / hexd / "data"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    paths = {name: work / name for name in ("layout", "imported", "repair_base", "gc_base")}
+    paths["import_tar"] = work / "import.tar"
+    paths["repair_tar"] = work / "repair.tar"
+    if (work / "ready").exists():
+        return paths
+    log(f"writing the layout: {args.images} images x {args.layers} layers, {args.mb} MB")
+    fresh(paths["layout"])
+    write_layout(paths["layout"], args.images, args.layers, args.mb << 20)
+    log("importing it once (the tree every round starts from)")
+    fresh(paths["imported"])
+    rc = regfsck(None, "import", str(paths["imported"]), str(paths["layout"]), "--repo", REPO,
+                 "--apply").returncode
+    if rc != 0:
+        raise SystemExit(f"the setup import failed (exit {rc})")
+    shutil.rmtree(paths["imported"] / "regfsck-quarantine")
+    shutil.rmtree(paths["imported"] / "regfsck-state", ignore_errors=True)
+    with tarfile.open(paths["import_tar"], "w") as tar:
+        tar.add(paths["imported"] / "docker", "docker")
+    copy(paths["imported"], paths["repair_base"])
+    damaged = damage_links(paths["repair_base"])
+    with tarfile.open(paths["repair_tar"], "w") as tar:
+        for rel in damaged:
+            tar.add(paths["imported"] / V2 / rel, f"{V2}/{rel}")
+    log(f"repair: {len(damaged)} damaged links; gc: {args.orphans} orphan blobs")
+    copy(paths["imported"], paths["gc_base"])
+    add_orphans(paths["gc_base"], args.orphans)
+    (work / "ready").write_text("")
+    return paths
+
+
+def round_commands(work: Path, paths: dict[str, Path], checkout: str | None,
+                   prefix: str) -> list[tuple[str, Callable[[], dict[str, Run]]]]:
+    """The timed groups of one checkout; each returns {name: run} (undo follows its apply)."""
+    def import_group() -> dict[str, Run]:
+        target = fresh(work / "t-import")
+        applied = regfsck(checkout, "import", str(target), str(paths["layout"]), "--repo", REPO,
+                          "--apply")
+        undone = regfsck(checkout, "undo", str(target))
+        return {f"{prefix}import": applied, f"{prefix}import_undo": undone}
+
+    def repair_group() -> dict[str, Run]:
+        target = copy(paths["repair_base"], work / "t-repair")
+        plan = regfsck(checkout, "repair", str(target))
+        applied = regfsck(checkout, "repair", str(target), "--apply")
+        return {f"{prefix}repair_plan": plan, f"{prefix}repair": applied}
+
+    def gc_group() -> dict[str, Run]:
+        target = copy(paths["gc_base"], work / "t-gc")
+        applied = regfsck(checkout, "gc", str(target), "--grace", "0", "--apply")
+        undone = regfsck(checkout, "undo", str(target))
+        return {f"{prefix}gc": applied, f"{prefix}gc_undo": undone}
+
+    return [(f"{prefix}import", import_group), (f"{prefix}repair", repair_group),
+            (f"{prefix}gc", gc_group)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=256, help="MB of blobs in the import")
+    parser.add_argument("--images", type=int, default=150)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--orphans", type=int, default=20000, help="blobs gc moves")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="another regfsck checkout to time alongside")
+    parser.add_argument("--workdir")
+    parser.add_argument("--keep", action="store_true", help="leave the work directory")
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir) if args.workdir else Path(
+        os.environ.get("TMPDIR", "/tmp")) / f"bench-writes-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        paths = prepare(work, args)
+        groups = round_commands(work, paths, None, "")
+        if args.baseline:
+            groups += round_commands(work, paths, args.baseline, "before:")
+        groups += [("tar_import", lambda: {"tar_import": tar_x(paths["import_tar"], work / "t-tar")}),
+                   ("tar_repair", lambda: {"tar_repair": tar_x(paths["repair_tar"], work / "t-tar")})]
+        series: dict[str, Series] = {}
+        for r in range(args.rounds):
+            order = groups[r % len(groups):] + groups[:r % len(groups)]
+            for _, group in order:
+                for name, result in group().items():
+                    series.setdefault(name, Series(name)).runs.append(result)
+                    log(f"  round {r + 1}/{args.rounds} {name}: {result.wall:.2f}s "
+                        f"cpu {result.cpu:.2f}s {result.max_rss_kb / 1024:.0f} MB "
+                        f"rc={result.returncode}")
+        report(series, bool(args.baseline))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(
+                {"args": vars(args), "series": [s.to_json() for s in series.values()]}, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(series: dict[str, Series], baseline: bool) -> None:
+    def med(name: str) -> float:
+        return series[name].median
+
+    print(f"{'command':<22} {'median s':>9} {'best s':>8} {'cpu s':>7} {'RSS MB':>7}  rc")
+    for s in series.values():
+        codes = sorted({r.returncode for r in s.runs})
+        print(f"{s.name:<22} {s.median:9.2f} {s.best:8.2f} {s.cpu_median:7.2f} {s.rss_mb:7.0f}  {codes}")
+    print()
+    for prefix in ["", "before:"] if baseline else [""]:
+        label = prefix or "now:"
+        write_repair = med(f"{prefix}repair") - med(f"{prefix}repair_plan")
+        print(f"{label:<8} import / (tar x + sync)           {med(f'{prefix}import') / med('tar_import'):6.2f}")
+        print(f"{label:<8} repair --apply / (tar x + sync)   {med(f'{prefix}repair') / med('tar_repair'):6.2f}"
+              f"   (its writing alone, apply - plan: {write_repair:.2f} s)")
+        print(f"{label:<8} gc undo / gc --apply              {med(f'{prefix}gc_undo') / med(f'{prefix}gc'):6.2f}")
+        print(f"{label:<8} import undo / import --apply      "
+              f"{med(f'{prefix}import_undo') / med(f'{prefix}import'):6.2f}")
+    if baseline:
+        print()
+        for name in ("import", "import_undo", "repair", "repair_plan", "gc", "gc_undo"):
+            print(f"now / before  {name:<12} {med(name) / med('before:' + name):6.2f}"
+                  f"   ({med('before:' + name):.2f} s -> {med(name):.2f} s)")
+    _ = statistics
+
+
+if __name__ == "__main__":
+    sys.exit(main())
