@@ -35,13 +35,11 @@ import math
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import measure
 from measure import Run, Series, log
 
-from tests.realtools import OCILayoutWriter, make_layer
+from tests.realtools import OCILayoutWriter
 
 V2 = "docker/registry/v2"
 REPO = "bench/images"
@@ -236,19 +234,20 @@ def report(series: dict[str, Series], baseline: bool) -> None:
     print()
     for prefix in ["", "before:"] if baseline else [""]:
         label = prefix or "now:"
-        write_repair = med(f"{prefix}repair") - med(f"{prefix}repair_plan")
-        print(f"{label:<8} import / (tar x + sync)           {med(f'{prefix}import') / med('tar_import'):6.2f}")
-        print(f"{label:<8} repair --apply / (tar x + sync)   {med(f'{prefix}repair') / med('tar_repair'):6.2f}"
-              f"   (its writing alone, apply - plan: {write_repair:.2f} s)")
-        print(f"{label:<8} gc undo / gc --apply              {med(f'{prefix}gc_undo') / med(f'{prefix}gc'):6.2f}")
-        print(f"{label:<8} import undo / import --apply      "
-              f"{med(f'{prefix}import_undo') / med(f'{prefix}import'):6.2f}")
+        ratios = [
+            ("import --apply / (tar x + sync)", med(f"{prefix}import") / med("tar_import")),
+            ("repair --apply / (tar x + sync)", med(f"{prefix}repair") / med("tar_repair")),
+            ("repair: apply - plan (s)", med(f"{prefix}repair") - med(f"{prefix}repair_plan")),
+            ("gc undo / gc --apply", med(f"{prefix}gc_undo") / med(f"{prefix}gc")),
+            ("import undo / import --apply", med(f"{prefix}import_undo") / med(f"{prefix}import")),
+        ]
+        for what, value in ratios:
+            print(f"{label:<8} {what:<34} {value:6.2f}")
     if baseline:
         print()
         for name in ("import", "import_undo", "repair", "repair_plan", "gc", "gc_undo"):
             print(f"now / before  {name:<12} {med(name) / med('before:' + name):6.2f}"
                   f"   ({med('before:' + name):.2f} s -> {med(name):.2f} s)")
-    _ = statistics
 
 
 if __name__ == "__main__":
