@@ -24,10 +24,10 @@ import pytest
 from regfsck.quarantine import BATCH, QUARANTINE_DIR, list_runs, recover
 from regfsck.root import locate
 from tests import realtools
-from tests.conftest import copy_tree
-from tests.hostile import assert_clean_exit, content_snapshot, intact_images, run_cli
+from tests.hostile import all_refs, assert_clean_exit, intact_images, run_cli, undo_everything
 from tests.realtools import OCILayoutWriter, SampleInfo
-from tests.test_readonly_failing_writes import all_refs, undo_everything
+from tests.support.snapshot import content_snapshot
+from tests.support.tree import copy_tree
 
 pytestmark = pytest.mark.realtools
 
@@ -98,7 +98,7 @@ def imported_refs() -> list[tuple[str, str]]:
     return [(REPO, f"t{i}") for i in range(IMAGES)]
 
 
-def assert_reverted_exactly(root: Path, original: dict[str, str]) -> None:
+def assert_reverted_exactly(root: Path, original: dict[str, tuple[str, str]]) -> None:
     """`recover` puts back the tree as it was and leaves no file written ahead."""
     messages = recover(locate(root))
     assert len(messages) == 1 and "reverted" in messages[0], messages
