@@ -11,9 +11,6 @@ not happening. The metrics use their own registry, never prometheus-client's glo
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -136,21 +133,13 @@ def verify_metrics(report: VerifyReport | None, facts: RunFacts,
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all (temp file in the same directory, fsync,
-    rename); node_exporter only reads `*.prom`, so the temp file's name never ends so."""
-    directory = path.parent
+    """Write `data` to `path` whole or not at all (`report.write_atomically`: temp file in
+    the same directory, fsync, rename); node_exporter only reads `*.prom`, so the temp
+    file's name never ends so."""
+    from regfsck.report import ReportWriteError
+    from regfsck.report import write_atomically as write
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise MetricsWriteError(f"cannot write metrics file {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # node_exporter usually runs as another user
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise MetricsWriteError(f"cannot write metrics file {path}: {exc.strerror or exc}") from exc
+        write(path, data, "metrics file")
+    except ReportWriteError as exc:
+        raise MetricsWriteError(str(exc)) from exc

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.digest import EMPTY_SHA256
@@ -18,6 +18,7 @@ from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding, strict
 from regfsck.graph import ManifestStore, reachable, tag_users
 from regfsck.incremental import DEFAULT_MAX_AGE, Selection, SelectionOptions, select_blobs
 from regfsck.inventory import Blob, Inventory
+from regfsck.report import Shard, finding_order, tree_fingerprint
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.storage import Storage, StorageError, open_storage
@@ -40,12 +41,28 @@ class VerifyOptions:
     max_duration: timedelta | None = None  # stop hashing at this much time after the start
     deep: bool = False  # also decompress every layer (regfsck.deep), reading each one once
     state_dir: Path | None = None  # object storage: where the record lives (record_base)
+    shard: Shard | None = None  # hash (and report) only what this shard owns (regfsck.report)
+
+    @property
+    def incremental(self) -> bool:
+        """The record chooses what is hashed (not every blob in scope)."""
+        return self.changed_only or self.sample_percent is not None or self.max_duration is not None
+
+    def identity(self) -> dict[str, Any]:
+        """What must be the same in every shard of one run for their merge to mean what an
+        unsharded run with these options means (not --jobs, not where the record is)."""
+        return {"repos": sorted(self.repos) if self.repos is not None else None,
+                "check_data": self.check_data, "strict": self.strict, "deep": self.deep,
+                "changed_only": self.changed_only,
+                "max_age": self.max_age.total_seconds() if self.changed_only else None,
+                "sample_percent": self.sample_percent,
+                "max_duration": None if self.max_duration is None
+                else self.max_duration.total_seconds()}
 
     @property
     def needs_record(self) -> bool:
         """The incremental flags cannot work without the verification record."""
-        return self.check_data and (self.changed_only or self.sample_percent is not None
-                                    or self.max_duration is not None)
+        return self.check_data and self.incremental
 
 
 @dataclass
@@ -76,10 +93,14 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     summary: VerifySummary = field(default_factory=VerifySummary)
     deep: DeepSummary | None = None  # with options.deep, unless interrupted before the layers
+    shard: dict[str, object] | None = None  # with options.shard: which run this is a part of
 
     def to_json(self) -> dict[str, object]:
-        return {"findings": [f.to_json() for f in self.findings],
-                "summary": self.summary.to_json()}
+        doc: dict[str, object] = {"findings": [f.to_json() for f in self.findings],
+                                  "summary": self.summary.to_json()}
+        if self.shard is not None:
+            doc["shard"] = self.shard
+        return doc
 
 
 class UnknownRepositoryError(UsageError, LookupError):
@@ -152,9 +173,13 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
     summary = VerifySummary()
     deep_plan = plan_deep(storage, inv, store, options.repos) if options.deep else None
+    if deep_plan is not None and options.shard is not None:
+        deep_plan = _shard_deep_plan(deep_plan, options.shard)
     deep: DeepReport | None = None
     if options.check_data:
         blobs = _blobs_to_hash(inv, store, options.repos)
+        if options.shard is not None:
+            blobs = [b for b in blobs if options.shard.owns(b.digest)]
         del store  # the parsed manifests are not needed to hash: free them first
         record = _open_record(root, options, summary)
         try:
@@ -174,10 +199,13 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         findings.extend(deep.findings)
         summary.interrupted = summary.interrupted or deep.summary.interrupted
     found = with_affected_tags(findings.findings(), inv, ManifestStore(storage, inv))
+    if options.shard is not None:  # each finding is reported by one shard (regfsck.report)
+        found = [f for f in found if options.shard.owns_finding(f.digest)]
     if options.strict:
         found = [replace(f, severity=strict_severity(f)) for f in found]
     report = VerifyReport(sorted(found, key=_finding_order), summary,
-                          deep.summary if deep is not None else None)
+                          deep.summary if deep is not None else None,
+                          _shard_section(root, inv, options) if options.shard else None)
     for finding in report.findings:
         if finding.severity is Severity.ERROR:
             summary.errors += 1
@@ -221,8 +249,26 @@ def _open_record(root: RegistryRoot, options: VerifyOptions,
     return record
 
 
+def _shard_deep_plan(plan: DeepPlan, shard: Shard) -> DeepPlan:
+    """The layers this shard decompresses; the configs' findings stay (every shard reads
+    them, the owner of each config's digest reports them) and shard 0 counts the images."""
+    return replace(plan, jobs=[j for j in plan.jobs if shard.owns(j.digest)],
+                   images=plan.images if shard.index == 0 else 0)
+
+
+def _shard_section(root: RegistryRoot, inv: Inventory, options: VerifyOptions) -> dict[str, object]:
+    """The `shard` section of a shard's report: what `report merge` checks the shards of
+    one run share (version, root, the tree as listed, options) and which part this is."""
+    from regfsck import __version__
+
+    assert options.shard is not None
+    return {"index": options.shard.index, "count": options.shard.count,
+            "regfsck": __version__, "root": root.display, "tree": tree_fingerprint(inv),
+            "options": options.identity()}
+
+
 def _select(blobs: list[Blob], options: VerifyOptions, record: VerifyRecord | None) -> Selection:
-    if not (options.changed_only or options.sample_percent is not None or options.max_duration):
+    if not options.incremental:
         return Selection(to_hash=blobs)  # the plain full run: everything, in inode order
     entries = record.entries() if record is not None else {}
     return select_blobs(blobs, entries, SelectionOptions(
@@ -253,7 +299,7 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
     summary.bytes_total = sum(b.size for b in blobs)
     summary.blobs_skipped, summary.bytes_skipped = selection.skipped, selection.skipped_bytes
     summary.hashed_because = selection.counts()
-    if layers and summary.hashed_because:
+    if layers and options.incremental:  # (not "if anything else was chosen": shards add up)
         summary.hashed_because["read by --deep"] = len(layers)
     limit_hit = threading.Event()  # the time limit: set by the timer only
     halt = _Either(limit_hit, *(() if stop is None else (stop,)))  # what hashing obeys
@@ -375,8 +421,6 @@ def _record(record: VerifyRecord, summary: VerifySummary, write: Callable[[], ob
         summary.record_error = f"{exc} ({'record deleted' if removed else 'could not delete it'})"
 
 
-_SEVERITY_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
-
-
-def _finding_order(f: Finding) -> tuple[int, str, str]:
-    return (_SEVERITY_ORDER[f.severity], f.kind, f.path)
+def _finding_order(f: Finding) -> tuple[object, ...]:
+    """report.finding_order: one total order, so a merge of shards lists what a run does."""
+    return finding_order(f.to_json())

@@ -142,7 +142,7 @@ def test_write_failing_midway_leaves_no_partial_file(tmp_path: Path,
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(metrics.os, "fsync", full)
+    monkeypatch.setattr("os.fsync", full)  # report.write_atomically, which metrics uses
     with pytest.raises(metrics.MetricsWriteError, match="No space left on device"):
         write_atomically(prom, b"new metrics\n" * 1000)
     assert [p.name for p in tmp_path.iterdir()] == ["regfsck.prom"]

@@ -30,7 +30,7 @@ _click: Any = getattr(typer.core, "_click", None) or __import__("click")
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., None])
 
-COMMAND_MODULES = ("scan", "verify", "gc", "rm", "why", "inspect", "repair", "export",
+COMMAND_MODULES = ("scan", "verify", "report", "gc", "rm", "why", "inspect", "repair", "export",
                    "import", "runs", "undo", "purge", "kinds")
 
 # Flags every command accepts, before or after its name: (spellings, setting, help).

@@ -19,6 +19,7 @@ from regfsck.cli.common import (
     default_jobs,
     fail,
     human_bytes,
+    json_bytes,
     note,
     open_root,
     plural,
@@ -108,10 +109,21 @@ def verify(
         "under DIR (default $XDG_STATE_HOME/regfsck, i.e. ~/.local/state/regfsck). A local tree "
         "keeps it in ROOT/regfsck-state.", show_default=False),
     metrics_file: Path | None = METRICS_FILE_OPTION,
+    shard: str | None = typer.Option(
+        None, "--shard", metavar="K/N", help="Hash only shard K of N (0 <= K < N) of the blobs, "
+        "chosen by digest, and report only the findings this shard owns; `/N` takes K from "
+        "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job). Combine the N reports with "
+        "`regfsck report merge` (docs/sharding.md).", show_default=False),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", metavar="PATH", help="Also write the --json document to PATH "
+        "(whole or not at all).", show_default=False),
 ) -> None:
     """Check every link, tag, manifest and blob; exit 1 when anything is broken."""
     if jobs < 0:
         fail("--jobs must be positive", ExitCode.USAGE)
+    from regfsck.report import parse_shard
+
+    shard_part = parse_shard(shard) if shard is not None else None
     registry = open_root(root, config, object_storage=True)
     if state_dir is not None and not registry.is_object_storage:
         fail("--state-dir is for trees in object storage; a local tree keeps its record in "
@@ -127,7 +139,7 @@ def verify(
         _awareness(registry)
     options = VerifyOptions(jobs=jobs or default_jobs(), repos=set(repo) or None,
                             check_data=not no_data, strict=strict, deep=deep,
-                            state_dir=state_dir, **incremental_options(
+                            state_dir=state_dir, shard=shard_part, **incremental_options(
                                 no_data=no_data, changed_only=changed_only, max_age=max_age,
                                 sample=sample, max_duration=max_duration))
     metrics = MetricsRun(metrics_file, registry, repo) if metrics_file is not None else None
@@ -148,10 +160,18 @@ def verify(
         raise
     finally:
         ctrl_c.restore()
+    document = with_requests(registry, report.to_json()
+                             | ({"deep": deep_summary.to_json()} if deep_summary else {}))
+    if output is not None:
+        from regfsck.report import write_atomically
+
+        write_atomically(output, json_bytes(document))
     if json_output:
-        print_json(with_requests(registry, report.to_json()
-                                 | ({"deep": deep_summary.to_json()} if deep_summary else {})))
+        print_json(document)
     else:
+        if shard_part is not None:
+            note(f"shard {shard_part}: the blobs and findings this shard owns; combine the "
+                 f"{shard_part.count} reports (--output) with `regfsck report merge`")
         render_verify(report)
         render_incremental(report.summary)
         if deep_summary is not None:

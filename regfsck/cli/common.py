@@ -333,6 +333,11 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def json_bytes(data: Any) -> bytes:
+    """`data` as print_json prints it, for a file (`--output`)."""
+    return (json.dumps(json_safe(data), indent=2, ensure_ascii=True) + "\n").encode("ascii")
+
+
 class CtrlC:
     """Ctrl-C as a request to stop at the engine's next safe point.
 

@@ -71,6 +71,13 @@ def render() -> str:
         command = commands.get(name)
         if command is None:
             continue
+        subcommands = getattr(command, "commands", None)
+        if subcommands:  # a group (`regfsck report merge`): each of its commands
+            group_ctx = click.Context(command, info_name=name, parent=root_ctx)
+            for sub_name, sub in sorted(subcommands.items()):
+                lines += [f".SS regfsck {name} {sub_name}", ".nf",
+                          _roff(_help(sub, sub_name, group_ctx)), ".fi"]
+            continue
         lines += [f".SS regfsck {name}", ".nf", _roff(_help(command, name, root_ctx)), ".fi"]
     lines += [".SH EXIT STATUS"]
     for code, meaning in EXIT_CODES:
