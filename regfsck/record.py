@@ -138,8 +138,11 @@ class VerifyRecord:
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
+                try:
+                    conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                except sqlite3.IntegrityError:  # another run (a shard) created it just now
+                    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] != SCHEMA_VERSION:
                 raise RecordError(f"{where} has schema {row[0]!r}; this regfsck writes "
                                   f"{SCHEMA_VERSION!r} (move the old record away)")
         except sqlite3.Error as exc:
