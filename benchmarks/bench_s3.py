@@ -39,8 +39,8 @@ sys.path.insert(0, str(HERE))
 
 import synth  # noqa: E402
 
-from tests import s3tools  # noqa: E402
 from tests.realtools import free_port, parse_gc_output  # noqa: E402
+from tests.support import objectstore  # noqa: E402
 
 
 class LatencyProxy:
@@ -126,12 +126,12 @@ class LatencyProxy:
 def _official(binary: str, proxy: LatencyProxy, bucket: str,
               prefix: str) -> tuple[float, dict[str, int], set[str]]:
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
-        config = s3tools.s3_registry_config(Path(tmp) / "config.yml", proxy.endpoint, bucket,
+        config = objectstore.s3_registry_config(Path(tmp) / "config.yml", proxy.endpoint, bucket,
                                             "/" + prefix, path_style=binary != "docker-registry")
         proxy.take()
         started = time.perf_counter()
         proc = subprocess.run([binary, "garbage-collect", "--dry-run", str(config)],
-                              capture_output=True, env=s3tools.registry_env(), check=False)
+                              capture_output=True, env=objectstore.registry_env(), check=False)
         elapsed = time.perf_counter() - started
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     if proc.returncode != 0:
@@ -141,8 +141,8 @@ def _official(binary: str, proxy: LatencyProxy, bucket: str,
 
 def _regfsck(proxy: LatencyProxy, url: str, *args: str) -> tuple[float, dict[str, int], dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=s3tools.ACCESS_KEY,
-               AWS_SECRET_ACCESS_KEY=s3tools.SECRET_KEY, AWS_REGION=s3tools.REGION,
+    env.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=objectstore.ACCESS_KEY,
+               AWS_SECRET_ACCESS_KEY=objectstore.SECRET_KEY, AWS_REGION=objectstore.REGION,
                PYTHONPATH=str(HERE.parent))
     proxy.take()
     started = time.perf_counter()
@@ -166,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--no-registry-check) and the undo of its run on the same bucket")
     args = parser.parse_args(argv)
 
-    with s3tools.MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-s3-tree-") as tmp:
+    with objectstore.MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-s3-tree-") as tmp:
         root = Path(tmp) / "root"
         started = time.perf_counter()
         result = synth.generate(root, synth.SynthConfig.for_files(args.files),
                                 jobs=os.cpu_count() or 1)
         bucket, prefix = "bench", "registry"
         moto.make_bucket(bucket)
-        objects = s3tools.upload_tree(moto.client(), root, bucket, prefix, jobs=64)
+        objects = objectstore.upload_tree(moto.client(), root, bucket, prefix, jobs=64)
         print(f"tree: {objects} objects, {result.bytes / 1e6:.1f} MB, {len(result.repositories)} "
               f"repositories; built and uploaded in {time.perf_counter() - started:.0f}s",
               file=sys.stderr)

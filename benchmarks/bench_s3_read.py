@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_s3 import LatencyProxy  # noqa: E402
 
-from tests import realtools, s3tools  # noqa: E402
+from tests import realtools  # noqa: E402
+from tests.support import objectstore  # noqa: E402
 
 
 def build_tree(root: Path, images: int, layers: int, layer_bytes: int) -> list[str]:
@@ -74,19 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=20.0, help="latency added per request")
     args = parser.parse_args(argv)
 
-    with s3tools.MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-s3r-") as tmp_s:
+    with objectstore.MotoServer() as moto, tempfile.TemporaryDirectory(prefix="bench-s3r-") as tmp_s:
         tmp = Path(tmp_s)
         root = tmp / "root"
         started = time.perf_counter()
         refs = build_tree(root, args.images, args.layers, int(args.layer_mb * (1 << 20)))
         moto.make_bucket("bench")
-        objects = s3tools.upload_tree(moto.client(), root, "bench", "registry", jobs=32)
+        objects = objectstore.upload_tree(moto.client(), root, "bench", "registry", jobs=32)
         print(f"tree: {len(refs)} images, {objects} objects; built and uploaded in "
               f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
         proxy = LatencyProxy(moto.port, args.delay_ms / 1000).start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=s3tools.ACCESS_KEY,
-                   AWS_SECRET_ACCESS_KEY=s3tools.SECRET_KEY, AWS_REGION=s3tools.REGION,
+        env.update(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID=objectstore.ACCESS_KEY,
+                   AWS_SECRET_ACCESS_KEY=objectstore.SECRET_KEY, AWS_REGION=objectstore.REGION,
                    PYTHONPATH=str(HERE.parent))
         rows = []
         try:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests import realtools
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, objectstore
 from tests.support.deep_images import Crafted, build_crafted
 from tests.support.tree import copy_tree
 
@@ -62,6 +62,26 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> Crafted:
     if missing:
         pytest.skip(f"real registry tools unavailable: {missing}")
     return build_crafted(tmp_path_factory.mktemp("deep"))
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[objectstore.MotoServer]:
+    """An S3 API server (moto) on loopback for the test module (tests/support/objectstore.py)."""
+    missing = objectstore.moto_missing()
+    if missing:
+        pytest.skip(missing)
+    with objectstore.MotoServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[objectstore.Azurite]:
+    """An Azure Blob server (Azurite) on loopback for the test module."""
+    missing = objectstore.azurite_missing()
+    if missing:
+        pytest.skip(missing)
+    with objectstore.Azurite() as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,123 +15,60 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import realtools, s3tools
-from tests.test_s3 import Bucket, _push_into_bucket, needs_server, regfsck
+from tests import realtools
+from tests.support import REPO_ROOT
+from tests.support.cli import run as regfsck
+from tests.support.objectstore import (
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    Bucket,
+    MotoServer,
+    blob_digests,
+    dead_url,
+    iter_keys,
+    needs_server,
+    push_into_bucket,
+    registry3_binary,
+    registry_env,
+)
 
-V2 = "docker/registry/v2/"
 QUARANTINE = "regfsck-quarantine/"
 LOCK = "regfsck-state/lock"
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[s3tools.MotoServer]:
-    with s3tools.MotoServer() as server:
-        yield server
+def base28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    return push_into_bucket(moto, real_sample[0], "2.8", "regfsck-m28")
 
 
 @pytest.fixture(scope="module")
-def base28(moto: s3tools.MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return _push_into_bucket(moto, real_sample[0], realtools.REGISTRY_BIN, "regfsck-m28")
-
-
-@pytest.fixture(scope="module")
-def base3(moto: s3tools.MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    binary = s3tools.registry3_binary()
-    if binary is None:
-        pytest.skip("registry v3 binary not available (/work/shared/bin/unpack-registry3)")
-    return _push_into_bucket(moto, real_sample[0], binary, "regfsck-m3")
-
-
-_CLONES = iter(range(1, 1000))
-
-
-def clone(base: Bucket) -> Bucket:
-    """A private copy of `base` (the real registry's tree), free to change."""
-    name = f"{base.name}-c{next(_CLONES)}"
-    s3tools.clone_bucket(base.moto.client(), base.name, name)
-    return Bucket(base.moto, name, base.prefix, base.binary, set(base.doomed_blobs))
+def base3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    return push_into_bucket(moto, real_sample[0], "3", "regfsck-m3")
 
 
 def run(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = regfsck(*args, "--json", env=bucket.moto.env())
+    proc = regfsck(*args, "--json", env=bucket.env())
     doc = json.loads(proc.stdout) if proc.stdout.strip() else {}
     return proc.returncode, doc, proc.stderr
-
-
-def tree(bucket: Bucket) -> dict[str, tuple[str, str]]:
-    """Every key of the registry's tree (below PREFIX/docker/registry/v2/), with its bytes."""
-    return s3tools.snapshot(bucket.moto.client(), bucket.name, f"{bucket.prefix}/{V2}")
-
-
-def everything(bucket: Bucket) -> dict[str, tuple[str, str]]:
-    return s3tools.snapshot(bucket.moto.client(), bucket.name)
-
-
-def keys_below(bucket: Bucket, rel: str) -> list[str]:
-    return [o["Key"] for o in s3tools.iter_keys(bucket.moto.client(), bucket.name,
-                                                 f"{bucket.prefix}/{rel}")]
-
-
-def dead_url() -> str:
-    """A registry URL nothing listens on: a stopped registry."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def registry3() -> str | None:
-    return s3tools.registry3_binary()
-
-
-def serves_every_tag(bucket: Bucket, binary: str, expected: dict[str, list[str]]) -> None:
-    """A fresh s3-backed registry of `binary` serves each repo:tag (skopeo copy --all checks
-    every digest on the way into a dir: layout)."""
-    registry = s3tools.S3Registry(binary, bucket.moto.endpoint, bucket.name, "/" + bucket.prefix)
-    with registry as reg, tempfile.TemporaryDirectory(prefix="regfsck-s3-pull-") as tmp:
-        opener = __import__("urllib.request").request.build_opener(
-            __import__("urllib.request").request.ProxyHandler({}))
-        for repo, tags in sorted(expected.items()):
-            for tag in tags:
-                dest = Path(tmp) / f"{repo.replace('/', '_')}-{tag}"
-                realtools.skopeo_copy(f"docker://{reg.host}/{repo}:{tag}", f"dir:{dest}", "--all")
-        served = json.loads(opener.open(f"http://{reg.host}/v2/_catalog", timeout=30).read())
-        assert set(expected) <= set(served["repositories"])
-
-
-def tags_of(bucket: Bucket) -> dict[str, list[str]]:
-    """repo -> tags, read from the tree's tag `current/link` keys."""
-    found: dict[str, list[str]] = {}
-    for key in keys_below(bucket, V2 + "repositories/"):
-        rel = key.split(V2 + "repositories/", 1)[1]
-        if "/_manifests/tags/" in rel and rel.endswith("/current/link"):
-            repo, _, rest = rel.partition("/_manifests/tags/")
-            found.setdefault(repo, []).append(rest.split("/")[0])
-    return {repo: sorted(tags) for repo, tags in found.items()}
-
-
-def blob_keys(snapshot: dict[str, tuple[str, str]]) -> set[str]:
-    return {"sha256:" + k.split("/")[-2] for k in snapshot if "/blobs/sha256/" in k}
 
 
 # -- the registry check -----------------------------------------------------------------
 
 
 @needs_server
-def test_gc_apply_refuses_without_a_registry_check(moto: s3tools.MotoServer, base28: Bucket
+def test_gc_apply_refuses_without_a_registry_check(moto: MotoServer, base28: Bucket
                                                    ) -> None:
     """No --registry-url, or a URL whose registry is writable: exit 3, one line, nothing
     changed (every key and ETag, no lock, no quarantine)."""
-    bucket = clone(base28)
-    before = everything(bucket)
+    bucket = base28.clone()
+    before = bucket.everything()
     code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply")
     assert code == 3, (doc, err)
     assert "--registry-url" in doc["error"] and "cannot see" in doc["error"]
@@ -146,7 +83,7 @@ def test_gc_apply_refuses_without_a_registry_check(moto: s3tools.MotoServer, bas
     code, doc, _ = run(bucket, "gc", bucket.url, "--apply", "--registry-url", dead_url(),
                        "--no-registry-check")
     assert code == 2, doc
-    assert everything(bucket) == before
+    assert bucket.everything() == before
 
 
 @needs_server
@@ -155,15 +92,14 @@ def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
     """gc --apply with the registry in read-only mode removes exactly what the official
     collector would; both registry versions then serve every tag; undo restores every key
     byte for byte; purge empties the quarantine."""
-    bucket = clone(request.getfixturevalue(which))
-    before = tree(bucket)
+    bucket = request.getfixturevalue(which).clone()
+    before = bucket.tree()
     code, out = bucket.registry().garbage_collect("--dry-run")
     assert code == 0, out
     oracle = realtools.parse_gc_output(out).blobs
     assert oracle == bucket.doomed_blobs
-    tags = tags_of(bucket)
-    readonly = s3tools.S3Registry(bucket.binary, bucket.moto.endpoint, bucket.name,
-                                  "/" + bucket.prefix, readonly=True)
+    tags = bucket.tags()
+    readonly = bucket.registry(readonly=True)
     with readonly as reg:
         started = time.monotonic()
         code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
@@ -172,15 +108,15 @@ def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
     assert code == 0, (doc, err)
     assert doc["applied"] is True and doc["run_id"]
     print(f"gc --apply on {which}: {elapsed:.1f}s, requests {doc['requests']}")
-    after = tree(bucket)
-    gone = blob_keys(before) - blob_keys(after)
+    after = bucket.tree()
+    gone = blob_digests(before) - blob_digests(after)
     assert gone == oracle
     assert {b["digest"] for b in doc["blobs"]} == oracle
-    assert not keys_below(bucket, "regfsck-state/lock")  # released
-    held = keys_below(bucket, f"{QUARANTINE}{doc['run_id']}/v2/blobs/")
+    assert not bucket.keys_below("regfsck-state/lock")  # released
+    held = bucket.keys_below(f"{QUARANTINE}{doc['run_id']}/v2/blobs/")
     assert {"sha256:" + k.split("/")[-2] for k in held} == oracle
-    for binary in filter(None, (realtools.REGISTRY_BIN, registry3())):
-        serves_every_tag(bucket, binary, tags)
+    for binary in filter(None, (realtools.REGISTRY_BIN, registry3_binary())):
+        bucket.serves_every_tag(binary, tags)
 
     code, runs, _ = run(bucket, "runs", bucket.url)
     assert code == 0 and [r["run_id"] for r in runs["runs"]] == [doc["run_id"]]
@@ -190,32 +126,32 @@ def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
                             dead_url())
     assert code == 0, (undone, err)
     assert undone["moved_back"] == doc["apply"]["moved"] > 0
-    assert tree(bucket) == before  # every key, byte for byte (and ETag)
+    assert bucket.tree() == before  # every key, byte for byte (and ETag)
     code, purged, _ = run(bucket, "purge", bucket.url, doc["run_id"], "--apply")
     assert code == 0 and purged["runs"] == [doc["run_id"]]
-    assert not keys_below(bucket, QUARANTINE)
-    assert tree(bucket) == before
+    assert not bucket.keys_below(QUARANTINE)
+    assert bucket.tree() == before
 
 
 @needs_server
 def test_rm_then_undo(base28: Bucket) -> None:
     """rm --apply of a tag with the registry stopped: that tag is gone, every other one is
     served; undo puts every key back byte for byte."""
-    bucket = clone(base28)
-    before = tree(bucket)
-    tags = tags_of(bucket)
+    bucket = base28.clone()
+    before = bucket.tree()
+    tags = bucket.tags()
     repo = sorted(tags)[0]
     tag = tags[repo][0]
     code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tag}", "--apply",
                          "--registry-url", dead_url())
     assert code == 0, (doc, err)
     assert doc["applied"] is True
-    assert tag not in tags_of(bucket).get(repo, [])
+    assert tag not in bucket.tags().get(repo, [])
     kept = {r: [t for t in ts if (r, t) != (repo, tag)] for r, ts in tags.items()}
-    serves_every_tag(bucket, bucket.binary, {r: ts for r, ts in kept.items() if ts})
+    bucket.serves_every_tag(bucket.binary, {r: ts for r, ts in kept.items() if ts})
     code, undone, err = run(bucket, "undo", bucket.url, "--no-registry-check")
     assert code == 0, (undone, err)
-    assert tree(bucket) == before
+    assert bucket.tree() == before
 
 
 # -- the lock -----------------------------------------------------------------------------
@@ -231,8 +167,8 @@ def _put_lock(bucket: Bucket, **fields: Any) -> None:
 
 @needs_server
 def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(base28: Bucket) -> None:
-    bucket = clone(base28)
-    before = tree(bucket)
+    bucket = base28.clone()
+    before = bucket.tree()
     _put_lock(bucket)  # a live run elsewhere (refreshed just now)
     code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
                        "--no-registry-check")
@@ -240,7 +176,7 @@ def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(base28: Bucke
     code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
                        "--no-registry-check", "--break-lock")
     assert code == 3 and "someone@elsewhere" in doc["error"], doc  # a live lock stays
-    assert tree(bucket) == before
+    assert bucket.tree() == before
 
     # A run on this host that died (its pid is gone). A lock not refreshed for 5 minutes
     # is stale too, but S3 stamps every write with the server's time, so a test cannot
@@ -252,16 +188,16 @@ def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(base28: Bucke
     code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
                        "--no-registry-check")
     assert code == 3 and "--break-lock" in doc["error"] and "is gone" in doc["error"], doc
-    assert tree(bucket) == before
+    assert bucket.tree() == before
     code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
                          "--no-registry-check", "--break-lock")
     assert code == 0, (doc, err)
-    assert blob_keys(before) - blob_keys(tree(bucket)) == bucket.doomed_blobs
-    assert not keys_below(bucket, LOCK)
+    assert blob_digests(before) - blob_digests(bucket.tree()) == bucket.doomed_blobs
+    assert not bucket.keys_below(LOCK)
 
 
 @needs_server
-def test_lock_object_is_a_conditional_write(moto: s3tools.MotoServer) -> None:
+def test_lock_object_is_a_conditional_write(moto: MotoServer) -> None:
     """moto honours If-None-Match: * on PutObject: of two runs, exactly one gets the lock;
     the second sees the first's owner. A lock refreshed by its holder is not stale; the
     same lock seen by a clock an hour later is, and --break-lock replaces it (If-Match)."""
@@ -270,8 +206,8 @@ def test_lock_object_is_a_conditional_write(moto: s3tools.MotoServer) -> None:
 
     moto.make_bucket("regfsck-lock")
     location = S3Location("regfsck-lock", "p", endpoint=moto.endpoint,
-                          access_key=s3tools.ACCESS_KEY, secret_key=s3tools.SECRET_KEY,
-                          region=s3tools.REGION, force_path_style=True)
+                          access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                          region=REGION, force_path_style=True)
     client = make_client(location)
     first = ObjectLock(location, command="gc", mutator=ObjectMutator(location, client=client))
     first.acquire()
@@ -290,11 +226,11 @@ def test_lock_object_is_a_conditional_write(moto: s3tools.MotoServer) -> None:
         later.release()
     finally:
         first.release()
-    assert not list(s3tools.iter_keys(moto.client(), "regfsck-lock"))
+    assert not list(iter_keys(moto.client(), "regfsck-lock"))
 
 
 @needs_server
-def test_a_move_interrupted_between_copy_and_delete_settles(moto: s3tools.MotoServer) -> None:
+def test_a_move_interrupted_between_copy_and_delete_settles(moto: MotoServer) -> None:
     """A crash after the copies and before the delete leaves keys in both places: settled as
     not moved (the copies go). After part of the deletes: settled as moved (the rest go)."""
     from regfsck.objectstore import ObjectMutator
@@ -303,20 +239,20 @@ def test_a_move_interrupted_between_copy_and_delete_settles(moto: s3tools.MotoSe
     moto.make_bucket("regfsck-settle")
     client = moto.client()
     location = S3Location("regfsck-settle", "", endpoint=moto.endpoint,
-                          access_key=s3tools.ACCESS_KEY, secret_key=s3tools.SECRET_KEY,
-                          region=s3tools.REGION, force_path_style=True)
+                          access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                          region=REGION, force_path_style=True)
     mutator = ObjectMutator(location)
     for name in ("a", "b"):
         client.put_object(Bucket="regfsck-settle", Key=f"src/{name}", Body=name.encode())
         client.copy_object(Bucket="regfsck-settle", Key=f"dst/{name}",
                            CopySource={"Bucket": "regfsck-settle", "Key": f"src/{name}"})
     assert mutator.settle_move("src", "dst") is False
-    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["src/a", "src/b"]
+    assert sorted(o["Key"] for o in iter_keys(client, "regfsck-settle")) == ["src/a", "src/b"]
     mutator.move([("src", "dst")])
-    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
+    assert sorted(o["Key"] for o in iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
     client.put_object(Bucket="regfsck-settle", Key="src/b", Body=b"b")  # one delete undone
     assert mutator.settle_move("src", "dst") is True
-    assert sorted(o["Key"] for o in s3tools.iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
+    assert sorted(o["Key"] for o in iter_keys(client, "regfsck-settle")) == ["dst/a", "dst/b"]
 
 
 # -- the probe ------------------------------------------------------------------------------
@@ -331,7 +267,7 @@ def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Pat
     versions; an HTTP server that is not a registry cannot tell."""
     from regfsck.safety import registry_url_state
 
-    binary = realtools.REGISTRY_BIN if version == "2.8" else registry3()
+    binary = realtools.REGISTRY_BIN if version == "2.8" else registry3_binary()
     if binary is None:
         pytest.skip("registry v3 binary not available")
     for readonly, state in ((False, "writable"), (True, "read-only")):
@@ -343,7 +279,7 @@ def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Pat
                         "maintenance": {"readonly": {"enabled": readonly}}},
             "http": {"addr": f"127.0.0.1:{port}"}}))
         proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=s3tools.registry_env())
+                                stderr=subprocess.DEVNULL, env=registry_env())
         try:
             deadline = time.monotonic() + 20
             found = registry_url_state(f"http://127.0.0.1:{port}")
@@ -383,10 +319,8 @@ def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path
     import signal
     import sys
 
-    from tests.test_s3 import REPO_ROOT
-
-    bucket = clone(base28)
-    before = tree(bucket)
+    bucket = base28.clone()
+    before = bucket.tree()
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "blobs.pause").touch()  # after the manifests, layer links and uploads moved
@@ -404,18 +338,18 @@ def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert keys_below(bucket, LOCK)  # nothing drops an object lock
-    assert tree(bucket) != before  # it had moved something
+    assert bucket.keys_below(LOCK)  # nothing drops an object lock
+    assert bucket.tree() != before  # it had moved something
     code, doc, _ = run(bucket, "runs", bucket.url)
     assert [r["status"] for r in doc["runs"]] == ["running"]
     code, doc, _ = run(bucket, "undo", bucket.url, "--no-registry-check")
     assert code == 3 and "--break-lock" in doc["error"], doc
     code, doc, err = run(bucket, "undo", bucket.url, "--no-registry-check", "--break-lock")
     assert code == 0, (doc, err)
-    assert tree(bucket) == before  # recovered by its policy, then undone: every key back
+    assert bucket.tree() == before  # recovered by its policy, then undone: every key back
     code, doc, _ = run(bucket, "runs", bucket.url)
     assert all(r["status"] == "reverted" for r in doc["runs"]), doc
-    assert not keys_below(bucket, LOCK)
+    assert not bucket.keys_below(LOCK)
 
 
 @needs_server
@@ -426,10 +360,8 @@ def test_a_registry_that_becomes_writable_midway_stops_gc(base28: Bucket, tmp_pa
     import os
     import sys
 
-    from tests.test_s3 import REPO_ROOT
-
-    bucket = clone(base28)
-    before = tree(bucket)
+    bucket = base28.clone()
+    before = bucket.tree()
     url = dead_url()
     port = int(url.rsplit(":", 1)[1])
     hooks = tmp_path / "hooks"
@@ -440,8 +372,7 @@ def test_a_registry_that_becomes_writable_midway_stops_gc(base28: Bucket, tmp_pa
                              "--delete-untagged", "--uploads-older-than", "0", "--apply",
                              "--registry-url", url, "--json"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writable = s3tools.S3Registry(bucket.binary, bucket.moto.endpoint, bucket.name,
-                                  "/" + bucket.prefix, port=port)
+    writable = bucket.registry(port=port)
     try:
         deadline = time.monotonic() + 120
         while not (hooks / "blobs.reached").exists():
@@ -457,10 +388,10 @@ def test_a_registry_that_becomes_writable_midway_stops_gc(base28: Bucket, tmp_pa
     assert proc.returncode == 3, (out, err)
     doc = json.loads(out)
     assert "writable" in doc["error"] and "undo" in doc["error"], doc
-    assert not keys_below(bucket, LOCK)
+    assert not bucket.keys_below(LOCK)
     code, runs, _ = run(bucket, "runs", bucket.url)
     assert [r["status"] for r in runs["runs"]] == ["interrupted"], runs
-    assert runs["runs"][0]["changes"] > 0 and tree(bucket) != before  # it had moved some
+    assert runs["runs"][0]["changes"] > 0 and bucket.tree() != before  # it had moved some
     code, undone, err = run(bucket, "undo", bucket.url, "--registry-url", url)
     assert code == 0, (undone, err)
-    assert tree(bucket) == before
+    assert bucket.tree() == before

@@ -2,12 +2,13 @@
 `export`, `inspect`, `why`, against a real S3 API server (moto) on loopback.
 
 The trees are written by the REAL registry's s3 driver (distribution 2.8 and v3.1.1): the
-session's sample images (test_s3's buckets), plus an image whose two layers are larger than
-deep.REMOTE_SMALL_LAYER (so the deep pass streams them in spawned worker processes, the small
-ones in threads) and an SBOM referrer attached to it by subject. Every command is run on the
-bucket and on the bucket mirrored to disk key for key: the JSON documents must be identical
-(except `requests`, which only object storage reports), and an export from the bucket must be
-the same files as an export from the disk copy and be accepted by skopeo.
+session's sample images (objectstore.push_into_bucket), plus an image whose two layers are
+larger than deep.REMOTE_SMALL_LAYER (so the deep pass streams them in spawned worker
+processes, the small ones in threads) and an SBOM referrer attached to it by subject. Every
+command is run on the bucket and on the bucket mirrored to disk key for key: the JSON
+documents must be identical (except `requests`, which only object storage reports), and an
+export from the bucket must be the same files as an export from the disk copy and be
+accepted by skopeo.
 """
 
 from __future__ import annotations
@@ -20,35 +21,27 @@ from typing import Any
 
 import pytest
 
-from tests import realtools, s3tools
+from tests import realtools
 from tests.realtools_artifacts import MT_SPDX, push_artifact
-from tests.test_s3 import (
+from tests.support.cli import run as regfsck
+from tests.support.objectstore import (
     Bucket,
-    _differential,
-    _fan,
-    _push_into_bucket,
-    _without_requests,
-    moto,  # noqa: F401 (the module's server fixture)
+    MotoServer,
+    differential,
     needs_server,
-    regfsck,
+    push_into_bucket,
+    registry_api,
     run_json,
+    without_requests,
 )
 
 BIG = 5 << 20  # above deep.REMOTE_SMALL_LAYER: read by a spawned worker process
 
 
-class _Api(realtools.RealRegistry):
-    """RealRegistry's API helpers (tags, manifests) for a registry running elsewhere."""
-
-    def __init__(self, host: str) -> None:
-        super().__init__("/nonexistent-regfsck-root")
-        self.port = int(host.rsplit(":", 1)[1])
-
-
-def _with_big_image(server: s3tools.MotoServer, sample: Path, binary: str, name: str) -> Bucket:
-    """test_s3's bucket, plus `big/app:latest` (two incompressible 5 MiB gzip layers) and an
-    SBOM pushed by digest with that image as its subject (oras-py)."""
-    bucket = _push_into_bucket(server, sample, binary, name)
+def _with_big_image(server: MotoServer, sample: Path, version: str, name: str) -> Bucket:
+    """The sample's bucket (push_into_bucket), plus `big/app:latest` (two incompressible
+    5 MiB gzip layers) and an SBOM pushed by digest with that image as its subject (oras-py)."""
+    bucket = push_into_bucket(server, sample, version, name)
     with bucket.registry() as reg, tempfile.TemporaryDirectory(prefix="regfsck-s3r-") as tmp:
         lay = realtools.OCILayoutWriter(Path(tmp) / "layout")
         layers = [lay.add_layer({f"big{i}.bin": realtools.pseudo_random_bytes(f"s3-big-{i}", BIG)})
@@ -56,7 +49,7 @@ def _with_big_image(server: s3tools.MotoServer, sample: Path, binary: str, name:
         lay.add_image(layers, tag="big", history=["ADD big0", "ADD big1"])
         realtools.skopeo_copy(lay.ref("big"), f"docker://{reg.host}/big/app:latest",
                               "--preserve-digests")
-        api = _Api(reg.host)
+        api = registry_api(reg.host)
         body, media_type, digest = api.get_manifest("big/app", "latest")
         push_artifact(api, "big/app", None, MT_SPDX,
                       [(json.dumps({"spdxVersion": "SPDX-2.3", "name": "big"}).encode(), MT_SPDX)],
@@ -65,41 +58,13 @@ def _with_big_image(server: s3tools.MotoServer, sample: Path, binary: str, name:
 
 
 @pytest.fixture(scope="module")
-def read28(moto: s3tools.MotoServer,  # noqa: F811
-           real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return _with_big_image(moto, real_sample[0], realtools.REGISTRY_BIN, "regfsck-read-v28")
+def read28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    return _with_big_image(moto, real_sample[0], "2.8", "regfsck-read-v28")
 
 
 @pytest.fixture(scope="module")
-def read3(moto: s3tools.MotoServer,  # noqa: F811
-          real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    binary = s3tools.registry3_binary()
-    if binary is None:
-        pytest.skip("registry v3 binary not available (/work/shared/bin/unpack-registry3)")
-    return _with_big_image(moto, real_sample[0], binary, "regfsck-read-v3")
-
-
-def _copy_bucket(source: Bucket, name: str, tmp: Path) -> Bucket:
-    """A private copy of `source` (to damage), key for key."""
-    copy = Bucket(source.moto, name, source.prefix, source.binary, set())
-    source.moto.make_bucket(name)
-    s3tools.upload_tree(source.moto.client(), source.mirror(tmp / f"{name}-src"), name, source.prefix)
-    return copy
-
-
-def _blob_key(bucket: Bucket, digest: str) -> str:
-    return bucket.key("blobs/sha256/{}/{}/data".format(*_fan(digest)))
-
-
-def _image_layers(bucket: Bucket, repo: str, tag: str) -> list[dict[str, Any]]:
-    client = bucket.moto.client()
-
-    def read(key: str) -> bytes:
-        return bytes(client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
-
-    digest = read(bucket.key(f"repositories/{repo}/_manifests/tags/{tag}/current/link")).decode()
-    layers: list[dict[str, Any]] = json.loads(read(_blob_key(bucket, digest)))["layers"]
-    return layers
+def read3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
+    return _with_big_image(moto, real_sample[0], "3", "regfsck-read-v3")
 
 
 # -- verify --deep ---------------------------------------------------------------------------
@@ -112,7 +77,7 @@ def test_deep_matches_the_mirror(which: str, request: pytest.FixtureRequest,
     """`verify --deep` (and with --no-data) on the bucket: the same document as on disk; every
     layer is read once (one GET each, no second GET for its plain re-hash)."""
     bucket: Bucket = request.getfixturevalue(which)
-    deep = _differential(bucket, tmp_path / "deep", "verify", "--deep")
+    deep = differential(bucket, tmp_path / "deep", "verify", "--deep")
     summary = deep["deep"]
     assert summary["layers_checked"] == summary["layers_total"] > 2 and not summary["interrupted"]
     assert summary["bytes_read"] == summary["bytes_total"] > 2 * BIG
@@ -125,7 +90,7 @@ def test_deep_matches_the_mirror(which: str, request: pytest.FixtureRequest,
         plain["requests"]["get"] + summary["images"])
     assert deep["requests"]["get_bytes"] < plain["requests"]["get_bytes"] + (
         summary["bytes_total"] // 2)
-    structure = _differential(bucket, tmp_path / "nodata", "verify", "--deep", "--no-data")
+    structure = differential(bucket, tmp_path / "nodata", "verify", "--deep", "--no-data")
     assert structure["deep"] == summary and structure["summary"]["blobs_verified"] == 0
 
 
@@ -134,20 +99,20 @@ def test_deep_finds_object_corruptions_as_on_disk(read28: Bucket, tmp_path: Path
     """A flipped byte in a big layer (a spawned worker reads it) and a truncated gzip of a
     small one (a thread reads it), applied to the objects: `verify --deep` reports exactly what
     it reports on the disk copy, and `export` of the image refuses with the same error."""
-    damaged = _copy_bucket(read28, "regfsck-read-damaged", tmp_path)
+    damaged = read28.clone("regfsck-read-damaged")
     client = damaged.moto.client()
-    big = max(_image_layers(damaged, "big/app", "latest"), key=lambda d: d["size"])
-    small = _image_layers(damaged, "a/b", "latest")[0]
+    big = max(damaged.image_layers("big/app", "latest"), key=lambda d: d["size"])
+    small = damaged.image_layers("a/b", "latest")[0]
     assert big["size"] > BIG and small["size"] < 1 << 20
-    key = _blob_key(damaged, big["digest"])
+    key = damaged.blob_key(big["digest"])
     body = bytearray(client.get_object(Bucket=damaged.name, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01
     client.put_object(Bucket=damaged.name, Key=key, Body=bytes(body))
-    key = _blob_key(damaged, small["digest"])
+    key = damaged.blob_key(small["digest"])
     body = bytearray(client.get_object(Bucket=damaged.name, Key=key)["Body"].read())
     client.put_object(Bucket=damaged.name, Key=key, Body=bytes(body[:len(body) // 2]))
 
-    report = _differential(damaged, tmp_path / "deep", "verify", "--deep")
+    report = differential(damaged, tmp_path / "deep", "verify", "--deep")
     found = {(f["kind"], f["digest"]) for f in report["findings"]}
     assert ("blob_digest_mismatch", big["digest"]) in found, found
     assert ("blob_digest_mismatch", small["digest"]) in found, found
@@ -157,7 +122,7 @@ def test_deep_finds_object_corruptions_as_on_disk(read28: Bucket, tmp_path: Path
     assert any(f["digest"] == big["digest"] and f["kind"] in (
         "layer_decompress_error", "layer_diff_id_mismatch") for f in report["findings"])
     assert all(f["path"].startswith("docker/registry/v2/") for f in report["findings"])
-    _differential(damaged, tmp_path / "nodata", "verify", "--deep", "--no-data")
+    differential(damaged, tmp_path / "nodata", "verify", "--deep", "--no-data")
     # export reads the same bytes: the same refusal, nothing written
     disk = damaged.mirror(tmp_path / "export-mirror")
     on_s3 = regfsck("export", damaged.url, "big/app:latest", "-o", str(tmp_path / "s3.tar"),
@@ -188,7 +153,7 @@ def test_metrics_file_on_s3(read28: Bucket, tmp_path: Path) -> None:
     s3_file, disk_file = tmp_path / "s3.prom", tmp_path / "disk.prom"
     code_s3, on_s3 = run_json(read28, "verify", "--metrics-file", str(s3_file), read28.url)
     code_disk, on_disk = run_json(read28, "verify", "--metrics-file", str(disk_file), str(disk))
-    assert _without_requests(on_s3) == on_disk and code_s3 == code_disk
+    assert without_requests(on_s3) == on_disk and code_s3 == code_disk
     s3_text, disk_text = s3_file.read_text(), disk_file.read_text()
     assert f'root="{read28.url}"' in s3_text
     assert _stable_metrics(s3_text) == _stable_metrics(disk_text)
@@ -242,9 +207,9 @@ def test_export_from_bucket_is_accepted_by_skopeo(which: str, request: pytest.Fi
 
     with bucket.registry() as reg:
         expected = {"big/app:latest": realtools.RealRegistry.manifest_digest(
-            _Api(reg.host), "big/app", "latest")}
-        for tag in _Api(reg.host).tags("a/b"):
-            expected[f"a/b:{tag}"] = _Api(reg.host).manifest_digest("a/b", tag)
+            registry_api(reg.host), "big/app", "latest")}
+        for tag in registry_api(reg.host).tags("a/b"):
+            expected[f"a/b:{tag}"] = registry_api(reg.host).manifest_digest("a/b", tag)
     index = json.loads((tmp_path / "s3" / "layout" / "index.json").read_bytes())
     names = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"]
              for m in index["manifests"] if "annotations" in m}
@@ -282,11 +247,7 @@ def test_inspect_and_why_match_the_mirror(which: str, request: pytest.FixtureReq
     oci_repo, oci_tag, _ = info.oci_index
 
     def same(*args: str) -> dict[str, Any]:
-        code_s3, on_s3 = run_json(bucket, *args[:-1], bucket.url, args[-1])
-        code_disk, on_disk = run_json(bucket, *args[:-1], str(disk), args[-1])
-        assert "requests" in on_s3 and "requests" not in on_disk
-        assert _without_requests(on_s3) == on_disk and code_s3 == code_disk, args
-        return on_s3
+        return differential(bucket, disk, *args[:-1], ref=args[-1])
 
     report = same("inspect", "big/app:latest")
     layers = report["manifest"]["layers"]
@@ -295,7 +256,7 @@ def test_inspect_and_why_match_the_mirror(which: str, request: pytest.FixtureReq
     assert [r["kind"] for r in report["referrers"]] == ["sbom"] and report["healthy"]
     same("inspect", "--no-data", f"{oci_repo}:{oci_tag}")
     same("inspect", "a/b:latest")
-    layer = _image_layers(bucket, "big/app", "latest")[0]["digest"]
+    layer = bucket.image_layers("big/app", "latest")[0]["digest"]
     why = same("why", layer)
     assert why["exists"]
     doomed = sorted(bucket.doomed_blobs)[0]
