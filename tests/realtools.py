@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tests.support.served import stop_process
+
 REGISTRY_BIN = "docker-registry"
 SKOPEO_BIN = "skopeo"
 
@@ -277,13 +279,7 @@ class RealRegistry:
     def stop(self) -> None:
         """Terminate the process by PID (kill after 10 s) and remove the temp dir."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         self._cleanup()
 
     def _cleanup(self) -> None:

@@ -52,6 +52,7 @@ import yaml
 from tests import realtools
 from tests.support import V2
 from tests.support.cli import run as regfsck  # a process each: request counts are per process
+from tests.support.served import stop_process
 
 ACCESS_KEY = "regfsck-test-key"
 SECRET_KEY = "regfsck-test-secret"
@@ -203,13 +204,7 @@ class ChildServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -1,6 +1,7 @@
 """A registry binary serving a root as its own process (not through tests.realtools'
 RealRegistry): started with any argv prefix (setpriv, unshare) and environment, ready once
-`/v2/` answers, stopped by its PID."""
+`/v2/` answers, stopped by its PID; `stop_process`, how every server a test starts (this one,
+RealRegistry, tests.support.objectstore's) is stopped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a child by its PID; kill it if it has not exited 10 s later."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 class Served:
@@ -36,11 +48,5 @@ class Served:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.log.close()
