@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import synth
 
-V2 = "docker/registry/v2"
+from tests.support import V2
+from tests.support.cli import run
 
 
 def _plant_damage(v2: Path, result: synth.SynthResult) -> tuple[str, str]:
@@ -150,8 +150,7 @@ def test_cli_plan_equals_serial_plan(damaged: tuple[Path, tuple[str, str]]) -> N
     docs = []
     for processes in ("1", "4"):
         env = {**os.environ, "REGFSCK_SCAN_PROCESSES": processes}
-        out = subprocess.run([sys.executable, "-m", "regfsck", "gc", str(root), "--grace", "0",
-                              "--json"], capture_output=True, text=True, env=env, timeout=600)
+        out = run("gc", str(root), "--grace", "0", "--json", env=env, timeout=600)
         assert out.returncode == 3, out.stderr  # the planted damage blocks the plan
         docs.append(json.loads(out.stdout))
     assert docs[0] == docs[1]
