@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -51,26 +50,6 @@ def drop_caches() -> None:
 def loadavg() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
-
-
-def count_files(root: Path) -> int:
-    out = subprocess.run(["find", str(root), "-type", "f"], capture_output=True, check=True)
-    return out.stdout.count(b"\n")
-
-
-def tree(target: int, workdir: Path, reuse: bool) -> tuple[Path, synth.SynthResult]:
-    root = workdir / f"tree-{target}"
-    summary = workdir / f"tree-{target}.json"
-    if reuse and root.exists() and summary.exists():
-        log(f"== {target} files: reusing {root}")
-        return root, synth.SynthResult.from_json(json.loads(summary.read_text()))
-    if root.exists():
-        shutil.rmtree(root)
-    config = synth.SynthConfig.for_files(target)
-    log(f"== {target} files: generating {config.repositories} repositories in {root}")
-    result = synth.generate(root, config, jobs=measure.cpu_count())
-    summary.write_text(json.dumps(result.to_json()))
-    return root, result
 
 
 def regfsck_gc(root: Path, baseline: str | None, *extra: str) -> Callable[[], Run]:
@@ -117,8 +96,8 @@ def base_rss(workdir: Path, baseline: str | None) -> dict[str, float]:
 
 
 def bench_size(target: int, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    root, result = tree(target, workdir, args.reuse)
-    files = count_files(root)
+    root, result = measure.synthetic_tree(target, workdir, reuse=args.reuse)
+    files = measure.count_files(root)
     config = measure.registry_config(workdir / f"config-{target}.yml", root)
     agreement = check_agreement(root, config, result, args.baseline)
     log(f"   {files} files; agreement: {agreement}")

@@ -35,11 +35,6 @@ from measure import Series, log
 GC_AVAILABLE = (measure.REPO_ROOT / "regfsck" / "cli" / "cmd_gc.py").exists()
 
 
-def count_files(root: Path) -> int:
-    run = measure.run(["find", str(root), "-type", "f"], capture=True)
-    return run.stdout.count(b"\n")
-
-
 def gc_plan_blobs(stdout: bytes) -> set[str]:
     doc = json.loads(stdout)
     return {b["digest"] for b in doc["blobs"]}
@@ -66,26 +61,10 @@ def check_agreement(root: Path, config: Path, result: synth.SynthResult) -> dict
     return agreement
 
 
-def tree(target: int, workdir: Path, jobs: int, reuse: bool) -> tuple[Path, synth.SynthResult]:
-    """Generate the tree of about `target` files (or reuse the one a --keep run left)."""
-    root = workdir / f"tree-{target}"
-    summary = workdir / f"tree-{target}.json"
-    if reuse and root.exists() and summary.exists():
-        log(f"== {target} files: reusing {root}")
-        return root, synth.SynthResult.from_json(json.loads(summary.read_text()))
-    if root.exists():
-        shutil.rmtree(root)
-    config = synth.SynthConfig.for_files(target)
-    log(f"== {target} files: generating {config.repositories} repositories in {root}")
-    result = synth.generate(root, config, jobs=jobs)
-    summary.write_text(json.dumps(result.to_json()))
-    return root, result
-
-
 def bench_size(target: int, workdir: Path, rounds: int, jobs: int, keep: bool,
                reuse: bool) -> dict[str, object]:
-    root, result = tree(target, workdir, jobs, reuse)
-    files = count_files(root)
+    root, result = measure.synthetic_tree(target, workdir, reuse=reuse, jobs=jobs)
+    files = measure.count_files(root)
     log(f"   {files} files, {result.dirs} dirs, {result.bytes / 1e6:.0f} MB, "
         f"written in {result.seconds:.0f}s")
     reg_config = measure.registry_config(workdir / f"config-{target}.yml", root)
@@ -180,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.keep or args.reuse) and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     report(results)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-                      fh, indent=2)
+    measure.write_results(args.json_out, results)
     return 0
 
 

@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.keep or args.reuse) and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     report(results)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-                      fh, indent=2)
+    measure.write_results(args.json_out, results)
     return 0
 
 

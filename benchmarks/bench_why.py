@@ -32,7 +32,7 @@ import measure
 from measure import Series, log
 
 from regfsck import layout
-from tests.test_hostile_manifests import add_manifest, nested_indexes, put
+from tests.support.tree import add_manifest, nested_indexes, put
 
 REPO = "bench/chain"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{s[name].rss_mb:>5.0f}MB {growth:>6}")
         print(f"{res['depth']:>6} {res['output_bytes'] / 1e6:>7.1f}MB  " + "  ".join(cells))
         previous = s
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-                      fh, indent=2)
+    measure.write_results(args.json_out, results)
     return 0
 
 

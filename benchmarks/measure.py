@@ -7,6 +7,7 @@ and summarised by their median, because this machine is shared and noisy.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import synth  # benchmarks/ is on sys.path: every benchmark puts it there first
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = "docker-registry"
@@ -151,3 +154,35 @@ def log(message: str) -> None:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def count_files(root: Path) -> int:
+    """Regular files below `root` (what `find -type f` counts: the size of a tree)."""
+    return run(["find", str(root), "-type", "f"], capture=True).stdout.count(b"\n")
+
+
+def synthetic_tree(target: int, workdir: Path, *, reuse: bool,
+                   jobs: int | None = None) -> tuple[Path, synth.SynthResult]:
+    """The synthetic tree of about `target` files in `workdir/tree-TARGET` (benchmarks/
+    synth.py), or the one a `--keep` run left there when `reuse` (with its summary beside it,
+    so the agreement checks still know which blobs are unreferenced)."""
+    root = workdir / f"tree-{target}"
+    summary = workdir / f"tree-{target}.json"
+    if reuse and root.exists() and summary.exists():
+        log(f"== {target} files: reusing {root}")
+        return root, synth.SynthResult.from_json(json.loads(summary.read_text()))
+    if root.exists():
+        shutil.rmtree(root)
+    config = synth.SynthConfig.for_files(target)
+    log(f"== {target} files: generating {config.repositories} repositories in {root}")
+    result = synth.generate(root, config, jobs=jobs or cpu_count())
+    summary.write_text(json.dumps(result.to_json()))
+    return root, result
+
+
+def write_results(path: str | None, results: Sequence[Mapping[str, object]]) -> None:
+    """`--json FILE`: the figures, without the private (`_`-prefixed) entries."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+                      fh, indent=2)
