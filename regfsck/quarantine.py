@@ -1095,6 +1095,11 @@ class _Reverter:
         done = change.done_info or {}
         if "staged" in change.info:  # the intent recorded the file's inode and mtime
             done = change.info
+        # Where a move is a copy (object storage), the object in the tree got the server's
+        # time when it was copied there, which no intent can know: the staged object's time
+        # says nothing about it, and its identity is its content (checked below).
+        if "staged" in change.info and not self.storage.atomic_moves:
+            done = {}
         if done.get("mtime_ns") is not None and (
                 int(done["mtime_ns"]) != st.st_mtime_ns or int(done.get("ino", st.st_ino)) != st.st_ino):
             return "written again since the run (a push or another tool)"
