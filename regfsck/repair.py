@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from regfsck import layout
 from regfsck.checks import valid_revisions
@@ -42,7 +42,7 @@ from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
 from regfsck.session import MutationSession, mutation_session
 from regfsck.sources import Source, SourceError, open_blob_source
-from regfsck.storage import FilesystemStorage, StorageError, local_only
+from regfsck.storage import MutableStorage, Stat, Storage, StorageError, open_storage
 from regfsck.verify import VerifyOptions, VerifyReport, run_verify
 from regfsck.why import ReferenceGraph, paths_to
 
@@ -266,7 +266,7 @@ class Planner:
         # are a deliberate state: their revision links come back only when asked.
         self.restore_deleted = restore_deleted
         self.store = store
-        self.storage: FilesystemStorage = local_only(store.storage, "repair")
+        self.storage: Storage = store.storage  # the one the inventory was listed from
         self.findings = findings
         self.sources = sources
         self.plan = RepairPlan(sources=[s.label for s in sources], findings_seen=len(findings),
@@ -618,11 +618,14 @@ def plan_repair(root: RegistryRoot, sources: list[Source], *, jobs: int = 1,
                 check_data: bool = True, stop: threading.Event | None = None,
                 restore_deleted: bool = False,
                 ) -> tuple[RepairPlan, VerifyReport, Inventory]:
-    """Verify the tree (content re-hashed unless check_data is False) and plan the fixes."""
-    storage = FilesystemStorage(root.v2)
+    """Verify the tree (content re-hashed unless check_data is False) and plan the fixes.
+
+    The tree is listed once (on object storage: one flat listing) and verify judges that
+    same inventory: the plan and the findings it answers describe one state of the tree."""
+    storage = open_storage(root, jobs=jobs if root.is_object_storage else None)
     inventory = Scanner(storage, root).scan()
     report = run_verify(root, VerifyOptions(jobs=jobs, check_data=check_data), stop=stop,
-                        inventory=inventory)
+                        inventory=inventory, storage=storage)
     if report.summary.interrupted:
         raise Interrupted("interrupted before anything was changed")
     planner = Planner(inventory, ManifestStore(storage, inventory), report.findings, sources,
@@ -634,12 +637,16 @@ def plan_repair(root: RegistryRoot, sources: list[Source], *, jobs: int = 1,
 
 
 class Applier:
-    """Applies a plan's fixes in order inside one journaled run; re-checks each first."""
+    """Applies a plan's fixes in order inside one journaled run; re-checks each first.
+
+    Every look at the tree goes through the run's own backend (`run.storage`, rooted at
+    ROOT), which answers from the tree as it is now (on object storage a fresh request,
+    never the listing the plan was made from): a fix is re-checked against the present."""
 
     def __init__(self, root: RegistryRoot, run: Run, sources: list[Source]) -> None:
         self.root = root
         self.run = run
-        self.storage = FilesystemStorage(root.v2)
+        self.storage = _V2View(run.storage)
         self.sources = {s.label: s for s in sources}
 
     def apply(self, fix: Fix) -> FixOutcome:
@@ -681,17 +688,19 @@ class Applier:
         return None
 
     def _move_home(self, fix: Fix) -> str | None:
+        # The copy is written home before the stray directory is quarantined: on object
+        # storage a quarantine move deletes the source, which a stream may still be reading.
         assert fix.from_path is not None and fix.digest is not None
         stray_dir = fix.from_path.rpartition("/")[0]
         self.run.settle(fix.path, fix.from_path)
+        if self.storage.stat(fix.path) is not None:
+            self.run.quarantine(layout.blob_dir(fix.digest))  # the corrupt copy at home
         with self.storage.open_read(fix.from_path) as stream:
-            if self.storage.stat(fix.path) is not None:
-                self.run.quarantine(layout.blob_dir(fix.digest))  # the corrupt copy at home
-            self.run.quarantine(stray_dir)
             written = self.run.create_file(fix.path, stream)
         if written != fix.digest:
             raise RepairError(f"repair stopped, nothing changed: the copy of {fix.from_path} "
                               f"hashes to {written}, not {fix.digest}; the run is reverted")
+        self.run.quarantine(stray_dir)
         return None
 
     def _from_source(self, fix: Fix) -> str | None:
@@ -714,6 +723,22 @@ class Applier:
             raise RepairError(f"repair stopped, nothing changed: the copy from {fix.source} "
                               f"hashes to {written}, not {fix.digest}; the run is reverted")
         return None
+
+
+class _V2View:
+    """The reads the Applier makes, by v2-relative path, through a backend rooted at ROOT."""
+
+    def __init__(self, storage: MutableStorage) -> None:
+        self.storage = storage
+
+    def stat(self, path: str) -> Stat | None:
+        return self.storage.stat(f"{V2_PREFIX}/{path}")
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        return self.storage.read_small(f"{V2_PREFIX}/{path}", limit)
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self.storage.open_read(f"{V2_PREFIX}/{path}")
 
 
 def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source], *,

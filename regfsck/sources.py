@@ -394,14 +394,23 @@ class ArchiveSource(Source):
         return f"{self._dir}/{digest.replace(':', '-')}"
 
     def prepare(self, digests: set[str], root: RegistryRoot) -> None:
-        """Copy the wanted blobs, verified, into a scratch directory under ROOT/regfsck-state
-        (one pass); a copy that does not verify is dropped (`open` then has none)."""
+        """Copy the wanted blobs, verified, into a scratch directory in regfsck-state on the
+        local disk (one pass); a copy that does not verify is dropped (`open` then has none).
+
+        A local tree's regfsck-state is in ROOT (same filesystem); a tree in object storage
+        keeps its state on the local disk (`record.record_base`), never in the bucket."""
         wanted = {d for d in digests if d in self.blob_sizes and d not in self.corrupt}
         wanted -= self._spooled
         if not wanted:
             return
         if self._scratch is None:
-            self._scratch = FilesystemStorage(root.root)
+            from regfsck.record import RecordError, record_base
+
+            try:
+                base = record_base(root, create=True)
+            except RecordError as exc:
+                raise SourceError(str(exc), "io") from exc
+            self._scratch = FilesystemStorage(base)
         if self._scratch.stat(SCRATCH_DIR) is None:
             self._scratch.make_dir(SCRATCH_DIR, 0o700)
         if not self._dir:

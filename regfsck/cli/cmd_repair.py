@@ -11,13 +11,17 @@ import typer
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JOBS_OPTION,
     JSON_OPTION,
+    NO_REGISTRY_CHECK_OPTION,
+    REGISTRY_URL_OPTION,
     ROOT_ARGUMENT,
     CtrlC,
     default_jobs,
     fail,
+    for_changes,
     human_bytes,
     note,
     open_root,
@@ -28,6 +32,7 @@ from regfsck.cli.common import (
     styled,
     table,
     warn,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 from regfsck.findings import Severity
@@ -61,11 +66,19 @@ def repair(
                                          "index children deleted from their repository "
                                          "(index_child_deleted): by default a deliberate "
                                          "delete is left alone."),
+    registry_url: list[str] | None = REGISTRY_URL_OPTION,
+    no_registry_check: bool = NO_REGISTRY_CHECK_OPTION,
+    break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Plan exact fixes for verify's findings; apply them (undoably) with --apply."""
     if jobs < 0:
         fail("--jobs must be positive", ExitCode.USAGE)
-    registry = open_root(root, config)
+    registry = for_changes(open_root(root, config, object_storage=True), registry_url,
+                           no_registry_check, break_lock)
+    if registry.is_object_storage and not jobs:
+        from regfsck.objectstore import default_jobs as s3_default_jobs
+
+        jobs = s3_default_jobs()  # requests in flight, not CPU threads
     from regfsck.repair import open_sources, run_repair
 
     opened: list[Source] = open_sources(sources)
@@ -79,9 +92,9 @@ def repair(
         for source in opened:
             source.close()
     if json_output:
-        print_json(result.to_json())
+        print_json(with_requests(registry, result.to_json()))
     else:
-        render_repair(result, root_words(registry))
+        render_repair(result, root_words(registry), object_storage=registry.is_object_storage)
     if result.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
     raise typer.Exit(_exit_code(result))
@@ -96,7 +109,7 @@ def _exit_code(result: RepairResult) -> int:
     return ExitCode.FINDINGS if plan.fixes or errors else ExitCode.OK
 
 
-def render_repair(result: RepairResult, root: str) -> None:
+def render_repair(result: RepairResult, root: str, *, object_storage: bool = False) -> None:
     plan = result.plan
     for message in result.recovered:
         say(styled("recovered: ", "yellow"), message)
@@ -134,8 +147,12 @@ def render_repair(result: RepairResult, root: str) -> None:
         if plan.fixes:
             say(f"{plural(len(plan.fixes), 'fix', 'fixes')} planned; nothing was changed "
                 "(add --apply to make them)")
+            # On object storage regfsck cannot see the registry: it must be told how to ask.
+            check = (" --registry-url URL (a registry in read-only mode or stopped)"
+                     if object_storage else "")
             note(f"Next: stop the registry, then: regfsck repair {root}"
-                 + "".join(f" --from {shlex.quote(s)}" for s in plan.sources) + " --apply")
+                 + "".join(f" --from {shlex.quote(s)}" for s in plan.sources) + " --apply"
+                 + check)
         if plan.repush:
             note("Then push again: " + " ".join(plan.repush))
         return
