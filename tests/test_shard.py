@@ -16,6 +16,8 @@ import json
 import os
 import random
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 
 from regfsck.errors import ExitCode, UsageError
 from regfsck.report import SHARD_ENV, Shard, parse_shard, shard_of
-from tests import realtools
+from tests import realtools, s3tools
 from tests.support import V2
 from tests.support.cli import child_env, command, invoke
 from tests.support.tree import blob_path, copy_tree, put_blob
@@ -102,7 +104,7 @@ def _damage(root: Path, info: realtools.SampleInfo) -> None:
     (links[0] / "link").write_bytes(b"not a digest\n")  # structure: no digest -> shard 0
 
 
-def _verify_json(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, Any]:
+def _verify_json(root: Path | str, *args: str, env: dict[str, str] | None = None) -> tuple[int, Any]:
     proc = subprocess.run(command("verify", str(root), "--json", "-j", "2", *args),
                           capture_output=True, text=True, env=child_env(env), timeout=600,
                           check=False)
@@ -110,7 +112,7 @@ def _verify_json(root: Path, *args: str, env: dict[str, str] | None = None) -> t
     return proc.returncode, json.loads(proc.stdout)
 
 
-def _sharded(root: Path, count: int, reports: Path, *args: str,
+def _sharded(root: Path | str, count: int, reports: Path, *args: str,
              env: dict[str, str] | None = None) -> tuple[list[int], list[Path]]:
     """`count` shards of one run, as concurrent processes, each writing its --output."""
     reports.mkdir(parents=True, exist_ok=True)
@@ -277,3 +279,73 @@ def test_merge_human_output_and_file(damaged: Path, tmp_path: Path) -> None:
     errors = whole["summary"]["errors"]
     assert f"{errors} errors" in result.stdout and "blob_digest_mismatch" in result.stdout
     assert "regfsck repair" in result.stderr  # verify's next steps, for the tree's root
+
+
+# -- object storage ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def damaged_bucket(real_sample: tuple[Path, realtools.SampleInfo]
+                   ) -> Iterator[tuple[s3tools.MotoServer, str]]:
+    """Images copied by skopeo into a registry writing through its own s3 driver (moto),
+    then damaged object by object: a flipped byte in two layers, a deleted config, a
+    garbage `_layers` link."""
+    missing = s3tools.moto_missing()
+    if missing:
+        pytest.skip(missing)
+    with s3tools.MotoServer() as server:
+        server.make_bucket("regfsck-shard")
+        prefix = "reg/root"
+        with realtools.RealRegistry(real_sample[0]) as src, \
+                s3tools.S3Registry(realtools.REGISTRY_BIN, server.endpoint, "regfsck-shard",
+                                   "/" + prefix) as dst:
+            for repo, tags in sorted(real_sample[1].tags.items()):
+                if repo.startswith("legacy/"):
+                    continue
+                for tag in sorted(tags):
+                    realtools.skopeo_copy(f"docker://{src.host}/{repo}:{tag}",
+                                          f"docker://{dst.host}/{repo}:{tag}", "--all",
+                                          "--preserve-digests")
+        client = server.client()
+        v2 = f"{prefix}/docker/registry/v2/"
+        blobs = sorted((o["Key"], o["Size"]) for o in s3tools.iter_keys(
+            client, "regfsck-shard", v2 + "blobs/"))
+        for key, _ in sorted(blobs, key=lambda item: -item[1])[:2]:  # the largest: layers
+            body = bytearray(client.get_object(Bucket="regfsck-shard", Key=key)["Body"].read())
+            body[len(body) // 2] ^= 0x01
+            client.put_object(Bucket="regfsck-shard", Key=key, Body=bytes(body))
+        config = real_sample[1].references[real_sample[1].tags["a/b"]["latest"]][0]
+        client.delete_object(Bucket="regfsck-shard", Key=v2 + "blobs/sha256/{}/{}/data".format(
+            config.split(":")[1][:2], config.split(":")[1]))
+        link = next(o["Key"] for o in s3tools.iter_keys(
+            client, "regfsck-shard", v2 + "repositories/a/b/_layers/"))
+        client.put_object(Bucket="regfsck-shard", Key=link, Body=b"not a digest\n")
+        yield server, f"s3://regfsck-shard/{prefix}"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_shards_of_a_bucket_merge_into_the_unsharded_report(
+        damaged_bucket: tuple[s3tools.MotoServer, str], tmp_path: Path, count: int) -> None:
+    """The same on s3://: the merge equals one run but for `requests`, which add up (every
+    shard lists the whole bucket; each GETs only its own blobs)."""
+    server, url = damaged_bucket
+    env = server.env()
+    code, whole = _verify_json(url, env=env)
+    assert code == ExitCode.FINDINGS
+    assert {"blob_digest_mismatch", "reference_missing", "link_invalid"} <= {
+        f["kind"] for f in whole["findings"]}  # (no directory objects: a config is just gone)
+    codes, paths = _sharded(url, count, tmp_path, env=env)
+    merge_code, merged = _merge(*paths)
+    parts = [json.loads(p.read_text()) for p in paths]
+    assert merged["requests"] == {k: sum(p["requests"].get(k, 0) for p in parts)
+                                  for k in merged["requests"]}
+    del merged["requests"], whole["requests"]
+    assert merged == whole and merge_code == code == max(codes)
+    # --changed-only: one --state-dir here (one machine); pods would each keep their own, and
+    # as a digest's shard never changes for a given N, each record covers its shard's blobs.
+    with tempfile.TemporaryDirectory() as state:
+        _sharded(url, 2, tmp_path / "co", "--changed-only", "--state-dir", state, env=env)
+        again = _merge(*_sharded(url, 2, tmp_path / "co2", "--changed-only", "--state-dir",
+                                 state, env=env)[1])[1]
+        assert again["summary"]["blobs_skipped"] > 0
+        assert again["findings"] == whole["findings"]
