@@ -20,3 +20,15 @@ def test_every_command_is_documented_with_an_example() -> None:
     for name in names:
         assert f"### `regfsck {name}" in README, f"README has no section for {name}"
         assert f"regfsck {name} " in README.split(f"### `regfsck {name}", 1)[1]
+
+
+def test_every_command_group_is_documented_with_an_example() -> None:
+    """`regfsck report merge`: a command of a group (typer's registered_groups)."""
+    groups = [(g.name, g.typer_instance) for g in app.registered_groups]
+    assert groups
+    for group, sub in groups:
+        assert sub is not None
+        for command in sub.registered_commands:
+            name = f"{group} {command.name}"
+            assert f"### `regfsck {name}" in README, f"README has no section for {name}"
+            assert f"regfsck {name} " in README.split(f"### `regfsck {name}", 1)[1]
