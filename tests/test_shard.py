@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from regfsck.errors import ExitCode, UsageError
 from regfsck.report import SHARD_ENV, Shard, parse_shard, shard_of
-from tests import realtools, s3tools
-from tests.support import V2
+from tests import realtools
+from tests.support import V2, objectstore
 from tests.support.cli import child_env, command, invoke
 from tests.support.tree import blob_path, copy_tree, put_blob
 
@@ -286,29 +286,22 @@ def test_merge_human_output_and_file(damaged: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def damaged_bucket(real_sample: tuple[Path, realtools.SampleInfo]
-                   ) -> Iterator[tuple[s3tools.MotoServer, str]]:
-    """Images copied by skopeo into a registry writing through its own s3 driver (moto),
-    then damaged object by object: a flipped byte in two layers, a deleted config, a
-    garbage `_layers` link."""
-    missing = s3tools.moto_missing()
+                   ) -> Iterator[tuple[objectstore.MotoServer, str]]:
+    """The sample's images copied by skopeo into a registry writing through its own s3
+    driver (moto; objectstore.fill), then damaged object by object: a flipped byte in two
+    layers, a deleted config, a garbage `_layers` link."""
+    missing = objectstore.moto_missing()
     if missing:
         pytest.skip(missing)
-    with s3tools.MotoServer() as server:
+    with objectstore.MotoServer() as server:
         server.make_bucket("regfsck-shard")
         prefix = "reg/root"
-        with realtools.RealRegistry(real_sample[0]) as src, \
-                s3tools.S3Registry(realtools.REGISTRY_BIN, server.endpoint, "regfsck-shard",
-                                   "/" + prefix) as dst:
-            for repo, tags in sorted(real_sample[1].tags.items()):
-                if repo.startswith("legacy/"):
-                    continue
-                for tag in sorted(tags):
-                    realtools.skopeo_copy(f"docker://{src.host}/{repo}:{tag}",
-                                          f"docker://{dst.host}/{repo}:{tag}", "--all",
-                                          "--preserve-digests")
+        with objectstore.s3_registry(realtools.REGISTRY_BIN, server.endpoint, "regfsck-shard",
+                                     "/" + prefix) as dst:
+            objectstore.fill(real_sample[0], dst.host, "shard-doomed")
         client = server.client()
         v2 = f"{prefix}/docker/registry/v2/"
-        blobs = sorted((o["Key"], o["Size"]) for o in s3tools.iter_keys(
+        blobs = sorted((o["Key"], o["Size"]) for o in objectstore.iter_keys(
             client, "regfsck-shard", v2 + "blobs/"))
         for key, _ in sorted(blobs, key=lambda item: -item[1])[:2]:  # the largest: layers
             body = bytearray(client.get_object(Bucket="regfsck-shard", Key=key)["Body"].read())
@@ -317,7 +310,7 @@ def damaged_bucket(real_sample: tuple[Path, realtools.SampleInfo]
         config = real_sample[1].references[real_sample[1].tags["a/b"]["latest"]][0]
         client.delete_object(Bucket="regfsck-shard", Key=v2 + "blobs/sha256/{}/{}/data".format(
             config.split(":")[1][:2], config.split(":")[1]))
-        link = next(o["Key"] for o in s3tools.iter_keys(
+        link = next(o["Key"] for o in objectstore.iter_keys(
             client, "regfsck-shard", v2 + "repositories/a/b/_layers/"))
         client.put_object(Bucket="regfsck-shard", Key=link, Body=b"not a digest\n")
         yield server, f"s3://regfsck-shard/{prefix}"
@@ -325,7 +318,7 @@ def damaged_bucket(real_sample: tuple[Path, realtools.SampleInfo]
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_shards_of_a_bucket_merge_into_the_unsharded_report(
-        damaged_bucket: tuple[s3tools.MotoServer, str], tmp_path: Path, count: int) -> None:
+        damaged_bucket: tuple[objectstore.MotoServer, str], tmp_path: Path, count: int) -> None:
     """The same on s3://: the merge equals one run but for `requests`, which add up (every
     shard lists the whole bucket; each GETs only its own blobs)."""
     server, url = damaged_bucket
