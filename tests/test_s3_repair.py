@@ -17,6 +17,7 @@ the undamaged bucket (an OCI layout and an oci-archive). Then:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,13 @@ from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     Bucket,
     MotoServer,
+    dead_url,
     needs_server,
     push_into_bucket,
     registry3_binary,
 )
+
+QUARANTINE = "regfsck-quarantine/"
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,13 @@ def test_repair_plan_on_s3_equals_the_plan_on_disk(which: str, request: pytest.F
     before = bucket.everything()
     disk = bucket.mirror(tmp_path / "mirror")
     sources = _sources(base.backups)
+    started = time.monotonic()
     code_s3, on_s3, err = run(bucket, tmp_path / "state", "repair", bucket.url, *sources)
+    on_bucket = time.monotonic() - started
+    started = time.monotonic()
     code_disk, on_disk, err_disk = run(bucket, tmp_path / "state", "repair", str(disk), *sources)
+    print(f"repair plan on {which}: bucket {on_bucket:.1f}s, requests {on_s3.get('requests')}; "
+          f"disk mirror {time.monotonic() - started:.1f}s")  # figures only, never asserted
     assert on_s3 and on_disk, (err, err_disk)
     assert on_s3["requests"]["total"] > 0 and "requests" not in on_disk
     assert {k: v for k, v in on_s3.items() if k != "requests"} == on_disk
@@ -205,20 +214,68 @@ def test_repair_apply_on_s3_mends_and_undo_restores(which: str, request: pytest.
     assert bucket.everything() == before
 
     with bucket.registry(readonly=True) as reg:
+        started = time.monotonic()
         code, doc, err = run(bucket, state, "repair", bucket.url, *sources, "--apply",
                              "--registry-url", f"http://{reg.host}")
+        elapsed = time.monotonic() - started
     assert code == 0, (doc, err)
     assert doc["applied"] is True and doc["run_id"] and doc["remaining"] == []
     assert actions(doc) == EXPECTED_FIXES
     assert all(f["status"] == "applied" for f in doc["fixes"]), doc["fixes"]
-    print(f"repair --apply on {which}: requests {doc['requests']}")
+    print(f"repair --apply on {which}: {elapsed:.1f}s, requests {doc['requests']}")
     assert findings(bucket, state) == clean
     assert list(state.rglob("repair-spool-*")) == [], "the archive's spooled blobs are removed"
     assert not bucket.keys_below("regfsck-state/lock")  # released
     for binary in filter(None, (realtools.REGISTRY_BIN, registry3_binary())):
         bucket.serves_every_tag(binary, tags)
 
+    started = time.monotonic()
+    code, undone, err = run(bucket, state, "undo", bucket.url, doc["run_id"],
+                            "--no-registry-check")
+    print(f"undo on {which}: {time.monotonic() - started:.1f}s, requests {undone.get('requests')}")
+    assert code == 0, (undone, err)
+    assert bucket.tree() == damaged  # every key, byte for byte (and ETag)
+
+
+@needs_server
+def test_repair_without_a_backup_quarantines_and_names_the_images(base28: Base,
+                                                                   tmp_path: Path) -> None:
+    """No --from: a truncated layer is quarantined (a whole blob "directory" moved into the
+    quarantine), the plan naming the images to push again, as on disk; after --apply
+    (registry stopped) every other tag is served, verify reports the lost layer as missing
+    and nothing else new; undo restores every key byte for byte."""
+    bucket = base28.bucket.clone()
+    state = tmp_path / "state"
+    clean = findings(bucket, state)
+    tags = bucket.tags()
+    _, zstd = tagged(bucket, "compress/zstd", "latest")
+    truncated = zstd["layers"][-1]["digest"]
+    data = get(bucket, blob(truncated))
+    put(bucket, blob(truncated), data[:len(data) // 2])
+    damaged = bucket.tree()
+    disk = bucket.mirror(tmp_path / "mirror")
+    code_s3, plan, err = run(bucket, state, "repair", bucket.url)
+    code_disk, on_disk, _ = run(bucket, state, "repair", str(disk))
+    assert {k: v for k, v in plan.items() if k != "requests"} == on_disk, err
+    assert code_s3 == code_disk == 1
+    assert actions(plan) == {"quarantine_blob": 1}
+    assert [b["digest"] for b in plan["lost_blobs"]] == [truncated]
+    assert "compress/zstd:latest" in plan["repush"]
+
+    code, doc, err = run(bucket, state, "repair", bucket.url, "--apply", "--registry-url",
+                         dead_url())
+    assert doc.get("applied") is True, (code, doc, err)
+    assert not bucket.keys_below(f"docker/registry/v2/blobs/sha256/{truncated[7:9]}/{truncated[7:]}/")
+    held = bucket.keys_below(f"{QUARANTINE}{doc['run_id']}/v2/blobs/")
+    assert [k.rsplit("/", 2)[-2] for k in held] == [truncated[7:]]
+    after = findings(bucket, state)
+    assert {kind for kind, _ in after - clean} <= {"reference_missing", "blob_missing",
+                                                   "layer_link_dangling"}, after - clean
+    lost = set(plan["repush"])
+    survivors = {repo: [t for t in ts if f"{repo}:{t}" not in lost] for repo, ts in tags.items()}
+    bucket.serves_every_tag(realtools.REGISTRY_BIN, {r: ts for r, ts in survivors.items() if ts})
+
     code, undone, err = run(bucket, state, "undo", bucket.url, doc["run_id"],
                             "--no-registry-check")
     assert code == 0, (undone, err)
-    assert bucket.tree() == damaged  # every key, byte for byte (and ETag)
+    assert bucket.tree() == damaged
