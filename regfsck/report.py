@@ -232,6 +232,14 @@ def _check_set(reports: Sequence[ShardReport], *, allow_changed_tree: bool) -> N
         shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise MergeError(f"missing {len(missing)} of {count} shards: {shown} (merge needs "
                          "the report of every shard)")
+    for r in reports:  # the rule that makes the union a partition (not a hand-made mix)
+        shard = Shard(r.shard["index"], count)
+        for finding in r.doc["findings"]:
+            digest = finding.get("digest") if isinstance(finding, dict) else None
+            if not isinstance(finding, dict) or not shard.owns_finding(
+                    digest if isinstance(digest, str) else None):
+                raise MergeError(f"{r.name} (shard {shard}) holds a finding it does not own "
+                                 f"({str(finding)[:120]}): not a report verify --shard wrote")
     for key, what in _SAME:
         if key == "tree" and allow_changed_tree:
             continue

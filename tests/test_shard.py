@@ -242,6 +242,9 @@ def test_bad_merges_are_refused(damaged: Path, tmp_path: Path) -> None:
     _refused(three[0], other_version, three[2], words="different regfsck versions")
     other_root = edited("root.json", three[1], lambda d: d["shard"].update(root="/elsewhere"))
     _refused(three[0], other_root, three[2], words="different roots")
+    foreign = json.loads(three[2].read_text())["findings"][0]
+    stolen = edited("stolen.json", three[1], lambda d: d["findings"].append(foreign))
+    _refused(three[0], stolen, three[2], words="holds a finding it does not own")
     _, strict = _sharded(damaged, 3, tmp_path / "strict", "--strict")
     _refused(three[0], strict[1], three[2], words="different options")
 
@@ -342,3 +345,20 @@ def test_shards_of_a_bucket_merge_into_the_unsharded_report(
                                  state, env=env)[1])[1]
         assert again["summary"]["blobs_skipped"] > 0
         assert again["findings"] == whole["findings"]
+
+
+def test_interrupted_shard_and_unwritable_output(damaged: Path, tmp_path: Path) -> None:
+    """A shard stopped by Ctrl-C makes the merge exit 130, as one interrupted run would; a
+    report that cannot be written is one line and exit 3, no half file."""
+    _, paths = _sharded(damaged, 2, tmp_path)
+    doc = json.loads(paths[1].read_text())
+    doc["summary"]["interrupted"] = True
+    paths[1].write_text(json.dumps(doc))
+    code, merged = _merge(*paths)
+    assert code == ExitCode.INTERRUPTED and merged["summary"]["interrupted"]
+    result = invoke("verify", str(damaged), "--no-data", "--shard", "0/2", "--output",
+                    str(tmp_path / "no-such-dir" / "r.json"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == ExitCode.CANNOT_RUN, result
+    assert lines[-1].startswith("regfsck: cannot write report"), lines
+    assert not (tmp_path / "no-such-dir").exists()
