@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from regfsck.layout import STATE_DIR
 from regfsck.root import S3Location
+from regfsck.safety import LockHeldError
 from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative
 
 if TYPE_CHECKING:
@@ -941,9 +942,11 @@ def _suppress_storage() -> contextlib.suppress:
 # -- the lock between regfsck runs ----------------------------------------------------
 
 
-class LockHeld(Exception):
-    """Another regfsck run holds the object lock; `holder` says who, `stale` whether it
-    has stopped refreshing it (a crash) so that --break-lock may take it."""
+class LockHeld(LockHeldError):
+    """Another regfsck run holds the object lock (the root lock on object storage, so a
+    refusal like any other: exit 3, rendered by the CLI's one handler); `holder` says
+    who, `stale` whether it has stopped refreshing it (a crash) so that --break-lock may
+    take it."""
 
     def __init__(self, message: str, holder: dict[str, Any], stale: bool) -> None:
         super().__init__(message)

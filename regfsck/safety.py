@@ -743,8 +743,6 @@ class RootLock:
         return self._object.broke if self._object is not None else None
 
     def _object_acquire(self, lock: ObjectLock) -> None:
-        from regfsck.objectstore import LockHeld
-
         if lock.etag is not None:
             raise SafetyError("the root lock is already held by this run")
         if self.root.s3 is not None and self.root.s3.provider != "s3":
@@ -752,9 +750,7 @@ class RootLock:
             raise SafetyError(f"changing a tree in Azure Blob Storage ({self.root.display}) is "
                               "not available yet: nothing was changed")
         try:
-            lock.acquire()
-        except LockHeld as exc:
-            raise LockHeldError(str(exc)) from exc
+            lock.acquire()  # another holder: objectstore.LockHeld, a LockHeldError
         except StorageError as exc:
             raise SafetyError(f"cannot take the lock {lock.url}: {exc}") from exc
 
