@@ -424,12 +424,16 @@ def _read_meta(storage: MutableStorage, files: _RunFiles) -> dict[str, Any] | No
     return meta if isinstance(meta, dict) else None
 
 
-def _active(session: MutationSession) -> MutationSession:
-    """`session`, if it is an open mutation session; anything else refuses the run."""
+def _active(session: MutationSession, *, tree: bool = True, what: str = "a run begins",
+            recovered: bool = True) -> MutationSession:
+    """`session`, if it is an open mutation session (of the tree unless `tree` is false;
+    with `recovered` false, one whose lock is held and whose recovery is under way);
+    anything else refuses `what` before anything changes."""
     from regfsck.session import MutationSession
 
-    if not isinstance(session, MutationSession) or not session.active:
-        raise QuarantineError("a run begins only inside an open mutation session "
+    if not isinstance(session, MutationSession) or (tree and not session.tree) \
+            or not (session.active if recovered else session.lock.held):
+        raise QuarantineError(f"{what} only inside an open mutation session "
                               "(regfsck.session.mutation_session: root lock held, interrupted "
                               "runs recovered); nothing was changed")
     return session
@@ -1558,12 +1562,14 @@ def _run_dirs(storage: MutableStorage) -> list[_RunFiles]:
             if e.kind.value == "dir" and RUN_ID_RE.fullmatch(e.name)]
 
 
-def recover(root: RegistryRoot) -> list[str]:
-    """Finish or revert every run a crash left open (call under the root lock).
+def recover(session: MutationSession) -> list[str]:
+    """Finish or revert every run a crash left open (`mutation_session` calls it once the
+    root lock is held, before the session opens; nothing else may).
 
     Each run's on_crash policy decides: "revert" puts the tree back as it was before the
     run, "finish" keeps the changes that reached the disk (still undoable)."""
-    storage = mutable_storage(root)
+    root = _active(session, what="recovery runs", recovered=False).root
+    storage = session.storage
     messages: list[str] = []
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files)
@@ -1614,13 +1620,15 @@ def undo_target(root: RegistryRoot, run_id: str | None) -> str:
     raise QuarantineError(f"nothing to undo in {root.display}/{QUARANTINE_DIR}")
 
 
-def undo(root: RegistryRoot, run_id: str | None = None) -> UndoResult:
-    """Revert a run (default: the newest run not yet reverted) by its plan (`plan_undo`).
+def undo(session: MutationSession, run_id: str | None = None) -> UndoResult:
+    """Revert a run (default: the newest run not yet reverted) by its plan (`plan_undo`),
+    inside an open mutation session (root lock held, interrupted runs recovered).
 
     Judged against the tree as it is now before anything moves: a step that cannot be
     done, or a tag that would come back without its parts, refuses the whole undo and
     names the newer run to undo first; creations used or rewritten since stay in place."""
-    storage = mutable_storage(root)
+    root = _active(session, what="an undo runs").root
+    storage = session.storage
     candidates = _run_dirs(storage)
     if run_id is not None:
         check_run_id(run_id)
@@ -1687,17 +1695,21 @@ def _needed_runs(root: RegistryRoot, storage: MutableStorage) -> dict[str, set[s
     return needed
 
 
-def purge(root: RegistryRoot, older_than: timedelta, *, dry_run: bool = False,
+def purge(session: MutationSession, older_than: timedelta, *, dry_run: bool = False,
           now: datetime | None = None, force: bool = False,
           run_ids: Collection[str] | None = None) -> PurgeResult:
     """Delete for good the runs that ended at least `older_than` ago; reports bytes freed.
+
+    Inside an open mutation session; a quarantine session (`tree=False`) is enough: the
+    registry never reads the quarantine, so it may keep running meanwhile.
 
     `run_ids` limits it to those runs (an unknown id is a QuarantineError): what a command
     suggests after its own run, so that following the hint never deletes every other run.
     Runs still open (a crash, see `recover`) are never purged. A run whose content another
     run's undo still needs (see `_needed_runs`) is kept unless `force`: purging it would
     leave that undo refusing, or restoring tags that cannot be pulled."""
-    storage = mutable_storage(root)
+    root = _active(session, tree=False, what="a purge runs").root
+    storage = session.storage
     now = now or datetime.now(UTC)
     result = PurgeResult(applied=not dry_run)
     runs = _run_dirs(storage)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from regfsck.quarantine import BATCH, QUARANTINE_DIR, list_runs, recover
+from regfsck.quarantine import BATCH, QUARANTINE_DIR, list_runs
 from regfsck.root import locate
 from tests import realtools
 from tests.hostile import all_refs, assert_clean_exit, intact_images, run_cli, undo_everything
 from tests.realtools import OCILayoutWriter, SampleInfo
+from tests.support.sessions import recover
 from tests.support.snapshot import content_snapshot
 from tests.support.tree import copy_tree
 

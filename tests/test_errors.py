@@ -48,6 +48,7 @@ EXPECTED = {
     "regfsck.quarantine.QuarantineError": ExitCode.CANNOT_RUN,
     "regfsck.safety.SafetyError": ExitCode.CANNOT_RUN,
     "regfsck.safety.LockHeldError": ExitCode.CANNOT_RUN,
+    "regfsck.objectstore.LockHeld": ExitCode.CANNOT_RUN,
     "regfsck.record.RecordError": ExitCode.CANNOT_RUN,
     "regfsck.repair.RepairError": ExitCode.CANNOT_RUN,
     "regfsck.inspect.ImageDamaged": ExitCode.FINDINGS,
@@ -124,3 +125,42 @@ def test_usage_errors_are_usage_errors() -> None:
 
     with pytest.raises(UsageError, match=r"^--grace: not a duration"):
         parse_duration("soon", "--grace")
+
+
+def test_an_error_that_ends_a_change_says_what_is_kept_and_how_to_free_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mutation session marks the errors that end it; the app's one handler words them:
+    an I/O error midway keeps what was changed so far, and a full disk names the run to
+    purge (the newest hint of `cli/sweeping.refusals`, which caught and re-worded them)."""
+    import errno
+
+    from regfsck import quarantine
+    from regfsck.root import locate
+    from regfsck.session import mutation_session
+    from regfsck.storage import StorageError
+    from tests.support.tree import build
+
+    build(tmp_path, {"blobs/sha256/aa/aaaa/data": b"orphan", "repositories/r/_layers": None})
+    root = locate(tmp_path)
+    with mutation_session(root, command="test") as session, quarantine.Run.begin(session, {}) as run:
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run.finish()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StorageError(errno.ENOSPC, "No space left on device", "meta.json")
+
+    monkeypatch.setattr(quarantine, "_write_meta", full)
+    result = invoke("undo", str(tmp_path), run.run_id)
+    assert result.returncode == ExitCode.CANNOT_RUN, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("regfsck: stopped: ")
+    assert "No space left on device (changes made so far are kept and undoable" in result.stderr
+    assert f"free the oldest for good with `regfsck purge {tmp_path} {run.run_id} --apply`" \
+        in result.stderr
+    error = StorageError(errno.EIO, "I/O error", "x")
+    with pytest.raises(StorageError) as raised, mutation_session(root, command="test"):
+        raise error
+    assert raised.value.changing == root and raised.value.midway
+    with pytest.raises(StorageError) as raised, \
+            mutation_session(root, command="purge", tree=False):
+        raise StorageError(errno.EIO, "I/O error", "x")
+    assert raised.value.changing is None and not raised.value.midway  # purge: as it is

@@ -21,7 +21,7 @@ from regfsck.importer import (
     images_from_index,
     run_import,
 )
-from regfsck.quarantine import Run, list_runs, undo
+from regfsck.quarantine import Run, list_runs
 from regfsck.root import locate
 from regfsck.safety import RootLock
 from regfsck.session import mutation_session
@@ -31,6 +31,7 @@ from tests.realtools import SampleInfo
 from tests.support import REPO_ROOT, V2
 from tests.support.cli import invoke as cli
 from tests.support.export import export, read_layout_dir
+from tests.support.sessions import undo
 from tests.support.snapshot import STATE_NAMES, snapshot
 
 

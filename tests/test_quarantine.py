@@ -27,16 +27,15 @@ from regfsck.quarantine import (
     QuarantineError,
     Run,
     UndoConflictError,
+    check_run_id,
     list_runs,
     new_run_id,
-    purge,
-    recover,
-    undo,
 )
 from regfsck.root import RegistryRoot, locate
 from regfsck.session import MutationSession, mutation_session
 from regfsck.storage import StorageError, UnsafePathError
-from tests.support import REPO_ROOT, V2
+from tests.support import REPO_ROOT
+from tests.support.sessions import purge, recover, undo
 from tests.support.snapshot import registry_snapshot
 from tests.support.snapshot import snapshot as tree_snapshot
 from tests.support.tree import build
@@ -68,11 +67,7 @@ def test_run_id_is_sortable_and_validated() -> None:
     late = new_run_id(datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC))
     assert RUN_ID_RE.fullmatch(early) and early < late
     with pytest.raises(QuarantineError):
-        undo(locate_dummy(), "../../etc")
-
-
-def locate_dummy() -> RegistryRoot:
-    return RegistryRoot(Path("/nonexistent"), Path("/nonexistent") / V2)
+        check_run_id("../../etc")
 
 
 def test_every_change_is_undone_byte_for_byte(tree: RegistryRoot) -> None:
@@ -131,6 +126,34 @@ def test_a_run_cannot_begin_without_an_open_session(tree: RegistryRoot) -> None:
         Run.begin(fake, {})
     assert registry_snapshot(tree.root) == before
     assert not (tree.root / QUARANTINE_DIR).exists()
+
+
+def test_undo_recover_and_purge_take_a_session_too(tree: RegistryRoot) -> None:
+    """Every way into changing the tree or its quarantine goes through a mutation session:
+    undo, recover and purge refuse a root (as they took before) or a closed session; a
+    quarantine session (purge's: only the lock) recovers nothing and begins no run."""
+    from regfsck import quarantine
+
+    with mutation_session(tree, command="gc") as session:
+        run = Run.begin(session, {})
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run._journal.close()  # the process died here: the run stays "running"
+    after_crash = registry_snapshot(tree.root)
+    for call in (lambda s: quarantine.undo(s), lambda s: quarantine.recover(s),
+                 lambda s: quarantine.purge(s, timedelta(0))):
+        with pytest.raises(QuarantineError, match="inside an open mutation session"):
+            call(tree)  # a root
+        with pytest.raises(QuarantineError, match="inside an open mutation session"):
+            call(session)  # ended
+    with mutation_session(tree, command="purge", tree=False) as purging:
+        assert purging.lock.held and purging.recovered == []
+        with pytest.raises(QuarantineError, match="inside an open mutation session"):
+            Run.begin(purging, {})
+        with pytest.raises(QuarantineError, match="inside an open mutation session"):
+            quarantine.undo(purging)
+        assert quarantine.purge(purging, timedelta(0)).kept == [run.run_id]  # still open
+    assert registry_snapshot(tree.root) == after_crash
+    assert [r.status for r in list_runs(tree)] == ["running"]
 
 
 def test_a_session_recovers_interrupted_runs_first(tree: RegistryRoot) -> None:
@@ -444,12 +467,14 @@ def test_kill_9_during_undo_then_recover_finishes_the_undo(tmp_path: Path) -> No
         from regfsck.root import locate
         from regfsck.storage import FilesystemStorage
         from regfsck import quarantine
+        from regfsck.session import mutation_session
         original = FilesystemStorage.rename_noreplace
         def crashing(self, *a, **k):
             original(self, *a, **k)
             os.kill(os.getpid(), signal.SIGKILL)
         FilesystemStorage.rename_noreplace = crashing
-        quarantine.undo(locate(sys.argv[1]))
+        with mutation_session(locate(sys.argv[1]), command="undo") as session:
+            quarantine.undo(session)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-c", script, str(tree.root)], env=env, timeout=60,

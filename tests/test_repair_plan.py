@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from regfsck import layout
 from regfsck.graph import ManifestStore
-from regfsck.quarantine import list_runs, undo
+from regfsck.quarantine import list_runs
 from regfsck.repair import Applier, RepairError, RepairPlan, apply_plan, plan_repair
 from regfsck.root import locate
 from regfsck.scanner import Scanner
@@ -23,6 +23,7 @@ from regfsck.storage import FilesystemStorage
 from regfsck.why import ReferenceGraph
 from tests.realtools import SampleInfo, materialize_fixture
 from tests.support import V2, cli
+from tests.support.sessions import undo
 from tests.support.snapshot import registry_snapshot
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -156,7 +156,11 @@ class Command(TyperCommand):
         try:
             return super().invoke(ctx)
         except RegfsckError as exc:
-            fail(str(exc), exc.exit_code)
+            if exc.changing is None:
+                fail(str(exc), exc.exit_code)
+            from regfsck.cli.sweeping import error_text
+
+            fail(error_text(exc), exc.exit_code)
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = list(super().get_params(ctx))

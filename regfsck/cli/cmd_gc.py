@@ -62,7 +62,7 @@ def gc(
     """Remove what no image needs: unreferenced blobs, dead links, stale uploads (undoable)."""
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
-    from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
+    from regfsck.cli.sweeping import after_apply_text, show_recovered, sweep_controls
     from regfsck.durations import parse_duration
     from regfsck.gc import GcOptions, plan_gc
     from regfsck.quarantine import QuarantineError, list_runs
@@ -92,7 +92,7 @@ def gc(
         plan = plan_gc(registry, options)
         _output(plan, json_output, [], registry)
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
-    with refusals(registry), sweep_controls(json_output) as (stop, on_start):
+    with sweep_controls(json_output) as (stop, on_start):
         applied = apply_gc(registry, options, stop=stop, on_recovered=show_recovered(json_output),
                            on_start=on_start)
     _output(applied.plan, json_output, applied.recovered, registry, applied)

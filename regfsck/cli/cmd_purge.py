@@ -45,16 +45,17 @@ def purge(
     from regfsck.durations import parse_duration
     from regfsck.quarantine import check_run_id
     from regfsck.quarantine import purge as purge_runs
-    from regfsck.safety import RootLock
+    from regfsck.session import mutation_session
 
     values = list(args or [])
     root = None if config is not None or not values else Path(values.pop(0))
     registry = for_changes(open_root(root, config, object_storage=True), break_lock=break_lock)
     age = parse_duration(older_than, "--older-than")
     run_ids = [check_run_id(v, ExitCode.USAGE) for v in values] or None
-    # Only the lock: the registry never reads the quarantine, so it may keep running.
-    with RootLock(registry, "purge"):
-        result = purge_runs(registry, age, dry_run=not apply, force=force, run_ids=run_ids)
+    # A quarantine session, only the lock: the registry never reads the quarantine, so it
+    # may keep running.
+    with mutation_session(registry, command="purge", tree=False) as session:
+        result = purge_runs(session, age, dry_run=not apply, force=force, run_ids=run_ids)
     if json_output:
         print_json(result.to_json())
         raise typer.Exit(ExitCode.OK)

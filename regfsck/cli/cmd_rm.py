@@ -69,7 +69,7 @@ def rm(
              ExitCode.USAGE)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
-    from regfsck.cli.sweeping import after_apply_text, refusals, show_recovered, sweep_controls
+    from regfsck.cli.sweeping import after_apply_text, show_recovered, sweep_controls
 
     if not apply:
         plan = _plan(registry, values, force)
@@ -77,7 +77,7 @@ def rm(
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     from regfsck.sweep import apply_rm
 
-    with refusals(registry), sweep_controls(json_output) as (stop, on_start):
+    with sweep_controls(json_output) as (stop, on_start):
         applied = apply_rm(registry, values, force=force, stop=stop,
                            on_recovered=show_recovered(json_output), on_start=on_start)
     plan = applied.plan

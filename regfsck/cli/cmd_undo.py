@@ -82,9 +82,10 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     be done whole, or would bring back a tag that cannot be pulled, is refused (exit 3)
     naming the newer run to undo first. Nothing is deleted: reverted creations wait in
     the run's quarantine for `purge`."""
-    from regfsck.cli.sweeping import CACHE_REMINDER, guarded
+    from regfsck.cli.sweeping import CACHE_REMINDER, show_recovered
     from regfsck.quarantine import list_runs, plan_undo, undo_target
     from regfsck.quarantine import undo as undo_run
+    from regfsck.session import mutation_session
 
     root, run_id = split_root_and_run(args, config)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
@@ -92,7 +93,8 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     if dry_run:
         _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
     open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
-    with guarded(registry, json_output, "undo") as session:
+    with mutation_session(registry, command="undo",
+                          on_recovered=show_recovered(json_output)) as session:
         recovered = session.recovered
         reverted_by_recovery = [r.run_id for r in list_runs(registry)
                                 if r.run_id in open_runs and r.status == "reverted"]
@@ -104,7 +106,7 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
             else:
                 say(f"Run {reverted_by_recovery[-1]} had been interrupted; recovery reverted it.")
             raise typer.Exit(ExitCode.OK)
-        result = undo_run(registry, run_id)
+        result = undo_run(session, run_id)
     if json_output:
         print_json({**result.to_json(), "reverted_by_recovery": False, "recovered": recovered})
     else:

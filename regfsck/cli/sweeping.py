@@ -1,26 +1,24 @@
 """What the tree-changing commands (gc, rm, undo, purge) share on the command line.
 
 Rendering around the core's mutation session (regfsck.session) and apply flows
-(sweep.apply_gc, sweep.apply_rm): safety and quarantine errors as one-line refusals (exit 3),
-recovery messages on stderr, Ctrl-C as a clean stop between batches with a progress bar,
-and the reminders printed after a change.
+(sweep.apply_gc, sweep.apply_rm): the wording of an error that ended a change (for the app's
+one handler), recovery messages on stderr, Ctrl-C as a clean stop between batches with a
+progress bar, and the reminders printed after a change.
 """
 
 from __future__ import annotations
 
-import errno
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from regfsck.cli.common import CtrlC, fail, human_bytes, note, root_words, show_progress, stderr_console
-from regfsck.errors import ExitCode
+from regfsck.cli.common import CtrlC, human_bytes, note, root_words, show_progress, stderr_console
+from regfsck.errors import RegfsckError, disk_full
 from regfsck.layout import QUARANTINE_DIR
 
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot
-    from regfsck.session import MutationSession
     from regfsck.sweep import SweepResult
 
 CACHE_REMINDER = (
@@ -46,25 +44,16 @@ def _full_disk_hint(registry: RegistryRoot) -> str:
             f"{oldest.run_id} --apply` ({human_bytes(oldest.bytes)}), see `regfsck runs {root}`")
 
 
-@contextmanager
-def refusals(registry: RegistryRoot) -> Iterator[None]:
-    """Turn what stops a tree-changing command into one line on stderr and exit 3.
-
-    Safety and quarantine refusals (a registry running, the lock held, a damaged run) are
-    shown as they are; an I/O error midway says that the changes made so far are kept."""
-    from regfsck.quarantine import QuarantineError
-    from regfsck.safety import SafetyError
-    from regfsck.storage import StorageError, UnsafePathError
-
-    try:
-        yield
-    except (SafetyError, QuarantineError) as exc:
-        fail(str(exc) + (_full_disk_hint(registry) if _no_space(exc) else ""),
-             ExitCode.CANNOT_RUN)
-    except (StorageError, UnsafePathError) as exc:
-        hint = _full_disk_hint(registry) if _no_space(exc) else ""
-        fail(f"stopped: {exc} (changes made so far are kept and undoable; see `regfsck runs`)"
-             f"{hint}", ExitCode.CANNOT_RUN)
+def error_text(exc: RegfsckError) -> str:
+    """How the app's one handler words an error that ended a tree-changing command (one the
+    mutation session marked): an I/O error midway says that the changes made so far are
+    kept; a full disk says how to free room."""
+    text = str(exc)
+    if exc.midway:
+        text = f"stopped: {text} (changes made so far are kept and undoable; see `regfsck runs`)"
+    if exc.changing is not None and disk_full(exc):
+        text += _full_disk_hint(exc.changing)
+    return text
 
 
 def show_recovered(json_output: bool) -> Callable[[list[str]], None]:
@@ -75,28 +64,6 @@ def show_recovered(json_output: bool) -> Callable[[list[str]], None]:
             for message in messages:
                 note(f"recovered: {message}")
     return show
-
-
-@contextmanager
-def guarded(registry: RegistryRoot, json_output: bool, command: str
-            ) -> Iterator[MutationSession]:
-    """A mutation session (root lock, refusal while anything may use ROOT, crash recovery
-    first) for a command that changes the tree itself; every refusal is one line, exit 3."""
-    from regfsck.session import mutation_session
-
-    with refusals(registry), mutation_session(registry, command=command,
-                                              on_recovered=show_recovered(json_output)) as session:
-        yield session
-
-
-def _no_space(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is a full disk or quota."""
-    while exc is not None:
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-                "No space left" in str(exc) or "quota exceeded" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
 
 
 OnStart = Callable[[int], Callable[[int], None] | None]

@@ -36,8 +36,8 @@ def findings(root: Path) -> set[tuple[str, str]]:
 
 def undo_last(root: Path) -> None:
     registry = locate(root)
-    with mutation_session(registry, command="undo"):
-        undo(registry)
+    with mutation_session(registry, command="undo") as session:
+        undo(session)
 
 
 def assert_served(root: Path, info: SampleInfo, tags: list[tuple[str, str]], tmp: Path) -> None:
