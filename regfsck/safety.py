@@ -17,12 +17,12 @@ import fcntl
 import os
 import re
 import stat as stat_module
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from regfsck.errors import RegfsckError
 from regfsck.layout import STATE_DIR, V2_PREFIX
@@ -47,6 +47,7 @@ CAP_DAC_READ_SEARCH = 2
 # Environment values that say where a process was started, not what it uses (its cwd is checked).
 IGNORED_ENV = frozenset({"PWD", "OLDPWD", "_"})
 NOT_DRIVERS = frozenset({"delete", "maintenance", "cache", "redirect", "tag"})
+T = TypeVar("T")
 
 
 class SafetyError(RegfsckError):
@@ -81,11 +82,11 @@ def _identity(path: str) -> _Identity | None:
     return _Identity(st.st_dev, st.st_ino)
 
 
-def _proc_read(path: Path | str) -> bytes:
-    """A /proc file's content; _Gone when the process has exited, _Hidden when not ours to read."""
+def _from_proc(read: Callable[[Path | str], T], path: Path | str) -> T:
+    """`read(path)` of a /proc entry; _Gone when the process has exited, _Hidden when it
+    is not ours to read (one answer for files and links alike)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        return read(path)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise _Gone from exc
     except PermissionError as exc:
@@ -94,19 +95,21 @@ def _proc_read(path: Path | str) -> bytes:
         if exc.errno in (errno.ESRCH, errno.ENOENT):
             raise _Gone from exc
         raise _Hidden(str(path)) from exc
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _proc_read(path: Path | str) -> bytes:
+    """A /proc file's content (see `_from_proc`)."""
+    return _from_proc(_read_bytes, path)
 
 
 def _proc_link(path: Path | str) -> str:
-    try:
-        return os.readlink(path)
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise _Gone from exc
-    except PermissionError as exc:
-        raise _Hidden(str(path)) from exc
-    except OSError as exc:
-        if exc.errno in (errno.ESRCH, errno.ENOENT):
-            raise _Gone from exc
-        raise _Hidden(str(path)) from exc
+    """A /proc link's target (see `_from_proc`)."""
+    return _from_proc(os.readlink, path)
 
 
 def _unescape_mount(field: str) -> str:
