@@ -147,7 +147,17 @@ def _plain_param_class(base_class: type) -> Any:
     return PlainParam
 
 
-class Command(TyperCommand):
+class _PlainParams:
+    """What regfsck's commands and its group share: parameters converted by `_plain_coercion`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = list(super().get_params(ctx))  # type: ignore[misc]
+        for param in params:
+            _plain_coercion(param)
+        return params
+
+
+class Command(_PlainParams, TyperCommand):
     """A regfsck command: global flags, plain help, JSON usage errors under --json, and the
     one place a `RegfsckError` becomes output: one line on stderr (and the
     `{"error", "exit_code"}` document under --json), exit with the error's own code."""
@@ -161,12 +171,6 @@ class Command(TyperCommand):
             from regfsck.cli.sweeping import error_text
 
             fail(error_text(exc), exc.exit_code)
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = list(super().get_params(ctx))
-        for param in params:
-            _plain_coercion(param)
-        return params
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = ["[OPTIONS]"]
@@ -215,14 +219,8 @@ class Command(TyperCommand):
             raise typer.Exit(exc.exit_code) from None
 
 
-class Group(TyperGroup):
+class Group(_PlainParams, TyperGroup):
     """Commands in the order an operator meets them, not alphabetical."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = list(super().get_params(ctx))
-        for param in params:
-            _plain_coercion(param)
-        return params
 
     def list_commands(self, ctx: Any) -> list[str]:
         order = {name: i for i, name in enumerate(COMMAND_MODULES)}
