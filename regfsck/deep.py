@@ -49,6 +49,7 @@ import zstandard
 from regfsck import deflate, layout
 from regfsck.checks import FindingSet, valid_revisions
 from regfsck.compression import MAGIC_BYTES, LayerFormatError, ZstdFrameChecker, sniff_compression
+from regfsck.document import Document
 from regfsck.errors import Interrupted
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, walk
@@ -587,7 +588,7 @@ def check_layer(storage: Storage, job: LayerJob, on_bytes: ProgressFn | None = N
 
 
 @dataclass
-class DeepSummary:
+class DeepSummary(Document):
     images: int = 0
     layers_total: int = 0
     layers_checked: int = 0
@@ -596,9 +597,6 @@ class DeepSummary:
     bytes_uncompressed: int = 0
     tar_entries: int = 0
     interrupted: bool = False
-
-    def to_json(self) -> dict[str, int | bool]:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 
 from regfsck import layout
 from regfsck.checks import DEFAULT_UPLOAD_AGE, TreeChecker
+from regfsck.document import Document
 from regfsck.durations import format_duration
 from regfsck.findings import Finding, blocks_gc
 from regfsck.graph import ManifestStore, reachable
@@ -72,47 +73,35 @@ def blocking_findings(findings: Iterable[Finding], delete_untagged: bool) -> lis
 
 
 @dataclass
-class BlobVictim:
+class BlobVictim(Document):
     digest: str
     size: int
     reason: str
     repos: list[str]  # repositories that linked it or had it as a revision
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class ManifestVictim:
+class ManifestVictim(Document):
     repo: str
     digest: str
     reason: str
     tags: list[str]  # tags whose history (index/) names it; those entries go too
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class LayerLinkVictim:
+class LayerLinkVictim(Document):
     repo: str
     digest: str  # the digest in the link's path
     target: str  # the blob it makes readable
     reason: str
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class UploadVictim:
+class UploadVictim(Document):
     repo: str
     id: str
     size: int
     reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from regfsck.digest import (
     expand_digest,
     is_digest,
 )
+from regfsck.document import Document, SparseDocument
 from regfsck.errors import ExitCode, RegfsckError
 from regfsck.findings import Finding, Severity, make_finding
 from regfsck.graph import ManifestStore, Unloadable
@@ -102,7 +103,7 @@ class BlobNode:
 
 
 @dataclass
-class ConfigInfo:
+class ConfigInfo(SparseDocument):
     created: str | None = None
     architecture: str | None = None
     os: str | None = None
@@ -114,9 +115,6 @@ class ConfigInfo:
     labels: dict[str, str] | None = None
     diff_ids: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -162,16 +160,13 @@ class ManifestNode:
 
 
 @dataclass
-class Totals:
+class Totals(Document):
     """Unique blobs of the whole tree (a layer shared by two platforms counts once)."""
 
     layers: int = 0
     compressed_bytes: int = 0
     uncompressed_bytes: int | None = 0  # None when some layer could not be measured
     stored_bytes: int = 0  # manifests + configs + layers present on disk
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

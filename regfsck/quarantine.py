@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
+from regfsck.document import Document
 from regfsck.errors import ExitCode, RegfsckError
 from regfsck.layout import QUARANTINE_DIR, V2_PREFIX
 from regfsck.root import RegistryRoot
@@ -125,7 +126,7 @@ def _chunks(data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
 
 
 @dataclass
-class RunInfo:
+class RunInfo(Document):
     run_id: str
     command: str
     status: str
@@ -137,12 +138,9 @@ class RunInfo:
     note: str | None = None
     path: str = ""  # relative to ROOT
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class UndoResult:
+class UndoResult(Document):
     run_id: str
     command: str
     moved_back: int = 0
@@ -153,12 +151,9 @@ class UndoResult:
     kept: list[str] = field(default_factory=list)  # "<path>: why" of creations left in place
     warnings: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass(frozen=True)
-class UndoStep:
+class UndoStep(Document):
     """One reverse step, decided before anything moves.
 
     Actions: move_back (quarantine -> tree), unmake (a creation -> the run's `undone/`),
@@ -172,9 +167,6 @@ class UndoStep:
     rel: str
     why: str = ""
     held: str | None = None  # ROOT-relative: where a move_back comes from / an unmake goes
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -205,15 +197,12 @@ class UndoPlan:
 
 
 @dataclass
-class PurgeResult:
+class PurgeResult(Document):
     runs: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     kept: list[str] = field(default_factory=list)  # younger runs, or runs needing recovery
     applied: bool = True
     needed: dict[str, list[str]] = field(default_factory=dict)  # kept run -> runs whose undo needs it
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 # --------------------------------------------------------------------------- the journal

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from regfsck import layout
 from regfsck.artifacts import tag_subject
+from regfsck.document import Document
 from regfsck.findings import kinds_where
 from regfsck.inventory import Inventory, Repository
 from regfsck.manifest import Descriptor, Manifest
@@ -235,16 +236,13 @@ def revision_roots(repo: Repository) -> set[str]:
 
 
 @dataclass
-class OrphanReferrer:
+class OrphanReferrer(Document):
     """A manifest whose `subject` is not kept in its repository."""
 
     repo: str
     digest: str
     subject: str
     kept: bool  # kept anyway (tagged, or every revision is a root)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -9,12 +9,13 @@ from typing import Any
 
 from regfsck.artifacts import KINDS, classify
 from regfsck.checks import DEFAULT_UPLOAD_AGE, linked_layers, valid_revisions
+from regfsck.document import Document
 from regfsck.graph import ManifestStore, reachable
 from regfsck.inventory import Inventory, Repository
 
 
 @dataclass
-class ObjectInfo:
+class ObjectInfo(Document):
     """One manifest revision as an operator names it: image, index, signature, attestation,
     sbom, artifact (with its artifactType) or referrers index, and what it attaches to."""
 
@@ -24,9 +25,6 @@ class ObjectInfo:
     subject: str | None
     subject_via: str | None  # "subject" field or cosign "tag" convention
     tags: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -45,15 +43,12 @@ class RepoUsage:
 
 
 @dataclass
-class UploadInfo:
+class UploadInfo(Document):
     repo: str
     id: str
     size: int
     started_at: str | None
     stale: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck.checks import FindingSet, TreeChecker
 from regfsck.digest import EMPTY_SHA256
+from regfsck.document import Document
 from regfsck.errors import UsageError
 from regfsck.findings import BLOB_KINDS, Finding, Severity, make_finding, strict_severity
 from regfsck.graph import ManifestStore, reachable, tag_users
@@ -66,7 +67,7 @@ class VerifyOptions:
 
 
 @dataclass
-class VerifySummary:
+class VerifySummary(Document):
     errors: int = 0
     warnings: int = 0
     infos: int = 0
@@ -83,9 +84,6 @@ class VerifySummary:
     hashed_because: dict[str, int] = field(default_factory=dict)  # reason -> blobs chosen
     record: str | None = None  # the verification record used (relative to ROOT)
     record_error: str | None = None  # why an existing record could not be updated
-
-    def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
 
 
 @dataclass

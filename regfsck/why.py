@@ -26,6 +26,7 @@ from regfsck import layout
 from regfsck.artifacts import IMAGE, INDEX, classify
 from regfsck.checks import valid_revisions
 from regfsck.digest import EMPTY_SHA256
+from regfsck.document import SparseDocument
 from regfsck.durations import format_duration
 from regfsck.gc import DEFAULT_GRACE
 from regfsck.graph import ManifestStore, Unloadable
@@ -185,14 +186,11 @@ class ReferencePath:
 
 
 @dataclass
-class LayerLinkInfo:
+class LayerLinkInfo(SparseDocument):
     repo: str
     path: str  # relative to ROOT
     content: str | None  # the digest it holds; None when invalid
     error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
