@@ -132,226 +132,194 @@ class KindInfo:
 E, W, N = Severity.ERROR, Severity.WARNING, Severity.INFO
 R, G = RepairClass, GcBlock
 
-CATALOG: dict[Kind, KindInfo] = {
-    Kind.BLOB_DIGEST_MISMATCH: KindInfo(
-        E, 'blob data does not hash to its name (re-hashed twice)',
-        'repair --from a backup that has the blob; without one `regfsck repair --apply` quarantines '
-        'it and the images that need it are pushed again',
-        R.CORRUPT_BLOB, G.NEVER, blob=True),
-    Kind.BLOB_EMPTY: KindInfo(
-        E, 'zero-byte blob data under a digest other than the empty one',
-        'repair --from a backup that has the blob; without one `regfsck repair --apply` quarantines '
-        'it and the images that need it are pushed again',
-        R.CORRUPT_BLOB, G.NEVER, blob=True),
-    Kind.BLOB_SIZE_MISMATCH: KindInfo(
-        E, 'blob size differs from a descriptor that references it',
-        "the blob hashes to its name, so the manifest's descriptor is wrong: re-push the image",
-        R.BLOB_SIZE, G.NEVER, blob=True),
-    Kind.BLOB_MISSING_DATA: KindInfo(
-        E, 'blob directory without a data file',
-        'an empty blob directory: repair --from a backup, or re-push',
-        R.MISSING_BLOB, G.NEVER, blob=True),
-    Kind.BLOB_DATA_NOT_FILE: KindInfo(
-        E, 'blob data is a directory or special file',
-        'inspect by hand; regfsck never touches special files',
-        R.MANUAL, G.NEVER, blob=True),
-    Kind.BLOB_WRONG_FANOUT: KindInfo(
-        E, 'blob stored under the wrong two-character fan-out dir',
-        'the misplaced copy could not be verified: inspect it by hand',
-        R.DERIVED, G.NEVER, blob=True),
-    Kind.BLOB_BAD_NAME: KindInfo(
-        E, 'blob path component is not a valid algorithm/hex name',
-        'a directory in blobs/ that is not a digest: inspect it by hand',
-        R.MANUAL, G.NEVER),
-    Kind.BLOB_UNREADABLE: KindInfo(
-        E, 'blob data could not be read',
-        'fix permissions or the disk, then verify again; bad bytes: repair --from a backup',
-        R.CORRUPT_BLOB, G.NEVER, blob=True),
-    Kind.LINK_INVALID: KindInfo(
-        E, 'link content is not exactly a digest (empty, newline, junk)',
-        'the content cannot be derived from the path: re-push the tag, or write the right digest into'
-        ' the link by hand (see `regfsck inspect`)',
-        R.LINK_CONTENT, G.MANIFEST_LINKS),
-    Kind.LINK_MISMATCH: KindInfo(
-        E, 'revision or tag-index link content differs from its path',
-        're-push the tag',
-        R.LINK_CONTENT, G.MANIFEST_LINKS),
-    Kind.LINK_NOT_FILE: KindInfo(
-        E, 'a link is a directory or special file',
-        'a link that is a directory or special file: inspect it by hand',
-        R.MANUAL, G.MANIFEST_LINKS),
-    Kind.LINK_BAD_PATH: KindInfo(
-        E, 'link directory is not a valid algorithm/hex name',
-        'a link directory that is not a digest: inspect and remove it by hand',
-        R.MANUAL, G.MANIFEST_LINKS),
-    Kind.LINK_ALIAS: KindInfo(
-        N, '_layers alias link (content differs from the path by design)',
-        'nothing to do: the registry writes alias links this way',
-        R.MANUAL, G.NEVER),
-    Kind.MISSING_LINK: KindInfo(
-        W, 'a link directory holds no link file but other entries',
-        'a link directory without its link file: inspect by hand',
-        R.MANUAL, G.MANIFEST_LINKS),
-    Kind.LAYER_LINK_DANGLING: KindInfo(
-        W, '_layers link to a blob that does not exist',
-        'normal after the official GC; `regfsck gc --apply` removes it',
-        R.DANGLING_LINK, G.NEVER, strict=E, blob=True, gc_removes=True),
-    Kind.REVISION_BLOB_MISSING: KindInfo(
-        E, 'revision link to a manifest blob that does not exist',
-        're-push the image by tag, or repair --from a backup; if the revision is not wanted, `regfsck'
-        ' rm REPO@DIGEST`',
-        R.MISSING_BLOB, G.ALWAYS, blob=True),
-    Kind.REVISION_NOT_MANIFEST: KindInfo(
-        E, "revision's blob is not a usable manifest",
-        'remove the revision (`regfsck rm REPO@DIGEST`) and re-push',
-        R.MANUAL, G.ALWAYS, blob=True),
-    Kind.TAG_BAD_NAME: KindInfo(
-        E, 'tag directory name breaks the tag grammar',
-        'remove the tag (`regfsck rm REPO:TAG`)',
-        R.MANUAL, G.NEVER),
-    Kind.TAG_NO_CURRENT: KindInfo(
-        W, 'tag directory without current/link (listed, unresolvable)',
-        're-push the tag, or remove it (`regfsck rm REPO:TAG`)',
-        R.DERIVED, G.DELETE_UNTAGGED, strict=E),
-    Kind.TAG_REVISION_MISSING: KindInfo(
-        E, 'tag points at a digest with no revision link',
-        "the tag's manifest is gone: re-push the tag or remove it (`regfsck rm REPO:TAG`)",
-        R.DERIVED, G.ALWAYS),
-    Kind.TAG_BLOB_MISSING: KindInfo(
-        E, 'tag points at a digest whose blob is missing',
-        're-push the tag, or repair --from a backup holding the manifest',
-        R.MISSING_BLOB, G.ALWAYS, blob=True),
-    Kind.TAG_INDEX_ORPHAN: KindInfo(
-        N, 'tag history entry whose revision is gone',
-        'nothing to do: the registry ignores history entries without a revision',
-        R.DERIVED, G.NEVER),
-    Kind.TAG_INDEX_MISSING_CURRENT: KindInfo(
-        W, "tag's current digest is absent from its history",
-        'harmless; re-push the tag to restore its history',
-        R.DERIVED, G.NEVER),
-    Kind.MANIFEST_INVALID_JSON: KindInfo(
-        E, 'manifest blob is not a JSON object',
-        'the manifest blob hashes to its name but is not a manifest: remove the revision (`regfsck rm'
-        ' REPO@DIGEST`) and re-push',
-        R.MANUAL, G.ALWAYS, blob=True),
-    Kind.MANIFEST_UNKNOWN_TYPE: KindInfo(
-        E, 'unknown schemaVersion or mediaType',
-        'remove the revision (`regfsck rm REPO@DIGEST`) and re-push',
-        R.MANUAL, G.ALWAYS, blob=True),
-    Kind.MANIFEST_TOO_LARGE: KindInfo(
-        E, "manifest over the registry's 4 MiB limit",
-        'remove the revision (`regfsck rm REPO@DIGEST`)',
-        R.MANUAL, G.ALWAYS, blob=True),
-    Kind.MANIFEST_TOO_DEEP: KindInfo(
-        E, "manifest JSON nested deeper than regfsck's bound",
-        'remove the revision (`regfsck rm REPO@DIGEST`)',
-        R.MANUAL, G.ALWAYS, blob=True),
-    Kind.MANIFEST_BAD_DESCRIPTOR: KindInfo(
-        E, 'a descriptor without a valid digest or size',
-        're-push the image from its source',
-        R.MANUAL, G.ALWAYS),
-    Kind.MANIFEST_SCHEMA1: KindInfo(
-        W, 'schema1 manifest: readable by 2.8, refused by 3.x',
-        're-push as schema2 (`skopeo copy --format v2s2`) before moving to registry 3.x',
-        R.MANUAL, G.NEVER),
-    Kind.MANIFEST_CYCLE: KindInfo(
-        E, 'index/list references itself through its children',
-        'remove the index (`regfsck rm REPO@DIGEST`)',
-        R.MANUAL, G.NEVER),
-    Kind.REFERENCE_MISSING: KindInfo(
-        E, 'config, layer or child blob does not exist',
-        're-push an image that contains the blob (one push restores it for every repository), or run '
-        'repair --from a backup that has it',
-        R.MISSING_BLOB, G.NEVER, blob=True),
-    Kind.REFERENCE_NOT_LINKED: KindInfo(
-        E, 'config/layer exists but has no _layers link in repo',
-        '`regfsck repair --apply` links the blob into the repository (it is stored)',
-        R.DERIVED, G.NEVER),
-    Kind.CHILD_NOT_IN_REPO: KindInfo(
-        E, "index child manifest's revision link is damaged",
-        'the child manifest is missing: re-push the multi-arch image with all platforms (`skopeo copy'
-        ' --all`) or repair --from a backup',
-        R.DERIVED, G.NEVER),
-    Kind.INDEX_CHILD_DELETED: KindInfo(
-        W, 'index lists a child deleted from the repo (platform unpullable)',
-        'deleted on purpose (API DELETE or a collector): re-push the multi-arch image, or `repair '
-        '--restore-deleted` to bring the child back (its blob is still there)',
-        R.DERIVED, G.NEVER),
-    Kind.SUBJECT_MISSING: KindInfo(
-        W, 'referrer whose subject manifest is not in the repository',
-        'push the subject image again, or remove the referrer',
-        R.DERIVED, G.NEVER, strict=E),
-    Kind.LAYER_DIFF_ID_MISMATCH: KindInfo(
-        E, "uncompressed layer does not hash to its config's diff_id",
-        'the layer is not what its image config says: push the image again from its source, or repair'
-        ' --from a backup',
-        R.MANUAL, G.NEVER, blob=True),
-    Kind.LAYER_NOT_TAR: KindInfo(
-        E, 'decompressed layer is not a readable tar stream',
-        'the layer is not what its image config says: push the image again from its source, or repair'
-        ' --from a backup',
-        R.MANUAL, G.NEVER, blob=True),
-    Kind.LAYER_DECOMPRESS_ERROR: KindInfo(
-        E, 'layer data is truncated or corrupt for its compression',
-        "the layer's bytes are damaged: push the image again from its source, or repair --from a backup",
-        R.MANUAL, G.NEVER, blob=True),
-    Kind.LAYER_COMPRESSION_MISMATCH: KindInfo(
-        W, 'layer media type names another compression than its bytes',
-        'some clients cannot unpack it: push the image again from its source',
-        R.MANUAL, G.NEVER),
-    Kind.CONFIG_DIFF_IDS_INVALID: KindInfo(
-        E, 'image config unreadable or its diff_ids do not match the layers',
-        'push the image again from its source',
-        R.MANUAL, G.NEVER, blob=True),
-    Kind.REPO_BAD_NAME: KindInfo(
-        E, 'repository path breaks the name grammar',
-        'rename the directory by hand or remove the repository',
-        R.MANUAL, G.NEVER),
-    Kind.REPO_NO_LAYERS: KindInfo(
-        W, 'repository with _manifests but no _layers (2.8 GC sweeps it)',
-        'push one image to the repository (2.8 GC sweeps it otherwise)',
-        R.DERIVED, G.NEVER),
-    Kind.UPLOAD_NO_STARTEDAT: KindInfo(
-        E, 'upload without a parsable startedat (never purged)',
-        '`regfsck gc --apply` removes it',
-        R.MANUAL, G.NEVER, gc_removes=True),
-    Kind.UPLOAD_STALE: KindInfo(
-        W, 'upload older than the purge age (168h)',
-        '`regfsck gc --apply` removes it',
-        R.MANUAL, G.NEVER, gc_removes=True),
-    Kind.UPLOAD_BAD_NAME: KindInfo(
-        W, 'upload directory name is not a UUID',
-        'inspect and remove it by hand',
-        R.MANUAL, G.NEVER),
-    Kind.UPLOAD_OUTSIDE_REPO: KindInfo(
-        W, '_uploads directory outside a repository',
-        'inspect and remove it by hand',
-        R.MANUAL, G.NEVER),
-    Kind.SYMLINK: KindInfo(
-        E, 'symbolic link in the tree (reported, never followed)',
-        'regfsck never follows or removes symbolic links: inspect by hand',
-        R.MANUAL, G.ALWAYS, unknown=True),
-    Kind.UNEXPECTED_ENTRY: KindInfo(
-        W, 'file or directory the layout does not put there',
-        'inspect by hand',
-        R.MANUAL, G.NEVER),
-    Kind.UNREADABLE: KindInfo(
-        E, 'file or directory that could not be read (permissions, I/O)',
-        'fix permissions or the disk, then verify again',
-        R.MANUAL, G.ALWAYS, unknown=True),
-    Kind.TMP_LEFTOVER: KindInfo(
-        N, '*.tmp file left by an interrupted write',
-        'harmless leftover of an interrupted write: inspect and remove it by hand',
-        R.MANUAL, G.NEVER, gc_removes=True),
-    Kind.LEGACY_ENTRY: KindInfo(
-        N, 'legacy tarsum/signature entries (ignored by the registry)',
-        'nothing to do: the registry ignores it',
-        R.MANUAL, G.NEVER),
-    Kind.EMPTY_DIR: KindInfo(
-        N, 'empty link directory (normal after deletes)',
-        'nothing to do (normal after deletes)',
-        R.MANUAL, G.NEVER, gc_removes=True),
+# Advice several kinds share.
+FROM_BACKUP = ("repair --from a backup that has the blob; without one `regfsck repair --apply` "
+               "quarantines it and the images that need it are pushed again")
+RM_REVISION = "remove the revision (`regfsck rm REPO@DIGEST`)"
+RM_AND_REPUSH = f"{RM_REVISION} and re-push"
+NOT_AS_CONFIG = ("the layer is not what its image config says: push the image again from its "
+                 "source, or repair --from a backup")
+GC_REMOVES = "`regfsck gc --apply` removes it"
+BY_HAND = "inspect and remove it by hand"
+
+# The catalogue as two compact tables, one row a kind: its policy (severity, repair class,
+# when it blocks gc, and flags: `strict` is an error under --strict, `blob` is about a blob,
+# `gc` is a leftover gc --apply removes, `unknown` is a part reachability cannot read), and
+# its words (summary, advice). `CATALOG` joins them; a kind missing from either fails here.
+_POLICY: dict[Kind, tuple[Severity, RepairClass, GcBlock, str]] = {
+    Kind.BLOB_DIGEST_MISMATCH:       (E, R.CORRUPT_BLOB, G.NEVER, "blob"),
+    Kind.BLOB_EMPTY:                 (E, R.CORRUPT_BLOB, G.NEVER, "blob"),
+    Kind.BLOB_SIZE_MISMATCH:         (E, R.BLOB_SIZE, G.NEVER, "blob"),
+    Kind.BLOB_MISSING_DATA:          (E, R.MISSING_BLOB, G.NEVER, "blob"),
+    Kind.BLOB_DATA_NOT_FILE:         (E, R.MANUAL, G.NEVER, "blob"),
+    Kind.BLOB_WRONG_FANOUT:          (E, R.DERIVED, G.NEVER, "blob"),
+    Kind.BLOB_BAD_NAME:              (E, R.MANUAL, G.NEVER, ""),
+    Kind.BLOB_UNREADABLE:            (E, R.CORRUPT_BLOB, G.NEVER, "blob"),
+    Kind.LINK_INVALID:               (E, R.LINK_CONTENT, G.MANIFEST_LINKS, ""),
+    Kind.LINK_MISMATCH:              (E, R.LINK_CONTENT, G.MANIFEST_LINKS, ""),
+    Kind.LINK_NOT_FILE:              (E, R.MANUAL, G.MANIFEST_LINKS, ""),
+    Kind.LINK_BAD_PATH:              (E, R.MANUAL, G.MANIFEST_LINKS, ""),
+    Kind.LINK_ALIAS:                 (N, R.MANUAL, G.NEVER, ""),
+    Kind.MISSING_LINK:               (W, R.MANUAL, G.MANIFEST_LINKS, ""),
+    Kind.LAYER_LINK_DANGLING:        (W, R.DANGLING_LINK, G.NEVER, "strict blob gc"),
+    Kind.REVISION_BLOB_MISSING:      (E, R.MISSING_BLOB, G.ALWAYS, "blob"),
+    Kind.REVISION_NOT_MANIFEST:      (E, R.MANUAL, G.ALWAYS, "blob"),
+    Kind.TAG_BAD_NAME:               (E, R.MANUAL, G.NEVER, ""),
+    Kind.TAG_NO_CURRENT:             (W, R.DERIVED, G.DELETE_UNTAGGED, "strict"),
+    Kind.TAG_REVISION_MISSING:       (E, R.DERIVED, G.ALWAYS, ""),
+    Kind.TAG_BLOB_MISSING:           (E, R.MISSING_BLOB, G.ALWAYS, "blob"),
+    Kind.TAG_INDEX_ORPHAN:           (N, R.DERIVED, G.NEVER, ""),
+    Kind.TAG_INDEX_MISSING_CURRENT:  (W, R.DERIVED, G.NEVER, ""),
+    Kind.MANIFEST_INVALID_JSON:      (E, R.MANUAL, G.ALWAYS, "blob"),
+    Kind.MANIFEST_UNKNOWN_TYPE:      (E, R.MANUAL, G.ALWAYS, "blob"),
+    Kind.MANIFEST_TOO_LARGE:         (E, R.MANUAL, G.ALWAYS, "blob"),
+    Kind.MANIFEST_TOO_DEEP:          (E, R.MANUAL, G.ALWAYS, "blob"),
+    Kind.MANIFEST_BAD_DESCRIPTOR:    (E, R.MANUAL, G.ALWAYS, ""),
+    Kind.MANIFEST_SCHEMA1:           (W, R.MANUAL, G.NEVER, ""),
+    Kind.MANIFEST_CYCLE:             (E, R.MANUAL, G.NEVER, ""),
+    Kind.REFERENCE_MISSING:          (E, R.MISSING_BLOB, G.NEVER, "blob"),
+    Kind.REFERENCE_NOT_LINKED:       (E, R.DERIVED, G.NEVER, ""),
+    Kind.CHILD_NOT_IN_REPO:          (E, R.DERIVED, G.NEVER, ""),
+    Kind.INDEX_CHILD_DELETED:        (W, R.DERIVED, G.NEVER, ""),
+    Kind.SUBJECT_MISSING:            (W, R.DERIVED, G.NEVER, "strict"),
+    Kind.LAYER_DIFF_ID_MISMATCH:     (E, R.MANUAL, G.NEVER, "blob"),
+    Kind.LAYER_NOT_TAR:              (E, R.MANUAL, G.NEVER, "blob"),
+    Kind.LAYER_DECOMPRESS_ERROR:     (E, R.MANUAL, G.NEVER, "blob"),
+    Kind.LAYER_COMPRESSION_MISMATCH: (W, R.MANUAL, G.NEVER, ""),
+    Kind.CONFIG_DIFF_IDS_INVALID:    (E, R.MANUAL, G.NEVER, "blob"),
+    Kind.REPO_BAD_NAME:              (E, R.MANUAL, G.NEVER, ""),
+    Kind.REPO_NO_LAYERS:             (W, R.DERIVED, G.NEVER, ""),
+    Kind.UPLOAD_NO_STARTEDAT:        (E, R.MANUAL, G.NEVER, "gc"),
+    Kind.UPLOAD_STALE:               (W, R.MANUAL, G.NEVER, "gc"),
+    Kind.UPLOAD_BAD_NAME:            (W, R.MANUAL, G.NEVER, ""),
+    Kind.UPLOAD_OUTSIDE_REPO:        (W, R.MANUAL, G.NEVER, ""),
+    Kind.SYMLINK:                    (E, R.MANUAL, G.ALWAYS, "unknown"),
+    Kind.UNEXPECTED_ENTRY:           (W, R.MANUAL, G.NEVER, ""),
+    Kind.UNREADABLE:                 (E, R.MANUAL, G.ALWAYS, "unknown"),
+    Kind.TMP_LEFTOVER:               (N, R.MANUAL, G.NEVER, "gc"),
+    Kind.LEGACY_ENTRY:               (N, R.MANUAL, G.NEVER, ""),
+    Kind.EMPTY_DIR:                  (N, R.MANUAL, G.NEVER, "gc"),
 }
+
+_TEXT: dict[Kind, tuple[str, str]] = {
+    Kind.BLOB_DIGEST_MISMATCH: ("blob data does not hash to its name (re-hashed twice)",
+        FROM_BACKUP),
+    Kind.BLOB_EMPTY: ("zero-byte blob data under a digest other than the empty one",
+        FROM_BACKUP),
+    Kind.BLOB_SIZE_MISMATCH: ("blob size differs from a descriptor that references it",
+        "the blob hashes to its name, so the manifest's descriptor is wrong: re-push the image"),
+    Kind.BLOB_MISSING_DATA: ("blob directory without a data file",
+        "an empty blob directory: repair --from a backup, or re-push"),
+    Kind.BLOB_DATA_NOT_FILE: ("blob data is a directory or special file",
+        "inspect by hand; regfsck never touches special files"),
+    Kind.BLOB_WRONG_FANOUT: ("blob stored under the wrong two-character fan-out dir",
+        "the misplaced copy could not be verified: inspect it by hand"),
+    Kind.BLOB_BAD_NAME: ("blob path component is not a valid algorithm/hex name",
+        "a directory in blobs/ that is not a digest: inspect it by hand"),
+    Kind.BLOB_UNREADABLE: ("blob data could not be read",
+        "fix permissions or the disk, then verify again; bad bytes: repair --from a backup"),
+    Kind.LINK_INVALID: ("link content is not exactly a digest (empty, newline, junk)",
+        "the content cannot be derived from the path: re-push the tag, or write the right digest into the "
+        "link by hand (see `regfsck inspect`)"),
+    Kind.LINK_MISMATCH: ("revision or tag-index link content differs from its path",
+        "re-push the tag"),
+    Kind.LINK_NOT_FILE: ("a link is a directory or special file",
+        "a link that is a directory or special file: inspect it by hand"),
+    Kind.LINK_BAD_PATH: ("link directory is not a valid algorithm/hex name",
+        "a link directory that is not a digest: inspect and remove it by hand"),
+    Kind.LINK_ALIAS: ("_layers alias link (content differs from the path by design)",
+        "nothing to do: the registry writes alias links this way"),
+    Kind.MISSING_LINK: ("a link directory holds no link file but other entries",
+        "a link directory without its link file: inspect by hand"),
+    Kind.LAYER_LINK_DANGLING: ("_layers link to a blob that does not exist",
+        "normal after the official GC; `regfsck gc --apply` removes it"),
+    Kind.REVISION_BLOB_MISSING: ("revision link to a manifest blob that does not exist",
+        "re-push the image by tag, or repair --from a backup; if the revision is not wanted, `regfsck rm "
+        "REPO@DIGEST`"),
+    Kind.REVISION_NOT_MANIFEST: ("revision's blob is not a usable manifest",
+        RM_AND_REPUSH),
+    Kind.TAG_BAD_NAME: ("tag directory name breaks the tag grammar",
+        "remove the tag (`regfsck rm REPO:TAG`)"),
+    Kind.TAG_NO_CURRENT: ("tag directory without current/link (listed, unresolvable)",
+        "re-push the tag, or remove it (`regfsck rm REPO:TAG`)"),
+    Kind.TAG_REVISION_MISSING: ("tag points at a digest with no revision link",
+        "the tag's manifest is gone: re-push the tag or remove it (`regfsck rm REPO:TAG`)"),
+    Kind.TAG_BLOB_MISSING: ("tag points at a digest whose blob is missing",
+        "re-push the tag, or repair --from a backup holding the manifest"),
+    Kind.TAG_INDEX_ORPHAN: ("tag history entry whose revision is gone",
+        "nothing to do: the registry ignores history entries without a revision"),
+    Kind.TAG_INDEX_MISSING_CURRENT: ("tag's current digest is absent from its history",
+        "harmless; re-push the tag to restore its history"),
+    Kind.MANIFEST_INVALID_JSON: ("manifest blob is not a JSON object",
+        "the manifest blob hashes to its name but is not a manifest: remove the revision (`regfsck rm "
+        "REPO@DIGEST`) and re-push"),
+    Kind.MANIFEST_UNKNOWN_TYPE: ("unknown schemaVersion or mediaType",
+        RM_AND_REPUSH),
+    Kind.MANIFEST_TOO_LARGE: ("manifest over the registry's 4 MiB limit",
+        RM_REVISION),
+    Kind.MANIFEST_TOO_DEEP: ("manifest JSON nested deeper than regfsck's bound",
+        RM_REVISION),
+    Kind.MANIFEST_BAD_DESCRIPTOR: ("a descriptor without a valid digest or size",
+        "re-push the image from its source"),
+    Kind.MANIFEST_SCHEMA1: ("schema1 manifest: readable by 2.8, refused by 3.x",
+        "re-push as schema2 (`skopeo copy --format v2s2`) before moving to registry 3.x"),
+    Kind.MANIFEST_CYCLE: ("index/list references itself through its children",
+        "remove the index (`regfsck rm REPO@DIGEST`)"),
+    Kind.REFERENCE_MISSING: ("config, layer or child blob does not exist",
+        "re-push an image that contains the blob (one push restores it for every repository), or run "
+        "repair --from a backup that has it"),
+    Kind.REFERENCE_NOT_LINKED: ("config/layer exists but has no _layers link in repo",
+        "`regfsck repair --apply` links the blob into the repository (it is stored)"),
+    Kind.CHILD_NOT_IN_REPO: ("index child manifest's revision link is damaged",
+        "the child manifest is missing: re-push the multi-arch image with all platforms (`skopeo copy "
+        "--all`) or repair --from a backup"),
+    Kind.INDEX_CHILD_DELETED: ("index lists a child deleted from the repo (platform unpullable)",
+        "deleted on purpose (API DELETE or a collector): re-push the multi-arch image, or `repair "
+        "--restore-deleted` to bring the child back (its blob is still there)"),
+    Kind.SUBJECT_MISSING: ("referrer whose subject manifest is not in the repository",
+        "push the subject image again, or remove the referrer"),
+    Kind.LAYER_DIFF_ID_MISMATCH: ("uncompressed layer does not hash to its config's diff_id",
+        NOT_AS_CONFIG),
+    Kind.LAYER_NOT_TAR: ("decompressed layer is not a readable tar stream",
+        NOT_AS_CONFIG),
+    Kind.LAYER_DECOMPRESS_ERROR: ("layer data is truncated or corrupt for its compression",
+        "the layer's bytes are damaged: push the image again from its source, or repair --from a backup"),
+    Kind.LAYER_COMPRESSION_MISMATCH: ("layer media type names another compression than its bytes",
+        "some clients cannot unpack it: push the image again from its source"),
+    Kind.CONFIG_DIFF_IDS_INVALID: ("image config unreadable or its diff_ids do not match the layers",
+        "push the image again from its source"),
+    Kind.REPO_BAD_NAME: ("repository path breaks the name grammar",
+        "rename the directory by hand or remove the repository"),
+    Kind.REPO_NO_LAYERS: ("repository with _manifests but no _layers (2.8 GC sweeps it)",
+        "push one image to the repository (2.8 GC sweeps it otherwise)"),
+    Kind.UPLOAD_NO_STARTEDAT: ("upload without a parsable startedat (never purged)",
+        GC_REMOVES),
+    Kind.UPLOAD_STALE: ("upload older than the purge age (168h)",
+        GC_REMOVES),
+    Kind.UPLOAD_BAD_NAME: ("upload directory name is not a UUID",
+        BY_HAND),
+    Kind.UPLOAD_OUTSIDE_REPO: ("_uploads directory outside a repository",
+        BY_HAND),
+    Kind.SYMLINK: ("symbolic link in the tree (reported, never followed)",
+        "regfsck never follows or removes symbolic links: inspect by hand"),
+    Kind.UNEXPECTED_ENTRY: ("file or directory the layout does not put there",
+        "inspect by hand"),
+    Kind.UNREADABLE: ("file or directory that could not be read (permissions, I/O)",
+        "fix permissions or the disk, then verify again"),
+    Kind.TMP_LEFTOVER: ("*.tmp file left by an interrupted write",
+        "harmless leftover of an interrupted write: inspect and remove it by hand"),
+    Kind.LEGACY_ENTRY: ("legacy tarsum/signature entries (ignored by the registry)",
+        "nothing to do: the registry ignores it"),
+    Kind.EMPTY_DIR: ("empty link directory (normal after deletes)",
+        "nothing to do (normal after deletes)"),
+}
+
+
+CATALOG: dict[Kind, KindInfo] = {
+    kind: KindInfo(severity, *_TEXT[kind], repair, blocks_gc,
+                   strict=E if "strict" in flags.split() else None, blob="blob" in flags.split(),
+                   gc_removes="gc" in flags.split(), unknown="unknown" in flags.split())
+    for kind, (severity, repair, blocks_gc, flags) in _POLICY.items()}
 
 
 def kinds_where(test: Callable[[KindInfo], bool]) -> frozenset[Kind]:
