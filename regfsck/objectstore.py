@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from regfsck.layout import STATE_DIR
 from regfsck.root import S3Location
 from regfsck.safety import LockHeldError
-from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative
+from regfsck.storage import EntryKind, Stat, StorageError, StorageSpec, check_relative, entry_stat
 
 if TYPE_CHECKING:
     from obstore.store import AzureStore, S3Store
@@ -364,7 +364,25 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-class ObjectStorage:
+class _AtLocation:
+    """What the reader and the writer of one location share: its client, made on first
+    use, and the key of a path (validated, relative) below their `base`."""
+
+    location: S3Location
+    base: str
+    _client: ObjectClient | None
+
+    @property
+    def client(self) -> ObjectClient:
+        if self._client is None:
+            self._client = make_client(self.location)
+        return self._client
+
+    def key(self, path: str) -> str:
+        return self.base + "/".join(check_relative(path))
+
+
+class ObjectStorage(_AtLocation):
     """A registry tree under `s3://BUCKET/PREFIX/docker/registry/v2/` (read-only).
 
     The first call that needs the directory model lists the whole prefix; paths are
@@ -385,16 +403,6 @@ class ObjectStorage:
         self.trust_etag = os.environ.get(TRUST_ETAG_ENV, "1") != "0"
 
     # -- plumbing ------------------------------------------------------------------
-    @property
-    def client(self) -> ObjectClient:
-        if self._client is None:
-            self._client = make_client(self.location)
-        return self._client
-
-    def key(self, path: str) -> str:
-        parts = check_relative(path)
-        return self.base + "/".join(parts)
-
     def describe(self, path: str) -> str:
         return f"s3://{self.location.bucket}/{self.key(path)}"
 
@@ -704,7 +712,7 @@ class KeyInfo:
     etag: str | None
 
 
-class ObjectMutator:
+class ObjectMutator(_AtLocation):
     """Writes, copies and deletes below `s3://BUCKET/PREFIX/` (paths relative to ROOT,
     like the filesystem backend rooted at ROOT that the quarantine uses).
 
@@ -718,17 +726,10 @@ class ObjectMutator:
         self.jobs = jobs or default_jobs()
         self._client = client
 
-    @property
-    def client(self) -> ObjectClient:
-        if self._client is None:
-            self._client = make_client(self.location)
-        return self._client
-
     def key(self, path: str) -> str:
-        parts = check_relative(path)
-        if not parts:
+        if not check_relative(path):
             raise StorageError(errno.EINVAL, "the root itself is not an object", path)
-        return self.base + "/".join(parts)
+        return super().key(path)
 
     def describe(self, path: str) -> str:
         return f"s3://{self.location.bucket}/{self.base}{path}"
@@ -1139,24 +1140,6 @@ class ObjectLock:
 # -- the mutation seam (`storage.MutableStorage`) on object storage ------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RawStat:
-    """`StatLike` of an object or an implied directory: one device, no inode, the owner of
-    the process (object storage keeps none of these)."""
-
-    st_mode: int
-    st_size: int
-    st_mtime_ns: int
-    st_ino: int = 0
-    st_uid: int = 0
-    st_gid: int = 0
-    st_dev: int = 0
-
-    @property
-    def st_ctime_ns(self) -> int:
-        return self.st_mtime_ns
-
-
 class ObjectJournal:
     """`AppendFile` on object storage: S3 cannot append, so each durability point (`append`
     with `sync`) writes the lines gathered since the last one as a new object
@@ -1263,22 +1246,22 @@ class ObjectRootStorage:
             raise self.mutator._error(exc, "list", path) from exc
         return False
 
-    def lstat_raw(self, path: str) -> RawStat | None:
+    def lstat_raw(self, path: str) -> os.stat_result | None:
         if not check_relative(path):
-            return RawStat(_DIR_MODE, 0, 0)
+            return entry_stat(_DIR_MODE, 0, 0)
         below = self.mutator.list_below(path)  # a directory wins, as in the listing's model
         if below:
-            return RawStat(_DIR_MODE, 0, max(k.mtime_ns for k in below))
+            return entry_stat(_DIR_MODE, 0, max(k.mtime_ns for k in below))
         found = self.mutator.head(path)
         if found is not None:
-            return RawStat(_FILE_MODE, found.size, found.mtime_ns)
+            return entry_stat(_FILE_MODE, found.size, found.mtime_ns)
         return self._journal_stat(path)
 
-    def _journal_stat(self, path: str) -> RawStat | None:
+    def _journal_stat(self, path: str) -> os.stat_result | None:
         parts = self.journal_parts(path) if path.endswith(".jsonl") else []
         if not parts:
             return None
-        return RawStat(_FILE_MODE, sum(p.size for p in parts), max(p.mtime_ns for p in parts))
+        return entry_stat(_FILE_MODE, sum(p.size for p in parts), max(p.mtime_ns for p in parts))
 
     def stat(self, path: str) -> Stat | None:
         if not check_relative(path):
@@ -1326,9 +1309,9 @@ class ObjectRootStorage:
         for name in names:
             if name in files:
                 meta = files[name]
-                result.append(RawStat(_FILE_MODE, int(meta["size"]), _mtime_ns(meta)))
+                result.append(entry_stat(_FILE_MODE, int(meta["size"]), _mtime_ns(meta)))
             elif name in dirs:
-                result.append(RawStat(_DIR_MODE, 0, 0))
+                result.append(entry_stat(_DIR_MODE, 0, 0))
             else:
                 result.append(None)
         return result

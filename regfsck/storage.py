@@ -27,6 +27,7 @@ import errno
 import os
 import stat as stat_module
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -166,30 +167,28 @@ class StorageSpec:
         return FilesystemStorage(Path(self.v2_dir))
 
 
-class StatLike(Protocol):
-    """The part of `os.stat_result` a journaled run reads (an object store fakes the rest:
-    one device, no inode, the owner and modes of the registry's own entries)."""
+def _regular_file(fd: int, path: str) -> int:
+    """`fd`, once it is known to be a regular file (never a FIFO or device: reading one
+    could block for ever), in blocking mode; closed and refused otherwise."""
+    try:
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    @property
-    def st_mode(self) -> int: ...
 
-    @property
-    def st_size(self) -> int: ...
+def entry_stat(mode: int, size: int, mtime_ns: int) -> os.stat_result:
+    """The stat of an entry in a store that keeps no inode, device or owner (an object, or
+    a directory it implies): one device, no inode, owner 0, changed when last written.
 
-    @property
-    def st_mtime_ns(self) -> int: ...
-
-    @property
-    def st_ino(self) -> int: ...
-
-    @property
-    def st_uid(self) -> int: ...
-
-    @property
-    def st_gid(self) -> int: ...
-
-    @property
-    def st_dev(self) -> int: ...
+    `MutableStorage.lstat_raw` returns an `os.stat_result` on every backend (real on a
+    filesystem, this one on object storage): one type, so no protocol restates its fields."""
+    return os.stat_result((mode, 0, 0, 1, 0, 0, size, 0, 0, 0),
+                          {"st_mtime_ns": mtime_ns, "st_ctime_ns": mtime_ns})
 
 
 class AppendFile(Protocol):
@@ -230,7 +229,7 @@ class MutableStorage(Storage, Protocol):
     # leave it half done (copy, then delete) for `settle_move` to finish or take back.
     atomic_moves: bool
 
-    def lstat_raw(self, path: str) -> StatLike | None: ...
+    def lstat_raw(self, path: str) -> os.stat_result | None: ...
 
     def move(self, src: str, dst: str) -> None: ...
 
@@ -469,15 +468,7 @@ class FilesystemStorage:
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not stat_module.S_ISREG(st.st_mode):
-                raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _regular_file(fd, path)
 
     def open_read(self, path: str) -> BinaryIO:
         """Open a regular file for streaming (never a FIFO, device or symlink)."""
@@ -519,15 +510,7 @@ class FilesystemStorage:
             fd = os.open(self.full_path(path), _OPEN_FLAGS)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot open {path}: {exc.strerror}", path) from exc
-        try:
-            st = os.fstat(fd)
-            if not stat_module.S_ISREG(st.st_mode):
-                raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _regular_file(fd, path)
 
     def read_link_fast(self, path: str, limit: int = 256) -> bytes:
         """Read a small file found by the walk (see `open_fd_fast`).
@@ -668,6 +651,19 @@ class FilesystemStorage:
                                 path)
         return StorageError(exc.errno, f"cannot {what} {path}: {exc.strerror}", path)
 
+    @contextmanager
+    def _in_parent(self, path: str, what: str) -> Iterator[tuple[int, str]]:
+        """(descriptor of the parent directory, name) of `path` for one change made there:
+        an OSError in the block is the StorageError "cannot <what> <path>", and the parent
+        is closed after it (the one way every change below reaches its entry)."""
+        dir_fd, name = self._parent(path)
+        try:
+            yield dir_fd, name
+        except OSError as exc:
+            raise self._error(exc, what, path) from exc
+        finally:
+            os.close(dir_fd)
+
     def lstat_raw(self, path: str) -> os.stat_result | None:
         """Full lstat (mode, owner, times); None when absent. Symlinks on the way are refused."""
         parts = check_relative(path)
@@ -726,55 +722,35 @@ class FilesystemStorage:
 
     def make_dir(self, path: str, mode: int = 0o777) -> None:
         """Create one directory (the umask applies, as for the registry's own directories)."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "create directory") as (dir_fd, name):
             os.mkdir(name, mode, dir_fd=dir_fd)
-        except OSError as exc:
-            raise self._error(exc, "create directory", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def remove_empty_dir(self, path: str) -> None:
         """Remove a directory that must be empty (rmdir fails otherwise)."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "remove directory") as (dir_fd, name):
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if not stat_module.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             os.rmdir(name, dir_fd=dir_fd)
-        except OSError as exc:
-            raise self._error(exc, "remove directory", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def remove_file(self, path: str) -> None:
         """Unlink a file (or a symlink itself, never its target)."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "remove") as (dir_fd, name):
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat_module.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             os.unlink(name, dir_fd=dir_fd)
-        except OSError as exc:
-            raise self._error(exc, "remove", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
                   owner: tuple[int, int] | None = None) -> None:
         """Set the mtime (atime kept) and optionally the mode and owner of a file or directory."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "set the times of") as (dir_fd, name):
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if owner is not None and os.geteuid() == 0 and owner != (st.st_uid, st.st_gid):
                 os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
             if mode is not None and not stat_module.S_ISLNK(st.st_mode):
                 os.chmod(name, stat_module.S_IMODE(mode), dir_fd=dir_fd)
             os.utime(name, ns=(st.st_atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as exc:
-            raise self._error(exc, "set the times of", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def neighbours(self, path: str, directory: bool) -> tuple[int, int, int | None]:
         """(uid, gid, mode of an entry of that kind) in directory `path`: what a new entry
@@ -805,8 +781,7 @@ class FilesystemStorage:
 
         Unprivileged, giving a file away is not permitted: it then stays ours (regfsck
         runs as the tree's owner, or the group change alone is allowed)."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "set the owner and mode of") as (dir_fd, name):
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat_module.S_ISLNK(st.st_mode):
                 raise StorageError(errno.ELOOP, f"cannot adopt {path}: it is a symbolic link", path)
@@ -820,10 +795,6 @@ class FilesystemStorage:
                         os.chown(name, -1, owner[1], dir_fd=dir_fd, follow_symlinks=False)
             if stat_module.S_IMODE(st.st_mode) != mode:
                 os.chmod(name, mode, dir_fd=dir_fd)
-        except OSError as exc:
-            raise self._error(exc, "set the owner and mode of", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def fsync_dir(self, path: str) -> None:
         """Make renames and creations inside directory `path` durable."""
@@ -904,14 +875,9 @@ class FilesystemStorage:
 
     def open_append(self, path: str) -> int:
         """Open (creating) a file for appending; returns the raw descriptor (caller closes)."""
-        dir_fd, name = self._parent(path)
-        try:
+        with self._in_parent(path, "open") as (dir_fd, name):
             return os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                            | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            raise self._error(exc, "open", path) from exc
-        finally:
-            os.close(dir_fd)
 
     def open_journal(self, path: str) -> FileAppender:
         """Open (creating, mode 0644) an append-only file such as a run's journal."""
