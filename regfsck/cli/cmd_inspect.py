@@ -13,7 +13,6 @@ from regfsck.cli.common import (
     CONFIG_OPTION,
     JOBS_OPTION,
     JSON_OPTION,
-    ROOT_HELP,
     CtrlC,
     default_jobs,
     fail,
@@ -21,6 +20,7 @@ from regfsck.cli.common import (
     open_root,
     print_json,
     rich_text,
+    root_then,
     say,
     split_root,
     stderr_console,
@@ -41,10 +41,9 @@ if TYPE_CHECKING:
 
 @command()
 def inspect(
-    args: list[str] = typer.Argument(..., metavar="ROOT REF", show_default=False, help=(
-        ROOT_HELP + " Then the image: repo:tag, repo@sha256:..., repo (= repo:latest) or a bare "
-        "manifest digest; a unique digest prefix will do (repo@6d7e7209). Omit ROOT with "
-        "--config.")),
+    args: list[str] = root_then("REF", "the image: repo:tag, repo@sha256:..., repo (= "
+                                "repo:latest) or a bare manifest digest; a unique digest prefix "
+                                "will do (repo@6d7e7209)."),
     config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
     raw: bool = typer.Option(False, "--raw", help="Print the manifest bytes exactly as stored "

@@ -11,12 +11,12 @@ from regfsck.cli.app import command
 from regfsck.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
-    ROOT_HELP,
     fail,
     human_bytes,
     open_root,
     plural,
     print_json,
+    root_then,
     say,
     split_root,
     styled,
@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 
 @command()
 def why(
-    args: list[str] = typer.Argument(..., metavar="ROOT DIGEST", show_default=False, help=(
-        ROOT_HELP + " Then the blob digest: sha256:<64 hex>, or a unique prefix of it "
-        "(6d7e7209 or sha256:6d7e7209). Omit ROOT with --config.")),
+    args: list[str] = root_then("DIGEST", "the blob digest: sha256:<64 hex>, or a unique "
+                                "prefix of it (6d7e7209 or sha256:6d7e7209)."),
     config: Path | None = CONFIG_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:

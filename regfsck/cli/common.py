@@ -40,6 +40,13 @@ ROOT_HELP = ("Registry storage root (holding docker/registry/v2), the v2 directo
              "s3://BUCKET/PREFIX. Default: /var/lib/registry, or the root "
              "named by --config.")
 ROOT_ARGUMENT = typer.Argument(None, metavar="ROOT", help=ROOT_HELP, show_default=False)
+
+
+def root_then(what: str, help_text: str) -> Any:
+    """The `ROOT WHAT` arguments of a command that reads one thing from the tree (split by
+    `split_root`): ROOT's help, then `help_text` on WHAT."""
+    return typer.Argument(..., metavar=f"ROOT {what}", show_default=False,
+                          help=f"{ROOT_HELP} Then {help_text} Omit ROOT with --config.")
 CONFIG_OPTION = typer.Option(
     None, "--config", "-c", metavar="CONFIG.YML", help="Read the root directory (or the s3 "
     "bucket) from the registry's config.yml (honours REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY "
