@@ -17,6 +17,10 @@ the undamaged bucket (an OCI layout and an oci-archive). Then:
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests import realtools
+from tests.support.cli import child_env
 from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     Bucket,
@@ -279,3 +284,71 @@ def test_repair_without_a_backup_quarantines_and_names_the_images(base28: Base,
                             "--no-registry-check")
     assert code == 0, (undone, err)
     assert bucket.tree() == damaged
+
+
+KILLING = textwrap.dedent("""
+    import os, signal, sys
+    from regfsck.objectstore import ObjectRootStorage
+    method, match, nth, when = sys.argv[1:5]
+    seen = [0]
+    original = getattr(ObjectRootStorage, method)
+
+    def killing(self, *args, **kwargs):
+        hit = match in (args[0] if args else "")
+        if hit:
+            seen[0] += 1
+        if hit and seen[0] == int(nth) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(self, *args, **kwargs)
+        if hit and seen[0] == int(nth) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(ObjectRootStorage, method, killing)
+    sys.argv = ["regfsck", *sys.argv[5:]]
+    from regfsck.cli.app import main
+    main()
+""")
+
+# (ObjectRootStorage method, substring of its path argument, which matching call, before/after)
+KILL_POINTS = [
+    ("write_new_file", "/new/", 3, "after"),  # a blob staged, its intent not journaled
+    ("move", "/new/", 2, "after"),  # a creation copied into the tree, no "done" line
+    ("move", "/new/", 4, "before"),  # its intent journaled, nothing copied yet
+]
+
+
+@needs_server
+@pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: f"{p[0]}-{p[2]}-{p[3]}")
+def test_repair_killed_midway_is_reverted_then_done_again(
+        point: tuple[str, str, int, str], base28: Base, tmp_path: Path) -> None:
+    """`repair --apply` SIGKILLed midway on S3: its lock stays (a process of this host that
+    is gone: stale, taken over only with --break-lock); the undo that takes it first recovers
+    the run (repair's runs revert): every key of the damaged tree back byte for byte, nothing
+    staged left; repair --apply run again mends everything."""
+    bucket = base28.bucket.clone()
+    state = tmp_path / "state"
+    clean = findings(bucket, state)
+    damage(bucket)
+    damaged = bucket.tree()
+    env = child_env({**bucket.env(), "XDG_STATE_HOME": str(state)})
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLING, *map(str, point), "repair", bucket.url,
+         *_sources(base28.backups), "--apply", "--no-registry-check", "--json"],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert bucket.keys_below("regfsck-state/lock")
+    code, doc, _ = run(bucket, state, "undo", bucket.url, "--no-registry-check")
+    assert code == 3 and "--break-lock" in doc["error"], doc
+    code, doc, err = run(bucket, state, "undo", bucket.url, "--no-registry-check",
+                         "--break-lock")
+    assert any("reverted" in m for m in doc.get("recovered", [])), (code, doc, err)
+    assert bucket.tree() == damaged
+    assert not [k for k in bucket.keys_below(QUARANTINE) if "/new/" in k]
+    code, runs, _ = run(bucket, state, "runs", bucket.url)
+    assert [r["status"] for r in runs["runs"]] == ["reverted"], runs
+
+    code, doc, err = run(bucket, state, "repair", bucket.url, *_sources(base28.backups),
+                         "--apply", "--no-registry-check")
+    assert code == 0 and doc["remaining"] == [], (doc, err)
+    assert findings(bucket, state) == clean
