@@ -362,3 +362,32 @@ def test_interrupted_shard_and_unwritable_output(damaged: Path, tmp_path: Path) 
     assert result.returncode == ExitCode.CANNOT_RUN, result
     assert lines[-1].startswith("regfsck: cannot write report"), lines
     assert not (tmp_path / "no-such-dir").exists()
+
+
+findings_st = st.lists(st.fixed_dictionaries(
+    {"kind": st.sampled_from(["blob_digest_mismatch", "link_invalid", "upload_stale"]),
+     "severity": st.sampled_from(["error", "warning", "info"]),
+     "path": st.text(max_size=8), "message": st.text(max_size=8)},
+    optional={"digest": digests, "repo": st.text(max_size=4)}), max_size=30)
+
+
+@given(found=findings_st, count=st.integers(1, 6))
+def test_merge_of_a_partition_is_the_whole(found: list[dict[str, Any]], count: int) -> None:
+    """Findings split by the ownership rule, counts split any way: the merge gives back the
+    findings in verify's order and the counts added up."""
+    from regfsck.report import ShardReport, finding_order, merge
+
+    section = {"count": count, "regfsck": "x", "root": "/r", "tree": "t", "options": {}}
+    reports = [ShardReport(f"r{k}", {
+        "findings": [f for f in found if Shard(k, count).owns_finding(f.get("digest"))],
+        "summary": {"errors": 99, "blobs_verified": k, "interrupted": False,
+                    "hashed_because": {"new": 1}, "record": None},
+        "shard": {**section, "index": k}}) for k in reversed(range(count))]
+    merged = merge(reports)
+    assert merged["findings"] == sorted(found, key=finding_order)
+    assert merged["summary"] == {
+        "errors": sum(f["severity"] == "error" for f in found), "blobs_verified":
+        sum(range(count)), "interrupted": False, "hashed_because": {"new": count},
+        "record": None, "record_error": None,
+        "warnings": sum(f["severity"] == "warning" for f in found),
+        "infos": sum(f["severity"] == "info" for f in found)}
