@@ -839,7 +839,7 @@ def _prefetch_configs(storage: Storage, inv: Inventory, store: ManifestStore,
             if blob is not None:
                 paths.add(blob.path)
     if paths:
-        storage.prefetch(paths.__contains__, lambda _: None, CONFIG_LIMIT)
+        storage.prefetch(paths.__contains__, lambda _: (), CONFIG_LIMIT)
 
 
 def plan_deep(storage: Storage, inv: Inventory, store: ManifestStore,

@@ -19,7 +19,7 @@ import shutil
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,9 @@ class BlobCopy:
     size: int
     path: str
     image: str
+    # The bytes, when planning already read them (manifests, configs checked for --platform):
+    # written from here, still hashed against the digest, instead of read a second time.
+    data: bytes | None = None
 
 
 @dataclass
@@ -230,6 +233,7 @@ class _Planner:
         self._names_seen: set[str] = set()
         self._docker_images: dict[str, ExportImage] = {}
         self._notes_seen: set[str] = set()
+        self._configs: dict[str, bytes] = {}  # configs read for --platform, written from here
 
     # -- references ----------------------------------------------------------------
     def add_ref(self, ref: ImageRef) -> None:
@@ -356,7 +360,9 @@ class _Planner:
             return None
         blob = self._blob(manifest.config.digest, name)
         try:
-            doc = json.loads(self.storage.read_small(blob.path, CONFIG_LIMIT))
+            raw = self._configs.get(blob.digest) or self.storage.read_small(blob.path, CONFIG_LIMIT)
+            self._configs[blob.digest] = raw
+            doc = json.loads(raw)
         except (StorageError, ValueError, RecursionError) as exc:
             raise ExportError(f"{name}: cannot read config {blob.digest}: {exc}", "damage") from exc
         return doc if isinstance(doc, dict) else None
@@ -375,7 +381,11 @@ class _Planner:
     def _add_blob(self, digest: str, name: str) -> None:
         if digest not in self._blobs_seen:
             self._blobs_seen.add(digest)
-            self.plan.blobs.append(self._blob(digest, name))
+            blob = self._blob(digest, name)
+            data = self.store.kept(digest) or self._configs.get(digest)
+            if data is not None and len(data) == blob.size:
+                blob = replace(blob, data=data)  # read while planning: not read again
+            self.plan.blobs.append(blob)
 
     def _collect(self, root: str, manifest: Manifest, name: str) -> None:
         """Every blob the manifest needs, each once, manifests after what they reference."""
@@ -554,29 +564,42 @@ def _read_ahead(storage: Storage, blobs: list[BlobCopy],
     opens each blob when its turn comes (None: verified_chunks opens it)."""
     if isinstance(storage, FilesystemStorage) or len(blobs) < 2:
         for blob in blobs:
-            yield blob, None
+            yield blob, (iter((blob.data,)) if blob.data is not None else None)
         return
     from concurrent.futures import Future, ThreadPoolExecutor
 
     ahead = min(READ_AHEAD, getattr(storage, "io_threads", 1) or 1)
-    pending: list[tuple[BlobCopy, Future[_Opened]]] = []
+    pending: list[tuple[BlobCopy, Future[_Opened] | None]] = []
     with ThreadPoolExecutor(ahead, thread_name_prefix="regfsck-export") as pool:
+
+        def start(blob: BlobCopy) -> Future[_Opened] | None:
+            # bytes read while planning need no request
+            return None if blob.data is not None else pool.submit(_Opened, storage, blob)
+
         try:
             queue = iter(blobs)
             for blob in queue:
-                pending.append((blob, pool.submit(_Opened, storage, blob)))
-                if len(pending) >= ahead:
+                pending.append((blob, start(blob)))
+                if sum(f is not None for _, f in pending) >= ahead:
                     break
             while pending:
                 if stop is not None and stop.is_set():
                     raise Interrupted("interrupted: nothing was written")
                 blob, future = pending.pop(0)
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(_Opened, storage, nxt)))
-                yield blob, future.result().stream()
+                while sum(f is not None for _, f in pending) < ahead:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        break
+                    pending.append((nxt, start(nxt)))
+                if future is None:
+                    assert blob.data is not None
+                    yield blob, iter((blob.data,))
+                else:
+                    yield blob, future.result().stream()
         finally:
             for _, future in pending:
+                if future is None:
+                    continue
                 future.cancel()
                 if future.done() and not future.cancelled() and future.exception() is None:
                     future.result().close()
@@ -859,34 +882,25 @@ def _prefetch(storage: Storage, inventory: Inventory, store: ManifestStore,
     every revision of a repository. A local tree reads each one when asked."""
     if isinstance(storage, FilesystemStorage):
         return
-    level: set[str] = set()
+    roots: set[str] = set()
     for ref in refs:
         repo = inventory.repositories.get(ref.repo) if ref.repo is not None else None
         if ref.digest is not None:
-            level.add(ref.digest)
+            roots.add(ref.digest)
         elif repo is not None:
             targets = repo.tag_targets()
-            level.update(targets.values() if ref.tag is None else
+            roots.update(targets.values() if ref.tag is None else
                          [targets[ref.tag]] if ref.tag in targets else [])
-    seen: set[str] = set()
     paths: set[str] = set()
-    while level:
-        seen |= level
-        store.preload(level)
-        following: set[str] = set()
-        for digest in level:
-            manifest = store.get(digest)
-            if manifest is None:
-                continue
-            following.update(c.digest for c in manifest.children)
-            config = manifest.config
-            blob = inventory.blobs.get(config.digest) if config is not None else None
-            if configs and blob is not None and config is not None and \
-                    config.media_type in IMAGE_CONFIG_TYPES:
-                paths.add(blob.path)
-        level = following - seen
+    for digest in store.preload_tree(roots):
+        manifest = store.get(digest)
+        config = manifest.config if manifest is not None else None
+        blob = inventory.blobs.get(config.digest) if config is not None else None
+        if configs and blob is not None and config is not None and \
+                config.media_type in IMAGE_CONFIG_TYPES:
+            paths.add(blob.path)
     if paths:
-        storage.prefetch(paths.__contains__, lambda _: None, CONFIG_LIMIT)
+        storage.prefetch(paths.__contains__, lambda _: (), CONFIG_LIMIT)
 
 
 def export_images(storage: Storage, inventory: Inventory, refs: list[ImageRef],
@@ -899,7 +913,7 @@ def export_images(storage: Storage, inventory: Inventory, refs: list[ImageRef],
     fmt = fmt or default_format(output)
     compression = compression_for(output)
     check_output(output, fmt, compression, v2_dir)
-    store = ManifestStore(storage, inventory)
+    store = ManifestStore(storage, inventory, keep_raw=True)
     _prefetch(storage, inventory, store, refs, configs=platform is not None)
     plan = plan_export(storage, inventory, store, refs, fmt, platform, with_referrers)
     if on_start is not None:

@@ -33,11 +33,15 @@ class Unloadable:
 class ManifestStore:
     """Loads and parses manifest blobs on demand, each digest at most once."""
 
-    def __init__(self, storage: Storage, inventory: Inventory) -> None:
+    def __init__(self, storage: Storage, inventory: Inventory, *, keep_raw: bool = False) -> None:
         self.storage = storage
         self.inventory = inventory
         self._cache: dict[str, Manifest | Unloadable] = {}
         self._reach: ReachGraph | None = None
+        # `keep_raw`: the bytes of each manifest read are kept, for a command that writes
+        # them out after parsing (export) or reads them again (inspect): on object storage
+        # a second read is a second GET. Off for scans of a whole tree (memory).
+        self._raw: dict[str, bytes] | None = {} if keep_raw else None
 
     @property
     def reach(self) -> ReachGraph:
@@ -61,8 +65,21 @@ class ManifestStore:
 
     def raw(self, digest: str) -> bytes:
         """The manifest's bytes (raises StorageError)."""
+        kept = self.kept(digest)
+        if kept is not None:
+            return kept
         blob = self.inventory.blobs[digest]
-        return self.storage.read_small(blob.path, MAX_MANIFEST_BYTES)
+        data = self.storage.read_small(blob.path, MAX_MANIFEST_BYTES)
+        self._keep(digest, data)
+        return data
+
+    def kept(self, digest: str) -> bytes | None:
+        """The manifest's bytes as read when it was loaded (a store made with `keep_raw`)."""
+        return self._raw.get(digest) if self._raw is not None else None
+
+    def _keep(self, digest: str, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw[digest] = data
 
     def _load(self, digest: str) -> Manifest | Unloadable:
         blob = self.inventory.blobs.get(digest)
@@ -79,6 +96,7 @@ class ManifestStore:
             raw = self._read(blob)
         except StorageError as exc:
             return Unloadable("blob_unreadable", exc.message)
+        self._keep(digest, raw)
         return self._parse(raw)
 
     @staticmethod
@@ -126,7 +144,26 @@ class ManifestStore:
                     elif isinstance(raw, StorageError):
                         self._cache[digest] = Unloadable("blob_unreadable", raw.message)
                     else:
+                        self._keep(digest, raw)
                         self._cache[digest] = self._parse(raw)
+
+    def preload_tree(self, roots: Iterable[str]) -> set[str]:
+        """Load the manifests `roots` reach down their indexes, level by level, each level
+        with concurrent reads (`preload`); returns the digests reached. On object storage
+        an image's tree then costs one round of latency per index level, not one per
+        manifest, when a command walks it one manifest at a time."""
+        level = set(roots)
+        seen: set[str] = set()
+        while level:
+            seen |= level
+            self.preload(level)
+            following: set[str] = set()
+            for digest in level:
+                manifest = self.get(digest)
+                if manifest is not None:
+                    following.update(child.digest for child in manifest.children)
+            level = following - seen
+        return seen
 
     def loaded(self) -> dict[str, Manifest | Unloadable]:
         return self._cache

@@ -352,6 +352,7 @@ class Inspector:
     def build(self, ref: ImageRef, *, check_data: bool = True, jobs: int = 1,
               stop: threading.Event | None = None) -> InspectReport:
         repo, digest = self.resolve(ref)
+        self._prefetch(digest, stop)
         self._nodes = 0
         root = self._manifest_node(repo, digest, None, frozenset())
         report = InspectReport(ref=str(ref), repo=repo, digest=digest, root=root)
@@ -360,6 +361,41 @@ class Inspector:
         report.health = self._health(report, check_data, jobs, stop)
         report.data_checked = check_data
         return report
+
+    def _prefetch(self, root: str, stop: threading.Event | None) -> None:
+        """Read ahead, `storage.io_threads` at a time, what building the tree then asks for one
+        by one: the manifests down the indexes (a level at a time), the image configs, and
+        each layer's measure (one streaming GET each). On object storage a tree of N images
+        then costs a few rounds of latency instead of ~3N; on a local tree (io_threads 1)
+        everything is read when the walk meets it, as before."""
+        threads = self.storage.io_threads
+        if threads <= 1:
+            return
+        reached = self.store.preload_tree([root])
+        configs: set[str] = set()
+        layers: dict[str, Blob] = {}
+        for digest in sorted(reached):
+            manifest = self.store.get(digest)
+            if manifest is None:
+                continue
+            if manifest.config is not None and \
+                    (blob := self.inv.blobs.get(manifest.config.digest)) is not None:
+                configs.add(blob.path)
+            if self.measure_layers:
+                for layer in manifest.layers:
+                    stored = self.store.reach.resolve(layer.digest)
+                    if stored is not None and (blob := self.inv.blobs.get(stored)) is not None:
+                        layers.setdefault(blob.digest, blob)
+        if configs:
+            self.storage.prefetch(configs.__contains__, lambda _: (), MAX_CONFIG_BYTES)
+        if len(layers) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(layers)),
+                                    thread_name_prefix="regfsck-inspect") as pool:
+                # after Ctrl-C the rest is left to the walk, which the caller stops
+                list(pool.map(lambda blob: None if stop is not None and stop.is_set()
+                              else self._measure(blob), layers.values()))
 
     def _manifest_node(self, repo: str | None, digest: str, platform: str | None,
                        path: frozenset[str]) -> ManifestNode:

@@ -93,6 +93,16 @@ def request_counts() -> dict[str, int]:
     return REQUESTS.snapshot()
 
 
+def _etag_content(size: int, etag: str, candidates: Sequence[bytes]) -> bytes | None:
+    """The candidate an object holds, proven by its listed size and ETag (the MD5 of the
+    bytes of any object written by one PutObject without SSE-KMS), or None."""
+    tag = etag.strip('"')
+    for content in candidates:
+        if len(content) == size and hashlib.md5(content, usedforsecurity=False).hexdigest() == tag:
+            return content
+    return None
+
+
 def default_jobs() -> int:
     value = os.environ.get(JOBS_ENV, "")
     return max(1, min(1024, int(value))) if value.isdigit() else DEFAULT_JOBS
@@ -584,20 +594,21 @@ class ObjectStorage(_AtLocation):
         with self._lock:
             return self._cache.pop(path, None)
 
-    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], Sequence[bytes]],
                  limit: int) -> None:
         """Read every listed file `select` picks (at most `limit`+1 bytes each) with `jobs`
         GETs in flight, before the walk asks for them one by one. A file whose ETag is the
-        MD5 of `expected(path)` (and whose size matches) is known without a request."""
+        MD5 of one of `expected(path)` (the contents the tree says it may hold) and whose
+        size matches is known without a request."""
         tree = self.tree
         todo: list[str] = []
         known: dict[str, bytes | StorageError] = {}
         for path, meta in tree.files.items():
             if not select(path):
                 continue
-            content = expected(path) if self.trust_etag else None
-            if (content is not None and meta.size == len(content) and meta.etag is not None
-                    and meta.etag.strip('"') == hashlib.md5(content, usedforsecurity=False).hexdigest()):
+            content = _etag_content(meta.size, meta.etag, expected(path)) \
+                if self.trust_etag and meta.etag is not None else None
+            if content is not None:
                 known[path] = content
             else:
                 todo.append(path)
@@ -1349,7 +1360,7 @@ class ObjectRootStorage:
                 results.append(exc)
         return results
 
-    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], Sequence[bytes]],
                  limit: int) -> None:
         """Nothing: every read here is made when asked (the tree is changing)."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from stat import S_ISLNK, S_ISREG
@@ -486,7 +486,7 @@ class Scanner:
         # concurrent GETs (none when the listing proves the content); a filesystem does
         # nothing. A bucket that cannot be listed raises StorageError (exit 3, as a
         # missing ROOT); a single object that cannot be read is reported by the walk.
-        self.storage.prefetch(_prefetched, _implied_link_content, LINK_READ_LIMIT)
+        self.storage.prefetch(_prefetched, _link_contents(self.storage), LINK_READ_LIMIT)
         for key in self.storage.unmodelled():
             self._anomaly("unexpected_entry", key, "object whose key no path can name (an "
                           "empty, '.' or '..' component, or a key that is also a directory)")
@@ -693,6 +693,34 @@ def _implied_link_content(path: str) -> bytes | None:
     if regex is None or regex.fullmatch(parts[-2]) is None:
         return None
     return f"{parts[-3]}:{parts[-2]}".encode("ascii")
+
+
+def _link_contents(storage: Storage) -> Callable[[str], Sequence[bytes]]:
+    """What a link file may hold, known from the tree without reading it: the digest its
+    path names (`.../<alg>/<hex>/link`); for a tag's `current/link`, one of the digests its
+    `index/` holds (the registry writes a tag's target there too). On object storage a link
+    whose ETag is the MD5 of one of them needs no GET (`Storage.prefetch`); a current link
+    pointing anywhere else matches none and is read."""
+    def contents(path: str) -> Sequence[bytes]:
+        implied = _implied_link_content(path)
+        if implied is not None:
+            return (implied,)
+        where = layout.parse_path(path)
+        if where.kind != "tag_current" or where.repo is None or where.tag is None:
+            return ()
+        index = layout.join(layout.tag_dir(where.repo, where.tag), layout.INDEX)
+        found: list[bytes] = []
+        try:
+            for alg in storage.scandir(index):
+                for entry in storage.scandir(layout.join(index, alg.name)):
+                    content = _implied_link_content(
+                        layout.join(index, alg.name, entry.name, layout.LINK))
+                    if content is not None:
+                        found.append(content)
+        except StorageError:
+            return ()  # not a directory, or none: the link is read
+        return found
+    return contents
 
 
 def _fanout_task(algorithm: str, fan: str, fan_path: str) -> Callable[[Scanner], list[Task]]:

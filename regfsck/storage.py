@@ -119,7 +119,7 @@ class Storage(Protocol):
     def read_small_many(self, dir_path: str, names: Sequence[str], limit: int
                         ) -> list[bytes | StorageError]: ...
 
-    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], Sequence[bytes]],
                  limit: int) -> None: ...
 
     def iter_chunks(self, path: str, chunk_size: int = ...) -> Iterator[bytes]: ...
@@ -376,7 +376,7 @@ class FilesystemStorage:
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
 
-    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], bytes | None],
+    def prefetch(self, select: Callable[[str], bool], expected: Callable[[str], Sequence[bytes]],
                  limit: int) -> None:
         """Nothing to do: on a filesystem the walk reads each small file when it meets it."""
 

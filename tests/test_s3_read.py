@@ -196,9 +196,15 @@ def test_export_from_bucket_is_accepted_by_skopeo(which: str, request: pytest.Fi
                            env=bucket.moto.env())
             assert proc.returncode == 0, proc.stderr
             outputs[f"{where}-{fmt}"] = json.loads(proc.stdout)
+    startedat = sum(1 for p in disk.rglob("startedat") if p.is_file())
     for fmt in ("oci", "oci-archive"):
         on_s3, on_disk = outputs[f"s3-{fmt}"], outputs[f"disk-{fmt}"]
         assert on_s3["requests"]["get"] > 0 and "requests" not in on_disk
+        # Each blob exported is read once (manifests are written from the bytes parsed while
+        # planning, not fetched again); beyond them only the uploads' startedat are read: every
+        # link, tag current links included, is known from its listed ETag.
+        assert on_s3["requests"]["get"] == on_s3["blobs"] + startedat, on_s3["requests"]
+        assert on_s3["requests"]["get_bytes"] - on_s3["blob_bytes"] <= 64 * startedat
         assert {k: v for k, v in on_s3.items() if k not in ("requests", "output")} == {
             k: v for k, v in on_disk.items() if k != "output"}
     assert outputs["s3-oci"]["referrers"] >= 1  # the SBOM attached to big/app by subject

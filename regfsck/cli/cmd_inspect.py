@@ -83,7 +83,7 @@ def inspect(
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
     storage = open_storage(registry, jobs=jobs or None if registry.is_object_storage else None)
     inventory = Scanner(storage, registry).scan()
-    store = ManifestStore(storage, inventory)
+    store = ManifestStore(storage, inventory, keep_raw=True)  # schema1 info re-reads its bytes
     inspector = Inspector(inventory, store, measure_layers=not no_data)
     _, digest = inspector.resolve(image_ref)
     if raw or image_config:
