@@ -84,6 +84,21 @@ def azurite() -> Iterator[objectstore.Azurite]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def bucket28(moto: objectstore.MotoServer,
+             real_sample: tuple[Path, realtools.SampleInfo]) -> objectstore.Bucket:
+    """A bucket the real registry 2.8 filled through its s3 driver (the sample's images, one
+    image deleted through the API, one upload left open): objectstore.push_into_bucket."""
+    return objectstore.push_into_bucket(moto, real_sample[0], "2.8", "regfsck-v28")
+
+
+@pytest.fixture(scope="module")
+def bucket3(moto: objectstore.MotoServer,
+            real_sample: tuple[Path, realtools.SampleInfo]) -> objectstore.Bucket:
+    """The same written by registry 3 (skipped when its binary is absent)."""
+    return objectstore.push_into_bucket(moto, real_sample[0], "3", "regfsck-v3")
+
+
 @pytest.fixture
 def running_registry() -> Iterator[type[realtools.RealRegistry]]:
     """The RealRegistry class, skipping when the binaries are absent."""

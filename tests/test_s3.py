@@ -27,22 +27,11 @@ from tests.support.objectstore import (
     differential,
     iter_keys,
     needs_server,
-    push_into_bucket,
     run_json,
     s3_registry_config,
     upload_tree,
     without_requests,
 )
-
-
-@pytest.fixture(scope="module")
-def bucket28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "2.8", "regfsck-v28")
-
-
-@pytest.fixture(scope="module")
-def bucket3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "3", "regfsck-v3")
 
 
 @needs_server

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests import realtools
-from tests.support import REPO_ROOT
+from tests.support.cli import child_env, command
 from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     ACCESS_KEY,
@@ -34,23 +34,12 @@ from tests.support.objectstore import (
     dead_url,
     iter_keys,
     needs_server,
-    push_into_bucket,
     registry3_binary,
     registry_env,
 )
 
 QUARANTINE = "regfsck-quarantine/"
 LOCK = "regfsck-state/lock"
-
-
-@pytest.fixture(scope="module")
-def base28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "2.8", "regfsck-m28")
-
-
-@pytest.fixture(scope="module")
-def base3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "3", "regfsck-m3")
 
 
 def run(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -63,11 +52,11 @@ def run(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any], str]:
 
 
 @needs_server
-def test_gc_apply_refuses_without_a_registry_check(moto: MotoServer, base28: Bucket
+def test_gc_apply_refuses_without_a_registry_check(moto: MotoServer, bucket28: Bucket
                                                    ) -> None:
     """No --registry-url, or a URL whose registry is writable: exit 3, one line, nothing
     changed (every key and ETag, no lock, no quarantine)."""
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     before = bucket.everything()
     code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply")
     assert code == 3, (doc, err)
@@ -87,7 +76,7 @@ def test_gc_apply_refuses_without_a_registry_check(moto: MotoServer, base28: Buc
 
 
 @needs_server
-@pytest.mark.parametrize("which", ["base28", "base3"])
+@pytest.mark.parametrize("which", ["bucket28", "bucket3"])
 def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
     """gc --apply with the registry in read-only mode removes exactly what the official
     collector would; both registry versions then serve every tag; undo restores every key
@@ -134,10 +123,10 @@ def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
 
 
 @needs_server
-def test_rm_then_undo(base28: Bucket) -> None:
+def test_rm_then_undo(bucket28: Bucket) -> None:
     """rm --apply of a tag with the registry stopped: that tag is gone, every other one is
     served; undo puts every key back byte for byte."""
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     before = bucket.tree()
     tags = bucket.tags()
     repo = sorted(tags)[0]
@@ -166,8 +155,8 @@ def _put_lock(bucket: Bucket, **fields: Any) -> None:
 
 
 @needs_server
-def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(base28: Bucket) -> None:
-    bucket = base28.clone()
+def test_a_held_lock_refuses_and_break_lock_takes_only_a_stale_one(bucket28: Bucket) -> None:
+    bucket = bucket28.clone()
     before = bucket.tree()
     _put_lock(bucket)  # a live run elsewhere (refreshed just now)
     code, doc, _ = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
@@ -311,24 +300,22 @@ def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Pat
 
 
 @needs_server
-def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path) -> None:
+def test_gc_killed_midway_is_recovered_and_undone(bucket28: Bucket, tmp_path: Path) -> None:
     """kill -9 of gc --apply between two phases (the test hook pauses it there): its lock
     stays behind and refuses the next run until --break-lock (its process is gone); that
     run recovers the interrupted one (kept, undoable); undoing both puts every key back."""
     import os
     import signal
-    import sys
 
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     before = bucket.tree()
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "blobs.pause").touch()  # after the manifests, layer links and uploads moved
-    env = {**bucket.moto.env(), "PYTHONPATH": str(REPO_ROOT),
-           "REGFSCK_TEST_PAUSE_DIR": str(hooks)}
-    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "gc", bucket.url, "--grace", "0",
-                             "--delete-untagged", "--uploads-older-than", "0", "--apply",
-                             "--no-registry-check", "--json"],
+    env = child_env({**bucket.env(), "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
+    proc = subprocess.Popen(command("gc", bucket.url, "--grace", "0", "--delete-untagged",
+                                    "--uploads-older-than", "0", "--apply",
+                                    "--no-registry-check", "--json"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -353,24 +340,23 @@ def test_gc_killed_midway_is_recovered_and_undone(base28: Bucket, tmp_path: Path
 
 
 @needs_server
-def test_a_registry_that_becomes_writable_midway_stops_gc(base28: Bucket, tmp_path: Path) -> None:
+def test_a_registry_that_becomes_writable_midway_stops_gc(bucket28: Bucket, tmp_path: Path) -> None:
     """--registry-url of a stopped registry: gc starts. Paused before its blob phase, the
     registry is started writable at that URL: the next check stops the run (exit 3, the
     moves so far kept in an undoable run); undo then restores every key."""
     import os
-    import sys
 
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     before = bucket.tree()
     url = dead_url()
     port = int(url.rsplit(":", 1)[1])
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "blobs.pause").touch()
-    env = {**bucket.moto.env(), "PYTHONPATH": str(REPO_ROOT), "REGFSCK_TEST_PAUSE_DIR": str(hooks)}
-    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "gc", bucket.url, "--grace", "0",
-                             "--delete-untagged", "--uploads-older-than", "0", "--apply",
-                             "--registry-url", url, "--json"],
+    env = child_env({**bucket.env(), "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
+    proc = subprocess.Popen(command("gc", bucket.url, "--grace", "0", "--delete-untagged",
+                                    "--uploads-older-than", "0", "--apply",
+                                    "--registry-url", url, "--json"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writable = bucket.registry(port=port)
     try:

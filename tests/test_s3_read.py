@@ -26,10 +26,8 @@ from tests.realtools_artifacts import MT_SPDX, push_artifact
 from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     Bucket,
-    MotoServer,
     differential,
     needs_server,
-    push_into_bucket,
     registry_api,
     run_json,
     without_requests,
@@ -38,10 +36,9 @@ from tests.support.objectstore import (
 BIG = 5 << 20  # above deep.REMOTE_SMALL_LAYER: read by a spawned worker process
 
 
-def _with_big_image(server: MotoServer, sample: Path, version: str, name: str) -> Bucket:
-    """The sample's bucket (push_into_bucket), plus `big/app:latest` (two incompressible
-    5 MiB gzip layers) and an SBOM pushed by digest with that image as its subject (oras-py)."""
-    bucket = push_into_bucket(server, sample, version, name)
+def _with_big_image(bucket: Bucket) -> Bucket:
+    """The sample's bucket plus `big/app:latest` (two incompressible 5 MiB gzip layers) and
+    an SBOM pushed by digest with that image as its subject (oras-py)."""
     with bucket.registry() as reg, tempfile.TemporaryDirectory(prefix="regfsck-s3r-") as tmp:
         lay = realtools.OCILayoutWriter(Path(tmp) / "layout")
         layers = [lay.add_layer({f"big{i}.bin": realtools.pseudo_random_bytes(f"s3-big-{i}", BIG)})
@@ -58,13 +55,13 @@ def _with_big_image(server: MotoServer, sample: Path, version: str, name: str) -
 
 
 @pytest.fixture(scope="module")
-def read28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return _with_big_image(moto, real_sample[0], "2.8", "regfsck-read-v28")
+def read28(bucket28: Bucket) -> Bucket:
+    return _with_big_image(bucket28)
 
 
 @pytest.fixture(scope="module")
-def read3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return _with_big_image(moto, real_sample[0], "3", "regfsck-read-v3")
+def read3(bucket3: Bucket) -> Bucket:
+    return _with_big_image(bucket3)
 
 
 # -- verify --deep ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ regfsck is started (environment, timeout, in-process or not) is made once:
 - `tests.support.snapshot`: every path of a tree with kind, content, mode and mtime, to say
   "nothing changed" or "undo restored it all".
 - `tests.support.tree`: small v2 trees from a spec (path -> bytes), blobs and links.
+- `tests.support.objectstore`: moto (S3) and Azurite servers, the real registry on a bucket or
+  container, filled buckets, clones, snapshots, and the store-vs-disk-mirror `differential`.
 """
 
 from __future__ import annotations

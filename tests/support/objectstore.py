@@ -19,7 +19,9 @@ another one and a server is started, waited for and stopped the same way everywh
 - `differential`: a command on the stored tree and on its disk mirror must give the same JSON
   document (minus `requests`, which only object storage reports) and exit code.
 
-The `moto` and `azurite` fixtures (one server per test module) live in tests/conftest.py.
+The fixtures live in tests/conftest.py: `moto` and `azurite` (one server per test module),
+`bucket28` and `bucket3` (a bucket each registry version filled, per module: `Bucket.clone`
+one before changing it).
 """
 
 from __future__ import annotations
