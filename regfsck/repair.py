@@ -746,7 +746,18 @@ def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source]
     """Apply `plan` in one journaled run of `session` (regfsck.session).
 
     Archive sources spool the blobs they provide first (verified). Ctrl-C (`stop`) ends the
-    run between two fixes: what was applied stays, and `undo` reverts it."""
+    run between two fixes: what was applied stays, and `undo` reverts it. Between fixes the
+    session is asked again, at least every USERS_EVERY_S, whether the tree may change
+    (`session.check_unused`, as gc does between batches): a registry that started, or
+    turned writable (object storage), stops the run there as a SafetyError, what was
+    applied kept and undoable (reverting while a registry writes would be one more change
+    under it)."""
+    import time
+
+    from regfsck.safety import SafetyError
+    from regfsck.sweep import USERS_EVERY_S
+    from regfsck.sweep import _pause as pause_point
+
     root = session.root
     todo = plan.fixes
     if not todo:
@@ -761,17 +772,33 @@ def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source]
     details = {"fixes": len(todo), "sources": plan.sources,
                "actions": sorted({f.action for f in todo})}
     interrupted = False
+    blocked: SafetyError | None = None
     outcomes: list[FixOutcome | None] = []
+    checked = time.monotonic()  # the session asked just now, before the plan
     with session.begin(details, on_crash="revert") as run:
         applier = Applier(root, run, sources)
         with run.batch():  # one filesystem flush per batch of fixes (the Applier settles what it reads)
-            for fix in todo:
+            for number, fix in enumerate(todo):
                 if stop is not None and stop.is_set():
                     interrupted = True
                     break
+                pause_point(f"repair.{number}")
+                if time.monotonic() - checked >= USERS_EVERY_S:
+                    try:
+                        session.check_unused()
+                    except SafetyError as exc:
+                        blocked = exc
+                        break
+                    checked = time.monotonic()
                 outcomes.append(applier.apply(fix))
         done = sum(1 for o in outcomes if o is not None and o.status == "applied")
-        run.finish(f"{done} fixes applied" + (" (interrupted)" if interrupted else ""))
+        run.finish(f"{done} fixes applied" + (" (interrupted)" if interrupted else "")
+                   + (" (stopped: the tree may be in use)" if blocked else ""))
+    if blocked is not None:
+        raise SafetyError(f"stopped after {done} of {len(todo)} fixes: {blocked}. What was "
+                          f"applied is kept in run {run.run_id} (see `regfsck runs`; revert "
+                          f"it with `regfsck undo {root.display} {run.run_id}` once nothing "
+                          "uses the tree)") from blocked
     outcomes += [None] * (len(todo) - len(outcomes))
     return FixesApplied(run.run_id, interrupted, tuple(outcomes))
 

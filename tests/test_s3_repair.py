@@ -352,3 +352,54 @@ def test_repair_killed_midway_is_reverted_then_done_again(
                          "--apply", "--no-registry-check")
     assert code == 0 and doc["remaining"] == [], (doc, err)
     assert findings(bucket, state) == clean
+
+
+@needs_server
+def test_a_registry_that_becomes_writable_midway_stops_repair(base28: Base,
+                                                              tmp_path: Path) -> None:
+    """--registry-url of a stopped registry: repair --apply starts. Paused after two fixes,
+    the registry is started writable at that URL: the next check (the session's, as gc's
+    between batches) stops the run: exit 3 naming the run to undo, the fixes applied so far
+    kept (not reverted under a writing registry), the lock released; undo then restores every
+    key of the damaged tree."""
+    bucket = base28.bucket.clone()
+    state = tmp_path / "state"
+    damage(bucket)
+    damaged = bucket.tree()
+    url = dead_url()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "repair.2.pause").touch()
+    env = child_env({**bucket.env(), "XDG_STATE_HOME": str(state),
+                     "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
+    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "repair", bucket.url,
+                             *_sources(base28.backups), "--apply", "--registry-url", url,
+                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    writable = bucket.registry(port=int(url.rsplit(":", 1)[1]))
+    try:
+        while not (hooks / "repair.2.reached").exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        with writable:
+            # The session is asked again at least every USERS_EVERY_S: wait that long, so the
+            # next fix is preceded by a check whatever the timing of the start above.
+            from regfsck.sweep import USERS_EVERY_S
+
+            time.sleep(USERS_EVERY_S + 0.1)
+            (hooks / "repair.2.go").touch()
+            out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 3, (out, err)
+    doc = json.loads(out)
+    assert "writable" in doc["error"] and "stopped after 2 of 6 fixes" in doc["error"], doc
+    assert not bucket.keys_below("regfsck-state/lock")
+    code, runs, _ = run(bucket, state, "runs", bucket.url)
+    assert len(runs["runs"]) == 1 and runs["runs"][0]["changes"] > 0, runs
+    assert bucket.tree() != damaged  # the two fixes stay
+    code, undone, err = run(bucket, state, "undo", bucket.url, "--registry-url", url)
+    assert code == 0, (undone, err)
+    assert bucket.tree() == damaged
