@@ -20,6 +20,7 @@ keeps every blob: what it references is unknown (`reach.unknown_parts`).
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,7 @@ from regfsck.document import Document
 from regfsck.durations import format_duration
 from regfsck.findings import Finding, blocks_gc
 from regfsck.graph import ManifestStore, reachable
-from regfsck.inventory import Inventory, Upload
+from regfsck.inventory import Inventory, LinkMap, Upload
 from regfsck.names import is_upload_id
 from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
 from regfsck.removal import Removal, Revalidate
@@ -575,9 +576,12 @@ def _fingerprint(storage: Storage, paths: Iterable[str]) -> Fingerprint:
 
 class SeenLinks:
     """A set of link paths (`<alg dir>/<hex>/link`) kept as digests per directory: one
-    string per directory instead of one per link (a plan holds every link of the tree)."""
+    string per directory instead of one per link (a plan holds every link of the tree),
+    and the digests of a directory as one sorted tuple (the inventory's own strings: a
+    pointer per link) where it has them all at once."""
 
     def __init__(self) -> None:
+        self._sorted: dict[str, tuple[str, ...]] = {}
         self._by_dir: dict[str, set[str]] = {}
 
     @staticmethod
@@ -592,22 +596,40 @@ class SeenLinks:
         alg_dir, named = self._split(path)
         self._by_dir.setdefault(alg_dir, set()).add(digest if digest == named else named)
 
+    def add_links(self, links: LinkMap) -> None:
+        """Add every link of `links`."""
+        plain = links.plain()
+        start = 0
+        while start < len(plain):  # sorted: one run of digests per algorithm
+            alg = plain[start].partition(":")[0]
+            end = bisect_left(plain, alg + ";", start)  # ';' follows ':'
+            alg_dir = f"{links.base}/{alg}"
+            run = tuple(plain[start:end])
+            old = self._sorted.get(alg_dir)
+            self._sorted[alg_dir] = run if old is None else tuple(sorted({*old, *run}))
+            start = end
+        for digest, link in links.odd().items():
+            self.add(link.path, digest)
+
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, str) or not path.endswith("/" + layout.LINK):
             return False
         alg_dir, named = self._split(path)
-        return named in self._by_dir.get(alg_dir, ())
+        run = self._sorted.get(alg_dir, ())
+        i = bisect_left(run, named)
+        return (i < len(run) and run[i] == named) or named in self._by_dir.get(alg_dir, ())
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._by_dir.values())
+        return len({(d, n) for d, names in self._sorted.items() for n in names}
+                   | {(d, n) for d, names in self._by_dir.items() for n in names})
 
 
 def seen_links(inv: Inventory) -> SeenLinks:
     """Layer and revision links the plan saw: any other one found later was written since."""
     seen = SeenLinks()
     for repo in inv.repositories.values():
-        for digest, link in (*repo.layers.items(), *repo.revisions.items()):
-            seen.add(link.path, digest)
+        seen.add_links(repo.layers)
+        seen.add_links(repo.revisions)
     return seen
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,7 @@ class _Planner:
             self._paths.add(write.path)
             self.plan.links.append(write)
 
-    def _digest_link(self, kind: str, repo_name: str, digest: str, existing: dict[str, Any],
+    def _digest_link(self, kind: str, repo_name: str, digest: str, existing: Mapping[str, Any],
                      path: str, tag: str | None = None) -> None:
         link = existing.get(digest)
         if link is None:

@@ -3,12 +3,24 @@
 Digests are kept as their `alg:hex` strings; every digest stored in a dict key here was
 parsed from a path component and is valid. Link contents are parsed strictly; the raw
 bytes are kept only when they are not a valid digest, so findings can show them.
+
+A registry holds millions of blobs and links, so the inventory keeps them as tables, not
+one Python object each (memory, issue 15): `BlobTable` holds a blob's four numbers in one
+`array('q')` row and `LinkMap` holds the links that say what their path names (nearly
+all of them) as one sorted list of digest strings (shared with the blobs'). Both are
+mappings that make the `Blob` or `Link` object when asked, so every command reads them
+as it read the dicts they replace.
 """
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from datetime import datetime
+from heapq import merge
+from sys import intern
 from typing import Any
 
 from regfsck.root import RegistryRoot
@@ -44,11 +56,27 @@ class Link:
         link.mtime_ns = 0
         return link
 
+    @classmethod
+    def current_of(cls, tag_path: str, target: str) -> Link:
+        """The link `<tag_path>/current/link` holding `target` (tag_path shared with its
+        Tag)."""
+        link = cls.__new__(cls)
+        link._where = tag_path
+        link._digest = ""
+        link.target = target
+        link.error = None
+        link.raw = None
+        link.mtime_ns = 0
+        return link
+
     @property
     def path(self) -> str:
-        if self._digest is None:
+        digest = self._digest
+        if digest is None:
             return self._where
-        return f"{self._where}/{self._digest.partition(':')[2]}/link"
+        if not digest:
+            return f"{self._where}/current/link"
+        return f"{self._where}/{digest.partition(':')[2]}/link"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Link):
@@ -104,13 +132,349 @@ def _blob_data(digest: str) -> str:
     return f"blobs/{alg}/{hex_part[:2]}/{hex_part}/data"
 
 
+def _listed_path(base: str, digest: str) -> str:
+    alg, _, hex_part = digest.partition(":")
+    return f"{base}/{alg}/{hex_part}/link"
+
+
+class LinkMap(MutableMapping[str, Link]):
+    """The links under one directory (`<base>/<alg>/<hex>/link`), by the digest their
+    path names: a mapping of digest -> `Link`, kept compact.
+
+    A link holding exactly the digest its path names (the normal case) is only its digest,
+    in one sorted list (a pointer per link; the string is shared with the blob table's);
+    any other link (damaged, unreadable, found elsewhere) is kept as its `Link` object.
+    Iteration is in digest order, the order the walk lists them in."""
+
+    __slots__ = ("_base", "_odd", "_plain")
+
+    def __init__(self, base: str,
+                 links: Mapping[str, Link] | Iterable[tuple[str, Link]] = ()) -> None:
+        self._base = base
+        self._plain: list[str] = []
+        self._odd: dict[str, Link] | None = None
+        for digest, link in (links.items() if isinstance(links, Mapping) else links):
+            self[digest] = link
+
+    @property
+    def base(self) -> str:
+        return self._base
+
+    def add_listed(self, digest: str) -> None:
+        """Add the link `<base>/<alg>/<hex of digest>/link` holding `digest` (the walk,
+        which lists them in order: appended)."""
+        plain = self._plain
+        if self._odd is not None:
+            self._odd.pop(digest, None)
+        if not plain or plain[-1] < digest:
+            plain.append(digest)
+            return
+        i = bisect_left(plain, digest)
+        if i == len(plain) or plain[i] != digest:
+            plain.insert(i, digest)
+
+    def plain(self) -> list[str]:
+        """The digests whose link holds what its path names (sorted; do not change it)."""
+        return self._plain
+
+    def odd(self) -> dict[str, Link]:
+        """The links kept as objects (not holding what their path names; do not change it)."""
+        return self._odd if self._odd is not None else {}
+
+    def _has_plain(self, digest: str) -> bool:
+        plain = self._plain
+        i = bisect_left(plain, digest)
+        return i != len(plain) and plain[i] == digest
+
+    def _listed(self, digest: str) -> Link:
+        return Link.listed(f"{self._base}/{digest.partition(':')[0]}", digest, digest)
+
+    def __getitem__(self, digest: str) -> Link:
+        if self._has_plain(digest):
+            return self._listed(digest)
+        if self._odd is not None:
+            return self._odd[digest]
+        raise KeyError(digest)
+
+    def __contains__(self, digest: object) -> bool:
+        if not isinstance(digest, str):
+            return False
+        return self._has_plain(digest) or (self._odd is not None and digest in self._odd)
+
+    def __setitem__(self, digest: str, link: Link) -> None:
+        if (link.target == digest and link.error is None and link.raw is None
+                and link.mtime_ns == 0 and link.path == _listed_path(self._base, digest)):
+            self.add_listed(digest)
+            return
+        plain = self._plain
+        i = bisect_left(plain, digest)
+        if i != len(plain) and plain[i] == digest:
+            del plain[i]
+        if self._odd is None:
+            self._odd = {}
+        self._odd[digest] = link
+
+    def __delitem__(self, digest: str) -> None:
+        plain = self._plain
+        i = bisect_left(plain, digest)
+        if i != len(plain) and plain[i] == digest:
+            del plain[i]
+        elif self._odd is not None and digest in self._odd:
+            del self._odd[digest]
+        else:
+            raise KeyError(digest)
+
+    def __iter__(self) -> Iterator[str]:
+        if not self._odd:
+            return iter(self._plain)
+        return merge(self._plain, sorted(self._odd))
+
+    def __len__(self) -> int:
+        return len(self._plain) + (len(self._odd) if self._odd is not None else 0)
+
+    def items(self) -> ItemsView[str, Link]:
+        return _LinkItems(self)
+
+    def values(self) -> ValuesView[Link]:
+        return _LinkValues(self)
+
+    def _iter_items(self) -> Iterator[tuple[str, Link]]:
+        listed = Link.listed
+        base = self._base
+        dirs: dict[str, str] = {}
+        odd = self._odd
+        for digest in self:
+            link = odd.get(digest) if odd else None
+            if link is None:
+                alg = digest.partition(":")[0]
+                alg_dir = dirs.get(alg)
+                if alg_dir is None:
+                    alg_dir = dirs[alg] = f"{base}/{alg}"
+                link = listed(alg_dir, digest, digest)
+            yield digest, link
+
+    def __eq__(self, other: object) -> bool:
+        if (isinstance(other, LinkMap) and other._base == self._base and not self._odd
+                and not other._odd):
+            return self._plain == other._plain
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> LinkMap:
+        new = LinkMap(self._base)
+        new._plain = list(self._plain)
+        new._odd = dict(self._odd) if self._odd else None
+        return new
+
+    def __repr__(self) -> str:
+        return f"LinkMap({self._base!r}, {dict(self.items())!r})"
+
+
+class _LinkItems(ItemsView[str, Link]):
+    _mapping: LinkMap
+
+    def __iter__(self) -> Iterator[tuple[str, Link]]:
+        return self._mapping._iter_items()
+
+
+class _LinkValues(ValuesView[Link]):
+    _mapping: LinkMap
+
+    def __iter__(self) -> Iterator[Link]:
+        return (link for _, link in self._mapping._iter_items())
+
+
+_NO_ROW = -1  # a BlobTable row of a blob kept as its object (not at its usual path)
+
+
+class BlobTable(MutableMapping[str, Blob]):
+    """The blobs of a tree by digest: a mapping of digest -> `Blob`, kept compact.
+
+    A blob at its usual path is a row of four numbers (size, mtime, ctime, inode) in one
+    `array('q')`, found through a dict of digest -> row; only a blob kept at another path
+    is an object. Insertion order is kept, as a dict keeps it."""
+
+    __slots__ = ("_nums", "_odd", "_rows")
+
+    def __init__(self, blobs: Mapping[str, Blob] | Iterable[tuple[str, Blob]] = ()) -> None:
+        self._rows: dict[str, int] = {}
+        self._nums = array("q")
+        self._odd: dict[str, Blob] | None = None
+        for digest, blob in (blobs.items() if isinstance(blobs, Mapping) else blobs):
+            self[digest] = blob
+
+    def add(self, digest: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> None:
+        """Add (or replace) the blob `blobs/<alg>/<xx>/<hex>/data` of `digest`."""
+        row = self._rows.get(digest)
+        if row is None or row == _NO_ROW:
+            if row == _NO_ROW and self._odd is not None:
+                self._odd.pop(digest, None)
+            self._rows[digest] = len(self._nums) // 4
+            self._nums.extend((size, mtime_ns, ctime_ns, inode))
+        else:
+            self._nums[4 * row:4 * row + 4] = array("q", (size, mtime_ns, ctime_ns, inode))
+
+    def extend_rows(self, digests: Iterable[str], numbers: array[int]) -> None:
+        """Add blobs at their usual paths: `numbers` holds four per digest, in order."""
+        rows = self._rows
+        nums = self._nums
+        for i, digest in enumerate(digests):
+            n = 4 * i
+            if digest in rows:
+                self.add(digest, *numbers[n:n + 4])
+                continue
+            rows[digest] = len(nums) // 4
+            nums.extend(numbers[n:n + 4])
+
+    def rows(self) -> tuple[list[str], array[int], list[Blob]]:
+        """The blobs at their usual paths (digests, and their four numbers each, in
+        order) and the others as objects: what a walk's worker sends back."""
+        if not self._odd and len(self._nums) == 4 * len(self._rows) and all(
+                row == i for i, row in enumerate(self._rows.values())):
+            return list(self._rows), self._nums, []
+        digests: list[str] = []
+        numbers = array("q")
+        odd: list[Blob] = []
+        nums = self._nums
+        for digest, row in self._rows.items():
+            if row == _NO_ROW:
+                odd.append(self._blob(digest, row))
+            else:
+                digests.append(digest)
+                numbers.extend(nums[4 * row:4 * row + 4])
+        return digests, numbers, odd
+
+    def extend_packed(self, digests: str, numbers: bytes) -> None:
+        """`extend_rows` from a worker's packed rows (see `Inventory.packed_blobs`)."""
+        if not digests:
+            return
+        unpacked = array("q")
+        unpacked.frombytes(numbers)
+        self.extend_rows([intern(d) for d in digests.split("\n")], unpacked)
+
+    def size(self, digest: str) -> int:
+        """The blob's size (KeyError when absent), without making its object."""
+        row = self._rows[digest]
+        if row == _NO_ROW:
+            assert self._odd is not None
+            return self._odd[digest].size
+        return self._nums[4 * row]
+
+    def total_size(self) -> int:
+        return sum(self.size(d) for d in self._rows) if self._odd else sum(
+            self._nums[4 * row] for row in self._rows.values())
+
+    def _blob(self, digest: str, row: int) -> Blob:
+        if row == _NO_ROW:
+            assert self._odd is not None
+            return self._odd[digest]
+        n = 4 * row
+        nums = self._nums
+        return Blob(digest, None, nums[n], nums[n + 1], nums[n + 2], nums[n + 3])
+
+    def __getitem__(self, digest: str) -> Blob:
+        return self._blob(digest, self._rows[digest])
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._rows
+
+    def __setitem__(self, digest: str, blob: Blob) -> None:
+        if blob.digest == digest and blob._path is None:
+            self.add(digest, blob.size, blob.mtime_ns, blob.ctime_ns, blob.inode)
+            return
+        if self._odd is None:
+            self._odd = {}
+        self._odd[digest] = blob
+        self._rows[digest] = _NO_ROW
+
+    def __delitem__(self, digest: str) -> None:
+        row = self._rows.pop(digest)  # the row's numbers stay, unused
+        if row == _NO_ROW and self._odd is not None:
+            del self._odd[digest]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def items(self) -> ItemsView[str, Blob]:
+        return _BlobItems(self)
+
+    def values(self) -> ValuesView[Blob]:
+        return _BlobValues(self)
+
+    def _iter_items(self) -> Iterator[tuple[str, Blob]]:
+        make = self._blob
+        for digest, row in self._rows.items():
+            yield digest, make(digest, row)
+
+    def update_from(self, other: BlobTable) -> None:
+        """Add every blob of `other` (the walk's merge of its fragments)."""
+        if not self._rows and not other._odd:
+            self._rows = dict(other._rows)
+            self._nums = array("q", other._nums)
+            return
+        add = self.add
+        nums = other._nums
+        for digest, row in other._rows.items():
+            if row == _NO_ROW:
+                self[digest] = other._blob(digest, row)
+            else:
+                n = 4 * row
+                add(digest, nums[n], nums[n + 1], nums[n + 2], nums[n + 3])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> BlobTable:
+        new = BlobTable()
+        new._rows = dict(self._rows)
+        new._nums = array("q", self._nums)
+        new._odd = dict(self._odd) if self._odd else None
+        return new
+
+    def __repr__(self) -> str:
+        return f"BlobTable({dict(self.items())!r})"
+
+
+class _BlobItems(ItemsView[str, Blob]):
+    _mapping: BlobTable
+
+    def __iter__(self) -> Iterator[tuple[str, Blob]]:
+        return self._mapping._iter_items()
+
+
+class _BlobValues(ValuesView[Blob]):
+    _mapping: BlobTable
+
+    def __iter__(self) -> Iterator[Blob]:
+        return (blob for _, blob in self._mapping._iter_items())
+
+
+def _no_links() -> LinkMap:
+    return LinkMap("")
+
+
 @dataclass(slots=True)
 class Tag:
     name: str
     path: str
     current: Link | None
-    index: dict[str, Link] = field(default_factory=dict)  # path digest -> link
+    index: LinkMap = field(default_factory=_no_links)  # path digest -> link
     mtime_ns: int = 0
+
+    def __post_init__(self) -> None:
+        base = f"{self.path}/index"
+        if not isinstance(self.index, LinkMap) or self.index.base != base:
+            self.index = LinkMap(base, self.index)
 
 
 @dataclass(slots=True)
@@ -131,14 +495,22 @@ class Repository:
     path: str
     has_manifests: bool = False
     has_layers: bool = False
-    revisions: dict[str, Link] = field(default_factory=dict)  # path digest -> link
-    layers: dict[str, Link] = field(default_factory=dict)  # path digest -> link
+    revisions: LinkMap = field(default_factory=_no_links)  # path digest -> link
+    layers: LinkMap = field(default_factory=_no_links)  # path digest -> link
     tags: dict[str, Tag] = field(default_factory=dict)
     uploads: list[Upload] = field(default_factory=list)
     mtime_ns: int = 0
     # The `_layers/sha256` links were only lstat'ed (gc's plan): their targets are the
     # digests their paths name until `scanner.read_deferred_layers` reads them.
     layers_unread: bool = False
+
+    def __post_init__(self) -> None:
+        revisions = f"{self.path}/_manifests/revisions"
+        if not isinstance(self.revisions, LinkMap) or self.revisions.base != revisions:
+            self.revisions = LinkMap(revisions, self.revisions)
+        layers = f"{self.path}/_layers"
+        if not isinstance(self.layers, LinkMap) or self.layers.base != layers:
+            self.layers = LinkMap(layers, self.layers)
 
     def tag_targets(self) -> dict[str, str]:
         """Tags whose `current` link holds a valid digest, with that digest."""
@@ -164,7 +536,7 @@ class Anomaly:
 @dataclass
 class Inventory:
     root: RegistryRoot
-    blobs: dict[str, Blob] = field(default_factory=dict)
+    blobs: BlobTable = field(default_factory=BlobTable)
     misplaced_blobs: list[Blob] = field(default_factory=list)  # under a wrong fan-out dir
     repositories: dict[str, Repository] = field(default_factory=dict)
     anomalies: list[Anomaly] = field(default_factory=list)
@@ -175,10 +547,19 @@ class Inventory:
     # read is the blob's. A cache, not a fact about the tree.
     manifests: dict[str, tuple[int, Any]] = field(default_factory=dict, compare=False,
                                                   repr=False)
+    # Blobs a walk's worker sent (scanpool): digests joined by newlines and their numbers'
+    # bytes, unpacked only when the fragment is merged, so the parent never holds a table
+    # per fragment beside the merged one. Always empty in a merged inventory.
+    packed_blobs: list[tuple[str, bytes]] = field(default_factory=list, compare=False,
+                                                  repr=False)
 
     @property
     def blob_bytes(self) -> int:
-        return sum(b.size for b in self.blobs.values())
+        return self.blobs.total_size()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blobs, BlobTable):
+            self.blobs = BlobTable(self.blobs)
 
     def uploads(self) -> list[Upload]:
         return [u for repo in self.repositories.values() for u in repo.uploads]

@@ -273,7 +273,8 @@ class Planner:
                                data_checked=data_checked)
         self.sites = link_sites(inventory)
         self.corrupt = {f.digest for f in findings
-                        if f.kind in CORRUPT_KINDS and f.digest in inventory.blobs}
+                        if f.kind in CORRUPT_KINDS and f.digest is not None
+                        and f.digest in inventory.blobs}
         self.good = set(inventory.blobs) - self.corrupt  # blobs sound after the fixes
         self.decided: set[str] = set()  # digests whose blob fate is settled
         self.from_source: dict[str, Source] = {}  # digests that a source will provide

@@ -17,7 +17,7 @@ from typing import Any
 from regfsck import layout
 from regfsck.digest import DigestError, expand_digest, is_digest
 from regfsck.graph import ManifestStore
-from regfsck.inventory import Inventory, Repository
+from regfsck.inventory import Inventory, LinkMap, Repository
 from regfsck.reach import mark
 from regfsck.refs import ImageRef, RefError, parse_ref
 from regfsck.removal import Removal
@@ -100,11 +100,12 @@ def _without(repo: Repository, tags: set[str], digests: set[str]) -> Repository:
     for name, tag in repo.tags.items():
         if name in tags:
             continue
-        index = {d: link for d, link in tag.index.items() if d not in digests}
+        index = LinkMap(tag.index.base, ((d, link) for d, link in tag.index.items()
+                                         if d not in digests))
         kept_tags[name] = dataclasses.replace(tag, index=index)
-    return dataclasses.replace(
-        repo, tags=kept_tags,
-        revisions={d: link for d, link in repo.revisions.items() if d not in digests})
+    revisions = LinkMap(repo.revisions.base, ((d, link) for d, link in repo.revisions.items()
+                                              if d not in digests))
+    return dataclasses.replace(repo, tags=kept_tags, revisions=revisions)
 
 
 class _RmPlanner:

@@ -27,7 +27,7 @@ from sys import intern
 from regfsck import layout, scanpool
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.hashing import ProgressFn
-from regfsck.inventory import Anomaly, Blob, Inventory, Link, Repository, Tag, Upload
+from regfsck.inventory import Anomaly, Blob, Inventory, Link, LinkMap, Repository, Tag, Upload
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
     DirEntryLike,
@@ -223,7 +223,7 @@ class Scanner:
         except StorageError as exc:
             self._anomaly("unreadable", fan_path, exc.message)
             return
-        blobs = self.inv.blobs
+        add_blob = self.inv.blobs.add
         files = 0
         for (hex_part, digest, path), st in zip(candidates, stats, strict=True):
             data_path = f"{path}/data"
@@ -232,8 +232,7 @@ class Scanner:
                 continue
             if st is not None and S_ISREG(st.st_mode) and hex_part.startswith(fan):
                 files += 1
-                blobs[digest] = Blob(digest, None, st.st_size, st.st_mtime_ns,
-                                     st.st_ctime_ns, st.st_ino)
+                add_blob(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                 continue
             self._odd_blob(digest, fan, hex_part, path, data_path,
                            None if st is None else to_stat(st))
@@ -336,7 +335,7 @@ class Scanner:
         else:
             self._scan_uploads(repo, path)
 
-    def _scan_digest_links(self, repo: Repository, path: str, into: dict[str, Link],
+    def _scan_digest_links(self, repo: Repository, path: str, into: LinkMap,
                            allow_legacy: tuple[str, ...] = (), tag: str | None = None) -> None:
         """Scan `<alg>/<hex>/link` below `path` into `into` (keyed by the path's digest)."""
         repo_name = repo.name
@@ -382,12 +381,12 @@ class Scanner:
                 self._anomaly("unreadable", alg_path, exc.message, repo=repo_name)
                 continue
             make_link = self._link
-            listed = Link.listed
+            add_listed = _link_adder(into, alg_path, alg)
             files = 0
             for (hex_path, digest), raw in zip(valid, contents, strict=True):
                 if type(raw) is bytes and raw.decode("latin-1") == digest:  # the normal case
                     files += 1
-                    into[digest] = listed(alg_path, digest, digest)
+                    add_listed(digest)
                     continue
                 link = make_link(raw, f"{hex_path}/link", repo_name, hex_path, digest)
                 if link is not None:
@@ -419,8 +418,13 @@ class Scanner:
                 if part.is_symlink() or not part.is_dir(follow_symlinks=False):
                     self._odd_entry(part, part_path, "current/ or index/", repo.name)
                 elif part.name == layout.CURRENT:
-                    tag.current = self._read_link(layout.join(part_path, layout.LINK),
-                                                  repo.name, part_path)
+                    current = self._read_link(layout.join(part_path, layout.LINK),
+                                              repo.name, part_path)
+                    if (current is not None and current.target is not None
+                            and current.error is None and current.raw is None
+                            and current.mtime_ns == 0):  # no path string per tag
+                        current = Link.current_of(tag_path, intern(current.target))
+                    tag.current = current
                 elif part.name == layout.INDEX:
                     self._scan_digest_links(repo, part_path, tag.index, tag=entry.name)
                 else:
@@ -605,7 +609,9 @@ class Scanner:
 
     def _merge(self, fragment: Inventory) -> None:
         inv = self.inv
-        inv.blobs.update(fragment.blobs)
+        for digests, numbers in fragment.packed_blobs:
+            inv.blobs.extend_packed(digests, numbers)
+        inv.blobs.update_from(fragment.blobs)
         inv.misplaced_blobs.extend(fragment.misplaced_blobs)
         inv.repositories.update(fragment.repositories)
         inv.anomalies.extend(fragment.anomalies)
@@ -650,8 +656,8 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
         if not repo.layers_unread:
             continue
         alg_path = f"{repo.path}/{layout.LAYERS_DIR}/sha256"
-        todo = [d for d, link in repo.layers.items() if d.startswith("sha256:")
-                and link.target == d and link.path.startswith(alg_path + "/") and select(d)]
+        # The links holding what their paths name (the others' content was read).
+        todo = [d for d in repo.layers.plain() if d.startswith("sha256:") and select(d)]
         if not todo:
             continue
         names = [f"{d[7:]}/{layout.LINK}" for d in todo]
@@ -672,6 +678,17 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
                 repo.layers[digest] = Link(path, None, str(exc), raw[:LINK_READ_LIMIT])
                 continue
             repo.layers[digest] = Link(path, intern(target))
+
+
+def _link_adder(into: LinkMap, alg_path: str, alg: str) -> Callable[[str], None]:
+    """How the walk adds a link of `alg_path` holding what its path names: as a digest
+    where the map keeps its links (always, but for a map given another directory)."""
+    if alg_path == f"{into.base}/{alg}":
+        return into.add_listed
+
+    def add(digest: str) -> None:
+        into[digest] = Link.listed(alg_path, digest, digest)
+    return add
 
 
 def _fragment_key(item: tuple[str, Inventory]) -> str:

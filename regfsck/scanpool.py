@@ -24,13 +24,12 @@ import multiprocessing
 import os
 import pickle
 import signal
-from array import array
 from collections.abc import Callable
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
-from regfsck.inventory import Blob, Inventory, Link, Repository, Tag
+from regfsck.inventory import Inventory, Link, LinkMap, Repository, Tag
 from regfsck.manifest import MAX_MANIFEST_BYTES
 
 if TYPE_CHECKING:
@@ -53,39 +52,22 @@ def scan_processes() -> int | None:
 # --------------------------------------------------------------------------- encoding
 
 
-def _link_path(base: str, digest: str) -> str:
-    alg, _, hex_part = digest.partition(":")
-    return f"{base}/{alg}/{hex_part}/link"
+def _enc_links(links: LinkMap) -> tuple[str, list[tuple[str, Link]]]:
+    """A link map as the digests of its plain links (one string) and its odd links."""
+    return "\n".join(links.plain()), list(links.odd().items())
 
 
-def _enc_links(links: dict[str, Link], base: str) -> list[Any]:
-    """A link as its digest when it is exactly what the walk makes of a good link file."""
-    out: list[Any] = []
-    for digest, link in links.items():
-        if (link.target == digest and link.error is None and link.raw is None
-                and link.mtime_ns == 0 and link.path == _link_path(base, digest)):
-            out.append(digest)
-        else:
-            out.append((digest, link))
-    return out
-
-
-def _dec_links(items: list[Any], base: str) -> dict[str, Link]:
-    out: dict[str, Link] = {}
-    alg_dirs: dict[str, str] = {}  # one directory string shared by its links
-    for item in items:
-        if type(item) is str:
-            digest = intern(item)
-            alg = digest.partition(":")[0]
-            alg_dir = alg_dirs.get(alg)
-            if alg_dir is None:
-                alg_dir = alg_dirs[alg] = f"{base}/{alg}"
-            out[digest] = Link.listed(alg_dir, digest, digest)
-        else:
-            digest, link = item
-            if link.target is not None:
-                link.target = intern(link.target)
-            out[intern(digest)] = link
+def _dec_links(data: tuple[str, list[tuple[str, Link]]], base: str) -> LinkMap:
+    plain, odd = data
+    out = LinkMap(base)
+    add = out.add_listed
+    if plain:
+        for digest in plain.split("\n"):
+            add(intern(digest))
+    for digest, link in odd:
+        if link.target is not None:
+            link.target = intern(link.target)
+        out[intern(digest)] = link
     return out
 
 
@@ -95,23 +77,23 @@ def _enc_tag(tag: Tag) -> tuple[Any, ...]:
     if (cur is not None and cur.target is not None and cur.error is None and cur.raw is None
             and cur.mtime_ns == 0 and cur.path == f"{tag.path}/{layout.CURRENT}/{layout.LINK}"):
         current = cur.target
-    return (tag.name, tag.path, current, _enc_links(tag.index, f"{tag.path}/{layout.INDEX}"),
-            tag.mtime_ns)
+    return (tag.name, tag.path, current, _enc_links(tag.index), tag.mtime_ns)
 
 
 def _dec_tag(data: tuple[Any, ...]) -> Tag:
     name, path, current, index, mtime_ns = data
     if type(current) is str:
-        current = Link(f"{path}/{layout.CURRENT}/{layout.LINK}", intern(current))
+        current = Link.current_of(path, intern(current))
     elif current is not None and current.target is not None:
         current.target = intern(current.target)
-    return Tag(name, path, current, _dec_links(index, f"{path}/{layout.INDEX}"), mtime_ns)
+    tag = Tag(name, path, current, mtime_ns=mtime_ns)
+    tag.index = _dec_links(index, tag.index.base)
+    return tag
 
 
 def _enc_repo(repo: Repository) -> tuple[Any, ...]:
     return (repo.name, repo.path, repo.has_manifests, repo.has_layers, repo.mtime_ns,
-            _enc_links(repo.revisions, f"{repo.path}/{layout.MANIFESTS_DIR}/{layout.REVISIONS}"),
-            _enc_links(repo.layers, f"{repo.path}/{layout.LAYERS_DIR}"),
+            _enc_links(repo.revisions), _enc_links(repo.layers),
             [_enc_tag(t) for t in repo.tags.values()], repo.uploads, repo.layers_unread)
 
 
@@ -119,8 +101,8 @@ def _dec_repo(data: tuple[Any, ...]) -> Repository:
     name, path, has_manifests, has_layers, mtime_ns, revisions, layers, tags, uploads, unread = data
     repo = Repository(name, path, has_manifests, has_layers, mtime_ns=mtime_ns,
                       layers_unread=unread)
-    repo.revisions = _dec_links(revisions, f"{path}/{layout.MANIFESTS_DIR}/{layout.REVISIONS}")
-    repo.layers = _dec_links(layers, f"{path}/{layout.LAYERS_DIR}")
+    repo.revisions = _dec_links(revisions, repo.revisions.base)
+    repo.layers = _dec_links(layers, repo.layers.base)
     for tag_data in tags:
         tag = _dec_tag(tag_data)
         repo.tags[tag.name] = tag
@@ -129,15 +111,7 @@ def _dec_repo(data: tuple[Any, ...]) -> Repository:
 
 
 def _enc_inv(inv: Inventory) -> tuple[Any, ...]:
-    digests: list[str] = []
-    numbers = array("q")
-    odd: list[Blob] = []
-    for digest, blob in inv.blobs.items():
-        if blob.digest == digest and blob._path is None:
-            digests.append(digest)
-            numbers.extend((blob.size, blob.mtime_ns, blob.ctime_ns, blob.inode))
-        else:
-            odd.append(blob)
+    digests, numbers, odd = inv.blobs.rows()
     return ("\n".join(digests), numbers.tobytes(), odd, inv.misplaced_blobs,
             [_enc_repo(r) for r in inv.repositories.values()], inv.anomalies,
             inv.files_seen, inv.dirs_seen)
@@ -145,15 +119,9 @@ def _enc_inv(inv: Inventory) -> tuple[Any, ...]:
 
 def _dec_inv(data: tuple[Any, ...], inv: Inventory) -> Inventory:
     digests, raw_numbers, odd, misplaced, repos, anomalies, files_seen, dirs_seen = data
-    numbers = array("q")
-    numbers.frombytes(raw_numbers)
-    blobs = inv.blobs
     if digests:
-        for i, digest in enumerate(digests.split("\n")):
-            digest = intern(digest)
-            n = 4 * i
-            blobs[digest] = Blob(digest, None, numbers[n], numbers[n + 1], numbers[n + 2],
-                                 numbers[n + 3])
+        inv.packed_blobs.append((digests, raw_numbers))
+    blobs = inv.blobs
     for blob in odd:
         blobs[intern(blob.digest)] = blob
     inv.misplaced_blobs.extend(misplaced)
@@ -181,10 +149,13 @@ def _manifest_digests(fragments: list[Fragment]) -> list[str]:
     wanted: dict[str, None] = {}
     for _, inv in fragments:
         for repo in inv.repositories.values():
-            for digest, link in repo.revisions.items():
-                wanted[digest] = None
-                if link.target is not None:
-                    wanted[link.target] = None
+            revisions = repo.revisions
+            wanted.update(dict.fromkeys(revisions.plain()))
+            if len(revisions) > len(revisions.plain()):
+                for digest, link in revisions.items():
+                    wanted[digest] = None
+                    if link.target is not None:
+                        wanted[link.target] = None
     return list(wanted)
 
 

@@ -131,7 +131,8 @@ def _take(view: UndoView, rel: str, kind: layout.LayoutPath) -> None:
     inv = view.inv
     repo = inv.repositories.get(kind.repo or "") if kind.repo is not None else None
     saved: object = None
-    if kind.kind == "blob" and kind.digest in inv.blobs and inv.blobs[kind.digest].path == rel:
+    if (kind.kind == "blob" and kind.digest is not None and kind.digest in inv.blobs
+            and inv.blobs[kind.digest].path == rel):
         saved = inv.blobs.pop(kind.digest)
     elif repo is not None and kind.digest is not None and kind.kind == "revision":
         saved = repo.revisions.pop(kind.digest, None)
