@@ -177,6 +177,8 @@ def test_repair_plan_on_s3_equals_the_plan_on_disk(which: str, request: pytest.F
     code_disk, on_disk, err_disk = run(bucket, tmp_path / "state", "repair", str(disk), *sources)
     print(f"repair plan on {which}: bucket {on_bucket:.1f}s, requests {on_s3.get('requests')}; "
           f"disk mirror {time.monotonic() - started:.1f}s")  # figures only, never asserted
+    _, verified, _ = run(bucket, tmp_path / "state", "verify", bucket.url)
+    print(f"verify on {which} (for comparison): requests {verified.get('requests')}")
     assert on_s3 and on_disk, (err, err_disk)
     assert on_s3["requests"]["total"] > 0 and "requests" not in on_disk
     assert {k: v for k, v in on_s3.items() if k != "requests"} == on_disk
