@@ -1551,7 +1551,16 @@ def _run_dirs(storage: MutableStorage) -> list[_RunFiles]:
             if e.kind.value == "dir" and RUN_ID_RE.fullmatch(e.name)]
 
 
-def recover(session: MutationSession) -> list[str]:
+@dataclass(frozen=True)
+class Recovery:
+    """What `recover` did: a message for each run it settled, and the runs it reverted
+    (an `undo` meant for one of those has nothing left to do: `reverted_by_recovery`)."""
+
+    messages: list[str]
+    reverted: list[str]
+
+
+def recover(session: MutationSession) -> Recovery:
     """Finish or revert every run a crash left open (`mutation_session` calls it once the
     root lock is held, before the session opens; nothing else may).
 
@@ -1560,6 +1569,7 @@ def recover(session: MutationSession) -> list[str]:
     root = _active(session, what="recovery runs", recovered=False).root
     storage = session.storage
     messages: list[str] = []
+    reverted: list[str] = []
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files)
         if meta is None:
@@ -1571,7 +1581,18 @@ def recover(session: MutationSession) -> list[str]:
             raise QuarantineError(f"{files.dir} has a journal but no meta.json; inspect it by hand")
         if meta.get("status") in (RUNNING, UNDOING):
             messages.append(_recover_run(root, storage, files))
-    return messages
+            if (_read_meta(storage, files) or {}).get("status") == REVERTED:
+                reverted.append(files.run_id)
+    return Recovery(messages, reverted)
+
+
+def reverted_by_recovery(session: MutationSession, run_id: str | None) -> str | None:
+    """The run an undo of `run_id` (None: the newest) was meant for, when the session's
+    recovery has just reverted it: that undo is done, and must not go on to an older run."""
+    reverted = _active(session, what="an undo runs").reverted_by_recovery
+    if reverted and (run_id is None or run_id in reverted):
+        return run_id or reverted[-1]
+    return None
 
 
 def list_runs(root: RegistryRoot) -> list[RunInfo]:

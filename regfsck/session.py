@@ -56,7 +56,8 @@ class MutationSession:
         self.lock = lock
         self.storage = storage
         self.tree = tree
-        self.recovered: list[str] = []
+        self.recovered: list[str] = []  # what recovery did, a message a run
+        self.reverted_by_recovery: list[str] = []  # the runs recovery reverted
         self.active = False
 
     def check_unused(self) -> None:
@@ -88,7 +89,9 @@ def mutation_session(root: RegistryRoot, *, command: str,
         with guard as lock:
             session = MutationSession(root, command, lock, storage, tree=tree)
             if tree:
-                session.recovered = recover(session)
+                recovery = recover(session)
+                session.recovered = recovery.messages
+                session.reverted_by_recovery = recovery.reverted
                 if on_recovered is not None:
                     on_recovered(session.recovered)
             session.active = True

@@ -171,6 +171,46 @@ def test_a_session_recovers_interrupted_runs_first(tree: RegistryRoot) -> None:
     assert [r.status for r in list_runs(tree)] == ["reverted"]
 
 
+def test_undo_of_a_run_recovery_just_reverted_does_nothing_more(tree: RegistryRoot) -> None:
+    """`regfsck undo` after a crash: the session's recovery reverts the interrupted run,
+    which was the run to undo; the undo says so and reverts no older run (by default or
+    named). Naming another run undoes that one after the recovery."""
+    import json
+
+    from tests.support.cli import invoke
+
+    with mutation_session(tree, command="gc") as session:
+        older = Run.begin(session, {})
+        older.quarantine("repositories/r/_uploads/u1")
+        older.finish()
+    after_older = registry_snapshot(tree.root)
+    for args in ((), "crashed"):
+        with mutation_session(tree, command="gc") as session:
+            crashed = Run.begin(session, {})
+            crashed.quarantine("blobs/sha256/aa/aaaa")
+            crashed._journal.close()  # the process died here: the run stays "running"
+        named = (crashed.run_id,) if args else ()
+        result = invoke("undo", str(tree.root), *named, "--json")
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["run_id"] == crashed.run_id and document["reverted_by_recovery"]
+        [message] = document["recovered"]
+        assert crashed.run_id in message and "reverted" in message
+        assert registry_snapshot(tree.root) == after_older
+    statuses = {r.run_id: r.status for r in list_runs(tree)}
+    assert statuses[older.run_id] == "complete"
+    with mutation_session(tree, command="gc") as session:
+        crashed = Run.begin(session, {})
+        crashed.quarantine("blobs/sha256/aa/aaaa")
+        crashed._journal.close()
+    result = invoke("undo", str(tree.root), older.run_id, "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["run_id"], document["reverted_by_recovery"]) == (older.run_id, False)
+    assert len(document["recovered"]) == 1 and crashed.run_id in document["recovered"][0]
+    assert {r.run_id: r.status for r in list_runs(tree)}[older.run_id] == "reverted"
+
+
 def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
     with mutation_session(tree, command="one") as session:
         first = Run.begin(session, {})

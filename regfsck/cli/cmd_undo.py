@@ -83,7 +83,7 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     naming the newer run to undo first. Nothing is deleted: reverted creations wait in
     the run's quarantine for `purge`."""
     from regfsck.cli.sweeping import CACHE_REMINDER, show_recovered
-    from regfsck.quarantine import list_runs, plan_undo, undo_target
+    from regfsck.quarantine import plan_undo, reverted_by_recovery, undo_target
     from regfsck.quarantine import undo as undo_run
     from regfsck.session import mutation_session
 
@@ -92,19 +92,16 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
                            no_registry_check, break_lock)
     if dry_run:
         _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
-    open_runs = {r.run_id for r in list_runs(registry) if r.status in ("running", "undoing")}
     with mutation_session(registry, command="undo",
                           on_recovered=show_recovered(json_output)) as session:
         recovered = session.recovered
-        reverted_by_recovery = [r.run_id for r in list_runs(registry)
-                                if r.run_id in open_runs and r.status == "reverted"]
-        if reverted_by_recovery and (run_id is None or run_id in reverted_by_recovery):
-            # The interrupted run was the one to undo, and recovery just reverted it.
+        done = reverted_by_recovery(session, run_id)
+        if done is not None:  # the interrupted run was the one to undo
             if json_output:
-                print_json({"run_id": reverted_by_recovery[-1], "reverted_by_recovery": True,
+                print_json({"run_id": done, "reverted_by_recovery": True,
                             "recovered": recovered})
             else:
-                say(f"Run {reverted_by_recovery[-1]} had been interrupted; recovery reverted it.")
+                say(f"Run {done} had been interrupted; recovery reverted it.")
             raise typer.Exit(ExitCode.OK)
         result = undo_run(session, run_id)
     if json_output:
