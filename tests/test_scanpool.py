@@ -155,3 +155,39 @@ def test_cli_plan_equals_serial_plan(damaged: tuple[Path, tuple[str, str]]) -> N
         docs.append(json.loads(out.stdout))
     assert docs[0] == docs[1]
     assert docs[0]["blocked_by"]
+
+
+def test_workers_manifest_reads_never_follow_a_symlinked_blob_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers read manifests as `<hex>/data` through their fan-out directory's descriptor
+    (which follows a symbolically linked `<hex>`): the result must still be the serial
+    walk's, where such a blob does not exist. Also a revision whose fan-out directory is
+    missing altogether: no crash, the same findings."""
+    root = tmp_path / "root"
+    synth.generate(root, synth.SynthConfig(repositories=12, seed=5))
+    v2 = root / V2
+    revs = sorted((v2 / "repositories").glob("*/*/_manifests/revisions/sha256/*"))
+    # Manifest blob directory replaced by a symbolic link to a copy of another manifest's.
+    victim, other = revs[0].name, revs[1].name
+    victim_dir = v2 / "blobs/sha256" / victim[:2] / victim
+    shutil.rmtree(victim_dir)
+    os.symlink(v2 / "blobs/sha256" / other[:2] / other, victim_dir)
+    # A revision whose blob's whole fan-out directory is gone.
+    gone = next(r.name for r in revs[2:] if r.name[:2] not in (victim[:2], other[:2]))
+    shutil.move(v2 / "blobs/sha256" / gone[:2], tmp_path / "fanout")
+    registry = resolve(root, None)
+    forked = _scan(root, "3", monkeypatch)
+    serial = _scan(root, "1", monkeypatch)
+    assert forked.anomalies == serial.anomalies  # type: ignore[attr-defined]
+    early = ManifestStore(open_storage(registry), forked)  # type: ignore[arg-type]
+    late = ManifestStore(open_storage(registry), serial)  # type: ignore[arg-type]
+    for digest in (f"sha256:{victim}", f"sha256:{gone}"):
+        assert early.get(digest) is None
+        assert early.load(digest) == late.load(digest)
+    docs = []
+    for processes in ("1", "3"):
+        env = {**os.environ, "REGFSCK_SCAN_PROCESSES": processes}
+        out = run("gc", str(root), "--grace", "0", "--json", env=env, timeout=600)
+        assert out.returncode == 3, out.stderr  # the symbolic link blocks the plan
+        docs.append(json.loads(out.stdout))
+    assert docs[0] == docs[1]
