@@ -146,11 +146,15 @@ class LinkMap(MutableMapping[str, Link]):
     any other link (damaged, unreadable, found elsewhere) is kept as its `Link` object.
     Iteration is in digest order, the order the walk lists them in."""
 
-    __slots__ = ("_base", "_odd", "_plain")
+    __slots__ = ("_odd", "_parent", "_plain", "_sub")
 
     def __init__(self, base: str,
-                 links: Mapping[str, Link] | Iterable[tuple[str, Link]] = ()) -> None:
-        self._base = base
+                 links: Mapping[str, Link] | Iterable[tuple[str, Link]] = (), *,
+                 sub: str = "") -> None:
+        # The directory is `<base>/<sub>` (`sub`: a constant such as "index"): the map
+        # shares its owner's path string instead of making one more per tag.
+        self._parent = base
+        self._sub = sub
         self._plain: list[str] = []
         self._odd: dict[str, Link] | None = None
         for digest, link in (links.items() if isinstance(links, Mapping) else links):
@@ -158,7 +162,7 @@ class LinkMap(MutableMapping[str, Link]):
 
     @property
     def base(self) -> str:
-        return self._base
+        return f"{self._parent}/{self._sub}" if self._sub else self._parent
 
     def add_listed(self, digest: str) -> None:
         """Add the link `<base>/<alg>/<hex of digest>/link` holding `digest` (the walk,
@@ -187,7 +191,7 @@ class LinkMap(MutableMapping[str, Link]):
         return i != len(plain) and plain[i] == digest
 
     def _listed(self, digest: str) -> Link:
-        return Link.listed(f"{self._base}/{digest.partition(':')[0]}", digest, digest)
+        return Link.listed(f"{self.base}/{digest.partition(':')[0]}", digest, digest)
 
     def __getitem__(self, digest: str) -> Link:
         if self._has_plain(digest):
@@ -203,7 +207,7 @@ class LinkMap(MutableMapping[str, Link]):
 
     def __setitem__(self, digest: str, link: Link) -> None:
         if (link.target == digest and link.error is None and link.raw is None
-                and link.mtime_ns == 0 and link.path == _listed_path(self._base, digest)):
+                and link.mtime_ns == 0 and link.path == _listed_path(self.base, digest)):
             self.add_listed(digest)
             return
         plain = self._plain
@@ -240,7 +244,7 @@ class LinkMap(MutableMapping[str, Link]):
 
     def _iter_items(self) -> Iterator[tuple[str, Link]]:
         listed = Link.listed
-        base = self._base
+        base = self.base
         dirs: dict[str, str] = {}
         odd = self._odd
         for digest in self:
@@ -254,7 +258,7 @@ class LinkMap(MutableMapping[str, Link]):
             yield digest, link
 
     def __eq__(self, other: object) -> bool:
-        if (isinstance(other, LinkMap) and other._base == self._base and not self._odd
+        if (isinstance(other, LinkMap) and other.base == self.base and not self._odd
                 and not other._odd):
             return self._plain == other._plain
         if not isinstance(other, Mapping):
@@ -264,13 +268,13 @@ class LinkMap(MutableMapping[str, Link]):
     __hash__ = None  # type: ignore[assignment]
 
     def copy(self) -> LinkMap:
-        new = LinkMap(self._base)
+        new = LinkMap(self._parent, sub=self._sub)
         new._plain = list(self._plain)
         new._odd = dict(self._odd) if self._odd else None
         return new
 
     def __repr__(self) -> str:
-        return f"LinkMap({self._base!r}, {dict(self.items())!r})"
+        return f"LinkMap({self.base!r}, {dict(self.items())!r})"
 
 
 class _LinkItems(ItemsView[str, Link]):
@@ -474,7 +478,7 @@ class Tag:
     def __post_init__(self) -> None:
         base = f"{self.path}/index"
         if not isinstance(self.index, LinkMap) or self.index.base != base:
-            self.index = LinkMap(base, self.index)
+            self.index = LinkMap(self.path, self.index, sub="index")
 
 
 @dataclass(slots=True)
@@ -507,10 +511,10 @@ class Repository:
     def __post_init__(self) -> None:
         revisions = f"{self.path}/_manifests/revisions"
         if not isinstance(self.revisions, LinkMap) or self.revisions.base != revisions:
-            self.revisions = LinkMap(revisions, self.revisions)
+            self.revisions = LinkMap(self.path, self.revisions, sub="_manifests/revisions")
         layers = f"{self.path}/_layers"
         if not isinstance(self.layers, LinkMap) or self.layers.base != layers:
-            self.layers = LinkMap(layers, self.layers)
+            self.layers = LinkMap(self.path, self.layers, sub="_layers")
 
     def tag_targets(self) -> dict[str, str]:
         """Tags whose `current` link holds a valid digest, with that digest."""

@@ -11,7 +11,7 @@ import enum
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from regfsck.digest import DigestError, parse_digest
@@ -230,3 +230,16 @@ def parse_manifest(raw: bytes) -> Manifest:
     layers_t = _descriptor_list(doc.get("layers"), "layer", problems)
     return Manifest(kind, media_type, config=config, layers=layers_t, subject=subject,
                     artifact_type=artifact_type, problems=tuple(problems))
+
+
+def share_descriptors(manifest: Manifest, shared: dict[Descriptor, Descriptor]) -> Manifest:
+    """`manifest` with each descriptor equal to one in `shared` replaced by that one (and
+    the others added): images built on the same base share most of their layers' and
+    children's descriptors, so a store of many manifests keeps one object each (memory)."""
+    def one(desc: Descriptor | None) -> Descriptor | None:
+        return None if desc is None else shared.setdefault(desc, desc)
+
+    def many(descs: tuple[Descriptor, ...]) -> tuple[Descriptor, ...]:
+        return tuple(shared.setdefault(d, d) for d in descs)
+    return replace(manifest, config=one(manifest.config), layers=many(manifest.layers),
+                   children=many(manifest.children), subject=one(manifest.subject))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
 from regfsck.inventory import Inventory, Link, LinkMap, Repository, Tag
-from regfsck.manifest import MAX_MANIFEST_BYTES
+from regfsck.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, share_descriptors
 from regfsck.storage import StorageError
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ def _enc_links(links: LinkMap) -> tuple[str, list[tuple[str, Link]]]:
     return "\n".join(links.plain()), list(links.odd().items())
 
 
-def _dec_links(data: tuple[str, list[tuple[str, Link]]], base: str) -> LinkMap:
+def _dec_links(data: tuple[str, list[tuple[str, Link]]], out: LinkMap) -> LinkMap:
+    """Fill the (empty) map `out` (its owner's) with what `_enc_links` made."""
     plain, odd = data
-    out = LinkMap(base)
     add = out.add_listed
     if plain:
         for digest in plain.split("\n"):
@@ -88,7 +88,7 @@ def _dec_tag(data: tuple[Any, ...]) -> Tag:
     elif current is not None and current.target is not None:
         current.target = intern(current.target)
     tag = Tag(name, path, current, mtime_ns=mtime_ns)
-    tag.index = _dec_links(index, tag.index.base)
+    _dec_links(index, tag.index)
     return tag
 
 
@@ -102,8 +102,8 @@ def _dec_repo(data: tuple[Any, ...]) -> Repository:
     name, path, has_manifests, has_layers, mtime_ns, revisions, layers, tags, uploads, unread = data
     repo = Repository(name, path, has_manifests, has_layers, mtime_ns=mtime_ns,
                       layers_unread=unread)
-    repo.revisions = _dec_links(revisions, repo.revisions.base)
-    repo.layers = _dec_links(layers, repo.layers.base)
+    _dec_links(revisions, repo.revisions)
+    _dec_links(layers, repo.layers)
     for tag_data in tags:
         tag = _dec_tag(tag_data)
         repo.tags[tag.name] = tag
@@ -216,6 +216,7 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
     global _JOB
     fragments: list[Fragment] = []
     manifests: dict[str, tuple[int, Any]] = {}
+    descriptors: dict[Descriptor, Descriptor] = {}  # shared by the manifests read
     _JOB = (scanner, tasks)
     collecting = gc.isenabled()
     gc.disable()  # millions of new objects, no cycles among them: no collection passes
@@ -226,7 +227,10 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
             for data in pool.imap_unordered(_work, range(len(tasks)), chunksize=chunk):
                 encoded, read = pickle.loads(data)
                 for digest, raw in read.items():  # parsed at once: no pile of raw bytes
-                    manifests[intern(digest)] = (len(raw), ManifestStore._parse(raw))
+                    parsed = ManifestStore._parse(raw)
+                    if isinstance(parsed, Manifest):
+                        parsed = share_descriptors(parsed, descriptors)
+                    manifests[intern(digest)] = (len(raw), parsed)
                 for key, enc in encoded:
                     fragments.append((key, _dec_inv(enc, scanner._child().inv)))
                     on_fragment(key)
