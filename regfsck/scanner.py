@@ -583,10 +583,15 @@ class Scanner:
             queue.extend(level)
         fragments, manifests = scanpool.run_in_processes(self, queue, processes, self._progress)
         done.extend(fragments)
+        del fragments  # `done` alone holds them: each is freed as soon as it is merged
+        if self.inv.manifests:
+            self.inv.manifests.update(manifests)
+        else:
+            self.inv.manifests = manifests  # not a copy (memory)
+        del manifests
         done.sort(key=_fragment_key, reverse=True)
         while done:
             self._merge(done.pop()[1])
-        self.inv.manifests.update(manifests)
 
     def _progress(self, key: str) -> None:
         if self.on_progress is not None and key.startswith(layout.BLOBS):
