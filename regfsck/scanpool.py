@@ -24,7 +24,8 @@ import multiprocessing
 import os
 import pickle
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +212,6 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
     """Run `tasks` (each with what it spawns) in `processes` forked workers; the fragments
     (unsorted) and the manifests the workers read, by digest: (size read, what
     `ManifestStore._parse` made of the bytes)."""
-    from regfsck.graph import ManifestStore
 
     global _JOB
     fragments: list[Fragment] = []
@@ -223,19 +223,48 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
     try:
         ctx = multiprocessing.get_context("fork")
         chunk = max(1, len(tasks) // (processes * 16))
+        # Results the parent has not taken yet wait, pickled, in the pool's queue: on a
+        # machine with fewer cores than workers the parent falls behind, and a whole tree's
+        # results would pile up there (memory, issue 15). The feeder hands out a task only
+        # when the parent has taken enough results: a bounded window of tasks in flight.
+        # (The feeder is the pool's own thread: it must never wait for a parent that has
+        # stopped taking results, or closing the pool would wait for it forever.)
+        window = threading.Semaphore(chunk * processes * 2)
+        stopping = threading.Event()
+
+        def feed() -> Iterator[int]:
+            for index in range(len(tasks)):
+                while not window.acquire(timeout=0.05):
+                    if stopping.is_set():
+                        return
+                yield index
+
         with ctx.Pool(processes, initializer=_worker_init) as pool:
-            for data in pool.imap_unordered(_work, range(len(tasks)), chunksize=chunk):
-                encoded, read = pickle.loads(data)
-                for digest, raw in read.items():  # parsed at once: no pile of raw bytes
-                    parsed = ManifestStore._parse(raw)
-                    if isinstance(parsed, Manifest):
-                        parsed = share_descriptors(parsed, descriptors)
-                    manifests[intern(digest)] = (len(raw), parsed)
-                for key, enc in encoded:
-                    fragments.append((key, _dec_inv(enc, scanner._child().inv)))
-                    on_fragment(key)
+            try:
+                for data in pool.imap_unordered(_work, feed(), chunksize=chunk):
+                    window.release()
+                    _take(data, scanner, manifests, descriptors, fragments, on_fragment)
+            finally:
+                stopping.set()
     finally:
         _JOB = None
         if collecting:
             gc.enable()
     return fragments, manifests
+
+
+def _take(data: bytes, scanner: Scanner, manifests: dict[str, tuple[int, Any]],
+          descriptors: dict[Descriptor, Descriptor], fragments: list[Fragment],
+          on_fragment: Callable[[str], None]) -> None:
+    """One worker's result: its manifests parsed, its fragments decoded."""
+    from regfsck.graph import ManifestStore
+
+    encoded, read = pickle.loads(data)
+    for digest, raw in read.items():  # parsed at once: no pile of raw bytes
+        parsed = ManifestStore._parse(raw)
+        if isinstance(parsed, Manifest):
+            parsed = share_descriptors(parsed, descriptors)
+        manifests[intern(digest)] = (len(raw), parsed)
+    for key, enc in encoded:
+        fragments.append((key, _dec_inv(enc, scanner._child().inv)))
+        on_fragment(key)
