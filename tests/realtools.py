@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -107,6 +108,30 @@ def registry3_binary(dest_dir: Path | str) -> str | None:
     out = Path(dest_dir) / "registry3"
     proc = subprocess.run([str(script), str(out)], capture_output=True, check=False)
     return str(out) if proc.returncode == 0 and out.is_file() else None
+
+
+@functools.cache
+def shared_registry3() -> str | None:
+    """The real registry v3 binary unpacked once per user (under the temp dir) and process,
+    or None when this machine has none."""
+    dest = Path(tempfile.gettempdir()) / f"regfsck-registry3-{os.getuid()}"
+    dest.mkdir(parents=True, exist_ok=True)
+    return registry3_binary(dest)
+
+
+NO_REGISTRY3 = "registry v3 binary not available (../shared/bin/unpack-registry3)"
+
+
+def registry_binary(version: str) -> str:
+    """The real registry of `version` ("2.8" or "3"); the calling test skips when v3 is absent."""
+    if version == "2.8":
+        return REGISTRY_BIN
+    binary = shared_registry3()
+    if binary is None:
+        import pytest
+
+        pytest.skip(NO_REGISTRY3)
+    return binary
 
 
 def clean_env() -> dict[str, str]:

@@ -88,9 +88,7 @@ attachArtifactToImage({ imageName, imageDigest, mediaType, artifact: fs.readFile
 def registry3_binary() -> Path | None:
     """The real registry v3.1.1 binary (``realtools.registry3_binary``), unpacked once per
     process into a per-user temp dir; None when absent."""
-    dest = Path(tempfile.gettempdir()) / f"regfsck-registry3-{os.getuid()}"
-    dest.mkdir(parents=True, exist_ok=True)
-    found = realtools.registry3_binary(dest)
+    found = realtools.shared_registry3()
     return Path(found) if found is not None else None
 
 

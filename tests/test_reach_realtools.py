@@ -129,12 +129,7 @@ def built(request: pytest.FixtureRequest, tmp_path: Path) -> Built:
     missing = realtools.real_tools_missing()
     if missing:
         pytest.skip(missing)
-    binary = realtools.REGISTRY_BIN
-    if request.param == "3":
-        found = realtools.registry3_binary(tmp_path)
-        if found is None:
-            pytest.skip("registry v3 binary not available (../shared/bin/unpack-registry3)")
-        binary = found
+    binary = realtools.registry_binary(request.param)
     return build(tmp_path / "root", binary)
 
 
@@ -292,12 +287,7 @@ def deleted_child(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Built
     missing = realtools.real_tools_missing()
     if missing:
         pytest.skip(missing)
-    binary = realtools.REGISTRY_BIN
-    if request.param == "3":
-        found = realtools.registry3_binary(tmp_path)
-        if found is None:
-            pytest.skip("registry v3 binary not available (../shared/bin/unpack-registry3)")
-        binary = found
+    binary = realtools.registry_binary(request.param)
     built = Built(tmp_path / "root", binary)
     with realtools.RealRegistry(built.root, binary=binary) as reg:
         children = []

@@ -256,9 +256,7 @@ def test_registry_url_probe_with_the_real_registries(version: str, tmp_path: Pat
     versions; an HTTP server that is not a registry cannot tell."""
     from regfsck.safety import registry_url_state
 
-    binary = realtools.REGISTRY_BIN if version == "2.8" else registry3_binary()
-    if binary is None:
-        pytest.skip("registry v3 binary not available")
+    binary = realtools.registry_binary(version)
     for readonly, state in ((False, "writable"), (True, "read-only")):
         port = realtools.free_port()
         config = tmp_path / f"config-{readonly}.yml"

@@ -52,6 +52,8 @@ import pytest
 import yaml
 
 from tests import realtools
+from tests.realtools import NO_REGISTRY3, registry_binary
+from tests.realtools import shared_registry3 as registry3_binary
 from tests.support import V2
 from tests.support.cli import run as regfsck  # a process each: request counts are per process
 from tests.support.served import stop_process
@@ -63,7 +65,6 @@ AZURITE_VERSION = "3.37.0"
 ACCOUNT = "devstoreaccount1"  # Azurite's well-known development account and key
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 PREFIX = "reg/root"  # where the registry's rootdirectory puts its tree in a bucket/container
-NO_REGISTRY3 = "registry v3 binary not available (/work/shared/bin/unpack-registry3)"
 
 
 # -- what is installed ---------------------------------------------------------------------
@@ -100,23 +101,6 @@ def azurite_missing() -> str | None:
     if azurite_bin() is None:
         return "Azurite not available (needs node/npm and `npm install azurite`)"
     return None
-
-
-def registry3_binary() -> str | None:
-    """The real registry v3 binary (unpacked once per machine and user), or None."""
-    dest = Path(tempfile.gettempdir()) / f"regfsck-registry3-{os.getuid()}"
-    dest.mkdir(parents=True, exist_ok=True)
-    return realtools.registry3_binary(dest)
-
-
-def registry_binary(version: str) -> str:
-    """The real registry of `version` ("2.8" or "3"); the test skips when v3 is absent."""
-    if version == "2.8":
-        return realtools.REGISTRY_BIN
-    binary = registry3_binary()
-    if binary is None:
-        pytest.skip(NO_REGISTRY3)
-    return binary
 
 
 def needs_server(test: Any) -> Any:
