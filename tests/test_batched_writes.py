@@ -12,11 +12,8 @@ and `undo` of everything puts the original tree back.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,39 +23,16 @@ from regfsck.root import locate
 from tests import realtools
 from tests.hostile import all_refs, assert_clean_exit, intact_images, run_cli, undo_everything
 from tests.realtools import OCILayoutWriter, SampleInfo
+from tests.support.cli import run_killed
 from tests.support.sessions import recover
 from tests.support.snapshot import content_snapshot
 from tests.support.tree import copy_tree
 
 pytestmark = pytest.mark.realtools
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 150  # x (3 layers + config + manifest) blobs, and their links: > 4 batches of files
 REPO = "many/images"
 
-KILLING = textwrap.dedent("""
-    import os, signal, sys
-    from regfsck.storage import FilesystemStorage
-    method, match, nth, when = sys.argv[1:5]
-    seen = [0]
-    original = getattr(FilesystemStorage, method)
-
-    def killing(self, *args, **kwargs):
-        hit = match in (args[0] if args else "")
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(self, *args, **kwargs)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(FilesystemStorage, method, killing)
-    sys.argv = ["regfsck", *sys.argv[5:]]
-    from regfsck.cli.app import main
-    main()
-""")
 
 Point = tuple[str, str, int, str]
 MIDDLE = BATCH + BATCH // 2  # a file of the second batch, halfway through it
@@ -75,10 +49,7 @@ POINTS: list[Point] = [
 
 
 def killed(point: Point, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-c", KILLING, *map(str, point), *args],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT,
-                          check=False)
+    return run_killed("regfsck.storage.FilesystemStorage", point, *args, timeout=300)
 
 
 def point_id(point: Point) -> str:

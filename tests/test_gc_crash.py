@@ -8,19 +8,16 @@ job (same tree as an uninterrupted gc) while `undo` must put the original tree b
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests import realtools
 from tests.realtools import SampleInfo
-from tests.support import REPO_ROOT
+from tests.support.cli import KillPoint, run_killed
 from tests.support.cli import invoke as cli
 from tests.support.oracle import errors_after
 from tests.support.snapshot import Snapshot, registry_snapshot
@@ -30,31 +27,6 @@ pytestmark = pytest.mark.realtools
 
 GC_ARGS = ["--grace", "0", "--uploads-older-than", "0", "--delete-untagged", "--apply"]
 
-KILLING_GC = textwrap.dedent("""
-    import os, signal, sys
-    from regfsck.storage import FilesystemStorage
-    method, match, nth, when = sys.argv[1:5]
-    seen = [0]
-    original = getattr(FilesystemStorage, method)
-
-    def killing(self, path, *args, **kwargs):
-        hit = match in path
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(self, path, *args, **kwargs)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if hit and seen[0] == int(nth) and when == "ctrl-c":
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    setattr(FilesystemStorage, method, killing)
-    sys.argv = ["regfsck", *sys.argv[5:]]
-    from regfsck.cli.app import main
-    main()
-""")
 
 # (storage method, substring of the path it is given, which matching call, before/after)
 KILL_POINTS = [
@@ -86,11 +58,9 @@ def content(snapshot: Snapshot) -> Content:
     return {path: (kind, digest) for path, (kind, _, _, digest) in snapshot.items()}
 
 
-def killed_gc(root: Path, point: tuple[str, str, int, str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-c", KILLING_GC, *map(str, point), "gc", str(root),
-                           *GC_ARGS], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=REPO_ROOT, check=False)
+def killed_gc(root: Path, point: KillPoint) -> subprocess.CompletedProcess[str]:
+    return run_killed("regfsck.storage.FilesystemStorage", point, "gc", str(root), *GC_ARGS,
+                      timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests import realtools
-from tests.support.cli import child_env
+from tests.support.cli import child_env, command, run_killed
 from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     Bucket,
@@ -288,29 +286,6 @@ def test_repair_without_a_backup_quarantines_and_names_the_images(base28: Base,
     assert bucket.tree() == damaged
 
 
-KILLING = textwrap.dedent("""
-    import os, signal, sys
-    from regfsck.objectstore import ObjectRootStorage
-    method, match, nth, when = sys.argv[1:5]
-    seen = [0]
-    original = getattr(ObjectRootStorage, method)
-
-    def killing(self, *args, **kwargs):
-        hit = match in (args[0] if args else "")
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(self, *args, **kwargs)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(ObjectRootStorage, method, killing)
-    sys.argv = ["regfsck", *sys.argv[5:]]
-    from regfsck.cli.app import main
-    main()
-""")
 
 # (ObjectRootStorage method, substring of its path argument, which matching call, before/after)
 KILL_POINTS = [
@@ -333,11 +308,9 @@ def test_repair_killed_midway_is_reverted_then_done_again(
     clean = findings(bucket, state)
     damage(bucket)
     damaged = bucket.tree()
-    env = child_env({**bucket.env(), "XDG_STATE_HOME": str(state)})
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLING, *map(str, point), "repair", bucket.url,
-         *_sources(base28.backups), "--apply", "--no-registry-check", "--json"],
-        capture_output=True, text=True, env=env, timeout=600, check=False)
+    killed = run_killed("regfsck.objectstore.ObjectRootStorage", point, "repair", bucket.url,
+                        *_sources(base28.backups), "--apply", "--no-registry-check", "--json",
+                        env={**bucket.env(), "XDG_STATE_HOME": str(state)}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert bucket.keys_below("regfsck-state/lock")
     code, doc, _ = run(bucket, state, "undo", bucket.url, "--no-registry-check")
@@ -374,10 +347,9 @@ def test_a_registry_that_becomes_writable_midway_stops_repair(base28: Base,
     (hooks / "repair.2.pause").touch()
     env = child_env({**bucket.env(), "XDG_STATE_HOME": str(state),
                      "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
-    proc = subprocess.Popen([sys.executable, "-m", "regfsck", "repair", bucket.url,
-                             *_sources(base28.backups), "--apply", "--registry-url", url,
-                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(command("repair", bucket.url, *_sources(base28.backups), "--apply",
+                                    "--registry-url", url, "--json"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writable = bucket.registry(port=int(url.rsplit(":", 1)[1]))
     try:
         while not (hooks / "repair.2.reached").exists():

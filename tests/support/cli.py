@@ -121,3 +121,47 @@ def invoke(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = 
     out: Any = (stdout.decode(errors="replace"), stderr.decode(errors="replace")) if text \
         else (stdout, stderr)
     return subprocess.CompletedProcess(["regfsck", *args], returncode, *out)
+
+
+# A regfsck process that ends itself at one call of its storage: a crash at a chosen point.
+_KILLING = """
+import importlib, os, signal, sys
+module, name, method, match, nth, when = sys.argv[1:7]
+storage = getattr(importlib.import_module(module), name)
+original = getattr(storage, method)
+seen = [0]
+SIGNALS = {"before": signal.SIGKILL, "after": signal.SIGKILL, "ctrl-c": signal.SIGINT}
+
+def ending(self, *args, **kwargs):
+    first = args[0] if args else next(iter(kwargs.values()), "")
+    hit = match in str(first)
+    if hit:
+        seen[0] += 1
+    due = hit and seen[0] == int(nth)
+    if due and when == "before":
+        os.kill(os.getpid(), SIGNALS[when])
+    result = original(self, *args, **kwargs)
+    if due and when != "before":
+        os.kill(os.getpid(), SIGNALS[when])
+    return result
+
+setattr(storage, method, ending)
+sys.argv = ["regfsck", *sys.argv[7:]]
+from regfsck.cli.app import main
+main()
+"""
+
+KillPoint = tuple[str, str, int, str]
+
+
+def run_killed(storage: str, point: KillPoint, *args: str,
+               env: Mapping[str, str] | None = None, timeout: float = TIMEOUT
+               ) -> subprocess.CompletedProcess[str]:
+    """regfsck `args` in a child process that ends itself at `point` = (method of the
+    `storage` class, e.g. "regfsck.storage.FilesystemStorage", a substring of the call's
+    first argument, which matching call (1-based), "before" it runs, "after" it, both by
+    SIGKILL, or "ctrl-c": SIGINT after it). Captured as `run` does, never raising."""
+    module, name = storage.rsplit(".", 1)
+    return subprocess.run([sys.executable, "-c", _KILLING, module, name, *map(str, point), *args],
+                          capture_output=True, text=True, env=child_env(env), cwd=REPO_ROOT,
+                          timeout=timeout, check=False)
