@@ -521,14 +521,7 @@ class Bucket:
 
     def tags(self) -> dict[str, list[str]]:
         """repo -> tags, read from the tree's tag `current/link` keys."""
-        found: dict[str, list[str]] = {}
-        below = f"{V2}/repositories/"
-        for key in self.keys_below(below):
-            rel = key.split(below, 1)[1]
-            if "/_manifests/tags/" in rel and rel.endswith("/current/link"):
-                repo, _, rest = rel.partition("/_manifests/tags/")
-                found.setdefault(repo, []).append(rest.split("/")[0])
-        return {repo: sorted(tags) for repo, tags in found.items()}
+        return tags_of_keys(self.keys_below(f"{V2}/repositories/"))
 
     def image_layers(self, repo: str, tag: str) -> list[dict[str, Any]]:
         """The layer descriptors of the image `repo:tag` points at."""
@@ -538,18 +531,34 @@ class Bucket:
         return layers
 
     def serves_every_tag(self, binary: str, expected: dict[str, list[str]]) -> None:
-        """A fresh registry of `binary` on the bucket serves each repo:tag (skopeo copy --all
-        checks every digest on the way into a dir: layout)."""
-        with self.registry(binary=binary) as reg, \
-                tempfile.TemporaryDirectory(prefix="regfsck-s3-pull-") as tmp:
-            for repo, tags in sorted(expected.items()):
-                for tag in tags:
-                    dest = Path(tmp) / f"{repo.replace('/', '_')}-{tag}"
-                    realtools.skopeo_copy(f"docker://{reg.host}/{repo}:{tag}", f"dir:{dest}",
-                                          "--all")
-            served = json.loads(_opener().open(f"http://{reg.host}/v2/_catalog",
-                                               timeout=30).read())
-            assert set(expected) <= set(served["repositories"])
+        """A fresh registry of `binary` on the bucket serves each repo:tag."""
+        serves_every_tag(self.registry(binary=binary), expected)
+
+
+def tags_of_keys(keys: list[str]) -> dict[str, list[str]]:
+    """repo -> tags, from the tag `current/link` keys among `keys` (below repositories/)."""
+    found: dict[str, list[str]] = {}
+    below = f"{V2}/repositories/"
+    for key in keys:
+        rel = key.split(below, 1)[1]
+        if "/_manifests/tags/" in rel and rel.endswith("/current/link"):
+            repo, _, rest = rel.partition("/_manifests/tags/")
+            found.setdefault(repo, []).append(rest.split("/")[0])
+    return {repo: sorted(tags) for repo, tags in found.items()}
+
+
+def serves_every_tag(registry: BucketRegistry, expected: dict[str, list[str]]) -> None:
+    """The registry (started here) serves each repo:tag (skopeo copy --all checks every
+    digest on the way into a dir: layout) and lists every repository."""
+    with registry as reg, tempfile.TemporaryDirectory(prefix="regfsck-stored-pull-") as tmp:
+        for repo, tags in sorted(expected.items()):
+            for tag in tags:
+                dest = Path(tmp) / f"{repo.replace('/', '_')}-{tag}"
+                realtools.skopeo_copy(f"docker://{reg.host}/{repo}:{tag}", f"dir:{dest}",
+                                      "--all")
+        served = json.loads(_opener().open(f"http://{reg.host}/v2/_catalog",
+                                           timeout=30).read())
+        assert set(expected) <= set(served["repositories"])
 
 
 def blob_digests(snap: dict[str, tuple[str, str]]) -> set[str]:
@@ -594,8 +603,44 @@ class Container:
     def mirror(self, dest: Path) -> Path:
         return mirror_container(self.store(), self.prefix, dest)
 
-    def registry(self) -> BucketRegistry:
-        return azure_registry(self.binary, self.server.endpoint, self.name, "/" + self.prefix)
+    def registry(self, *, readonly: bool = False, port: int = 0) -> BucketRegistry:
+        return azure_registry(self.binary, self.server.endpoint, self.name, "/" + self.prefix,
+                              readonly=readonly, port=port)
+
+    def keys_below(self, rel: str) -> list[str]:
+        """The blob names below `prefix/rel` (rel relative to the prefix, not to v2)."""
+        import obstore
+
+        start = f"{self.prefix}/{rel}"
+        return sorted(m["path"] for page in obstore.list(self.store(), start, chunk_size=1000)
+                      for m in page)
+
+    def tags(self) -> dict[str, list[str]]:
+        return tags_of_keys(self.keys_below(f"{V2}/repositories/"))
+
+    def tree(self) -> dict[str, tuple[str, str]]:
+        """Every blob of the registry's tree (below PREFIX/docker/registry/v2/): name ->
+        (ETag, sha256 of the bytes)."""
+        return self.snapshot(self.key(""))
+
+    def everything(self) -> dict[str, tuple[str, str]]:
+        return self.snapshot("")
+
+    def snapshot(self, start: str) -> dict[str, tuple[str, str]]:
+        import obstore
+
+        store = self.store()
+        metas = [m for page in obstore.list(store, start or None, chunk_size=1000) for m in page]
+
+        def one(meta: Any) -> tuple[str, tuple[str, str]]:
+            body = bytes(obstore.get(store, meta["path"]).bytes())
+            return meta["path"], (str(meta["e_tag"]), hashlib.sha256(body).hexdigest())
+
+        with ThreadPoolExecutor(16) as pool:
+            return dict(pool.map(one, metas))
+
+    def serves_every_tag(self, expected: dict[str, list[str]]) -> None:
+        serves_every_tag(self.registry(), expected)
 
     def clone(self, name: str) -> Container:
         """A private copy (a new container holding every blob), free to change."""
