@@ -608,12 +608,15 @@ class Container:
                               readonly=readonly, port=port)
 
     def keys_below(self, rel: str) -> list[str]:
-        """The blob names below `prefix/rel` (rel relative to the prefix, not to v2)."""
+        """The blob names starting with `prefix/rel` (rel relative to the prefix, not to v2),
+        as an S3 key prefix means: obstore lists below a "directory", so its parent is
+        listed (a blob named exactly `prefix/rel`, as the lock, is found too)."""
         import obstore
 
         start = f"{self.prefix}/{rel}"
-        return sorted(m["path"] for page in obstore.list(self.store(), start, chunk_size=1000)
-                      for m in page)
+        parent = start.rstrip("/").rpartition("/")[0]
+        return sorted(m["path"] for page in obstore.list(self.store(), parent, chunk_size=1000)
+                      for m in page if m["path"].startswith(start))
 
     def tags(self) -> dict[str, list[str]]:
         return tags_of_keys(self.keys_below(f"{V2}/repositories/"))
