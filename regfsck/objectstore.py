@@ -203,6 +203,26 @@ def make_client(location: S3Location, environ: dict[str, str] | None = None) -> 
     return S3Store(location.bucket, config=config, client_options=client_options)  # type: ignore[arg-type]
 
 
+def boto_client(location: S3Location, what: str, path: str, *, pool: int = 10) -> Any:
+    """A boto3 S3 client for what obstore cannot ask: a listing of keys it refuses to parse,
+    and a multipart upload completed only if the key is still absent (object_store sends
+    If-None-Match on single PUTs only). Configured from `client_config`, as obstore is."""
+    try:
+        import boto3
+        from botocore.config import Config  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise StorageError(errno.EIO, f"cannot {what} boto3 (needed for it) is not installed",
+                           path) from exc
+    config = client_config(location)
+    style = "virtual" if config.get("virtual_hosted_style_request") else "path"
+    return boto3.client("s3", endpoint_url=config.get("endpoint"), region_name=config["region"],
+                        aws_access_key_id=config.get("access_key_id"),
+                        aws_secret_access_key=config.get("secret_access_key"),
+                        aws_session_token=config.get("token"),
+                        config=Config(s3={"addressing_style": style}, max_pool_connections=pool,
+                                      retries={"mode": "standard"}))
+
+
 def _list_raw(location: S3Location, prefix: str,
               delimiter: bool) -> tuple[list[dict[str, Any]], list[str], int]:
     """ListObjectsV2 through boto3, for a partition holding a key obstore refuses to parse
@@ -211,19 +231,8 @@ def _list_raw(location: S3Location, prefix: str,
     if location.provider != "s3":
         raise StorageError(errno.EIO, f"cannot list {prefix}: a key there is not a valid path "
                            f"(only S3 keys of that kind are listed as findings)", prefix)
-    try:
-        import boto3
-        from botocore.config import Config  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise StorageError(errno.EIO, f"cannot list {prefix}: a key there is not a valid path "
-                           "and boto3 (needed to list it) is not installed", prefix) from exc
-    config = client_config(location)
-    style = "virtual" if config.get("virtual_hosted_style_request") else "path"
-    client = boto3.client("s3", endpoint_url=config.get("endpoint"), region_name=config["region"],
-                          aws_access_key_id=config.get("access_key_id"),
-                          aws_secret_access_key=config.get("secret_access_key"),
-                          aws_session_token=config.get("token"),
-                          config=Config(s3={"addressing_style": style}))
+    client = boto_client(location, f"list {prefix}: a key there is not a valid path and",
+                         prefix)
     objects: list[dict[str, Any]] = []
     prefixes: list[str] = []
     pages = 0
@@ -702,6 +711,11 @@ class ObjectStorage(_AtLocation):
 # "Directories" need no creation or removal: they exist while a key lies below them.
 
 DELETE_PAGE = 1000  # keys per DeleteObjects request (the S3 maximum)
+# A new object longer than PART_SIZE is a multipart upload of parts this long (S3: at least
+# 5 MiB but the last, at most 10,000 parts: past each 1,000 parts they double), at most
+# PARTS_IN_FLIGHT of them being sent while the next one fills (see `ObjectMutator.put_new`).
+PART_SIZE = 8 << 20
+PARTS_IN_FLIGHT = 4
 LOCK_PATH = f"{STATE_DIR}/lock"  # relative to ROOT: outside docker/, where the registry looks
 LOCK_REFRESH_S = 30.0
 LOCK_STALE_S = 300.0
@@ -736,6 +750,7 @@ class ObjectMutator(_AtLocation):
         self.base = f"{location.prefix}/" if location.prefix else ""
         self.jobs = jobs or default_jobs()
         self._client = client
+        self._boto_client: Any = None
 
     def key(self, path: str) -> str:
         if not check_relative(path):
@@ -829,6 +844,116 @@ class ObjectMutator(_AtLocation):
         except Exception as exc:
             raise self._error(exc, "write", path) from exc
         return result.get("e_tag") if isinstance(result, dict) else None
+
+    def put_new(self, path: str, chunks: Iterable[bytes]) -> int:
+        """Create the object `path` from a stream of any length, in bounded memory, only if
+        no object is there (a refused condition is StorageError(EEXIST)); returns its size.
+
+        Up to `PART_SIZE` bytes go in one PutObject with If-None-Match: * (links, manifests,
+        most configs). Anything longer is a multipart upload: parts of `PART_SIZE` bytes (and
+        more, past 1,000 parts, to stay within S3's 10,000), at most `PARTS_IN_FLIGHT` of them
+        held and sent at once, completed with If-None-Match: * (S3 since 2024, moto 5.2),
+        so memory stays near `PART_SIZE * (PARTS_IN_FLIGHT + 1)` whatever the size.
+        object_store (obstore) streams multipart uploads but sends that condition only on a
+        single PUT, and a single PUT holds the whole object in memory: the multipart upload
+        goes through boto3. A stream that raises (a digest that does not match) or a
+        refused completion aborts the upload: nothing appears, no parts are left behind."""
+        first = bytearray()
+        stream = iter(chunks)
+        for chunk in stream:
+            first += chunk
+            if len(first) >= PART_SIZE:
+                break
+        else:
+            self.put(path, bytes(first), create=True)
+            return len(first)
+        if self.location.provider != "s3":  # (Azure: no conditional multipart path yet)
+            data = bytes(first) + b"".join(stream)
+            self.put(path, data, create=True)
+            return len(data)
+        return self._multipart_new(path, first, stream)
+
+    def _boto(self) -> Any:
+        if self._boto_client is None:
+            self._boto_client = boto_client(self.location, "write large objects:", "",
+                                            pool=PARTS_IN_FLIGHT + 2)
+        return self._boto_client
+
+    def _multipart_new(self, path: str, first: bytearray, stream: Iterator[bytes]) -> int:
+        from collections import deque
+        from concurrent.futures import Future
+
+        client = self._boto()
+        key = self.key(path)
+        bucket = self.location.bucket
+        try:
+            REQUESTS.add("multipart_create")
+            upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        except Exception as exc:
+            raise self._boto_error(exc, "write", path) from exc
+
+        def send(number: int, data: bytes) -> dict[str, Any]:
+            REQUESTS.add("put_part")
+            answer = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                        PartNumber=number, Body=data)
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        parts: list[dict[str, Any]] = []
+        pending: deque[Future[dict[str, Any]]] = deque()
+        size = 0
+        buffer = first
+        try:
+            with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="regfsck-part") as pool:
+                try:
+                    number = 0
+                    ended = False
+                    while not ended:
+                        part_size = PART_SIZE << min(number // 1000, 9)
+                        if len(buffer) < part_size:
+                            for chunk in stream:
+                                buffer += chunk
+                                if len(buffer) >= part_size:
+                                    break
+                            else:
+                                ended = True
+                        if not buffer and number:
+                            break
+                        number += 1
+                        while len(pending) >= PARTS_IN_FLIGHT:  # bounded: wait for the oldest
+                            parts.append(pending.popleft().result())
+                        data, buffer = bytes(buffer), bytearray()
+                        size += len(data)
+                        pending.append(pool.submit(send, number, data))
+                        del data
+                    while pending:
+                        parts.append(pending.popleft().result())
+                finally:
+                    for future in pending:
+                        future.cancel()
+            REQUESTS.add("multipart_complete")
+            client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                             MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                REQUESTS.add("multipart_abort")
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            if isinstance(exc, Exception) and not isinstance(exc, StorageError) and \
+                    type(exc).__module__.startswith(("botocore", "boto3")):
+                raise self._boto_error(exc, "write", path) from exc
+            raise
+        return size
+
+    @staticmethod
+    def _boto_error(exc: BaseException, what: str, path: str) -> StorageError:
+        code = ""
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return StorageError(errno.EEXIST, f"cannot {what} {path}: it exists (or changed)",
+                                path)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StorageError(errno.EIO, f"cannot {what} {path}: {first}", path)
 
     def copy_checked(self, source: KeyInfo, dest: str) -> KeyInfo:
         """Server-side copy of one object, then a HEAD of the copy: same size, and the same
@@ -1467,11 +1592,10 @@ class ObjectRootStorage:
         self.mutator.delete([path])
 
     def write_new_file(self, path: str, chunks: Iterable[bytes], *, sync: bool = True) -> int:
-        """Create an object that must not exist yet (If-None-Match: *); durable once the
-        request completes, `sync` or not."""
-        data = b"".join(chunks)
-        self.mutator.put(path, data, create=True)
-        return len(data)
+        """Create an object that must not exist yet, streamed in bounded memory and written
+        only if the key is still free (If-None-Match: *, see `ObjectMutator.put_new`);
+        durable once the request completes, `sync` or not."""
+        return self.mutator.put_new(path, chunks)
 
     def replace_file(self, path: str, data: bytes) -> None:
         """One PutObject replaces an object atomically."""
