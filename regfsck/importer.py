@@ -19,6 +19,7 @@ files hold the bare digest with no newline.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -46,7 +47,7 @@ from regfsck.root import RegistryRoot, RootError, locate
 from regfsck.scanner import Scanner
 from regfsck.session import MutationSession, mutation_session
 from regfsck.sources import Source, corrupt_message, open_layout
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import Storage, StorageError, open_storage
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -235,7 +236,7 @@ class _Planner:
     """Decides what an import adds to the tree; reads the source and the tree, writes nothing."""
 
     def __init__(self, source: Source, inventory: Inventory | None,
-                 storage: FilesystemStorage | None, plan: ImportPlan) -> None:
+                 storage: Storage | None, plan: ImportPlan) -> None:
         self.source = source
         self.inv = inventory
         self.storage = storage
@@ -381,14 +382,20 @@ class _Planner:
 
 def plan_import(source: Source, images: list[SourceImage], root: RegistryRoot,
                 inventory: Inventory | None, *, verify: bool = True,
-                on_bytes: ProgressFn | None = None, stop: threading.Event | None = None) -> ImportPlan:
+                on_bytes: ProgressFn | None = None, stop: threading.Event | None = None,
+                storage: Storage | None = None) -> ImportPlan:
     """What importing `images` from `source` adds to the tree (raises ImportFailed).
 
-    With `verify`, the source blobs to copy (directory sources; archives were hashed when
-    read) and the tree's blobs the images rely on are re-hashed now, so the plan is proven;
-    applying re-verifies every blob while it is written anyway."""
-    plan = ImportPlan(source.label, str(root.root), list(images))
-    storage = FilesystemStorage(root.v2) if inventory is not None else None
+    `storage`: the tree `inventory` was scanned from (default: `open_storage(root)`), read
+    for the manifests and blobs the tree already has. With `verify`, the source blobs to
+    copy (directory sources; archives were hashed when read) and the tree's blobs the
+    images rely on are re-hashed now, so the plan is proven; applying re-verifies every
+    blob while it is written anyway."""
+    plan = ImportPlan(source.label, root.display, list(images))
+    if inventory is None:
+        storage = None
+    elif storage is None:
+        storage = open_storage(root)
     planner = _Planner(source, inventory, storage, plan)
     for image in images:
         planner.add_image(image)
@@ -450,6 +457,12 @@ def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
         with run.batch():
             for digest, _, chunks in source.stream(set(plan.new_blobs), on_bytes, stop):
                 created(run, layout.blob_data(digest), chunks)
+            if plan.new_blobs and plan.links:
+                # Writing the blobs took a while: before anything names them, ask again
+                # whether the tree may change (as gc does between its phases): a registry
+                # started meanwhile (or, on object storage, one no longer down or read-only)
+                # stops the run, which then reverts.
+                session.check_unused()
             for link in plan.links:
                 if stop is not None and stop.is_set():
                     raise Interrupted
@@ -461,14 +474,19 @@ def apply_import(session: MutationSession, plan: ImportPlan, source: Source, *,
                         recovered=list(session.recovered))
 
 
-def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, apply: bool = False,
+def run_import(root_path: Path | RegistryRoot, source_path: Path, *, repo: str | None = None,
+               apply: bool = False,
                on_bytes: ProgressFn | None = None, stop: threading.Event | None = None,
                on_recovered: Callable[[list[str]], None] | None = None) -> ImportResult:
     """Plan an import (and with `apply`, do it in a mutation session, re-planned there).
 
     What recovery made of runs a crash left open is in `result.recovered` (and handed to
     `on_recovered` as soon as it is known). A stop or an I/O error says what became of
-    the import (nothing imported; an --apply run reverted), which only this level knows."""
+    the import (nothing imported; an --apply run reverted), which only this level knows.
+
+    `root_path`: a local directory (a registry root, or an empty directory to start one
+    in), or a resolved `RegistryRoot` (object storage: `s3://BUCKET/PREFIX`, an empty
+    prefix included, with what --registry-url / --no-registry-check said)."""
     try:
         return _run_import(root_path, source_path, repo=repo, apply=apply, on_bytes=on_bytes,
                            stop=stop, on_recovered=on_recovered)
@@ -479,19 +497,23 @@ def run_import(root_path: Path, source_path: Path, *, repo: str | None = None, a
         raise ImportFailed(f"{exc} (nothing was imported)", "io") from exc
 
 
-def _run_import(root_path: Path, source_path: Path, *, repo: str | None, apply: bool,
-                on_bytes: ProgressFn | None, stop: threading.Event | None,
+def _run_import(root_path: Path | RegistryRoot, source_path: Path, *, repo: str | None,
+                apply: bool, on_bytes: ProgressFn | None, stop: threading.Event | None,
                 on_recovered: Callable[[list[str]], None] | None) -> ImportResult:
-    root, fresh = target_root(root_path)
+    if isinstance(root_path, RegistryRoot):
+        root, fresh = root_path, False  # object storage: directories need no creating
+    else:
+        root, fresh = target_root(root_path)
     source = open_layout(source_path, on_bytes, stop)
     images = images_from_index(source.index_bytes(), repo, source.label)
 
     def plan_now(verify: bool) -> ImportPlan:
         inventory = None
-        if root.v2.is_dir():
-            inventory = Scanner(FilesystemStorage(root.v2), root).scan()
+        storage = open_storage(root)  # listed afresh: under the lock the tree is read again
+        if _has_tree(root, storage):
+            inventory = Scanner(storage, root).scan()
         return plan_import(source, images, root, inventory, verify=verify, on_bytes=on_bytes,
-                           stop=stop)
+                           stop=stop, storage=storage)
 
     if not apply:
         return ImportResult(plan_now(verify=True))
@@ -500,10 +522,28 @@ def _run_import(root_path: Path, source_path: Path, *, repo: str | None, apply: 
         plan = plan_now(verify=False)  # again under the lock; blobs are verified as they are written
         if plan.is_empty:
             return ImportResult(plan, applied=True, recovered=list(session.recovered))
-        check_free_space(root.root, plan.bytes_to_write)
+        if not root.is_object_storage:  # a bucket has no free space to run out of
+            check_free_space(root.root, plan.bytes_to_write)
         if fresh:
             os.makedirs(root.v2, exist_ok=True)
         return apply_import(session, plan, source, on_bytes=on_bytes, stop=stop)
+
+
+def _has_tree(root: RegistryRoot, storage: Storage) -> bool:
+    """Whether ROOT holds a tree to plan against (else the import starts one). On object
+    storage a prefix with no objects holds none (a bucket that cannot be listed is an
+    error, not an empty tree: StorageError)."""
+    if not root.is_object_storage:
+        return root.v2.is_dir()
+    from regfsck.objectstore import ObjectStorage
+
+    assert isinstance(storage, ObjectStorage)
+    try:
+        return bool(storage.tree.files)
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
 
 
 # Room kept beyond the blobs themselves: links, the journal and the run's metadata.

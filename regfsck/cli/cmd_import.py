@@ -10,50 +10,59 @@ import typer
 from regfsck.cli.app import command
 from regfsck.cli.common import (
     APPLY_OPTION,
+    BREAK_LOCK_OPTION,
     CONFIG_OPTION,
     JSON_OPTION,
+    NO_REGISTRY_CHECK_OPTION,
+    REGISTRY_URL_OPTION,
     CtrlC,
+    for_changes,
     human_bytes,
     plural,
     print_json,
+    root_words,
     say,
     show_progress,
     split_root,
     stderr_console,
     styled,
     table,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.importer import ImportResult
+    from regfsck.root import RegistryRoot
 
 @command("import")
 def import_command(
     args: list[str] = typer.Argument(..., metavar="ROOT SOURCE", show_default=False, help=(
-        "Registry storage root (holding docker/registry/v2), its v2 directory, or an empty "
-        "directory to start a registry in (omit it with --config); then the OCI image layout "
+        "Registry storage root (holding docker/registry/v2), its v2 directory, an empty "
+        "directory to start a registry in, or s3://BUCKET/PREFIX (omit it with --config); "
+        "then the OCI image layout "
         "directory, or oci-archive (plain, .gz or .zst), e.g. from `regfsck export` or skopeo.")),
     config: Path | None = CONFIG_OPTION,
     repo: str | None = typer.Option(None, "--repo", metavar="REPO", help="Put every image into "
                                     "this repository (needed when the layout names only tags)."),
     apply: bool = APPLY_OPTION,
     json_output: bool = JSON_OPTION,
+    registry_url: list[str] | None = REGISTRY_URL_OPTION,
+    no_registry_check: bool = NO_REGISTRY_CHECK_OPTION,
+    break_lock: bool = BREAK_LOCK_OPTION,
 ) -> None:
     """Import images offline, exactly as the registry would write them (plan first, --apply)."""
     from regfsck.cli.sweeping import show_recovered
     from regfsck.importer import run_import
-    from regfsck.root import rootdir_from_config
 
-    root, source_text = split_root(args, config, "SOURCE")
+    root_text, source_text = split_root(args, config, "SOURCE")
     source = Path(source_text)
-    if root is None:
-        assert config is not None
-        root = rootdir_from_config(config)
+    root = for_changes(_target(root_text, config), registry_url, no_registry_check, break_lock)
     ctrl_c = CtrlC()
     bar = _Bar() if show_progress(json_output) else None
     try:
-        result = run_import(root, source, repo=repo, apply=apply,
+        result = run_import(root if root.is_object_storage else root.root, source, repo=repo,
+                            apply=apply,
                           on_bytes=bar.advance if bar else None, stop=ctrl_c.stop,
                           on_recovered=show_recovered(json_output))
     finally:
@@ -61,10 +70,36 @@ def import_command(
         if bar is not None:
             bar.stop()
     if json_output:
-        print_json(result.to_json())
+        print_json(with_requests(root, result.to_json()))
     else:
-        render_plan(result)
+        render_plan(result, root)
     raise typer.Exit(ExitCode.OK)
+
+
+def _target(root_text: Path | None, config: Path | None) -> RegistryRoot:
+    """ROOT as given: a bucket (`s3://`, or a config with `storage: s3:`), else a local
+    directory, which may still be empty (the importer judges it: `target_root`)."""
+    from regfsck.layout import V2_PREFIX
+    from regfsck.root import (
+        RegistryRoot,
+        S3Location,
+        is_s3_url,
+        object_root,
+        parse_s3_url,
+        root_from_config,
+    )
+
+    if root_text is not None and is_s3_url(root_text):
+        return object_root(parse_s3_url(str(root_text)))
+    where: Path | S3Location
+    if root_text is not None:
+        where = root_text
+    else:
+        assert config is not None  # split_root: ROOT or --config
+        where = root_from_config(config)
+    if isinstance(where, S3Location):
+        return object_root(where)
+    return RegistryRoot(where, where / V2_PREFIX)
 
 
 class _Bar:
@@ -86,9 +121,7 @@ class _Bar:
         self.progress.stop()
 
 
-def render_plan(result: ImportResult) -> None:
-    import shlex
-
+def render_plan(result: ImportResult, root: RegistryRoot) -> None:
     plan = result.plan
     table(f"Images in {plan.source}", ("repository", "tag", "digest"),
           [(image.repo, image.tag or "(by digest)", image.digest) for image in plan.images])
@@ -103,7 +136,8 @@ def render_plan(result: ImportResult) -> None:
     if result.applied:
         done = "nothing to do: the tree already has all of it" if plan.is_empty else (
             f"imported into {plan.root}: {what}; undo with "
-            f"`regfsck undo {shlex.quote(str(plan.root))} {result.run_id}`")
+            f"`regfsck undo {root_words(root)} {result.run_id}"
+            f"{' --registry-url URL' if root.is_object_storage else ''}`")
         say(done)
     else:
         say(f"plan: {what}. Nothing was written; run again with --apply "

@@ -230,7 +230,8 @@ def fail(message: str, code: int = ExitCode.CANNOT_RUN) -> NoReturn:
     raise typer.Exit(code)
 
 
-OBJECT_STORAGE_COMMANDS = "scan, verify, gc, rm, repair, runs, undo, purge, export, inspect and why"
+OBJECT_STORAGE_COMMANDS = ("scan, verify, gc, rm, repair, runs, undo, purge, export, import, inspect "
+                           "and why")
 
 
 def for_changes(registry: RegistryRoot, registry_urls: list[str] | None = None,
