@@ -89,7 +89,15 @@ def build_view(root: RegistryRoot, removals: list[str], payloads: list[str]) -> 
     """The live tree without `removals` (v2-relative files) and with every payload's
     content (payloads: ROOT-relative directories holding a `v2` tree of their own)."""
     tree_storage = open_storage(root)
-    inv = Scanner(tree_storage, root).scan()
+    try:
+        inv = Scanner(tree_storage, root).scan()
+    except StorageError as exc:
+        # On object storage a tree whose every key went (an import into an empty prefix,
+        # reverted) does not exist at all, where a filesystem keeps its empty directories:
+        # that is an empty tree, not a missing one.
+        if not (root.is_object_storage and exc.errno == errno.ENOENT):
+            raise
+        inv = Inventory(root=root)
     sources: dict[str, Storage] = {}
     # The store reads from every blob known, those the undo would take away included:
     # what a manifest references does not depend on whether it stays.
