@@ -6,9 +6,10 @@ Two backends implement it: `FilesystemStorage` (here) and `objectstore.ObjectSto
 directory model). `open_storage` is the one place that picks the backend from a
 `RegistryRoot`. Not every reader takes any `Storage` yet: what reads through file
 descriptors (hashing in worker processes, the deep layer pass, repair's `--from` sources
-and their spool, import, the verification record) asks `local_only` or builds a
+and their spool, the verification record) asks `local_only` or builds a
 `FilesystemStorage` for a local path (a backup, the local state directory), or refuses
-object storage with a one-line error.
+object storage with a one-line error. (import plans through any `Storage` and writes
+through `MutableStorage`.)
 
 Changes go through the same seam: `MutableStorage` is what a journaled run
 (regfsck.quarantine) needs, rooted at ROOT, and `mutable_storage` picks its backend
