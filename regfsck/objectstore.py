@@ -1114,10 +1114,38 @@ class ObjectMutator(_AtLocation):
         return True
 
     def remove_below(self, path: str) -> int:
-        """Delete every object below `path` for good (purge); returns the bytes freed."""
+        """Delete every object below `path` for good (purge, a run's unused `new/`), and
+        abort the multipart uploads left open there (a run killed while writing a large
+        object ahead: invisible, but billed); returns the bytes freed."""
         objects = self.objects_at(path)
         self.delete([o.path for o in objects])
+        self.abort_uploads_below(path)
         return sum(o.size for o in objects)
+
+    def abort_uploads_below(self, path: str) -> int:
+        """Abort every multipart upload open below the "directory" `path`; returns how many."""
+        if self.location.provider != "s3":
+            return 0
+        client = self._boto()
+        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": self.key(path) + "/"}
+        aborted = 0
+        try:
+            while True:
+                REQUESTS.add("list_uploads")
+                page = client.list_multipart_uploads(**kwargs)
+                for upload in page.get("Uploads", []):
+                    REQUESTS.add("multipart_abort")
+                    client.abort_multipart_upload(Bucket=self.location.bucket, Key=upload["Key"],
+                                                  UploadId=upload["UploadId"])
+                    aborted += 1
+                if not page.get("IsTruncated"):
+                    return aborted
+                kwargs.update(KeyMarker=page.get("NextKeyMarker", ""),
+                              UploadIdMarker=page.get("NextUploadIdMarker", ""))
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._boto_error(exc, "abort the uploads below", path) from exc
 
     def size_below(self, path: str) -> int:
         return sum(o.size for o in self.objects_at(path))

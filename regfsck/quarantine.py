@@ -955,7 +955,10 @@ def _drop_staging(storage: MutableStorage, files: _RunFiles) -> None:
     """Delete what a run wrote ahead and never put in the tree (its own copies, never part
     of the tree: an interrupted batch, or creations a revert found not applied)."""
     with contextlib.suppress(StorageError):
-        if storage.lstat_raw(files.staging) is not None:
+        # On object storage an emptied `new/` does not exist, yet a run killed while writing
+        # a large object ahead may have left its multipart upload open there: remove_tree
+        # aborts those too.
+        if storage.implicit_dirs or storage.lstat_raw(files.staging) is not None:
             storage.remove_tree(files.staging)
 
 

@@ -239,32 +239,49 @@ KILLING = textwrap.dedent("""
     import os, signal, sys
     from regfsck import objectstore
     owner, method, match, nth, when = sys.argv[1:6]
-    cls = getattr(objectstore, owner)
     seen = [0]
-    original = getattr(cls, method)
 
-    def killing(self, *args, **kwargs):
-        first = args[0] if args else ""
-        text = first if isinstance(first, str) else " ".join(map(str, first))
-        hit = match in text
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(self, *args, **kwargs)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
+    def wrap(original, bound):
+        def killing(*args, **kwargs):
+            first = (args[0] if args else kwargs.get("Key", "")) if bound else \
+                (args[1] if len(args) > 1 else "")
+            text = first if isinstance(first, str) else " ".join(map(str, first))
+            mine = 0
+            if match in text:  # (parts are sent from several threads: count is this call's)
+                seen[0] += 1
+                mine = seen[0]
+            if mine == int(nth) and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            if mine == int(nth) and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return killing
 
-    setattr(cls, method, killing)
+    if owner == "boto":  # a method of the boto3 client large objects are uploaded with
+        make = objectstore.ObjectMutator._boto
+
+        def boto(self):
+            client = make(self)
+            if not getattr(client, "_killing", False):
+                setattr(client, method, wrap(getattr(client, method), True))
+                client._killing = True
+            return client
+
+        objectstore.ObjectMutator._boto = boto
+    else:
+        cls = getattr(objectstore, owner)
+        setattr(cls, method, wrap(getattr(cls, method), False))
     sys.argv = ["regfsck", *sys.argv[6:]]
     from regfsck.cli.app import main
     main()
 """)
 
-# (class in regfsck.objectstore, method, substring of its first argument, which call, when)
+# (class in regfsck.objectstore or "boto", method, substring of its first argument (the
+# key for boto), which call, when)
 KILL_POINTS = [
     ("ObjectMutator", "_multipart_new", "/new/", 1, "before"),  # nothing staged yet
+    ("boto", "upload_part", "/new/", 1, "after"),  # a multipart upload open, one part sent
     ("ObjectRootStorage", "write_new_file", "/new/", 2, "after"),  # staged, not journaled
     ("ObjectMutator", "delete", "/new/", 1, "before"),  # copied into the tree, staged kept
     ("ObjectRootStorage", "move", "/new/", 2, "after"),  # in place, no "done" line
@@ -279,7 +296,8 @@ def test_import_killed_is_recovered_by_the_next_run(
     """SIGKILL at each point of writing an import: the lock object stays (the next run
     needs --break-lock, its holder being gone), the next run reverts the interrupted one
     and imports everything: the bucket then holds exactly what an uninterrupted import
-    writes, nothing staged is left, no multipart upload is open, the registry serves it."""
+    writes, nothing staged is left, no multipart upload is open (one killed midway is
+    aborted by the recovery), the registry serves it."""
     bucket = base28.clone()
     reference = Bucket(bucket.moto, bucket.name, "reference", bucket.binary)
     target = Bucket(bucket.moto, bucket.name, "killed", bucket.binary)
@@ -305,8 +323,7 @@ def test_import_killed_is_recovered_by_the_next_run(
     code, runs, _ = run(target, "runs", target.url)
     assert [r["status"] for r in runs["runs"]] == ["reverted", "complete"], runs
     target.serves_every_tag(target.binary, {FRESH_REPO: ["v1"]})
-    if point[1] != "_multipart_new":
-        assert not _open_uploads(target)
+    assert not _open_uploads(target)  # the recovery aborted the one the kill left open
 
 
 # -- the streaming put ------------------------------------------------------------------------------
