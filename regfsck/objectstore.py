@@ -742,7 +742,8 @@ class ObjectMutator(_AtLocation):
     like the filesystem backend rooted at ROOT that the quarantine uses).
 
     Every request is counted in `REQUESTS` by kind: `list`, `head`, `get`, `put`, `copy`,
-    `delete` (one DeleteObjects of up to 1,000 keys)."""
+    `delete` (one DeleteObjects of up to 1,000 keys), and for large new objects
+    `multipart_create`, `put_part`, `multipart_complete`, `multipart_abort`, `list_uploads`."""
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
                  client: ObjectClient | None = None) -> None:
