@@ -46,23 +46,12 @@ from tests.support.objectstore import (
     MotoServer,
     dead_url,
     needs_server,
-    push_into_bucket,
     registry3_binary,
     snapshot,
 )
 
 V2 = "docker/registry/v2/"
 FRESH_REPO = "imported/fresh"
-
-
-@pytest.fixture(scope="module")
-def base28(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "2.8", "regfsck-i28")
-
-
-@pytest.fixture(scope="module")
-def base3(moto: MotoServer, real_sample: tuple[Path, realtools.SampleInfo]) -> Bucket:
-    return push_into_bucket(moto, real_sample[0], "3", "regfsck-i3")
 
 
 def run(bucket: Bucket, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -131,12 +120,12 @@ def _open_uploads(bucket: Bucket) -> list[Any]:
 
 
 @needs_server
-def test_apply_refuses_by_the_rules_of_gc(base28: Bucket, sources: dict[str, tuple[Path, str]],
+def test_apply_refuses_by_the_rules_of_gc(bucket28: Bucket, sources: dict[str, tuple[Path, str]],
                                           tmp_path: Path) -> None:
     """No --registry-url, or the URL of a writable registry: exit 3 with gc's words, one
     line, not one key changed (no lock, no run). The plan alone needs no check. On a local
     ROOT the object-storage options are a usage error."""
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     before = bucket.everything()
     code, doc, err = _import(bucket, bucket.url, sources["fresh"])
     assert code == 0 and doc["applied"] is False and doc["blobs"], (doc, err)
@@ -167,7 +156,7 @@ def test_apply_refuses_by_the_rules_of_gc(base28: Bucket, sources: dict[str, tup
 
 
 @needs_server
-@pytest.mark.parametrize("which", ["base28", "base3"])
+@pytest.mark.parametrize("which", ["bucket28", "bucket3"])
 def test_import_matches_a_filesystem_copy_serves_and_undoes(
         which: str, request: pytest.FixtureRequest, sources: dict[str, tuple[Path, str]],
         tmp_path: Path) -> None:
@@ -214,11 +203,11 @@ def test_import_matches_a_filesystem_copy_serves_and_undoes(
 
 
 @needs_server
-def test_import_into_an_empty_prefix_starts_a_tree(base28: Bucket,
+def test_import_into_an_empty_prefix_starts_a_tree(bucket28: Bucket,
                                                    sources: dict[str, tuple[Path, str]]) -> None:
     """s3://BUCKET/NEWPREFIX with no objects: the import starts the tree there, as into an
     empty directory; a registry with that rootdirectory serves it; undo empties it again."""
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     fresh = Bucket(bucket.moto, bucket.name, "brand/new", bucket.binary)
     for name in ("fresh", "multi"):
         code, doc, err = _import(fresh, fresh.url, sources[name], "--apply",
@@ -291,14 +280,14 @@ KILL_POINTS = [
 @needs_server
 @pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: f"{p[1]}-{p[3]}-{p[4]}")
 def test_import_killed_is_recovered_by_the_next_run(
-        base28: Bucket, sources: dict[str, tuple[Path, str]],
+        bucket28: Bucket, sources: dict[str, tuple[Path, str]],
         point: tuple[str, str, str, int, str]) -> None:
     """SIGKILL at each point of writing an import: the lock object stays (the next run
     needs --break-lock, its holder being gone), the next run reverts the interrupted one
     and imports everything: the bucket then holds exactly what an uninterrupted import
     writes, nothing staged is left, no multipart upload is open (one killed midway is
     aborted by the recovery), the registry serves it."""
-    bucket = base28.clone()
+    bucket = bucket28.clone()
     reference = Bucket(bucket.moto, bucket.name, "reference", bucket.binary)
     target = Bucket(bucket.moto, bucket.name, "killed", bucket.binary)
     code, doc, err = _import(reference, reference.url, sources["fresh"], "--apply",
