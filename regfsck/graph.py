@@ -10,12 +10,14 @@ itself cannot make them loop.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
+from regfsck.digest import HEX_LENGTHS
 from regfsck.inventory import Blob, Inventory
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.reach import ReachGraph
@@ -33,7 +35,8 @@ class Unloadable:
 class ManifestStore:
     """Loads and parses manifest blobs on demand, each digest at most once."""
 
-    def __init__(self, storage: Storage, inventory: Inventory, *, keep_raw: bool = False) -> None:
+    def __init__(self, storage: Storage, inventory: Inventory, *, keep_raw: bool = False,
+                 keep_intact: bool = False) -> None:
         self.storage = storage
         self.inventory = inventory
         self._cache: dict[str, Manifest | Unloadable] = {}
@@ -42,6 +45,10 @@ class ManifestStore:
         # them out after parsing (export) or reads them again (inspect): on object storage
         # a second read is a second GET. Off for scans of a whole tree (memory).
         self._raw: dict[str, bytes] | None = {} if keep_raw else None
+        # `keep_intact`: what a command that hashes every blob afterwards (verify) keeps of
+        # the bytes instead: only whether they were the blob, hashed as they were read (a
+        # digest per manifest, not its bytes, for a tree of any size). See `intact`.
+        self._intact: set[str] | None = set() if keep_intact else None
 
     @property
     def reach(self) -> ReachGraph:
@@ -77,9 +84,25 @@ class ManifestStore:
         """The manifest's bytes as read when it was loaded (a store made with `keep_raw`)."""
         return self._raw.get(digest) if self._raw is not None else None
 
+    def intact(self) -> set[str]:
+        """The manifests whose bytes, as read from storage by this store (a store made with
+        `keep_intact`), had the blob's listed size and hashed to its digest: the same
+        verdict the hashing pass would reach by reading them again, which on object storage
+        is a second GET each. A manifest whose bytes were not the blob is not in it (the
+        hashing pass reads it again and reports what it finds); nor is one the scan's
+        workers parsed (their bytes are not here to hash)."""
+        return self._intact if self._intact is not None else set()
+
     def _keep(self, digest: str, data: bytes) -> None:
+        """Every manifest read from storage passes through here, as its bytes were read."""
         if self._raw is not None:
             self._raw[digest] = data
+        if self._intact is not None:
+            blob = self.inventory.blobs.get(digest)
+            algorithm = digest.partition(":")[0]
+            if blob is not None and len(data) == blob.size and algorithm in HEX_LENGTHS and \
+                    f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}" == blob.digest:
+                self._intact.add(blob.digest)
 
     def _load(self, digest: str) -> Manifest | Unloadable:
         blob = self.inventory.blobs.get(digest)

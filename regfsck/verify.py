@@ -165,7 +165,9 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         unknown = sorted(options.repos - set(inv.repositories))
         if unknown:
             raise UnknownRepositoryError(f"no such repository: {', '.join(unknown)}")
-    store = ManifestStore(storage, inv)
+    # With data, each manifest the checks read is hashed as it is read: the hashing pass
+    # takes that verdict instead of reading it again (on object storage, a second GET).
+    store = ManifestStore(storage, inv, keep_intact=options.check_data)
     now = datetime.now(UTC)
     findings = FindingSet()
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))
@@ -178,11 +180,12 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         blobs = _blobs_to_hash(inv, store, options.repos)
         if options.shard is not None:
             blobs = [b for b in blobs if options.shard.owns(b.digest)]
+        intact = store.intact()
         del store  # the parsed manifests are not needed to hash: free them first
         record = _open_record(root, options, summary)
         try:
             deep = _hash_blobs(storage, inv, blobs, options, record,
-                               summary, findings, progress=progress, stop=stop,
+                               summary, findings, intact=intact, progress=progress, stop=stop,
                                on_finding=on_finding, deep_plan=deep_plan,
                                deep_progress=deep_progress,
                                deadline=None if options.max_duration is None
@@ -276,7 +279,8 @@ def _select(blobs: list[Blob], options: VerifyOptions, record: VerifyRecord | No
 
 def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
                 options: VerifyOptions, record: VerifyRecord | None, summary: VerifySummary,
-                findings: FindingSet, *, progress: DataProgress | None,
+                findings: FindingSet, *, intact: set[str] | None = None,
+                progress: DataProgress | None,
                 stop: threading.Event | None, on_finding: Callable[[Finding], None] | None,
                 deadline: float | None, deep_plan: DeepPlan | None = None,
                 deep_progress: DeepProgress | None = None) -> DeepReport | None:
@@ -285,9 +289,12 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
     With a deep plan, the layers it reads are left out of the plain pass and take their
     verdict from the deep pass that follows (all of them, whatever the incremental
     options: the deep pass reads them anyway). Returns the deep report (None without a
-    plan, or when Ctrl-C came before the layers)."""
+    plan, or when Ctrl-C came before the layers). `intact`: blobs whose bytes were already
+    read from storage and hashed to their digest at their listed size (the manifests the
+    structural checks read, ManifestStore.intact): their verdict is that one, not a second
+    read of the same bytes."""
     from regfsck.deep import check_layers
-    from regfsck.hashing import verify_blobs
+    from regfsck.hashing import HashOutcome, verify_blobs
 
     layers = _deep_layers(blobs, deep_plan)
     plain = [b for b in blobs if b.digest not in layers] if layers else blobs
@@ -341,8 +348,17 @@ def _hash_blobs(storage: Storage, inv: Inventory, blobs: list[Blob],
 
     if progress is not None:
         progress.start(sum(b.size for b in chosen), len(chosen))
+    intact = intact or set()
+    hashed = [b for b in chosen if b.digest in intact]
+    to_read = [b for b in chosen if b.digest not in intact] if hashed else chosen
     try:
-        for outcome in verify_blobs(storage, chosen, jobs=options.jobs,
+        for blob in hashed:
+            if halt.is_set():
+                break
+            take(HashOutcome(blob, blob.digest, blob.size))
+            if progress is not None:
+                progress.advance(blob.size)
+        for outcome in verify_blobs(storage, to_read, jobs=options.jobs,
                                     on_bytes=progress.advance if progress else None, stop=halt):
             take(outcome)
     finally:

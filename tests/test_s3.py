@@ -236,3 +236,30 @@ def test_incremental_verify_keeps_its_record_on_the_local_disk(
     assert {o["Key"] for o in iter_keys(client, bucket.name)} == keys
     local = regfsck("verify", "--state-dir", str(state), str(tmp_path / "copy"))
     assert local.returncode == 2 and len(local.stderr.strip().splitlines()) == 1
+
+
+@needs_server
+@pytest.mark.parametrize("which", ["bucket28", "bucket3"])
+def test_verify_gets_each_blob_once(which: str, request: pytest.FixtureRequest) -> None:
+    """Plain `verify` on a bucket reads every blob with exactly one GET: a manifest is hashed
+    from the bytes its structural checks read (fetched once, checked against its listed size),
+    not fetched again by the hashing pass. Beyond the blobs only the uploads' `startedat` are
+    read (every link is known from its listed ETag), so the GETs and their bytes are exactly
+    those of the blobs plus those files: a manifest read twice would add one GET and its size."""
+    bucket: Bucket = request.getfixturevalue(which)
+    code, doc = run_json(bucket, "verify", bucket.url)
+    summary, requests = doc["summary"], doc["requests"]
+    assert code == 0 and summary["blobs_verified"] == summary["blobs_total"] > 0, doc
+    blobs = {k: len(v) for k, v in _bodies(bucket, "blobs/").items() if k.endswith("/data")}
+    started = {k: len(v) for k, v in _bodies(bucket, "repositories/").items()
+               if k.endswith("/startedat")}
+    assert summary["blobs_total"] == len(blobs) and summary["bytes_total"] == sum(blobs.values())
+    assert requests["get"] == len(blobs) + len(started), requests
+    assert requests["get_bytes"] == sum(blobs.values()) + sum(started.values()), requests
+
+
+def _bodies(bucket: Bucket, rel: str) -> dict[str, bytes]:
+    """The bytes of every key below `docker/registry/v2/rel`."""
+    client = bucket.client()
+    return {o["Key"]: bucket.read(o["Key"])
+            for o in iter_keys(client, bucket.name, bucket.key(rel))}
