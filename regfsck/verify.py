@@ -22,7 +22,7 @@ from regfsck.inventory import Blob, Inventory
 from regfsck.report import Shard, finding_order, tree_fingerprint
 from regfsck.root import RegistryRoot
 from regfsck.scanner import Scanner
-from regfsck.storage import Storage, StorageError, open_storage
+from regfsck.storage import FilesystemStorage, Storage, StorageError, open_storage
 
 if TYPE_CHECKING:  # loaded when used: `verify --no-data` needs neither hashing nor the record
     from regfsck.deep import DeepPlan, DeepProgress, DeepReport, DeepSummary, LayerOutcome
@@ -165,9 +165,12 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
         unknown = sorted(options.repos - set(inv.repositories))
         if unknown:
             raise UnknownRepositoryError(f"no such repository: {', '.join(unknown)}")
-    # With data, each manifest the checks read is hashed as it is read: the hashing pass
-    # takes that verdict instead of reading it again (on object storage, a second GET).
-    store = ManifestStore(storage, inv, keep_intact=options.check_data)
+    # Object storage, with data: each manifest the checks read is hashed as it is read, and
+    # the hashing pass takes that verdict instead of a second GET of the same bytes. (A
+    # local tree's manifests mostly come parsed from the scan's worker processes, and a
+    # second read of a small file there costs no request: it is hashed as every blob is.)
+    store = ManifestStore(storage, inv, keep_intact=options.check_data and
+                          not isinstance(storage, FilesystemStorage))
     now = datetime.now(UTC)
     findings = FindingSet()
     findings.extend(TreeChecker(inv, store, now=now).run(options.repos))

@@ -258,6 +258,24 @@ def test_verify_gets_each_blob_once(which: str, request: pytest.FixtureRequest) 
     assert requests["get_bytes"] == sum(blobs.values()) + sum(started.values()), requests
 
 
+@needs_server
+def test_a_damaged_manifest_is_still_read_again_and_reported(bucket28: Bucket,
+                                                            tmp_path: Path) -> None:
+    """A manifest whose stored bytes are not its digest (one byte flipped inside a JSON
+    string, so it still parses) is not vouched for by the structural read: the hashing pass
+    reads it again, as any blob, and reports the mismatch as it does on the disk copy."""
+    damaged = bucket28.clone("regfsck-manifest-flip")
+    link = damaged.read(damaged.key("repositories/a/b/_manifests/tags/latest/current/link"))
+    key = damaged.blob_key(link.decode())
+    body = damaged.read(key)
+    at = body.index(b'"sha256:') + 20  # a hex digit of a digest: still JSON, still a manifest
+    flipped = body[:at] + (b"0" if body[at:at + 1] != b"0" else b"1") + body[at + 1:]
+    damaged.client().put_object(Bucket=damaged.name, Key=key, Body=flipped)
+    report = differential(damaged, tmp_path / "verify", "verify")
+    assert ("blob_digest_mismatch", link.decode()) in {
+        (f["kind"], f["digest"]) for f in report["findings"]}, report["findings"]
+
+
 def _bodies(bucket: Bucket, rel: str) -> dict[str, bytes]:
     """The bytes of every key below `docker/registry/v2/rel`."""
     client = bucket.client()
