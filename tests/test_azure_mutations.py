@@ -226,3 +226,21 @@ def test_gc_killed_midway_is_recovered_and_undone(container: Container, tmp_path
     code, doc, _ = run(box, "runs", box.url)
     assert all(r["status"] == "reverted" for r in doc["runs"]), doc
     assert not box.keys_below(LOCK)
+
+
+@needs_azure
+def test_import_and_repair_apply_are_refused_on_azure(container: Container, tmp_path: Path) -> None:
+    """import and repair write new objects, a path not yet proven against the azure driver
+    (a streaming create cannot be made create-only there): --apply refuses, one line, exit 3,
+    nothing changed; repair's plan, which only reads, still runs."""
+    box = container.clone("regfsck-azmut-refuse")
+    before = box.tree()
+    for args in (("import", box.url, str(tmp_path), "--apply", "--no-registry-check"),
+                 ("repair", box.url, "--apply", "--no-registry-check")):
+        proc = regfsck(*args, env=box.env())
+        assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
+        assert "not available on azure://" in proc.stderr and proc.stderr.count("\n") == 1
+    assert box.tree() == before
+    code, plan, err = run(box, "repair", box.url)
+    assert code in (0, 1), (plan, err)
+    assert box.tree() == before

@@ -16,6 +16,7 @@ from regfsck.cli.common import (
     NO_REGISTRY_CHECK_OPTION,
     REGISTRY_URL_OPTION,
     CtrlC,
+    changes_tested_on,
     for_changes,
     human_bytes,
     plural,
@@ -58,6 +59,7 @@ def import_command(
     root_text, source_text = split_root(args, config, "SOURCE")
     source = Path(source_text)
     root = for_changes(_target(root_text, config), registry_url, no_registry_check, break_lock)
+    changes_tested_on(root, "import", ("s3",), apply)
     ctrl_c = CtrlC()
     bar = _Bar() if show_progress(json_output) else None
     try:

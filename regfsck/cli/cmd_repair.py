@@ -19,6 +19,7 @@ from regfsck.cli.common import (
     REGISTRY_URL_OPTION,
     ROOT_ARGUMENT,
     CtrlC,
+    changes_tested_on,
     default_jobs,
     fail,
     for_changes,
@@ -75,6 +76,7 @@ def repair(
         fail("--jobs must be positive", ExitCode.USAGE)
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
+    changes_tested_on(registry, "repair", ("s3",), apply)
     if registry.is_object_storage and not jobs:
         from regfsck.objectstore import default_jobs as s3_default_jobs
 

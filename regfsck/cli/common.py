@@ -255,6 +255,17 @@ def for_changes(registry: RegistryRoot, registry_urls: list[str] | None = None,
                                registry_check=not no_registry_check, break_lock=break_lock)
 
 
+def changes_tested_on(registry: RegistryRoot, command: str, providers: tuple[str, ...],
+                      apply: bool) -> None:
+    """Refuse `command --apply` on an object store its writes have not been proven on
+    against the real registry's driver there (plans only read: they run everywhere). An
+    untried write path is not offered with the only copy of someone's images."""
+    if apply and registry.s3 is not None and registry.s3.provider not in providers:
+        fail(f"{command} --apply is not available on {registry.s3.provider}:// yet (its writes "
+             f"are tested on {', '.join(p + '://' for p in providers)} only); the plan runs "
+             "without --apply")
+
+
 def open_root(root: Path | None, config: Path | None, *,
               object_storage: bool = False) -> RegistryRoot:
     """Resolve ROOT/--config (RootError: exit 3 with what was expected, one line).
