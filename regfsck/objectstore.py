@@ -383,6 +383,22 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
+def _counted(stream: Iterable[Any], failed: Callable[[BaseException], StorageError]
+             ) -> Iterator[bytes]:
+    """A GET's body as bytes, its size added to `get_bytes` however it ends (S3 bills the
+    bytes sent, read to the end or not); a failure midway becomes `failed(exc)`."""
+    total = 0
+    try:
+        for chunk in stream:
+            data = bytes(chunk)
+            total += len(data)
+            yield data
+    except Exception as exc:
+        raise failed(exc) from exc
+    finally:
+        REQUESTS.add("get_bytes", total)
+
+
 class _AtLocation:
     """What the reader and the writer of one location share: its client, made on first
     use, and the key of a path (validated, relative) below their `base`."""
@@ -681,19 +697,7 @@ class ObjectStorage(_AtLocation):
             stream = result.stream(min_chunk_size=chunk_size)
         except Exception as exc:
             raise self._error(exc, "read", path) from exc
-        return self._counted(stream, path)
-
-    def _counted(self, stream: Iterable[Any], path: str) -> Iterator[bytes]:
-        total = 0
-        try:
-            for chunk in stream:
-                data = bytes(chunk)
-                total += len(data)
-                yield data
-        except Exception as exc:
-            raise self._error(exc, "read", path) from exc
-        finally:
-            REQUESTS.add("get_bytes", total)
+        return _counted(stream, lambda exc: self._error(exc, "read", path))
 
     def open_read(self, path: str) -> BinaryIO:
         """A streaming read of a whole object (for deep checks, export and inspect)."""
@@ -1005,16 +1009,11 @@ class ObjectMutator(_AtLocation):
 
         key = self.key(path)
         REQUESTS.add("get")
-        total = 0
-        try:
-            for chunk in obstore.get(self.client, key).stream(min_chunk_size=chunk_size):
-                data = bytes(chunk)
-                total += len(data)
-                yield data
-        except Exception as exc:
-            raise self._error(exc, "read", path) from exc
-        finally:
-            REQUESTS.add("get_bytes", total)
+
+        def stream() -> Iterator[Any]:
+            yield from obstore.get(self.client, key).stream(min_chunk_size=chunk_size)
+
+        yield from _counted(stream(), lambda exc: self._error(exc, "read", path))
 
     def delete(self, paths: Sequence[str]) -> None:
         """Delete objects, 1,000 per DeleteObjects request (a missing key is no error).

@@ -31,12 +31,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 from regfsck.errors import RegfsckError
 
 if TYPE_CHECKING:
     from regfsck.root import RegistryRoot, S3Location
+
+_T = TypeVar("_T")
 
 
 class EntryKind(enum.Enum):
@@ -561,23 +563,35 @@ class FilesystemStorage:
             raise StorageError(exc.errno, f"cannot open {dir_path}: {exc.strerror}",
                                dir_path) from exc
 
-    def lstat_many(self, dir_path: str, names: Sequence[str]) -> list[os.stat_result | StorageError | None]:
-        """lstat `dir_path/name` for each name (None: absent); paths as the walk found them."""
+    def _each_in(self, dir_path: str, names: Sequence[str], verb: str,
+                 one: Callable[[str, int], _T]) -> list[_T | StorageError]:
+        """`one(name, dir_fd)` for each name, relative to one open descriptor of the walked
+        directory (one path lookup per directory, not per file); an OSError is returned in
+        place as a StorageError ("cannot <verb> <path>"), so one bad file stops nothing."""
         dir_fd = self._walked_dir_fd(dir_path)
-        results: list[os.stat_result | StorageError | None] = []
+        results: list[_T | StorageError] = []
         try:
             for name in names:
                 try:
-                    results.append(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
-                except (FileNotFoundError, NotADirectoryError):
-                    results.append(None)
+                    results.append(one(name, dir_fd))
                 except OSError as exc:
                     path = f"{dir_path}/{name}"
-                    results.append(StorageError(exc.errno, f"cannot stat {path}: {exc.strerror}",
+                    results.append(StorageError(exc.errno, f"cannot {verb} {path}: {exc.strerror}",
                                                 path))
         finally:
             os.close(dir_fd)
         return results
+
+    def lstat_many(self, dir_path: str, names: Sequence[str]) -> list[os.stat_result | StorageError | None]:
+        """lstat `dir_path/name` for each name (None: absent); paths as the walk found them."""
+
+        def lstat(name: str, dir_fd: int) -> os.stat_result | None:
+            try:
+                return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+
+        return self._each_in(dir_path, names, "stat", lstat)
 
     def read_small_many(self, dir_path: str, names: Sequence[str], limit: int
                         ) -> list[bytes | StorageError]:
@@ -586,34 +600,25 @@ class FilesystemStorage:
         Each file is lstat'ed first and opened only when it is a regular file, so no device
         or FIFO is ever opened; a failure is returned in place, with read_link_fast's errnos
         (ENOENT absent, ELOOP symlink, EINVAL not a regular file)."""
-        dir_fd = self._walked_dir_fd(dir_path)
-        results: list[bytes | StorageError] = []
-        try:
-            for name in names:
+
+        def read(name: str, dir_fd: int) -> bytes | StorageError:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if not stat_module.S_ISREG(mode):
+                code = errno.ELOOP if stat_module.S_ISLNK(mode) else errno.EINVAL
+                what = "a symbolic link" if code == errno.ELOOP else "not a regular file"
+                path = f"{dir_path}/{name}"
+                return StorageError(code, f"{path} is {what}", path)
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+            try:
                 try:
-                    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-                    if not stat_module.S_ISREG(mode):
-                        code = errno.ELOOP if stat_module.S_ISLNK(mode) else errno.EINVAL
-                        what = "a symbolic link" if code == errno.ELOOP else "not a regular file"
-                        path = f"{dir_path}/{name}"
-                        results.append(StorageError(code, f"{path} is {what}", path))
-                        continue
-                    fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
-                    try:
-                        try:
-                            results.append(os.read(fd, limit + 1))
-                        except BlockingIOError:
-                            os.set_blocking(fd, True)
-                            results.append(os.read(fd, limit + 1))
-                    finally:
-                        os.close(fd)
-                except OSError as exc:
-                    path = f"{dir_path}/{name}"
-                    results.append(StorageError(exc.errno, f"cannot read {path}: {exc.strerror}",
-                                                path))
-        finally:
-            os.close(dir_fd)
-        return results
+                    return os.read(fd, limit + 1)
+                except BlockingIOError:
+                    os.set_blocking(fd, True)
+                    return os.read(fd, limit + 1)
+            finally:
+                os.close(fd)
+
+        return self._each_in(dir_path, names, "read", read)
 
     # -- mutation (`MutableStorage`) ------------------------------------------
     # Used only by regfsck.quarantine and the root lock (under the lock): every directory on
