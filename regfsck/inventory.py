@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from heapq import merge
 from sys import intern
-from typing import Any
+from typing import Any, TypeVar
 
 from regfsck.root import RegistryRoot
 
@@ -137,7 +137,25 @@ def _listed_path(base: str, digest: str) -> str:
     return f"{base}/{alg}/{hex_part}/link"
 
 
-class LinkMap(MutableMapping[str, Link]):
+_V = TypeVar("_V")
+
+
+class _CompactTable(MutableMapping[str, _V]):
+    """A mapping kept packed (LinkMap, BlobTable): items() and values() build each object
+    once from the packed rows, instead of Mapping's default views, which look every key
+    up again."""
+
+    def _iter_items(self) -> Iterator[tuple[str, _V]]:
+        raise NotImplementedError
+
+    def items(self) -> ItemsView[str, _V]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[_V]:
+        return _Values(self)
+
+
+class LinkMap(_CompactTable[Link]):
     """The links under one directory (`<base>/<alg>/<hex>/link`), by the digest their
     path names: a mapping of digest -> `Link`, kept compact.
 
@@ -236,12 +254,6 @@ class LinkMap(MutableMapping[str, Link]):
     def __len__(self) -> int:
         return len(self._plain) + (len(self._odd) if self._odd is not None else 0)
 
-    def items(self) -> ItemsView[str, Link]:
-        return _LinkItems(self)
-
-    def values(self) -> ValuesView[Link]:
-        return _LinkValues(self)
-
     def _iter_items(self) -> Iterator[tuple[str, Link]]:
         listed = Link.listed
         base = self.base
@@ -277,24 +289,27 @@ class LinkMap(MutableMapping[str, Link]):
         return f"LinkMap({self.base!r}, {dict(self.items())!r})"
 
 
-class _LinkItems(ItemsView[str, Link]):
-    _mapping: LinkMap
+class _Items(ItemsView[str, _V]):
+    """items() of a compact table (LinkMap, BlobTable) without the per-key lookups of
+    Mapping's default view: objects are built from the packed rows in one pass."""
 
-    def __iter__(self) -> Iterator[tuple[str, Link]]:
+    _mapping: _CompactTable[_V]
+
+    def __iter__(self) -> Iterator[tuple[str, _V]]:
         return self._mapping._iter_items()
 
 
-class _LinkValues(ValuesView[Link]):
-    _mapping: LinkMap
+class _Values(ValuesView[_V]):
+    _mapping: _CompactTable[_V]
 
-    def __iter__(self) -> Iterator[Link]:
-        return (link for _, link in self._mapping._iter_items())
+    def __iter__(self) -> Iterator[_V]:
+        return (value for _, value in self._mapping._iter_items())
 
 
 _NO_ROW = -1  # a BlobTable row of a blob kept as its object (not at its usual path)
 
 
-class BlobTable(MutableMapping[str, Blob]):
+class BlobTable(_CompactTable[Blob]):
     """The blobs of a tree by digest: a mapping of digest -> `Blob`, kept compact.
 
     A blob at its usual path is a row of four numbers (size, mtime, ctime, inode) in one
@@ -405,12 +420,6 @@ class BlobTable(MutableMapping[str, Blob]):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def items(self) -> ItemsView[str, Blob]:
-        return _BlobItems(self)
-
-    def values(self) -> ValuesView[Blob]:
-        return _BlobValues(self)
-
     def _iter_items(self) -> Iterator[tuple[str, Blob]]:
         make = self._blob
         for digest, row in self._rows.items():
@@ -447,20 +456,6 @@ class BlobTable(MutableMapping[str, Blob]):
 
     def __repr__(self) -> str:
         return f"BlobTable({dict(self.items())!r})"
-
-
-class _BlobItems(ItemsView[str, Blob]):
-    _mapping: BlobTable
-
-    def __iter__(self) -> Iterator[tuple[str, Blob]]:
-        return self._mapping._iter_items()
-
-
-class _BlobValues(ValuesView[Blob]):
-    _mapping: BlobTable
-
-    def __iter__(self) -> Iterator[Blob]:
-        return (blob for _, blob in self._mapping._iter_items())
 
 
 def _no_links() -> LinkMap:
