@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from stat import S_ISLNK, S_ISREG
@@ -98,6 +98,17 @@ class Scanner:
             return None
         self.inv.dirs_seen += 1
         return entries
+
+    def _subdirs(self, path: str, expected: str,
+                 repo: str | None = None) -> Iterator[tuple[DirEntryLike, str]]:
+        """The real subdirectories of `path` with their paths; anything else found there (a
+        file, a symbolic link, a FIFO) is recorded as not what the layout puts there."""
+        for entry in self._entries(path, repo) or ():
+            child = layout.join(path, entry.name)
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, child, expected, repo)
+            else:
+                yield entry, child
 
     def _odd_entry(self, entry: DirEntryLike, path: str, expected: str,
                    repo: str | None = None) -> None:
@@ -394,11 +405,8 @@ class Scanner:
             self.inv.files_seen += files
 
     def _scan_manifests(self, repo: Repository, path: str) -> None:
-        for entry in self._entries(path, repo.name) or ():
-            child = layout.join(path, entry.name)
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                self._odd_entry(entry, child, "revisions/ or tags/", repo.name)
-            elif entry.name == layout.REVISIONS:
+        for entry, child in self._subdirs(path, "revisions/ or tags/", repo.name):
+            if entry.name == layout.REVISIONS:
                 self._scan_digest_links(repo, child, repo.revisions)
             elif entry.name == layout.TAGS:
                 self._scan_tags(repo, child)
@@ -406,18 +414,11 @@ class Scanner:
                 self._odd_entry(entry, child, "revisions/ or tags/", repo.name)
 
     def _scan_tags(self, repo: Repository, path: str) -> None:
-        for entry in self._entries(path, repo.name) or ():
-            tag_path = layout.join(path, entry.name)
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                self._odd_entry(entry, tag_path, "a tag directory", repo.name)
-                continue
+        for entry, tag_path in self._subdirs(path, "a tag directory", repo.name):
             tag = Tag(name=entry.name, path=tag_path, current=None)
             repo.tags[entry.name] = tag
-            for part in self._entries(tag_path, repo.name) or ():
-                part_path = layout.join(tag_path, part.name)
-                if part.is_symlink() or not part.is_dir(follow_symlinks=False):
-                    self._odd_entry(part, part_path, "current/ or index/", repo.name)
-                elif part.name == layout.CURRENT:
+            for part, part_path in self._subdirs(tag_path, "current/ or index/", repo.name):
+                if part.name == layout.CURRENT:
                     current = self._read_link(layout.join(part_path, layout.LINK),
                                               repo.name, part_path)
                     if (current is not None and current.target is not None
@@ -431,11 +432,7 @@ class Scanner:
                     self._odd_entry(part, part_path, "current/ or index/", repo.name)
 
     def _scan_uploads(self, repo: Repository, path: str) -> None:
-        for entry in self._entries(path, repo.name) or ():
-            upload_path = layout.join(path, entry.name)
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                self._odd_entry(entry, upload_path, "an upload directory", repo.name)
-                continue
+        for entry, upload_path in self._subdirs(path, "an upload directory", repo.name):
             repo.uploads.append(self._scan_upload(repo, entry, upload_path))
 
     def _scan_upload(self, repo: Repository, entry: DirEntryLike, path: str) -> Upload:
@@ -469,11 +466,7 @@ class Scanner:
 
     def _scan_hashstates(self, repo: Repository, path: str, names: list[str]) -> int:
         size = 0
-        for alg in self._entries(path, repo.name) or ():
-            alg_path = layout.join(path, alg.name)
-            if alg.is_symlink() or not alg.is_dir(follow_symlinks=False):
-                self._odd_entry(alg, alg_path, "a hash algorithm directory", repo.name)
-                continue
+        for alg, alg_path in self._subdirs(path, "a hash algorithm directory", repo.name):
             for state in self._entries(alg_path, repo.name) or ():
                 state_path = layout.join(alg_path, state.name)
                 if state.is_symlink() or not state.is_file(follow_symlinks=False):
