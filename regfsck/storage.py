@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import functools
 import os
 import stat as stat_module
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -988,53 +989,44 @@ def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
 
 
 _RENAME_NOREPLACE = 1
-_AT_RENAMEAT2: list[Any] = []
+
+
+@functools.cache
+def _libc_call(name: str, *argtypes: Any) -> Any:
+    """libc's `name` with its argument types, looked up once; None where this system's libc
+    lacks it (callers then fall back, as on an old kernel)."""
+    try:
+        func = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = list(argtypes)
+    func.restype = ctypes.c_int
+    return func
+
+
+def _call_or_unsupported(func: Any, unsupported: tuple[int, ...], *args: Any) -> bool:
+    """Call a libc function: True on success, False when it or its operation is not
+    supported here (`unsupported` errnos), any other failure an OSError."""
+    if func is None:
+        return False
+    if func(*args) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in unsupported:
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
     """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it."""
-    if not _AT_RENAMEAT2:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            func = libc.renameat2
-            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                             ctypes.c_uint]
-            func.restype = ctypes.c_int
-            _AT_RENAMEAT2.append(func)
-        except (OSError, AttributeError):
-            _AT_RENAMEAT2.append(None)
-    renameat2 = _AT_RENAMEAT2[0]
-    if renameat2 is None:
-        return False
-    result = renameat2(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name),
-                       _RENAME_NOREPLACE)
-    if result == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err))
-
-
-_SYNCFS: list[Any] = []
+    func = _libc_call("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                      ctypes.c_char_p, ctypes.c_uint)
+    return _call_or_unsupported(func, (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP), src_fd,
+                                os.fsencode(src_name), dst_fd, os.fsencode(dst_name),
+                                _RENAME_NOREPLACE)
 
 
 def _syncfs(fd: int) -> bool:
     """syncfs(fd) through libc; False when the system lacks it (errors raise OSError)."""
-    if not _SYNCFS:
-        try:
-            func = ctypes.CDLL(None, use_errno=True).syncfs
-            func.argtypes = [ctypes.c_int]
-            func.restype = ctypes.c_int
-            _SYNCFS.append(func)
-        except (OSError, AttributeError):
-            _SYNCFS.append(None)
-    syncfs = _SYNCFS[0]
-    if syncfs is None:
-        return False
-    if syncfs(fd) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err))
+    return _call_or_unsupported(_libc_call("syncfs", ctypes.c_int),
+                                (errno.ENOSYS, errno.EOPNOTSUPP), fd)
