@@ -25,7 +25,7 @@ from regfsck import gc as gc_module
 from regfsck import scanpool
 from regfsck.graph import ManifestStore
 from regfsck.root import RegistryRoot
-from regfsck.scanner import Scanner
+from regfsck.scanner import Depth, Scanner
 from regfsck.storage import open_storage
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     scanpool.run_in_processes = measured  # type: ignore[assignment]
     tracemalloc.start(1)
     storage = open_storage(root)
-    inv = Scanner(storage, root, defer_layers=True).scan()
+    inv = Scanner(storage, root, depth=Depth.LIST).scan()
     traced("walk merged", files)
     store = ManifestStore(storage, inv)
     plan = gc_module.plan_from_inventory(inv, store, storage,

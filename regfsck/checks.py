@@ -14,7 +14,7 @@ from regfsck import layout
 from regfsck.digest import EMPTY_SHA256, quote_bytes
 from regfsck.findings import Finding, make_finding
 from regfsck.graph import ManifestStore, Unloadable, find_cycle, walk
-from regfsck.inventory import Inventory, Link, Repository
+from regfsck.inventory import UNSTATED, Anomaly, Inventory, Link, Repository
 from regfsck.manifest import Descriptor, Manifest, ManifestKind
 from regfsck.names import is_upload_id, is_valid_tag, repo_name_problem
 
@@ -58,11 +58,18 @@ class TreeChecker:
     """Runs the structural checks of verify over one inventory."""
 
     def __init__(self, inventory: Inventory, store: ManifestStore, *,
-                 now: datetime, upload_age: timedelta = DEFAULT_UPLOAD_AGE) -> None:
+                 now: datetime, upload_age: timedelta = DEFAULT_UPLOAD_AGE,
+                 blocking_only: bool = False) -> None:
         self.inv = inventory
         self.store = store
         self.now = now
         self.upload_age = upload_age
+        # gc's plan keeps only the findings that block it (`findings.blocks_gc`): the
+        # checks that can find nothing else are skipped (a manifest's references, layer
+        # links, uploads, blob sizes: most of the checking time on a big tree). Every
+        # finding it still makes is the one the full checker makes, affected tags and all
+        # (tests/test_checks_blocking.py holds the two to that).
+        self.blocking_only = blocking_only
         self.out = FindingSet()
         self._size_checked: set[tuple[str, int]] = set()
         self._cycle_free: set[str] = set()  # manifests from which no index cycle is reachable
@@ -75,19 +82,26 @@ class TreeChecker:
         return self._empty_dirs
 
     def run(self, repos: set[str] | None = None) -> list[Finding]:
-        for anomaly in self.inv.anomalies:
-            if repos is not None and anomaly.repo is not None and anomaly.repo not in repos:
-                continue
-            self.out.add(make_finding(anomaly.kind, anomaly.path, anomaly.detail,
-                                      repo=anomaly.repo, digest=anomaly.digest, tag=anomaly.tag))
-        if repos is None:
+        walked = len(self.inv.anomalies)
+        self._add_anomalies(self.inv.anomalies[:walked], repos)
+        if repos is None and not self.blocking_only:
             self._check_blobs()
         chosen = [repo for name, repo in sorted(self.inv.repositories.items())
                   if repos is None or name in repos]
         self.store.preload(d for repo in chosen for d in repo.revisions)  # reads in parallel
         for repo in chosen:
             self._check_repository(repo)
+        # What a manifest read here found inside a blob directory the walk only listed
+        # (gc's dry run: `scanner.settle_blobs`).
+        self._add_anomalies(self.inv.anomalies[walked:], repos)
         return self.out.findings()
+
+    def _add_anomalies(self, anomalies: list[Anomaly], repos: set[str] | None) -> None:
+        for anomaly in anomalies:
+            if repos is not None and anomaly.repo is not None and anomaly.repo not in repos:
+                continue
+            self.out.add(make_finding(anomaly.kind, anomaly.path, anomaly.detail,
+                                      repo=anomaly.repo, digest=anomaly.digest, tag=anomaly.tag))
 
     # -- blobs -----------------------------------------------------------------
     def _check_blobs(self) -> None:
@@ -132,7 +146,7 @@ class TreeChecker:
 
     def _check_size(self, ref: Descriptor, stored: str, manifest_digest: str, repo: str) -> None:
         blob = self.inv.blobs.get(stored)
-        if blob is None or ref.size is None or blob.size == ref.size:
+        if blob is None or ref.size is None or blob.size in (ref.size, UNSTATED):
             return
         if (ref.digest, ref.size) in self._size_checked:
             return
@@ -152,19 +166,13 @@ class TreeChecker:
                 "repo_no_layers", repo.path,
                 "no _layers directory: registry 2.8's catalog and GC do not see this repository",
                 repo=repo.name))
-        reach = self._tag_reach(repo)
+        reach = _TagReach(self.store, repo)
         self._check_revisions(repo, reach)
-        self._check_layer_links(repo, reach)
+        if not self.blocking_only:
+            self._check_layer_links(repo, reach)
         self._check_tags(repo)
-        self._check_uploads(repo)
-
-    def _tag_reach(self, repo: Repository) -> dict[str, set[str]]:
-        """For every digest a tag of this repository needs, the tags that need it."""
-        reach: dict[str, set[str]] = {}
-        for tag, target in repo.tag_targets().items():
-            for digest, _, _ in walk(self.store, [target]):
-                reach.setdefault(digest, set()).add(tag)
-        return reach
+        if not self.blocking_only:
+            self._check_uploads(repo)
 
     def _link_content(self, link: Link, repo: str, tag: str | None = None,
                       expected: str | None = None) -> bool:
@@ -181,21 +189,32 @@ class TreeChecker:
             return False
         return True
 
-    def _check_revisions(self, repo: Repository, reach: dict[str, set[str]]) -> None:
-        serving = valid_revisions(repo)
-        layers = linked_layers(repo)
+    def _check_revisions(self, repo: Repository, reach: _TagReach) -> None:
+        serving = set() if self.blocking_only else valid_revisions(repo)
+        layers = set() if self.blocking_only else linked_layers(repo)
         for digest, link in sorted(repo.revisions.items()):
             if not self._link_content(link, repo.name, expected=digest):
                 continue
-            tags = tuple(sorted(reach.get(digest, ())))
             loaded = self.store.load(digest)
             if isinstance(loaded, Unloadable):
                 kind = loaded.kind if loaded.kind != "blob_unreadable" else "revision_not_manifest"
                 path = link.path if kind == "revision_blob_missing" else layout.blob_data(digest)
                 self.out.add(make_finding(kind, path, f"manifest {digest}: {loaded.message}",
-                                          repo=repo.name, digest=digest, affected_tags=tags))
+                                          repo=repo.name, digest=digest,
+                                          affected_tags=reach.tags(digest)))
                 continue
-            self._check_manifest(repo, digest, loaded, serving, layers, tags)
+            if self.blocking_only:  # of a parsed manifest, only bad descriptors block gc
+                if loaded.problems:
+                    self._bad_descriptors(repo, digest, loaded, reach.tags(digest))
+                continue
+            self._check_manifest(repo, digest, loaded, serving, layers, reach.tags(digest))
+
+    def _bad_descriptors(self, repo: Repository, digest: str, manifest: Manifest,
+                         tags: tuple[str, ...]) -> None:
+        for problem in manifest.problems:
+            self.out.add(make_finding("manifest_bad_descriptor", layout.blob_data(digest),
+                                      f"manifest {digest}: {problem}", repo=repo.name,
+                                      digest=digest, affected_tags=tags))
 
     def _check_manifest(self, repo: Repository, digest: str, manifest: Manifest,
                         serving: set[str], layers: set[str], tags: tuple[str, ...]) -> None:
@@ -204,10 +223,7 @@ class TreeChecker:
             self.out.add(make_finding("manifest_schema1", where,
                                       "schema1 manifest: registry 3.x cannot serve or collect it",
                                       repo=repo.name, digest=digest, affected_tags=tags))
-        for problem in manifest.problems:
-            self.out.add(make_finding("manifest_bad_descriptor", where,
-                                      f"manifest {digest}: {problem}", repo=repo.name,
-                                      digest=digest, affected_tags=tags))
+        self._bad_descriptors(repo, digest, manifest, tags)
         for edge in self.store.reach.edges(digest):
             ref = edge.descriptor
             if edge.blob is None:
@@ -239,7 +255,7 @@ class TreeChecker:
                     "manifest_cycle", where, "index cycle: " + " -> ".join(cycle),
                     repo=repo.name, digest=digest, affected_tags=tags))
 
-    def _check_layer_links(self, repo: Repository, reach: dict[str, set[str]]) -> None:
+    def _check_layer_links(self, repo: Repository, reach: _TagReach) -> None:
         for digest, link in sorted(repo.layers.items()):
             if link.target is None:
                 self._link_content(link, repo.name, expected=digest)
@@ -252,7 +268,7 @@ class TreeChecker:
                                           f"alias of {link.target}", repo=repo.name,
                                           digest=digest))
             if link.target not in self.inv.blobs:
-                tags = tuple(sorted(reach.get(link.target, ())))
+                tags = reach.tags(link.target)
                 self.out.add(make_finding(
                     "layer_link_dangling", link.path,
                     f"_layers link to {link.target}, which does not exist",
@@ -316,6 +332,24 @@ class TreeChecker:
                     "upload_stale", upload.path,
                     f"upload started {upload.started_at.isoformat()} ({upload.size} bytes)",
                     repo=repo.name))
+
+
+class _TagReach:
+    """For every digest a tag of one repository needs, the tags that need it: walked on
+    first use (a blocking-only check of a healthy repository never asks)."""
+
+    def __init__(self, store: ManifestStore, repo: Repository) -> None:
+        self._store = store
+        self._repo = repo
+        self._reach: dict[str, set[str]] | None = None
+
+    def tags(self, digest: str) -> tuple[str, ...]:
+        if self._reach is None:
+            self._reach = {}
+            for tag, target in self._repo.tag_targets().items():
+                for reached, _, _ in walk(self._store, [target]):
+                    self._reach.setdefault(reached, set()).add(tag)
+        return tuple(sorted(self._reach.get(digest, ())))
 
 
 def check_tree(inventory: Inventory, store: ManifestStore, *, now: datetime,

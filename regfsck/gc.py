@@ -37,7 +37,7 @@ from regfsck.names import is_upload_id
 from regfsck.reach import Marks, OrphanReferrer, mark, repo_has_unknown, revision_roots
 from regfsck.removal import Removal, Revalidate
 from regfsck.root import RegistryRoot
-from regfsck.scanner import Scanner, read_deferred_layers
+from regfsck.scanner import Depth, Scanner, read_deferred_layers, settle_blobs
 from regfsck.storage import EntryKind, Storage, open_storage
 
 DEFAULT_GRACE = timedelta(hours=1)
@@ -247,10 +247,17 @@ class _Planner:
 
     def layer_links(self, marks: Marks) -> set[tuple[str, str]]:
         gone: set[tuple[str, str]] = set()
+        kept = marks.blobs
         for name, repo in sorted(self.inv.repositories.items()):
-            for digest, link in sorted(repo.layers.items()):
+            layers = repo.layers
+            # Only links whose blob is not kept can go: a plain link holds its path's digest.
+            candidates = sorted([*(d for d in layers.plain() if d not in kept),
+                                 *(d for d, link in layers.odd().items()
+                                   if link.target is not None and link.target not in kept)])
+            for digest in candidates:
+                link = layers[digest]
                 target = link.target
-                if target is None or target in marks.blobs:
+                if target is None or target in kept:
                     continue
                 if marks.unknown and target not in self.inv.blobs:
                     continue  # its blob may be in the part of the tree that could not be read
@@ -271,9 +278,9 @@ class _Planner:
         # was the plan's largest table).
         users: dict[str, set[str]] = {d: set() for d in self.inv.blobs if d not in marks.blobs}
         for name, repo in self.inv.repositories.items():
-            for link in repo.layers.values():
-                if link.target in users:
-                    users[link.target].add(name)
+            for target in repo.layers.targets():
+                if target in users:
+                    users[target].add(name)
             for digest in repo.revisions:
                 if digest in users:
                     users[digest].add(name)
@@ -479,14 +486,27 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
                         options: GcOptions, *, now: datetime,
                         findings: Sequence[Finding] | None = None) -> GcPlan:
     """The sweep plan for one scan (pure judgement: reads only manifests and mtimes, and
-    the deferred `_layers` links the plan could act on: see `plan_gc`)."""
+    the deferred `_layers` links the plan could act on, and inside the blob directories
+    a dry run only listed, its manifests and victims: see `plan_gc`)."""
+    # Every manifest a revision or tag names is looked at before anything is judged (its
+    # size and kind decide how it is read and whether the plan is blocked).
+    settle_blobs(storage, inv, _manifest_candidates(inv))
     # A link whose blob is not stored may be an alias the mark follows: read before marking.
     read_deferred_layers(storage, inv, lambda digest: digest not in inv.blobs)
-    if findings is None:
-        findings = TreeChecker(inv, store, now=now).run()
-    planner = _Planner(inv, store, storage, options, now)
-    marks = mark(inv, store, options.delete_untagged)
+    while True:
+        seen = len(inv.anomalies)
+        marks = mark(inv, store, options.delete_untagged)
+        # The victims: what their directories hold decides whether and what the plan
+        # removes; damage found there (or in a manifest the mark met late) is part of the
+        # tree the mark must know (a symbolic link makes it keep everything): mark again.
+        settle_blobs(storage, inv, [d for d in inv.blobs if d not in marks.blobs])
+        if len(inv.anomalies) == seen:
+            break
+        store.anomalies_added()
     read_deferred_layers(storage, inv, lambda digest: digest not in marks.blobs)
+    if findings is None:
+        findings = TreeChecker(inv, store, now=now, blocking_only=True).run()
+    planner = _Planner(inv, store, storage, options, now)
     planner.plan = replace(planner.plan,
                            blocked=blocking_findings(findings, options.delete_untagged),
                            orphan_referrers=marks.orphan_referrers)
@@ -502,19 +522,43 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     return replace(planner.plan, seen_links=seen_links(inv))
 
 
-def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None) -> GcPlan:
+def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None,
+            depth: Depth = Depth.STAT) -> GcPlan:
     """Scan the tree and plan a collection (nothing is changed).
 
-    The scan only lstat's `_layers/sha256/<hex>/link` files (a symbolic link, a missing or
-    odd file is still found): most of them name a blob some manifest keeps, and the plan
-    never acts on such a link, whatever it holds. The content of the others (blob not
-    stored, or not kept by the mark) is read before the plan judges them. The one
-    difference from reading them all: a damaged link (content naming another digest) at
-    the path of a kept blob is kept; `verify` reports it."""
+    Depth.STAT (`gc --apply`): the scan only lstat's `_layers/sha256/<hex>/link` files (a
+    symbolic link, a missing or odd file is still found): most of them name a blob some
+    manifest keeps, and the plan never acts on such a link, whatever it holds. The content
+    of the others (blob not stored, or not kept by the mark) is read before the plan judges
+    them. The one difference from reading them all: a damaged link (content naming another
+    digest) at the path of a kept blob is kept; `verify` reports it.
+
+    Depth.LIST (the dry run): neither those links nor the `data` of blobs are looked at
+    until the plan needs them (`scanner.Depth`): every manifest and every victim is, so
+    the victims and every finding about them, their manifests and the mark are the same;
+    not seen is what sits inside the directory of a blob or layer link the plan keeps (a
+    symbolic link planted there blocks `--apply`, which walks at STAT, not the dry run)."""
     storage = open_storage(root)
-    inv = Scanner(storage, root, defer_layers=True).scan()
+    inv = Scanner(storage, root, depth=depth).scan()
     store = ManifestStore(storage, inv)
     return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
+
+
+def _manifest_candidates(inv: Inventory) -> list[str]:
+    """Every digest a revision or tag link of the tree names, by path or content: the
+    manifests the checks and the mark read."""
+    found: dict[str, None] = {}
+    for repo in inv.repositories.values():
+        for links in (repo.revisions, *(tag.index for tag in repo.tags.values())):
+            found.update(dict.fromkeys(links.plain()))
+            for digest, link in links.odd().items():
+                found[digest] = None
+                if link.target is not None:
+                    found[link.target] = None
+        for tag in repo.tags.values():
+            if tag.current is not None and tag.current.target is not None:
+                found[tag.current.target] = None
+    return list(found)
 
 
 def remark(root: RegistryRoot, delete_untagged: bool) -> tuple[Inventory, Marks]:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import cast
 
 from regfsck.digest import HEX_LENGTHS
-from regfsck.inventory import Blob, Inventory
+from regfsck.inventory import UNSTATED, Blob, Inventory
 from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from regfsck.reach import ReachGraph
+from regfsck.scanner import settle_blobs
 from regfsck.storage import Storage, StorageError
 
 
@@ -58,6 +59,12 @@ class ManifestStore:
             # (verify drops them before hashing), not at the next cycle collection.
             self._reach = ReachGraph(self.inventory, cast("ManifestStore", weakref.proxy(self)))
         return self._reach
+
+    def anomalies_added(self) -> None:
+        """The inventory learnt of more damage since the oracle was built (gc's dry run
+        looks inside some blob directories after a first mark: `gc.plan_from_inventory`):
+        the next `reach` is built again, with the unknown parts that damage makes."""
+        self._reach = None
 
     def load(self, digest: str) -> Manifest | Unloadable:
         cached = self._cache.get(digest)
@@ -106,6 +113,9 @@ class ManifestStore:
 
     def _load(self, digest: str) -> Manifest | Unloadable:
         blob = self.inventory.blobs.get(digest)
+        if blob is not None and blob.size == UNSTATED:  # listed only (gc's dry run)
+            settle_blobs(self.storage, self.inventory, [digest])
+            blob = self.inventory.blobs.get(digest)
         if blob is None:
             return Unloadable("revision_blob_missing", "manifest blob does not exist")
         if blob.size > MAX_MANIFEST_BYTES:
@@ -144,6 +154,7 @@ class ManifestStore:
         another. Parsing stays in the calling thread."""
         threads = self.storage.io_threads if threads is None else threads
         todo = [d for d in dict.fromkeys(digests) if d not in self._cache]
+        settle_blobs(self.storage, self.inventory, todo)  # sized before read (Depth.LIST)
         if threads <= 1 or len(todo) < 2:
             for digest in todo:
                 self.load(digest)

@@ -91,8 +91,14 @@ class Link:
                 f"raw={self.raw!r}, mtime_ns={self.mtime_ns!r})")
 
 
+UNSTATED = -1  # the size of a blob known by its directory's name only (scanner.Depth.LIST)
+
+
 class Blob:
     """A `blobs/<alg>/<xx>/<hex>/data` file.
+
+    `size` is UNSTATED (and the times 0) for a blob gc's dry run listed but never looked
+    inside (`scanner.settle_blobs` fills it in where the plan needs it).
 
     Its path is made from the digest when asked (one string fewer per blob); only a blob
     found elsewhere (a wrong fan-out directory) keeps the path it was found at."""
@@ -202,6 +208,15 @@ class LinkMap(_CompactTable[Link]):
     def odd(self) -> dict[str, Link]:
         """The links kept as objects (not holding what their path names; do not change it)."""
         return self._odd if self._odd is not None else {}
+
+    def targets(self) -> Iterator[str]:
+        """The digest each link holds (a link whose content is unusable: none), without
+        making a `Link` per plain link: what the mark and the plan ask of every link."""
+        yield from self._plain
+        if self._odd:
+            for link in self._odd.values():
+                if link.target is not None:
+                    yield link.target
 
     def _has_plain(self, digest: str) -> bool:
         plain = self._plain

@@ -92,7 +92,7 @@ def _alias_map(inventory: Inventory) -> dict[str, str]:
     repository. Only links naming an existing blob count."""
     aliases: dict[str, str] = {}
     for repo in inventory.repositories.values():
-        for path_digest, link in repo.layers.items():
+        for path_digest, link in repo.layers.odd().items():  # a plain link is no alias
             target = link.target
             if target is not None and target != path_digest and target in inventory.blobs:
                 aliases.setdefault(path_digest, target)
@@ -228,7 +228,7 @@ def revision_roots(repo: Repository) -> set[str]:
     """Every revision of `repo`, by its path and (if it differs, damage forced through)
     by its content."""
     roots = set(repo.revisions)
-    roots.update(link.target for link in repo.revisions.values() if link.target is not None)
+    roots.update(repo.revisions.targets())
     return roots
 
 

@@ -15,6 +15,7 @@ the schedule.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import re
@@ -27,7 +28,17 @@ from sys import intern
 from regfsck import layout, scanpool
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
 from regfsck.hashing import ProgressFn
-from regfsck.inventory import Anomaly, Blob, Inventory, Link, LinkMap, Repository, Tag, Upload
+from regfsck.inventory import (
+    UNSTATED,
+    Anomaly,
+    Blob,
+    Inventory,
+    Link,
+    LinkMap,
+    Repository,
+    Tag,
+    Upload,
+)
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
     DirEntryLike,
@@ -41,11 +52,35 @@ from regfsck.storage import (
 )
 
 LINK_READ_LIMIT = 4096
+# Reads in flight when gc looks at the blobs and links a dry run only listed (its victims'
+# are not in the page cache: each is a disk read; the walk's workers read the rest).
+SETTLE_THREADS = 16
 STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
 
 Task = tuple[str, Callable[["Scanner"], "list[Task]"]]  # (sort key, work on a child scanner)
+
+
+class Depth(enum.Enum):
+    """How far the walk looks into the leaf directories of blobs and `_layers` links: the
+    three quarters of a tree's files that only a few of gc's decisions need.
+
+    READ: every link read, every blob's `data` lstat'ed (verify and every other command).
+    STAT: `_layers/sha256/<hex>/link` lstat'ed, not read: its Link says the digest its path
+      names; `read_deferred_layers` reads the links the plan could act on (gc --apply).
+    LIST: blob and `_layers/sha256` directories known by their names in the listing of their
+      parent only; nothing inside them is looked at until the plan needs it
+      (`settle_blobs`: manifests and victims; `read_deferred_layers`). gc's dry run: on a
+      cold cache each of those leaves costs two or three disk reads (its directory's inode
+      and block, the file's inode), more than all the rest of the walk. What it does not
+      see: what is inside the directory of a blob or layer link that nothing would act on
+      (a symbolic link placed there by hand, a missing `data`); `gc --apply` walks at STAT
+      and refuses on it before moving anything, `verify` reports it."""
+
+    READ = "read"
+    STAT = "stat"
+    LIST = "list"
 
 
 def parse_startedat(raw: bytes) -> datetime | None:
@@ -76,14 +111,12 @@ class Scanner:
 
     def __init__(self, storage: Storage, root: RegistryRoot,
                  on_progress: ProgressFn | None = None, threads: int | None = None,
-                 *, defer_layers: bool = False) -> None:
+                 *, depth: Depth = Depth.READ) -> None:
         self.storage = storage
         self.inv = Inventory(root=root)
         self.on_progress = on_progress
         self.threads = max(1, threads or storage.scan_threads)
-        # gc's plan: `_layers/sha256/<hex>/link` files are lstat'ed, not read (see
-        # `read_deferred_layers`); their Link says the digest the path names.
-        self.defer_layers = defer_layers
+        self.depth = depth
 
     # -- helpers -------------------------------------------------------------
     def _anomaly(self, kind: str, path: str, detail: str = "", **kw: str | None) -> None:
@@ -227,27 +260,57 @@ class Scanner:
                 continue
             # Interned: every link and manifest descriptor naming it shares this string.
             candidates.append((hex_part, intern(f"{algorithm}:{hex_part}"), path))
-        if not candidates:
-            return
-        try:
-            stats = self.storage.lstat_many(fan_path, [f"{c[0]}/data" for c in candidates])
-        except StorageError as exc:
-            self._anomaly("unreadable", fan_path, exc.message)
+        if self.depth is Depth.LIST:  # known by name; `settle_blobs` looks inside later
+            add_blob = self.inv.blobs.add
+            misplaced = []
+            for candidate in candidates:
+                if candidate[0].startswith(fan):
+                    add_blob(candidate[1], UNSTATED, 0, 0, 0)
+                else:
+                    misplaced.append(candidate)
+            self.inv.files_seen += len(candidates) - len(misplaced)
+            candidates = misplaced
+        if candidates:
+            self._stat_blobs(fan, fan_path, candidates)
+
+    def _stat_blobs(self, fan: str, fan_path: str, candidates: Sequence[tuple[str, str, str]],
+                    settling: bool = False,
+                    stats: list[os.stat_result | StorageError | None] | StorageError | None = None
+                    ) -> None:
+        """lstat `<hex>/data` of each (hex, digest, blob dir path) of one fan-out directory
+        (or take `stats`, made so): a regular file at its place is a blob row, anything else
+        what `_odd_blob` says. `settling`: the blobs are already in the inventory, listed by
+        name (Depth.LIST)."""
+        if stats is None:
+            try:
+                stats = self.storage.lstat_many(fan_path, [f"{c[0]}/data" for c in candidates])
+            except StorageError as exc:
+                stats = exc
+        if isinstance(stats, StorageError):
+            self._anomaly("unreadable", fan_path, stats.message)
+            if settling:
+                for _, digest, _ in candidates:
+                    del self.inv.blobs[digest]
             return
         add_blob = self.inv.blobs.add
         files = 0
         for (hex_part, digest, path), st in zip(candidates, stats, strict=True):
             data_path = f"{path}/data"
-            if isinstance(st, StorageError):
-                self._anomaly("unreadable", data_path, st.message, digest=digest)
-                continue
-            if st is not None and S_ISREG(st.st_mode) and hex_part.startswith(fan):
+            if st is not None and not isinstance(st, StorageError) and S_ISREG(st.st_mode) \
+                    and hex_part.startswith(fan):
                 files += 1
                 add_blob(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                 continue
+            if settling:
+                del self.inv.blobs[digest]
+                self.inv.files_seen -= 1
+            if isinstance(st, StorageError):
+                self._anomaly("unreadable", data_path, st.message, digest=digest)
+                continue
             self._odd_blob(digest, fan, hex_part, path, data_path,
                            None if st is None else to_stat(st))
-        self.inv.files_seen += files
+        if not settling:
+            self.inv.files_seen += files
 
     def _odd_blob(self, digest: str, fan: str, hex_part: str, path: str, data_path: str,
                   st: Stat | None) -> None:
@@ -382,10 +445,11 @@ class Scanner:
             if not valid:
                 continue
             try:
-                if self.defer_layers and alg == "sha256" and into is repo.layers:
+                if self.depth is not Depth.READ and alg == "sha256" and into is repo.layers:
                     repo.layers_unread = True
-                    contents = _as_read(self.storage.lstat_many(alg_path, names), valid, alg_path,
-                                        names)
+                    contents = ([d.encode("ascii") for _, d in valid] if self.depth is Depth.LIST
+                                else _as_read(self.storage.lstat_many(alg_path, names), valid,
+                                              alg_path, names))
                 else:
                     contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
             except StorageError as exc:
@@ -514,7 +578,7 @@ class Scanner:
 
     # -- running tasks -----------------------------------------------------------
     def _child(self) -> Scanner:
-        return Scanner(self.storage, self.inv.root, threads=1, defer_layers=self.defer_layers)
+        return Scanner(self.storage, self.inv.root, threads=1, depth=self.depth)
 
     def _run_tasks(self, tasks: list[Task]) -> None:
         """Run `tasks` (and the tasks they spawn) and merge their inventories in key order."""
@@ -574,7 +638,8 @@ class Scanner:
                     done.append((sub_key, child.inv))
                 level = spawned
             queue.extend(level)
-        fragments, manifests = scanpool.run_in_processes(self, queue, processes, self._progress)
+        fragments, manifests, stated = scanpool.run_in_processes(self, queue, processes,
+                                                                 self._progress)
         done.extend(fragments)
         del fragments  # `done` alone holds them: each is freed as soon as it is merged
         if self.inv.manifests:
@@ -585,6 +650,10 @@ class Scanner:
         done.sort(key=_fragment_key, reverse=True)
         while done:
             self._merge(done.pop()[1])
+        blobs = self.inv.blobs
+        for digest, (size, mtime_ns, ctime_ns, inode) in stated.items():
+            if digest in blobs and blobs.size(digest) == UNSTATED:
+                blobs.add(digest, size, mtime_ns, ctime_ns, inode)
 
     def _progress(self, key: str) -> None:
         if self.on_progress is not None and key.startswith(layout.BLOBS):
@@ -650,19 +719,30 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
     so the plan names what each held)."""
     chosen = (inv.repositories.values() if repos is None
               else [inv.repositories[name] for name in repos if name in inv.repositories])
+    # The links holding what their paths name (the others' content was read), by repository.
+    work: list[tuple[Repository, list[str]]] = []
     for repo in chosen:
-        if not repo.layers_unread:
-            continue
-        alg_path = f"{repo.path}/{layout.LAYERS_DIR}/sha256"
-        # The links holding what their paths name (the others' content was read).
-        todo = [d for d in repo.layers.plain() if d.startswith("sha256:") and select(d)]
-        if not todo:
-            continue
+        if repo.layers_unread:
+            todo = [d for d in repo.layers.plain() if d.startswith("sha256:") and select(d)]
+            if todo:
+                work.append((repo, todo))
+
+    def read(item: tuple[Repository, list[str]]) -> Sequence[bytes | StorageError]:
+        repo, todo = item
         names = [f"{d[7:]}/{layout.LINK}" for d in todo]
         try:
-            contents = storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
+            return storage.read_small_many(f"{repo.path}/{layout.LAYERS_DIR}/sha256", names,
+                                           LINK_READ_LIMIT)
         except StorageError as exc:
-            contents = [exc] * len(todo)
+            return [exc] * len(todo)
+
+    if len(work) > 1:  # cold, each link is a disk read: many in flight (as `settle_blobs`)
+        with ThreadPoolExecutor(min(SETTLE_THREADS, len(work)),
+                                thread_name_prefix="regfsck-links") as pool:
+            results = list(pool.map(read, work))
+    else:
+        results = [read(item) for item in work]
+    for (repo, todo), contents in zip(work, results, strict=True):
         for digest, raw in zip(todo, contents, strict=True):
             path = repo.layers[digest].path
             if isinstance(raw, StorageError):
@@ -676,6 +756,45 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
                 repo.layers[digest] = Link(path, None, str(exc), raw[:LINK_READ_LIMIT])
                 continue
             repo.layers[digest] = Link(path, intern(target))
+
+
+def settle_blobs(storage: Storage, inv: Inventory, digests: Iterable[str]) -> None:
+    """Look inside the blob directories the walk only listed (Depth.LIST) for `digests`:
+    each becomes what a full walk makes of it, a row with its size and times, or, where
+    `data` is missing, a symbolic link, not a file or unreadable, no blob and the same
+    anomaly. gc asks this for every manifest it reads and every blob it would remove.
+
+    The lstat's of one call run in threads, a fan-out directory each (os.stat releases
+    the GIL): on a cold cache a victim's inode is a disk read, and a plan has thousands."""
+    blobs = inv.blobs
+    wanted: dict[str, list[tuple[str, str, str]]] = {}
+    for digest in digests:
+        if digest not in blobs or blobs.size(digest) != UNSTATED:
+            continue
+        algorithm, _, hex_part = digest.partition(":")  # a name the walk accepted: valid
+        fan_path = f"{layout.BLOBS}/{algorithm}/{hex_part[:2]}"
+        wanted.setdefault(fan_path, []).append((hex_part, digest, f"{fan_path}/{hex_part}"))
+    if not wanted:
+        return
+
+    def stat_fanout(fan_path: str) -> list[os.stat_result | StorageError | None] | StorageError:
+        try:
+            return storage.lstat_many(fan_path, [f"{c[0]}/data" for c in wanted[fan_path]])
+        except StorageError as exc:
+            return exc
+
+    order = sorted(wanted)
+    if len(order) == 1:  # one manifest the mark met late: no pool for one lstat
+        results = [stat_fanout(order[0])]
+    else:
+        with ThreadPoolExecutor(min(SETTLE_THREADS, len(order)),
+                                thread_name_prefix="regfsck-settle") as pool:
+            results = list(pool.map(stat_fanout, order))
+    scanner = Scanner(storage, inv.root, threads=1)
+    scanner.inv = inv  # the anomalies and rows go straight into the scanned inventory
+    for fan_path, stats in zip(order, results, strict=True):
+        scanner._stat_blobs(fan_path.rpartition("/")[2], fan_path, wanted[fan_path],
+                            settling=True, stats=stats)
 
 
 def _link_adder(into: LinkMap, alg_path: str, alg: str) -> Callable[[str], None]:

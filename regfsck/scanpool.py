@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from regfsck import layout
 from regfsck.inventory import Inventory, Link, LinkMap, Repository, Tag
 from regfsck.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, share_descriptors
-from regfsck.storage import StorageError
+from regfsck.storage import FilesystemStorage, StorageError
 
 if TYPE_CHECKING:
     from regfsck.scanner import Scanner, Task
@@ -42,6 +42,7 @@ DEFAULT_PROCESSES = 8
 MIN_BLOBS = 4000  # below this (estimated) the serial walk is done before workers start
 
 Fragment = tuple[str, Inventory]
+Stated = dict[str, tuple[int, int, int, int]]  # digest -> (size, mtime_ns, ctime_ns, inode)
 
 
 def scan_processes() -> int | None:
@@ -192,30 +193,41 @@ def _work(index: int) -> bytes:
         stack.extend(reversed(work(child)))
         fragments.append((key, child.inv))
     manifests: dict[str, bytes] = {}
+    # A dry run's walk only listed the blob directories (Depth.LIST): what these reads
+    # lstat'ed first are the manifests' rows (size, mtime, ctime, inode), so the parent
+    # need not look again (`Scanner.settle_blobs` would).
+    stated: Stated | None = {} if scanner.depth.value == "list" else None
     storage = scanner.storage
+    assert isinstance(storage, FilesystemStorage)  # workers walk local trees only
     for fan_dir, names in _by_fanout(_manifest_digests(fragments)).items():
         try:
-            contents = storage.read_small_many(fan_dir, [f"{n}/{layout.DATA}" for n, _ in names],
-                                               MAX_MANIFEST_BYTES)
+            contents = storage.read_small_many_stated(
+                fan_dir, [f"{n}/{layout.DATA}" for n, _ in names], MAX_MANIFEST_BYTES)
         except StorageError:
             continue  # the parent reads them one by one and reports what fails
-        for (_, digest), raw in zip(names, contents, strict=True):
-            if isinstance(raw, bytes) and len(raw) <= MAX_MANIFEST_BYTES:
+        for (_, digest), read in zip(names, contents, strict=True):
+            if isinstance(read, StorageError):
+                continue
+            st, raw = read
+            if stated is not None:
+                stated[digest] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            if len(raw) <= MAX_MANIFEST_BYTES:
                 manifests[digest] = raw
-    return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests),
+    return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests, stated),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
                      on_fragment: Callable[[str], None]
-                     ) -> tuple[list[Fragment], dict[str, tuple[int, Any]]]:
+                     ) -> tuple[list[Fragment], dict[str, tuple[int, Any]], Stated]:
     """Run `tasks` (each with what it spawns) in `processes` forked workers; the fragments
-    (unsorted) and the manifests the workers read, by digest: (size read, what
-    `ManifestStore._parse` made of the bytes)."""
+    (unsorted), the manifests the workers read, by digest: (size read, what
+    `ManifestStore._parse` made of the bytes), and (Depth.LIST) their blobs' rows."""
 
     global _JOB
     fragments: list[Fragment] = []
     manifests: dict[str, tuple[int, Any]] = {}
+    stated: Stated = {}
     descriptors: dict[Descriptor, Descriptor] = {}  # shared by the manifests read
     _JOB = (scanner, tasks)
     collecting = gc.isenabled()
@@ -243,23 +255,26 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
             try:
                 for data in pool.imap_unordered(_work, feed(), chunksize=chunk):
                     window.release()
-                    _take(data, scanner, manifests, descriptors, fragments, on_fragment)
+                    _take(data, scanner, manifests, stated, descriptors, fragments,
+                          on_fragment)
             finally:
                 stopping.set()
     finally:
         _JOB = None
         if collecting:
             gc.enable()
-    return fragments, manifests
+    return fragments, manifests, stated
 
 
 def _take(data: bytes, scanner: Scanner, manifests: dict[str, tuple[int, Any]],
-          descriptors: dict[Descriptor, Descriptor], fragments: list[Fragment],
-          on_fragment: Callable[[str], None]) -> None:
+          stated: Stated, descriptors: dict[Descriptor, Descriptor],
+          fragments: list[Fragment], on_fragment: Callable[[str], None]) -> None:
     """One worker's result: its manifests parsed, its fragments decoded."""
     from regfsck.graph import ManifestStore
 
-    encoded, read = pickle.loads(data)
+    encoded, read, rows = pickle.loads(data)
+    if rows:
+        stated.update(rows)
     for digest, raw in read.items():  # parsed at once: no pile of raw bytes
         parsed = ManifestStore._parse(raw)
         if isinstance(parsed, Manifest):

@@ -601,9 +601,17 @@ class FilesystemStorage:
         Each file is lstat'ed first and opened only when it is a regular file, so no device
         or FIFO is ever opened; a failure is returned in place, with read_link_fast's errnos
         (ENOENT absent, ELOOP symlink, EINVAL not a regular file)."""
+        return [r if isinstance(r, StorageError) else r[1]
+                for r in self.read_small_many_stated(dir_path, names, limit)]
 
-        def read(name: str, dir_fd: int) -> bytes | StorageError:
-            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    def read_small_many_stated(self, dir_path: str, names: Sequence[str], limit: int
+                               ) -> list[tuple[os.stat_result, bytes] | StorageError]:
+        """`read_small_many`, each content with the lstat it was opened after: the walk's
+        workers read manifests so and hand gc's dry run their blobs' sizes and times."""
+
+        def read(name: str, dir_fd: int) -> tuple[os.stat_result, bytes] | StorageError:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            mode = st.st_mode
             if not stat_module.S_ISREG(mode):
                 code = errno.ELOOP if stat_module.S_ISLNK(mode) else errno.EINVAL
                 what = "a symbolic link" if code == errno.ELOOP else "not a regular file"
@@ -612,10 +620,10 @@ class FilesystemStorage:
             fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
             try:
                 try:
-                    return os.read(fd, limit + 1)
+                    return st, os.read(fd, limit + 1)
                 except BlockingIOError:
                     os.set_blocking(fd, True)
-                    return os.read(fd, limit + 1)
+                    return st, os.read(fd, limit + 1)
             finally:
                 os.close(fd)
 

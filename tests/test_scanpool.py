@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from regfsck import layout
 from regfsck.gc import GcOptions, plan_gc
 from regfsck.graph import ManifestStore
+from regfsck.inventory import UNSTATED
 from regfsck.root import resolve
-from regfsck.scanner import Scanner
+from regfsck.scanner import Depth, Scanner, settle_blobs
 from regfsck.storage import open_storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -72,28 +74,39 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, 
     return root, _plant_damage(root / V2, result)
 
 
-def _scan(root: Path, processes: str, monkeypatch: pytest.MonkeyPatch, **kw: bool) -> object:
+def _scan(root: Path, processes: str, monkeypatch: pytest.MonkeyPatch, **kw: Depth) -> object:
     monkeypatch.setenv("REGFSCK_SCAN_PROCESSES", processes)
     registry = resolve(root, None)
     return Scanner(open_storage(registry), registry, **kw).scan()
 
 
-@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("depth", list(Depth))
 def test_processes_build_the_serial_inventory(damaged: tuple[Path, tuple[str, str]],
                                               monkeypatch: pytest.MonkeyPatch,
-                                              defer: bool) -> None:
+                                              depth: Depth) -> None:
     root, _ = damaged
-    serial = _scan(root, "1", monkeypatch, defer_layers=defer)
-    forked = _scan(root, "3", monkeypatch, defer_layers=defer)
+    serial = _scan(root, "1", monkeypatch, depth=depth)
+    forked = _scan(root, "3", monkeypatch, depth=depth)
     assert not serial.manifests  # type: ignore[attr-defined]
     assert forked.manifests  # type: ignore[attr-defined]  # the workers read them
+    if depth is Depth.LIST:
+        # The workers hand over the rows of the manifests they read: what looking inside
+        # those blob directories later (`settle_blobs`) finds.
+        unstated = [d for d, b in serial.blobs.items()  # type: ignore[attr-defined]
+                    if b.size == UNSTATED]
+        stated = [d for d, b in forked.blobs.items()  # type: ignore[attr-defined]
+                  if b.size != UNSTATED]
+        assert stated and set(stated) <= set(unstated)
+        for inv in (serial, forked):
+            settle_blobs(open_storage(resolve(root, None)), inv, stated)  # type: ignore[arg-type]
     assert list(forked.blobs.items()) == list(serial.blobs.items())  # type: ignore[attr-defined]
     assert forked.repositories == serial.repositories  # type: ignore[attr-defined]
     assert forked.anomalies == serial.anomalies  # type: ignore[attr-defined]
     assert forked == serial
     kinds = {a.kind for a in serial.anomalies}  # type: ignore[attr-defined]
-    assert {"tmp_leftover", "blob_wrong_fanout", "blob_missing_data", "missing_link",
-            "empty_dir", "unexpected_entry"} <= kinds
+    assert {"tmp_leftover", "blob_wrong_fanout", "missing_link", "empty_dir"} <= kinds
+    # What is inside a blob directory a dry run only lists is not seen (`settle_blobs`).
+    assert ({"blob_missing_data", "unexpected_entry"} <= kinds) is (depth is not Depth.LIST)
 
 
 def test_manifests_read_by_workers_equal_the_store_s(damaged: tuple[Path, tuple[str, str]],
@@ -141,7 +154,7 @@ def test_gc_plan_with_deferred_layer_reads_is_the_full_read_plan(
 
 class _FullReadScanner(Scanner):
     def __init__(self, *args: object, **kw: object) -> None:
-        kw.pop("defer_layers", None)
+        kw.pop("depth", None)
         super().__init__(*args, **kw)  # type: ignore[arg-type]
 
 
@@ -191,3 +204,85 @@ def test_workers_manifest_reads_never_follow_a_symlinked_blob_dir(
         assert out.returncode == 3, out.stderr  # the symbolic link blocks the plan
         docs.append(json.loads(out.stdout))
     assert docs[0] == docs[1]
+
+
+def test_dry_run_listing_blob_dirs_plans_what_the_apply_plan_does(
+        damaged: tuple[Path, tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dry run (Depth.LIST) looks inside the directory of a blob or layer link only for
+    manifests and victims: its whole plan (victims, reasons, sizes, blocking findings) is
+    the one `gc --apply` makes at Depth.STAT, serial and forked, on a tree with a blob
+    directory without `data` and a blob in a wrong fan-out directory. One thing it does not
+    see: the empty directory of a layer link whose blob is kept (a link deleted by hand),
+    which the apply removes as clutter."""
+    root, _ = damaged
+    registry = resolve(root, None)
+    options = GcOptions(grace=timedelta(0), force=True)
+    emptied = layout.layer_link(damaged[1][0], "sha256:" + sorted(
+        (root / V2 / "repositories" / damaged[1][0] / "_layers/sha256").iterdir(),
+        key=lambda p: p.name)[2].name).rpartition("/")[0]
+    for processes in ("1", "3"):
+        monkeypatch.setenv("REGFSCK_SCAN_PROCESSES", processes)
+        listed = plan_gc(registry, options, depth=Depth.LIST).to_json()
+        stated = plan_gc(registry, options, depth=Depth.STAT).to_json()
+        unseen = f"{layout.V2_PREFIX}/{emptied}"
+        assert unseen in stated["empty_link_dirs"]
+        stated["empty_link_dirs"].remove(unseen)
+        assert listed == stated
+        assert listed["blobs"] and listed["blocked_by"]
+
+
+def _victim_and_kept(root: Path) -> tuple[Path, Path]:
+    """The data of a blob gc removes and of a layer blob it keeps, in a fresh copy."""
+    registry = resolve(root, None)
+    plan = plan_gc(registry, GcOptions(grace=timedelta(0)), depth=Depth.STAT)
+    victim = next(b.digest for b in plan.blobs)
+    manifests = {d for repo in Scanner(open_storage(registry), registry).scan()
+                 .repositories.values() for d in repo.revisions}
+    kept = next(p for p in sorted((root / V2 / "blobs/sha256").glob("*/*/data"))
+                if f"sha256:{p.parent.name}" not in manifests
+                and f"sha256:{p.parent.name}" != victim and p.stat().st_size > 0)
+    return root / V2 / layout.blob_data(victim), kept
+
+
+@pytest.mark.parametrize("where", ["victim", "manifest"])
+def test_dry_run_sees_a_symlink_where_it_acts_or_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A victim's or a manifest's `data` made a symbolic link blocks the dry run as it
+    blocks the apply plan: both are looked at (`settle_blobs`)."""
+    root = tmp_path / "root"
+    synth.generate(root, synth.SynthConfig(repositories=6, seed=5))
+    registry = resolve(root, None)
+    victim, _ = _victim_and_kept(root)
+    if where == "victim":
+        target = victim
+    else:
+        digest = sorted(Scanner(open_storage(registry), registry).scan()
+                        .repositories.values(), key=lambda r: r.name)[0].revisions.plain()[0]
+        target = root / V2 / layout.blob_data(digest)
+    target.rename(target.with_name("real"))
+    target.symlink_to("real")
+    monkeypatch.setenv("REGFSCK_SCAN_PROCESSES", "1")
+    listed = plan_gc(registry, GcOptions(grace=timedelta(0)), depth=Depth.LIST)
+    stated = plan_gc(registry, GcOptions(grace=timedelta(0)), depth=Depth.STAT)
+    assert listed.to_json() == stated.to_json()
+    assert "symlink" in {f.kind for f in listed.blocked}
+
+
+def test_apply_refuses_a_symlink_the_dry_run_does_not_look_at(tmp_path: Path) -> None:
+    """A kept layer blob's `data` made a symbolic link to a victim's: the dry run does not
+    look inside kept blob directories and plans; `gc --apply` walks at Depth.STAT, sees it
+    and refuses (exit 3) with the tree untouched, so the kept image never breaks."""
+    root = tmp_path / "root"
+    synth.generate(root, synth.SynthConfig(repositories=6, seed=5))
+    victim, kept = _victim_and_kept(root)
+    kept.unlink()
+    kept.symlink_to(os.path.relpath(victim, kept.parent))
+    env = {**os.environ, "REGFSCK_SCAN_PROCESSES": "1"}
+    dry = run("gc", str(root), "--grace", "0", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert not json.loads(dry.stdout)["blocked_by"]
+    before = sorted(str(p) for p in (root / V2).rglob("*"))
+    applied = run("gc", str(root), "--grace", "0", "--json", "--apply", env=env)
+    assert applied.returncode == 3, applied.stderr
+    assert "symlink" in {f["kind"] for f in json.loads(applied.stdout)["blocked_by"]}
+    assert sorted(str(p) for p in (root / V2).rglob("*")) == before

@@ -67,6 +67,7 @@ def gc(
     from regfsck.gc import GcOptions, plan_gc
     from regfsck.quarantine import QuarantineError, list_runs
     from regfsck.safety import registry_users
+    from regfsck.scanner import Depth
     from regfsck.sweep import apply_gc
 
     options = GcOptions(delete_untagged=delete_untagged,
@@ -74,7 +75,7 @@ def gc(
                                                            "--uploads-older-than"),
                         grace=parse_duration(grace, "--grace"), force=force)
     if not apply and registry.is_object_storage:
-        plan = plan_gc(registry, options)
+        plan = plan_gc(registry, options, depth=Depth.LIST)
         _output(plan, json_output, [], registry)
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     if not apply:
@@ -89,7 +90,7 @@ def gc(
             warn(f"note: {exc}; --apply will refuse until it is fixed")
         if pending:
             note(f"note: run {pending[0]} was interrupted; the next --apply recovers it first.")
-        plan = plan_gc(registry, options)
+        plan = plan_gc(registry, options, depth=Depth.LIST)
         _output(plan, json_output, [], registry)
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     with sweep_controls(json_output) as (stop, on_start):
