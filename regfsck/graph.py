@@ -19,7 +19,14 @@ from typing import cast
 
 from regfsck.digest import HEX_LENGTHS
 from regfsck.inventory import UNSTATED, Blob, Inventory
-from regfsck.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from regfsck.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    pack_manifest,
+    parse_manifest,
+    unpack_manifest,
+)
 from regfsck.reach import ReachGraph
 from regfsck.scanner import settle_blobs
 from regfsck.storage import Storage, StorageError
@@ -33,14 +40,25 @@ class Unloadable:
     message: str
 
 
+# Parsed manifests the store keeps unpacked (the most recently used): a command walks an
+# image's manifests together, several times (checks, the mark), so these are what it asks
+# for again; the rest stay packed (memory).
+_RECENT = 512
+
+
 class ManifestStore:
-    """Loads and parses manifest blobs on demand, each digest at most once."""
+    """Loads and parses manifest blobs on demand, each digest at most once.
+
+    A parsed manifest is kept packed (`manifest.pack_manifest`: ~45 bytes a reference
+    instead of ~150 as objects), and unpacked again when asked for: a tree's manifests,
+    all of which the mark walks, are a large part of a command's memory (issue 15)."""
 
     def __init__(self, storage: Storage, inventory: Inventory, *, keep_raw: bool = False,
                  keep_intact: bool = False) -> None:
         self.storage = storage
         self.inventory = inventory
-        self._cache: dict[str, Manifest | Unloadable] = {}
+        self._cache: dict[str, bytes | Manifest | Unloadable] = {}
+        self._recent: dict[str, Manifest] = {}  # unpacked, least recently used first
         self._reach: ReachGraph | None = None
         # `keep_raw`: the bytes of each manifest read are kept, for a command that writes
         # them out after parsing (export) or reads them again (inspect): on object storage
@@ -71,7 +89,19 @@ class ManifestStore:
         if cached is None:
             cached = self._load(digest)
             self._cache[digest] = cached
-        return cached
+        if type(cached) is bytes:
+            return self._unpacked(digest, cached)
+        return cast("Manifest | Unloadable", cached)
+
+    def _unpacked(self, digest: str, packed: bytes) -> Manifest:
+        recent = self._recent
+        manifest = recent.pop(digest, None)
+        if manifest is None:
+            manifest = unpack_manifest(packed)
+            if len(recent) >= _RECENT:
+                del recent[next(iter(recent))]
+        recent[digest] = manifest
+        return manifest
 
     def get(self, digest: str) -> Manifest | None:
         found = self.load(digest)
@@ -111,7 +141,7 @@ class ManifestStore:
                     f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}" == blob.digest:
                 self._intact.add(blob.digest)
 
-    def _load(self, digest: str) -> Manifest | Unloadable:
+    def _load(self, digest: str) -> bytes | Manifest | Unloadable:
         blob = self.inventory.blobs.get(digest)
         if blob is not None and blob.size == UNSTATED:  # listed only (gc's dry run)
             settle_blobs(self.storage, self.inventory, [digest])
@@ -123,8 +153,10 @@ class ManifestStore:
                               f"manifest blob is {blob.size} bytes, over the registry's "
                               f"{MAX_MANIFEST_BYTES}-byte limit")
         early = self.inventory.manifests.pop(digest, None)  # read by the walk's workers
+        if early is not None and not self.inventory.manifests:
+            self.inventory.manifests = {}  # a dict keeps its size when emptied (memory)
         if early is not None and early[0] == blob.size:
-            return cast("Manifest | Unloadable", early[1])
+            return cast("bytes | Manifest | Unloadable", early[1])
         try:
             raw = self._read(blob)
         except StorageError as exc:
@@ -133,9 +165,11 @@ class ManifestStore:
         return self._parse(raw)
 
     @staticmethod
-    def _parse(raw: bytes) -> Manifest | Unloadable:
+    def _parse(raw: bytes) -> bytes | Manifest | Unloadable:
+        """What the store keeps of a manifest's bytes: the manifest packed (or, when it
+        cannot be, parsed), or why it cannot be used."""
         try:
-            return parse_manifest(raw)
+            return pack_manifest(parse_manifest(raw))
         except ManifestError as exc:
             return Unloadable(exc.kind, str(exc))
 
@@ -200,7 +234,8 @@ class ManifestStore:
         return seen
 
     def loaded(self) -> dict[str, Manifest | Unloadable]:
-        return self._cache
+        """Every manifest loaded so far (unpacked: a new dict)."""
+        return {digest: self.load(digest) for digest in self._cache}
 
 
 def walk(store: ManifestStore, roots: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:

@@ -557,8 +557,9 @@ class Inventory:
     files_seen: int = 0
     dirs_seen: int = 0
     # Manifests the walk's worker processes read (revision links' digests): digest ->
-    # (bytes read, Manifest or Unloadable), taken once by the ManifestStore when the size
-    # read is the blob's. A cache, not a fact about the tree.
+    # (bytes read, what `ManifestStore._parse` keeps of them: the manifest packed, parsed,
+    # or Unloadable), taken once by the ManifestStore when the size read is the blob's.
+    # A cache, not a fact about the tree.
     manifests: dict[str, tuple[int, Any]] = field(default_factory=dict, compare=False,
                                                   repr=False)
     # Blobs a walk's worker sent (scanpool): digests joined by newlines and their numbers'

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from regfsck import layout
 from regfsck.digest import DigestError, parse_digest, parse_link_content
-from regfsck.manifest import ManifestError, ManifestKind, parse_manifest
+from regfsck.manifest import (
+    Manifest,
+    ManifestError,
+    ManifestKind,
+    pack_manifest,
+    parse_manifest,
+    unpack_manifest,
+)
 from regfsck.names import is_upload_id, is_valid_repo_name, is_valid_tag, repo_name_problem
 from regfsck.scanner import parse_startedat
 from regfsck.storage import UnsafePathError, check_relative
@@ -141,6 +148,60 @@ def test_manifest_kinds() -> None:
                                     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
                                     "digest": layer, "size": 1, "urls": ["http://x"]}])
     assert parse_manifest(json.dumps(foreign).encode()).layers[0].is_foreign
+
+
+def test_packed_manifest_unpacks_to_the_parsed_one() -> None:
+    """ManifestStore keeps manifests packed (memory): unpacked, each is equal to what was
+    parsed; what the packed form cannot hold exactly stays the parsed object."""
+    cfg, layer, child = _digest(b"c"), _digest(b"l"), _digest(b"m")
+    sha512 = "sha512:" + hashlib.sha512(b"x").hexdigest()
+    docker = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+              "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                         "digest": cfg, "size": 1},
+              "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                          "digest": layer, "size": 2**62}]}
+    referrer = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.example+json", "config": docker["config"],
+                "layers": [], "subject": {"mediaType": "m", "digest": child, "size": 7}}
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "x", "digest": cfg, "size": 3,
+         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        {"mediaType": "x", "digest": child, "size": 0}]}
+    schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": layer}, {"blobSum": cfg}]}
+    for doc in (docker, referrer, index, schema1, dict(index, manifests=[])):
+        parsed = parse_manifest(json.dumps(doc).encode())
+        packed = pack_manifest(parsed)
+        assert isinstance(packed, bytes)
+        assert unpack_manifest(packed) == parsed
+    foreign = dict(docker, layers=[{"mediaType": "y", "digest": layer, "size": 1,
+                                    "urls": ["http://x"]}])
+    other_algorithm = dict(docker, layers=[{"mediaType": "y", "digest": sha512, "size": 1}])
+    huge = dict(docker, layers=[{"mediaType": "y", "digest": layer, "size": 2**63}])
+    damaged = dict(docker, layers=[{"mediaType": "y", "digest": "nope", "size": 1}])
+    for doc in (foreign, other_algorithm, huge, damaged):
+        parsed = parse_manifest(json.dumps(doc).encode())
+        assert pack_manifest(parsed) is parsed
+
+
+@given(json_values_for_packing := st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10)
+    | st.sampled_from(["sha256:" + "a" * 64, "sha256:" + "b" * 64]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["schemaVersion", "mediaType", "config", "layers",
+                                       "manifests", "digest", "size", "subject", "urls",
+                                       "platform", "os", "architecture", "artifactType"]),
+                      children, max_size=6),
+    max_leaves=40))
+@example({"schemaVersion": 2, "layers": [{"digest": "sha256:" + "a" * 64, "size": 5,
+                                          "mediaType": "t"}]})
+def test_packing_keeps_every_parsed_manifest(value: object) -> None:
+    try:
+        parsed = parse_manifest(json.dumps(value).encode())
+    except ManifestError:
+        return
+    packed = pack_manifest(parsed)
+    assert (unpack_manifest(packed) if isinstance(packed, bytes) else packed) == parsed
+    assert isinstance(packed, bytes | Manifest)
 
 
 @pytest.mark.parametrize(("raw", "kind"), [
