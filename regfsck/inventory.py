@@ -389,6 +389,18 @@ class BlobTable(_CompactTable[Blob]):
         unpacked.frombytes(numbers)
         self.extend_rows([intern(d) for d in digests.split("\n")], unpacked)
 
+    def row_of(self, digest: str) -> int | None:
+        """The blob's row number (< `row_count()`), -1 for a blob kept as its object,
+        None when absent: for a table of one mark per blob (reach.KeptDigests)."""
+        return self._rows.get(digest)
+
+    def row_count(self) -> int:
+        return len(self._nums) // 4
+
+    def digest_rows(self) -> Iterator[tuple[str, int]]:
+        """(digest, `row_of(digest)`) for every blob, in order."""
+        return iter(self._rows.items())
+
     def size(self, digest: str) -> int:
         """The blob's size (KeyError when absent), without making its object."""
         row = self._rows[digest]

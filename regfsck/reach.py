@@ -47,7 +47,7 @@ from regfsck import layout
 from regfsck.artifacts import tag_subject
 from regfsck.document import Document
 from regfsck.findings import kinds_where
-from regfsck.inventory import Inventory, Repository
+from regfsck.inventory import BlobTable, Inventory, Repository
 from regfsck.manifest import Descriptor, Manifest
 
 if TYPE_CHECKING:  # graph.py hands out one ReachGraph per store (`ManifestStore.reach`)
@@ -245,9 +245,64 @@ class OrphanReferrer(Document):
     kept: bool  # kept anyway (tagged, or every revision is a root)
 
 
+class KeptDigests(Collection[str]):
+    """The digests gc's mark keeps (`Marks.blobs`), kept small (memory, issue 15).
+
+    Nearly every stored blob is kept, so a set of them (~40 bytes a blob) was the largest
+    table of the plan: this holds the stored blobs the mark did not reach and the digests
+    it reached that are not stored blobs (aliases, missing blobs). A blob stored after the
+    mark counts as kept (the safe side)."""
+
+    __slots__ = ("_dropped", "_extra", "_stored")
+
+    def __init__(self, stored: BlobTable, dropped: set[str], extra: set[str]) -> None:
+        self._stored = stored
+        self._dropped = dropped
+        self._extra = extra
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._extra or (digest in self._stored and digest not in self._dropped)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (d for d in self._stored if d not in self._dropped)
+        yield from self._extra
+
+    def __len__(self) -> int:
+        return sum(1 for d in self._stored if d not in self._dropped) + len(self._extra)
+
+
+class _Marker:
+    """Collects the digests a mark reaches: one byte per row of the blob table, a set for
+    the rest; `kept()` is the `KeptDigests`."""
+
+    def __init__(self, stored: BlobTable) -> None:
+        self.stored = stored
+        self.rows = bytearray(stored.row_count())
+        self.other: set[str] = set()
+
+    def add(self, digests: Iterable[str]) -> None:
+        row_of = self.stored.row_of
+        rows = self.rows
+        other = self.other
+        for digest in digests:
+            row = row_of(digest)
+            if row is None or row < 0:
+                other.add(digest)
+            else:
+                rows[row] = 1
+
+    def kept(self) -> KeptDigests:
+        rows = self.rows
+        other = self.other
+        dropped = {d for d, row in self.stored.digest_rows()
+                   if (not rows[row] if row >= 0 else d not in other)}
+        stored = self.stored
+        return KeptDigests(stored, dropped, {d for d in other if d not in stored})
+
+
 @dataclass
 class Marks:
-    blobs: set[str]  # every digest kept, globally (aliases and their stored blobs)
+    blobs: Collection[str]  # every digest kept, globally (aliases and their stored blobs)
     kept_manifests: dict[str, set[str]]  # repo -> revision digests kept in that repo
     orphan_referrers: list[OrphanReferrer]
     unknown: list[str]  # unjudgeable parts of the tree: every stored blob is kept
@@ -283,19 +338,21 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
     unknown). With unknown parts anywhere, every stored blob is kept."""
     graph = graph or store.reach
     marks = Marks(set(), {}, [], list(graph.unknown))
+    marker = _Marker(inventory.blobs)
     for name, repo in sorted(inventory.repositories.items()):
         roots = _repo_roots(repo, delete_untagged, repo_has_unknown(graph.unknown, repo))
         reached = graph.closure(repo, roots)
         kept = {d for d in reached if d in repo.revisions}
         marks.kept_manifests[name] = kept
-        marks.blobs |= reached
+        marker.add(reached)
         for digest in sorted(repo.revisions):
             subject = graph.subject_in(repo, digest)
             if subject is not None and subject not in kept:
                 marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
     if graph.unknown:
-        marks.blobs |= set(inventory.blobs)
+        marker.add(inventory.blobs)
         marks.unknown = sorted(set(graph.unknown))
+    marks.blobs = marker.kept()
     return marks
 
 

@@ -210,7 +210,8 @@ class _RmPlanner:
         for delete_untagged in (False, True):
             before = mark(self.inv, self.store, delete_untagged).blobs
             now = mark(after, self.store, delete_untagged).blobs
-            freed = sum(self.inv.blobs[d].size for d in before - now if d in self.inv.blobs)
+            freed = sum(self.inv.blobs.size(d) for d in before
+                        if d not in now and d in self.inv.blobs)
             freed += sum(size for _, _, size in self.plan.uploads)
             if delete_untagged:
                 self.plan = dataclasses.replace(self.plan, reclaimable_bytes_delete_untagged=freed)
