@@ -13,7 +13,7 @@ import re
 import struct
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from regfsck.digest import DigestError, parse_digest
 
@@ -251,21 +251,24 @@ def share_descriptors(manifest: Manifest, shared: dict[Descriptor, Descriptor]) 
 # A tree of a million files holds some hundred thousand manifests, and every command that
 # judges the tree keeps each one parsed (the mark walks them all, more than once): as
 # objects, a manifest and its descriptors cost ~600 bytes (a `Manifest`, a tuple, a
-# `Descriptor` and a size `int` per reference). Packed, a reference is one 45-byte record
-# (its sha256 as 32 bytes, its media type and platform as numbers in a table of the few
-# distinct strings) in one `bytes` per manifest, unpacked into the same objects when asked
-# (`ManifestStore` keeps the recently unpacked ones). A manifest the record cannot hold
-# exactly (problems, `urls`, another digest algorithm, a size beyond 63 bits) stays an object.
+# `Descriptor` and a size `int` per reference). Packed, a manifest is one tuple: a `bytes`
+# of numbers first (its kind, and per reference its role, size, and media type and
+# platform as numbers in a table of the few distinct strings), then the digests it
+# references, the interned strings the inventory holds anyway: ~21 bytes a reference.
+# `unpack_manifest` makes the same objects again (`ManifestStore` keeps the recently
+# unpacked ones). A manifest the numbers cannot hold exactly (problems, `urls`, a size
+# beyond 63 bits) stays an object.
+
+PackedManifest = tuple[bytes | str, ...]
 
 _KINDS = tuple(ManifestKind)
 _KIND_IDS = {kind: i for i, kind in enumerate(_KINDS)}
 _ROLES = ("config", "layer", "manifest", "subject", "fslayer")
 _ROLE_IDS = {role: i for i, role in enumerate(_ROLES)}
 _HEAD = struct.Struct("<BHHBHH")  # kind, media type, artifact type, flags, layers, children
-_DESC = struct.Struct("<BHHq32s")  # role, media type, platform, size (-1: None), sha256
+_DESC = struct.Struct("<BHHq")  # role, media type, platform, size (-1: None)
 _HAS_CONFIG = 1
 _HAS_SUBJECT = 2
-_SHA256 = "sha256:"
 # The strings of packed manifests (media types, platforms): few distinct ones, numbered
 # once per process; 0 stands for None.
 _STRINGS: list[str | None] = [None]
@@ -281,22 +284,9 @@ def _string_id(value: str | None) -> int | None:
     return found
 
 
-def _packed_descriptor(desc: Descriptor) -> bytes | None:
-    digest = desc.digest
-    size = -1 if desc.size is None else desc.size
-    if desc.urls or size >= 1 << 63 or _SHA256_DIGEST.fullmatch(digest) is None:
-        return None
-    media_type = _string_id(desc.media_type)
-    platform = _string_id(desc.platform)
-    if media_type is None or platform is None:
-        return None
-    return _DESC.pack(_ROLE_IDS[desc.role], media_type, platform, size,
-                      bytes.fromhex(digest[len(_SHA256):]))
-
-
-def pack_manifest(manifest: Manifest) -> bytes | Manifest:
+def pack_manifest(manifest: Manifest) -> PackedManifest | Manifest:
     """`manifest` packed (see above), or itself when the packed form cannot hold it."""
-    if manifest.problems:
+    if manifest.problems or len(manifest.layers) > 0xFFFF or len(manifest.children) > 0xFFFF:
         return manifest
     media_type = _string_id(manifest.media_type)
     artifact_type = _string_id(manifest.artifact_type)
@@ -312,28 +302,29 @@ def pack_manifest(manifest: Manifest) -> bytes | Manifest:
     if manifest.subject is not None:
         descs.append(manifest.subject)
         flags |= _HAS_SUBJECT
-    if len(manifest.layers) > 0xFFFF or len(manifest.children) > 0xFFFF:
-        return manifest
-    parts = [_HEAD.pack(_KIND_IDS[manifest.kind], media_type, artifact_type, flags,
-                        len(manifest.layers), len(manifest.children))]
+    numbers = [_HEAD.pack(_KIND_IDS[manifest.kind], media_type, artifact_type, flags,
+                          len(manifest.layers), len(manifest.children))]
     for desc in descs:
-        packed = _packed_descriptor(desc)
-        if packed is None:
+        size = -1 if desc.size is None else desc.size
+        desc_type = _string_id(desc.media_type)
+        platform = _string_id(desc.platform)
+        if desc.urls or size >= 1 << 63 or desc_type is None or platform is None:
             return manifest
-        parts.append(packed)
-    return b"".join(parts)
+        numbers.append(_DESC.pack(_ROLE_IDS[desc.role], desc_type, platform, size))
+    return (b"".join(numbers), *(sys.intern(desc.digest) for desc in descs))
 
 
-def unpack_manifest(packed: bytes) -> Manifest:
-    """The `Manifest` `pack_manifest` packed (equal to it; digests interned, so they are
-    the strings the inventory holds)."""
-    kind, media_type, artifact_type, flags, n_layers, n_children = _HEAD.unpack_from(packed)
+def unpack_manifest(packed: PackedManifest) -> Manifest:
+    """The `Manifest` `pack_manifest` packed (equal to it)."""
+    numbers = packed[0]
+    assert isinstance(numbers, bytes)
+    kind, media_type, artifact_type, flags, n_layers, n_children = _HEAD.unpack_from(numbers)
     strings = _STRINGS
-    intern = sys.intern
-    descs = [Descriptor(intern(_SHA256 + raw.hex()), strings[desc_type] or "",
+    descs = [Descriptor(cast(str, digest), strings[desc_type] or "",
                         None if size < 0 else size, _ROLES[role], (), strings[platform])
-             for role, desc_type, platform, size, raw
-             in _DESC.iter_unpack(memoryview(packed)[_HEAD.size:])]
+             for digest, (role, desc_type, platform, size)
+             in zip(packed[1:], _DESC.iter_unpack(memoryview(numbers)[_HEAD.size:]),
+                    strict=True)]
     start = 1 if flags & _HAS_CONFIG else 0
     children_at = start + n_layers
     after = children_at + n_children

@@ -53,6 +53,8 @@ from regfsck.manifest import Descriptor, Manifest
 if TYPE_CHECKING:  # graph.py hands out one ReachGraph per store (`ManifestStore.reach`)
     from regfsck.graph import ManifestStore
 
+_NO_SUBJECTS: dict[str, str] = {}  # shared by the repositories without cosign tags (memory)
+
 # Anomalies after which part of a repository's content is unknown to the scan.
 UNKNOWN_KINDS = kinds_where(lambda info: info.unknown)
 
@@ -165,7 +167,7 @@ class ReachGraph:
                 named = tag_subject(tag)
                 if named is not None:
                     by_tag.setdefault(target, named[0])
-            self._tag_subjects[repo.name] = by_tag
+            self._tag_subjects[repo.name] = by_tag or _NO_SUBJECTS
         return by_tag.get(manifest_digest)
 
     # -- walks -----------------------------------------------------------------------
