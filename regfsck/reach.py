@@ -195,12 +195,25 @@ class ReachGraph:
     def reachable(self, roots: Iterable[str]) -> set[str]:
         """Every digest reachable from `roots` (roots included; for an alias, both the
         digest named and the stored blob)."""
+        # `walk`'s traversal, inlined: each manifest's edges are made once, not once to
+        # walk and once more for its aliases (the mark of a big tree is mostly this loop).
         out: set[str] = set()
-        for digest, role, _ in self.walk(roots):
+        seen: set[str] = set()
+        stack: list[tuple[str, str]] = [(d, "manifest") for d in roots]
+        while stack:
+            digest, role = stack.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
             out.add(digest)
-            if role == "manifest":
-                out.update(edge.digest for edge in self.edges(digest)
-                           if edge.blob is not None and edge.blob != edge.digest)
+            if role != "manifest":
+                continue
+            for edge in self.edges(digest):
+                node = edge.node
+                if edge.blob is not None and edge.blob != edge.digest:
+                    out.add(edge.digest)
+                if node not in seen:
+                    stack.append((node, edge.role))
         return out
 
     def closure(self, repo: Repository, roots: Iterable[str]) -> set[str]:

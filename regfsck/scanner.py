@@ -19,6 +19,7 @@ import enum
 import errno
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
@@ -651,9 +652,13 @@ class Scanner:
         while done:
             self._merge(done.pop()[1])
         blobs = self.inv.blobs
-        for digest, (size, mtime_ns, ctime_ns, inode) in stated.items():
-            if digest in blobs and blobs.size(digest) == UNSTATED:
-                blobs.add(digest, size, mtime_ns, ctime_ns, inode)
+        while stated:  # the manifests' rows the workers lstat'ed (Depth.LIST)
+            digests, raw = stated.pop()
+            numbers = array("q")
+            numbers.frombytes(raw)
+            for i, digest in enumerate(digests.split("\n")):
+                if digest in blobs and blobs.size(digest) == UNSTATED:
+                    blobs.add(digest, *numbers[4 * i:4 * i + 4])
 
     def _progress(self, key: str) -> None:
         if self.on_progress is not None and key.startswith(layout.BLOBS):

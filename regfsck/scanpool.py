@@ -30,7 +30,7 @@ from sys import intern
 from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
-from regfsck.inventory import Inventory, Link, LinkMap, Repository, Tag
+from regfsck.inventory import BlobTable, Inventory, Link, LinkMap, Repository, Tag
 from regfsck.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, share_descriptors
 from regfsck.storage import FilesystemStorage, StorageError
 
@@ -42,7 +42,9 @@ DEFAULT_PROCESSES = 8
 MIN_BLOBS = 4000  # below this (estimated) the serial walk is done before workers start
 
 Fragment = tuple[str, Inventory]
-Stated = dict[str, tuple[int, int, int, int]]  # digest -> (size, mtime_ns, ctime_ns, inode)
+# Blob rows of the manifests a worker read (Depth.LIST), packed as `Inventory.packed_blobs`:
+# the digests joined by newlines and their (size, mtime_ns, ctime_ns, inode) as bytes.
+Stated = list[tuple[str, bytes]]
 
 
 def scan_processes() -> int | None:
@@ -196,7 +198,7 @@ def _work(index: int) -> bytes:
     # A dry run's walk only listed the blob directories (Depth.LIST): what these reads
     # lstat'ed first are the manifests' rows (size, mtime, ctime, inode), so the parent
     # need not look again (`Scanner.settle_blobs` would).
-    stated: Stated | None = {} if scanner.depth.value == "list" else None
+    stated = BlobTable() if scanner.depth.value == "list" else None
     storage = scanner.storage
     assert isinstance(storage, FilesystemStorage)  # workers walk local trees only
     for fan_dir, names in _by_fanout(_manifest_digests(fragments)).items():
@@ -210,10 +212,14 @@ def _work(index: int) -> bytes:
                 continue
             st, raw = read
             if stated is not None:
-                stated[digest] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                stated.add(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             if len(raw) <= MAX_MANIFEST_BYTES:
                 manifests[digest] = raw
-    return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests, stated),
+    rows = None
+    if stated:
+        digests, numbers, _ = stated.rows()
+        rows = ("\n".join(digests), numbers.tobytes())
+    return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests, rows),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -227,7 +233,7 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
     global _JOB
     fragments: list[Fragment] = []
     manifests: dict[str, tuple[int, Any]] = {}
-    stated: Stated = {}
+    stated: Stated = []
     descriptors: dict[Descriptor, Descriptor] = {}  # shared by the manifests read
     _JOB = (scanner, tasks)
     collecting = gc.isenabled()
@@ -274,7 +280,7 @@ def _take(data: bytes, scanner: Scanner, manifests: dict[str, tuple[int, Any]],
 
     encoded, read, rows = pickle.loads(data)
     if rows:
-        stated.update(rows)
+        stated.append(rows)
     for digest, raw in read.items():  # parsed at once: no pile of raw bytes
         parsed = ManifestStore._parse(raw)
         if isinstance(parsed, Manifest):
