@@ -49,6 +49,7 @@ from regfsck.storage import (
     Storage,
     StorageError,
     open_storage,
+    release_freed_memory,
     to_stat,
 )
 
@@ -573,6 +574,7 @@ class Scanner:
         processes = self._processes(tasks)
         if processes > 1:
             self._run_processes(tasks, processes)
+            release_freed_memory()  # the workers' results and the merged fragments
         else:
             self._run_tasks(tasks)
         return self.inv

@@ -999,6 +999,18 @@ def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
 _RENAME_NOREPLACE = 1
 
 
+def release_freed_memory() -> None:
+    """Hand the memory the process has freed back to the system (glibc's `malloc_trim`;
+    nothing elsewhere). After the walk of a big tree the parent has freed the workers'
+    results and the fragments it merged, but the allocator keeps those pages, scattered
+    among the inventory's, as part of the process's resident memory, and the
+    inventory is all the plan needs from then on (memory, issue 15: at 300k files 10 MB
+    less resident after the walk)."""
+    trim = _libc_call("malloc_trim", ctypes.c_size_t)
+    if trim is not None:
+        trim(0)
+
+
 @functools.cache
 def _libc_call(name: str, *argtypes: Any) -> Any:
     """libc's `name` with its argument types, looked up once; None where this system's libc
