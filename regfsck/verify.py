@@ -179,6 +179,10 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     if deep_plan is not None and options.shard is not None:
         deep_plan = _shard_deep_plan(deep_plan, options.shard)
     deep: DeepReport | None = None
+    # The checks' store, when nothing needed it freed (--no-data), finds the affected tags
+    # below: a second store would read and hold every tagged image's manifests again
+    # (memory, issue 15).
+    checked: ManifestStore | None = None
     if options.check_data:
         blobs = _blobs_to_hash(inv, store, options.repos)
         if options.shard is not None:
@@ -199,10 +203,13 @@ def run_verify(root: RegistryRoot, options: VerifyOptions, *,
     elif deep_plan is not None:
         del store
         deep = check_layers(storage, deep_plan, jobs=options.jobs, progress=deep_progress, stop=stop)
+    else:
+        checked = store
     if deep is not None:
         findings.extend(deep.findings)
         summary.interrupted = summary.interrupted or deep.summary.interrupted
-    found = with_affected_tags(findings.findings(), inv, ManifestStore(storage, inv))
+    found = with_affected_tags(findings.findings(), inv,
+                               checked if checked is not None else ManifestStore(storage, inv))
     if options.shard is not None:  # each finding is reported by one shard (regfsck.report)
         found = [f for f in found if options.shard.owns_finding(f.digest)]
     if options.strict:
