@@ -550,11 +550,7 @@ def _manifest_candidates(inv: Inventory) -> list[str]:
     found: dict[str, None] = {}
     for repo in inv.repositories.values():
         for links in (repo.revisions, *(tag.index for tag in repo.tags.values())):
-            found.update(dict.fromkeys(links.plain()))
-            for digest, link in links.odd().items():
-                found[digest] = None
-                if link.target is not None:
-                    found[link.target] = None
+            found.update(dict.fromkeys(links.named()))
         for tag in repo.tags.values():
             if tag.current is not None and tag.current.target is not None:
                 found[tag.current.target] = None

@@ -209,6 +209,16 @@ class LinkMap(_CompactTable[Link]):
         """The links kept as objects (not holding what their path names; do not change it)."""
         return self._odd if self._odd is not None else {}
 
+    def named(self) -> Iterator[str]:
+        """Every digest the links name, by their path and by their content (a digest may
+        come twice): the manifests a map of revision or tag-history links can lead to."""
+        yield from self._plain
+        if self._odd:
+            for digest, link in self._odd.items():
+                yield digest
+                if link.target is not None:
+                    yield link.target
+
     def targets(self) -> Iterator[str]:
         """The digest each link holds (a link whose content is unusable: none), without
         making a `Link` per plain link: what the mark and the plan ask of every link."""

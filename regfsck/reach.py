@@ -242,9 +242,7 @@ class ReachGraph:
 def revision_roots(repo: Repository) -> set[str]:
     """Every revision of `repo`, by its path and (if it differs, damage forced through)
     by its content."""
-    roots = set(repo.revisions)
-    roots.update(repo.revisions.targets())
-    return roots
+    return set(repo.revisions.named())
 
 
 # --------------------------------------------------------------------------- gc's mark

@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from stat import S_ISLNK, S_ISREG
 from sys import intern
+from typing import TypeVar
 
 from regfsck import layout, scanpool
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
@@ -713,6 +714,22 @@ def _as_read(stats: list[os.stat_result | StorageError | None], valid: list[tupl
     return out
 
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _in_flight(read: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    """`read` of each item, up to SETTLE_THREADS at a time (no pool for a single item:
+    one manifest the mark met late). What gc reads after a dry run's walk is not in the
+    page cache when the tree is cold: each is a disk read, and threads keep many in
+    flight (os.stat and os.read release the GIL)."""
+    if len(items) <= 1:
+        return [read(item) for item in items]
+    with ThreadPoolExecutor(min(SETTLE_THREADS, len(items)),
+                            thread_name_prefix="regfsck-settle") as pool:
+        return list(pool.map(read, items))
+
+
 def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str], bool],
                          repos: Iterable[str] | None = None) -> None:
     """Read the content of the deferred `_layers/sha256` links (see `Scanner.defer_layers`)
@@ -743,13 +760,7 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
         except StorageError as exc:
             return [exc] * len(todo)
 
-    if len(work) > 1:  # cold, each link is a disk read: many in flight (as `settle_blobs`)
-        with ThreadPoolExecutor(min(SETTLE_THREADS, len(work)),
-                                thread_name_prefix="regfsck-links") as pool:
-            results = list(pool.map(read, work))
-    else:
-        results = [read(item) for item in work]
-    for (repo, todo), contents in zip(work, results, strict=True):
+    for (repo, todo), contents in zip(work, _in_flight(read, work), strict=True):
         for digest, raw in zip(todo, contents, strict=True):
             path = repo.layers[digest].path
             if isinstance(raw, StorageError):
@@ -791,12 +802,7 @@ def settle_blobs(storage: Storage, inv: Inventory, digests: Iterable[str]) -> No
             return exc
 
     order = sorted(wanted)
-    if len(order) == 1:  # one manifest the mark met late: no pool for one lstat
-        results = [stat_fanout(order[0])]
-    else:
-        with ThreadPoolExecutor(min(SETTLE_THREADS, len(order)),
-                                thread_name_prefix="regfsck-settle") as pool:
-            results = list(pool.map(stat_fanout, order))
+    results = _in_flight(stat_fanout, order)
     scanner = Scanner(storage, inv.root, threads=1)
     scanner.inv = inv  # the anomalies and rows go straight into the scanned inventory
     for fan_path, stats in zip(order, results, strict=True):

@@ -154,13 +154,7 @@ def _manifest_digests(fragments: list[Fragment]) -> list[str]:
     wanted: dict[str, None] = {}
     for _, inv in fragments:
         for repo in inv.repositories.values():
-            revisions = repo.revisions
-            wanted.update(dict.fromkeys(revisions.plain()))
-            if len(revisions) > len(revisions.plain()):
-                for digest, link in revisions.items():
-                    wanted[digest] = None
-                    if link.target is not None:
-                        wanted[link.target] = None
+            wanted.update(dict.fromkeys(repo.revisions.named()))
     return list(wanted)
 
 
