@@ -190,30 +190,14 @@ def test_gc_killed_midway_is_recovered_and_undone(container: Container, tmp_path
     """kill -9 of gc --apply paused before its blob phase: the lock blob stays and refuses
     the next run until --break-lock (its process is gone); that run recovers the interrupted
     one and undoes it: every blob back byte for byte."""
-    import os
-    import signal
-    import subprocess
-
-    from tests.support.cli import child_env, command
+    from tests.support.cli import kill_at_pause
 
     box = container.clone("regfsck-azmut-kill")
     before = box.tree()
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "blobs.pause").touch()
-    env = child_env({**box.env(), "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
-    proc = subprocess.Popen(command("gc", box.url, "--grace", "0", "--delete-untagged",
-                                    "--uploads-older-than", "0", "--apply",
-                                    "--no-registry-check", "--json"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (hooks / "blobs.reached").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "gc never paused"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+    # Killed after the manifests, layer links and uploads moved, before the blobs.
+    kill_at_pause(tmp_path / "hooks", "blobs", "gc", box.url, "--grace", "0",
+                  "--delete-untagged", "--uploads-older-than", "0", "--apply",
+                  "--no-registry-check", "--json", env=box.env())
     assert box.keys_below(LOCK)  # nothing drops a lock blob
     assert contents(box.tree()) != contents(before)  # it had moved something
     code, doc, _ = run(box, "runs", box.url)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests import realtools
-from tests.support.cli import child_env, command
+from tests.support.cli import child_env, command, kill_at_pause
 from tests.support.cli import run as regfsck
 from tests.support.objectstore import (
     ACCESS_KEY,
@@ -302,27 +302,12 @@ def test_gc_killed_midway_is_recovered_and_undone(bucket28: Bucket, tmp_path: Pa
     """kill -9 of gc --apply between two phases (the test hook pauses it there): its lock
     stays behind and refuses the next run until --break-lock (its process is gone); that
     run recovers the interrupted one (kept, undoable); undoing both puts every key back."""
-    import os
-    import signal
-
     bucket = bucket28.clone()
     before = bucket.tree()
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "blobs.pause").touch()  # after the manifests, layer links and uploads moved
-    env = child_env({**bucket.env(), "REGFSCK_TEST_PAUSE_DIR": str(hooks)})
-    proc = subprocess.Popen(command("gc", bucket.url, "--grace", "0", "--delete-untagged",
-                                    "--uploads-older-than", "0", "--apply",
-                                    "--no-registry-check", "--json"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (hooks / "blobs.reached").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "gc never paused"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+    # Killed after the manifests, layer links and uploads moved, before the blobs.
+    kill_at_pause(tmp_path / "hooks", "blobs", "gc", bucket.url, "--grace", "0",
+                  "--delete-untagged", "--uploads-older-than", "0", "--apply",
+                  "--no-registry-check", "--json", env=bucket.env())
     assert bucket.keys_below(LOCK)  # nothing drops an object lock
     assert bucket.tree() != before  # it had moved something
     code, doc, _ = run(bucket, "runs", bucket.url)

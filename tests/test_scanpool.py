@@ -158,14 +158,21 @@ class _FullReadScanner(Scanner):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
 
 
+def _blocked_cli_plans(root: Path, *processes: str) -> list[dict[str, object]]:
+    """`gc ROOT --grace 0 --json` with each number of walk processes; each must be
+    blocked (exit 3) by the damage planted in ROOT."""
+    docs = []
+    for count in processes:
+        env = {**os.environ, "REGFSCK_SCAN_PROCESSES": count}
+        out = run("gc", str(root), "--grace", "0", "--json", env=env, timeout=600)
+        assert out.returncode == 3, out.stderr
+        docs.append(json.loads(out.stdout))
+    return docs
+
+
 def test_cli_plan_equals_serial_plan(damaged: tuple[Path, tuple[str, str]]) -> None:
     root, _ = damaged
-    docs = []
-    for processes in ("1", "4"):
-        env = {**os.environ, "REGFSCK_SCAN_PROCESSES": processes}
-        out = run("gc", str(root), "--grace", "0", "--json", env=env, timeout=600)
-        assert out.returncode == 3, out.stderr  # the planted damage blocks the plan
-        docs.append(json.loads(out.stdout))
+    docs = _blocked_cli_plans(root, "1", "4")
     assert docs[0] == docs[1]
     assert docs[0]["blocked_by"]
 
@@ -197,12 +204,7 @@ def test_workers_manifest_reads_never_follow_a_symlinked_blob_dir(
     for digest in (f"sha256:{victim}", f"sha256:{gone}"):
         assert early.get(digest) is None
         assert early.load(digest) == late.load(digest)
-    docs = []
-    for processes in ("1", "3"):
-        env = {**os.environ, "REGFSCK_SCAN_PROCESSES": processes}
-        out = run("gc", str(root), "--grace", "0", "--json", env=env, timeout=600)
-        assert out.returncode == 3, out.stderr  # the symbolic link blocks the plan
-        docs.append(json.loads(out.stdout))
+    docs = _blocked_cli_plans(root, "1", "3")  # the symbolic link blocks the plan
     assert docs[0] == docs[1]
 
 

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -152,6 +153,27 @@ main()
 """
 
 KillPoint = tuple[str, str, int, str]
+
+
+def kill_at_pause(hooks: Path, phase: str, *args: str,
+                  env: Mapping[str, str] | None = None, wait: float = 120) -> None:
+    """Start regfsck `args` with a pause hook before `phase` (REGFSCK_TEST_PAUSE_DIR:
+    `<phase>.pause` in `hooks`), wait until it is reached, then SIGKILL the process: a run
+    killed at a known point of its sweep."""
+    hooks.mkdir(exist_ok=True)
+    (hooks / f"{phase}.pause").touch()
+    proc = subprocess.Popen(command(*args),
+                            env=child_env({**(os.environ if env is None else env),
+                                           "REGFSCK_TEST_PAUSE_DIR": str(hooks)}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + wait
+        while not (hooks / f"{phase}.reached").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, f"never paused at {phase}"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def run_killed(storage: str, point: KillPoint, *args: str,
