@@ -720,6 +720,17 @@ DELETE_PAGE = 1000  # keys per DeleteObjects request (the S3 maximum)
 # PARTS_IN_FLIGHT of them being sent while the next one fills (see `ObjectMutator.put_new`).
 PART_SIZE = 8 << 20
 PARTS_IN_FLIGHT = 4
+# S3's CopyObject refuses a source larger than 5 GiB (InvalidRequest: "The specified copy
+# source is larger than the maximum allowable size for a copy source"), and one UploadPartCopy
+# copies at most as much. A larger object is copied as a multipart upload of byte ranges
+# (`ObjectMutator._copy_multipart`). COPY_LIMIT_ENV may lower the limit (never raise it, never
+# below S3's smallest part, MIN_PART): the tests run the multipart copy on small objects
+# against a server that refuses CopyObject above the same lowered limit.
+SINGLE_COPY_MAX = 5 << 30
+COPY_LIMIT_ENV = "REGFSCK_S3_COPY_LIMIT"
+MIN_PART = 5 << 20  # S3: every part but the last at least 5 MiB
+MAX_PARTS = 10_000  # S3: parts of one multipart upload
+COPY_PART_SIZE = 64 << 20  # our own layout's parts (a source's own layout is preferred)
 LOCK_PATH = f"{STATE_DIR}/lock"  # relative to ROOT: outside docker/, where the registry looks
 LOCK_REFRESH_S = 30.0
 LOCK_STALE_S = 300.0
@@ -729,6 +740,39 @@ def _plain_md5(etag: str | None) -> bool:
     """An ETag that is the MD5 of the bytes (one PutObject, no SSE-KMS), not a multipart one."""
     value = (etag or "").strip('"')
     return len(value) == 32 and all(c in "0123456789abcdef" for c in value.lower())
+
+
+def _multipart_parts(etag: str | None) -> int | None:
+    """N of a multipart upload's ETag (`<md5 of the parts' MD5s>-N`), else None."""
+    value, dash, count = (etag or "").strip('"').rpartition("-")
+    if dash and _plain_md5(value) and count.isdigit() and 0 < int(count) <= MAX_PARTS:
+        return int(count)
+    return None
+
+
+def _composite_etag(part_etags: Sequence[str]) -> str | None:
+    """The ETag S3 gives an object completed from parts with these ETags (the MD5 of their
+    binary MD5s, `-N`), or None when a part's ETag is not an MD5 (SSE-KMS, another server)."""
+    if not part_etags or not all(_plain_md5(e) for e in part_etags):
+        return None
+    digest = hashlib.md5(b"".join(bytes.fromhex(e.strip('"')) for e in part_etags),
+                         usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(part_etags)}"
+
+
+def single_copy_max() -> int:
+    """The largest object one copy request may copy (`SINGLE_COPY_MAX`, or lower by
+    `COPY_LIMIT_ENV`): the one place the limit is read."""
+    value = os.environ.get(COPY_LIMIT_ENV, "")
+    return max(MIN_PART, min(SINGLE_COPY_MAX, int(value))) if value.isdigit() else SINGLE_COPY_MAX
+
+
+def copy_layout(size: int, limit: int) -> list[int]:
+    """Our own part sizes for a multipart copy of `size` bytes: parts of COPY_PART_SIZE (at
+    most `limit`, at least MIN_PART), larger when more than MAX_PARTS would be needed."""
+    part = max(MIN_PART, min(COPY_PART_SIZE, limit), -(-size // MAX_PARTS))
+    whole, rest = divmod(size, part)
+    return [part] * whole + ([rest] if rest else [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,8 +790,10 @@ class ObjectMutator(_AtLocation):
     like the filesystem backend rooted at ROOT that the quarantine uses).
 
     Every request is counted in `REQUESTS` by kind: `list`, `head`, `get`, `put`, `copy`,
-    `delete` (one DeleteObjects of up to 1,000 keys), and for large new objects
-    `multipart_create`, `put_part`, `multipart_complete`, `multipart_abort`, `list_uploads`."""
+    `delete` (one DeleteObjects of up to 1,000 keys), for large new objects
+    `multipart_create`, `put_part`, `multipart_complete`, `multipart_abort`, `list_uploads`,
+    and for copies above `single_copy_max` `copy_part` (one UploadPartCopy) with the same
+    `multipart_*` kinds and the `head`s that learn the source's parts."""
 
     def __init__(self, location: S3Location, *, jobs: int | None = None,
                  client: ObjectClient | None = None) -> None:
@@ -756,6 +802,8 @@ class ObjectMutator(_AtLocation):
         self.jobs = jobs or default_jobs()
         self._client = client
         self._boto_client: Any = None
+        self._part_pool: ThreadPoolExecutor | None = None
+        self._setup = threading.Lock()
 
     def key(self, path: str) -> str:
         if not check_relative(path):
@@ -879,10 +927,21 @@ class ObjectMutator(_AtLocation):
         return self._multipart_new(path, first, stream)
 
     def _boto(self) -> Any:
-        if self._boto_client is None:
-            self._boto_client = boto_client(self.location, "write large objects:", "",
-                                            pool=PARTS_IN_FLIGHT + 2)
-        return self._boto_client
+        with self._setup:
+            if self._boto_client is None:  # a connection for every part in flight
+                self._boto_client = boto_client(self.location, "write large objects:", "",
+                                                pool=max(PARTS_IN_FLIGHT, self.jobs) + 2)
+            return self._boto_client
+
+    def _parts(self) -> ThreadPoolExecutor:
+        """The pool of the multipart copies' requests, shared by every copy of this mutator:
+        `jobs` in flight however many large objects a batch copies at once. Its tasks never
+        wait on other tasks, so a copy waiting on its parts from `move`'s pool cannot
+        deadlock."""
+        with self._setup:
+            if self._part_pool is None:
+                self._part_pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="regfsck-copy-part")
+            return self._part_pool
 
     def _multipart_new(self, path: str, first: bytearray, stream: Iterator[bytes]) -> int:
         from collections import deque
@@ -963,9 +1022,26 @@ class ObjectMutator(_AtLocation):
     def copy_checked(self, source: KeyInfo, dest: str) -> KeyInfo:
         """Server-side copy of one object, then a HEAD of the copy: same size, and the same
         ETag when the source's is the MD5 of its bytes (a multipart ETag changes on copy).
-        A copy that does not match is deleted again and reported as an error."""
+        A copy that does not match is deleted again and reported as an error.
+
+        On S3 an object above `single_copy_max` (5 GiB: CopyObject refuses more) is copied
+        in parts (`_copy_multipart`); its copy must have the size, and the ETag that the
+        parts' ETags the server reported make; and when the source's parts were mirrored,
+        the source's own ETag: then every part's MD5 is the source part's."""
         import obstore
 
+        if self.location.provider == "s3" and source.size > single_copy_max():
+            expected, mirrored = self._copy_multipart(source, dest)
+            copied = self.head(dest)
+            mine = (copied.etag or "").strip('"') if copied is not None else ""
+            if copied is None or copied.size != source.size or (
+                    expected is not None and mine != expected) or (
+                    mirrored and mine != (source.etag or "").strip('"')):
+                with _suppress_storage():
+                    self.delete([dest])
+                raise StorageError(errno.EIO, f"the copy of {source.path} at {dest} does not "
+                                   "match it (size or ETag); nothing was deleted", source.path)
+            return copied
         REQUESTS.add("copy")
         try:
             obstore.copy(self.client, self.key(source.path), self.key(dest), overwrite=True)
@@ -981,6 +1057,106 @@ class ObjectMutator(_AtLocation):
             raise StorageError(errno.EIO, f"the copy of {source.path} at {dest} does not match "
                                "it (size or ETag); nothing was deleted", source.path)
         return copied
+
+    def _copy_multipart(self, source: KeyInfo, dest: str) -> tuple[str | None, bool]:
+        """Copy `source` to `dest` as a multipart upload of byte ranges (UploadPartCopy),
+        `jobs` parts in flight, completed only if `dest` is still free (If-None-Match: *).
+        Returns (the ETag the parts make, or None when a part's ETag is no MD5; whether the
+        source's own part layout was mirrored).
+
+        Each part is copied only from the source as listed (x-amz-copy-source-if-match its
+        ETag): a source rewritten meanwhile fails the copy. A failure aborts the upload (after
+        the parts in flight end): nothing appears. A process killed meanwhile leaves the
+        upload open, invisible: `settle_move` (the recovery of the run) aborts what is open
+        at a move's destination, and the next copy to this key aborts it first (an undo
+        tried again)."""
+        from concurrent.futures import wait
+
+        sizes, mirrored = self._part_layout(source)
+        client = self._boto()
+        bucket, key = self.location.bucket, self.key(dest)
+        self.abort_uploads_at(dest)  # a copy to this key killed earlier (the key is free)
+        try:
+            REQUESTS.add("multipart_create")
+            upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        except Exception as exc:
+            raise self._boto_error(exc, f"copy {source.path} to", dest) from exc
+        ranges: list[tuple[int, int]] = []
+        start = 0
+        for size in sizes:
+            ranges.append((start, start + size - 1))
+            start += size
+        futures = [self._parts().submit(self._copy_part, dest, upload_id, number, first, last,
+                                        source)
+                   for number, (first, last) in enumerate(ranges, 1)]
+        try:
+            try:
+                parts = [future.result() for future in futures]
+            finally:
+                for future in futures:
+                    future.cancel()
+                wait(futures)  # nothing in flight when the upload is aborted
+            REQUESTS.add("multipart_complete")
+            client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                             MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                REQUESTS.add("multipart_abort")
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            if isinstance(exc, Exception) and not isinstance(exc, StorageError) and \
+                    type(exc).__module__.startswith(("botocore", "boto3")):
+                raise self._boto_error(exc, f"copy {source.path} to", dest) from exc
+            raise
+        return _composite_etag([str(p["ETag"]) for p in parts]), mirrored
+
+    def _copy_part(self, dest: str, upload_id: str, number: int, first: int, last: int,
+                   source: KeyInfo) -> dict[str, Any]:
+        """One UploadPartCopy: bytes first..last of `source` as part `number` of `dest`."""
+        REQUESTS.add("copy_part")
+        kwargs: dict[str, Any] = {
+            "Bucket": self.location.bucket, "Key": self.key(dest), "UploadId": upload_id,
+            "PartNumber": number, "CopySourceRange": f"bytes={first}-{last}",
+            "CopySource": {"Bucket": self.location.bucket, "Key": self.key(source.path)}}
+        if source.etag:
+            kwargs["CopySourceIfMatch"] = source.etag
+        answer = self._boto().upload_part_copy(**kwargs)
+        return {"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]}
+
+    def _part_layout(self, source: KeyInfo) -> tuple[list[int], bool]:
+        """The part sizes to copy `source` in, and whether they are the source's own.
+
+        An object above 5 GiB on S3 is always a multipart upload (a PutObject takes at most
+        5 GiB); copied with the same part sizes, its copy gets the same ETag, so comparing
+        the ETags proves every part's MD5 equal, as a plain ETag does for a one-part copy.
+        The sizes come from HEADs with partNumber (the first gives the parts' count, the
+        others go `jobs` at a time). Without that (a one-part source, a server that does not
+        answer partNumber, a part above the limit) the parts are our own (`copy_layout`)."""
+        limit = single_copy_max()
+        count = _multipart_parts(source.etag)
+        if count is not None:
+            first = self._head_part(source, 1)
+            if first is not None and first[1] == count:
+                sizes = [first[0], *(found[0] if found is not None else 0 for found in
+                                     self._parts().map(lambda n: self._head_part(source, n),
+                                                       range(2, count + 1)))]
+                if sum(sizes) == source.size and all(0 < s <= limit for s in sizes):
+                    return sizes, True
+        return copy_layout(source.size, limit), False
+
+    def _head_part(self, source: KeyInfo, number: int) -> tuple[int, int | None] | None:
+        """(size of part `number` of `source`, the parts' count the server gives) or None."""
+        REQUESTS.add("head")
+        try:
+            answer = self._boto().head_object(Bucket=self.location.bucket,
+                                              Key=self.key(source.path), PartNumber=number)
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(errno.ENOENT, f"cannot copy {source.path}: no such object",
+                                   source.path) from exc
+            return None  # no part answer: our own layout
+        count = answer.get("PartsCount")
+        return int(answer.get("ContentLength", 0)), int(count) if count is not None else None
 
     def _same_bytes(self, source: str, dest: str) -> bool:
         """Azure only: do the copy's bytes equal the source's (both streamed, compared in
@@ -1098,6 +1274,7 @@ class ObjectMutator(_AtLocation):
         not begun to take effect). None: neither exists."""
         here = {k.path[len(source):]: k for k in self.objects_at(source)}
         held = {k.path[len(dest):]: k for k in self.objects_at(dest)}
+        self.abort_uploads_at(dest)  # a multipart copy killed between its parts
         if not held:
             return False if here else None
         if not here:
@@ -1124,16 +1301,27 @@ class ObjectMutator(_AtLocation):
 
     def abort_uploads_below(self, path: str) -> int:
         """Abort every multipart upload open below the "directory" `path`; returns how many."""
+        return self._abort_uploads(path, self.key(path) + "/", lambda key: True)
+
+    def abort_uploads_at(self, path: str) -> int:
+        """Abort every multipart upload open at the key `path` or below it (what a copy to
+        `path`, a file or a "directory", killed between its parts left); returns how many."""
+        at = self.key(path)
+        return self._abort_uploads(path, at, lambda key: key == at or key.startswith(at + "/"))
+
+    def _abort_uploads(self, path: str, prefix: str, wanted: Callable[[str], bool]) -> int:
         if self.location.provider != "s3":
             return 0
         client = self._boto()
-        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": self.key(path) + "/"}
+        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": prefix}
         aborted = 0
         try:
             while True:
                 REQUESTS.add("list_uploads")
                 page = client.list_multipart_uploads(**kwargs)
                 for upload in page.get("Uploads", []):
+                    if not wanted(str(upload["Key"])):
+                        continue
                     REQUESTS.add("multipart_abort")
                     client.abort_multipart_upload(Bucket=self.location.bucket, Key=upload["Key"],
                                                   UploadId=upload["UploadId"])

@@ -126,19 +126,23 @@ def invoke(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = 
 
 # A regfsck process that ends itself at one call of its storage: a crash at a chosen point.
 _KILLING = """
-import importlib, os, signal, sys
+import importlib, os, signal, sys, threading
 module, name, method, match, nth, when = sys.argv[1:7]
 storage = getattr(importlib.import_module(module), name)
 original = getattr(storage, method)
 seen = [0]
+counting = threading.Lock()  # calls from several threads (a copy's parts): each gets its number
 SIGNALS = {"before": signal.SIGKILL, "after": signal.SIGKILL, "ctrl-c": signal.SIGINT}
 
 def ending(self, *args, **kwargs):
     first = args[0] if args else next(iter(kwargs.values()), "")
     hit = match in str(first)
+    mine = 0
     if hit:
-        seen[0] += 1
-    due = hit and seen[0] == int(nth)
+        with counting:
+            seen[0] += 1
+            mine = seen[0]
+    due = hit and mine == int(nth)
     if due and when == "before":
         os.kill(os.getpid(), SIGNALS[when])
     result = original(self, *args, **kwargs)

@@ -241,6 +241,79 @@ class MotoServer(ChildServer):
         return env
 
 
+# moto takes CopyObject of any size (it holds objects in memory and never checks S3's 5 GiB
+# limit for a copy source; nor does UploadPartCopy check a part's 5 GiB), and a >5 GiB object
+# is beyond this machine's memory for moto anyway. This child runs moto_server with S3's
+# refusal added at a limit read from a file (absent: no limit), so a test can set it after
+# the registry pushed its images: CopyObject of a larger source and UploadPartCopy of a larger
+# range get S3's own error.
+_LIMITED_MOTO = """
+import os, sys
+from moto.s3 import models
+from moto.s3.exceptions import S3ClientError
+
+LIMIT_FILE = sys.argv[1]
+
+def limit():
+    try:
+        with open(LIMIT_FILE) as handle:
+            return int(handle.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+def refuse(size):
+    found = limit()
+    if found is not None and size > found:
+        raise S3ClientError("InvalidRequest", "The specified copy source is larger than the "
+                            f"maximum allowable size for a copy source: {found}")
+
+copy_object = models.S3Backend.copy_object
+def limited_copy_object(self, src_key, *args, **kwargs):
+    refuse(src_key.size)
+    return copy_object(self, src_key, *args, **kwargs)
+
+upload_part_copy = models.S3Backend.upload_part_copy
+def limited_upload_part_copy(self, *args, **kwargs):
+    start, end = kwargs.get("start_byte"), kwargs.get("end_byte")
+    if start is None:
+        key = self.get_object(kwargs["src_bucket_name"], kwargs["src_key_name"])
+        refuse(key.size if key is not None else 0)
+    else:
+        refuse(end - start + 1)
+    return upload_part_copy(self, *args, **kwargs)
+
+models.S3Backend.copy_object = limited_copy_object
+models.S3Backend.upload_part_copy = limited_upload_part_copy
+from moto.server import main
+main(sys.argv[2:])
+"""
+
+
+class LimitedMotoServer(MotoServer):
+    """moto_server refusing copies above a limit the test sets (`limit_copies`), as S3
+    refuses CopyObject of a source above 5 GiB (InvalidRequest)."""
+
+    name = "moto-limited"
+
+    @property
+    def limit_file(self) -> Path:
+        assert self.tmp is not None
+        return self.tmp / "copy-limit"
+
+    def argv(self) -> list[str]:
+        import sys
+
+        return [sys.executable, "-c", _LIMITED_MOTO, str(self.limit_file),
+                "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def limit_copies(self, size: int | None) -> None:
+        """Refuse copies of more than `size` bytes from now on (None: no limit)."""
+        if size is None:
+            self.limit_file.unlink(missing_ok=True)
+        else:
+            self.limit_file.write_text(str(size))
+
+
 class Azurite(ChildServer):
     """`azurite-blob` (Azure Blob Storage, data in the server's temp dir)."""
 
