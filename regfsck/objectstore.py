@@ -708,7 +708,8 @@ class ObjectStorage(_AtLocation):
 
 # -- mutations -------------------------------------------------------------------
 # Object storage has no rename and no directories. A quarantine move is a server-side
-# CopyObject of every key below the source to the same place below the destination, each
+# CopyObject of every key below the source to the same place below the destination (above
+# 5 GiB, S3's limit for one, a multipart copy: `copy_checked`), each
 # copy checked (size, and ETag when the source's is a plain MD5), then one DeleteObjects
 # for the sources (1,000 keys a request): at every moment each key exists in the tree, in
 # the quarantine, or in both (the copy done, the delete not yet) -- never in neither.
