@@ -258,6 +258,32 @@ def test_gc_killed_between_the_parts_of_a_copy_is_recovered(big_bucket: BigBucke
 
 
 @needs_server
+def test_undo_killed_between_the_parts_of_a_copy_back_is_finished_by_the_next(
+        big_bucket: BigBucket) -> None:
+    """gc --apply moves the 11 MiB layer into the quarantine; its undo is SIGKILLed right
+    after the second part copy back into the tree: the upload is open at the layer's key in
+    the tree, the layer not there yet. The next `undo --break-lock` copies it back again,
+    aborting the upload left at that key first: every key of the tree byte for byte with its
+    ETag, no upload open, no lock."""
+    bucket = big_bucket.clone()
+    before = bucket.tree()
+    code, doc, err = run(bucket, "gc", bucket.url, "--grace", "0", "--apply",
+                         "--no-registry-check")
+    assert code == 0, (doc, err)
+    killed = run_killed(BOTO, KILL_BETWEEN_PARTS, "undo", bucket.url, doc["run_id"],
+                        "--no-registry-check", "--json", env=bucket.env())
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    left = bucket.open_uploads()
+    assert len(left) == 1 and "/docker/registry/v2/blobs/" in left[0], left
+    assert left[0] not in bucket.tree()
+    code, undone, err = run(bucket, "undo", bucket.url, doc["run_id"], "--no-registry-check",
+                            "--break-lock")
+    assert code == 0, (undone, err)
+    assert bucket.tree() == before
+    assert not bucket.open_uploads() and not bucket.keys_below(LOCK)
+
+
+@needs_server
 def test_import_of_a_layer_above_the_copy_limit(big_bucket: BigBucket, tmp_path: Path) -> None:
     """import --apply of an image with a 13 MiB layer: written ahead into the run's `new/`
     (a multipart upload of 8 MiB parts), then copied into the tree in parts (our own 5 MiB
