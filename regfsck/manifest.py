@@ -271,25 +271,59 @@ _HAS_CONFIG = 1
 _HAS_SUBJECT = 2
 # The strings of packed manifests (media types, platforms): few distinct ones, numbered
 # once per process; 0 stands for None.
-_STRINGS: list[str | None] = [None]
-_STRING_IDS: dict[str | None, int] = {None: 0}
+#
+# The table starts with the strings real registries hold most (the same numbers in every
+# process): a scan's worker processes, forked from the one that keeps the manifests, pack
+# what they read with the numbers they inherited (`pack_manifest(new_strings=False)`) and
+# hand over the packed form, so the parent parses no JSON (issue 15: it was a third of its
+# work during the walk). A manifest with a string the table lacks goes over as bytes.
+_WELL_KNOWN_STRINGS: tuple[str, ...] = (
+    *(f"application/vnd.docker.{name}" for name in (
+        "distribution.manifest.v2+json", "distribution.manifest.list.v2+json",
+        "container.image.v1+json", "image.rootfs.diff.tar.gzip", "image.rootfs.diff.tar",
+        "image.rootfs.diff.tar.zstd", "image.rootfs.foreign.diff.tar.gzip",
+        "image.rootfs.foreign.diff.tar", "plugin.v1+json")),
+    *(f"application/vnd.oci.{name}" for name in (
+        "image.manifest.v1+json", "image.index.v1+json", "image.config.v1+json",
+        "image.layer.v1.tar+gzip", "image.layer.v1.tar", "image.layer.v1.tar+zstd",
+        "image.layer.nondistributable.v1.tar+gzip", "image.layer.nondistributable.v1.tar",
+        "image.layer.nondistributable.v1.tar+zstd", "empty.v1+json",
+        "artifact.manifest.v1+json")),
+    "application/vnd.dev.cosign.simplesigning.v1+json", "application/vnd.dsse.envelope.v1+json",
+    "application/vnd.dev.sigstore.bundle.v0.3+json", "application/vnd.in-toto+json",
+    "application/vnd.cncf.notary.signature", "application/spdx+json",
+    "application/vnd.cyclonedx+json", "application/vnd.syft+json",
+    "application/vnd.cncf.helm.config.v1+json",
+    "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+    *(f"linux/{arch}" for arch in (
+        "amd64", "arm64", "arm64/v8", "arm/v7", "arm/v6", "arm/v5", "386", "ppc64le",
+        "s390x", "riscv64", "mips64le", "loong64")),
+    "windows/amd64", "windows/arm64", "unknown/unknown", "",
+)
+_STRINGS: list[str | None] = [None, *_WELL_KNOWN_STRINGS]
+_STRING_IDS: dict[str | None, int] = {value: i for i, value in enumerate(_STRINGS)}
 _MAX_STRINGS = 0xFFFF
 
 
-def _string_id(value: str | None) -> int | None:
+def _string_id(value: str | None, new: bool = True) -> int | None:
+    """The number of `value` in the table; a new one (`new`) or None (table full, or not
+    `new`): then the manifest stays unpacked."""
     found = _STRING_IDS.get(value)
-    if found is None and len(_STRINGS) <= _MAX_STRINGS:
+    if found is None and new and len(_STRINGS) <= _MAX_STRINGS:
         found = _STRING_IDS[value] = len(_STRINGS)
         _STRINGS.append(value)
     return found
 
 
-def pack_manifest(manifest: Manifest) -> PackedManifest | Manifest:
-    """`manifest` packed (see above), or itself when the packed form cannot hold it."""
+def pack_manifest(manifest: Manifest, *, new_strings: bool = True) -> PackedManifest | Manifest:
+    """`manifest` packed (see above), or itself when the packed form cannot hold it.
+
+    `new_strings=False`: only with the strings the table already numbers (a forked worker,
+    whose new numbers its parent would not know): else the manifest itself."""
     if manifest.problems or len(manifest.layers) > 0xFFFF or len(manifest.children) > 0xFFFF:
         return manifest
-    media_type = _string_id(manifest.media_type)
-    artifact_type = _string_id(manifest.artifact_type)
+    media_type = _string_id(manifest.media_type, new_strings)
+    artifact_type = _string_id(manifest.artifact_type, new_strings)
     if media_type is None or artifact_type is None:
         return manifest
     descs: list[Descriptor] = []
@@ -306,8 +340,8 @@ def pack_manifest(manifest: Manifest) -> PackedManifest | Manifest:
                           len(manifest.layers), len(manifest.children))]
     for desc in descs:
         size = -1 if desc.size is None else desc.size
-        desc_type = _string_id(desc.media_type)
-        platform = _string_id(desc.platform)
+        desc_type = _string_id(desc.media_type, new_strings)
+        platform = _string_id(desc.platform, new_strings)
         if desc.urls or size >= 1 << 63 or desc_type is None or platform is None:
             return manifest
         numbers.append(_DESC.pack(_ROLE_IDS[desc.role], desc_type, platform, size))

@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 from regfsck import layout
 from regfsck.inventory import BlobTable, Inventory, Link, LinkMap, Repository, Tag
-from regfsck.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, share_descriptors
+from regfsck.manifest import (
+    MAX_MANIFEST_BYTES,
+    Descriptor,
+    Manifest,
+    ManifestError,
+    PackedManifest,
+    pack_manifest,
+    parse_manifest,
+    share_descriptors,
+)
 from regfsck.storage import FilesystemStorage, StorageError
 
 if TYPE_CHECKING:
@@ -188,7 +197,7 @@ def _work(index: int) -> bytes:
         child = scanner._child()
         stack.extend(reversed(work(child)))
         fragments.append((key, child.inv))
-    manifests: dict[str, bytes] = {}
+    manifests: dict[str, bytes | tuple[int, PackedManifest]] = {}
     # A dry run's walk only listed the blob directories (Depth.LIST): what these reads
     # lstat'ed first are the manifests' rows (size, mtime, ctime, inode), so the parent
     # need not look again (`Scanner.settle_blobs` would).
@@ -208,13 +217,25 @@ def _work(index: int) -> bytes:
             if stated is not None:
                 stated.add(digest, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             if len(raw) <= MAX_MANIFEST_BYTES:
-                manifests[digest] = raw
+                manifests[digest] = _packed_or_raw(raw)
     rows = None
     if stated:
         digests, numbers, _ = stated.rows()
         rows = ("\n".join(digests), numbers.tobytes())
     return pickle.dumps(([(key, _enc_inv(inv)) for key, inv in fragments], manifests, rows),
                         protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _packed_or_raw(raw: bytes) -> bytes | tuple[int, PackedManifest]:
+    """A manifest read by a worker as it crosses to the parent: packed (with its size),
+    the form the parent's `ManifestStore` keeps, when it parses cleanly and the string
+    numbers it needs are the ones the parent has too; else its bytes, which the parent
+    parses and judges itself (`_take`)."""
+    try:
+        packed = pack_manifest(parse_manifest(raw), new_strings=False)
+    except ManifestError:
+        return raw
+    return (len(raw), packed) if type(packed) is tuple else raw
 
 
 def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
@@ -275,8 +296,12 @@ def _take(data: bytes, scanner: Scanner, manifests: dict[str, tuple[int, Any]],
     encoded, read, rows = pickle.loads(data)
     if rows:
         stated.append(rows)
-    for digest, raw in read.items():  # parsed at once: no pile of raw bytes
-        parsed = ManifestStore._parse(raw)
+    for digest, raw in read.items():
+        if type(raw) is tuple:  # packed by the worker: its digests become the shared strings
+            size, packed = raw
+            manifests[intern(digest)] = (size, (packed[0], *map(intern, packed[1:])))
+            continue
+        parsed = ManifestStore._parse(raw)  # parsed at once: no pile of raw bytes
         if isinstance(parsed, Manifest):
             parsed = share_descriptors(parsed, descriptors)
         manifests[intern(digest)] = (len(raw), parsed)

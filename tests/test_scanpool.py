@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from regfsck import layout
+from regfsck import layout, scanpool
+from regfsck import manifest as manifest_module
 from regfsck.gc import GcOptions, plan_gc
 from regfsck.graph import ManifestStore
 from regfsck.inventory import UNSTATED
+from regfsck.manifest import parse_manifest, unpack_manifest
 from regfsck.root import resolve
 from regfsck.scanner import Depth, Scanner, settle_blobs
 from regfsck.storage import open_storage
@@ -120,6 +122,44 @@ def test_manifests_read_by_workers_equal_the_store_s(damaged: tuple[Path, tuple[
     digests = sorted(forked.manifests)  # type: ignore[attr-defined]
     assert [early.load(d) for d in digests] == [late.load(d) for d in digests]
     assert not forked.manifests  # type: ignore[attr-defined]  # each taken once
+
+
+def test_workers_hand_over_manifests_packed_with_the_parents_string_numbers() -> None:
+    """A worker packs what it reads only with the string numbers it inherited (its parent
+    knows no others): a manifest with a media type the table lacks crosses as its bytes,
+    and the table does not grow in the worker."""
+    image = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                        "digest": "sha256:" + "a" * 64, "size": 10},
+             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                         "digest": "sha256:" + "b" * 64, "size": 20}]}
+    raw = json.dumps(image).encode()
+    size, packed = scanpool._packed_or_raw(raw)  # type: ignore[misc]
+    assert size == len(raw) and unpack_manifest(packed) == parse_manifest(raw)
+    image["layers"][0]["mediaType"] = "application/x-never-seen-before"  # type: ignore[index]
+    odd = json.dumps(image).encode()
+    strings = len(manifest_module._STRINGS)
+    assert scanpool._packed_or_raw(odd) == odd
+    assert len(manifest_module._STRINGS) == strings
+    assert scanpool._packed_or_raw(b"{not json") == b"{not json"
+
+
+def test_forked_walk_parses_no_manifest_of_a_real_shape(damaged: tuple[Path, tuple[str, str]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every manifest of the synthetic tree (the registry's own media types) arrives packed,
+    its digests the inventory's strings: the parent parsed none of them."""
+    root, _ = damaged
+    parsed: list[bytes] = []
+    parse = ManifestStore._parse
+    monkeypatch.setattr(ManifestStore, "_parse",
+                        staticmethod(lambda raw: parsed.append(raw) or parse(raw)))
+    forked = _scan(root, "3", monkeypatch)
+    manifests = forked.manifests  # type: ignore[attr-defined]
+    assert parsed == []
+    assert manifests and all(type(packed) is tuple for _, packed in manifests.values())
+    blobs = {d: d for d in forked.blobs}  # type: ignore[attr-defined]
+    shared = [ref for _, packed in manifests.values() for ref in packed[1:] if ref in blobs]
+    assert shared and all(ref is blobs[ref] for ref in shared)
 
 
 def test_gc_plan_with_deferred_layer_reads_is_the_full_read_plan(
