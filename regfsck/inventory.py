@@ -201,6 +201,16 @@ class LinkMap(_CompactTable[Link]):
         if i == len(plain) or plain[i] != digest:
             plain.insert(i, digest)
 
+    def extend_listed(self, digests: list[str]) -> None:
+        """`add_listed` of each of `digests` (sorted, as a directory listing gives them): an
+        empty map (the usual case, one directory per map) takes the list as it is."""
+        if not self._plain and not self._odd and digests == sorted(digests) and (
+                len(set(digests)) == len(digests)):  # both checks at C speed
+            self._plain = digests
+            return
+        for digest in digests:
+            self.add_listed(digest)
+
     def plain(self) -> list[str]:
         """The digests whose link holds what its path names (sorted; do not change it)."""
         return self._plain

@@ -23,9 +23,10 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
+from operator import attrgetter
 from stat import S_ISLNK, S_ISREG
 from sys import intern
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from regfsck import layout, scanpool
 from regfsck.digest import HEX_LENGTHS, DigestError, is_valid_hex, parse_link_content
@@ -102,11 +103,13 @@ def _is_tmp_leftover(name: str) -> bool:
     return name.endswith(".tmp")
 
 
-def _entry_name(entry: DirEntryLike) -> str:
-    return entry.name
+_entry_name: Callable[[DirEntryLike], str] = attrgetter("name")
 
 
 _HEX_RE = {alg: re.compile(f"[a-f0-9]{{{n}}}") for alg, n in HEX_LENGTHS.items()}
+# A whole directory listing of hex names at once (names joined by newlines).
+_HEX_LINES = {alg: re.compile(f"(?:[a-f0-9]{{{n}}}\n)*[a-f0-9]{{{n}}}")
+              for alg, n in HEX_LENGTHS.items()}
 
 
 class Scanner:
@@ -128,7 +131,9 @@ class Scanner:
     def _entries(self, path: str, repo: str | None = None) -> list[DirEntryLike] | None:
         """List a directory; an unreadable one becomes an anomaly and yields None."""
         try:
-            entries = sorted(self.storage.scandir(path), key=_entry_name)
+            found = self.storage.scandir(path)
+            entries = found if type(found) is list else list(found)
+            entries.sort(key=_entry_name)
         except StorageError as exc:
             self._anomaly("unreadable", path, exc.message, repo=repo)
             return None
@@ -431,45 +436,67 @@ class Scanner:
                 self._anomaly("link_bad_path", alg_path, "unknown digest algorithm directory",
                               repo=repo_name, tag=tag)
                 continue
-            valid: list[tuple[str, str]] = []  # (hex dir path, digest)
-            names: list[str] = []
-            for hex_entry in self._entries(alg_path, repo_name) or ():
-                name = hex_entry.name
-                hex_path = f"{alg_path}/{name}"
-                if not hex_entry.is_dir(follow_symlinks=False):
-                    self._odd_entry(hex_entry, hex_path, "a digest directory", repo_name)
-                    continue
-                if hex_re.fullmatch(name) is None:
-                    self._anomaly("link_bad_path", hex_path,
-                                  f"not a valid {alg} hex name", repo=repo_name, tag=tag)
-                    continue
-                valid.append((hex_path, intern(f"{alg}:{name}")))
-                names.append(f"{name}/link")
-            if not valid:
+            hexes = self._digest_dirs(alg_path, alg, hex_re, repo_name, tag)
+            if not hexes:
                 continue
+            prefix = f"{alg}:"
+            digests = [intern(prefix + h) for h in hexes]
+            names = [f"{h}/link" for h in hexes]
+            listed = self.depth is Depth.LIST and alg == "sha256" and into is repo.layers
             try:
                 if self.depth is not Depth.READ and alg == "sha256" and into is repo.layers:
                     repo.layers_unread = True
-                    contents = ([d.encode("ascii") for _, d in valid] if self.depth is Depth.LIST
-                                else _as_read(self.storage.lstat_many(alg_path, names), valid,
-                                              alg_path, names))
+                    contents = (None if listed else _as_read(
+                        self.storage.lstat_many(alg_path, names), digests, alg_path, names))
                 else:
                     contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
             except StorageError as exc:
                 self._anomaly("unreadable", alg_path, exc.message, repo=repo_name)
                 continue
+            if contents is None or _all_name_their_path(contents, digests):  # the normal case
+                if alg_path == f"{into.base}/{alg}":
+                    into.extend_listed(digests)
+                else:
+                    add_listed = _link_adder(into, alg_path, alg)
+                    for digest in digests:
+                        add_listed(digest)
+                self.inv.files_seen += len(digests)
+                continue
             make_link = self._link
             add_listed = _link_adder(into, alg_path, alg)
             files = 0
-            for (hex_path, digest), raw in zip(valid, contents, strict=True):
-                if type(raw) is bytes and raw.decode("latin-1") == digest:  # the normal case
+            for hex_part, digest, raw in zip(hexes, digests, contents, strict=True):
+                if type(raw) is bytes and raw.decode("latin-1") == digest:
                     files += 1
                     add_listed(digest)
                     continue
+                hex_path = f"{alg_path}/{hex_part}"
                 link = make_link(raw, f"{hex_path}/link", repo_name, hex_path, digest)
                 if link is not None:
                     into[digest] = link
             self.inv.files_seen += files
+
+    def _digest_dirs(self, alg_path: str, alg: str, hex_re: re.Pattern[str], repo: str,
+                     tag: str | None) -> list[str]:
+        """The `<hex>` directory names under `alg_path` (sorted); anything else found there
+        is recorded as an anomaly. A directory of only well-named subdirectories (the
+        normal case) is judged at once, by one regular expression over all its names."""
+        entries = self._entries(alg_path, repo) or ()
+        names = [e.name for e in entries]
+        if all([e.is_dir(follow_symlinks=False) for e in entries]) and (
+                _HEX_LINES[alg].fullmatch("\n".join(names)) is not None):
+            return names
+        valid: list[str] = []
+        for entry, name in zip(entries, names, strict=True):
+            hex_path = f"{alg_path}/{name}"
+            if not entry.is_dir(follow_symlinks=False):
+                self._odd_entry(entry, hex_path, "a digest directory", repo)
+            elif hex_re.fullmatch(name) is None:
+                self._anomaly("link_bad_path", hex_path, f"not a valid {alg} hex name",
+                              repo=repo, tag=tag)
+            else:
+                valid.append(name)
+        return valid
 
     def _scan_manifests(self, repo: Repository, path: str) -> None:
         for entry, child in self._subdirs(path, "revisions/ or tags/", repo.name):
@@ -694,12 +721,20 @@ class Scanner:
         inv.dirs_seen += fragment.dirs_seen
 
 
-def _as_read(stats: list[os.stat_result | StorageError | None], valid: list[tuple[str, str]],
+def _all_name_their_path(contents: Sequence[bytes | StorageError], digests: list[str]) -> bool:
+    """Does every link hold exactly the digest its path names? One comparison of the joined
+    contents (links are a digest each, with no newline) instead of one per link."""
+    if not all([type(raw) is bytes for raw in contents]):
+        return False
+    return b"\n".join(cast("list[bytes]", contents)) == "\n".join(digests).encode("latin-1")
+
+
+def _as_read(stats: list[os.stat_result | StorageError | None], digests: list[str],
              dir_path: str, names: list[str]) -> list[bytes | StorageError]:
     """What `read_small_many` would say of link files only lstat'ed: the errors it would
     give (absent, symbolic link, not a regular file), else the digest the path names."""
     out: list[bytes | StorageError] = []
-    for (_, digest), st, name in zip(valid, stats, names, strict=True):
+    for digest, st, name in zip(digests, stats, names, strict=True):
         path = f"{dir_path}/{name}"
         if st is None:
             out.append(StorageError(errno.ENOENT, f"cannot read {path}: no such file", path))
