@@ -89,7 +89,9 @@ class GcBlock(enum.StrEnum):
     NEVER = "never"
     ALWAYS = "always"
     # Link damage decides marking only where links say what is kept: a repository's
-    # revisions and tags (under `_manifests`), not its `_layers`.
+    # revisions and tags (under `_manifests`), not its `_layers`; a tag's history
+    # (`tags/<t>/index/`) only with `--delete-untagged` (without it every revision is a
+    # root, and gc does not read the history).
     MANIFEST_LINKS = "manifest_links"
     # Without a current link, which manifests a tag still wants is unknown: only
     # `--delete-untagged` asks that question.
@@ -409,7 +411,11 @@ def blocks_gc(finding: Finding, delete_untagged: bool) -> bool:
         if finding.repo is None:
             return False
         manifests = layout.join(V2_PREFIX, layout.repo_dir(finding.repo), layout.MANIFESTS_DIR)
-        return finding.path.startswith(manifests + "/")
+        if not finding.path.startswith(manifests + "/"):
+            return False
+        inside = finding.path[len(manifests) + 1:].split("/")
+        history = len(inside) > 3 and inside[0] == layout.TAGS and inside[2] == layout.INDEX
+        return delete_untagged or not history
     return rule is GcBlock.ALWAYS or (rule is GcBlock.DELETE_UNTAGGED and delete_untagged)
 
 

@@ -488,6 +488,8 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     """The sweep plan for one scan (pure judgement: reads only manifests and mtimes, and
     the deferred `_layers` links the plan could act on, and inside the blob directories
     a dry run only listed, its manifests and victims: see `plan_gc`)."""
+    if options.delete_untagged and not inv.tag_history:
+        raise ValueError("--delete-untagged needs the tags' history: scan with tag_history")
     # Every manifest a revision or tag names is looked at before anything is judged (its
     # size and kind decide how it is read and whether the plan is blocked).
     settle_blobs(storage, inv, _manifest_candidates(inv))
@@ -537,9 +539,13 @@ def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = No
     until the plan needs them (`scanner.Depth`): every manifest and every victim is, so
     the victims and every finding about them, their manifests and the mark are the same;
     not seen is what sits inside the directory of a blob or layer link the plan keeps (a
-    symbolic link planted there blocks `--apply`, which walks at STAT, not the dry run)."""
+    symbolic link planted there blocks `--apply`, which walks at STAT, not the dry run).
+
+    Without `--delete-untagged` (both depths) the tags' history is not read: every
+    revision is a root, so it decides nothing, and its damage does not block
+    (`findings.blocks_gc`)."""
     storage = open_storage(root)
-    inv = Scanner(storage, root, depth=depth).scan()
+    inv = Scanner(storage, root, depth=depth, tag_history=options.delete_untagged).scan()
     store = ManifestStore(storage, inv)
     return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
 
@@ -555,13 +561,6 @@ def _manifest_candidates(inv: Inventory) -> list[str]:
             if tag.current is not None and tag.current.target is not None:
                 found[tag.current.target] = None
     return list(found)
-
-
-def remark(root: RegistryRoot, delete_untagged: bool) -> tuple[Inventory, Marks]:
-    """Scan the tree again and mark afresh (the re-check just before a sweep phase)."""
-    storage = open_storage(root)
-    inv = Scanner(storage, root).scan()
-    return inv, mark(inv, ManifestStore(storage, inv), delete_untagged)
 
 
 # --------------------------------------------------------------------------- revalidation
@@ -711,7 +710,7 @@ def _fresh(root: RegistryRoot, storage: Storage, plan: GcPlan,
         prev_paths = _fingerprint_paths(previous, delete_untagged) if previous else [layout.REPOSITORIES]
         before = _fingerprint(storage, prev_paths)
         started_ns = time.time_ns() - CLOCK_SLACK_NS
-        inv = Scanner(storage, root).scan()
+        inv = Scanner(storage, root, tag_history=delete_untagged).scan()  # as `plan_gc`'s
         store = ManifestStore(storage, inv)
         marks = mark(inv, store, delete_untagged)
         paths = _fingerprint_paths(inv, delete_untagged)

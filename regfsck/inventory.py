@@ -588,6 +588,9 @@ class Inventory:
     anomalies: list[Anomaly] = field(default_factory=list)
     files_seen: int = 0
     dirs_seen: int = 0
+    # Whether the tags' history (`tags/<t>/index/`) was read into `Tag.index`: gc without
+    # --delete-untagged marks nothing from it and does not read it (`Scanner(tag_history=)`).
+    tag_history: bool = True
     # Manifests the walk's worker processes read (revision links' digests): digest ->
     # (bytes read, what `ManifestStore._parse` keeps of them: the manifest packed, parsed,
     # or Unloadable), taken once by the ManifestStore when the size read is the blob's.

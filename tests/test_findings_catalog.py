@@ -131,16 +131,20 @@ def test_policy_sets_are_those_the_commands_used() -> None:
 DIGEST = "sha256:" + "a" * 64
 
 
-@pytest.mark.parametrize(("path", "blocks"), [
-    (layout.revision_link("lib/app", DIGEST), True),
-    (layout.tag_current_link("lib/app", "v1"), True),
-    (layout.tag_index_link("lib/app", "v1", DIGEST), True),
-    (layout.layer_link("lib/app", DIGEST), False),
+@pytest.mark.parametrize(("path", "blocks", "blocks_untagged"), [
+    (layout.revision_link("lib/app", DIGEST), True, True),
+    (layout.tag_current_link("lib/app", "v1"), True, True),
+    # A tag's history decides roots only with --delete-untagged (without it every
+    # revision is one, and gc does not read the history at all).
+    (layout.tag_index_link("lib/app", "v1", DIGEST), False, True),
+    (layout.join(layout.tag_dir("lib/app", "v1"), "index", "sha512"), False, True),
+    (layout.layer_link("lib/app", DIGEST), False, False),
 ])
-def test_link_damage_blocks_gc_where_links_decide_marking(path: str, blocks: bool) -> None:
+def test_link_damage_blocks_gc_where_links_decide_marking(path: str, blocks: bool,
+                                                          blocks_untagged: bool) -> None:
     finding = make_finding("link_mismatch", path, "x", repo="lib/app")
     assert blocks_gc(finding, delete_untagged=False) is blocks
-    assert blocks_gc(finding, delete_untagged=True) is blocks
+    assert blocks_gc(finding, delete_untagged=True) is blocks_untagged
 
 
 def test_link_damage_of_another_repository_path_is_judged_by_the_finding_repository() -> None:
