@@ -195,19 +195,21 @@ class TreeChecker:
         for digest, link in sorted(repo.revisions.items()):
             if not self._link_content(link, repo.name, expected=digest):
                 continue
-            loaded = self.store.load(digest)
+            # Of a loadable manifest, only bad descriptors block gc: the blocking-only
+            # checks ask no more than that (`loadable`: no unpacking of packed manifests).
+            loaded = self.store.loadable(digest) if self.blocking_only else self.store.load(digest)
             if isinstance(loaded, Unloadable):
                 kind = loaded.kind if loaded.kind != "blob_unreadable" else "revision_not_manifest"
                 path = link.path if kind == "revision_blob_missing" else layout.blob_data(digest)
                 self.out.add(make_finding(kind, path, f"manifest {digest}: {loaded.message}",
                                           repo=repo.name, digest=digest,
                                           affected_tags=reach.tags(digest)))
-                continue
-            if self.blocking_only:  # of a parsed manifest, only bad descriptors block gc
-                if loaded.problems:
-                    self._bad_descriptors(repo, digest, loaded, reach.tags(digest))
-                continue
-            self._check_manifest(repo, digest, loaded, serving, layers, reach.tags(digest))
+            elif isinstance(loaded, Manifest):
+                self._check_manifest(repo, digest, loaded, serving, layers, reach.tags(digest))
+            elif loaded:
+                manifest = self.store.load(digest)
+                assert isinstance(manifest, Manifest)
+                self._bad_descriptors(repo, digest, manifest, reach.tags(digest))
 
     def _bad_descriptors(self, repo: Repository, digest: str, manifest: Manifest,
                          tags: tuple[str, ...]) -> None:

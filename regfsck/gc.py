@@ -402,7 +402,7 @@ class _Planner:
             if newest > self.cutoff_ns:
                 self.plan.young.append((repo.path, f"repository {name}"))
                 continue
-            read_deferred_layers(self.storage, self.inv, lambda digest: True, [name])
+            read_deferred_layers(self.storage, self.inv, list, [name])
             for digest, link in sorted(repo.layers.items()):
                 if (name, digest) not in gone_links and link.target is not None:
                     self.plan.layer_links.append(LayerLinkVictim(
@@ -494,7 +494,8 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     # size and kind decide how it is read and whether the plan is blocked).
     settle_blobs(storage, inv, _manifest_candidates(inv))
     # A link whose blob is not stored may be an alias the mark follows: read before marking.
-    read_deferred_layers(storage, inv, lambda digest: digest not in inv.blobs)
+    stored = inv.blobs.digests()
+    read_deferred_layers(storage, inv, lambda digests: [d for d in digests if d not in stored])
     while True:
         seen = len(inv.anomalies)
         marks = mark(inv, store, options.delete_untagged)
@@ -505,7 +506,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
         if len(inv.anomalies) == seen:
             break
         store.anomalies_added()
-    read_deferred_layers(storage, inv, lambda digest: digest not in marks.blobs)
+    read_deferred_layers(storage, inv, marks.blobs.not_kept)
     if findings is None:
         findings = TreeChecker(inv, store, now=now, blocking_only=True).run()
     planner = _Planner(inv, store, storage, options, now)

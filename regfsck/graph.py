@@ -25,6 +25,8 @@ from regfsck.manifest import (
     ManifestError,
     PackedManifest,
     pack_manifest,
+    packed_references,
+    packed_subject,
     parse_manifest,
     unpack_manifest,
 )
@@ -86,13 +88,35 @@ class ManifestStore:
         self._reach = None
 
     def load(self, digest: str) -> Manifest | Unloadable:
-        cached = self._cache.get(digest)
-        if cached is None:
-            cached = self._load(digest)
-            self._cache[digest] = cached
+        cached = self._kept(digest)
         if type(cached) is tuple:
             return self._unpacked(digest, cached)
         return cast("Manifest | Unloadable", cached)
+
+    def _kept(self, digest: str) -> PackedManifest | Manifest | Unloadable:
+        """What the store keeps of the manifest (loaded the first time it is asked for)."""
+        cached = self._cache.get(digest)
+        if cached is None:
+            cached = self._cache[digest] = self._load(digest)
+        return cached
+
+    def loadable(self, digest: str) -> Unloadable | tuple[str, ...]:
+        """Why the manifest cannot be loaded, else its `problems` (a packed one has none),
+        without unpacking it: all gc's blocking checks ask of a manifest."""
+        cached = self._kept(digest)
+        if type(cached) is tuple:
+            return ()
+        return cached.problems if isinstance(cached, Manifest) else cast("Unloadable", cached)
+
+    def subject(self, digest: str) -> str | None:
+        """The digest of the manifest's `subject` (None: none, or not loadable), without
+        unpacking it: the mark asks it of every revision."""
+        cached = self._kept(digest)
+        if type(cached) is tuple:
+            return packed_subject(cached)
+        if isinstance(cached, Manifest) and cached.subject is not None:
+            return cached.subject.digest
+        return None
 
     def _unpacked(self, digest: str, packed: PackedManifest) -> Manifest:
         recent = self._recent
@@ -103,6 +127,19 @@ class ManifestStore:
                 del recent[next(iter(recent))]
         recent[digest] = manifest
         return manifest
+
+    def references(self, digest: str) -> tuple[tuple[str, ...], tuple[str, ...]] | Unloadable:
+        """What the manifest names (`Manifest.references()`): (config and layers, index
+        children) digests, from the packed form when it is kept packed (no unpacking: the
+        mark asks this of every manifest of the tree); or why it cannot be loaded."""
+        cached = self._kept(digest)
+        if type(cached) is tuple:
+            return packed_references(cached)
+        if isinstance(cached, Manifest):
+            refs = cached.references()
+            return (tuple(d.digest for d in refs if d.role != "manifest"),
+                    tuple(d.digest for d in refs if d.role == "manifest"))
+        return cast("Unloadable", cached)
 
     def get(self, digest: str) -> Manifest | None:
         found = self.load(digest)

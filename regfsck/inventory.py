@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import (
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from heapq import merge
@@ -446,6 +454,10 @@ class BlobTable(_CompactTable[Blob]):
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._rows
+
+    def digests(self) -> KeysView[str]:
+        """The digests, as a view whose `in` runs at C speed (the mark's inner loop)."""
+        return self._rows.keys()
 
     def __setitem__(self, digest: str, blob: Blob) -> None:
         if blob.digest == digest and blob._path is None:

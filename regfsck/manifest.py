@@ -348,6 +348,25 @@ def pack_manifest(manifest: Manifest, *, new_strings: bool = True) -> PackedMani
     return (b"".join(numbers), *(sys.intern(desc.digest) for desc in descs))
 
 
+def packed_references(packed: PackedManifest) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The digests `Manifest.references()` names, as (config and layers, index children),
+    read from the packed form without unpacking it: what a walk of the graph asks of every
+    manifest (gc's mark walks them all)."""
+    numbers = packed[0]
+    assert isinstance(numbers, bytes)
+    _, _, _, flags, n_layers, n_children = _HEAD.unpack_from(numbers)
+    blobs_end = 1 + (1 if flags & _HAS_CONFIG else 0) + n_layers
+    return (cast("tuple[str, ...]", packed[1:blobs_end]),
+            cast("tuple[str, ...]", packed[blobs_end:blobs_end + n_children]))
+
+
+def packed_subject(packed: PackedManifest) -> str | None:
+    """The digest of the manifest's `subject` (None: it has none), from the packed form."""
+    numbers = packed[0]
+    assert isinstance(numbers, bytes)
+    return cast(str, packed[-1]) if _HEAD.unpack_from(numbers)[3] & _HAS_SUBJECT else None
+
+
 def unpack_manifest(packed: PackedManifest) -> Manifest:
     """The `Manifest` `pack_manifest` packed (equal to it)."""
     numbers = packed[0]

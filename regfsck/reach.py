@@ -133,15 +133,17 @@ class ReachGraph:
         each resolved; () when it cannot be loaded. Not cached: the store caches the
         parsed manifest, and edges are cheap to rebuild (memory stays the store's)."""
         loaded = self.store.load(manifest_digest)
-        manifest = self.store.get(manifest_digest)
-        if manifest is None:
-            unreadable = getattr(loaded, "kind", "") == "blob_unreadable"
-            if unreadable and manifest_digest not in self._seen_unreadable:
-                # Readable to the registry, perhaps: what it references is unknown.
-                self._seen_unreadable.add(manifest_digest)
-                self.unknown.append(layout.blob_data(manifest_digest))
+        if not isinstance(loaded, Manifest):
+            self._not_loaded(manifest_digest, loaded.kind)
             return ()
-        return self.edges_of(manifest_digest, manifest)
+        return self.edges_of(manifest_digest, loaded)
+
+    def _not_loaded(self, manifest_digest: str, why: str) -> None:
+        """A manifest that cannot be loaded references nothing; one that cannot be *read*
+        may be readable to the registry: what it references is unknown."""
+        if why == "blob_unreadable" and manifest_digest not in self._seen_unreadable:
+            self._seen_unreadable.add(manifest_digest)
+            self.unknown.append(layout.blob_data(manifest_digest))
 
     def edges_of(self, manifest_digest: str, manifest: Manifest) -> tuple[Edge, ...]:
         """The resolved references of a manifest given as parsed (one not in the store yet:
@@ -150,8 +152,7 @@ class ReachGraph:
                      for ref in manifest.references())
 
     def subject(self, manifest_digest: str) -> str | None:
-        manifest = self.store.get(manifest_digest)
-        return manifest.subject.digest if manifest is not None and manifest.subject else None
+        return self.store.subject(manifest_digest)
 
     def subject_in(self, repo: Repository, manifest_digest: str) -> str | None:
         """What a revision of `repo` is attached to: its `subject` field, else the digest
@@ -195,25 +196,34 @@ class ReachGraph:
     def reachable(self, roots: Iterable[str]) -> set[str]:
         """Every digest reachable from `roots` (roots included; for an alias, both the
         digest named and the stored blob)."""
-        # `walk`'s traversal, inlined: each manifest's edges are made once, not once to
-        # walk and once more for its aliases (the mark of a big tree is mostly this loop).
+        # `walk`'s traversal over the digests each manifest names (`store.references`:
+        # no `Edge` or `Manifest` per manifest; the mark of a big tree is mostly this loop).
         out: set[str] = set()
         seen: set[str] = set()
-        stack: list[tuple[str, str]] = [(d, "manifest") for d in roots]
+        stack: list[tuple[str, bool]] = [(d, True) for d in roots]  # (digest, a manifest?)
+        references = self.store.references
+        stored = self.inv.blobs.digests()
+        aliases = self.aliases
         while stack:
-            digest, role = stack.pop()
+            digest, is_manifest = stack.pop()
             if digest in seen:
                 continue
             seen.add(digest)
             out.add(digest)
-            if role != "manifest":
+            if not is_manifest:
                 continue
-            for edge in self.edges(digest):
-                node = edge.node
-                if edge.blob is not None and edge.blob != edge.digest:
-                    out.add(edge.digest)
-                if node not in seen:
-                    stack.append((node, edge.role))
+            refs = references(digest)
+            if not isinstance(refs, tuple):
+                self._not_loaded(digest, refs.kind)
+                continue
+            for named_manifests, group in enumerate(refs):
+                for named in group:
+                    # `resolve`, inlined: the stored blob, else the blob an alias names.
+                    node = named if named in stored else aliases.get(named, named)
+                    if node != named:
+                        out.add(named)
+                    if node not in seen:
+                        stack.append((node, named_manifests == 1))
         return out
 
     def closure(self, repo: Repository, roots: Iterable[str]) -> set[str]:
@@ -276,6 +286,13 @@ class KeptDigests(Collection[str]):
     def __contains__(self, digest: object) -> bool:
         return digest in self._extra or (digest in self._stored and digest not in self._dropped)
 
+    def not_kept(self, digests: Iterable[str]) -> list[str]:
+        """Those of `digests` not kept (in order), at C speed for a long list."""
+        stored = self._stored.digests()
+        dropped = self._dropped
+        extra = self._extra
+        return [d for d in digests if d in dropped or (d not in stored and d not in extra)]
+
     def __iter__(self) -> Iterator[str]:
         yield from (d for d in self._stored if d not in self._dropped)
         yield from self._extra
@@ -315,7 +332,7 @@ class _Marker:
 
 @dataclass
 class Marks:
-    blobs: Collection[str]  # every digest kept, globally (aliases and their stored blobs)
+    blobs: KeptDigests  # every digest kept, globally (aliases and their stored blobs)
     kept_manifests: dict[str, set[str]]  # repo -> revision digests kept in that repo
     orphan_referrers: list[OrphanReferrer]
     unknown: list[str]  # unjudgeable parts of the tree: every stored blob is kept
@@ -350,23 +367,22 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
     revision of a repository with an unknown part: which of its manifests a tag wants is
     unknown). With unknown parts anywhere, every stored blob is kept."""
     graph = graph or store.reach
-    marks = Marks(set(), {}, [], list(graph.unknown))
+    kept_manifests: dict[str, set[str]] = {}
+    orphan_referrers: list[OrphanReferrer] = []
     marker = _Marker(inventory.blobs)
     for name, repo in sorted(inventory.repositories.items()):
         roots = _repo_roots(repo, delete_untagged, repo_has_unknown(graph.unknown, repo))
         reached = graph.closure(repo, roots)
         kept = {d for d in reached if d in repo.revisions}
-        marks.kept_manifests[name] = kept
+        kept_manifests[name] = kept
         marker.add(reached)
         for digest in sorted(repo.revisions):
             subject = graph.subject_in(repo, digest)
             if subject is not None and subject not in kept:
-                marks.orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
+                orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
     if graph.unknown:
         marker.add(inventory.blobs)
-        marks.unknown = sorted(set(graph.unknown))
-    marks.blobs = marker.kept()
-    return marks
+    return Marks(marker.kept(), kept_manifests, orphan_referrers, sorted(set(graph.unknown)))
 
 
 # --------------------------------------------------------------------------- in use now

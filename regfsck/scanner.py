@@ -20,6 +20,7 @@ import errno
 import os
 import re
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
@@ -772,10 +773,13 @@ def _in_flight(read: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         return list(pool.map(read, items))
 
 
-def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str], bool],
+def read_deferred_layers(storage: Storage, inv: Inventory,
+                         select: Callable[[list[str]], list[str]],
                          repos: Iterable[str] | None = None) -> None:
     """Read the content of the deferred `_layers/sha256` links (see `Scanner.defer_layers`)
-    whose path digest `select` picks, replacing their Link by what the content says.
+    whose path digests `select` picks (of one repository's, in order: a filter over a
+    list, so that the 100,000s of links of a tree are judged in one comprehension, not a
+    call each), replacing their Link by what the content says.
 
     gc asks this for every link whose blob is not stored (its content may name another
     blob: an alias kept by the mark) before marking, and for every link whose digest the
@@ -789,7 +793,9 @@ def read_deferred_layers(storage: Storage, inv: Inventory, select: Callable[[str
     work: list[tuple[Repository, list[str]]] = []
     for repo in chosen:
         if repo.layers_unread:
-            todo = [d for d in repo.layers.plain() if d.startswith("sha256:") and select(d)]
+            plain = repo.layers.plain()  # sorted: the sha256 ones are one slice of it
+            sha256 = plain[bisect_left(plain, "sha256:"):bisect_left(plain, "sha256;")]
+            todo = select(sha256)
             if todo:
                 work.append((repo, todo))
 

@@ -16,6 +16,8 @@ from regfsck.manifest import (
     ManifestError,
     ManifestKind,
     pack_manifest,
+    packed_references,
+    packed_subject,
     parse_manifest,
     unpack_manifest,
 )
@@ -205,6 +207,12 @@ def test_packing_keeps_every_parsed_manifest(value: object) -> None:
     packed = pack_manifest(parsed)
     assert (unpack_manifest(packed) if isinstance(packed, tuple) else packed) == parsed
     assert isinstance(packed, tuple | Manifest)
+    if isinstance(packed, tuple):  # what the mark reads of it without unpacking
+        refs = parsed.references()
+        assert packed_references(packed) == (
+            tuple(d.digest for d in refs if d.role != "manifest"),
+            tuple(d.digest for d in refs if d.role == "manifest"))
+        assert packed_subject(packed) == (parsed.subject.digest if parsed.subject else None)
 
 
 @pytest.mark.parametrize(("raw", "kind"), [
