@@ -743,6 +743,15 @@ def _plain_md5(etag: str | None) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdef" for c in value.lower())
 
 
+def _copy_of(copy: KeyInfo | None, source: KeyInfo | None) -> bool:
+    """Is `copy` what `copy_checked` makes of `source`: the same size, and the same ETag
+    when the source's is the MD5 of its bytes (a one-part object)?"""
+    if copy is None or source is None or copy.size != source.size:
+        return False
+    return not _plain_md5(source.etag) or \
+        (copy.etag or "").strip('"') == (source.etag or "").strip('"')
+
+
 def _multipart_parts(etag: str | None) -> int | None:
     """N of a multipart upload's ETag (`<md5 of the parts' MD5s>-N`), else None."""
     value, dash, count = (etag or "").strip('"').rpartition("-")
@@ -1269,10 +1278,16 @@ class ObjectMutator(_AtLocation):
     def settle_move(self, source: str, dest: str) -> bool | None:
         """After a crash during `move`: did the move of `source` to `dest` happen?
 
-        True: only the quarantine copy exists (or the deletes had begun: the remaining
+        True: only the destination exists (or the deletes had begun: the remaining
         sources, whose copies are checked equal, are deleted now). False: only the source
         exists (or every source key is still there: the copies are deleted, the move had
-        not begun to take effect). None: neither exists."""
+        not begun to take effect). None: neither exists.
+
+        The destination is the quarantine for a run's moves, but the live tree for an
+        undo's moves back: a key there is deleted, or its source deleted for it, only when
+        it is a copy of its source (`_copy_of`: size, and the ETag when the source's is its
+        MD5, as `copy_checked` proved it). Anything else at the destination was written
+        there since (a push): the settle refuses (StorageError EEXIST), nothing is changed."""
         here = {k.path[len(source):]: k for k in self.objects_at(source)}
         held = {k.path[len(dest):]: k for k in self.objects_at(dest)}
         self.abort_uploads_at(dest)  # a multipart copy killed between its parts
@@ -1280,16 +1295,22 @@ class ObjectMutator(_AtLocation):
             return False if here else None
         if not here:
             return True
-        if set(held) <= set(here):
-            self.delete([dest + rest for rest in held])  # copies of a move not yet done
+        if set(held) <= set(here):  # copies of a move not yet done
+            self._refuse_unless_copies(source, dest, here, held, held)
+            self.delete([dest + rest for rest in held])
             return False
-        for rest, info in here.items():  # deletes had begun: finish them
-            copy = held.get(rest)
-            if copy is None or copy.size != info.size:
-                raise StorageError(errno.EIO, f"{source}{rest} is in the tree and half in "
-                                   f"the quarantine ({dest}); resolve it by hand", source)
+        self._refuse_unless_copies(source, dest, here, held, here)  # deletes had begun
         self.delete([source + rest for rest in here])
         return True
+
+    @staticmethod
+    def _refuse_unless_copies(source: str, dest: str, here: dict[str, KeyInfo],
+                              held: dict[str, KeyInfo], keys: Iterable[str]) -> None:
+        for rest in keys:
+            if not _copy_of(held.get(rest), here.get(rest)):
+                raise StorageError(errno.EEXIST, f"{source}{rest} and {dest}{rest} differ after "
+                                   "an interrupted move (one is not a copy of the other); "
+                                   "resolve it by hand", source)
 
     def remove_below(self, path: str) -> int:
         """Delete every object below `path` for good (purge, a run's unused `new/`), and

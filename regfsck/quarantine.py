@@ -1154,6 +1154,8 @@ class _Reverter:
         applied: list[_Change] = []
         steps: list[UndoStep] = []
         for change in pending:
+            if change.undo_started:
+                self._settle_reverse(change)
             if change.undo_started and self._already_reverted(change):
                 steps.append(UndoStep(change.seq, "settle", change.rel))
             elif not self.forward_applied(change):
@@ -1352,6 +1354,35 @@ class _Reverter:
             path = "/".join(parts[:depth])
             if self.storage.lstat_raw(path) is None:
                 self.storage.make_dir(path, 0o700)
+
+    def _settle_reverse(self, change: _Change) -> None:
+        """An undo killed inside one of its moves: settle that move as the recovery settles
+        a run's own (`settle_move`), before anything is judged.
+
+        Where a move is a copy then a delete (object storage), a step journaled
+        (undo-intent) without its undo-done may have left its object in both places, or a
+        part of a directory's keys copied, or a part of its sources deleted: judged as is,
+        the copy in the tree reads as "something new exists at that path" and every later
+        undo refuses, with half a tag back in the tree. Settled, it is in exactly one
+        place again (copies without a deleted source go: the move had not happened;
+        deletes begun are finished) and the plan goes on from there. A filesystem rename
+        leaves nothing to settle; a dry run changes nothing."""
+        if self.dry_run:
+            return
+        step, held = change.undo_info.get("step"), change.undo_info.get("held")
+        try:
+            if change.op == "move" and step == "move_back":
+                self.storage.settle_move(self.files.held_of(change), _v2(change.rel))
+            elif change.op == "create" and step == "unmake" and isinstance(held, str) \
+                    and held.startswith(self.files.dir + "/"):
+                check_relative(held)
+                self.storage.settle_move(_v2(change.rel), held)
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            # Something not a copy was written at the tree's path since: left as it is, the
+            # plan refuses that step ("something new exists at that path"), so a recovery
+            # reports it and does not wedge every later command.
 
     def _already_reverted(self, change: _Change) -> bool:
         """A crash during undo: did this change's reverse step happen?"""
