@@ -197,7 +197,8 @@ def test_undo_of_import_killed_between_the_copy_and_the_delete_of_a_creation(
     assert code == 0, (doc, err)
     created = set(bucket.tree()) - set(before)
     assert created
-    _killed(bucket, ("delete", TREE.strip("/"), 2, "before"), "undo", bucket.url)
+    _killed(bucket, ("delete", TREE.strip("/"), 2, "before"), "undo", bucket.url,
+            "--break-lock")
     assert [r["status"] for r in _runs(bucket)] == ["undoing"]
     code, undone, err = run(bucket, "undo", bucket.url, "--no-registry-check", "--break-lock")
     assert code == 0, (undone, err)
@@ -210,6 +211,52 @@ def test_undo_of_import_killed_between_the_copy_and_the_delete_of_a_creation(
         k.split(TREE, 1)[1] for k in created), held
     assert all(k.startswith("undone/") for k in held), held
     bucket.serves_every_tag(bucket.binary, tags)
+
+
+@needs_server
+def test_a_recovery_killed_inside_a_move_back_is_finished_by_the_next(
+        bucket28: Bucket, tmp_path: Path) -> None:
+    """Two kills in a row. import --apply SIGKILLed before the delete of its third staged
+    object (copied into the tree, still in the run's `new/`: a creation the journal leaves
+    open); then the `undo --break-lock` whose recovery reverts it SIGKILLed before the
+    delete of the tree key of its first unmake (in the tree and in `undone/`). The next
+    `undo --break-lock` settles both (the open creation from the journal's side, the
+    unmake from the undo's) and ends the revert: the tree as before the import, each
+    created object once in `undone/`, nothing staged."""
+    bucket = bucket28.clone()
+    before, tags = bucket.tree(), bucket.tags()
+    writer = realtools.OCILayoutWriter(tmp_path / "layout")
+    layers = [writer.add_layer({f"f{n}.txt": f"recovery killed {n}\n".encode()})
+              for n in range(2)]
+    writer.add_image(layers, tag="v1", history=["ADD f0.txt", "ADD f1.txt"])
+    _killed(bucket, ("delete", "/new/", 3, "before"), "import", bucket.url, str(writer.path),
+            "--repo", "killed/recovery", "--apply")
+    assert [r["status"] for r in _runs(bucket)] == ["running"]
+    assert set(bucket.tree()) > set(before)  # two created, the third copied
+    # The recovery's first delete in the tree settles the third creation (its copy goes);
+    # the second is the source of its first unmake.
+    _killed(bucket, ("delete", TREE.strip("/"), 2, "before"), "undo", bucket.url,
+            "--break-lock")
+    run_id = _runs(bucket)[0]["run_id"]
+    assert [r["status"] for r in _runs(bucket)] == ["undoing"]
+    assert _in_both_undone(bucket, run_id)
+    code, undone, err = run(bucket, "undo", bucket.url, "--no-registry-check", "--break-lock")
+    assert code == 0, (undone, err)
+    assert undone.get("reverted_by_recovery") is True, undone
+    assert bucket.tree() == before
+    assert [r["status"] for r in _runs(bucket)] == ["reverted"]
+    held = [k.split(f"{run_id}/", 1)[1] for k in bucket.keys_below(f"{QUARANTINE}{run_id}/")
+            if "/undone" in k or "/new/" in k]
+    assert held and all(k.startswith("undone/") for k in held), held
+    assert len(held) == len({k.split("/", 1)[1] for k in held})
+    bucket.serves_every_tag(bucket.binary, tags)
+
+
+def _in_both_undone(bucket: Bucket, run_id: str) -> list[str]:
+    """The keys (below v2/) both in the tree and in the run's `undone/`."""
+    held = {k.split(f"{run_id}/undone/", 1)[1]
+            for k in bucket.keys_below(f"{QUARANTINE}{run_id}/undone/")}
+    return sorted(held & {k.split(TREE, 1)[1] for k in bucket.tree()})
 
 
 @needs_server
