@@ -54,7 +54,7 @@ def main() -> None:
     scanpool.run_in_processes = measured  # type: ignore[assignment]
     tracemalloc.start(1)
     storage = open_storage(root)
-    inv = Scanner(storage, root, depth=Depth.LIST).scan()
+    inv = Scanner(storage, root, depth=Depth.LIST, tag_history=False).scan()  # as `gc`
     traced("walk merged", files)
     store = ManifestStore(storage, inv)
     plan = gc_module.plan_from_inventory(inv, store, storage,

@@ -108,6 +108,7 @@ _entry_name: Callable[[DirEntryLike], str] = attrgetter("name")
 
 
 _HEX_RE = {alg: re.compile(f"[a-f0-9]{{{n}}}") for alg, n in HEX_LENGTHS.items()}
+_SHA256_LINK = re.compile(rb"sha256:[a-f0-9]{64}")  # a link's content, the normal case
 # A whole directory listing of hex names at once (names joined by newlines).
 _HEX_LINES = {alg: re.compile(f"(?:[a-f0-9]{{{n}}}\n)*[a-f0-9]{{{n}}}")
               for alg, n in HEX_LENGTHS.items()}
@@ -171,15 +172,6 @@ class Scanner:
                 "file" if entry.is_file(follow_symlinks=False) else "special file")
             self._anomaly("unexpected_entry", path, f"unexpected {what} (expected {expected})",
                           repo=repo)
-
-    def _read_link(self, path: str, repo: str | None, dir_path: str,
-                   expected: str | None = None) -> Link | None:
-        """Read a link file; None when the directory holds no `link` at all."""
-        try:
-            raw: bytes | StorageError = self.storage.read_link_fast(path, LINK_READ_LIMIT)
-        except StorageError as exc:
-            raw = exc
-        return self._link(raw, path, repo, dir_path, expected)
 
     def _link(self, raw: bytes | StorageError, path: str, repo: str | None, dir_path: str,
               expected: str | None = None) -> Link | None:
@@ -514,23 +506,44 @@ class Scanner:
                 self._odd_entry(entry, child, "revisions/ or tags/", repo.name)
 
     def _scan_tags(self, repo: Repository, path: str) -> None:
+        with_current: list[Tag] = []
         for entry, tag_path in self._subdirs(path, "a tag directory", repo.name):
             tag = Tag(name=entry.name, path=tag_path, current=None)
             repo.tags[entry.name] = tag
             for part, part_path in self._subdirs(tag_path, "current/ or index/", repo.name):
                 if part.name == layout.CURRENT:
-                    current = self._read_link(layout.join(part_path, layout.LINK),
-                                              repo.name, part_path)
-                    if (current is not None and current.target is not None
-                            and current.error is None and current.raw is None
-                            and current.mtime_ns == 0):  # no path string per tag
-                        current = Link.current_of(tag_path, intern(current.target))
-                    tag.current = current
+                    with_current.append(tag)
                 elif part.name == layout.INDEX:
                     if self.tag_history:
                         self._scan_digest_links(repo, part_path, tag.index, tag=entry.name)
                 else:
                     self._odd_entry(part, part_path, "current/ or index/", repo.name)
+        if with_current:
+            self._read_currents(repo, path, with_current)
+
+    def _read_currents(self, repo: Repository, path: str, tags: list[Tag]) -> None:
+        """Read the `current/link` of `tags` (their directories listed: `current` is a real
+        directory), relative to one descriptor of `tags/`; a link holding one sha256
+        digest (the normal case) becomes the tag's link with no parsing."""
+        names = [f"{tag.name}/{layout.CURRENT}/{layout.LINK}" for tag in tags]
+        try:
+            contents = self.storage.read_small_many(path, names, LINK_READ_LIMIT)
+        except StorageError as exc:
+            self._anomaly("unreadable", path, exc.message, repo=repo.name)
+            return
+        plain = _SHA256_LINK.fullmatch
+        for tag, raw in zip(tags, contents, strict=True):
+            if type(raw) is bytes and plain(raw) is not None:
+                self.inv.files_seen += 1
+                tag.current = Link.current_of(tag.path, intern(raw.decode("ascii")))
+                continue
+            part_path = f"{tag.path}/{layout.CURRENT}"
+            current = self._link(raw, f"{part_path}/{layout.LINK}", repo.name, part_path)
+            if (current is not None and current.target is not None
+                    and current.error is None and current.raw is None
+                    and current.mtime_ns == 0):  # no path string per tag
+                current = Link.current_of(tag.path, intern(current.target))
+            tag.current = current
 
     def _scan_uploads(self, repo: Repository, path: str) -> None:
         for entry, upload_path in self._subdirs(path, "an upload directory", repo.name):
