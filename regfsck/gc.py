@@ -484,10 +484,15 @@ class _Planner:
 
 def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
                         options: GcOptions, *, now: datetime,
-                        findings: Sequence[Finding] | None = None) -> GcPlan:
+                        findings: Sequence[Finding] | None = None,
+                        for_apply: bool = False) -> GcPlan:
     """The sweep plan for one scan (pure judgement: reads only manifests and mtimes, and
     the deferred `_layers` links the plan could act on, and inside the blob directories
-    a dry run only listed, its manifests and victims: see `plan_gc`)."""
+    a dry run only listed, its manifests and victims: see `plan_gc`).
+
+    `for_apply`: the plan will be applied, so it records every link it saw (`seen_links`,
+    what the apply's re-checks compare with; a plan without them would have every link
+    count as new, and keep what they name). A plan only shown does without (memory)."""
     if options.delete_untagged and not inv.tag_history:
         raise ValueError("--delete-untagged needs the tags' history: scan with tag_history")
     # Every manifest a revision or tag names is looked at before anything is judged (its
@@ -522,7 +527,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
     planner.empty_link_dirs()
     planner.empty_name_dirs()
     planner.finish()
-    return replace(planner.plan, seen_links=seen_links(inv))
+    return replace(planner.plan, seen_links=seen_links(inv)) if for_apply else planner.plan
 
 
 def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = None,
@@ -548,7 +553,8 @@ def plan_gc(root: RegistryRoot, options: GcOptions, *, now: datetime | None = No
     storage = open_storage(root)
     inv = Scanner(storage, root, depth=depth, tag_history=options.delete_untagged).scan()
     store = ManifestStore(storage, inv)
-    return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC))
+    return plan_from_inventory(inv, store, storage, options, now=now or datetime.now(UTC),
+                               for_apply=depth is not Depth.LIST)
 
 
 def _manifest_candidates(inv: Inventory) -> list[str]:
