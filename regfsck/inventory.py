@@ -196,6 +196,17 @@ class LinkMap(_CompactTable[Link]):
     def base(self) -> str:
         return f"{self._parent}/{self._sub}" if self._sub else self._parent
 
+    def settle(self, parent: str, sub: str) -> bool:
+        """Make this map the one of `<parent>/<sub>` if it is already, or still empty (an
+        owner's default: no second map per owner); False: it holds links elsewhere."""
+        if self._parent == parent and self._sub == sub:
+            return True
+        if self._plain or self._odd:
+            return self.base == f"{parent}/{sub}"
+        self._parent = parent
+        self._sub = sub
+        return True
+
     def add_listed(self, digest: str) -> None:
         """Add the link `<base>/<alg>/<hex of digest>/link` holding `digest` (the walk,
         which lists them in order: appended)."""
@@ -530,8 +541,7 @@ class Tag:
     mtime_ns: int = 0
 
     def __post_init__(self) -> None:
-        base = f"{self.path}/index"
-        if not isinstance(self.index, LinkMap) or self.index.base != base:
+        if not (isinstance(self.index, LinkMap) and self.index.settle(self.path, "index")):
             self.index = LinkMap(self.path, self.index, sub="index")
 
 

@@ -74,10 +74,8 @@ def _enc_links(links: LinkMap) -> tuple[str, list[tuple[str, Link]]]:
 def _dec_links(data: tuple[str, list[tuple[str, Link]]], out: LinkMap) -> LinkMap:
     """Fill the (empty) map `out` (its owner's) with what `_enc_links` made."""
     plain, odd = data
-    add = out.add_listed
     if plain:
-        for digest in plain.split("\n"):
-            add(intern(digest))
+        out.extend_listed([intern(digest) for digest in plain.split("\n")])
     for digest, link in odd:
         if link.target is not None:
             link.target = intern(link.target)
