@@ -267,15 +267,10 @@ class Scanner:
             # Interned: every link and manifest descriptor naming it shares this string.
             candidates.append((hex_part, intern(f"{algorithm}:{hex_part}"), path))
         if self.depth is Depth.LIST:  # known by name; `settle_blobs` looks inside later
-            add_blob = self.inv.blobs.add
-            misplaced = []
-            for candidate in candidates:
-                if candidate[0].startswith(fan):
-                    add_blob(candidate[1], UNSTATED, 0, 0, 0)
-                else:
-                    misplaced.append(candidate)
-            self.inv.files_seen += len(candidates) - len(misplaced)
-            candidates = misplaced
+            placed = [c[1] for c in candidates if c[0].startswith(fan)]
+            self.inv.blobs.extend_rows(placed, array("q", (UNSTATED, 0, 0, 0)) * len(placed))
+            self.inv.files_seen += len(placed)
+            candidates = [c for c in candidates if not c[0].startswith(fan)]
         if candidates:
             self._stat_blobs(fan, fan_path, candidates)
 
