@@ -190,8 +190,9 @@ class LinkMap(_CompactTable[Link]):
         self._sub = sub
         self._plain: list[str] = []
         self._odd: dict[str, Link] | None = None
-        for digest, link in (links.items() if isinstance(links, Mapping) else links):
-            self[digest] = link
+        if links:
+            for digest, link in (links.items() if isinstance(links, Mapping) else links):
+                self[digest] = link
 
     @property
     def base(self) -> str:
@@ -581,11 +582,10 @@ class Repository:
     layers_unread: bool = False
 
     def __post_init__(self) -> None:
-        revisions = f"{self.path}/_manifests/revisions"
-        if not isinstance(self.revisions, LinkMap) or self.revisions.base != revisions:
+        if not (isinstance(self.revisions, LinkMap)
+                and self.revisions.settle(self.path, "_manifests/revisions")):
             self.revisions = LinkMap(self.path, self.revisions, sub="_manifests/revisions")
-        layers = f"{self.path}/_layers"
-        if not isinstance(self.layers, LinkMap) or self.layers.base != layers:
+        if not (isinstance(self.layers, LinkMap) and self.layers.settle(self.path, "_layers")):
             self.layers = LinkMap(self.path, self.layers, sub="_layers")
 
     def tag_targets(self) -> dict[str, str]:
