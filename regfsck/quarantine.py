@@ -975,9 +975,15 @@ class _Reverter:
         self.files = files
         self.dry_run = dry_run  # planning only: not even our own leftover temp files go
         self._outcome: dict[int, bool] = {}  # changes the journal leaves open, settled by `learn`
+        self._settled_away: set[str] = set()  # dry run: what settling an undo's move would empty
 
     def exists(self, path: str) -> bool:
+        if self._settled_away and self._emptied(path):
+            return False
         return self.storage.lstat_raw(path) is not None
+
+    def _emptied(self, path: str) -> bool:
+        return any(path == gone or path.startswith(gone + "/") for gone in self._settled_away)
 
     def learn(self, journal: _Journal) -> None:
         """Settle from the disk every change the journal leaves open (a crash came first).
@@ -1186,6 +1192,8 @@ class _Reverter:
             *((self.files.held_of(c),) if c.op == "move" else ()))])
 
         def on_disk(path: str) -> bool:
+            if self._settled_away and self._emptied(path):
+                return False
             found = known.get(path)
             return self.exists(path) if found is None else found
 
@@ -1366,23 +1374,41 @@ class _Reverter:
         undo refuses, with half a tag back in the tree. Settled, it is in exactly one
         place again (copies without a deleted source go: the move had not happened;
         deletes begun are finished) and the plan goes on from there. A filesystem rename
-        leaves nothing to settle; a dry run changes nothing."""
-        if self.dry_run:
-            return
+        leaves nothing to settle. A dry run changes nothing: it plans as if settled (the
+        place the settle would empty reads as absent), so it shows what the undo will do."""
         step, held = change.undo_info.get("step"), change.undo_info.get("held")
+        move: tuple[str, str] | None = None
+        if change.op == "move" and step == "move_back":
+            move = (self.files.held_of(change), _v2(change.rel))
+        elif change.op == "create" and step == "unmake" and isinstance(held, str) \
+                and held.startswith(self.files.dir + "/"):
+            check_relative(held)
+            move = (_v2(change.rel), held)
+        if move is None or self.storage.atomic_moves:
+            return
+        if self.dry_run:
+            source, dest = self._keys(move[0]), self._keys(move[1])
+            if source and dest:  # as `settle_move` decides (copies not yet complete go)
+                self._settled_away.add(move[1] if dest <= source else move[0])
+            return
         try:
-            if change.op == "move" and step == "move_back":
-                self.storage.settle_move(self.files.held_of(change), _v2(change.rel))
-            elif change.op == "create" and step == "unmake" and isinstance(held, str) \
-                    and held.startswith(self.files.dir + "/"):
-                check_relative(held)
-                self.storage.settle_move(_v2(change.rel), held)
+            self.storage.settle_move(*move)
         except StorageError as exc:
             if exc.errno != errno.EEXIST:
                 raise
             # Something not a copy was written at the tree's path since: left as it is, the
             # plan refuses that step ("something new exists at that path"), so a recovery
             # reports it and does not wedge every later command.
+
+    def _keys(self, path: str) -> set[str]:
+        """The files at or below `path`, relative to it ("" for `path` itself)."""
+        st = self.storage.lstat_raw(path)
+        if st is None:
+            return set()
+        if not stat_module.S_ISDIR(st.st_mode):
+            return {""}
+        return {f"/{e.name}{rest}" for e in self.storage.list_dir(path)
+                for rest in self._keys(f"{path}/{e.name}")}
 
     def _already_reverted(self, change: _Change) -> bool:
         """A crash during undo: did this change's reverse step happen?"""

@@ -77,10 +77,18 @@ def _in_both(bucket: Bucket, run_id: str) -> list[str]:
 
 
 def _undone_after_the_kill(bucket: Bucket, run_id: str, before: dict[str, Any],
-                           tags: dict[str, list[str]]) -> None:
-    """The next `undo --break-lock` finishes the killed undo: every key back with its ETag,
-    the run reverted with nothing left in its quarantine, every tag served."""
+                           tags: dict[str, list[str]], interrupted: str) -> None:
+    """`undo --dry-run` shows the plan the next undo carries out (the interrupted move
+    settled as it will be: `interrupted` is its step) and changes nothing; the next
+    `undo --break-lock` finishes the killed undo: every key back with its ETag, the run
+    reverted with nothing left in its quarantine, every tag served."""
     assert [r["status"] for r in _runs(bucket)] == ["undoing"]
+    unchanged = bucket.everything()
+    code, plan, err = run(bucket, "undo", bucket.url, run_id, "--dry-run")
+    assert code == 0 and not plan["problems"], (plan, err)  # what the undo below does
+    assert bucket.everything() == unchanged
+    actions = [step["action"] for step in plan["steps"]]
+    assert interrupted in actions and "already_there" not in actions, actions
     code, undone, err = run(bucket, "undo", bucket.url, run_id, "--no-registry-check",
                             "--break-lock")
     assert code == 0, (undone, err)
@@ -106,7 +114,7 @@ def test_undo_killed_between_the_copy_and_the_delete_of_a_small_object(bucket28:
     assert code == 0, (doc, err)
     _killed(bucket, ("delete", QUARANTINE, 3, "before"), "undo", bucket.url, doc["run_id"])
     assert len(_in_both(bucket, doc["run_id"])) == 1
-    _undone_after_the_kill(bucket, doc["run_id"], before, tags)
+    _undone_after_the_kill(bucket, doc["run_id"], before, tags, "move_back")
 
 
 @needs_server
@@ -115,7 +123,8 @@ def test_undo_killed_between_the_copies_of_a_tag_is_finished(bucket28: Bucket) -
     of the tag's directory back into the tree (current/link and index/.../link): half the
     tag is in the tree. The next undo drops that half copy and moves the tag back whole.
     Before: every later undo refused ("something new exists at that path"), the run went
-    back to `complete` with half its tag in the tree: the operator was stuck."""
+    back to `complete` with half its tag in the tree: the operator was stuck; and
+    `undo --dry-run` showed that refusal (now: the move back the undo makes)."""
     bucket = bucket28.clone()
     before, tags = bucket.tree(), bucket.tags()
     repo = sorted(tags)[0]
@@ -125,7 +134,7 @@ def test_undo_killed_between_the_copies_of_a_tag_is_finished(bucket28: Bucket) -
     _killed(bucket, ("copy_checked", QUARANTINE, 1, "after"), "undo", bucket.url, jobs=1)
     assert len(_payload(bucket, doc["run_id"])) == 2
     assert len(set(bucket.tree()) - set(before)) == 0 and len(set(before) - set(bucket.tree())) == 1
-    _undone_after_the_kill(bucket, doc["run_id"], before, tags)
+    _undone_after_the_kill(bucket, doc["run_id"], before, tags, "move_back")
 
 
 @needs_server
@@ -144,7 +153,7 @@ def test_undo_killed_between_the_deletes_of_a_tag_is_finished(bucket28: Bucket) 
     held = sorted(_payload(bucket, doc["run_id"]))
     assert len(held) == 2 and bucket.tree() == before
     bucket.client().delete_object(Bucket=bucket.name, Key=held[0])
-    _undone_after_the_kill(bucket, doc["run_id"], before, tags)
+    _undone_after_the_kill(bucket, doc["run_id"], before, tags, "settle")
 
 
 @needs_server
