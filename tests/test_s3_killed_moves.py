@@ -30,10 +30,14 @@ from tests.support.objectstore import (
     ACCESS_KEY,
     REGION,
     SECRET_KEY,
+    Azurite,
     Bucket,
+    Container,
     MotoServer,
     blob_digests,
+    fill_container,
     iter_keys,
+    needs_azure,
     needs_server,
 )
 
@@ -332,3 +336,40 @@ def test_settle_move_never_drops_a_key_that_is_not_a_copy_of_its_source(moto: Mo
     with pytest.raises(StorageError, match="by hand"):
         mutator.settle_move("src", "dst")  # src/b's "copy" is not its bytes
     assert state() == kept
+
+
+# -- the same seam on Azure (Azurite, the tree written by the real registry 3.1.1) ------------
+
+
+@pytest.fixture(scope="module")
+def container(azurite: Azurite, real_sample: tuple[Path, realtools.SampleInfo]) -> Container:
+    return fill_container(azurite, real_sample[0], "regfsck-killed")
+
+
+@needs_azure
+def test_azure_undo_killed_between_the_copies_of_a_tag_is_finished(container: Container
+                                                                    ) -> None:
+    """On Azure a move is the same copy (read back against its source), then delete: the
+    undo of rm killed after the first of the tag's two copies back is finished by the next
+    `undo --break-lock` (every blob back byte for byte: Azure gives a copy a new ETag), and
+    a fresh registry 3 serves every tag. Before: every later undo refused."""
+    box = container.clone("regfsck-killed-az")
+    before, tags = box.tree(), box.tags()
+    repo = sorted(tags)[0]
+    proc = regfsck("rm", box.url, f"{repo}:{tags[repo][0]}", "--apply", "--no-registry-check",
+                   "--json", env=box.env())
+    assert proc.returncode == 0, proc.stderr
+    killed = run_killed(MUTATOR, ("copy_checked", QUARANTINE, 1, "after"), "undo", box.url,
+                        "--no-registry-check", "--json",
+                        env={**box.env(), "REGFSCK_S3_JOBS": "1"})
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    proc = regfsck("undo", box.url, "--no-registry-check", "--break-lock", "--json",
+                   env=box.env())
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+
+    def contents(snap: dict[str, tuple[str, str]]) -> dict[str, str]:
+        return {name: digest for name, (_, digest) in snap.items()}
+
+    assert contents(box.tree()) == contents(before)
+    assert not box.keys_below(LOCK)
+    box.serves_every_tag(tags)
