@@ -405,17 +405,18 @@ def blocks_gc(finding: Finding, delete_untagged: bool) -> bool:
     """Whether this finding makes gc's mark unreliable (gc refuses unless forced).
 
     For link damage the answer depends on which link it is: the finding's repository's
-    `_manifests` (revision and tag links decide what is marked), not its `_layers`."""
+    `_manifests` (revision and tag links decide what is marked), not its `_layers`.
+    Anything inside a tag's history (`tags/<t>/index/`) blocks only `--delete-untagged`:
+    without it every revision is a root, the history decides nothing and gc does not read
+    it (so what a full scan finds there must not block it either)."""
     rule = CATALOG[finding.kind].blocks_gc
+    if not delete_untagged and layout.in_tag_history(finding.path):
+        return False
     if rule is GcBlock.MANIFEST_LINKS:
         if finding.repo is None:
             return False
         manifests = layout.join(V2_PREFIX, layout.repo_dir(finding.repo), layout.MANIFESTS_DIR)
-        if not finding.path.startswith(manifests + "/"):
-            return False
-        inside = finding.path[len(manifests) + 1:].split("/")
-        history = len(inside) > 3 and inside[0] == layout.TAGS and inside[2] == layout.INDEX
-        return delete_untagged or not history
+        return finding.path.startswith(manifests + "/")
     return rule is GcBlock.ALWAYS or (rule is GcBlock.DELETE_UNTAGGED and delete_untagged)
 
 

@@ -91,6 +91,14 @@ def tag_index_link(repo: str, tag: str, digest: str) -> str:
     return join(tag_index_dir(repo, tag, digest), LINK)
 
 
+def in_tag_history(path: str) -> bool:
+    """Is `path` (any prefix) a tag's history or inside it, `.../_manifests/tags/<t>/index`?
+    (No repository name component starts with "_": the pattern names nothing else.)"""
+    parts = path.split("/")
+    return any(part == MANIFESTS_DIR and parts[i + 1:i + 2] == [TAGS]
+               and parts[i + 3:i + 4] == [INDEX] for i, part in enumerate(parts))
+
+
 def uploads_dir(repo: str) -> str:
     return join(REPOSITORIES, repo, UPLOADS_DIR)
 

@@ -380,9 +380,19 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
             subject = graph.subject_in(repo, digest)
             if subject is not None and subject not in kept:
                 orphan_referrers.append(OrphanReferrer(name, digest, subject, digest in kept))
-    if graph.unknown:
+    unknown = _mark_unknown(graph, delete_untagged)
+    if unknown:
         marker.add(inventory.blobs)
-    return Marks(marker.kept(), kept_manifests, orphan_referrers, sorted(set(graph.unknown)))
+    return Marks(marker.kept(), kept_manifests, orphan_referrers, sorted(set(unknown)))
+
+
+def _mark_unknown(graph: ReachGraph, delete_untagged: bool) -> list[str]:
+    """The unknown parts that count for this mark: without `delete_untagged` every
+    revision is a root, so what a tag's history holds decides nothing (gc does not read
+    it then; a full scan that did must mark the same)."""
+    if delete_untagged or not graph.unknown:
+        return graph.unknown
+    return [path for path in graph.unknown if not layout.in_tag_history(path)]
 
 
 # --------------------------------------------------------------------------- in use now

@@ -147,6 +147,22 @@ def test_link_damage_blocks_gc_where_links_decide_marking(path: str, blocks: boo
     assert blocks_gc(finding, delete_untagged=True) is blocks_untagged
 
 
+@pytest.mark.parametrize("path", [
+    layout.tag_index_link("lib/app", "v1", DIGEST),
+    layout.join(layout.tag_dir("lib/app", "v1"), "index"),
+])
+@pytest.mark.parametrize("kind", ["symlink", "unreadable"])
+def test_what_a_tag_history_holds_blocks_only_delete_untagged(path: str, kind: str) -> None:
+    """A full scan reads the history; gc without --delete-untagged does not, and whatever
+    the full scan finds there must not block that gc either."""
+    finding = make_finding(kind, f"docker/registry/v2/{path}", "x", repo="lib/app")
+    assert not blocks_gc(finding, delete_untagged=False)
+    assert blocks_gc(finding, delete_untagged=True)
+    elsewhere = make_finding(kind, f"docker/registry/v2/{layout.tag_current_link('lib/app', 'v1')}",
+                             "x", repo="lib/app")
+    assert blocks_gc(elsewhere, delete_untagged=False)
+
+
 def test_link_damage_of_another_repository_path_is_judged_by_the_finding_repository() -> None:
     """The decision reads the finding's repository, not any `/_manifests/` in the path text."""
     path = layout.layer_link("a/_manifests/b", DIGEST)  # an impossible name, for the point

@@ -11,11 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from regfsck import layout
+from regfsck.gc import GcOptions, plan_from_inventory
+from regfsck.graph import ManifestStore
+from regfsck.root import resolve
+from regfsck.scanner import Scanner
+from regfsck.storage import open_storage
 from tests import realtools
 from tests.realtools import SampleInfo
 from tests.support.cli import invoke as cli
@@ -73,6 +79,16 @@ def test_history_damage_blocks_only_delete_untagged_and_the_apply_keeps_every_ta
     assert code == 3
     assert ("link_invalid", f"{layout.V2_PREFIX}/{garbled}") in blocked
     assert ("symlink", f"{layout.V2_PREFIX}/{linked}") in blocked
+
+    # A plan judged from a full scan (history read: the scan, metrics and disk-map
+    # outlooks) marks and blocks as gc's own walk does.
+    registry = resolve(sample_root, None)
+    storage = open_storage(registry)
+    inventory = Scanner(storage, registry).scan()
+    assert any(a.kind == "symlink" for a in inventory.anomalies)
+    full = plan_from_inventory(inventory, ManifestStore(storage, inventory), storage,
+                               GcOptions(grace=timedelta(0)), now=datetime.now(UTC))
+    assert full.blocked == [] and {b.digest for b in full.blobs} == theirs.blobs
 
     verified = cli("verify", str(sample_root), "--no-data", "--json")
     found = {(f["kind"], f["path"]) for f in json.loads(verified.stdout)["findings"]}
