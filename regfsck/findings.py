@@ -12,6 +12,7 @@ so a new kind cannot be half-known. The README's table is generated from it
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -365,9 +366,14 @@ def safe_text(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        text = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in text)
-    return text
+    return _CONTROL.sub(_escaped, text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def make_finding(kind: Kind | str, path: str, message: str, *, severity: Severity | None = None,

@@ -251,7 +251,7 @@ class _Planner:
         for name, repo in sorted(self.inv.repositories.items()):
             layers = repo.layers
             # Only links whose blob is not kept can go: a plain link holds its path's digest.
-            candidates = sorted([*(d for d in layers.plain() if d not in kept),
+            candidates = sorted([*kept.not_kept(layers.plain()),
                                  *(d for d, link in layers.odd().items()
                                    if link.target is not None and link.target not in kept)])
             for digest in candidates:
@@ -276,7 +276,7 @@ class _Planner:
     def blobs(self, marks: Marks) -> None:
         # Which repositories used each victim (only victims: a set per blob of the tree
         # was the plan's largest table).
-        users: dict[str, set[str]] = {d: set() for d in self.inv.blobs if d not in marks.blobs}
+        users: dict[str, set[str]] = {d: set() for d in marks.blobs.not_kept(self.inv.blobs)}
         for name, repo in self.inv.repositories.items():
             for target in repo.layers.targets():
                 if target in users:
@@ -507,7 +507,7 @@ def plan_from_inventory(inv: Inventory, store: ManifestStore, storage: Storage,
         # The victims: what their directories hold decides whether and what the plan
         # removes; damage found there (or in a manifest the mark met late) is part of the
         # tree the mark must know (a symbolic link makes it keep everything): mark again.
-        settle_blobs(storage, inv, [d for d in inv.blobs if d not in marks.blobs])
+        settle_blobs(storage, inv, marks.blobs.not_kept(inv.blobs))
         if len(inv.anomalies) == seen:
             break
         store.anomalies_added()

@@ -287,10 +287,13 @@ class KeptDigests(Collection[str]):
         return digest in self._extra or (digest in self._stored and digest not in self._dropped)
 
     def not_kept(self, digests: Iterable[str]) -> list[str]:
-        """Those of `digests` not kept (in order), at C speed for a long list."""
+        """Those of `digests` not kept (in order), without a call per digest: the plan
+        asks it of every blob and every layer link of the tree."""
         stored = self._stored.digests()
         dropped = self._dropped
         extra = self._extra
+        if digests is self._stored:  # the stored blobs: the ones the mark dropped
+            return [d for d in stored if d in dropped]
         return [d for d in digests if d in dropped or (d not in stored and d not in extra)]
 
     def __iter__(self) -> Iterator[str]:
@@ -373,7 +376,8 @@ def mark(inventory: Inventory, store: ManifestStore, delete_untagged: bool,
     for name, repo in sorted(inventory.repositories.items()):
         roots = _repo_roots(repo, delete_untagged, repo_has_unknown(graph.unknown, repo))
         reached = graph.closure(repo, roots)
-        kept = {d for d in reached if d in repo.revisions}
+        revisions = repo.revisions
+        kept = reached.intersection(revisions.plain()) | {d for d in revisions.odd() if d in reached}
         kept_manifests[name] = kept
         marker.add(reached)
         for digest in sorted(repo.revisions):
