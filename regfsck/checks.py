@@ -46,7 +46,8 @@ class FindingSet:
 
 def valid_revisions(repo: Repository) -> set[str]:
     """Digests this repository can serve as manifests (revision link valid and matching)."""
-    return {d for d, link in repo.revisions.items() if link.target == d}
+    revisions = repo.revisions  # a plain link holds the digest its path names
+    return {*revisions.plain(), *(d for d, link in revisions.odd().items() if link.target == d)}
 
 
 def linked_layers(repo: Repository) -> set[str]:
