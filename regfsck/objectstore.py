@@ -960,11 +960,7 @@ class ObjectMutator(_AtLocation):
         client = self._boto()
         key = self.key(path)
         bucket = self.location.bucket
-        try:
-            REQUESTS.add("multipart_create")
-            upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        except Exception as exc:
-            raise self._boto_error(exc, "write", path) from exc
+        upload_id = self._create_upload(client, key, "write", path)
 
         def send(number: int, data: bytes) -> dict[str, Any]:
             REQUESTS.add("put_part")
@@ -972,11 +968,13 @@ class ObjectMutator(_AtLocation):
                                         PartNumber=number, Body=data)
             return {"PartNumber": number, "ETag": answer["ETag"]}
 
-        parts: list[dict[str, Any]] = []
-        pending: deque[Future[dict[str, Any]]] = deque()
         size = 0
-        buffer = first
-        try:
+
+        def send_all() -> list[dict[str, Any]]:
+            nonlocal size
+            parts: list[dict[str, Any]] = []
+            pending: deque[Future[dict[str, Any]]] = deque()
+            buffer = first
             with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="regfsck-part") as pool:
                 try:
                     number = 0
@@ -1004,17 +1002,9 @@ class ObjectMutator(_AtLocation):
                 finally:
                     for future in pending:
                         future.cancel()
-            REQUESTS.add("multipart_complete")
-            client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                             MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                REQUESTS.add("multipart_abort")
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            if isinstance(exc, Exception) and not isinstance(exc, StorageError) and \
-                    type(exc).__module__.startswith(("botocore", "boto3")):
-                raise self._boto_error(exc, "write", path) from exc
-            raise
+            return parts
+
+        self._complete_or_abort(client, key, upload_id, send_all, "write", path)
         return size
 
     @staticmethod
@@ -1084,13 +1074,9 @@ class ObjectMutator(_AtLocation):
 
         sizes, mirrored = self._part_layout(source)
         client = self._boto()
-        bucket, key = self.location.bucket, self.key(dest)
+        key = self.key(dest)
         self.abort_uploads_at(dest)  # a copy to this key killed earlier (the key is free)
-        try:
-            REQUESTS.add("multipart_create")
-            upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        except Exception as exc:
-            raise self._boto_error(exc, f"copy {source.path} to", dest) from exc
+        upload_id = self._create_upload(client, key, f"copy {source.path} to", dest)
         ranges: list[tuple[int, int]] = []
         start = 0
         for size in sizes:
@@ -1099,13 +1085,37 @@ class ObjectMutator(_AtLocation):
         futures = [self._parts().submit(self._copy_part, dest, upload_id, number, first, last,
                                         source)
                    for number, (first, last) in enumerate(ranges, 1)]
-        try:
+        def copied() -> list[dict[str, Any]]:
             try:
-                parts = [future.result() for future in futures]
+                return [future.result() for future in futures]
             finally:
                 for future in futures:
                     future.cancel()
                 wait(futures)  # nothing in flight when the upload is aborted
+
+        parts = self._complete_or_abort(client, key, upload_id, copied,
+                                        f"copy {source.path} to", dest)
+        return _composite_etag([str(p["ETag"]) for p in parts]), mirrored
+
+    def _create_upload(self, client: Any, key: str, what: str, path: str) -> str:
+        """Open a multipart upload at `key` (its id)."""
+        try:
+            REQUESTS.add("multipart_create")
+            return str(client.create_multipart_upload(Bucket=self.location.bucket,
+                                                      Key=key)["UploadId"])
+        except Exception as exc:
+            raise self._boto_error(exc, what, path) from exc
+
+    def _complete_or_abort(self, client: Any, key: str, upload_id: str,
+                           send: Callable[[], list[dict[str, Any]]], what: str,
+                           path: str) -> list[dict[str, Any]]:
+        """Send an open upload's parts (`send`), then complete it only while its key is
+        still free (If-None-Match: *); on any failure, an interrupt included, abort it, so
+        nothing appears at the key and nothing stays open (a kill leaves it open: the
+        recovery aborts it). A boto error becomes a StorageError ("cannot <what> <path>")."""
+        bucket = self.location.bucket
+        try:
+            parts = send()
             REQUESTS.add("multipart_complete")
             client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                              MultipartUpload={"Parts": parts}, IfNoneMatch="*")
@@ -1115,9 +1125,9 @@ class ObjectMutator(_AtLocation):
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             if isinstance(exc, Exception) and not isinstance(exc, StorageError) and \
                     type(exc).__module__.startswith(("botocore", "boto3")):
-                raise self._boto_error(exc, f"copy {source.path} to", dest) from exc
+                raise self._boto_error(exc, what, path) from exc
             raise
-        return _composite_etag([str(p["ETag"]) for p in parts]), mirrored
+        return parts
 
     def _copy_part(self, dest: str, upload_id: str, number: int, first: int, last: int,
                    source: KeyInfo) -> dict[str, Any]:
