@@ -121,6 +121,19 @@ def test_undo_killed_between_the_copy_and_the_delete_of_a_small_object(bucket28:
     _undone_after_the_kill(bucket, doc["run_id"], before, tags, "move_back")
 
 
+def _tag_removed(template: Bucket) -> tuple[Bucket, dict[str, tuple[str, str]], dict[str, list[str]],
+                                             dict[str, Any]]:
+    """A clone of `template` with its first repository's first tag removed by `rm --apply`:
+    (the bucket, its tree and tags before, the run's JSON)."""
+    bucket = template.clone()
+    before, tags = bucket.tree(), bucket.tags()
+    repo = sorted(tags)[0]
+    code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tags[repo][0]}", "--apply",
+                         "--no-registry-check")
+    assert code == 0, (doc, err)
+    return bucket, before, tags, doc
+
+
 @needs_server
 def test_undo_killed_between_the_copies_of_a_tag_is_finished(bucket28: Bucket) -> None:
     """rm repo:tag --apply, then its undo SIGKILLed right after the first of the two copies
@@ -129,12 +142,7 @@ def test_undo_killed_between_the_copies_of_a_tag_is_finished(bucket28: Bucket) -
     Before: every later undo refused ("something new exists at that path"), the run went
     back to `complete` with half its tag in the tree: the operator was stuck; and
     `undo --dry-run` showed that refusal (now: the move back the undo makes)."""
-    bucket = bucket28.clone()
-    before, tags = bucket.tree(), bucket.tags()
-    repo = sorted(tags)[0]
-    code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tags[repo][0]}", "--apply",
-                         "--no-registry-check")
-    assert code == 0, (doc, err)
+    bucket, before, tags, doc = _tag_removed(bucket28)
     _killed(bucket, ("copy_checked", QUARANTINE, 1, "after"), "undo", bucket.url, jobs=1)
     assert len(_payload(bucket, doc["run_id"])) == 2
     assert len(set(bucket.tree()) - set(before)) == 0 and len(set(before) - set(bucket.tree())) == 1
@@ -147,12 +155,7 @@ def test_undo_killed_between_the_deletes_of_a_tag_is_finished(bucket28: Bucket) 
     of the two deleted as a DeleteObjects cut short would have: the tag is whole in the
     tree, half of it still in the quarantine. The next undo finishes that move (the
     remaining source goes). Before: refused forever, as above."""
-    bucket = bucket28.clone()
-    before, tags = bucket.tree(), bucket.tags()
-    repo = sorted(tags)[0]
-    code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tags[repo][0]}", "--apply",
-                         "--no-registry-check")
-    assert code == 0, (doc, err)
+    bucket, before, tags, doc = _tag_removed(bucket28)
     _killed(bucket, ("delete", QUARANTINE, 1, "before"), "undo", bucket.url)
     held = sorted(_payload(bucket, doc["run_id"]))
     assert len(held) == 2 and bucket.tree() == before
