@@ -46,7 +46,6 @@ from regfsck.inventory import (
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
     DirEntryLike,
-    EntryKind,
     FilesystemStorage,
     Stat,
     Storage,
@@ -217,9 +216,6 @@ class Scanner:
             self._anomaly("missing_link", dir_path, "directory has no link file", repo=repo)
 
     # -- blobs ---------------------------------------------------------------
-    def scan_blobs(self) -> None:
-        self._run_tasks(self._blob_tasks())
-
     def _blob_tasks(self) -> list[Task]:
         tasks: list[Task] = []
         top = self._entries(layout.BLOBS)
@@ -247,9 +243,6 @@ class Scanner:
                 continue
             tasks.append((fan_path, _fanout_task(algorithm, fan, fan_path)))
         return tasks
-
-    def _scan_blob_algorithm(self, algorithm: str, alg_path: str) -> None:
-        self._run_tasks(self._blob_algorithm_tasks(algorithm, alg_path))
 
     def _scan_fanout(self, algorithm: str, fan: str, fan_path: str) -> None:
         """The hot loop over blob directories: one lstat of `data` each, no leaf listing."""
@@ -333,33 +326,7 @@ class Scanner:
         self.inv.misplaced_blobs.append(
             Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns, st.inode))
 
-    def _scan_blob_dir(self, algorithm: str, fan: str, entry: DirEntryLike, path: str) -> None:
-        """One blob directory (kept for callers; the walk uses `_scan_fanout`)."""
-        if not entry.is_dir(follow_symlinks=False):
-            self._odd_entry(entry, path, "a blob directory")
-            return
-        hex_part = entry.name
-        if not is_valid_hex(algorithm, hex_part):
-            self._anomaly("blob_bad_name", path, f"not a valid {algorithm} hex name")
-            return
-        digest = f"{algorithm}:{hex_part}"
-        data_path = f"{path}/data"
-        try:
-            st = self.storage.stat(data_path)
-        except StorageError as exc:
-            self._anomaly("unreadable", data_path, exc.message, digest=digest)
-            return
-        if st is not None and st.kind is EntryKind.FILE and hex_part.startswith(fan):
-            self.inv.files_seen += 1
-            self.inv.blobs[digest] = Blob(digest, data_path, st.size, st.mtime_ns, st.ctime_ns,
-                                          st.inode)
-            return
-        self._odd_blob(digest, fan, hex_part, path, data_path, st)
-
     # -- repositories ----------------------------------------------------------
-    def scan_repositories(self) -> None:
-        self._run_tasks([(layout.REPOSITORIES, _walk_task(layout.REPOSITORIES, ()))])
-
     def _walk_repository_dir(self, path: str, parts: tuple[str, ...]) -> list[Task]:
         """One directory under `repositories/`: a repository (its parts are scanned here)
         and/or the parent of more; returns the tasks for its child directories."""
@@ -412,7 +379,9 @@ class Scanner:
 
     def _scan_digest_links(self, repo: Repository, path: str, into: LinkMap,
                            allow_legacy: tuple[str, ...] = (), tag: str | None = None) -> None:
-        """Scan `<alg>/<hex>/link` below `path` into `into` (keyed by the path's digest)."""
+        """Scan `<alg>/<hex>/link` below `path` (`into`'s own directory) into `into` (keyed
+        by the path's digest)."""
+        assert path == into.base, (path, into.base)
         repo_name = repo.name
         for alg_entry in self._entries(path, repo_name) or ():
             alg = alg_entry.name
@@ -435,11 +404,10 @@ class Scanner:
             prefix = f"{alg}:"
             digests = [intern(prefix + h) for h in hexes]
             names = [f"{h}/link" for h in hexes]
-            listed = self.depth is Depth.LIST and alg == "sha256" and into is repo.layers
             try:
                 if self.depth is not Depth.READ and alg == "sha256" and into is repo.layers:
                     repo.layers_unread = True
-                    contents = (None if listed else _as_read(
+                    contents = (None if self.depth is Depth.LIST else _as_read(
                         self.storage.lstat_many(alg_path, names), digests, alg_path, names))
                 else:
                     contents = self.storage.read_small_many(alg_path, names, LINK_READ_LIMIT)
@@ -447,16 +415,11 @@ class Scanner:
                 self._anomaly("unreadable", alg_path, exc.message, repo=repo_name)
                 continue
             if contents is None or _all_name_their_path(contents, digests):  # the normal case
-                if alg_path == f"{into.base}/{alg}":
-                    into.extend_listed(digests)
-                else:
-                    add_listed = _link_adder(into, alg_path, alg)
-                    for digest in digests:
-                        add_listed(digest)
+                into.extend_listed(digests)
                 self.inv.files_seen += len(digests)
                 continue
             make_link = self._link
-            add_listed = _link_adder(into, alg_path, alg)
+            add_listed = into.add_listed
             files = 0
             for hex_part, digest, raw in zip(hexes, digests, contents, strict=True):
                 if type(raw) is bytes and raw.decode("latin-1") == digest:
@@ -784,7 +747,7 @@ def _in_flight(read: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
 def read_deferred_layers(storage: Storage, inv: Inventory,
                          select: Callable[[list[str]], list[str]],
                          repos: Iterable[str] | None = None) -> None:
-    """Read the content of the deferred `_layers/sha256` links (see `Scanner.defer_layers`)
+    """Read the content of the deferred `_layers/sha256` links (`Depth.STAT`/`LIST`: only lstat'ed or listed)
     whose path digests `select` picks (of one repository's, in order: a filter over a
     list, so that the 100,000s of links of a tree are judged in one comprehension, not a
     call each), replacing their Link by what the content says.
@@ -864,17 +827,6 @@ def settle_blobs(storage: Storage, inv: Inventory, digests: Iterable[str]) -> No
     for fan_path, stats in zip(order, results, strict=True):
         scanner._stat_blobs(fan_path.rpartition("/")[2], fan_path, wanted[fan_path],
                             settling=True, stats=stats)
-
-
-def _link_adder(into: LinkMap, alg_path: str, alg: str) -> Callable[[str], None]:
-    """How the walk adds a link of `alg_path` holding what its path names: as a digest
-    where the map keeps its links (always, but for a map given another directory)."""
-    if alg_path == f"{into.base}/{alg}":
-        return into.add_listed
-
-    def add(digest: str) -> None:
-        into[digest] = Link.listed(alg_path, digest, digest)
-    return add
 
 
 def _fragment_key(item: tuple[str, Inventory]) -> str:
