@@ -207,14 +207,12 @@ class TreeChecker:
                                           affected_tags=reach.tags(digest)))
             elif isinstance(loaded, Manifest):
                 self._check_manifest(repo, digest, loaded, serving, layers, reach.tags(digest))
-            elif loaded:
-                manifest = self.store.load(digest)
-                assert isinstance(manifest, Manifest)
-                self._bad_descriptors(repo, digest, manifest, reach.tags(digest))
+            else:  # its problems (blocking-only)
+                self._bad_descriptors(repo, digest, loaded, reach.tags(digest))
 
-    def _bad_descriptors(self, repo: Repository, digest: str, manifest: Manifest,
+    def _bad_descriptors(self, repo: Repository, digest: str, problems: tuple[str, ...],
                          tags: tuple[str, ...]) -> None:
-        for problem in manifest.problems:
+        for problem in problems:
             self.out.add(make_finding("manifest_bad_descriptor", layout.blob_data(digest),
                                       f"manifest {digest}: {problem}", repo=repo.name,
                                       digest=digest, affected_tags=tags))
@@ -226,7 +224,7 @@ class TreeChecker:
             self.out.add(make_finding("manifest_schema1", where,
                                       "schema1 manifest: registry 3.x cannot serve or collect it",
                                       repo=repo.name, digest=digest, affected_tags=tags))
-        self._bad_descriptors(repo, digest, manifest, tags)
+        self._bad_descriptors(repo, digest, manifest.problems, tags)
         for edge in self.store.reach.edges(digest):
             ref = edge.descriptor
             if edge.blob is None:
