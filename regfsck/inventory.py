@@ -411,11 +411,16 @@ class BlobTable(_CompactTable[Blob]):
             rows[digest] = len(nums) // 4
             nums.extend(numbers[n:n + 4])
 
+    def _in_order(self) -> bool:
+        """Only blobs at their usual paths, row i the i-th digest: the rows as they are
+        are the table (no per-blob copy to send or merge it)."""
+        return not self._odd and len(self._nums) == 4 * len(self._rows) and all(
+            row == i for i, row in enumerate(self._rows.values()))
+
     def rows(self) -> tuple[list[str], array[int], list[Blob]]:
         """The blobs at their usual paths (digests, and their four numbers each, in
         order) and the others as objects: what a walk's worker sends back."""
-        if not self._odd and len(self._nums) == 4 * len(self._rows) and all(
-                row == i for i, row in enumerate(self._rows.values())):
+        if self._in_order():
             return list(self._rows), self._nums, []
         digests: list[str] = []
         numbers = array("q")
@@ -506,9 +511,8 @@ class BlobTable(_CompactTable[Blob]):
 
     def update_from(self, other: BlobTable) -> None:
         """Add every blob of `other` (the walk's merge of its fragments)."""
-        if not other._odd and len(other._nums) == 4 * len(other._rows) and all(
-                row == i for i, row in enumerate(other._rows.values())):
-            self.extend_rows(list(other._rows), other._nums)  # rows in order: as they are
+        if other._in_order():
+            self.extend_rows(list(other._rows), other._nums)
             return
         add = self.add
         nums = other._nums
