@@ -214,8 +214,14 @@ def test_unprivileged_run_on_an_ordinary_machine_is_not_refused(tmp_path: Path) 
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv(1) to run as another user")
     base = Path(tempfile.mkdtemp(prefix="regfsck-unpriv-"))
+    # The package as that user can read it: the checkout may sit in a directory only root
+    # may enter (a clone in `mktemp -d`, mode 0700).
+    code_dir = Path(tempfile.mkdtemp(prefix="regfsck-unpriv-code-"))
     try:
         os.chmod(base, 0o755)
+        os.chmod(code_dir, 0o755)
+        shutil.copytree(REPO_ROOT / "regfsck", code_dir / "regfsck",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         (base / "docker/registry/v2/blobs").mkdir(parents=True)
         for path in [base, *base.rglob("*")]:
             os.chown(path, 65534, 65534)
@@ -223,11 +229,12 @@ def test_unprivileged_run_on_an_ordinary_machine_is_not_refused(tmp_path: Path) 
                 "from regfsck.safety import registry_users; print(registry_users(locate(Path(sys.argv[1]))))")
         result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                                  sys.executable, "-c", code, str(base)], capture_output=True, text=True,
-                                env={**realtools.clean_env(), "PYTHONPATH": str(REPO_ROOT)}, cwd="/")
+                                env={**realtools.clean_env(), "PYTHONPATH": str(code_dir)}, cwd="/")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "[]"
     finally:
         shutil.rmtree(base)
+        shutil.rmtree(code_dir)
 
 
 def test_inherited_mount_of_a_dedicated_filesystem_is_not_use(sample_root: Path, tmp_path: Path) -> None:
