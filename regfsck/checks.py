@@ -206,25 +206,27 @@ class TreeChecker:
                                           repo=repo.name, digest=digest,
                                           affected_tags=reach.tags(digest)))
             elif isinstance(loaded, Manifest):
-                self._check_manifest(repo, digest, loaded, serving, layers, reach.tags(digest))
+                self._check_manifest(repo, digest, loaded, serving, layers, reach)
             else:  # its problems (blocking-only)
-                self._bad_descriptors(repo, digest, loaded, reach.tags(digest))
+                self._bad_descriptors(repo, digest, loaded, reach)
 
     def _bad_descriptors(self, repo: Repository, digest: str, problems: tuple[str, ...],
-                         tags: tuple[str, ...]) -> None:
+                         reach: _TagReach) -> None:
         for problem in problems:
             self.out.add(make_finding("manifest_bad_descriptor", layout.blob_data(digest),
                                       f"manifest {digest}: {problem}", repo=repo.name,
-                                      digest=digest, affected_tags=tags))
+                                      digest=digest, affected_tags=reach.tags(digest)))
 
     def _check_manifest(self, repo: Repository, digest: str, manifest: Manifest,
-                        serving: set[str], layers: set[str], tags: tuple[str, ...]) -> None:
+                        serving: set[str], layers: set[str], reach: _TagReach) -> None:
+        """A loaded manifest's own findings. The tags each names (`reach`) are walked only
+        once a finding needs them: on a healthy repository, never."""
         where = layout.blob_data(digest)
         if manifest.kind is ManifestKind.SCHEMA1:
             self.out.add(make_finding("manifest_schema1", where,
                                       "schema1 manifest: registry 3.x cannot serve or collect it",
-                                      repo=repo.name, digest=digest, affected_tags=tags))
-        self._bad_descriptors(repo, digest, manifest.problems, tags)
+                                      repo=repo.name, digest=digest, affected_tags=reach.tags(digest)))
+        self._bad_descriptors(repo, digest, manifest.problems, reach)
         for edge in self.store.reach.edges(digest):
             ref = edge.descriptor
             if edge.blob is None:
@@ -232,29 +234,29 @@ class TreeChecker:
                     self.out.add(make_finding(
                         "reference_missing", layout.blob_data(ref.digest),
                         f"{ref.role} {ref.digest} of manifest {digest} does not exist",
-                        repo=repo.name, digest=ref.digest, affected_tags=tags))
+                        repo=repo.name, digest=ref.digest, affected_tags=reach.tags(digest)))
                 continue
             self._check_size(ref, edge.blob, digest, repo.name)
             if ref.role == "manifest":
                 if ref.digest not in serving:
-                    self._child_not_served(repo, digest, ref, tags)
+                    self._child_not_served(repo, digest, ref, reach.tags(digest))
             elif not edge.optional and not self._linked(repo, ref.digest, layers):
                 self.out.add(make_finding(
                     "reference_not_linked", layout.layer_link(repo.name, ref.digest),
                     f"{ref.role} {ref.digest} of manifest {digest} exists but is not linked in "
                     "this repository (the registry answers 'blob unknown')",
-                    repo=repo.name, digest=ref.digest, affected_tags=tags))
+                    repo=repo.name, digest=ref.digest, affected_tags=reach.tags(digest)))
         if manifest.subject is not None and manifest.subject.digest not in serving:
             self.out.add(make_finding(
                 "subject_missing", layout.revision_link(repo.name, digest),
                 f"referrer {digest} refers to subject {manifest.subject.digest}, which is not "
-                "in this repository", repo=repo.name, digest=digest, affected_tags=tags))
+                "in this repository", repo=repo.name, digest=digest, affected_tags=reach.tags(digest)))
         if manifest.children:
             cycle = find_cycle(self.store, digest, self._cycle_free)
             if cycle is not None:
                 self.out.add(make_finding(
                     "manifest_cycle", where, "index cycle: " + " -> ".join(cycle),
-                    repo=repo.name, digest=digest, affected_tags=tags))
+                    repo=repo.name, digest=digest, affected_tags=reach.tags(digest)))
 
     def _check_layer_links(self, repo: Repository, reach: _TagReach) -> None:
         for digest, link in sorted(repo.layers.items()):
