@@ -328,3 +328,35 @@ def test_apply_refuses_a_symlink_the_dry_run_does_not_look_at(tmp_path: Path) ->
     assert applied.returncode == 3, applied.stderr
     assert "symlink" in {f["kind"] for f in json.loads(applied.stdout)["blocked_by"]}
     assert sorted(str(p) for p in (root / V2).rglob("*")) == before
+
+
+@pytest.mark.parametrize(("seconds_per_read", "threaded"), [(2e-6, False), (400e-6, True)])
+def test_reads_after_the_walk_take_threads_only_once_the_disk_answers_them(
+        monkeypatch: pytest.MonkeyPatch, seconds_per_read: float, threaded: bool) -> None:
+    """gc's reads after the walk (`settle_blobs`, `read_deferred_layers`) stay in the calling
+    thread while each takes what the page cache takes: 16 threads handing the GIL over on
+    every system call made them 2x slower warm. Once a stretch of reads averages what a
+    disk read takes, the rest go to threads. Results stay in order either way. (A clock
+    that advances by what each read is said to take, so the machine's load decides nothing.)"""
+    import threading
+
+    from regfsck import scanner
+
+    clock = [0.0]
+    monkeypatch.setattr(scanner, "perf_counter", lambda: clock[0])
+    lock = threading.Lock()
+    where: dict[int, bool] = {}
+
+    def read(item: int) -> int:
+        with lock:
+            clock[0] += seconds_per_read * 4  # four files an item
+            where[item] = threading.current_thread() is threading.main_thread()
+        return item * 10
+
+    items = list(range(200))
+    assert scanner._in_flight(read, items, lambda item: 4) == [i * 10 for i in items]
+    off_main = sorted(item for item, on_main in where.items() if not on_main)
+    if not threaded:
+        assert off_main == []
+    else:  # a probe of PROBE_READS reads (16 items) in the calling thread, then threads
+        assert off_main == list(range(scanner.PROBE_READS // 4, 200))
