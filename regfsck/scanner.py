@@ -63,7 +63,12 @@ SETTLE_THREADS = 16
 # A read the page cache answers takes a few microseconds; one the disk answers, 100 or more.
 WARM_READ_SECONDS = 40e-6
 PROBE_READS = 64
-DEFERRED_CHUNK = 256  # links of one repository read as one item (one directory's)
+DEFERRED_CHUNK = 256
+# The blob fan-out fragments a merge takes between two trims of freed memory: each one's
+# packed rows (its digests joined, their numbers) are freed to malloc's heap as its rows
+# become the table's strings in pymalloc's arenas, and at 1M files those freed pieces,
+# unused by pymalloc and untrimmed, were 22 MB of the peak (issue 15).
+TRIM_EVERY_PACKED = 16  # links of one repository read as one item (one directory's)
 STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
@@ -663,8 +668,15 @@ class Scanner:
             self.inv.manifests = manifests  # not a copy (memory)
         del manifests
         done.sort(key=_fragment_key, reverse=True)
+        packed = 0
         while done:
-            self._merge(done.pop()[1])
+            fragment = done.pop()[1]
+            self._merge(fragment)
+            if fragment.packed_blobs:
+                del fragment
+                packed += 1
+                if packed % TRIM_EVERY_PACKED == 0:
+                    release_freed_memory()
         blobs = self.inv.blobs
         while stated:  # the manifests' rows the workers lstat'ed (Depth.LIST)
             digests, raw = stated.pop()
@@ -738,8 +750,10 @@ _R = TypeVar("_R")
 
 
 def _in_flight(read: Callable[[_T], _R], items: Sequence[_T],
-               reads_of: Callable[[_T], int]) -> list[_R]:
-    """`read` of each item, in order; `reads_of(item)`: the files its read touches.
+               reads_of: Callable[[_T], int]) -> Iterator[_R]:
+    """`read` of each item, in order, as each is read (so the caller holds one at a time:
+    the lstat results of a plan's victims were 10 MB at 1M files); `reads_of(item)`: the
+    files its read touches.
 
     What gc reads after a dry run's walk may or may not be in the page cache. Cached, each
     read takes microseconds and threads only hand the GIL over on every system call (16
@@ -748,24 +762,21 @@ def _in_flight(read: Callable[[_T], _R], items: Sequence[_T],
     start here, in the calling thread, and the moment a stretch of PROBE_READS of them
     averages more than WARM_READ_SECONDS each (the disk, or the network, answers them),
     the rest go to SETTLE_THREADS threads."""
-    results: list[_R] = []
     reads, spent = 0, 0.0
-    for item in items:
+    for done, item in enumerate(items):
         if reads >= PROBE_READS:
             if spent > reads * WARM_READ_SECONDS:
-                break
+                rest = items[done:]
+                with ThreadPoolExecutor(min(SETTLE_THREADS, len(rest)),
+                                        thread_name_prefix="regfsck-settle") as pool:
+                    yield from pool.map(read, rest)
+                return
             reads, spent = 0, 0.0
         started = perf_counter()
-        results.append(read(item))
+        result = read(item)
         spent += perf_counter() - started
         reads += reads_of(item)
-    rest = items[len(results):]
-    if not rest:
-        return results
-    with ThreadPoolExecutor(min(SETTLE_THREADS, len(rest)),
-                            thread_name_prefix="regfsck-settle") as pool:
-        results.extend(pool.map(read, rest))
-    return results
+        yield result
 
 
 def _count_todo(item: tuple[Repository, list[str]]) -> int:

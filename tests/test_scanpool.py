@@ -354,7 +354,7 @@ def test_reads_after_the_walk_take_threads_only_once_the_disk_answers_them(
         return item * 10
 
     items = list(range(200))
-    assert scanner._in_flight(read, items, lambda item: 4) == [i * 10 for i in items]
+    assert list(scanner._in_flight(read, items, lambda item: 4)) == [i * 10 for i in items]
     off_main = sorted(item for item, on_main in where.items() if not on_main)
     if not threaded:
         assert off_main == []
