@@ -8,18 +8,25 @@ A record whose document differs (nested records, renamed keys) writes its own `t
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 
 class Document:
-    """A dataclass whose JSON document is its fields, as they are."""
+    """A dataclass whose JSON document is its fields, as they are. (No slots of its own,
+    so that a record kept by the 10,000s, a plan's victims, can be a slotted dataclass.)"""
+
+    __slots__ = ()
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
 class SparseDocument:
     """A dataclass whose JSON document is its fields that are not None."""
 
+    __slots__ = ()
+
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {f.name: value for f in fields(self)  # type: ignore[arg-type]
+                if (value := getattr(self, f.name)) is not None}

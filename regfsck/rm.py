@@ -120,7 +120,7 @@ class _RmPlanner:
 
     def _removal(self, path: str, phase: str) -> None:
         st = self.storage.stat(path)
-        checks = ((path, st.mtime_ns),) if st is not None else ()
+        checks = (("", st.mtime_ns),) if st is not None else ()
         self.removals.append(Removal(path, phase, checks, grace_applies=False))
 
     def build(self) -> RmPlan:

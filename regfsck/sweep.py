@@ -56,7 +56,7 @@ def recheck(storage: MutableStorage, removal: Removal, cutoff_ns: int) -> str | 
     at ROOT, the removal's paths at v2)."""
     if storage.lstat_raw(f"{V2_PREFIX}/{removal.path}") is None:
         return "gone since the scan"
-    for path, seen_ns in removal.checks:
+    for path, seen_ns in removal.checked():
         st = storage.lstat_raw(f"{V2_PREFIX}/{path}")
         if st is None or st.st_mtime_ns != seen_ns:
             return f"{path} changed since the scan"
