@@ -13,6 +13,7 @@ each once with the page cache warm and once cold (`sync; echo 3 > /proc/sys/vm/d
 before the run: needs root). It prints medians, the ratio regfsck / official per mode (the
 target is <= 0.5), peak RSS and RSS per file above a fixed base (the peak RSS of the same
 command on a tree of a few hundred files), extrapolated to 10M files, and the load average.
+Both checkouts are byte-compiled first, as installing them does (`measure.byte_compile`).
 
     python benchmarks/bench_gc_plan.py --workdir /work/bench-trees --keep
     python benchmarks/bench_gc_plan.py --workdir /work/bench-trees --reuse --sizes 300000 \\
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("docker-registry is not installed: nothing to compare against")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="regfsck-bench-gc-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    for checkout in filter(None, [measure.REPO_ROOT, args.baseline]):
+        measure.byte_compile(checkout)  # both run as installed: from bytecode
     base = base_rss(workdir, args.baseline)
     log(f"fixed base (peak RSS on a tiny tree): {base}")
     results = []
