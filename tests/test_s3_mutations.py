@@ -110,14 +110,20 @@ def test_gc_apply_then_undo(which: str, request: pytest.FixtureRequest) -> None:
     code, runs, _ = run(bucket, "runs", bucket.url)
     assert code == 0 and [r["run_id"] for r in runs["runs"]] == [doc["run_id"]]
     assert runs["runs"][0]["status"] == "complete" and runs["runs"][0]["bytes"] > 0
+    assert runs["requests"]["list"] > 0  # every --json on object storage counts them
 
+    code, planned, err = run(bucket, "undo", bucket.url, doc["run_id"], "--dry-run",
+                             "--registry-url", dead_url())
+    assert code == 0 and planned["requests"]["list"] > 0, (planned, err)
     code, undone, err = run(bucket, "undo", bucket.url, doc["run_id"], "--registry-url",
                             dead_url())
     assert code == 0, (undone, err)
     assert undone["moved_back"] == doc["apply"]["moved"] > 0
+    assert undone["requests"]["copy"] >= undone["moved_back"]
     assert bucket.tree() == before  # every key, byte for byte (and ETag)
     code, purged, _ = run(bucket, "purge", bucket.url, doc["run_id"], "--apply")
     assert code == 0 and purged["runs"] == [doc["run_id"]]
+    assert purged["requests"]["delete"] > 0
     assert not bucket.keys_below(QUARANTINE)
     assert bucket.tree() == before
 
@@ -134,7 +140,7 @@ def test_rm_then_undo(bucket28: Bucket) -> None:
     code, doc, err = run(bucket, "rm", bucket.url, f"{repo}:{tag}", "--apply",
                          "--registry-url", dead_url())
     assert code == 0, (doc, err)
-    assert doc["applied"] is True
+    assert doc["applied"] is True and doc["requests"]["copy"] > 0
     assert tag not in bucket.tags().get(repo, [])
     kept = {r: [t for t in ts if (r, t) != (repo, tag)] for r, ts in tags.items()}
     bucket.serves_every_tag(bucket.binary, {r: ts for r, ts in kept.items() if ts})

@@ -18,6 +18,7 @@ from regfsck.cli.common import (
     plural,
     print_json,
     say,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 
@@ -57,7 +58,7 @@ def purge(
     with mutation_session(registry, command="purge", tree=False) as session:
         result = purge_runs(session, age, dry_run=not apply, force=force, run_ids=run_ids)
     if json_output:
-        print_json(result.to_json())
+        print_json(with_requests(registry, result.to_json()))
         raise typer.Exit(ExitCode.OK)
     verb = "Deleted" if apply else "Would delete"
     say(f"{verb} {plural(len(result.runs), 'run')}: {human_bytes(result.bytes_freed)} "

@@ -26,6 +26,7 @@ from regfsck.cli.common import (
     say,
     styled,
     table,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 
@@ -73,7 +74,7 @@ def rm(
 
     if not apply:
         plan = _plan(registry, values, force)
-        _output(plan, json_output, [], root_words(registry))
+        _output(registry, plan, json_output, [])
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.is_blocked else ExitCode.OK)
     from regfsck.sweep import apply_rm
 
@@ -81,7 +82,7 @@ def rm(
         applied = apply_rm(registry, values, force=force, stop=stop,
                            on_recovered=show_recovered(json_output), on_start=on_start)
     plan = applied.plan
-    _output(plan, json_output, applied.recovered, root_words(registry), applied)
+    _output(registry, plan, json_output, applied.recovered, applied)
     if applied.result is None:  # blocked: nothing was changed
         raise typer.Exit(ExitCode.CANNOT_RUN)
     if not json_output:
@@ -110,10 +111,11 @@ def _plan(registry: RegistryRoot, refs: list[str], force: bool) -> RmPlan:
     return plan_rm(registry, refs, force=force)
 
 
-def _output(plan: RmPlan, json_output: bool, recovered: list[str], root: str,
+def _output(registry: RegistryRoot, plan: RmPlan, json_output: bool, recovered: list[str],
             applied: Applied[RmPlan] | None = None) -> None:
     if json_output:
-        print_json({**(applied or plan).to_json(), "recovered": recovered})
+        print_json(with_requests(registry, {**(applied or plan).to_json(),
+                                            "recovered": recovered}))
         return
     done = applied is not None and applied.applied
     rows: list[tuple[str, str, str]] = []

@@ -16,6 +16,7 @@ from regfsck.cli.common import (
     print_json,
     root_words,
     say,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 from regfsck.layout import QUARANTINE_DIR
@@ -30,8 +31,8 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
 
     found = list_runs(registry)
     if json_output:
-        print_json({"runs": [r.to_json() for r in found],
-                    "bytes": sum(r.bytes for r in found)})
+        print_json(with_requests(registry, {"runs": [r.to_json() for r in found],
+                                            "bytes": sum(r.bytes for r in found)}))
         raise typer.Exit(ExitCode.OK)
     if not found:
         say("No runs in the quarantine.")

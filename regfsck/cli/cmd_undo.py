@@ -21,11 +21,13 @@ from regfsck.cli.common import (
     print_json,
     say,
     warn,
+    with_requests,
 )
 from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
     from regfsck.quarantine import UndoPlan
+    from regfsck.root import RegistryRoot
 
 ARGS = typer.Argument(None, metavar="[ROOT] [RUN_ID]", show_default=False,
                       help="Registry storage root (default /var/lib/registry; omit it with --config), "
@@ -47,9 +49,9 @@ DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Show the plan the undo w
                               "and change nothing.")
 
 
-def _show_plan(plan: UndoPlan, json_output: bool) -> None:
+def _show_plan(registry: RegistryRoot, plan: UndoPlan, json_output: bool) -> None:
     if json_output:
-        print_json({**plan.to_json(), "applied": False})
+        print_json(with_requests(registry, {**plan.to_json(), "applied": False}))
         raise typer.Exit(ExitCode.CANNOT_RUN if plan.problems else ExitCode.OK)
     counts = {a: plan.count(a) for a in ("move_back", "unmake", "rmdir", "remake_dir", "keep",
                                          "already_there")}
@@ -91,21 +93,22 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
     registry = for_changes(open_root(root, config, object_storage=True), registry_url,
                            no_registry_check, break_lock)
     if dry_run:
-        _show_plan(plan_undo(registry, undo_target(registry, run_id)), json_output)
+        _show_plan(registry, plan_undo(registry, undo_target(registry, run_id)), json_output)
     with mutation_session(registry, command="undo",
                           on_recovered=show_recovered(json_output)) as session:
         recovered = session.recovered
         done = reverted_by_recovery(session, run_id)
         if done is not None:  # the interrupted run was the one to undo
             if json_output:
-                print_json({"run_id": done, "reverted_by_recovery": True,
-                            "recovered": recovered})
+                print_json(with_requests(registry, {"run_id": done, "reverted_by_recovery": True,
+                                                    "recovered": recovered}))
             else:
                 say(f"Run {done} had been interrupted; recovery reverted it.")
             raise typer.Exit(ExitCode.OK)
         result = undo_run(session, run_id)
     if json_output:
-        print_json({**result.to_json(), "reverted_by_recovery": False, "recovered": recovered})
+        print_json(with_requests(registry, {**result.to_json(), "reverted_by_recovery": False,
+                                            "recovered": recovered}))
     else:
         say(f"Reverted run {result.run_id} ({result.command}): {result.moved_back} paths "
             f"moved back, {result.files_removed} created files moved into its quarantine, "
