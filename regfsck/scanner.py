@@ -63,12 +63,12 @@ SETTLE_THREADS = 16
 # A read the page cache answers takes a few microseconds; one the disk answers, 100 or more.
 WARM_READ_SECONDS = 40e-6
 PROBE_READS = 64
-DEFERRED_CHUNK = 256
+DEFERRED_CHUNK = 256  # links of one repository read as one item (one directory's)
 # The blob fan-out fragments a merge takes between two trims of freed memory: each one's
 # packed rows (its digests joined, their numbers) are freed to malloc's heap as its rows
 # become the table's strings in pymalloc's arenas, and at 1M files those freed pieces,
 # unused by pymalloc and untrimmed, were 22 MB of the peak (issue 15).
-TRIM_EVERY_PACKED = 16  # links of one repository read as one item (one directory's)
+TRIM_EVERY_PACKED = 16
 STARTEDAT_LIMIT = 4096
 MAX_REPO_DEPTH = 64
 KNOWN_REPO_DIRS = (layout.LAYERS_DIR, layout.MANIFESTS_DIR, layout.UPLOADS_DIR)
@@ -672,11 +672,11 @@ class Scanner:
         while done:
             fragment = done.pop()[1]
             self._merge(fragment)
-            if fragment.packed_blobs:
-                del fragment
-                packed += 1
-                if packed % TRIM_EVERY_PACKED == 0:
-                    release_freed_memory()
+            packed += bool(fragment.packed_blobs)
+            del fragment  # freed before a trim can hand its memory back
+            if packed == TRIM_EVERY_PACKED:
+                release_freed_memory()
+                packed = 0
         blobs = self.inv.blobs
         while stated:  # the manifests' rows the workers lstat'ed (Depth.LIST)
             digests, raw = stated.pop()
@@ -779,10 +779,6 @@ def _in_flight(read: Callable[[_T], _R], items: Sequence[_T],
         yield result
 
 
-def _count_todo(item: tuple[Repository, list[str]]) -> int:
-    return len(item[1])
-
-
 def read_deferred_layers(storage: Storage, inv: Inventory,
                          select: Callable[[list[str]], list[str]],
                          repos: Iterable[str] | None = None) -> None:
@@ -820,7 +816,7 @@ def read_deferred_layers(storage: Storage, inv: Inventory,
         except StorageError as exc:
             return [exc] * len(todo)
 
-    for (repo, todo), contents in zip(work, _in_flight(read, work, _count_todo), strict=True):
+    for (repo, todo), contents in zip(work, _in_flight(read, work, lambda item: len(item[1])), strict=True):
         for digest, raw in zip(todo, contents, strict=True):
             path = repo.layers[digest].path
             if isinstance(raw, StorageError):
