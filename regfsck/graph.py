@@ -24,10 +24,9 @@ from regfsck.manifest import (
     Manifest,
     ManifestError,
     PackedManifest,
-    pack_manifest,
     packed_references,
     packed_subject,
-    parse_manifest,
+    parse_packed,
     unpack_manifest,
 )
 from regfsck.reach import ReachGraph
@@ -207,7 +206,7 @@ class ManifestStore:
         """What the store keeps of a manifest's bytes: the manifest packed (or, when it
         cannot be, parsed), or why it cannot be used."""
         try:
-            return pack_manifest(parse_manifest(raw))
+            return parse_packed(raw)
         except ManifestError as exc:
             return Unloadable(exc.kind, str(exc))
 

@@ -37,8 +37,7 @@ from regfsck.manifest import (
     Manifest,
     ManifestError,
     PackedManifest,
-    pack_manifest,
-    parse_manifest,
+    parse_packed,
     share_descriptors,
 )
 from regfsck.storage import FilesystemStorage, StorageError
@@ -230,7 +229,7 @@ def _packed_or_raw(raw: bytes) -> bytes | tuple[int, PackedManifest]:
     numbers it needs are the ones the parent has too; else its bytes, which the parent
     parses and judges itself (`_take`)."""
     try:
-        packed = pack_manifest(parse_manifest(raw), new_strings=False)
+        packed = parse_packed(raw, new_strings=False)
     except ManifestError:
         return raw
     return (len(raw), packed) if type(packed) is tuple else raw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import cast
 
 import pytest
 from hypothesis import example, given
@@ -12,6 +13,10 @@ from hypothesis import strategies as st
 from regfsck import layout
 from regfsck.digest import DigestError, parse_digest, parse_link_content
 from regfsck.manifest import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
     Manifest,
     ManifestError,
     ManifestKind,
@@ -19,6 +24,7 @@ from regfsck.manifest import (
     packed_references,
     packed_subject,
     parse_manifest,
+    parse_packed,
     unpack_manifest,
 )
 from regfsck.names import is_upload_id, is_valid_repo_name, is_valid_tag, repo_name_problem
@@ -213,6 +219,128 @@ def test_packing_keeps_every_parsed_manifest(value: object) -> None:
             tuple(d.digest for d in refs if d.role != "manifest"),
             tuple(d.digest for d in refs if d.role == "manifest"))
         assert packed_subject(packed) == (parsed.subject.digest if parsed.subject else None)
+
+
+_CLEAN_TYPES = [DOCKER_MANIFEST, OCI_MANIFEST, "application/vnd.oci.image.layer.v1.tar+gzip"]
+_clean_descriptors = st.fixed_dictionaries(
+    {"digest": st.sampled_from(["sha256:" + "a" * 64, "sha256:" + "b" * 64]),
+     "size": st.integers(min_value=0, max_value=2**40), "mediaType": st.sampled_from(_CLEAN_TYPES)},
+    optional={"platform": st.sampled_from([{"os": "linux", "architecture": "amd64"},
+                                           {"os": "linux", "architecture": "arm64",
+                                            "variant": "v8"}]),
+              "urls": st.just([]), "annotations": st.just({"a": "b"})})
+_clean_documents = st.fixed_dictionaries(
+    {"schemaVersion": st.just(2),
+     "mediaType": st.sampled_from([DOCKER_MANIFEST, OCI_MANIFEST, OCI_INDEX, DOCKER_LIST]),
+     "config": _clean_descriptors, "layers": st.lists(_clean_descriptors, max_size=3),
+     "manifests": st.lists(_clean_descriptors, max_size=3)},
+    optional={"subject": _clean_descriptors,
+              "artifactType": st.sampled_from(["application/vnd.in-toto+json", None])})
+_DELETE = object()
+# One odd thing in an otherwise clean document: what the long way records as a problem,
+# cannot pack, or packs after all; the direct way must agree on each.
+_DESCRIPTOR_ODDITIES = [
+    ("urls", ["http://x"]), ("urls", [3]), ("urls", "http://x"), ("size", -1),
+    ("size", 2**63), ("size", 2**63 - 1), ("size", True), ("size", 1.0), ("size", _DELETE),
+    ("digest", "sha512:" + "c" * 128), ("digest", "sha256:" + "A" * 64), ("digest", "nope"),
+    ("digest", 5), ("digest", _DELETE), ("mediaType", 3), ("mediaType", "application/x-new"),
+    ("mediaType", ""), ("mediaType", _DELETE), ("platform", "linux"), ("platform", {}),
+    ("platform", {"os": "plan9", "architecture": "x"}), ("platform", None),
+]
+_DOCUMENT_ODDITIES = [
+    ("artifactType", 5), ("artifactType", "application/x-new"), ("layers", 5),
+    ("layers", None), ("layers", _DELETE), ("manifests", {}), ("manifests", None),
+    ("manifests", _DELETE), ("subject", None), ("subject", 5), ("config", None),
+    ("config", _DELETE), ("config", []), ("mediaType", _DELETE), ("mediaType", "text/plain"),
+    ("schemaVersion", 1), ("schemaVersion", 3), ("manifests", [5]), ("layers", ["x"]),
+]
+
+
+@st.composite
+def _manifest_documents(draw: st.DrawFn) -> dict[str, object]:
+    doc: dict[str, object] = draw(_clean_documents)
+    where = draw(st.sampled_from(["none", "document", "config", "layers", "manifests",
+                                  "subject"]))
+    key, value = draw(st.sampled_from(_DOCUMENT_ODDITIES if where == "document"
+                                      else _DESCRIPTOR_ODDITIES))
+    if where == "document":
+        target: dict[str, object] = doc
+    elif where in ("config", "subject") and isinstance(doc.get(where), dict):
+        target = cast("dict[str, object]", doc[where])
+    elif where in ("layers", "manifests") and doc[where]:
+        items = cast("list[dict[str, object]]", doc[where])
+        target = items[draw(st.integers(min_value=0, max_value=len(items) - 1))]
+    else:
+        return doc
+    if value is _DELETE:
+        target.pop(key, None)
+    else:
+        target[key] = value
+    return doc
+
+
+def _assert_packed_alike(doc: object) -> None:
+    """`parse_packed` (the walk's direct way) gives exactly what `pack_manifest` gives for
+    the parsed manifest (or the same refusal)."""
+    raw = json.dumps(doc).encode()
+    for new_strings in (False, True):
+        try:
+            expected: object = pack_manifest(parse_manifest(raw), new_strings=new_strings)
+        except ManifestError as exc:
+            expected = exc.kind
+        try:
+            got: object = parse_packed(raw, new_strings=new_strings)
+        except ManifestError as exc:
+            got = exc.kind
+        assert got == expected, doc
+        assert type(got) is type(expected)
+
+
+@given(_manifest_documents())
+@example({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+          "config": {"digest": "sha256:" + "a" * 64, "size": 1, "mediaType": OCI_MANIFEST},
+          "layers": [{"digest": "sha256:" + "b" * 64, "size": 2**63 - 1,
+                      "mediaType": OCI_MANIFEST, "urls": []}]})
+def test_packing_straight_from_json_decides_as_parsing_then_packing(doc: object) -> None:
+    _assert_packed_alike(doc)
+
+
+@pytest.mark.parametrize("media_type", [DOCKER_MANIFEST, OCI_MANIFEST, OCI_INDEX, DOCKER_LIST])
+def test_packing_straight_from_json_agrees_on_every_single_oddity(media_type: str) -> None:
+    """Each oddity in each place of a clean document of each kind, one at a time."""
+    def clean() -> dict[str, object]:
+        def descriptor(letter: str) -> dict[str, object]:
+            return {"digest": "sha256:" + letter * 64, "size": 5, "mediaType": OCI_MANIFEST,
+                    "platform": {"os": "linux", "architecture": "amd64"}}
+        return {"schemaVersion": 2, "mediaType": media_type, "config": descriptor("a"),
+                "layers": [descriptor("b")], "manifests": [descriptor("c")],
+                "subject": descriptor("d"), "artifactType": "application/vnd.in-toto+json"}
+
+    _assert_packed_alike(clean())
+    for key, value in _DOCUMENT_ODDITIES:
+        doc = clean()
+        if value is _DELETE:
+            del doc[key]
+        else:
+            doc[key] = value
+        _assert_packed_alike(doc)
+    for place in ("config", "layers", "manifests", "subject"):
+        for key, value in _DESCRIPTOR_ODDITIES:
+            doc = clean()
+            found = doc[place]
+            target = cast("dict[str, object]", found[0] if isinstance(found, list) else found)
+            if value is _DELETE:
+                del target[key]
+            else:
+                target[key] = value
+            _assert_packed_alike(doc)
+        for whole in (None, 5, "x", [], {}):
+            doc = clean()
+            if isinstance(doc[place], list):
+                doc[place] = [whole]
+            else:
+                doc[place] = whole
+            _assert_packed_alike(doc)
 
 
 @pytest.mark.parametrize(("raw", "kind"), [
