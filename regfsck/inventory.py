@@ -622,6 +622,11 @@ class Inventory:
     anomalies: list[Anomaly] = field(default_factory=list)
     files_seen: int = 0
     dirs_seen: int = 0
+    # The directories under repositories/ the walk found holding nothing but plain
+    # subdirectories (no repository part, no file, no link): path -> how many. Only these
+    # can be empty name directories (a repository moved away leaves its namespace), so
+    # gc's plan judges those from here instead of listing the whole namespace tree again.
+    name_dirs: dict[str, int] = field(default_factory=dict)
     # Whether the tags' history (`tags/<t>/index/`) was read into `Tag.index`: gc without
     # --delete-untagged marks nothing from it and does not read it (`Scanner(tag_history=)`).
     tag_history: bool = True

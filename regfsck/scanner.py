@@ -355,9 +355,11 @@ class Scanner:
                               has_layers=layout.LAYERS_DIR in markers)
             self.inv.repositories[name] = repo
         children: list[Task] = []
+        bare = repo is None
         for entry in entries:
             child_path = f"{path}/{entry.name}"
             if entry.name.startswith("_"):
+                bare = False
                 if repo is not None and entry.name in KNOWN_REPO_DIRS:
                     self._scan_repo_part(repo, entry, child_path)
                 elif entry.name == layout.UPLOADS_DIR:
@@ -370,10 +372,14 @@ class Scanner:
             if entry.is_dir(follow_symlinks=False) and not entry.is_symlink():
                 if len(parts) >= MAX_REPO_DEPTH:
                     self._anomaly("repo_bad_name", child_path, "repository nesting too deep")
+                    bare = False  # not walked: nothing is known of what it holds
                     continue
                 children.append((child_path, _walk_task(child_path, (*parts, entry.name))))
             else:
+                bare = False
                 self._odd_entry(entry, child_path, "a repository directory", name or None)
+        if bare and parts:
+            self.inv.name_dirs[path] = len(entries)
         return children
 
     def _scan_repo_part(self, repo: Repository, entry: DirEntryLike, path: str) -> None:
@@ -715,6 +721,7 @@ class Scanner:
         inv.anomalies.extend(fragment.anomalies)
         inv.files_seen += fragment.files_seen
         inv.dirs_seen += fragment.dirs_seen
+        inv.name_dirs.update(fragment.name_dirs)
 
 
 def _all_name_their_path(contents: Sequence[bytes | StorageError], digests: list[str]) -> bool:

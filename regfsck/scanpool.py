@@ -125,11 +125,11 @@ def _enc_inv(inv: Inventory) -> tuple[Any, ...]:
     digests, numbers, odd = inv.blobs.rows()
     return ("\n".join(digests), numbers.tobytes(), odd, inv.misplaced_blobs,
             [_enc_repo(r) for r in inv.repositories.values()], inv.anomalies,
-            inv.files_seen, inv.dirs_seen)
+            inv.files_seen, inv.dirs_seen, inv.name_dirs)
 
 
 def _dec_inv(data: tuple[Any, ...], inv: Inventory) -> Inventory:
-    digests, raw_numbers, odd, misplaced, repos, anomalies, files_seen, dirs_seen = data
+    digests, raw_numbers, odd, misplaced, repos, anomalies, files_seen, dirs_seen, name_dirs = data
     if digests:
         inv.packed_blobs.append((digests, raw_numbers))
     blobs = inv.blobs
@@ -142,6 +142,7 @@ def _dec_inv(data: tuple[Any, ...], inv: Inventory) -> Inventory:
     inv.anomalies.extend(anomalies)
     inv.files_seen += files_seen
     inv.dirs_seen += dirs_seen
+    inv.name_dirs.update(name_dirs)
     return inv
 
 
