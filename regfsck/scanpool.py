@@ -19,7 +19,6 @@ fragments in task-key order, so the inventory is the one the serial walk builds.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import pickle
@@ -248,9 +247,7 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
     manifests: dict[str, tuple[int, Any]] = {}
     stated: Stated = []
     descriptors: dict[Descriptor, Descriptor] = {}  # shared by the manifests read
-    _JOB = (scanner, tasks)
-    collecting = gc.isenabled()
-    gc.disable()  # millions of new objects, no cycles among them: no collection passes
+    _JOB = (scanner, tasks)  # (the collector is off: `Scanner.scan`)
     try:
         ctx = multiprocessing.get_context("fork")
         chunk = max(1, len(tasks) // (processes * 16))
@@ -280,8 +277,6 @@ def run_in_processes(scanner: Scanner, tasks: list[Task], processes: int,
                 stopping.set()
     finally:
         _JOB = None
-        if collecting:
-            gc.enable()
     return fragments, manifests, stated
 
 

@@ -23,7 +23,6 @@ from regfsck.gc import GcOptions, plan_gc
 from regfsck.root import locate
 from tests import realtools
 from tests.support import V2
-from tests.support.tree import copy_tree
 
 GRACE = timedelta(hours=1)
 OLD = time.time() - 3 * 3600

@@ -9,10 +9,12 @@ leftover temp file, a blob in the wrong fan-out directory, a blob directory with
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import sys
+import types
 from datetime import timedelta
 from pathlib import Path
 
@@ -109,6 +111,36 @@ def test_processes_build_the_serial_inventory(damaged: tuple[Path, tuple[str, st
     assert {"tmp_leftover", "blob_wrong_fanout", "missing_link", "empty_dir"} <= kinds
     # What is inside a blob directory a dry run only lists is not seen (`settle_blobs`).
     assert ({"blob_missing_data", "unexpected_entry"} <= kinds) is (depth is not Depth.LIST)
+
+
+@pytest.mark.parametrize("processes", ["1", "3"])
+def test_the_walked_inventory_holds_no_cycle(damaged: tuple[Path, tuple[str, str]],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             processes: str) -> None:
+    """The walk leaves what it made to reference counting (`Scanner.scan` freezes it out of
+    the cyclic collector's sight): an inventory dropped must leave no cycle behind, or
+    every scan of a long-lived process would leak one."""
+    root, _ = damaged
+    inv = _scan(root, processes, monkeypatch)
+    made: set[int] = set()  # every object the collector tracks that the inventory holds
+    todo = [inv]
+    while todo:
+        obj = todo.pop()
+        if (id(obj) not in made and gc.is_tracked(obj)
+                and not isinstance(obj, type | types.ModuleType)):  # the program's, not its
+            made.add(id(obj))
+            todo.extend(gc.get_referents(obj))
+    assert len(made) > 500
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable stays in gc.garbage
+    try:
+        del inv, todo
+        gc.unfreeze()
+        gc.collect()
+        assert [o for o in gc.garbage if id(o) in made] == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 def test_manifests_read_by_workers_equal_the_store_s(damaged: tuple[Path, tuple[str, str]],
