@@ -17,6 +17,7 @@ import fcntl
 import os
 import re
 import stat as stat_module
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -541,9 +542,41 @@ def _why_user(process: _Process, privileged: bool, owner_uid: int | None) -> str
             raise _Gone  # it ended while we looked: what failed to read was its exit
         uid = _uid(Path(process.dir))
         if privileged or uid is None or uid == owner_uid:
-            return (f"cannot be inspected ({process.hidden[0]} is not readable); "
-                    "a process regfsck cannot see into counts as a user")
+            return _unseen(process.hidden[0])
     return None
+
+
+def _unseen(what: str) -> str:
+    return f"cannot be inspected ({what} is not readable); {UNSEEN}"
+
+
+UNSEEN = "a process regfsck cannot see into counts as a user"
+# A process can be unreadable for a moment, even to root: in the middle of an exec (its
+# credentials and memory being replaced) /proc answers EACCES. One that could not be
+# seen into is looked at once more, this long after, before it counts as a user.
+RELOOK_AFTER_S = 0.05
+
+
+def _user(pid: int, proc: Path, target: _Target, cache: dict[str, bool], privileged: bool,
+          owner_uid: int | None) -> tuple[str, bool] | None:
+    """Why process `pid` may be using ROOT, described, and whether only because it could
+    not be seen into; None when it cannot be using ROOT (or has ended)."""
+    try:
+        process = _Process(pid, proc, target, cache)
+        reason = _why_user(process, privileged, owner_uid)
+        if reason is None:
+            return None
+        return f"{process.describe()}: {reason}", reason.endswith(UNSEEN)
+    except _Gone:
+        return None
+    except _Hidden as exc:
+        try:
+            uid = _uid(proc / str(pid))
+        except _Gone:
+            return None
+        if privileged or uid is None or uid == owner_uid:
+            return f"pid {pid}: {_unseen(str(exc))}", True
+        return None
 
 
 # -- object storage: the registry's own answer instead of /proc ----------------------------
@@ -699,21 +732,12 @@ def registry_users(root: RegistryRoot, proc: Path = Path("/proc")) -> list[str]:
     for pid in pids:
         if pid in ignored or pid not in stats:
             continue
-        try:
-            process = _Process(pid, proc, target, cache)
-            reason = _why_user(process, privileged, owner_uid)
-            if reason is not None:
-                users.append(f"{process.describe()}: {reason}")
-        except _Gone:
-            continue
-        except _Hidden as exc:
-            try:
-                uid = _uid(proc / str(pid))
-            except _Gone:
-                continue
-            if privileged or uid is None or uid == owner_uid:
-                users.append(f"pid {pid}: cannot be inspected ({exc} is not readable); "
-                             "a process regfsck cannot see into counts as a user")
+        user = _user(pid, proc, target, cache, privileged, owner_uid)
+        if user is not None and user[1]:
+            time.sleep(RELOOK_AFTER_S)
+            user = _user(pid, proc, target, cache, privileged, owner_uid)
+        if user is not None:
+            users.append(user[0])
     return users
 
 

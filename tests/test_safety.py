@@ -61,11 +61,51 @@ def spawn() -> Iterator[object]:
 
 
 def mine(users: list[str], proc: subprocess.Popen[bytes]) -> list[str]:
-    return [u for u in users if u.startswith(f"pid {proc.pid} ")]
+    """The users that are `proc`: "pid N (command): why", or "pid N: why" for one that
+    could not be seen into."""
+    return [u for u in users if u.startswith((f"pid {proc.pid} ", f"pid {proc.pid}:"))]
 
 
 def test_idle_tree_has_no_users(root: RegistryRoot) -> None:
     assert registry_users(root) == []
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, path: str, times: int | None) -> list[str]:
+    """/proc's `path` answers EACCES (as it does, even to root, to a process in the middle
+    of an exec) the first `times` reads (None: always); the reads made, in order."""
+    from regfsck import safety
+    real = safety._read_bytes
+    reads: list[str] = []
+
+    def read(at: Path | str) -> bytes:
+        reads.append(str(at))
+        if str(at) == path and (times is None or reads.count(path) <= times):
+            raise PermissionError(13, "Permission denied", str(at))
+        return real(at)
+
+    monkeypatch.setattr(safety, "_read_bytes", read)
+    return reads
+
+
+def test_a_process_unreadable_for_a_moment_is_looked_at_again(
+        root: RegistryRoot, spawn: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen into at the second look, it is judged as any other (here: not a user); a CI run
+    once refused an undo for a process that was unreadable for an instant."""
+    proc = spawn(["sleep", "60"])  # type: ignore[operator]
+    wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes())
+    cmdline = f"/proc/{proc.pid}/cmdline"
+    reads = _unreadable(monkeypatch, cmdline, times=1)
+    assert mine(registry_users(root), proc) == []
+    assert reads.count(cmdline) == 2
+
+
+def test_a_process_that_stays_unreadable_counts_as_a_user(
+        root: RegistryRoot, spawn: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = spawn(["sleep", "60"])  # type: ignore[operator]
+    wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes())
+    _unreadable(monkeypatch, f"/proc/{proc.pid}/cmdline", times=None)
+    [user] = mine(registry_users(root), proc)
+    assert "cannot be inspected" in user
 
 
 def test_process_with_cwd_under_root(root: RegistryRoot, spawn: object) -> None:
