@@ -546,11 +546,13 @@ def _why_user(process: _Process, privileged: bool, owner_uid: int | None) -> str
     return None
 
 
+UNSEEN = "a process regfsck cannot see into counts as a user"
+
+
 def _unseen(what: str) -> str:
     return f"cannot be inspected ({what} is not readable); {UNSEEN}"
 
 
-UNSEEN = "a process regfsck cannot see into counts as a user"
 # A process can be unreadable for a moment, even to root: in the middle of an exec (its
 # credentials and memory being replaced) /proc answers EACCES. One that could not be
 # seen into is looked at once more, this long after, before it counts as a user.

@@ -195,16 +195,28 @@ def _read_whole(fd: int, size: int, limit: int) -> bytes:
     a map and an unmap of memory, per manifest: a third of the walk's system time on a
     300k-file tree (issue 15). A read that returns exactly what the stat promised is the
     whole file; anything else (a short read on a network or FUSE filesystem, a file that
-    changed) reads on until the end or past the limit."""
-    data = os.read(fd, min(size, limit) + 1)
+    changed) reads on until the end or past the limit.
+
+    A descriptor opened with O_NONBLOCK (the walk's: a FIFO planted in the tree must not
+    block it) does not apply to regular files; should a filesystem still answer EAGAIN,
+    that read is made again in blocking mode, keeping what was read before it."""
+    data = _read_blocking(fd, min(size, limit) + 1)
     if len(data) == size:
         return data
     chunks, total = [data], len(data)
     while data and total <= limit:
-        data = os.read(fd, min(limit + 1 - total, 1 << 20))
+        data = _read_blocking(fd, min(limit + 1 - total, 1 << 20))
         chunks.append(data)
         total += len(data)
     return b"".join(chunks)
+
+
+def _read_blocking(fd: int, count: int) -> bytes:
+    try:
+        return os.read(fd, count)
+    except BlockingIOError:
+        os.set_blocking(fd, True)
+        return os.read(fd, count)
 
 
 def entry_stat(mode: int, size: int, mtime_ns: int) -> os.stat_result:
@@ -559,11 +571,7 @@ class FilesystemStorage:
             st = os.fstat(fd)
             if not stat_module.S_ISREG(st.st_mode):
                 raise StorageError(errno.EINVAL, f"{path} is not a regular file", path)
-            try:
-                data = _read_whole(fd, st.st_size, limit)
-            except BlockingIOError:
-                os.set_blocking(fd, True)
-                data = _read_whole(fd, st.st_size, limit)
+            data = _read_whole(fd, st.st_size, limit)
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise
@@ -639,11 +647,7 @@ class FilesystemStorage:
                 return StorageError(code, f"{path} is {what}", path)
             fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
             try:
-                try:
-                    return st, _read_whole(fd, st.st_size, limit)
-                except BlockingIOError:
-                    os.set_blocking(fd, True)
-                    return st, _read_whole(fd, st.st_size, limit)
+                return st, _read_whole(fd, st.st_size, limit)
             finally:
                 os.close(fd)
 

@@ -98,3 +98,24 @@ def test_a_small_file_under_a_large_limit_costs_a_read_of_its_size(
     assert not isinstance(many, StorageError)
     assert many[1] == whole == content
     assert asked == [len(content) + 1, len(content) + 1]
+
+
+def test_a_read_answered_eagain_is_made_again_keeping_what_came_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_NONBLOCK does not apply to regular files, but should a filesystem answer EAGAIN
+    in the middle of a file, the bytes read before it are kept."""
+    content = bytes(range(256)) * 8
+    storage = _storage(tmp_path, content)
+    calls = [0]
+
+    def read(fd: int, n: int) -> bytes:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return _real_read(fd, min(n, 700))  # short reads: the file comes in pieces
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage_module.os, "read", read)
+        [many] = storage.read_small_many_stated("d", ["f"], 4096)
+    assert not isinstance(many, StorageError)
+    assert many[1] == content
