@@ -255,6 +255,38 @@ def _loose_digest(raw: bytes | None) -> str | None:
         return None
 
 
+class _FindingIndex:
+    """The findings by the keys a fix looks them up by, built once: each fix names the
+    findings it resolves, and searching all findings per fix is quadratic in the damage
+    (900 rewritten links: 0.05 s; 10,000: seconds)."""
+
+    def __init__(self, findings: Iterable[Finding]) -> None:
+        self.by_digest: dict[str | None, list[Finding]] = {}
+        self.by_site: dict[tuple[str | None, str | None], list[Finding]] = {}
+        self.by_tag: dict[tuple[str | None, str | None], list[Finding]] = {}
+        self.by_repo_kind: dict[tuple[str | None, str], list[Finding]] = {}
+        for finding in findings:
+            self.by_digest.setdefault(finding.digest, []).append(finding)
+            self.by_site.setdefault((finding.repo, finding.digest), []).append(finding)
+            self.by_tag.setdefault((finding.repo, finding.tag), []).append(finding)
+            self.by_repo_kind.setdefault((finding.repo, finding.kind), []).append(finding)
+
+    def of_digest(self, digest: str, kinds: Iterable[str]) -> list[Finding]:
+        wanted = set(kinds)
+        return [f for f in self.by_digest.get(digest, ()) if f.kind in wanted]
+
+    def of_site(self, repo: str, digest: str, kinds: Iterable[str]) -> list[Finding]:
+        """Findings about `digest` in repository `repo`, of one of `kinds`."""
+        wanted = set(kinds)
+        return [f for f in self.by_site.get((repo, digest), ()) if f.kind in wanted]
+
+    def of_tag(self, repo: str, tag: str) -> list[Finding]:
+        return self.by_tag.get((repo, tag), [])
+
+    def of_repo(self, repo: str, kind: str) -> list[Finding]:
+        return self.by_repo_kind.get((repo, kind), [])
+
+
 class Planner:
     """Derives the fixes from one verify report over one inventory."""
 
@@ -268,6 +300,7 @@ class Planner:
         self.store = store
         self.storage: Storage = store.storage  # the one the inventory was listed from
         self.findings = findings
+        self.index = _FindingIndex(findings)
         self.sources = sources
         self.plan = RepairPlan(sources=[s.label for s in sources], findings_seen=len(findings),
                                data_checked=data_checked)
@@ -350,8 +383,8 @@ class Planner:
                 self.decided.add(blob.digest)
 
     def _blob_findings(self, digest: str) -> list[tuple[Kind, str]]:
-        return [(f.kind, _rel(f.path)) for f in self.findings
-                if f.digest == digest and f.kind in WITH_BYTES_KINDS | WITH_EXISTENCE_KINDS]
+        return [(f.kind, _rel(f.path))
+                for f in self.index.of_digest(digest, WITH_BYTES_KINDS | WITH_EXISTENCE_KINDS)]
 
     def plan_corrupt(self) -> None:
         for digest in sorted(self.corrupt - self.decided):
@@ -425,8 +458,7 @@ class Planner:
                 continue  # an alias link: its content is not its path
             follow = FOLLOW_ON.get(site.kind, frozenset())
             resolves = [(finding.kind, link.path)] + [
-                (f.kind, _rel(f.path)) for f in self.findings
-                if f.kind in follow and f.repo == site.repo and f.digest == site.digest]
+                (f.kind, _rel(f.path)) for f in self.index.of_site(site.repo, site.digest, follow)]
             self.add(Fix(REWRITE_LINK, link.path, f"{site.kind.replace('_', ' ')} link holds "
                          f"{_describe(link)}; its path says {site.digest}",
                          resolves, repo=site.repo, tag=site.tag,
@@ -467,10 +499,8 @@ class Planner:
         path = layout.revision_link(repo, digest)
         if path in self.sites:  # a link is there (damaged ones are rewritten, not created)
             return
-        resolves = [(f.kind, _rel(f.path)) for f in self.findings
-                    if f.repo == repo and f.digest == digest
-                    and f.kind in ("tag_revision_missing", "child_not_in_repo",
-                                   "index_child_deleted")]
+        resolves = [(f.kind, _rel(f.path)) for f in self.index.of_site(
+            repo, digest, ("tag_revision_missing", "child_not_in_repo", "index_child_deleted"))]
         self.add(Fix(CREATE_LINK, path, "the manifest blob exists and a tag or index of the "
                      "repository names it, but the revision link is missing", resolves,
                      repo=repo, digest=digest, content=digest))
@@ -483,10 +513,10 @@ class Planner:
         path = layout.layer_link(repo, digest)
         if path in self.sites:
             return
-        resolves = [(f.kind, _rel(f.path)) for f in self.findings
-                    if f.repo == repo and f.digest == digest and f.kind == "reference_not_linked"]
-        resolves += [(Kind.REPO_NO_LAYERS, _rel(f.path)) for f in self.findings
-                     if f.repo == repo and f.kind == "repo_no_layers"]
+        resolves = [(f.kind, _rel(f.path))
+                    for f in self.index.of_site(repo, digest, ("reference_not_linked",))]
+        resolves += [(Kind.REPO_NO_LAYERS, _rel(f.path))
+                     for f in self.index.of_repo(repo, "repo_no_layers")]
         self.add(Fix(CREATE_LINK, path, f"blob is referenced by manifest {manifest} but not "
                      "linked in the repository (the registry answers 'blob unknown')", resolves,
                      repo=repo, digest=digest, content=stored or digest))
@@ -503,9 +533,9 @@ class Planner:
                 if tag.index and target not in tag.index and target in self.revisions[name]:
                     path = layout.tag_index_link(name, tag_name, target)
                     if path not in self.sites:
-                        resolves = [(f.kind, _rel(f.path)) for f in self.findings
-                                    if f.kind == "tag_index_missing_current"
-                                    and f.repo == name and f.tag == tag_name]
+                        resolves = [(f.kind, _rel(f.path))
+                                    for f in self.index.of_tag(name, tag_name)
+                                    if f.kind == "tag_index_missing_current"]
                         self.add(Fix(CREATE_LINK, path, "the tag's current digest is missing "
                                      "from its history", resolves, repo=name, tag=tag_name,
                                      digest=target, content=target))
@@ -513,9 +543,8 @@ class Planner:
     def _fix_current(self, repo_name: str, tag_name: str) -> None:
         tag = self.inv.repositories[repo_name].tags[tag_name]
         path = layout.tag_current_link(repo_name, tag_name)
-        related = [f for f in self.findings if f.repo == repo_name and f.tag == tag_name
-                   and (f.kind == "tag_no_current" or (f.kind in LINK_KINDS
-                                                       and _rel(f.path) == path))]
+        related = [f for f in self.index.of_tag(repo_name, tag_name)
+                   if f.kind == "tag_no_current" or (f.kind in LINK_KINDS and _rel(f.path) == path)]
         candidates = sorted(d for d in tag.index if d in self.revisions[repo_name]
                             and d in self.good)
         named = _loose_digest(tag.current.raw) if tag.current is not None else None
