@@ -793,19 +793,33 @@ class Run:
         for payload in (self.files.payload, f"{self.files.payload}~{self._seq + 1}"):
             prefixes = ["/".join([payload, *parts[:depth]]) for depth in range(1, len(parts) + 1)]
             held = prefixes[-1]
-            if any(p in self._held_items for p in prefixes) or self.storage.lstat_raw(held):
+            if any(p in self._held_items for p in prefixes) or held in self._held_dirs:
+                continue
+            to_make = self._absent_held_dirs(prefixes[:-1])
+            # Below a directory about to be made nothing is there yet: only a path whose
+            # parent exists needs a look (link rewrites: each in a directory of its own).
+            if not to_make and self.storage.lstat_raw(held):
                 continue
             if payload != self.files.payload and self.storage.stat(payload) is None:
                 self.storage.make_dir(payload, 0o700)
-            for path in prefixes[:-1]:
-                if path not in self._held_dirs:
-                    # (object storage: directories come with the objects moved below them)
-                    if not self.storage.implicit_dirs and self.storage.lstat_raw(path) is None:
-                        self.storage.make_dir(path, 0o700)
-                    self._held_dirs.add(path)
+            for path in to_make:
+                self.storage.make_dir(path, 0o700)
+                self._held_dirs.add(path)
             self._held_items.add(held)  # reserved: later moves must not nest in it
             return held
         raise QuarantineError(f"no free quarantine path for {rel}")  # unreachable: seq is new
+
+    def _absent_held_dirs(self, dirs: list[str]) -> list[str]:
+        """Of the quarantine directories `dirs` (outermost first), those that do not exist
+        yet: once one is absent, all below it are. Object storage has no directories to
+        make (they come with the objects moved below them)."""
+        for depth, path in enumerate(dirs):
+            if path in self._held_dirs:
+                continue
+            if not self.storage.implicit_dirs and self.storage.lstat_raw(path) is None:
+                return dirs[depth:]
+            self._held_dirs.add(path)
+        return []
 
     # -- changes -------------------------------------------------------------
     def _queue_move(self, rel: str) -> None:
