@@ -21,7 +21,7 @@ from regfsck.graph import ManifestStore
 from regfsck.root import locate
 from regfsck.scanner import Scanner
 from regfsck.storage import FilesystemStorage
-from regfsck.why import ReferenceGraph, WhyReport, explain_blob
+from regfsck.why import ReferenceGraph, WhyReport, explain_blob, full_chain
 from tests.realtools import SampleInfo, gc_dry_run, read_stored_blob, write_registry_config
 from tests.support import V2
 from tests.support.cli import invoke as cli
@@ -34,6 +34,45 @@ def explain_all(root: Path, digests: list[str]) -> dict[str, WhyReport]:
     store = ManifestStore(storage, inventory)
     graph = ReferenceGraph(inventory, store)
     return {d: explain_blob(inventory, store, d, graph) for d in digests}
+
+
+def check_chains(root: Path, digest: str) -> WhyReport:
+    """Every path's whole chain (its own, then each `via`'s) against an independent walk
+    down the manifests' references: it starts at the revision, each hop is a reference,
+    the last one refers to the blob in the path's role, and it is a shortest one. Told
+    once, the chains of all paths together hold each manifest at most once per path."""
+    registry = locate(root)
+    storage = FilesystemStorage(registry.v2)
+    inventory = Scanner(storage, registry).scan()
+    store = ManifestStore(storage, inventory)
+    graph = ReferenceGraph(inventory, store)
+    report = explain_blob(inventory, store, digest, graph)
+
+    def distance(start: str) -> int:
+        seen, frontier, hops = {start}, [start], 0
+        while frontier:
+            if digest in frontier:
+                return hops
+            hops += 1
+            frontier = [c for m in frontier for c, _ in graph.children.get(m, ())
+                        if c not in seen and not seen.add(c)]  # type: ignore[func-returns-value]
+        raise AssertionError(f"{start} does not reach {digest}")
+
+    listed = {p.manifest for p in report.paths}
+    for path in report.paths:
+        whole = full_chain(path, report.paths)
+        assert len(whole) == path.length == distance(path.manifest)
+        assert path.via is None or path.via in listed
+        if path.manifest == digest:
+            assert whole == [] and path.role == "self"
+            continue
+        assert whole[0] == path.manifest
+        for upper, lower in zip(whole, [*whole[1:], digest], strict=True):
+            roles = {r for c, r in graph.children[upper] if c == lower}
+            assert roles, f"{upper} does not refer to {lower}"
+        assert path.role in {r for c, r in graph.children[whole[-1]] if c == digest}
+    assert sum(len(p.chain) for p in report.paths) <= len(report.paths) + len(graph.children)
+    return report
 
 
 def verdict(report: WhyReport, mode: str) -> bool:
@@ -93,9 +132,11 @@ def test_paths_name_every_tag_and_the_index_chain(fixture_root: Path) -> None:
     tagged = {(p["repo"], tuple(p["tags"])) for p in report["paths"] if p["tagged"]}
     assert tagged == {("multi/oci", ("latest",)), ("multi/docker", ("latest",))}
     for path in report["paths"]:
-        if path["tagged"]:
-            assert len(path["chain"]) == 2 and path["chain"][0] == path["manifest"]
+        if path["tagged"]:  # index -> image -> layer; the image's own path goes on
+            assert path["length"] == 2 and path["chain"] == [path["manifest"]]
+            assert path["via"] in {p["manifest"] for p in report["paths"]}
             assert path["role"] == "layer"
+    check_chains(fixture_root, fixture_info().blobs["layer/amd64"])
     assert report["roles"] == ["layer"]
     assert sorted(link["repo"] for link in report["layer_links"]) == ["multi/docker", "multi/oci"]
 
@@ -257,8 +298,11 @@ def test_chain_of_3000_nested_indexes_gives_the_same_answer(sample_root: Path,
     chained = [p for p in report.paths if p.repo == repo]
     assert len(chained) >= 3_001
     top_path = next(p for p in chained if p.manifest == top)
-    assert top_path.tags == ["chain"] and len(top_path.chain) == 3_001
-    assert top_path.chain[0] == top and top_path.chain[-1] == leaf
+    whole = full_chain(top_path, report.paths)
+    assert top_path.tags == ["chain"] and len(whole) == top_path.length == 3_001
+    assert whole[0] == top and whole[-1] == leaf
+    assert sum(len(p.chain) for p in report.paths) < 2 * len(report.paths)  # told once
+    check_chains(sample_root, layer)
     freed = {f.action: f for f in report.freed}
     assert freed[f"rm {repo}:chain"].blobs == 3_000  # the whole chain, nothing below it
     assert freed[f"rm {repo}@{top}"].blobs == 1

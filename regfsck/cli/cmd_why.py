@@ -26,7 +26,11 @@ from regfsck.cli.common import (
 from regfsck.errors import ExitCode
 
 if TYPE_CHECKING:
-    from regfsck.why import WhyReport
+    from regfsck.why import ReferencePath, WhyReport
+
+# Manifests of a chain shown in a row: a chain of thousands of nested indexes is cut, so
+# the table stays linear in their number (each level has its own row).
+CHAIN_SHOWN = 4
 
 
 @command()
@@ -87,9 +91,10 @@ def render_why(report: WhyReport) -> None:
     say(styled(report.digest, "bold"), "  ", *state)
     say(f"used as: {', '.join(report.roles) or 'unreferenced'}")
     if report.paths:
+        by_manifest = {path.manifest: path for path in report.paths}
         table("Reached from", ("repository", "revision", "tags", "path to the blob"), [
             (path.repo, path.manifest, ", ".join(path.tags) or styled("untagged", "yellow"),
-             " -> ".join([*path.chain, f"({path.role})"]))
+             _chain_text(path, by_manifest))
             for path in report.paths])
     elif report.direct_parents:
         say("referenced only by manifests that no repository holds a revision of: "
@@ -111,3 +116,16 @@ def render_why(report: WhyReport) -> None:
              item.note) for item in report.freed])
         say(styled("rm of a tag alone frees nothing under the default gc: the revision stays "
                    "and keeps its blobs.", "dim"))
+
+
+def _chain_text(path: ReferencePath, by_manifest: dict[str, ReferencePath]) -> str:
+    """The path's whole chain down to the blob (`via` followed), at most CHAIN_SHOWN
+    manifests of it, then how many more."""
+    shown: list[str] = []
+    current: ReferencePath | None = path
+    while current is not None and len(shown) < CHAIN_SHOWN:
+        shown.extend(current.chain[:CHAIN_SHOWN - len(shown)])
+        current = by_manifest.get(current.via) if current.via is not None else None
+    hidden = path.length - len(shown)
+    more = [f"... {hidden} more"] if hidden > 0 else []
+    return " -> ".join([*shown, *more, f"({path.role})"])
