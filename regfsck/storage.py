@@ -30,6 +30,7 @@ import os
 import platform
 import stat as stat_module
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -349,13 +350,17 @@ def open_storage(root: RegistryRoot, *, jobs: int | None = None) -> Storage:
 
 
 def check_relative(path: str) -> list[str]:
-    """Split `path` into components, refusing anything that could escape the root."""
+    """Split `path` into components, refusing anything that could escape the root.
+
+    (Asked several times per change: list membership tests, not a loop in Python.)"""
     if "\x00" in path:
         raise UnsafePathError(f"NUL byte in path {path!r}")
     if path.startswith("/"):
         raise UnsafePathError(f"absolute path {path!r}")
-    parts = [p for p in path.split("/") if p]
-    if any(p in (".", "..") for p in parts):
+    parts = path.split("/")
+    if "" in parts:
+        parts = [p for p in parts if p]
+    if "." in parts or ".." in parts:
         raise UnsafePathError(f"path with '.' or '..' component: {path!r}")
     return parts
 
@@ -413,6 +418,7 @@ class FilesystemStorage:
     def __init__(self, v2_dir: Path) -> None:
         self.base = Path(v2_dir)
         self._base_str = os.fspath(self.base)
+        self._base_dir_fd: int | None = None  # opened at the first change: `_base_fd`
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
 
@@ -659,6 +665,18 @@ class FilesystemStorage:
     # Used only by regfsck.quarantine and the root lock (under the lock): every directory on
     # the way is opened with O_NOFOLLOW, so no write, rename or delete can land outside the base.
 
+    def _base_fd(self) -> int:
+        """The base directory, opened once (O_NOFOLLOW) and held while this object lives.
+
+        Every change is made relative to it: the tree the run locked and planned stays the
+        one it changes, even if the base's path is made to name another directory meanwhile,
+        and no change pays for resolving the base's own path again."""
+        fd = self._base_dir_fd
+        if fd is None:
+            fd = self._base_dir_fd = os.open(self._base_str, _DIR_FLAGS)
+            weakref.finalize(self, os.close, fd)
+        return fd
+
     def _open_dir(self, parts: list[str]) -> int:
         """Open the directory `parts` below the base, refusing a symlink at every level.
 
@@ -666,20 +684,17 @@ class FilesystemStorage:
         below the base and refuses any symlink or escape on the way itself, in one system
         call where the walk below makes one `open` per level (15 for a repository's link
         directory: most of what a batch of link rewrites cost, issue 15). Elsewhere, or
-        where a sandbox forbids it, the walk, level by level with O_NOFOLLOW."""
-        fd = os.open(self._base_str, _DIR_FLAGS)
+        where a sandbox forbids it, the walk, level by level with O_NOFOLLOW. The caller
+        closes the descriptor returned."""
+        base = self._base_fd()
         if not parts:
-            return fd
-        try:
-            opened = _open_beneath(fd, "/".join(parts))
-        except BaseException:
-            os.close(fd)
-            raise
+            return os.open(".", _DIR_FLAGS, dir_fd=base)  # its own: callers close it
+        opened = _open_beneath(base, "/".join(parts))
         if opened is not None:
-            os.close(fd)
             return opened
+        fd = os.open(parts[0], _DIR_FLAGS, dir_fd=base)
         try:
-            for part in parts:
+            for part in parts[1:]:
                 # `fd` names the open descriptor before the old one is closed: a Ctrl-C
                 # (KeyboardInterrupt) landing between the two steps may leak one descriptor
                 # but never closes one twice (the second close failed with EBADF and turned

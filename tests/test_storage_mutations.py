@@ -139,3 +139,21 @@ def test_a_sandbox_refusing_openat2_falls_back_to_the_walk_for_good(
     storage.write_new_file("a/b/c/d/e/two", [b"2"])
     assert base.joinpath(*_DEPTH, "two").read_bytes() == b"2"
     assert len(asked) == 1
+
+
+def test_changes_stay_in_the_tree_first_changed_when_its_path_is_moved(
+        tmp_path: Path, way: str) -> None:
+    """The base is opened at the first change and held: a run whose tree is moved away
+    (and another put at its path) goes on in the tree it began in, where its journal is,
+    never half here and half there."""
+    storage, base, _ = _tree(tmp_path)
+    storage.write_new_file("a/first", [b"1"])
+    moved = tmp_path / "moved"
+    os.rename(base, moved)
+    base.mkdir()
+    (base / "a").mkdir()
+    storage.write_new_file("a/second", [b"2"])
+    storage.move("a/first", "a/b/first")
+    assert (moved / "a/second").read_bytes() == b"2"
+    assert (moved / "a/b/first").read_bytes() == b"1"
+    assert list(base.rglob("*")) == [base / "a"]
