@@ -139,6 +139,39 @@ def verified(chunks: Iterable[bytes], digest: str, size: int | None = None, *,
         raise DigestMismatch(digest, actual, total, size)
 
 
+class ProvenChunks:
+    """The chunks of blob `digest` from a stream that proves them: iterating raises after
+    the last chunk unless they hash to `digest` (what `verified` does). A consumer that
+    drains them without error holds exactly that blob, so a journaled write need not hash
+    the bytes once more for its record (import: a third sha256 pass over every byte).
+    Made only by `proven`, around `verified`'s generator."""
+
+    __slots__ = ("_chunks", "digest")
+
+    def __init__(self, chunks: Iterator[bytes], digest: str) -> None:
+        self._chunks = chunks
+        self.digest = digest
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+
+def proven(chunks: Iterable[bytes], digest: str, size: int | None = None, *,
+           on_bytes: ProgressFn | None = None, stop: threading.Event | None = None,
+           failure: Callable[[DigestMismatch], Exception] | None = None) -> ProvenChunks:
+    """`verified` as ProvenChunks; `failure` turns a mismatch into the caller's error."""
+
+    def checked() -> Iterator[bytes]:
+        try:
+            yield from verified(chunks, digest, size, on_bytes=on_bytes, stop=stop)
+        except DigestMismatch as exc:
+            if failure is None:
+                raise
+            raise failure(exc) from exc
+
+    return ProvenChunks(checked(), digest)
+
+
 def hash_stream(stream: IO[bytes], algorithm: str, on_bytes: ProgressFn | None = None,
                 stop: threading.Event | None = None) -> tuple[str, int]:
     """(`alg:hex`, bytes read) of a file object read to its end."""

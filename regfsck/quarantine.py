@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from regfsck.document import Document
 from regfsck.errors import ExitCode, RegfsckError
+from regfsck.hashing import ProvenChunks
 from regfsck.layout import QUARANTINE_DIR, V2_PREFIX
 from regfsck.root import RegistryRoot
 from regfsck.storage import (
@@ -915,7 +916,11 @@ class Run:
 
     def _stage(self, data: bytes | BinaryIO | Iterable[bytes]) -> tuple[str, str, int]:
         """Write the bytes of a new file into the run's `new/` directory (no fsync: the
-        batch's one flush makes them durable); (path, sha256 hex, size)."""
+        batch's one flush makes them durable); (path, sha256 hex, size).
+
+        Chunks proven to be a sha256 blob (`hashing.ProvenChunks`: they raise at their end
+        otherwise, and the write with them) are not hashed again: their digest is the
+        sha256 the intent records."""
         if not self._staged and self.storage.lstat_raw(self.files.staging) is None:
             self.storage.make_dir(self.files.staging, 0o700)
         self._staged += 1
@@ -927,14 +932,18 @@ class Run:
                 hasher.update(chunk)
                 yield chunk
 
+        known: str | None = None
+        chunks: Iterable[bytes] = hashed()
+        if isinstance(data, ProvenChunks) and data.digest.startswith("sha256:"):
+            known, chunks = data.digest.removeprefix("sha256:"), data
         try:
-            size = self.storage.write_new_file(path, hashed(), sync=False)
+            size = self.storage.write_new_file(path, chunks, sync=False)
         except BaseException:
             with contextlib.suppress(StorageError):
                 if self.storage.lstat_raw(path) is not None:
                     self.storage.remove_file(path)
             raise
-        return path, hasher.hexdigest(), size
+        return path, known if known is not None else hasher.hexdigest(), size
 
     def create_file(self, rel: str, data: bytes | BinaryIO | Iterable[bytes]) -> str:
         """Create a new file (queued; refuses if it exists); returns the sha256 digest of

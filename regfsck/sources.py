@@ -36,11 +36,12 @@ from regfsck.errors import REASON_EXIT, ExitCode, RegfsckError
 from regfsck.hashing import (
     DigestMismatch,
     ProgressFn,
+    ProvenChunks,
     digest_of,
     hash_file,
     hash_stream,
+    proven,
     read_chunks,
-    verified,
 )
 from regfsck.manifest import MAX_MANIFEST_BYTES
 from regfsck.root import RegistryRoot, RootError, locate
@@ -130,7 +131,7 @@ class Source:
         raise NotImplementedError
 
     def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+               stop: threading.Event | None = None) -> Iterator[tuple[str, int, ProvenChunks]]:
         """(digest, size, verified chunks) once for each wanted blob; the chunks raise
         SourceError after the last one when the bytes are not the blob."""
         raise NotImplementedError
@@ -146,11 +147,9 @@ class Source:
         """Remove anything `prepare` wrote."""
 
     def _proven(self, chunks: Iterable[bytes], digest: str, size: int,
-                on_bytes: ProgressFn | None, stop: threading.Event | None) -> Iterator[bytes]:
-        try:
-            yield from verified(chunks, digest, size, on_bytes=on_bytes, stop=stop)
-        except DigestMismatch as exc:
-            raise SourceError(corrupt_message(self.label, exc), "damage") from exc
+                on_bytes: ProgressFn | None, stop: threading.Event | None) -> ProvenChunks:
+        return proven(chunks, digest, size, on_bytes=on_bytes, stop=stop,
+                      failure=lambda exc: SourceError(corrupt_message(self.label, exc), "damage"))
 
 
 class DirectorySource(Source):
@@ -226,7 +225,7 @@ class DirectorySource(Source):
             yield from read_chunks(stream)
 
     def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+               stop: threading.Event | None = None) -> Iterator[tuple[str, int, ProvenChunks]]:
         for digest in sorted(digests):
             size = self.size(digest)
             if size is None:
@@ -370,7 +369,7 @@ class ArchiveSource(Source):
         return {d for d in digests if d in self.blob_sizes and d not in self.corrupt}
 
     def stream(self, digests: set[str], on_bytes: ProgressFn | None = None,
-               stop: threading.Event | None = None) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+               stop: threading.Event | None = None) -> Iterator[tuple[str, int, ProvenChunks]]:
         left = {self._member[d]: d for d in digests if d in self._member}
         missing = sorted(set(digests) - set(left.values()))
         if missing:

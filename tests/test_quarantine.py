@@ -554,3 +554,41 @@ def test_quarantine_must_be_on_the_same_filesystem(tree: RegistryRoot) -> None:
         assert list(target.iterdir()) == []  # nothing written through the symlink either
     finally:
         os.rmdir(target)
+
+
+def test_proven_chunks_are_recorded_by_their_digest_and_a_mismatch_writes_nothing(
+        tree: RegistryRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob streamed through `hashing.proven` is recorded by its digest without a second
+    sha256 pass; bytes that are not that blob stop the write and leave nothing staged."""
+    from regfsck import quarantine as quarantine_module
+    from regfsck.hashing import DigestMismatch, proven
+
+    data = b"a blob proven on the way" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    hashed: list[int] = []
+
+    class Counting:
+        def __init__(self) -> None:
+            self._inner = hashlib.sha256()
+
+        def update(self, chunk: bytes) -> None:
+            hashed.append(len(chunk))
+            self._inner.update(chunk)
+
+        def hexdigest(self) -> str:
+            return self._inner.hexdigest()
+
+    import types
+    monkeypatch.setattr(quarantine_module, "hashlib", types.SimpleNamespace(sha256=Counting))
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
+        written = run.create_file("blobs/sha256/cc/cccc/data", proven([data[:100], data[100:]], digest))
+        assert written == digest and hashed == []
+        with pytest.raises(DigestMismatch):
+            run.create_file("blobs/sha256/dd/dddd/data", proven([data, b"!"], digest))
+        run.finish()
+    assert (tree.v2 / "blobs/sha256/cc/cccc/data").read_bytes() == data
+    assert not (tree.v2 / "blobs/sha256/dd").exists()
+    staging = tree.root / run.path / "new"
+    assert not staging.exists() or sorted(p.name for p in staging.iterdir()) == []
+    intents = [json.loads(line) for line in (tree.root / run.path / "journal.jsonl").read_text().splitlines()]
+    assert [e["sha256"] for e in intents if e.get("op") == "create"] == [digest.removeprefix("sha256:")]
