@@ -140,6 +140,21 @@ def _mounts(text: str) -> list[_Mount]:
     return mounts
 
 
+_STANDARD_STREAMS = {"/dev/stdin": "fd/0", "/dev/stdout": "fd/1", "/dev/stderr": "fd/2"}
+
+
+def _own_path(path: str) -> str | None:
+    """For a normalised absolute path that names a process's own things, the same path
+    below its /proc/PID directory ("" for the directory itself); None for any other."""
+    if path in _STANDARD_STREAMS:
+        return _STANDARD_STREAMS[path]
+    for prefix, below in (("/dev/fd", "fd"), ("/proc/self", ""), ("/proc/thread-self", "")):
+        if path == prefix or path.startswith(prefix + "/"):
+            rest = path[len(prefix):].lstrip("/")
+            return "/".join(p for p in (below, rest) if p)
+    return None
+
+
 def _inside(path: str, top: str) -> bool:
     return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
 
@@ -341,11 +356,18 @@ class _Process:
         return os.path.join(self.cwd, path)
 
     def view(self, path: str) -> str:
-        """Our path to the file the process means by `path` (absolute or relative to its cwd)."""
+        """Our path to the file the process means by `path` (absolute or relative to its cwd).
+
+        `/dev/fd/N`, `/dev/stdin` and `/proc/self/...` name the process's own descriptors
+        and files: read from here they would be ours (our root lock, the tree we hold
+        open), so they are read through its /proc directory instead."""
         path = self.absolute(path)
         if not path.startswith("/"):
             return f"{self.dir}/cwd/{path}"
         path = os.path.normpath(path)
+        own = _own_path(path)
+        if own is not None:
+            return f"{self.dir}/{own}" if own else self.dir
         return path if self.direct else f"{self.dir}/root{path}"
 
     def reaches(self, path: str) -> bool:

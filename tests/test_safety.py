@@ -125,6 +125,23 @@ def test_process_with_open_file_under_root(root: RegistryRoot, spawn: object, tm
     assert "held-open open" in user
 
 
+def test_a_descriptor_argument_is_the_process_own_not_ours(root: RegistryRoot, spawn: object,
+                                                           tmp_path: Path) -> None:
+    """`/dev/fd/N` or `/proc/self/fd/N` in a command line (bash runs scripts so) names the
+    process's descriptor N: while we hold N open in the tree (the root lock, the tree the
+    run changes) it is not a path into ROOT for that process, unless its own N is."""
+    held = os.open(root.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stranger = spawn([sys.executable, "-c", "import time; time.sleep(60)",  # type: ignore[operator]
+                          f"/dev/fd/{held}", f"/proc/self/fd/{held}"], cwd=tmp_path)
+        inside = spawn([sys.executable, "-c", "import time; time.sleep(60)",  # type: ignore[operator]
+                        f"/dev/fd/{held}"], cwd=tmp_path, pass_fds=(held,))
+        wait_for(lambda: mine(registry_users(root), inside))
+        assert mine(registry_users(root), stranger) == []
+    finally:
+        os.close(held)
+
+
 def test_other_roots_are_not_users(root: RegistryRoot, spawn: object, tmp_path: Path) -> None:
     other = make_root(tmp_path / "other")
     proc = spawn(["sleep", "60"], cwd=other.v2)  # type: ignore[operator]
