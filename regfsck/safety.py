@@ -500,6 +500,8 @@ class _Process:
             return None
         try:
             st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode) and is_registry_serve(self.args):
+                return None  # `serve <(...)`: a pipe read once by the registry, not by us
             if not stat_module.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
                 return ""
             data = os.read(fd, MAX_CONFIG_BYTES)

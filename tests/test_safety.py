@@ -157,10 +157,11 @@ def test_registry_command_lines() -> None:
     assert not is_registry_serve([])
 
 
-def fake_registry(spawn: object, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+def fake_registry(spawn: object, args: list[str], env: dict[str, str], cwd: Path,
+                  **kw: object) -> subprocess.Popen[bytes]:
     """A process whose command line is `registry serve ...` and that holds no file open."""
     return spawn(["registry", "-c", "import time; time.sleep(60)", *args],  # type: ignore[operator]
-                 executable=sys.executable, env=env, cwd=cwd)
+                 executable=sys.executable, env=env, cwd=cwd, **kw)
 
 
 def test_idle_registry_found_by_its_config(root: RegistryRoot, spawn: object, tmp_path: Path) -> None:
@@ -203,6 +204,21 @@ def test_unreadable_registry_config_counts_as_a_user(root: RegistryRoot, spawn: 
     proc = fake_registry(spawn, ["serve", str(tmp_path / "missing.yml")], realtools.clean_env(), tmp_path)
     wait_for(lambda: mine(registry_users(root), proc))
     assert "missing.yml is not readable" in mine(registry_users(root), proc)[0]
+
+
+def test_registry_serving_a_config_from_a_pipe_counts_as_a_user(root: RegistryRoot, spawn: object,
+                                                                tmp_path: Path) -> None:
+    """`registry serve <(...)` (its config on /dev/fd/N, a pipe): the pipe is its own, and
+    not ours to read from; what it configures cannot be known, so it counts as a user."""
+    read_end, write_end = os.pipe()
+    try:
+        proc = fake_registry(spawn, ["serve", f"/dev/fd/{read_end}"], realtools.clean_env(),
+                             tmp_path, pass_fds=(read_end,))
+        wait_for(lambda: mine(registry_users(root), proc))
+        assert f"/dev/fd/{read_end}" in mine(registry_users(root), proc)[0]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 @pytest.mark.realtools
