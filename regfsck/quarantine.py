@@ -812,6 +812,10 @@ class Run:
             item.happened = True
             self.dirs_created += 1
             self.storage.adopt(item.target, (uid, gid), mode)
+            # In a directory the batch made there is only what the batch puts in it: its
+            # neighbours are the owner just given and no mode of a sibling yet.
+            owners.setdefault((item.target, False), (uid, gid, None))
+            owners.setdefault((item.target, True), (uid, gid, None))
         elif item.op == "rmdir":
             self.storage.remove_empty_dir(item.target)
             item.happened = True
@@ -909,7 +913,8 @@ class Run:
                 missing.append(dir_rel)
                 continue
             if state != "dir":
-                raise QuarantineError(f"cannot create {rel}: {dir_rel} is not a directory")
+                raise QuarantineError(f"cannot create {rel}: {dir_rel} is not a directory "
+                                      "(a file or a symbolic link)")
             break
         missing.reverse()
         return missing
@@ -960,9 +965,10 @@ class Run:
         self._check_open()
         target = _v2(rel)
         state = self._state(rel)
-        if state in ("dir", "file") or (state is None and self.storage.lstat_raw(target) is not None):
+        parents = self._missing_parents(rel)  # a path whose directory is missing is free
+        if state in ("dir", "file") or (state is None and not parents
+                                         and self.storage.lstat_raw(target) is not None):
             raise QuarantineError(f"refusing to create {rel}: it already exists")
-        parents = self._missing_parents(rel)
         staged, sha256, size = self._stage(data)
         st = self.storage.lstat_raw(staged)
         for dir_rel in parents:
