@@ -278,6 +278,21 @@ class _Journal:
     note: str | None
 
 
+_SHARED: dict[str, str] = {}  # the journal's keys and words, one object each
+_WORDS = frozenset({"ev", "op", "kind"})
+
+
+def _shared(entry: Any) -> Any:
+    """A journal line's object with its keys (and its `ev`, `op`, `kind` words) shared with
+    every other line's: each line decoded on its own would hold its own copies, ~0.5 KB
+    per change, and an undo holds every change of its run."""
+    if not isinstance(entry, dict):
+        return entry
+    return {_SHARED.setdefault(key, key):
+            _SHARED.setdefault(value, value) if key in _WORDS and isinstance(value, str) else value
+            for key, value in entry.items()}
+
+
 def _read_journal(storage: MutableStorage, path: str) -> _Journal:
     """Parse a journal; a torn last line (crash while appending) is ignored."""
     if storage.stat(path) is None:
@@ -295,7 +310,7 @@ def _read_journal(storage: MutableStorage, path: str) -> _Journal:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
+            entry = _shared(json.loads(line))
             event = entry["ev"]
         except (ValueError, KeyError, TypeError) as exc:
             if number == len(lines):
