@@ -28,7 +28,7 @@ import re
 import secrets
 import socket
 import stat as stat_module
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -139,6 +139,19 @@ class _PathClaims:
         parents = _self_and_parents(path)
         next(parents)
         self._holding.update(parents)
+
+
+def _absent_dirs(dirs: list[str], known: set[str], exists: Callable[[str], bool]) -> list[str]:
+    """Of directories `dirs` (outermost first), those that do not exist yet: the ones in
+    `known` are not looked at, the rest in turn until the first absent one, below which
+    none can exist. Those found are added to `known`."""
+    for depth, path in enumerate(dirs):
+        if path in known:
+            continue
+        if not exists(path):
+            return dirs[depth:]
+        known.add(path)
+    return []
 
 
 def _now_iso() -> str:
@@ -864,16 +877,10 @@ class Run:
         raise QuarantineError(f"no free quarantine path for {rel}")  # unreachable: seq is new
 
     def _absent_held_dirs(self, dirs: list[str]) -> list[str]:
-        """Of the quarantine directories `dirs` (outermost first), those that do not exist
-        yet: once one is absent, all below it are. Object storage has no directories to
-        make (they come with the objects moved below them)."""
-        for depth, path in enumerate(dirs):
-            if path in self._held_dirs:
-                continue
-            if not self.storage.implicit_dirs and self.storage.lstat_raw(path) is None:
-                return dirs[depth:]
-            self._held_dirs.add(path)
-        return []
+        """The quarantine directories of `dirs` to make (`_absent_dirs`). Object storage
+        has none (they come with the objects moved below them)."""
+        return _absent_dirs(dirs, self._held_dirs, lambda path: self.storage.implicit_dirs
+                            or self.storage.lstat_raw(path) is not None)
 
     # -- changes -------------------------------------------------------------
     def _queue_move(self, rel: str) -> None:
@@ -1440,14 +1447,11 @@ class _Reverter:
         are not looked at again, and below the first absent one none can exist (an undo
         of an import moves tens of thousands of files there: one look each, not seven)."""
         parts = held.split("/")
-        absent = False
-        for depth in range(len(self.files.dir.split("/")) + 1, len(parts)):
-            path = "/".join(parts[:depth])
-            if path in self._quarantine_dirs:
-                continue
-            if absent or self.storage.lstat_raw(path) is None:
-                absent = True
-                self.storage.make_dir(path, 0o700)
+        dirs = ["/".join(parts[:depth])
+                for depth in range(len(self.files.dir.split("/")) + 1, len(parts))]
+        for path in _absent_dirs(dirs, self._quarantine_dirs,
+                                 lambda path: self.storage.lstat_raw(path) is not None):
+            self.storage.make_dir(path, 0o700)
             self._quarantine_dirs.add(path)
 
     def _settle_reverse(self, change: _Change) -> None:

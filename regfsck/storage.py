@@ -1134,6 +1134,10 @@ def _openat2() -> Any:
     return func
 
 
+# What every directory open asks of openat2 (the kernel only reads it: one for all calls).
+_BENEATH_HOW = _OpenHow(_DIR_FLAGS, 0,
+                        _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+
 _openat2_usable = True  # cleared once the kernel or a sandbox refuses openat2 itself
 
 
@@ -1145,9 +1149,8 @@ def _open_beneath(base_fd: int, relative: str) -> int | None:
     func = _openat2() if _openat2_usable else None
     if func is None:
         return None
-    how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    fd = int(func(_SYS_OPENAT2, base_fd, os.fsencode(relative), ctypes.byref(how),
-                  ctypes.sizeof(how)))
+    fd = int(func(_SYS_OPENAT2, base_fd, os.fsencode(relative), ctypes.byref(_BENEATH_HOW),
+                  ctypes.sizeof(_BENEATH_HOW)))
     if fd >= 0:
         return fd
     err = ctypes.get_errno()
