@@ -60,6 +60,7 @@ RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
 BATCH = 256  # changes per journal flush: moves, creations and directory changes alike
 UNDO_BATCH = BATCH
+JOURNAL_CHUNK = 1 << 20  # bytes of a journal read at a time
 STAGING = "new"  # where a run writes new files before renaming them into the tree
 # What the registry's filesystem driver creates under the usual umask 022; new entries
 # with no sibling to copy from get these.
@@ -200,7 +201,7 @@ class UndoResult(Document):
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UndoStep(Document):
     """One reverse step, decided before anything moves.
 
@@ -256,9 +257,10 @@ class PurgeResult(Document):
 # --------------------------------------------------------------------------- the journal
 
 
-@dataclass
+@dataclass(slots=True)
 class _Change:
-    """One journaled change and what the journal says became of it."""
+    """One journaled change and what the journal says became of it (slotted: an undo
+    holds one per change of its run, a million for a big gc)."""
 
     seq: int
     op: str
@@ -293,6 +295,7 @@ class _Journal:
 
 _SHARED: dict[str, str] = {}  # the journal's keys and words, one object each
 _WORDS = frozenset({"ev", "op", "kind"})
+_IN_FIELDS = frozenset({"ev", "seq", "op", "rel"})  # an intent's keys a _Change holds itself
 
 
 def _shared(entry: Any) -> Any:
@@ -306,32 +309,61 @@ def _shared(entry: Any) -> Any:
             for key, value in entry.items()}
 
 
-def _read_journal(storage: MutableStorage, path: str) -> _Journal:
-    """Parse a journal; a torn last line (crash while appending) is ignored."""
-    if storage.stat(path) is None:
-        return _Journal([], False, False, None)  # crashed right after creating the run dir
+def _journal_lines(handle: BinaryIO) -> Iterator[tuple[bytes, bool]]:
+    """A journal's lines read a chunk at a time, each with whether a newline ends it.
+
+    Read whole, a gc's journal of a million moves (~360 MB) would be held twice over
+    (its bytes and their lines) beside the changes decoded from it."""
+    rest = b""
+    while chunk := handle.read(JOURNAL_CHUNK):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line, True
+    if rest:
+        yield rest, False
+
+
+def _journal_entries(storage: MutableStorage, path: str) -> Iterator[dict[str, Any]]:
+    """A journal's lines, decoded one by one; a torn last line (crash while appending: no
+    newline ends it) is left out, a damaged line elsewhere is an error."""
     try:
         with storage.open_read(path) as handle:
-            raw = handle.read()
+            for number, (line, ended) in enumerate(_journal_lines(handle), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = _shared(json.loads(line))
+                    entry["ev"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    if not ended:
+                        return  # the crash cut the last line short
+                    raise QuarantineError(f"damaged journal {path}, line {number}") from exc
+                yield entry
     except StorageError as exc:
         raise QuarantineError(f"cannot read the journal {path}: {exc}") from exc
-    lines = raw.split(b"\n")
+
+
+def _intent_info(entry: dict[str, Any]) -> dict[str, Any]:
+    """What an intent line says beyond the `_Change`'s own fields (`ev`, `seq`, `op`,
+    `rel`): an undo holds one per change of its run, and a dict of half the keys takes
+    about half the memory."""
+    return {key: value for key, value in entry.items() if key not in _IN_FIELDS}
+
+
+def _read_journal(storage: MutableStorage, path: str) -> _Journal:
+    """Parse a journal into its changes and what became of each."""
+    if storage.stat(path) is None:
+        return _Journal([], False, False, None)  # crashed right after creating the run dir
     changes: dict[int, _Change] = {}
     finished = reverted = False
     note: str | None = None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = _shared(json.loads(line))
-            event = entry["ev"]
-        except (ValueError, KeyError, TypeError) as exc:
-            if number == len(lines):
-                break  # the crash cut the last line short
-            raise QuarantineError(f"damaged journal {path}, line {number}") from exc
-        seq = entry.get("seq")
+    for entry in _journal_entries(storage, path):
+        event = entry["ev"]
+        seq: Any = entry.get("seq")  # an int in every line a run writes
         if event == "intent":
-            changes[seq] = change = _Change(seq, entry["op"], entry["rel"], entry)
+            changes[seq] = change = _Change(seq, entry["op"], entry["rel"],
+                                            _intent_info(entry))
             if "staged" in entry:  # written ahead: the intent knows the bytes
                 change.written = {"sha256": entry.get("sha256"), "size": entry.get("size")}
         elif event == "finish":
@@ -343,7 +375,8 @@ def _read_journal(storage: MutableStorage, path: str) -> _Journal:
             change = changes[seq]
             if event == "done":
                 change.done = True
-                change.done_info = entry
+                if len(entry) > 2:  # more than ev and seq (a creation's mtime and inode)
+                    change.done_info = entry
             elif event == "failed":
                 change.failed = True
             elif event == "written":
@@ -1197,27 +1230,27 @@ class _Reverter:
             return "its content changed since the run"
         return None
 
-    def _prefetch(self, paths: list[str]) -> dict[str, bool]:
+    def _prefetch(self, paths: Iterable[str]) -> dict[str, bool]:
         """Existence of many paths at once: each distinct directory is checked once the
         careful way (no symlink on the way, see `lstat_raw`) and its entries are then
         lstat'ed relative to it; a plan over a million moves asks the disk a few thousand
         times instead of walking every path component by component."""
         by_dir: dict[str, list[str]] = {}
         for path in dict.fromkeys(paths):
-            directory, _, name = path.rpartition("/")
-            by_dir.setdefault(directory, []).append(name)
+            by_dir.setdefault(path.rpartition("/")[0], []).append(path)
         known: dict[str, bool] = {}
-        for directory, names in by_dir.items():
+        for directory, inside in by_dir.items():
             st = self.storage.lstat_raw(directory) if directory else None
             if st is None or not stat_module.S_ISDIR(st.st_mode):
                 continue  # absent, or not a plain directory: asked one by one
             try:
-                results = self.storage.lstat_many(directory, names)
+                results = self.storage.lstat_many(
+                    directory, [path[len(directory) + 1:] for path in inside])
             except StorageError:
                 continue
-            for name, result in zip(names, results, strict=True):
+            for path, result in zip(inside, results, strict=True):
                 if not isinstance(result, StorageError):
-                    known[f"{directory}/{name}"] = result is not None
+                    known[path] = result is not None  # the caller's string: no copy per path
         return known
 
     def _undone_path(self, change: _Change, reserved: _PathClaims) -> str:
@@ -1273,9 +1306,10 @@ class _Reverter:
         view = build_view(self.root, candidates, payloads)
         used = used_now(self.root, view, since_ns)
 
-        known = self._prefetch([p for c in applied for p in (
-            _v2(c.rel), _parent_of(_v2(c.rel)),
-            *((self.files.held_of(c),) if c.op == "move" else ()))])
+        originals = [_v2(c.rel) for c in applied]  # one string per path, shared by the maps
+        known = self._prefetch(p for c, original in zip(applied, originals, strict=True)
+                               for p in (original, _parent_of(original),
+                                         *((self.files.held_of(c),) if c.op == "move" else ())))
 
         def on_disk(path: str) -> bool:
             if self._settled_away and self._emptied(path):
@@ -1323,8 +1357,7 @@ class _Reverter:
         # Object storage: a directory is only what the keys below imply; moving a key back
         # brings its parents back with it, so a vanished parent is no obstacle.
         implicit_dirs = self.storage.implicit_dirs
-        for change in applied:
-            original = _v2(change.rel)
+        for change, original in zip(applied, originals, strict=True):
             parent = _parent_of(original)
             if change.op == "move":
                 held = self.files.held_of(change)

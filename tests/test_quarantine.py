@@ -16,6 +16,7 @@ import textwrap
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -538,6 +539,43 @@ def test_torn_journal_line_is_tolerated(tree: RegistryRoot) -> None:
     assert (tree.v2 / "blobs/sha256/aa/aaaa/data").exists()
     meta = json.loads((tree.root / run.path / "meta.json").read_text())
     assert meta["status"] == "reverted"
+
+
+def test_the_journal_read_a_chunk_at_a_time_reads_as_read_whole(
+        tree: RegistryRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journals are read in chunks (a million-change journal is not held whole): lines
+    cut by any chunk boundary read the same; only an unterminated last line is a torn
+    append (left out), a damaged line ending in a newline is damage wherever it falls."""
+    from regfsck import quarantine as quarantine_module
+    from regfsck.storage import FilesystemStorage
+
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
+        run.quarantine("blobs/sha256/aa/aaaa")
+        run.create_file("repositories/r/_layers/sha256/cccc/link", b"sha256:cccc")
+        run.replace_file("repositories/r/_manifests/tags/t/current/link", b"sha256:aaaa")
+        run.finish("three changes")
+    storage = FilesystemStorage(tree.root)
+    journal = f"{run.path}/journal.jsonl"
+    path = tree.root / journal
+    good = path.read_bytes()
+
+    def read() -> list[tuple[int, str, str, bool, Any]]:
+        parsed = quarantine_module._read_journal(storage, journal)
+        assert parsed.finished and parsed.note == "three changes"
+        return [(c.seq, c.op, c.rel, c.done, c.done_info) for c in parsed.changes]
+
+    monkeypatch.setattr(quarantine_module, "JOURNAL_CHUNK", 1 << 20)
+    whole = read()
+    assert [op for _, op, _, _, _ in whole] == ["move", "mkdir", "create", "move", "create"]
+    for chunk in range(1, 90):
+        monkeypatch.setattr(quarantine_module, "JOURNAL_CHUNK", chunk)
+        path.write_bytes(good)
+        assert read() == whole
+        path.write_bytes(good + b'{"ev":"intent","seq":99,"op":"mo')  # torn append
+        assert read() == whole
+        path.write_bytes(good.replace(b"\n", b"\n{\"ev\":\n", 1))  # damage, then more
+        with pytest.raises(QuarantineError, match=r"damaged journal .*line 2"):
+            read()
 
 
 def test_quarantine_must_be_on_the_same_filesystem(tree: RegistryRoot) -> None:
