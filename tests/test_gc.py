@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,25 @@ def test_victim_changed_after_planning_is_left_alone(sample_root: Path, sample_i
                        revalidate=revalidator(root, plan))
     assert (layout.blob_dir(changed), f"{layout.blob_data(changed)} changed since the scan") in result.skipped
     assert data.exists()
+
+
+@pytest.mark.realtools
+def test_victims_gone_or_emptied_after_planning_are_told_apart(
+        sample_root: Path, sample_info: SampleInfo) -> None:
+    """A blob directory removed since the scan is "gone"; one whose `data` alone is
+    missing "changed" (the directory is still there: not moved, nothing to move)."""
+    root = locate(sample_root)
+    plan = plan_gc(root, NO_GRACE)
+    gone, emptied = sample_info.unreferenced_blobs[:2]
+    shutil.rmtree(sample_root / V2 / layout.blob_dir(gone))
+    (sample_root / V2 / layout.blob_data(emptied)).unlink()
+    with mutation_session(root, command="gc") as session:
+        result = sweep(session, {}, plan.removal_list, plan.empty_dirs, grace=timedelta(0),
+                       revalidate=revalidator(root, plan))
+    skipped = dict(result.skipped)
+    assert skipped[layout.blob_dir(gone)] == "gone since the scan"
+    assert skipped[layout.blob_dir(emptied)] == f"{layout.blob_data(emptied)} changed since the scan"
+    assert (sample_root / V2 / layout.blob_dir(emptied)).is_dir()
 
 
 @pytest.mark.realtools
