@@ -702,14 +702,9 @@ class Run:
         None when the disk tells. Below a path the batch made or moved away nothing of
         the disk's counts: what it made is empty, what it moved took its contents along."""
         state = self._overlay.get(rel)
-        if state is not None or not self._overlay:
+        if state is not None or not self._overlay or "/" not in rel:
             return state
-        path = rel
-        while "/" in path:
-            path = path.rpartition("/")[0]
-            if path in self._overlay:
-                return "gone"
-        return None
+        return "gone" if _within(_parent_of(rel), self._overlay) else None
 
     def _mark(self, rel: str, state: str) -> None:
         if state == "gone" and rel in self._below:  # what the batch made inside goes along
