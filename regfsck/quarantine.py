@@ -1372,6 +1372,12 @@ class _Reverter:
                     set_present(original, True)
                     present[held] = False
                     mounts[original] = held
+            elif change.op in ("create", "mkdir") and others.newer_holder(change.rel):
+                # A later run moved what this one made (or what holds it) into its own
+                # quarantine, or wrote over it: that run's undo puts it back, and must find
+                # it as it left it. Taking it now would leave this run's files behind for
+                # good (they come back with the later undo) or that undo without a parent.
+                blocked(change.rel, f"{change.rel}: a later run changed what this run made")
             elif change.op == "create":
                 if not exists(original):
                     steps.append(UndoStep(change.seq, "skip", change.rel, "already gone"))
@@ -1564,6 +1570,7 @@ class _OtherRuns:
         self.storage = storage
         self.me = me
         self._paths: dict[str, list[str]] | None = None
+        self._newer: bool | None = None  # is there any run after this one?
 
     def _load(self) -> dict[str, list[str]]:
         paths: dict[str, list[str]] = {}
@@ -1601,6 +1608,17 @@ class _OtherRuns:
         found = self.holders(rel)
         newer = [r for r in found if r > self.me]
         return newer[-1] if newer else (found[-1] if found else None)
+
+    def newer_holder(self, rel: str) -> str | None:
+        """The newest run after this one (not reverted) that changed `rel` or an ancestor
+        since: moved it away, removed it, wrote over it. Only such runs are read: undoing
+        the newest run, the usual case, reads no other journal."""
+        if self._newer is None:
+            self._newer = any(files.run_id > self.me for files in _run_dirs(self.storage))
+        if not self._newer:
+            return None
+        newer = [r for r in self.holders(rel) if r > self.me]
+        return newer[-1] if newer else None
 
 
 def _since_ns(meta: dict[str, Any]) -> int:

@@ -186,6 +186,36 @@ def test_undo_rm_after_gc_refuses_and_names_the_gc_run(sample_root: Path, tmp_pa
     pull(sample_root, ["a/b/c:latest", "a/b/c:v2"], tmp_path / "pulled")
 
 
+def test_undo_import_a_later_run_took_over_refuses_and_names_it(sample_root: Path,
+                                                                tmp_path: Path) -> None:
+    """import A as team/a:1 -> import B as team/a:1 (B moves A's tag link into its
+    quarantine) -> gc --delete-untagged (moves A's image, untagged now) -> undo A: refused,
+    naming both later runs, nothing changed. Undone newest first, all three restore the
+    tree byte for byte. (Before: A's undo went ahead; B's undo then brought A's tag back
+    without its image, gc's undo refused for a parent A's undo had removed, and A's files
+    stayed for good. Found by the randomized sequence hunt.)"""
+    root = sample_root
+    original = registry_snapshot(root)
+    first = import_run(root, make_layout(tmp_path / "a", "a").path, "team/a")
+    second = import_run(root, make_layout(tmp_path / "b", "b").path, "team/a")
+    gc_doc = cli_ok("gc", str(root), "--delete-untagged", "--grace", "0s", "--apply")
+    gc_id = str(gc_doc["run_id"] if "run_id" in gc_doc else gc_doc["apply"]["run_id"])  # type: ignore[index]
+    before = registry_snapshot(root)
+    planned = run_cli("undo", str(root), first, "--dry-run", "--json")
+    assert_clean_exit(planned, (3,), "dry run of the undo two later runs block")
+    doc = strict_json(planned.stdout)
+    assert doc["blockers"] == sorted([second, gc_id]) and doc["applied"] is False
+    refused = run_cli("undo", str(root), first)
+    assert_clean_exit(refused, (3,), "undo of the import two later runs changed")
+    assert second.encode() in refused.stderr and gc_id.encode() in refused.stderr
+    assert registry_snapshot(root) == before, "a refused undo changed the tree"
+    assert_not_stuck(root)
+    pull(root, ["team/a:1"], tmp_path / "pulled")
+    for run_id in (gc_id, second, first):
+        cli_ok("undo", str(root), run_id)
+    assert registry_snapshot(root) == original
+
+
 def test_undo_import_after_a_repush_of_its_tag(tmp_path: Path) -> None:
     """6: import -> a re-push of the tag (another image) -> undo the import: the re-pushed
     tag is the user's and stays pullable; the import's own files go to the quarantine."""
