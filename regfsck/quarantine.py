@@ -1606,18 +1606,15 @@ class _OtherRuns:
         """The run to undo first for `rel`: the newest newer run that changed it (or an
         ancestor), else the newest that did."""
         found = self.holders(rel)
-        newer = [r for r in found if r > self.me]
-        return newer[-1] if newer else (found[-1] if found else None)
+        return self.newer_holder(rel) or (found[-1] if found else None)
 
     def newer_holder(self, rel: str) -> str | None:
         """The newest run after this one (not reverted) that changed `rel` or an ancestor
-        since: moved it away, removed it, wrote over it. Only such runs are read: undoing
-        the newest run, the usual case, reads no other journal."""
+        since: moved it away, removed it, wrote over it. Journals are read only when such
+        a run may exist: undoing the newest run, the usual case, reads none."""
         if self._newer is None:
             self._newer = any(files.run_id > self.me for files in _run_dirs(self.storage))
-        if not self._newer:
-            return None
-        newer = [r for r in self.holders(rel) if r > self.me]
+        newer = [r for r in self.holders(rel) if r > self.me] if self._newer else []
         return newer[-1] if newer else None
 
 

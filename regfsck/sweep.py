@@ -57,14 +57,16 @@ def recheck(storage: MutableStorage, removal: Removal, cutoff_ns: int) -> str | 
 
     Its checks are the path itself or names below it: where there are any, the path is
     looked at only to word a missing one (one `lstat` less per move of a big gc)."""
+    whole = f"{V2_PREFIX}/{removal.path}"
     checked = removal.checked()
-    if not checked and storage.lstat_raw(f"{V2_PREFIX}/{removal.path}") is None:
+    if not checked and storage.lstat_raw(whole) is None:
         return "gone since the scan"
     for path, seen_ns in checked:
         st = storage.lstat_raw(f"{V2_PREFIX}/{path}")
-        if st is None and storage.lstat_raw(f"{V2_PREFIX}/{removal.path}") is None:
-            return "gone since the scan"
-        if st is None or st.st_mtime_ns != seen_ns:
+        if st is None:
+            return ("gone since the scan" if storage.lstat_raw(whole) is None
+                    else f"{path} changed since the scan")
+        if st.st_mtime_ns != seen_ns:
             return f"{path} changed since the scan"
         if removal.grace_applies and st.st_mtime_ns > cutoff_ns:
             return "younger than the grace period"

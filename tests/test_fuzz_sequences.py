@@ -88,6 +88,13 @@ def _check(world: World, what: str) -> None:
                 raise AssertionError(f"after {what}: {ref} is not pullable: {exc}") from exc
 
 
+def undo_every_run(root: Path) -> None:
+    """Undo every run not reverted yet, newest first; each must succeed."""
+    for run in reversed(_runs(root)):
+        if run["status"] != "reverted":
+            _json("undo", str(root), str(run["run_id"]))
+
+
 def _step(world: World, op: str, pick: int) -> None:
     root = str(world.root)
     if op in ("push", "push_shared"):
@@ -192,7 +199,5 @@ def test_operator_sequences_lose_no_image(real_sample: tuple[Path, SampleInfo],
         _check(world, f"step {number} ({op})")
     if world.pushed or world.purged:
         return
-    for run in reversed(_runs(root)):
-        if run["status"] != "reverted":
-            _json("undo", str(root), str(run["run_id"]))
+    undo_every_run(root)
     assert content_snapshot(root / "docker") == original, "undoing every run did not restore the tree"

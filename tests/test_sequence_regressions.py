@@ -11,7 +11,7 @@ from tests import realtools
 from tests import test_fuzz_sequences as fuzz
 from tests.realtools import SampleInfo
 from tests.support.snapshot import content_snapshot
-from tests.test_fuzz_sequences import World, _check, _json, _runs, _step
+from tests.test_fuzz_sequences import World, _check, _step, undo_every_run
 
 pytestmark = pytest.mark.realtools
 
@@ -32,7 +32,5 @@ def test_import_repair_import_gc_import_undo_then_undo_all(
     for number, (op, pick) in enumerate(ops):
         _step(world, op, pick)
         _check(world, f"step {number} ({op})")
-    for run in reversed(_runs(sample_root)):
-        if run["status"] != "reverted":
-            _json("undo", str(sample_root), str(run["run_id"]))
+    undo_every_run(sample_root)
     assert content_snapshot(sample_root / "docker") == original
