@@ -29,7 +29,7 @@ import secrets
 import socket
 import stat as stat_module
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -199,6 +199,9 @@ class UndoResult(Document):
     skipped: int = 0  # changes a crash had left unapplied, or already gone
     kept: list[str] = field(default_factory=list)  # "<path>: why" of creations left in place
     warnings: list[str] = field(default_factory=list)
+    # Older reverted runs whose undo this one finished: what they had kept only for what
+    # this run made is gone now (each {"run_id", "command", "files_removed", ...}).
+    finished: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,9 @@ class UndoPlan:
     problems: tuple[str, ...]
     blockers: tuple[str, ...]  # newer runs to undo first
     warnings: tuple[str, ...]
+    # Older reverted runs whose undo kept something: judged again once this undo is done
+    # (what they kept only for this run's files goes then: `_finish_kept_undos`).
+    then_finishes: tuple[str, ...] = ()
 
     def count(self, action: str) -> int:
         return sum(1 for step in self.steps if step.action == action)
@@ -242,7 +248,7 @@ class UndoPlan:
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "steps": [s.to_json() for s in self.steps],
                 "problems": list(self.problems), "blockers": list(self.blockers),
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "then_finishes": list(self.then_finishes)}
 
 
 @dataclass
@@ -383,8 +389,9 @@ def _read_journal(storage: MutableStorage, path: str) -> _Journal:
                 change.written = entry
             elif event == "resolved":
                 change.resolved = bool(entry["applied"])
-            elif event == "undo-intent":
+            elif event == "undo-intent":  # again after a "keep": judged anew (finishing)
                 change.undo_started = True
+                change.undo_done = False
                 change.undo_info = entry
             elif event == "undo-done":
                 change.undo_done = True
@@ -1268,10 +1275,16 @@ class _Reverter:
         present, directories empty, paths free) and checks that no tag the undo brings
         back would lack a part (naming the newer run that holds it)."""
         self.learn(journal)
-        pending = [c for c in reversed(journal.changes) if not c.undo_done]
+        # A creation an earlier undo kept (used, or holding, what a later run wrote) is
+        # judged again: once that run is undone too, it goes (`finish_kept_undos`).
+        pending = [c for c in reversed(journal.changes)
+                   if not c.undo_done or c.undo_info.get("step") == "keep"]
         applied: list[_Change] = []
         steps: list[UndoStep] = []
         for change in pending:
+            if change.undo_done:
+                applied.append(change)  # kept: applied, and nothing of its undo to settle
+                continue
             if change.undo_started:
                 self._settle_reverse(change)
             if change.undo_started and self._already_reverted(change):
@@ -1399,6 +1412,11 @@ class _Reverter:
                 elif not empty_after(original):
                     steps.append(UndoStep(change.seq, "keep", change.rel,
                                           "holds what was written since the run"))
+                elif (inside := others.newer_inside(change.rel)) is not None:
+                    # Emptied by a later run that moved things out of it: that run's undo
+                    # puts them back here. Kept, and taken once that run is undone.
+                    steps.append(UndoStep(change.seq, "keep", change.rel,
+                                          f"run {inside} moved what was inside it"))
                 else:
                     steps.append(UndoStep(change.seq, "rmdir", change.rel))
                     set_present(original, False)
@@ -1570,10 +1588,12 @@ class _OtherRuns:
         self.storage = storage
         self.me = me
         self._paths: dict[str, list[str]] | None = None
+        self._inside: dict[str, list[str]] | None = None  # directory -> runs that took from it
         self._newer: bool | None = None  # is there any run after this one?
 
     def _load(self) -> dict[str, list[str]]:
         paths: dict[str, list[str]] = {}
+        inside: dict[str, list[str]] = {}
         for files in _run_dirs(self.storage):
             if files.run_id == self.me:
                 continue
@@ -1589,6 +1609,12 @@ class _OtherRuns:
                     continue
                 if change.op in ("move", "rmdir", "create"):
                     paths.setdefault(change.rel, []).append(files.run_id)
+                if change.op in ("move", "rmdir"):  # its undo needs every directory above
+                    parent = _parent_of(change.rel)
+                    while parent and files.run_id not in inside.setdefault(parent, []):
+                        inside[parent].append(files.run_id)
+                        parent = _parent_of(parent)
+        self._inside = inside
         return paths
 
     def holders(self, rel: str) -> list[str]:
@@ -1612,10 +1638,24 @@ class _OtherRuns:
         """The newest run after this one (not reverted) that changed `rel` or an ancestor
         since: moved it away, removed it, wrote over it. Journals are read only when such
         a run may exist: undoing the newest run, the usual case, reads none."""
+        newer = [r for r in self.holders(rel) if r > self.me] if self._any_newer() else []
+        return newer[-1] if newer else None
+
+    def newer_inside(self, rel: str) -> str | None:
+        """The newest run after this one (not reverted) that moved or removed something
+        below the directory `rel`: its undo puts that back, so it needs `rel` there."""
+        if not self._any_newer():
+            return None
+        if self._paths is None:
+            self._paths = self._load()
+        assert self._inside is not None
+        newer = sorted(r for r in self._inside.get(rel, ()) if r > self.me)
+        return newer[-1] if newer else None
+
+    def _any_newer(self) -> bool:
         if self._newer is None:
             self._newer = any(files.run_id > self.me for files in _run_dirs(self.storage))
-        newer = [r for r in self.holders(rel) if r > self.me] if self._newer else []
-        return newer[-1] if newer else None
+        return self._newer
 
 
 def _since_ns(meta: dict[str, Any]) -> int:
@@ -1637,20 +1677,28 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
     if meta is None:
         raise QuarantineError(f"no run {run_id} in {root.display}/{QUARANTINE_DIR}")
     journal = _read_journal(storage, files.journal)
-    return _Reverter(root, storage, files, dry_run=True).plan(journal, _since_ns(meta),
-                                                _OtherRuns(storage, run_id))
+    plan = _Reverter(root, storage, files, dry_run=True).plan(journal, _since_ns(meta),
+                                                              _OtherRuns(storage, run_id))
+    return replace(plan, then_finishes=tuple(f.run_id for f in _kept_by_undos(storage, run_id)))
 
 
 def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
-                meta: dict[str, Any], journal: _Journal) -> UndoResult:
+                meta: dict[str, Any], journal: _Journal, *,
+                finishing: bool = False) -> UndoResult:
     """Plan, refuse or carry out; the run is `undoing` only while steps are being done.
 
     A refusal (the plan found a step impossible) changes nothing, not even the status.
     A failure midway (I/O error) puts the status back to what it was, with the steps done
-    so far journaled: the next undo plans again from there, so no run ever wedges the tree."""
+    so far journaled: the next undo plans again from there, so no run ever wedges the tree.
+    Once the run is reverted, older reverted runs' undos are finished (`_finish_kept_undos`).
+
+    `finishing`: the run is reverted already and only what its undo kept is judged again;
+    nothing is done (an empty result) unless the plan takes something and is not refused."""
     reverter = _Reverter(root, storage, files)
     result = UndoResult(files.run_id, str(meta.get("command", "?")))
     plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id))
+    if finishing and (plan.problems or not any(s.action in ("unmake", "rmdir") for s in plan.steps)):
+        return result
     before = meta.get("status_before_undo") if meta.get("status") == UNDOING else meta.get("status")
     if plan.problems:
         if meta.get("status") == UNDOING:
@@ -1672,10 +1720,59 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
         raise
     finally:
         writer.close()
-    meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
+    if before == REVERTED:  # finished: it was reverted then, and is whole now
+        meta.update(status=REVERTED, undo_finished_at=_now_iso(), undo_kept=result.kept[:1000])
+    else:
+        meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
     _write_meta(storage, files, meta)
     _drop_staging(storage, files)  # every creation is settled: what is left was never used
+    if not finishing and (result.files_removed or result.dirs_removed):
+        result.finished = _finish_kept_undos(root, storage, files.run_id, result.warnings)
     return result
+
+
+def _kept_by_undos(storage: MutableStorage, me: str) -> list[_RunFiles]:
+    """The reverted runs older than `me` whose undo kept something, newest first."""
+    found: list[_RunFiles] = []
+    for files in reversed(_run_dirs(storage)):
+        if files.run_id < me:
+            meta = _read_meta(storage, files) or {}
+            if meta.get("status") == REVERTED and meta.get("undo_kept"):
+                found.append(files)
+    return found
+
+
+def _finish_kept_undos(root: RegistryRoot, storage: MutableStorage, me: str,
+                       warnings: list[str]) -> list[dict[str, Any]]:
+    """Finish the undos of older reverted runs, newest first, now that run `me` is undone.
+
+    An undo out of order keeps what the run made that a later run still needs: a
+    directory holding the later run's files (import A into team/a, import B into team/b,
+    undo A: `team/` stays), a blob the later run's image uses. Once the later run is
+    undone as well, nothing needs them: left there, the tree would never come back as it
+    was before A. So each older reverted run that kept something is planned again (its
+    kept creations only, judged against the tree as it is now, with the same rules) and
+    what it may take now goes to its own quarantine, journaled in its own journal. Only
+    older runs: what a run kept was written after it started. A plan that is refused or
+    takes nothing changes nothing."""
+    finished: list[dict[str, Any]] = []
+    for files in _kept_by_undos(storage, me):
+        meta = _read_meta(storage, files)
+        if not meta or meta.get("status") != REVERTED:
+            continue
+        try:
+            journal = _read_journal(storage, files.journal)
+            done = _revert_run(root, storage, files, meta, journal, finishing=True)
+        except (QuarantineError, StorageError) as exc:
+            # This undo is done whatever happens here: the older run stays as it was left
+            # (a step cut short is settled when it is next judged), and the operator told.
+            warnings.append(f"the undo of run {files.run_id} could not be finished: {exc}"[:300])
+            continue
+        if done.files_removed or done.dirs_removed:
+            finished.append({"run_id": files.run_id, "command": done.command,
+                             "files_removed": done.files_removed,
+                             "dirs_removed": done.dirs_removed, "kept": len(done.kept)})
+    return finished
 
 
 def _seal_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,

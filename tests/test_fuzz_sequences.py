@@ -4,14 +4,16 @@ through the real registry in between (issue 10).
 After every step, every tag that was pullable and that no regfsck command was asked to
 remove must still be pullable from the real registry (skopeo copy checks every digest);
 an undo either succeeds or refuses with exit 3 leaving no run stuck. When no push and no
-purge happened, undoing every run, newest first, must restore the original tree byte for
-byte. Seeded and small by default (CI); `REGFSCK_FUZZ_SEQ_EXAMPLES=50` explores more, and
-`REGFSCK_FUZZ_RANDOM=1` draws new examples.
+purge happened, undoing every run, newest first or in a drawn order (refused undos tried
+again after the others), must restore the original tree byte for byte (contents). Seeded and small by default
+(CI); `REGFSCK_FUZZ_SEQ_EXAMPLES=50` explores more, and `REGFSCK_FUZZ_RANDOM=1` draws new
+examples.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +90,21 @@ def _check(world: World, what: str) -> None:
                 raise AssertionError(f"after {what}: {ref} is not pullable: {exc}") from exc
 
 
-def undo_every_run(root: Path) -> None:
-    """Undo every run not reverted yet, newest first; each must succeed."""
-    for run in reversed(_runs(root)):
-        if run["status"] != "reverted":
-            _json("undo", str(root), str(run["run_id"]))
+def undo_every_run(root: Path, order: random.Random | None = None) -> None:
+    """Undo every run not reverted yet: newest first, where each must succeed; or, with
+    `order`, in a shuffled order, where an undo may be refused (a newer run to undo
+    first) and is tried again after the others. The newest run left can always be
+    undone, so each pass must make progress."""
+    pending = [str(r["run_id"]) for r in _runs(root) if r["status"] != "reverted"]
+    if order is None:
+        pending.reverse()
+    else:
+        order.shuffle(pending)
+    while pending:
+        refused = [run_id for run_id in pending
+                   if _json("undo", str(root), run_id, allowed=(0,) if order is None else (0, 3))[0]]
+        assert len(refused) < len(pending), f"no undo of {pending} goes ahead"
+        pending = refused
 
 
 def _step(world: World, op: str, pick: int) -> None:
@@ -177,11 +189,13 @@ def registry_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.mark.skipif(bool(realtools.real_tools_missing()), reason="real registry tools unavailable")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("REGFSCK_FUZZ_RANDOM"),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 60)), min_size=3, max_size=STEPS))
+@given(ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 60)), min_size=3, max_size=STEPS),
+       undo_order=st.one_of(st.none(), st.integers(0, 1 << 16)))
 def test_operator_sequences_lose_no_image(real_sample: tuple[Path, SampleInfo],
                                           tmp_path_factory: pytest.TempPathFactory,
                                           registry_binary: str,
-                                          ops: list[tuple[str, int]]) -> None:
+                                          ops: list[tuple[str, int]],
+                                          undo_order: int | None) -> None:
     base = tmp_path_factory.mktemp("seq")
     root = base / "root"
     shutil.copytree(real_sample[0], root, symlinks=True)
@@ -199,5 +213,6 @@ def test_operator_sequences_lose_no_image(real_sample: tuple[Path, SampleInfo],
         _check(world, f"step {number} ({op})")
     if world.pushed or world.purged:
         return
-    undo_every_run(root)
+    # Newest first, or (undo_order) in any order the undo accepts: the tree comes back.
+    undo_every_run(root, None if undo_order is None else random.Random(undo_order))
     assert content_snapshot(root / "docker") == original, "undoing every run did not restore the tree"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from regfsck.quarantine import (
@@ -227,6 +227,50 @@ def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
     assert undo(tree).run_id == first.run_id
 
 
+def test_undoing_the_later_run_finishes_an_earlier_out_of_order_undo(
+        tree: RegistryRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A makes `team/` with a file in `team/a/`; run B puts a file in `team/b/`. Undo A
+    first: `team/` holds B's, so A's undo keeps it. Undoing B then finishes A's undo:
+    `team/` goes too, and the tree is as before A (files' times included). When that
+    finishing step fails, B's undo is still done (a warning says so), A stays reverted,
+    and the next undo that takes something finishes it."""
+    from regfsck.storage import FilesystemStorage
+
+    before = registry_snapshot(tree.root, mtimes="files")
+    with mutation_session(tree, command="a") as session, Run.begin(session, {}) as a:
+        a.create_file("repositories/team/a/_layers/sha256/aaaa/link", b"sha256:aaaa")
+        a.finish()
+    with mutation_session(tree, command="b") as session, Run.begin(session, {}) as b:
+        b.create_file("repositories/team/b/_layers/sha256/bbbb/link", b"sha256:bbbb")
+        b.finish()
+    first = undo(tree, a.run_id)
+    assert any(k.startswith("repositories/team:") for k in first.kept), first.kept
+    assert (tree.v2 / "repositories/team/b").is_dir()
+
+    real = FilesystemStorage.remove_empty_dir
+
+    def failing(self: FilesystemStorage, path: str) -> None:
+        if path.endswith("repositories/team"):
+            raise StorageError(5, "remove directory repositories/team: injected failure", path)
+        real(self, path)
+
+    monkeypatch.setattr(FilesystemStorage, "remove_empty_dir", failing)
+    second = undo(tree, b.run_id)
+    assert second.finished == [] and any(a.run_id in w and "could not be finished" in w
+                                         for w in second.warnings), second
+    assert (tree.v2 / "repositories/team").is_dir()
+    states = {r.run_id: r.status for r in list_runs(tree)}
+    assert states == {a.run_id: "reverted", b.run_id: "reverted"}
+
+    monkeypatch.setattr(FilesystemStorage, "remove_empty_dir", real)
+    with mutation_session(tree, command="c") as session, Run.begin(session, {}) as c:
+        c.create_file("blobs/sha256/cc/cccc/data", b"c")
+        c.finish()
+    third = undo(tree, c.run_id)
+    assert [f["run_id"] for f in third.finished] == [a.run_id], third
+    assert registry_snapshot(tree.root, mtimes="files") == before
+
+
 def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
     with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         run.quarantine("blobs/sha256/bb/bbbb")
@@ -377,6 +421,52 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
         run.finish()
     undo(root)
     assert registry_snapshot(root.root) == before
+
+
+@pytest.mark.slow
+@settings(max_examples=int(os.environ.get("QUARANTINE_EXAMPLES", "40")), deadline=None)
+@given(runs=st.lists(OPS, min_size=2, max_size=4),
+       order=st.lists(st.integers(0, 9), min_size=4, max_size=4))
+@example(runs=[[("create", 0)], [("create", 1)]], order=[0, 1, 0, 0])  # B's file in A's new dir
+def test_runs_undone_in_any_order_they_allow_restore_the_tree(
+        tmp_path_factory: pytest.TempPathFactory, runs: list[list[tuple[str, int]]],
+        order: list[int]) -> None:
+    """Several runs (moves, creations, replacements, directory removals, each on what the
+    runs before left), then every run undone in a drawn order: an undo refused (a newer
+    run to undo first) is tried again after the others, the newest run left is never
+    refused, and at the end the tree is the original: paths, bytes, files' mtimes (a
+    directory's mtime may be the one a newer run found, undone out of order)."""
+    root = make_tree(tmp_path_factory.mktemp("runs") / "root")
+    before = registry_snapshot(root.root, mtimes="files")
+    made: list[str] = []
+    for number, ops in enumerate(runs):
+        with mutation_session(root, command=f"r{number}") as session, \
+                Run.begin(session, {}) as run:
+            for step, (op, pick) in enumerate(ops):
+                entries = sorted(p.relative_to(root.v2).as_posix() for p in root.v2.rglob("*"))
+                files = [e for e in entries if (root.v2 / e).is_file()]
+                dirs = [e for e in entries if (root.v2 / e).is_dir()]
+                if op in ("move", "batch") and entries:
+                    run.quarantine(entries[pick % len(entries)])
+                elif op == "create" and dirs:
+                    run.create_file(f"{dirs[pick % len(dirs)]}/new{number}x{step}/f", b"%d" % step)
+                elif op == "replace" and files:
+                    run.replace_file(files[pick % len(files)], b"replaced %d %d" % (number, step))
+                elif op == "rmdir" and dirs:
+                    run.remove_empty_dirs([dirs[pick % len(dirs)]])
+            run.finish()
+        made.append(run.run_id)
+    pending = sorted(made, key=lambda run_id: (order[made.index(run_id)], run_id))  # drawn order
+    while pending:
+        refused: list[str] = []
+        for run_id in pending:
+            try:
+                undo(root, run_id)
+            except UndoConflictError:
+                refused.append(run_id)
+        assert max(pending) not in refused, f"the newest run left, of {pending}, was refused"
+        pending = refused
+    assert registry_snapshot(root.root, mtimes="files") == before
 
 
 # --------------------------------------------------------------------------- crashes

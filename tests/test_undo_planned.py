@@ -245,6 +245,61 @@ def test_undo_import_after_an_import_into_a_sibling_repository(tmp_path: Path) -
     assert_not_stuck(root)
 
 
+def test_undoing_out_of_order_then_the_rest_restores_the_tree(sample_root: Path,
+                                                             tmp_path: Path) -> None:
+    """import A (team/a) -> import B (team/b, sharing a layer A wrote) -> undo A -> undo B:
+    the tree is the original, byte for byte (a directory's mtime aside: undone out of
+    order, B's undo gives `blobs/sha256` the time B found, after A's changes).
+
+    A's undo must keep `team/` (B's repository is inside) and the shared layer (B's
+    image uses it). Before, B's undo then left both behind for good: no run took them,
+    A being reverted and B not having made them. Now B's undo finishes A's: once B's
+    files are gone, what A kept only for them goes too, into A's quarantine."""
+    root = sample_root
+    shared = [b"a layer both backups hold " * 40]
+    a = make_layout(tmp_path / "a", "a", shared=shared)
+    b = make_layout(tmp_path / "b", "b", shared=shared)
+    original = registry_snapshot(root, mtimes="files")
+    first = import_run(root, a.path, "team/a")
+    second = import_run(root, b.path, "team/b")
+    undone = cli_ok("undo", str(root), first)
+    assert undone["kept"], undone  # team/ and the shared layer: B's
+    pull(root, ["team/b:1"], tmp_path / "pulled")
+    assert not_served(root, "team/a:1")
+    planned = strict_json(run_cli("undo", str(root), second, "--dry-run", "--json").stdout)
+    assert planned["then_finishes"] == [first], planned
+    doc = cli_ok("undo", str(root), second)
+    assert registry_snapshot(root, mtimes="files") == original
+    assert [f["run_id"] for f in doc["finished"]] == [first], doc  # type: ignore[index, union-attr]
+    assert runs(root)[first]["status"] == "reverted"
+    assert_not_stuck(root)
+
+
+def test_undo_out_of_order_keeps_a_directory_a_later_run_emptied(sample_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """import A (team/a) -> import B (team/b) -> rm team/b (run D moves the repository into
+    its quarantine) -> undo A. `team/` is empty then, but D's undo puts team/b back into
+    it: A's undo keeps it. (Before, A's undo removed it and D's undo was refused for good,
+    "its parent directory is gone": the removed repository could not come back.) Then D,
+    B undone: team/b:1 is served in between, and at the end B's undo finishes A's (takes
+    `team/`): the tree is the original (directories' mtimes aside, as above)."""
+    root = sample_root
+    original = registry_snapshot(root, mtimes="files")
+    first = import_run(root, make_layout(tmp_path / "a", "a").path, "team/a")
+    second = import_run(root, make_layout(tmp_path / "b", "b").path, "team/b")
+    removal = str(cli_ok("rm", str(root), "team/b", "--apply")["run_id"])
+    undone = cli_ok("undo", str(root), first)
+    assert any(k.startswith("repositories/team:") and removal in k
+               for k in undone["kept"]), undone  # type: ignore[union-attr]
+    cli_ok("undo", str(root), removal)
+    pull(root, ["team/b:1"], tmp_path / "pulled")
+    assert not_served(root, "team/a:1")
+    doc = cli_ok("undo", str(root), second)
+    assert [f["run_id"] for f in doc["finished"]] == [first], doc  # type: ignore[index, union-attr]
+    assert registry_snapshot(root, mtimes="files") == original
+    assert_not_stuck(root)
+
+
 def test_undo_import_after_a_repush_of_the_same_image(tmp_path: Path) -> None:
     """A re-push of the very same image rewrites the import's links with the same bytes:
     they are the user's now, and the image stays."""

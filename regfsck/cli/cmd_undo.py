@@ -64,6 +64,9 @@ def _show_plan(registry: RegistryRoot, plan: UndoPlan, json_output: bool) -> Non
             say(f"  keep {step.rel}: {step.why}")
     for warning in plan.warnings:
         say(f"  warning: {warning}")
+    if plan.then_finishes and not plan.problems:
+        say(f"Then the undos of runs {', '.join(plan.then_finishes)} (which kept what later "
+            "runs needed) are judged again: what they kept only for this run's files goes too.")
     if plan.problems:
         say(f"Refused: {plan.refusal()}")
         raise typer.Exit(ExitCode.CANNOT_RUN)
@@ -120,6 +123,10 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
                 "or rewritten since:")
             for line in files_kept[:20]:
                 say(f"  {line}")
+        for finished in result.finished:
+            say(f"Finished the undo of run {finished['run_id']} ({finished['command']}): "
+                f"{finished['files_removed']} files it had kept for this run moved into its "
+                f"quarantine, {finished['dirs_removed']} directories removed.")
         for warning in result.warnings:
             warn(f"warning: {warning}")
         note(CACHE_REMINDER)
