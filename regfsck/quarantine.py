@@ -56,6 +56,11 @@ JOURNAL = "journal.jsonl"
 META = "meta.json"
 PAYLOAD = "v2"
 UNDONE = "undone"  # where an undo puts the files the run had created (kept until purge)
+# An undo's steps that leave the tree as they find it, judged again by a later undo
+# (`_finish_kept_undos`), and those that change it.
+_JUDGED_AGAIN = frozenset({"keep", "already_there"})
+_CHANGING = frozenset({"move_back", "unmake", "rmdir", "remake_dir"})
+_TAKING = frozenset({"unmake", "rmdir"})
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
 BATCH = 256  # changes per journal flush: moves, creations and directory changes alike
@@ -1265,7 +1270,8 @@ class _Reverter:
                 return held
         raise QuarantineError(f"no free quarantine path for {change.rel}")
 
-    def plan(self, journal: _Journal, since_ns: int, others: _OtherRuns) -> UndoPlan:
+    def plan(self, journal: _Journal, since_ns: int, others: _OtherRuns,
+             taken: Collection[str] = ()) -> UndoPlan:
         """Judge every reverse step against the tree as it is now, before anything moves.
 
         Two passes: the first finds the creations that are still exactly the run's (the
@@ -1275,10 +1281,14 @@ class _Reverter:
         present, directories empty, paths free) and checks that no tag the undo brings
         back would lack a part (naming the newer run that holds it)."""
         self.learn(journal)
-        # A creation an earlier undo kept (used, or holding, what a later run wrote) is
-        # judged again: once that run is undone too, it goes (`finish_kept_undos`).
-        pending = [c for c in reversed(journal.changes)
-                   if not c.undo_done or c.undo_info.get("step") == "keep"]
+        # What an earlier undo left as it found it is judged again (`_finish_kept_undos`):
+        # a creation kept (used by, or holding, what a later run wrote) goes once nothing
+        # needs it; a path found back in place ("already_there": a later run wrote it
+        # again) comes back from the quarantine once that run's undo took it (`taken`),
+        # never when anyone else removed it since.
+        pending = [c for c in reversed(journal.changes) if not c.undo_done
+                   or (step := c.undo_info.get("step")) == "keep"
+                   or (step == "already_there" and c.rel in taken)]
         applied: list[_Change] = []
         steps: list[UndoStep] = []
         for change in pending:
@@ -1296,6 +1306,10 @@ class _Reverter:
         changed: dict[int, str] = {}
         candidates: list[str] = []
         last_move: dict[str, int] = {}  # path -> the last seq that moved it
+        moves_of: dict[str, list[int]] = {}  # path -> every seq that moved it
+        for c in journal.changes:
+            if c.op == "move":
+                moves_of.setdefault(c.rel, []).append(c.seq)
         for c in applied:
             if c.op == "move":
                 last_move[c.rel] = max(c.seq, last_move.get(c.rel, 0))
@@ -1328,6 +1342,8 @@ class _Reverter:
         present: dict[str, bool] = {}
         children: dict[str, set[str]] = {}
         mounts: dict[str, str] = {}  # original -> held, of directories moved back
+        back: set[int] = {c.seq for c in journal.changes  # moves put back by an earlier undo
+                          if c.undo_done and c.undo_info.get("step") == "move_back"}
         problems: list[str] = []
         blockers: set[str] = set()
         reserved = _PathClaims()
@@ -1347,6 +1363,24 @@ class _Reverter:
         def set_present(path: str, value: bool) -> None:
             present[path] = value
             children.setdefault(_parent_of(path), set()).add(path)
+
+        def forget_below(path: str) -> None:
+            """A directory moved back brings its own contents: what the plan noted below
+            that path before (earlier steps, later changes) was about other contents."""
+            stack = list(children.pop(path, ()))
+            while stack:
+                below = stack.pop()
+                present.pop(below, None)
+                mounts.pop(below, None)
+                stack.extend(children.pop(below, ()))
+
+        def taken_by_itself(change: _Change) -> bool:
+            """Did the run move this creation away later (it, or a directory above it),
+            and did that move's undo not put it back (the same content was found in place:
+            what is there now is not the run's)?"""
+            later = [seq for p in _self_and_parents(change.rel) for seq in moves_of.get(p, ())
+                     if seq > change.seq]
+            return bool(later) and min(later) not in back
 
         def empty_after(path: str) -> bool:
             names = {f"{path}/{e.name}" for e in self.storage.list_dir(path)} \
@@ -1380,11 +1414,18 @@ class _Reverter:
                 elif not implicit_dirs and not exists(parent):
                     blocked(parent.removeprefix(V2_PREFIX + "/"),
                             f"{change.rel}: its parent directory is gone")
+                elif others.newer_holder(change.rel):
+                    # A later run made this path again and moved it away, or moved away
+                    # what stood there since: its undo puts that back here, and must find
+                    # the path free.
+                    blocked(change.rel, f"{change.rel}: a later run moved what was there since")
                 else:
                     steps.append(UndoStep(change.seq, "move_back", change.rel, held=held))
+                    forget_below(original)
                     set_present(original, True)
                     present[held] = False
                     mounts[original] = held
+                    back.add(change.seq)
             elif change.op in ("create", "mkdir") and others.newer_holder(change.rel):
                 # A later run moved what this one made (or what holds it) into its own
                 # quarantine, or wrote over it: that run's undo puts it back, and must find
@@ -1394,6 +1435,9 @@ class _Reverter:
             elif change.op == "create":
                 if not exists(original):
                     steps.append(UndoStep(change.seq, "skip", change.rel, "already gone"))
+                elif taken_by_itself(change):
+                    steps.append(UndoStep(change.seq, "skip", change.rel, "what is there is not "
+                                          "the run's: its own copy stays in its quarantine"))
                 elif change.seq in changed:
                     steps.append(UndoStep(change.seq, "keep", change.rel, changed[change.seq]))
                 elif change.rel in used:
@@ -1589,6 +1633,7 @@ class _OtherRuns:
         self.me = me
         self._paths: dict[str, list[str]] | None = None
         self._inside: dict[str, list[str]] | None = None  # directory -> runs that took from it
+        self._made: dict[str, list[str]] = {}  # path -> runs that made it or something below
         self._newer: bool | None = None  # is there any run after this one?
 
     def _load(self) -> dict[str, list[str]]:
@@ -1614,6 +1659,11 @@ class _OtherRuns:
                     while parent and files.run_id not in inside.setdefault(parent, []):
                         inside[parent].append(files.run_id)
                         parent = _parent_of(parent)
+                elif change.op in ("create", "mkdir"):  # its undo takes it, and what is above
+                    path = change.rel
+                    while path and files.run_id not in self._made.setdefault(path, []):
+                        self._made[path].append(files.run_id)
+                        path = _parent_of(path)
         self._inside = inside
         return paths
 
@@ -1652,6 +1702,12 @@ class _OtherRuns:
         newer = sorted(r for r in self._inside.get(rel, ()) if r > self.me)
         return newer[-1] if newer else None
 
+    def makers(self, rel: str) -> list[str]:
+        """Every other run (not reverted) that created `rel` or something below it."""
+        if self._paths is None:
+            self._paths = self._load()
+        return sorted(self._made.get(rel, ()))
+
     def _any_newer(self) -> bool:
         if self._newer is None:
             self._newer = any(files.run_id > self.me for files in _run_dirs(self.storage))
@@ -1684,7 +1740,7 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
 
 def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
                 meta: dict[str, Any], journal: _Journal, *,
-                finishing: bool = False) -> UndoResult:
+                finishing: bool = False, taken: set[str] | None = None) -> UndoResult:
     """Plan, refuse or carry out; the run is `undoing` only while steps are being done.
 
     A refusal (the plan found a step impossible) changes nothing, not even the status.
@@ -1692,12 +1748,21 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
     so far journaled: the next undo plans again from there, so no run ever wedges the tree.
     Once the run is reverted, older reverted runs' undos are finished (`_finish_kept_undos`).
 
-    `finishing`: the run is reverted already and only what its undo kept is judged again;
-    nothing is done (an empty result) unless the plan takes something and is not refused."""
+    `finishing`: the run is reverted already and only what its undo left in place is
+    judged again; `taken`: the paths later undos took (a path found back in place is
+    judged again only then), to which it adds what it takes itself. Nothing is done (an
+    empty result) unless the plan changes something and is not refused; the paths taken
+    that it could not judge yet are noted in its meta.json for the next finish."""
     reverter = _Reverter(root, storage, files)
     result = UndoResult(files.run_id, str(meta.get("command", "?")))
-    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id))
-    if finishing and (plan.problems or not any(s.action in ("unmake", "rmdir") for s in plan.steps)):
+    rejudge = set(taken or ()) | set(meta.get("undo_rejudge") or ()) if finishing else set()
+    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id), rejudge)
+    if finishing and (plan.problems or not any(s.action in _CHANGING for s in plan.steps)):
+        waiting = sorted(c.rel for c in journal.changes if c.rel in rejudge
+                         and c.undo_info.get("step") == "already_there")
+        if waiting != meta.get("undo_rejudge", []):
+            meta["undo_rejudge"] = waiting
+            _write_meta(storage, files, meta)
         return result
     before = meta.get("status_before_undo") if meta.get("status") == UNDOING else meta.get("status")
     if plan.problems:
@@ -1720,14 +1785,20 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
         raise
     finally:
         writer.close()
-    if before == REVERTED:  # finished: it was reverted then, and is whole now
-        meta.update(status=REVERTED, undo_finished_at=_now_iso(), undo_kept=result.kept[:1000])
+    if before == REVERTED:  # finished: what this plan did not judge again is left as it was
+        judged = {step.rel for step in plan.steps}
+        left = [k for k in meta.get("undo_kept") or () if k.partition(": ")[0] not in judged]
+        meta.pop("undo_rejudge", None)
+        meta.update(status=REVERTED, undo_finished_at=_now_iso(),
+                    undo_kept=(left + result.kept)[:1000])
     else:
         meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
     _write_meta(storage, files, meta)
     _drop_staging(storage, files)  # every creation is settled: what is left was never used
-    if not finishing and (result.files_removed or result.dirs_removed):
-        result.finished = _finish_kept_undos(root, storage, files.run_id, result.warnings)
+    if taken is not None:  # an older run's finish may hang on what this one took
+        taken.update(step.rel for step in plan.steps if step.action in _TAKING)
+    if not finishing and any(step.action in _CHANGING for step in plan.steps):
+        result.finished = _finish_kept_undos(root, storage, files.run_id, plan, result.warnings)
     return result
 
 
@@ -1743,35 +1814,45 @@ def _kept_by_undos(storage: MutableStorage, me: str) -> list[_RunFiles]:
 
 
 def _finish_kept_undos(root: RegistryRoot, storage: MutableStorage, me: str,
-                       warnings: list[str]) -> list[dict[str, Any]]:
+                       plan: UndoPlan, warnings: list[str]) -> list[dict[str, Any]]:
     """Finish the undos of older reverted runs, newest first, now that run `me` is undone.
 
     An undo out of order keeps what the run made that a later run still needs: a
     directory holding the later run's files (import A into team/a, import B into team/b,
-    undo A: `team/` stays), a blob the later run's image uses. Once the later run is
-    undone as well, nothing needs them: left there, the tree would never come back as it
-    was before A. So each older reverted run that kept something is planned again (its
-    kept creations only, judged against the tree as it is now, with the same rules) and
-    what it may take now goes to its own quarantine, journaled in its own journal. Only
-    older runs: what a run kept was written after it started. A plan that is refused or
-    takes nothing changes nothing."""
+    undo A: `team/` stays), a blob the later run's image uses. And it finds back in place
+    what the run had moved away when a later run wrote it again (rm a tag, import it
+    again, undo the rm: the tag is there, the rm's copy stays in its quarantine). Once the
+    later run is undone as well, left so, the tree would never come back as it was: kept
+    files for good, a tag nobody removed any more gone. So each older reverted run whose
+    undo left something is planned again (those changes only, judged against the tree as
+    it is now, with the same rules; a path found back in place only when an undo here took
+    it, never when anyone else removed it since): what it may take now goes to its own
+    quarantine, what it may put back comes back, journaled in its own journal. Only older
+    runs: what a run's undo left was written after the run started. A plan that is
+    refused or changes nothing changes nothing."""
     finished: list[dict[str, Any]] = []
-    for files in _kept_by_undos(storage, me):
+    older = _kept_by_undos(storage, me)
+    taken = {step.rel for step in plan.steps if step.action in _TAKING} if older else set()
+    # (A path an undo took that an older run could not put back yet, its parent gone until
+    # a later undo brings it back, waits in that run's meta.json: `undo_rejudge`.)
+    for files in older:
         meta = _read_meta(storage, files)
         if not meta or meta.get("status") != REVERTED:
             continue
         try:
             journal = _read_journal(storage, files.journal)
-            done = _revert_run(root, storage, files, meta, journal, finishing=True)
+            done = _revert_run(root, storage, files, meta, journal, finishing=True,
+                               taken=taken)
         except (QuarantineError, StorageError) as exc:
             # This undo is done whatever happens here: the older run stays as it was left
             # (a step cut short is settled when it is next judged), and the operator told.
             warnings.append(f"the undo of run {files.run_id} could not be finished: {exc}"[:300])
             continue
-        if done.files_removed or done.dirs_removed:
+        if done.moved_back or done.files_removed or done.dirs_removed or done.dirs_recreated:
             finished.append({"run_id": files.run_id, "command": done.command,
-                             "files_removed": done.files_removed,
-                             "dirs_removed": done.dirs_removed, "kept": len(done.kept)})
+                             "moved_back": done.moved_back, "files_removed": done.files_removed,
+                             "dirs_removed": done.dirs_removed,
+                             "dirs_recreated": done.dirs_recreated, "kept": len(done.kept)})
     return finished
 
 
@@ -1972,6 +2053,8 @@ def _needed_runs(root: RegistryRoot, storage: MutableStorage) -> dict[str, set[s
     for files in _run_dirs(storage):
         meta = _read_meta(storage, files) or {}
         if meta.get("status") == REVERTED:
+            if meta.get("undo_kept") or meta.get("undo_rejudge"):
+                _needed_to_finish(storage, files, needed)
             continue
         try:
             journal = _read_journal(storage, files.journal)
@@ -1994,6 +2077,23 @@ def _needed_runs(root: RegistryRoot, storage: MutableStorage) -> dict[str, set[s
                 for holder in others.holders(missing):
                     needed.setdefault(holder, set()).add(files.run_id)
     return needed
+
+
+def _needed_to_finish(storage: MutableStorage, files: _RunFiles,
+                      needed: dict[str, set[str]]) -> None:
+    """A reverted run whose undo found a path back in place (a newer run wrote it again)
+    still holds its own copy: when that newer run is undone, the copy comes back
+    (`_finish_kept_undos`). Purged, the path would stay gone: the newer run needs it."""
+    try:
+        journal = _read_journal(storage, files.journal)
+    except QuarantineError:
+        return
+    others = _OtherRuns(storage, files.run_id)
+    for change in journal.changes:
+        if change.op == "move" and change.undo_info.get("step") == "already_there":
+            for holder in (*others.holders(change.rel), *others.makers(change.rel)):
+                if holder > files.run_id:
+                    needed.setdefault(files.run_id, set()).add(holder)
 
 
 def purge(session: MutationSession, older_than: timedelta, *, dry_run: bool = False,

@@ -423,22 +423,37 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
     assert registry_snapshot(root.root) == before
 
 
+RUN_OPS = st.lists(st.tuples(st.sampled_from(["move", "create", "replace", "rmdir", "recreate"]),
+                             st.integers(0, 50)), max_size=8)
+
+
 @pytest.mark.slow
 @settings(max_examples=int(os.environ.get("QUARANTINE_EXAMPLES", "40")), deadline=None)
-@given(runs=st.lists(OPS, min_size=2, max_size=4),
+@given(runs=st.lists(RUN_OPS, min_size=2, max_size=4),
        order=st.lists(st.integers(0, 9), min_size=4, max_size=4))
 @example(runs=[[("create", 0)], [("create", 1)]], order=[0, 1, 0, 0])  # B's file in A's new dir
+@example(runs=[[("move", 1)], [("recreate", 0)]], order=[0, 1, 0, 0])  # A's file back by B
+@example(runs=[[("move", 4)], [("recreate", 0), ("move", 4)]], order=[0, 0, 0, 0])
+@example(runs=[[("move", 4), ("move", 0)], [("recreate", 0), ("move", 0)]], order=[0, 0, 0, 0])
+@example(runs=[[("move", 4)], [("move", 0), ("recreate", 0), ("move", 0), ("recreate", 0)]],
+         order=[0, 0, 0, 0])
+@example(runs=[[("move", 4)], [("move", 48), ("recreate", 0), ("move", 1), ("recreate", 0)]],
+         order=[0, 0, 0, 0])
+@example(runs=[[("move", 22)], [("move", 0), ("move", 0)], [("recreate", 0)]],
+         order=[0, 0, 0, 0])  # the rm's path comes back once its parent does
 def test_runs_undone_in_any_order_they_allow_restore_the_tree(
         tmp_path_factory: pytest.TempPathFactory, runs: list[list[tuple[str, int]]],
         order: list[int]) -> None:
-    """Several runs (moves, creations, replacements, directory removals, each on what the
-    runs before left), then every run undone in a drawn order: an undo refused (a newer
-    run to undo first) is tried again after the others, the newest run left is never
-    refused, and at the end the tree is the original: paths, bytes, files' mtimes (a
-    directory's mtime may be the one a newer run found, undone out of order)."""
+    """Several runs (moves, creations, replacements, directory removals, a file an earlier
+    run moved away written again with its bytes; each on what the runs before left), then
+    every run undone in a drawn order: an undo refused (a newer run to undo first) is
+    tried again after the others, the newest run left is never refused, and at the end
+    the tree is the original: paths, bytes, files' mtimes (a directory's mtime may be the
+    one a newer run found, undone out of order)."""
     root = make_tree(tmp_path_factory.mktemp("runs") / "root")
     before = registry_snapshot(root.root, mtimes="files")
     made: list[str] = []
+    moved: dict[str, bytes] = {}  # files the runs moved away, with their bytes
     for number, ops in enumerate(runs):
         with mutation_session(root, command=f"r{number}") as session, \
                 Run.begin(session, {}) as run:
@@ -446,8 +461,15 @@ def test_runs_undone_in_any_order_they_allow_restore_the_tree(
                 entries = sorted(p.relative_to(root.v2).as_posix() for p in root.v2.rglob("*"))
                 files = [e for e in entries if (root.v2 / e).is_file()]
                 dirs = [e for e in entries if (root.v2 / e).is_dir()]
-                if op in ("move", "batch") and entries:
-                    run.quarantine(entries[pick % len(entries)])
+                if op == "move" and entries:
+                    chosen = entries[pick % len(entries)]
+                    if chosen in files:
+                        moved[chosen] = (root.v2 / chosen).read_bytes()
+                    run.quarantine(chosen)
+                elif op == "recreate" and (free := [f for f in sorted(moved)
+                                                    if not (root.v2 / f).exists()]):
+                    chosen = free[pick % len(free)]
+                    run.create_file(chosen, moved[chosen])
                 elif op == "create" and dirs:
                     run.create_file(f"{dirs[pick % len(dirs)]}/new{number}x{step}/f", b"%d" % step)
                 elif op == "replace" and files:

@@ -300,6 +300,31 @@ def test_undo_out_of_order_keeps_a_directory_a_later_run_emptied(sample_root: Pa
     assert_not_stuck(root)
 
 
+def test_undoing_the_import_that_brought_a_tag_back_gives_the_rm_undo_its_tag(
+        sample_root: Path, tmp_path: Path) -> None:
+    """import team/a:1 -> rm team/a:1 (run R) -> import the same backup again (run I: it
+    writes the tag anew, the same bytes) -> undo R: the tag is already there, R's copy
+    stays in its quarantine -> undo I: I's tag goes, and R's undo, finished, puts its copy
+    back: team/a:1 is pulled. (Before, the tag nobody removed any more was gone: R was
+    reverted and no run brought it back.) Then the first import undone: the original."""
+    root = sample_root
+    original = registry_snapshot(root, mtimes="files")
+    layout = make_layout(tmp_path / "a", "a")
+    first = import_run(root, layout.path, "team/a")
+    removal = str(cli_ok("rm", str(root), "team/a:1", "--apply")["run_id"])
+    again = import_run(root, layout.path, "team/a")
+    cli_ok("undo", str(root), removal)
+    pull(root, ["team/a:1"], tmp_path / "pulled-1")
+    preview = cli_ok("purge", str(root))  # the rm's copy of the tag waits for I's undo
+    assert preview["needed"] == {removal: [again]}, preview
+    doc = cli_ok("undo", str(root), again)
+    assert [f["run_id"] for f in doc["finished"]] == [removal], doc  # type: ignore[index, union-attr]
+    pull(root, ["team/a:1"], tmp_path / "pulled-2")
+    cli_ok("undo", str(root), first)
+    assert registry_snapshot(root, mtimes="files") == original
+    assert_not_stuck(root)
+
+
 def test_undo_import_after_a_repush_of_the_same_image(tmp_path: Path) -> None:
     """A re-push of the very same image rewrites the import's links with the same bytes:
     they are the user's now, and the image stays."""

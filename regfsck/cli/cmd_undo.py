@@ -124,9 +124,11 @@ def undo(args: list[str] | None = ARGS, config: Path | None = CONFIG_OPTION,
             for line in files_kept[:20]:
                 say(f"  {line}")
         for finished in result.finished:
-            say(f"Finished the undo of run {finished['run_id']} ({finished['command']}): "
-                f"{finished['files_removed']} files it had kept for this run moved into its "
-                f"quarantine, {finished['dirs_removed']} directories removed.")
+            say(f"Finished the undo of run {finished['run_id']} ({finished['command']}), "
+                f"which had left in place what this run wrote: {finished['moved_back']} paths "
+                f"moved back, {finished['files_removed']} created files moved into its "
+                f"quarantine, {finished['dirs_removed']} directories removed, "
+                f"{finished['dirs_recreated']} recreated.")
         for warning in result.warnings:
             warn(f"warning: {warning}")
         note(CACHE_REMINDER)
