@@ -1628,12 +1628,13 @@ class _OtherRuns:
     """Which other run changed a path: moved it (or an ancestor) away, removed it as an
     empty directory, or created it; read from their journals (what a refusal names)."""
 
-    def __init__(self, storage: MutableStorage, me: str) -> None:
+    def __init__(self, storage: MutableStorage, me: str, *, makers: bool = False) -> None:
         self.storage = storage
         self.me = me
         self._paths: dict[str, list[str]] | None = None
         self._inside: dict[str, list[str]] | None = None  # directory -> runs that took from it
-        self._made: dict[str, list[str]] = {}  # path -> runs that made it or something below
+        # path -> runs that made it or something below (only when asked: `makers`)
+        self._made: dict[str, list[str]] | None = {} if makers else None
         self._newer: bool | None = None  # is there any run after this one?
 
     def _load(self) -> dict[str, list[str]]:
@@ -1659,8 +1660,8 @@ class _OtherRuns:
                     while parent and files.run_id not in inside.setdefault(parent, []):
                         inside[parent].append(files.run_id)
                         parent = _parent_of(parent)
-                elif change.op in ("create", "mkdir"):  # its undo takes it, and what is above
-                    path = change.rel
+                elif self._made is not None and change.op in ("create", "mkdir"):
+                    path = change.rel  # its undo takes it, and what is above
                     while path and files.run_id not in self._made.setdefault(path, []):
                         self._made[path].append(files.run_id)
                         path = _parent_of(path)
@@ -1703,9 +1704,11 @@ class _OtherRuns:
         return newer[-1] if newer else None
 
     def makers(self, rel: str) -> list[str]:
-        """Every other run (not reverted) that created `rel` or something below it."""
+        """Every other run (not reverted) that created `rel` or something below it (built
+        with `makers=True`: an undo plan has no use for it)."""
         if self._paths is None:
             self._paths = self._load()
+        assert self._made is not None, "_OtherRuns(..., makers=True)"
         return sorted(self._made.get(rel, ()))
 
     def _any_newer(self) -> bool:
@@ -2088,7 +2091,7 @@ def _needed_to_finish(storage: MutableStorage, files: _RunFiles,
         journal = _read_journal(storage, files.journal)
     except QuarantineError:
         return
-    others = _OtherRuns(storage, files.run_id)
+    others = _OtherRuns(storage, files.run_id, makers=True)
     for change in journal.changes:
         if change.op == "move" and change.undo_info.get("step") == "already_there":
             for holder in (*others.holders(change.rel), *others.makers(change.rel)):

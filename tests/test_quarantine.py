@@ -640,6 +640,49 @@ def test_kill_9_during_undo_then_recover_finishes_the_undo(tmp_path: Path) -> No
     assert list_runs(tree)[0].status == "reverted"
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_9_while_an_undo_finishes_an_older_one_then_recover(tmp_path: Path, when: str) -> None:
+    """Run A makes team/a, run B team/b; undo A keeps `team/`; the undo of B, finishing A's,
+    is SIGKILLed just before or just after it removes `team/`. The next session's
+    recovery carries A's finish to its end: the tree is as before A, both runs reverted."""
+    tree = make_tree(tmp_path / "root")
+    before = registry_snapshot(tree.root, mtimes="files")
+    with mutation_session(tree, command="a") as session, Run.begin(session, {}) as a:
+        a.create_file("repositories/team/a/_layers/sha256/aaaa/link", b"sha256:aaaa")
+        a.finish()
+    with mutation_session(tree, command="b") as session, Run.begin(session, {}) as b:
+        b.create_file("repositories/team/b/_layers/sha256/bbbb/link", b"sha256:bbbb")
+        b.finish()
+    undo(tree, a.run_id)
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from regfsck.root import locate
+        from regfsck.storage import FilesystemStorage
+        from regfsck import quarantine
+        from regfsck.session import mutation_session
+        original = FilesystemStorage.remove_empty_dir
+        def crashing(self, path):
+            if path.endswith("repositories/team") and sys.argv[3] == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(self, path)
+            if path.endswith("repositories/team"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        FilesystemStorage.remove_empty_dir = crashing
+        with mutation_session(locate(sys.argv[1]), command="undo") as session:
+            quarantine.undo(session, sys.argv[2])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, str(tree.root), b.run_id, when],
+                          env=env, timeout=60, capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert {r.run_id: r.status for r in list_runs(tree)} == {a.run_id: "undoing",
+                                                              b.run_id: "reverted"}
+    [message] = recover(tree)
+    assert a.run_id in message and "undo" in message, message
+    assert registry_snapshot(tree.root, mtimes="files") == before
+    assert {r.status for r in list_runs(tree)} == {"reverted"}
+
+
 def test_torn_journal_line_is_tolerated(tree: RegistryRoot) -> None:
     with mutation_session(tree, command="test") as session:
         run = Run.begin(session, {})
