@@ -227,6 +227,18 @@ def test_undo_takes_the_newest_run_first(tree: RegistryRoot) -> None:
     assert undo(tree).run_id == first.run_id
 
 
+def sibling_runs(tree: RegistryRoot) -> tuple[Run, Run]:
+    """Run A makes `repositories/team/` with a link in `team/a/`, then run B one in `team/b/`."""
+    runs: list[Run] = []
+    for name in ("a", "b"):
+        with mutation_session(tree, command=name) as session, Run.begin(session, {}) as run:
+            run.create_file(f"repositories/team/{name}/_layers/sha256/{name * 4}/link",
+                            f"sha256:{name * 4}".encode())
+            run.finish()
+        runs.append(run)
+    return runs[0], runs[1]
+
+
 def test_undoing_the_later_run_finishes_an_earlier_out_of_order_undo(
         tree: RegistryRoot, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run A makes `team/` with a file in `team/a/`; run B puts a file in `team/b/`. Undo A
@@ -237,12 +249,7 @@ def test_undoing_the_later_run_finishes_an_earlier_out_of_order_undo(
     from regfsck.storage import FilesystemStorage
 
     before = registry_snapshot(tree.root, mtimes="files")
-    with mutation_session(tree, command="a") as session, Run.begin(session, {}) as a:
-        a.create_file("repositories/team/a/_layers/sha256/aaaa/link", b"sha256:aaaa")
-        a.finish()
-    with mutation_session(tree, command="b") as session, Run.begin(session, {}) as b:
-        b.create_file("repositories/team/b/_layers/sha256/bbbb/link", b"sha256:bbbb")
-        b.finish()
+    a, b = sibling_runs(tree)
     first = undo(tree, a.run_id)
     assert any(k.startswith("repositories/team:") for k in first.kept), first.kept
     assert (tree.v2 / "repositories/team/b").is_dir()
@@ -647,12 +654,7 @@ def test_kill_9_while_an_undo_finishes_an_older_one_then_recover(tmp_path: Path,
     recovery carries A's finish to its end: the tree is as before A, both runs reverted."""
     tree = make_tree(tmp_path / "root")
     before = registry_snapshot(tree.root, mtimes="files")
-    with mutation_session(tree, command="a") as session, Run.begin(session, {}) as a:
-        a.create_file("repositories/team/a/_layers/sha256/aaaa/link", b"sha256:aaaa")
-        a.finish()
-    with mutation_session(tree, command="b") as session, Run.begin(session, {}) as b:
-        b.create_file("repositories/team/b/_layers/sha256/bbbb/link", b"sha256:bbbb")
-        b.finish()
+    a, b = sibling_runs(tree)
     undo(tree, a.run_id)
     script = textwrap.dedent("""
         import os, signal, sys
