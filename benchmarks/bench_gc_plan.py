@@ -41,13 +41,6 @@ from measure import Run, Series, log
 MODES = ("warm", "cold")
 
 
-def drop_caches() -> None:
-    """Write back and drop the page, dentry and inode caches (root only)."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as fh:
-        fh.write("3\n")
-
-
 def loadavg() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -117,7 +110,7 @@ def bench_size(target: int, args: argparse.Namespace, workdir: Path) -> dict[str
         for mode in args.modes:
             for name in order:
                 if mode == "cold":
-                    drop_caches()
+                    measure.drop_caches()
                 else:
                     commands[name]()  # the warm-up run: the metadata in the cache
                 run = commands[name]()

@@ -12,7 +12,11 @@ It writes, once, in the work directory:
 * a copy with --orphans unreferenced blobs (what `gc --apply` moves: ~20k changes).
 
 Then, interleaved round after round (order rotated), each timed command on a fresh copy
-with `sync` run before it (untimed), so no earlier write is charged to it:
+with `sync` run before it (untimed), so no earlier write is charged to it. With
+`--settle` (root), the page cache is also dropped before each one and its inputs read
+back: every command starts from the same cache (its input warm, nothing else cached),
+whatever ran before it; on a VM whose page-cache cost moves from round to round (these
+machines) the ratios are steadier so:
 
 * tar_import: `tar xf import.tar -C EMPTY && sync`;  import: `regfsck import EMPTY LAYOUT --apply`;
   import_undo: `regfsck undo` of that import;
@@ -25,6 +29,7 @@ before a change), in the same rounds, as `before:<name>`.
 
     python benchmarks/bench_writes.py
     python benchmarks/bench_writes.py --baseline /tmp/regfsck-before --rounds 3
+    python benchmarks/bench_writes.py --settle --rounds 5
 """
 
 from __future__ import annotations
@@ -88,17 +93,33 @@ def copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def regfsck(checkout: str | None, *args: str) -> Run:
-    sh("sync")
+def ready_to_time(settle: bool, inputs: tuple[Path, ...]) -> None:
+    """Before a timed command: nothing earlier left to write back (sync); with `settle`,
+    also the page cache dropped and the command's inputs read back in."""
+    if not settle:
+        sh("sync")
+        return
+    measure.drop_caches()
+    for path in inputs:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        for file in files:
+            with file.open("rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+
+
+def regfsck(checkout: str | None, *args: str, settle: bool = False,
+            inputs: tuple[Path, ...] = ()) -> Run:
+    ready_to_time(settle, inputs)
     cmd = measure.regfsck_cmd(*args, "-q")
     if checkout is None:
         return measure.run(cmd)
     return measure.baseline_run(checkout, cmd)
 
 
-def tar_x(tar: Path, dest: Path) -> Run:
+def tar_x(tar: Path, dest: Path, settle: bool) -> Run:
     fresh(dest)
-    sh("sync")
+    ready_to_time(settle, (tar,))
     return measure.run(["sh", "-c", f"tar xf '{tar}' -C '{dest}' && sync"])
 
 
@@ -157,25 +178,28 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
 
 
 def round_commands(work: Path, paths: dict[str, Path], checkout: str | None,
-                   prefix: str) -> list[tuple[str, Callable[[], dict[str, Run]]]]:
+                   prefix: str, settle: bool) -> list[tuple[str, Callable[[], dict[str, Run]]]]:
     """The timed groups of one checkout; each returns {name: run} (undo follows its apply)."""
+    def timed(*args: str, inputs: tuple[Path, ...]) -> Run:
+        return regfsck(checkout, *args, settle=settle, inputs=inputs)
+
     def import_group() -> dict[str, Run]:
         target = fresh(work / "t-import")
-        applied = regfsck(checkout, "import", str(target), str(paths["layout"]), "--repo", REPO,
-                          "--apply")
-        undone = regfsck(checkout, "undo", str(target))
+        applied = timed("import", str(target), str(paths["layout"]), "--repo", REPO, "--apply",
+                        inputs=(paths["layout"],))
+        undone = timed("undo", str(target), inputs=(target,))
         return {f"{prefix}import": applied, f"{prefix}import_undo": undone}
 
     def repair_group() -> dict[str, Run]:
         target = copy(paths["repair_base"], work / "t-repair")
-        plan = regfsck(checkout, "repair", str(target))
-        applied = regfsck(checkout, "repair", str(target), "--apply")
+        plan = timed("repair", str(target), inputs=(target,))
+        applied = timed("repair", str(target), "--apply", inputs=(target,))
         return {f"{prefix}repair_plan": plan, f"{prefix}repair": applied}
 
     def gc_group() -> dict[str, Run]:
         target = copy(paths["gc_base"], work / "t-gc")
-        applied = regfsck(checkout, "gc", str(target), "--grace", "0", "--apply")
-        undone = regfsck(checkout, "undo", str(target))
+        applied = timed("gc", str(target), "--grace", "0", "--apply", inputs=(target,))
+        undone = timed("undo", str(target), inputs=(target,))
         return {f"{prefix}gc": applied, f"{prefix}gc_undo": undone}
 
     return [(f"{prefix}import", import_group), (f"{prefix}repair", repair_group),
@@ -193,17 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir")
     parser.add_argument("--keep", action="store_true", help="leave the work directory")
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--settle", action="store_true",
+                        help="drop the page cache before each timed command, then read its "
+                        "inputs back (root)")
     args = parser.parse_args(argv)
     work = Path(args.workdir) if args.workdir else Path(
         os.environ.get("TMPDIR", "/tmp")) / f"bench-writes-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
         paths = prepare(work, args)
-        groups = round_commands(work, paths, None, "")
+        groups = round_commands(work, paths, None, "", args.settle)
         if args.baseline:
-            groups += round_commands(work, paths, args.baseline, "before:")
-        groups += [("tar_import", lambda: {"tar_import": tar_x(paths["import_tar"], work / "t-tar")}),
-                   ("tar_repair", lambda: {"tar_repair": tar_x(paths["repair_tar"], work / "t-tar")})]
+            groups += round_commands(work, paths, args.baseline, "before:", args.settle)
+        groups += [("tar_import", lambda: {"tar_import": tar_x(paths["import_tar"], work / "t-tar",
+                                                               args.settle)}),
+                   ("tar_repair", lambda: {"tar_repair": tar_x(paths["repair_tar"], work / "t-tar",
+                                                               args.settle)})]
         series: dict[str, Series] = {}
         for r in range(args.rounds):
             order = groups[r % len(groups):] + groups[:r % len(groups)]

@@ -168,6 +168,13 @@ def official_gc_blobs(output: bytes) -> set[str]:
             if line.startswith(prefix)}
 
 
+def drop_caches() -> None:
+    """Write back and drop the page, dentry and inode caches (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
