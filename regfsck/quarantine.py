@@ -1102,6 +1102,7 @@ class _Reverter:
         self._outcome: dict[int, bool] = {}  # changes the journal leaves open, settled by `learn`
         self._settled_away: set[str] = set()  # dry run: what settling an undo's move would empty
         self._quarantine_dirs: set[str] = set()  # directories of the undone/ tree known there
+        self._undone_bases: dict[str, bool] = {}  # planning: does `undone/` (or `undone~N/`) exist?
 
     def exists(self, path: str) -> bool:
         if self._settled_away and self._emptied(path):
@@ -1265,7 +1266,11 @@ class _Reverter:
         by an earlier undo or by another step of this plan)."""
         for base in (f"{self.files.dir}/{UNDONE}", f"{self.files.dir}/{UNDONE}~{change.seq}"):
             held = self.files.held(change.rel, base)
-            if not reserved.collides(held) and self.storage.lstat_raw(held) is None:
+            if reserved.collides(held):
+                continue
+            if base not in self._undone_bases:  # below a base not there, nothing is: one look
+                self._undone_bases[base] = self.storage.lstat_raw(base) is not None
+            if not self._undone_bases[base] or self.storage.lstat_raw(held) is None:
                 reserved.claim(held)
                 return held
         raise QuarantineError(f"no free quarantine path for {change.rel}")
@@ -1316,7 +1321,8 @@ class _Reverter:
         for change in applied:
             if change.op != "create":
                 continue
-            if any(last_move.get(p, 0) > change.seq for p in _self_and_parents(change.rel)):
+            if last_move and any(last_move.get(p, 0) > change.seq
+                                 for p in _self_and_parents(change.rel)):
                 continue  # moved away later by the run itself: it comes back as the run's own
             if self.exists(_v2(change.rel)):
                 why = self._created_changed(change, _v2(change.rel))
@@ -1378,6 +1384,8 @@ class _Reverter:
             """Did the run move this creation away later (it, or a directory above it),
             and did that move's undo not put it back (the same content was found in place:
             what is there now is not the run's)?"""
+            if not moves_of:  # an import or a repair of nothing but creations
+                return False
             later = [seq for p in _self_and_parents(change.rel) for seq in moves_of.get(p, ())
                      if seq > change.seq]
             return bool(later) and min(later) not in back
