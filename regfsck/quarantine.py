@@ -191,6 +191,9 @@ class RunInfo(Document):
     bytes: int  # bytes held in the quarantine (what purge frees)
     note: str | None = None
     path: str = ""  # relative to ROOT
+    # A reverted run: what its undo left in place because later runs needed it (taken, or
+    # put back, when those are undone too: `_finish_kept_undos`); "<path>: why", up to 1000.
+    undo_kept: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -1995,7 +1998,8 @@ def list_runs(root: RegistryRoot) -> list[RunInfo]:
             finished_at=meta.get("reverted_at") or meta.get("finished_at"),
             details=meta.get("details") or {}, changes=int(changes or 0),
             bytes=sum(storage.tree_size(p) for p in files.held_roots(storage)),
-            note=meta.get("note"), path=files.dir))
+            note=meta.get("note"), path=files.dir,
+            undo_kept=list(meta.get("undo_kept") or []) if status == REVERTED else []))
     return runs
 
 

@@ -264,6 +264,7 @@ def test_undoing_out_of_order_then_the_rest_restores_the_tree(sample_root: Path,
     second = import_run(root, b.path, "team/b")
     undone = cli_ok("undo", str(root), first)
     assert undone["kept"], undone  # team/ and the shared layer: B's
+    assert runs(root)[first]["undo_kept"] == undone["kept"]
     pull(root, ["team/b:1"], tmp_path / "pulled")
     assert not_served(root, "team/a:1")
     planned = strict_json(run_cli("undo", str(root), second, "--dry-run", "--json").stdout)
@@ -271,7 +272,7 @@ def test_undoing_out_of_order_then_the_rest_restores_the_tree(sample_root: Path,
     doc = cli_ok("undo", str(root), second)
     assert registry_snapshot(root, mtimes="files") == original
     assert [f["run_id"] for f in doc["finished"]] == [first], doc  # type: ignore[index, union-attr]
-    assert runs(root)[first]["status"] == "reverted"
+    assert runs(root)[first]["status"] == "reverted" and runs(root)[first]["undo_kept"] == []
     assert_not_stuck(root)
 
 

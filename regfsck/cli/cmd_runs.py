@@ -41,6 +41,9 @@ def runs(root: Path | None = ROOT_ARGUMENT, config: Path | None = CONFIG_OPTION,
     say(f"Runs in {registry.display}/{QUARANTINE_DIR} (ids start with the UTC time):")
     for run in found:
         note = f"  ({run.note})" if run.note else ""
+        if run.undo_kept:
+            note += (f"  (its undo left {len(run.undo_kept)} paths in place: used, rewritten "
+                     "or written again since)")
         changes = f"{run.changes:>7} {'change ' if run.changes == 1 else 'changes'}"
         say(f"{run.run_id}  {run.command:<7} {run.status:<11} {changes} "
             f"{human_bytes(run.bytes):>10}{note}")
