@@ -61,6 +61,13 @@ UNDONE = "undone"  # where an undo puts the files the run had created (kept unti
 _JUDGED_AGAIN = frozenset({"keep", "already_there"})
 _CHANGING = frozenset({"move_back", "unmake", "rmdir", "remake_dir"})
 _TAKING = frozenset({"unmake", "rmdir"})
+_KEPT_NOTED = 1000  # entries of `undo_kept` a run's meta.json notes
+# Why an undo left a path in place, as noted (`_may_finish` reads them back).
+_BACK_IN_PLACE = "the same content is back in place"
+_DIR_AGAIN = "the directory exists again"
+_USED = "used by what was written since the run"
+_HOLDS = "holds what was written since the run"
+_EMPTIED_BY = "moved what was inside it"  # "run X moved ..."
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
 BATCH = 256  # changes per journal flush: moves, creations and directory changes alike
@@ -1419,7 +1426,7 @@ class _Reverter:
                 elif exists(original):
                     if original not in present and self._same_content(held, original):
                         steps.append(UndoStep(change.seq, "already_there", change.rel,
-                                              "the same content is back in place", held))
+                                              _BACK_IN_PLACE, held))
                     else:
                         blocked(change.rel, f"{change.rel}: something new exists at that path")
                 elif not implicit_dirs and not exists(parent):
@@ -1453,7 +1460,7 @@ class _Reverter:
                     steps.append(UndoStep(change.seq, "keep", change.rel, changed[change.seq]))
                 elif change.rel in used:
                     steps.append(UndoStep(change.seq, "keep", change.rel,
-                                          "used by what was written since the run"))
+                                          _USED))
                 else:
                     steps.append(UndoStep(change.seq, "unmake", change.rel,
                                           held=self._undone_path(change, reserved)))
@@ -1466,12 +1473,12 @@ class _Reverter:
                     steps.append(UndoStep(change.seq, "keep", change.rel, "not a directory now"))
                 elif not empty_after(original):
                     steps.append(UndoStep(change.seq, "keep", change.rel,
-                                          "holds what was written since the run"))
+                                          _HOLDS))
                 elif (inside := others.newer_inside(change.rel)) is not None:
                     # Emptied by a later run that moved things out of it: that run's undo
                     # puts them back here. Kept, and taken once that run is undone.
                     steps.append(UndoStep(change.seq, "keep", change.rel,
-                                          f"run {inside} moved what was inside it"))
+                                          f"run {inside} {_EMPTIED_BY}"))
                 else:
                     steps.append(UndoStep(change.seq, "rmdir", change.rel))
                     set_present(original, False)
@@ -1482,7 +1489,7 @@ class _Reverter:
                         blocked(change.rel, f"{change.rel}: a file sits where the directory was")
                     else:
                         steps.append(UndoStep(change.seq, "already_there", change.rel,
-                                              "the directory exists again"))
+                                              _DIR_AGAIN))
                 elif not implicit_dirs and not exists(parent):
                     blocked(parent.removeprefix(V2_PREFIX + "/"),
                             f"{change.rel}: its parent directory is gone")
@@ -1753,39 +1760,34 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
 
 
 def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
-                meta: dict[str, Any], journal: _Journal, *,
-                finishing: bool = False, taken: set[str] | None = None) -> UndoResult:
+                meta: dict[str, Any], journal: _Journal) -> UndoResult:
     """Plan, refuse or carry out; the run is `undoing` only while steps are being done.
 
     A refusal (the plan found a step impossible) changes nothing, not even the status.
     A failure midway (I/O error) puts the status back to what it was, with the steps done
     so far journaled: the next undo plans again from there, so no run ever wedges the tree.
-    Once the run is reverted, older reverted runs' undos are finished (`_finish_kept_undos`).
-
-    `finishing`: the run is reverted already and only what its undo left in place is
-    judged again; `taken`: the paths later undos took (a path found back in place is
-    judged again only then), to which it adds what it takes itself. Nothing is done (an
-    empty result) unless the plan changes something and is not refused; the paths taken
-    that it could not judge yet are noted in its meta.json for the next finish."""
+    Once the run is reverted, older reverted runs' undos are finished (`_finish_kept_undos`)."""
     reverter = _Reverter(root, storage, files)
-    result = UndoResult(files.run_id, str(meta.get("command", "?")))
-    rejudge = set(taken or ()) | set(meta.get("undo_rejudge") or ()) if finishing else set()
-    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id), rejudge)
-    if finishing and (plan.problems or not any(s.action in _CHANGING for s in plan.steps)):
-        waiting = sorted(c.rel for c in journal.changes if c.rel in rejudge
-                         and c.undo_info.get("step") == "already_there")
-        if waiting != meta.get("undo_rejudge", []):
-            meta["undo_rejudge"] = waiting
-            _write_meta(storage, files, meta)
-        return result
-    before = meta.get("status_before_undo") if meta.get("status") == UNDOING else meta.get("status")
+    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id))
     if plan.problems:
         if meta.get("status") == UNDOING:
+            before = meta.get("status_before_undo")
             meta.update(status=before or INTERRUPTED,
                         note=f"undo stopped partway: {plan.problems[0]}"[:300])
             _write_meta(storage, files, meta)
         raise UndoConflictError(plan.refusal())
-    result.warnings = list(plan.warnings)
+    result = _carry_out(storage, files, meta, journal, reverter, plan)
+    if any(step.action in _CHANGING for step in plan.steps):
+        result.finished = _finish_kept_undos(root, storage, files.run_id, plan, result.warnings)
+    return result
+
+
+def _carry_out(storage: MutableStorage, files: _RunFiles, meta: dict[str, Any],
+               journal: _Journal, reverter: _Reverter, plan: UndoPlan) -> UndoResult:
+    """Execute a plan that is not refused: `undoing` while its steps are done, `reverted`
+    after (a run reverted before and finished now keeps the date of its undo)."""
+    result = UndoResult(files.run_id, str(meta.get("command", "?")), warnings=list(plan.warnings))
+    before = meta.get("status_before_undo") if meta.get("status") == UNDOING else meta.get("status")
     meta.update(status=UNDOING, status_before_undo=before)
     _write_meta(storage, files, meta)
     writer = _JournalWriter(storage, files.journal)
@@ -1793,26 +1795,24 @@ def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
         reverter.execute(plan, journal, result, writer)
         writer.write({"ev": "reverted"})
     except (StorageError, QuarantineError) as exc:
-        meta.update(status=before or INTERRUPTED, note=f"undo stopped partway: {exc}"[:300])
+        meta.update(status=before or INTERRUPTED, note=f"undo stopped partway: {exc}"[:300],
+                    undo_cut_short=True)  # its next plan settles the steps begun
         with contextlib.suppress(StorageError):
             _write_meta(storage, files, meta)
         raise
     finally:
         writer.close()
+    meta.pop("undo_cut_short", None)
     if before == REVERTED:  # finished: what this plan did not judge again is left as it was
         judged = {step.rel for step in plan.steps}
         left = [k for k in meta.get("undo_kept") or () if k.partition(": ")[0] not in judged]
         meta.pop("undo_rejudge", None)
         meta.update(status=REVERTED, undo_finished_at=_now_iso(),
-                    undo_kept=(left + result.kept)[:1000])
+                    undo_kept=(left + result.kept)[:_KEPT_NOTED])
     else:
-        meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:1000])
+        meta.update(status=REVERTED, reverted_at=_now_iso(), undo_kept=result.kept[:_KEPT_NOTED])
     _write_meta(storage, files, meta)
     _drop_staging(storage, files)  # every creation is settled: what is left was never used
-    if taken is not None:  # an older run's finish may hang on what this one took
-        taken.update(step.rel for step in plan.steps if step.action in _TAKING)
-    if not finishing and any(step.action in _CHANGING for step in plan.steps):
-        result.finished = _finish_kept_undos(root, storage, files.run_id, plan, result.warnings)
     return result
 
 
@@ -1822,9 +1822,31 @@ def _kept_by_undos(storage: MutableStorage, me: str) -> list[_RunFiles]:
     for files in reversed(_run_dirs(storage)):
         if files.run_id < me:
             meta = _read_meta(storage, files) or {}
-            if meta.get("status") == REVERTED and meta.get("undo_kept"):
+            if meta.get("status") == REVERTED and (meta.get("undo_kept") or meta.get("undo_rejudge")
+                                                   or meta.get("undo_cut_short")):
                 found.append(files)
     return found
+
+
+def _may_finish(meta: dict[str, Any], taken: set[str], touched: set[str]) -> bool:
+    """Can what this reverted run's undo left in place (meta.json's `undo_kept`, "<path>:
+    why") be judged otherwise now that later undos took `taken` and changed `touched`?
+    Answered from its meta alone, so that a big run (a gc's million-line journal) whose
+    undo kept a few files for good is not read again at every later undo."""
+    kept = meta.get("undo_kept") or []
+    if len(kept) >= _KEPT_NOTED or meta.get("undo_cut_short") or (meta.get("undo_rejudge")
+                                                                   and touched):
+        return True  # not all noted; a finish that failed midway; a path waits for its parent
+    above = {parent for path in touched for parent in _self_and_parents(_parent_of(path))}
+    for entry in kept:
+        path, _, why = entry.partition(": ")
+        if path in taken and why in (_BACK_IN_PLACE, _DIR_AGAIN):
+            return True  # the later run that wrote it again was undone
+        if path in above and (why == _HOLDS or why.endswith(_EMPTIED_BY)):
+            return True  # something inside the kept directory changed
+        if why == _USED and taken:
+            return True  # what used it may be gone
+    return False
 
 
 def _finish_kept_undos(root: RegistryRoot, storage: MutableStorage, me: str,
@@ -1847,27 +1869,49 @@ def _finish_kept_undos(root: RegistryRoot, storage: MutableStorage, me: str,
     finished: list[dict[str, Any]] = []
     older = _kept_by_undos(storage, me)
     taken = {step.rel for step in plan.steps if step.action in _TAKING} if older else set()
-    # (A path an undo took that an older run could not put back yet, its parent gone until
-    # a later undo brings it back, waits in that run's meta.json: `undo_rejudge`.)
+    touched = {step.rel for step in plan.steps if step.action in _CHANGING} if older else set()
     for files in older:
         meta = _read_meta(storage, files)
-        if not meta or meta.get("status") != REVERTED:
+        if not meta or meta.get("status") != REVERTED or not _may_finish(meta, taken, touched):
             continue
         try:
             journal = _read_journal(storage, files.journal)
-            done = _revert_run(root, storage, files, meta, journal, finishing=True,
-                               taken=taken)
+            done = _finish_run(root, storage, files, meta, journal, taken)
         except (QuarantineError, StorageError) as exc:
             # This undo is done whatever happens here: the older run stays as it was left
             # (a step cut short is settled when it is next judged), and the operator told.
             warnings.append(f"the undo of run {files.run_id} could not be finished: {exc}"[:300])
             continue
-        if done.moved_back or done.files_removed or done.dirs_removed or done.dirs_recreated:
-            finished.append({"run_id": files.run_id, "command": done.command,
-                             "moved_back": done.moved_back, "files_removed": done.files_removed,
-                             "dirs_removed": done.dirs_removed,
-                             "dirs_recreated": done.dirs_recreated, "kept": len(done.kept)})
+        if done is None:
+            continue
+        result, steps = done
+        taken.update(step.rel for step in steps if step.action in _TAKING)
+        touched.update(step.rel for step in steps if step.action in _CHANGING)
+        finished.append({"run_id": files.run_id, "command": result.command,
+                         "moved_back": result.moved_back, "files_removed": result.files_removed,
+                         "dirs_removed": result.dirs_removed,
+                         "dirs_recreated": result.dirs_recreated, "kept": len(result.kept)})
     return finished
+
+
+def _finish_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
+                meta: dict[str, Any], journal: _Journal,
+                taken: set[str]) -> tuple[UndoResult, tuple[UndoStep, ...]] | None:
+    """Judge again what a reverted run's undo left in place; carry out the plan unless it
+    is refused or changes nothing (None). A path found back in place is judged again only
+    when a later undo took it (`taken`, and the paths noted in its meta.json as waiting:
+    `undo_rejudge`, which is brought up to date when nothing can be done yet)."""
+    reverter = _Reverter(root, storage, files)
+    rejudge = taken | set(meta.get("undo_rejudge") or ())
+    plan = reverter.plan(journal, _since_ns(meta), _OtherRuns(storage, files.run_id), rejudge)
+    if plan.problems or not any(step.action in _CHANGING for step in plan.steps):
+        waiting = sorted(c.rel for c in journal.changes if c.rel in rejudge
+                         and c.undo_info.get("step") == "already_there")
+        if waiting != meta.get("undo_rejudge", []):
+            meta["undo_rejudge"] = waiting
+            _write_meta(storage, files, meta)
+        return None
+    return _carry_out(storage, files, meta, journal, reverter, plan), plan.steps
 
 
 def _seal_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,

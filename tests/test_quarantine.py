@@ -278,6 +278,39 @@ def test_undoing_the_later_run_finishes_an_earlier_out_of_order_undo(
     assert registry_snapshot(tree.root, mtimes="files") == before
 
 
+def test_a_later_undo_reads_an_older_runs_journal_only_when_it_may_finish_it(
+        tree: RegistryRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reverted run whose undo kept a file for good (rewritten since) is not planned
+    again at every later undo (its journal may be a gc's million lines): its meta.json
+    says why it kept what. One that kept a directory for a later run's files is."""
+    from regfsck import quarantine as quarantine_module
+
+    with mutation_session(tree, command="a") as session, Run.begin(session, {}) as a:
+        a.create_file("repositories/r/mine/link", b"sha256:aaaa")
+        a.finish()
+    (tree.v2 / "repositories/r/mine/link").write_bytes(b"sha256:user")  # the user's now
+    assert "repositories/r/mine/link" in [k.split(":")[0] for k in undo(tree, a.run_id).kept]
+    read: list[str] = []
+    real = quarantine_module._read_journal
+
+    def counting(storage: Any, path: str) -> Any:
+        read.append(path)
+        return real(storage, path)
+
+    monkeypatch.setattr(quarantine_module, "_read_journal", counting)
+    with mutation_session(tree, command="c") as session, Run.begin(session, {}) as c:
+        c.create_file("blobs/sha256/cc/cccc/data", b"c")
+        c.finish()
+    assert undo(tree, c.run_id).finished == []
+    assert not [path for path in read if a.run_id in path], read
+    first, second = sibling_runs(tree)
+    undo(tree, first.run_id)
+    read.clear()
+    assert [f["run_id"] for f in undo(tree, second.run_id).finished] == [first.run_id]
+    assert [path for path in read if first.run_id in path] and \
+        not [path for path in read if a.run_id in path], read
+
+
 def test_undo_refuses_when_the_tree_changed_since(tree: RegistryRoot) -> None:
     with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
         run.quarantine("blobs/sha256/bb/bbbb")
