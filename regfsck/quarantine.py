@@ -1802,7 +1802,8 @@ def _carry_out(storage: MutableStorage, files: _RunFiles, meta: dict[str, Any],
         raise
     finally:
         writer.close()
-    meta.pop("undo_cut_short", None)
+    if meta.pop("undo_cut_short", None):
+        meta.pop("note", None)  # "undo stopped partway": not any more
     if before == REVERTED:  # finished: what this plan did not judge again is left as it was
         judged = {step.rel for step in plan.steps}
         left = [k for k in meta.get("undo_kept") or () if k.partition(": ")[0] not in judged]
