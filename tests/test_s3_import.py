@@ -203,6 +203,34 @@ def test_import_matches_a_filesystem_copy_serves_and_undoes(
 
 
 @needs_server
+def test_undone_out_of_order_the_imports_restore_the_bucket(
+        bucket28: Bucket, sources: dict[str, tuple[Path, str]]) -> None:
+    """The fresh image imported into imported/fresh (run A: its blobs), then into
+    mirror/fresh (run B: links to A's blobs only). Undo A first: its blobs stay, B's image
+    uses them, and the registry serves mirror/fresh:v1. Undo B: B's links go, and B's
+    undo finishes A's: the blobs A kept for B go into A's quarantine. Every key of the
+    tree is back byte for byte with its ETag."""
+    bucket = bucket28.clone("s3-out-of-order")
+    before = bucket.tree()
+    fresh = sources["fresh"]
+    with bucket.registry(readonly=True) as reg:
+        url = ("--registry-url", f"http://{reg.host}")
+        code, first, err = _import(bucket, bucket.url, fresh, "--apply", *url)
+        assert code == 0, (first, err)
+        code, second, err = _import(bucket, bucket.url, (fresh[0], "mirror/fresh"), "--apply", *url)
+        assert code == 0, (second, err)
+    code, undone, err = run(bucket, "undo", bucket.url, first["run_id"], "--registry-url", dead_url())
+    assert code == 0 and undone["kept"] and undone["finished"] == [], (undone, err)
+    tags = bucket.tags()
+    assert tags["mirror/fresh"] == ["v1"] and FRESH_REPO not in tags
+    bucket.serves_every_tag(realtools.REGISTRY_BIN, tags)
+    code, doc, err = run(bucket, "undo", bucket.url, second["run_id"], "--registry-url", dead_url())
+    assert code == 0, (doc, err)
+    assert [f["run_id"] for f in doc["finished"]] == [first["run_id"]], doc
+    assert bucket.tree() == before
+
+
+@needs_server
 def test_import_into_an_empty_prefix_starts_a_tree(bucket28: Bucket,
                                                    sources: dict[str, tuple[Path, str]]) -> None:
     """s3://BUCKET/NEWPREFIX with no objects: the import starts the tree there, as into an
