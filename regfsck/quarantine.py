@@ -1321,8 +1321,11 @@ class _Reverter:
         changed: dict[int, str] = {}
         candidates: list[str] = []
         last_move: dict[str, int] = {}  # path -> the last seq that moved it
-        moves_of: dict[str, list[int]] = {}  # path -> every seq that moved it
-        for c in journal.changes:
+        # path -> every seq that moved it; only a run that also created something needs it
+        # (`taken_by_itself`): a gc's undo of a million moves does not hold it.
+        creates = any(c.op == "create" for c in applied)
+        moves_of: dict[str, list[int]] = {}
+        for c in journal.changes if creates else ():
             if c.op == "move":
                 moves_of.setdefault(c.rel, []).append(c.seq)
         for c in applied:
@@ -1359,7 +1362,8 @@ class _Reverter:
         children: dict[str, set[str]] = {}
         mounts: dict[str, str] = {}  # original -> held, of directories moved back
         back: set[int] = {c.seq for c in journal.changes  # moves put back by an earlier undo
-                          if c.undo_done and c.undo_info.get("step") == "move_back"}
+                          if c.undo_done and c.undo_info.get("step") == "move_back"} \
+            if moves_of else set()
         problems: list[str] = []
         blockers: set[str] = set()
         reserved = _PathClaims()
@@ -1443,7 +1447,8 @@ class _Reverter:
                     set_present(original, True)
                     present[held] = False
                     mounts[original] = held
-                    back.add(change.seq)
+                    if moves_of:
+                        back.add(change.seq)
             elif change.op in ("create", "mkdir") and others.newer_holder(change.rel):
                 # A later run moved what this one made (or what holds it) into its own
                 # quarantine, or wrote over it: that run's undo puts it back, and must find
@@ -1756,7 +1761,7 @@ def plan_undo(root: RegistryRoot, run_id: str) -> UndoPlan:
     journal = _read_journal(storage, files.journal)
     plan = _Reverter(root, storage, files, dry_run=True).plan(journal, _since_ns(meta),
                                                               _OtherRuns(storage, run_id))
-    return replace(plan, then_finishes=tuple(f.run_id for f in _kept_by_undos(storage, run_id)))
+    return replace(plan, then_finishes=tuple(f.run_id for f, _ in _kept_by_undos(storage, run_id)))
 
 
 def _revert_run(root: RegistryRoot, storage: MutableStorage, files: _RunFiles,
@@ -1817,15 +1822,16 @@ def _carry_out(storage: MutableStorage, files: _RunFiles, meta: dict[str, Any],
     return result
 
 
-def _kept_by_undos(storage: MutableStorage, me: str) -> list[_RunFiles]:
-    """The reverted runs older than `me` whose undo kept something, newest first."""
-    found: list[_RunFiles] = []
+def _kept_by_undos(storage: MutableStorage, me: str) -> list[tuple[_RunFiles, dict[str, Any]]]:
+    """The reverted runs older than `me` whose undo kept something, newest first, each
+    with its meta.json (a finish writes only its own run's)."""
+    found: list[tuple[_RunFiles, dict[str, Any]]] = []
     for files in reversed(_run_dirs(storage)):
         if files.run_id < me:
             meta = _read_meta(storage, files) or {}
             if meta.get("status") == REVERTED and (meta.get("undo_kept") or meta.get("undo_rejudge")
                                                    or meta.get("undo_cut_short")):
-                found.append(files)
+                found.append((files, meta))
     return found
 
 
@@ -1871,9 +1877,8 @@ def _finish_kept_undos(root: RegistryRoot, storage: MutableStorage, me: str,
     older = _kept_by_undos(storage, me)
     taken = {step.rel for step in plan.steps if step.action in _TAKING} if older else set()
     touched = {step.rel for step in plan.steps if step.action in _CHANGING} if older else set()
-    for files in older:
-        meta = _read_meta(storage, files)
-        if not meta or meta.get("status") != REVERTED or not _may_finish(meta, taken, touched):
+    for files, meta in older:
+        if not _may_finish(meta, taken, touched):
             continue
         try:
             journal = _read_journal(storage, files.journal)
