@@ -418,7 +418,7 @@ class FilesystemStorage:
     def __init__(self, v2_dir: Path) -> None:
         self.base = Path(v2_dir)
         self._base_str = os.fspath(self.base)
-        self._base_dir_fd: int | None = None  # opened at the first change: `_base_fd`
+        self._base_dir_fd: int | None = None  # opened at the first use: `_base_fd`
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
 
@@ -508,10 +508,9 @@ class FilesystemStorage:
             raise StorageError(errno.EISDIR, "cannot open the root directory", path)
         dir_fd = -1
         try:
-            dir_fd = os.open(self._base_str, _DIR_FLAGS)
-            for part in parts[:-1]:  # the new descriptor is named before the old closes
-                dir_fd, parent_fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd), dir_fd
-                os.close(parent_fd)
+            # One openat2 below the held base where the kernel has it, not one open per
+            # level (13 for a link: most of what reading a link before rewriting it cost).
+            dir_fd = self._open_dir(parts[:-1])
             fd = os.open(parts[-1], _OPEN_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
