@@ -585,7 +585,9 @@ class Run:
         self.storage = session.storage
         self._journal = _JournalWriter(self.storage, files.journal)
         self._seq = 0
-        self._held_dirs: set[str] = set()  # parent dirs this run made in its quarantine
+        # Every directory of the run's payloads, each made by this object (`begin` made
+        # the payload): one that is not in this set does not exist (`_absent_held_dirs`).
+        self._held_dirs: set[str] = {files.payload}
         self._held_items: set[str] = set()  # paths of the moved items themselves
         self.moved = self.created = self.dirs_created = self.dirs_removed = 0
         self.closed = False
@@ -594,7 +596,10 @@ class Run:
         # or "gone"; `_below` holds every ancestor of those paths (to find descendants).
         self._overlay: dict[str, str] = {}
         self._below: set[str] = set()
-        self._parent_mtimes: dict[str, int | None] = {}
+        # lstat of v2 directories (v2-relative, "" for v2) read while the batch was queued:
+        # nothing on disk changes until its flush, so each is looked at once (a replace
+        # asks for its directory twice: the move's parent mtime, the creation's parent).
+        self._disk_dirs: dict[str, os.stat_result | None] = {}
         self._staged = 0
         self._broken: str | None = None
         self._batching = 0
@@ -749,14 +754,18 @@ class Run:
         parent = _parent_of(rel)
         if parent and self._state(parent) is not None:
             return None  # made by this batch: undo removes it again
-        if parent in self._parent_mtimes:
-            return self._parent_mtimes[parent]
         # Object storage keeps no directory times to restore (and a directory's stat there
         # is a listing of everything below it): nothing to note.
-        st = None if self.storage.implicit_dirs else self.storage.lstat_raw(_parent_of(_v2(rel)))
-        mtime = st.st_mtime_ns if st is not None else None
-        self._parent_mtimes[parent] = mtime
-        return mtime
+        st = None if self.storage.implicit_dirs else self._disk_dir(parent)
+        return st.st_mtime_ns if st is not None else None
+
+    def _disk_dir(self, dir_rel: str) -> os.stat_result | None:
+        """lstat of v2 directory `dir_rel` ("" for v2) as the disk shows it before the
+        queued batch (asked once per batch: `_disk_dirs`)."""
+        if dir_rel not in self._disk_dirs:
+            self._disk_dirs[dir_rel] = self.storage.lstat_raw(
+                _v2(dir_rel) if dir_rel else V2_PREFIX)
+        return self._disk_dirs[dir_rel]
 
     def _queue(self, op: str, rel: str, source: str, target: str, **info: Any) -> _Op:
         self._seq += 1
@@ -793,7 +802,7 @@ class Run:
         self._batch = []
         self._overlay.clear()
         self._below.clear()
-        self._parent_mtimes.clear()
+        self._disk_dirs.clear()
 
     def settle(self, *rels: str) -> None:
         """Carry out the queued batch if it changes any of `rels` (v2-relative), so that
@@ -917,8 +926,9 @@ class Run:
             # parent exists needs a look (link rewrites: each in a directory of its own).
             if not to_make and self.storage.lstat_raw(held):
                 continue
-            if payload != self.files.payload and self.storage.stat(payload) is None:
+            if payload not in self._held_dirs:
                 self.storage.make_dir(payload, 0o700)
+                self._held_dirs.add(payload)
             for path in to_make:
                 self.storage.make_dir(path, 0o700)
                 self._held_dirs.add(path)
@@ -927,10 +937,17 @@ class Run:
         raise QuarantineError(f"no free quarantine path for {rel}")  # unreachable: seq is new
 
     def _absent_held_dirs(self, dirs: list[str]) -> list[str]:
-        """The quarantine directories of `dirs` to make (`_absent_dirs`). Object storage
+        """The quarantine directories of `dirs` (outermost first) to make: from the first
+        one this run has not made. Nothing else makes directories in its payloads (a
+        directory moved there is a held item, never entered), so no look at the disk is
+        needed (a link rewrite's own directory: one lstat less per link). Object storage
         has none (they come with the objects moved below them)."""
-        return _absent_dirs(dirs, self._held_dirs, lambda path: self.storage.implicit_dirs
-                            or self.storage.lstat_raw(path) is not None)
+        if self.storage.implicit_dirs:
+            return []
+        for depth, path in enumerate(dirs):
+            if path not in self._held_dirs:
+                return dirs[depth:]
+        return []
 
     # -- changes -------------------------------------------------------------
     def _queue_move(self, rel: str) -> None:
@@ -979,7 +996,7 @@ class Run:
             dir_rel = "/".join(parts[:depth])
             state = self._state(dir_rel)
             if state is None:
-                st = self.storage.lstat_raw(_v2(dir_rel))
+                st = self._disk_dir(dir_rel)
                 state = "gone" if st is None else "dir" if stat_module.S_ISDIR(st.st_mode) else "file"
             if state == "gone":
                 missing.append(dir_rel)
