@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -164,6 +164,12 @@ class RepairPlan:
     sources: list[str] = field(default_factory=list)
     findings_seen: int = 0
     data_checked: bool = True
+    # --changed-only: blobs the verification record vouched for, not re-hashed by the plan
+    blobs_skipped: int = 0
+    bytes_skipped: int = 0
+    # The plan's verify kept the verification record (ROOT/regfsck-state) up to date, so an
+    # `--apply --changed-only` after it re-hashes only what changed in between.
+    verdicts_recorded: bool = False
 
     @property
     def repush(self) -> list[str]:
@@ -179,6 +185,9 @@ class RepairPlan:
             "sources": self.sources,
             "findings_seen": self.findings_seen,
             "data_checked": self.data_checked,
+            "blobs_skipped": self.blobs_skipped,
+            "bytes_skipped": self.bytes_skipped,
+            "verdicts_recorded": self.verdicts_recorded,
         }
 
 
@@ -644,23 +653,32 @@ def _describe(link: Link) -> str:
     return link.target or "nothing readable"
 
 
-def plan_repair(root: RegistryRoot, sources: list[Source], *, jobs: int = 1,
-                check_data: bool = True, stop: threading.Event | None = None,
+def plan_repair(root: RegistryRoot, sources: list[Source], *,
+                check: VerifyOptions | None = None, stop: threading.Event | None = None,
                 restore_deleted: bool = False,
                 ) -> tuple[RepairPlan, VerifyReport, Inventory]:
-    """Verify the tree (content re-hashed unless check_data is False) and plan the fixes.
+    """Verify the tree as `check` says (default: every blob re-hashed) and plan the fixes.
 
-    The tree is listed once (on object storage: one flat listing) and verify judges that
-    same inventory: the plan and the findings it answers describe one state of the tree."""
-    storage = open_storage(root, jobs=jobs if root.is_object_storage else None)
+    `check.changed_only` re-hashes only the blobs the verification record does not vouch
+    for (new, stat changed, bad or old verdict): right after a `verify` or a dry run, what
+    they found corrupt is hashed again and found again, and the store is not read once more
+    in full just to plan. The tree is listed once (on object storage: one flat listing) and
+    verify judges that same inventory: the plan and the findings it answers describe one
+    state of the tree."""
+    check = check if check is not None else VerifyOptions()
+    storage = open_storage(root, jobs=check.jobs if root.is_object_storage else None)
     inventory = Scanner(storage, root).scan()
-    report = run_verify(root, VerifyOptions(jobs=jobs, check_data=check_data), stop=stop,
-                        inventory=inventory, storage=storage)
+    report = run_verify(root, check, stop=stop, inventory=inventory, storage=storage)
     if report.summary.interrupted:
         raise Interrupted("interrupted before anything was changed")
     planner = Planner(inventory, ManifestStore(storage, inventory), report.findings, sources,
-                      data_checked=check_data, restore_deleted=restore_deleted)
-    return planner.build(), report, inventory
+                      data_checked=check.check_data, restore_deleted=restore_deleted)
+    summary = report.summary
+    plan = replace(planner.build(), blobs_skipped=summary.blobs_skipped,
+                   bytes_skipped=summary.bytes_skipped,
+                   verdicts_recorded=(check.check_data and summary.record is not None
+                                      and summary.record_error is None))
+    return plan, report, inventory
 
 
 # -- applying ---------------------------------------------------------------------------
@@ -833,8 +851,8 @@ def apply_plan(session: MutationSession, plan: RepairPlan, sources: list[Source]
     return FixesApplied(run.run_id, interrupted, tuple(outcomes))
 
 
-def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: int = 1,
-               check_data: bool = True, stop: threading.Event | None = None,
+def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool,
+               check: VerifyOptions | None = None, stop: threading.Event | None = None,
                restore_deleted: bool = False) -> RepairResult:
     """Plan (and with `apply`, carry out) the repair of `root`.
 
@@ -845,8 +863,9 @@ def run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: 
     An I/O error stops it as a RepairError ("repair stopped: ..."; an applied run is
     reverted by its journal)."""
     try:
-        return _run_repair(root, sources, apply=apply, jobs=jobs, check_data=check_data,
-                           stop=stop, restore_deleted=restore_deleted)
+        return _run_repair(root, sources, apply=apply,
+                           check=check if check is not None else VerifyOptions(), stop=stop,
+                           restore_deleted=restore_deleted)
     except StorageError as exc:
         raise RepairError(f"repair stopped: {exc.message}") from exc
     except SourceError as exc:  # an archive that changed or broke after it was opened
@@ -867,23 +886,23 @@ def open_sources(paths: Iterable[Path]) -> list[Source]:
     return opened
 
 
-def _run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool, jobs: int,
-                check_data: bool, stop: threading.Event | None,
+def _run_repair(root: RegistryRoot, sources: list[Source], *, apply: bool,
+                check: VerifyOptions, stop: threading.Event | None,
                 restore_deleted: bool) -> RepairResult:
     if not apply:
-        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
+        plan, _, _ = plan_repair(root, sources, check=check, stop=stop,
                                  restore_deleted=restore_deleted)
         return RepairResult(plan)
     with mutation_session(root, command="repair") as session:
         recovered = session.recovered
-        plan, _, _ = plan_repair(root, sources, jobs=jobs, check_data=check_data, stop=stop,
+        plan, _, _ = plan_repair(root, sources, check=check, stop=stop,
                                  restore_deleted=restore_deleted)
         try:
             done = apply_plan(session, plan, sources, stop=stop)
         finally:
             for source in sources:
                 source.close()
-        after = run_verify(root, VerifyOptions(jobs=jobs, check_data=False))
+        after = run_verify(root, VerifyOptions(jobs=check.jobs, check_data=False))
     remaining = [f for f in after.findings if f.severity is not Severity.INFO]
     return RepairResult(plan, applied=True, run_id=done.run_id, recovered=recovered,
                         remaining=remaining, interrupted=done.interrupted, outcomes=done.outcomes)

@@ -253,3 +253,42 @@ def test_refuses_while_the_registry_serves_the_root(sample_root: Path,
     assert result.returncode == 3
     assert "docker-registry" in result.stderr or "in use" in result.stderr
     assert registry_snapshot(sample_root, mtimes="files") == before
+
+
+def test_changed_only_rehashes_only_what_the_record_does_not_vouch_for(
+        sample_root: Path, sample_info: SampleInfo, tmp_path: Path) -> None:
+    """verify, then repair --changed-only: the layer verify found corrupt (a bad verdict)
+    and nothing else is hashed again; the plan and its apply are those of a full re-hash,
+    the dry run says the apply may skip the re-hash too, and the other images still pull."""
+    layer = sample_info.blobs["layer/app-v2"]
+    index_repo, _tag, index_digest = sample_info.oci_index
+    blob_count = len(list((sample_root / V2 / "blobs/sha256").glob("*/*/data")))
+    path = sample_root / V2 / layout.blob_data(layer)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    write(sample_root, layout.revision_link(index_repo, index_digest), b"junk")
+    assert cli("verify", str(sample_root), "--changed-only").returncode == 1
+    _, full = repair(sample_root)
+    code, plan = repair(sample_root, "--changed-only")
+    assert code == 1 and plan["blobs_skipped"] == blob_count - 1
+    assert plan["verdicts_recorded"] is True
+    assert ([(f["action"], f["path"]) for f in plan["fixes"]]
+            == [(f["action"], f["path"]) for f in full["fixes"]])
+    assert sorted(f["action"] for f in plan["fixes"]) == ["quarantine_blob", "rewrite_link"]
+    human = cli("repair", str(sample_root), "--changed-only")
+    assert f"{blob_count - 1} blobs" in human.stdout + human.stderr
+    assert "--apply --changed-only" in human.stdout + human.stderr
+    code, result = repair(sample_root, "--apply", "--changed-only")
+    assert result["applied"] is True and result["blobs_skipped"] == blob_count - 1
+    assert all(f["status"] == "applied" for f in result["fixes"]), result["fixes"]
+    assert result["repush"] == ["a/b/c:latest", "a/b/c:v2"]
+    assert not path.exists()
+    with RealRegistry(sample_root) as registry:
+        skopeo_copy(f"docker://{registry.host}/{index_repo}@{index_digest}",
+                    f"dir:{tmp_path / 'index'}", "--all")
+
+
+def test_changed_only_cannot_skip_the_data_check(sample_root: Path) -> None:
+    result = cli("repair", str(sample_root), "--no-data", "--changed-only")
+    assert result.returncode == 2 and "--no-data" in result.stderr

@@ -20,6 +20,7 @@ from regfsck.root import locate
 from regfsck.scanner import Scanner
 from regfsck.session import mutation_session
 from regfsck.storage import FilesystemStorage
+from regfsck.verify import VerifyOptions
 from regfsck.why import ReferenceGraph
 from tests.realtools import SampleInfo, materialize_fixture
 from tests.support import V2, cli
@@ -38,8 +39,11 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                               meta.get("empty_dirs", []))
 
 
+STRUCTURE = VerifyOptions(check_data=False)
+
+
 def plan_of(root: Path) -> RepairPlan:
-    plan, _, _ = plan_repair(locate(root), [], check_data=False)
+    plan, _, _ = plan_repair(locate(root), [], check=STRUCTURE)
     return plan
 
 
@@ -105,7 +109,7 @@ def test_lost_blob_lists_every_image_through_indexes(fixture_root: Path) -> None
     layer = INFO.blobs["layer/arm64"]
     path = fixture_root / V2 / layout.blob_data(layer)
     path.write_bytes(b"rotten" + path.read_bytes()[6:])
-    plan, _, _ = plan_repair(locate(fixture_root), [], check_data=True)
+    plan, _, _ = plan_repair(locate(fixture_root), [], check=VerifyOptions())
     assert [(b.digest, b.images) for b in plan.lost] == [
         (layer, ["multi/docker:latest", "multi/oci:latest"])]
     # cross-check with the reference graph: every tag whose tree reaches the layer
@@ -230,7 +234,7 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
 
     meta = json.loads((FIXTURES / "registry.json").read_text())
     root = materialize_fixture(FIXTURES / "registry", tmp_path / "root", meta["empty_dirs"])
-    clean = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
+    clean = {(f.kind, f.path) for f in plan_repair(locate(root), [], check=STRUCTURE)[1].findings}
     for repo, digests in INFO.revisions.items():
         for digest in digests:
             (root / V2 / layout.revision_link(repo, digest)).write_bytes(digest.encode() + b"\n")
@@ -256,7 +260,7 @@ def test_kill_9_during_apply_is_recovered_exactly(tmp_path: Path, kill_after: in
     assert [r.status for r in list_runs(registry)] == (["reverted"] if kill_after else [])
     result = cli.run("repair", str(root), "--apply", "--no-data", "--json")
     assert json.loads(result.stdout)["applied"] is True, result.stderr
-    after = {(f.kind, f.path) for f in plan_repair(locate(root), [], check_data=False)[1].findings}
+    after = {(f.kind, f.path) for f in plan_repair(locate(root), [], check=STRUCTURE)[1].findings}
     assert after == clean
 
 

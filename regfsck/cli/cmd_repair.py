@@ -35,6 +35,7 @@ from regfsck.cli.common import (
     warn,
     with_requests,
 )
+from regfsck.cli.verify_incremental import CHANGED_ONLY_OPTION, MAX_AGE_OPTION, incremental_options
 from regfsck.errors import ExitCode
 from regfsck.findings import Severity
 
@@ -63,6 +64,8 @@ def repair(
     jobs: int = JOBS_OPTION,
     no_data: bool = typer.Option(False, "--no-data", help="Skip re-hashing blob content: "
                                  "content damage is then neither found nor fixed."),
+    changed_only: bool = CHANGED_ONLY_OPTION,
+    max_age: str | None = MAX_AGE_OPTION,
     restore_deleted: bool = typer.Option(False, "--restore-deleted", help="Also bring back "
                                          "index children deleted from their repository "
                                          "(index_child_deleted): by default a deliberate "
@@ -82,12 +85,15 @@ def repair(
 
         jobs = s3_default_jobs()  # requests in flight, not CPU threads
     from regfsck.repair import open_sources, run_repair
+    from regfsck.verify import VerifyOptions
 
+    check = VerifyOptions(jobs=jobs or default_jobs(), check_data=not no_data,
+                          **incremental_options(no_data=no_data, changed_only=changed_only,
+                                                max_age=max_age, sample=None, max_duration=None))
     opened: list[Source] = open_sources(sources)
     ctrl_c = CtrlC()
     try:
-        result = run_repair(registry, opened, apply=apply, jobs=jobs or default_jobs(),
-                            check_data=not no_data, stop=ctrl_c.stop,
+        result = run_repair(registry, opened, apply=apply, check=check, stop=ctrl_c.stop,
                             restore_deleted=restore_deleted)
     finally:
         ctrl_c.restore()
@@ -115,6 +121,9 @@ def render_repair(result: RepairResult, root: str, *, object_storage: bool = Fal
     plan = result.plan
     for message in result.recovered:
         say(styled("recovered: ", "yellow"), message)
+    if plan.blobs_skipped:
+        say(f"{plural(plan.blobs_skipped, 'blob')} ({human_bytes(plan.bytes_skipped)}) not "
+            "re-hashed: unchanged since their last good verdict (--changed-only)")
     if plan.fixes:
         title = "Fixes applied" if result.applied else "Fixes (run with --apply to make them)"
         columns = ("action", "where", "why") + (("status",) if result.applied else ())
@@ -152,9 +161,11 @@ def render_repair(result: RepairResult, root: str, *, object_storage: bool = Fal
             # On object storage regfsck cannot see the registry: it must be told how to ask.
             check = (" --registry-url URL (a registry in read-only mode or stopped)"
                      if object_storage else "")
+            # The dry run just recorded every verdict: the apply need not read the store again.
+            again = " --changed-only" if plan.verdicts_recorded else ""
             note(f"Next: stop the registry, then: regfsck repair {root}"
                  + "".join(f" --from {shlex.quote(s)}" for s in plan.sources) + " --apply"
-                 + check)
+                 + again + check)
         if plan.repush:
             note("Then push again: " + " ".join(plan.repush))
         return
