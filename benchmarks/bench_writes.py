@@ -86,7 +86,8 @@ def sh(*cmd: str) -> None:
 # still dirty), scanning past each of them: right after `rm -rf` of the previous copy
 # (tens of thousands of inodes) every file or directory a timed command created cost 5-10x
 # (`perf`: `recently_deleted` under `ext4_create`), for regfsck and the tar floor alike
-# but not equally. Nothing is deleted while commands are timed.
+# but not equally. Nothing is deleted while commands are timed; start a run a few minutes
+# after deleting big trees (an earlier run's trash included) for the same reason.
 TRASH: list[Path] = []
 
 
@@ -260,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(
         os.environ.get("TMPDIR", "/tmp")) / f"bench-writes-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    TRASH[:] = [work / "trash"]
-    empty_trash()  # a kept work directory's, from an earlier run
+    TRASH[:] = [work / "trash"]  # (a kept work directory's old trash goes at the end too)
     try:
         paths = prepare(work, args)
         groups = round_commands(work, paths, None, "", args.settle)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from regfsck import layout
@@ -353,7 +353,9 @@ class Finding:
     affected_tags: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Field by field, not `asdict`: its deep copy of every (immutable) value cost more
+        # than the rest of sorting 10k findings (repair of 9,000 links, issue 15).
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["kind"] = str(self.kind)
         data["severity"] = str(self.severity)
         data["affected_tags"] = list(self.affected_tags)
