@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def discard(path: Path) -> None:
         return
     trash = TRASH[0] if TRASH else path.parent / "trash"
     trash.mkdir(exist_ok=True)
-    path.rename(trash / f"{path.name}.{len(list(trash.iterdir()))}")
+    path.rename(Path(tempfile.mkdtemp(dir=trash)) / path.name)
 
 
 def empty_trash() -> None:
