@@ -1,0 +1,161 @@
+"""What a link replace costs the kernel, apart from regfsck: is `repair --apply` slow because of
+its code or because of the changes it must make?
+
+On the trees of `bench_writes.py` (same --images/--mb/--workdir: its `repair_base`, links
+full of junk, and `repair.tar`, the good links), interleaved round after round, each on a
+fresh copy, nothing deleted while timing:
+
+* tar: `tar xf repair.tar -C EMPTY && sync` (bench_writes' floor);
+* bare_mirror: the changes a journaled, undoable replace makes, in a bare Python loop (no
+  journal, no checks): read the link, stage the new one in one staging directory, move the
+  old one into a quarantine that mirrors the tree (a directory made per link, as regfsck's
+  quarantine does), rename the new one in; one sync;
+* bare_flat: the same, the old links kept in one flat quarantine directory (no directory
+  made per link);
+* regfsck: `regfsck repair --no-data --apply` minus its dry run (`repair --no-data`), timed
+  on the same copy first: what applying costs beyond planning.
+
+The bare loops are timed from their first change to the end of their sync (not Python's
+start-up nor the walk that lists the links).
+
+    python benchmarks/bench_replace_floor.py --images 1500 --workdir /tmp/bw9k --keep
+
+Measured 2026-12-05 (9,000 links, `--images 1500 --orphans 2000 --rounds 3`, docs/scale.md):
+tar 0.87 s, bare_mirror 1.12 s, bare_flat 0.77 s, regfsck apply - plan 3.27 s. The changes
+themselves cost 1.3x `tar x`; regfsck's code around them is the rest (2.9x the bare loop).
+Start it a few minutes after deleting big trees (see bench_writes.TRASH): right after one,
+the bare mirrored loop measured 2.2x `tar x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench_writes
+import measure
+from measure import Run, Series, log
+
+LINK_DIRS = ("/_layers/", "/_manifests/revisions/", "/index/")
+
+
+def bare_replace(root: Path, flat: bool) -> None:
+    """The changes of a journaled replace of every damaged link of `root`, and nothing else."""
+    v2 = root / bench_writes.V2
+    links = sorted(p.relative_to(v2).as_posix() for p in (v2 / "repositories").rglob("link")
+                   if any(part in "/" + p.relative_to(v2).as_posix() for part in LINK_DIRS))
+    for name in ("q", "q/new", "q/v2", "q/flat"):
+        os.mkdir(root / name, 0o700)
+    started = time.perf_counter()  # the changes and the sync, not start-up and the walk
+    base = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    staging = os.open("q/new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=base)
+    flat_dir = os.open("q/flat", os.O_RDONLY | os.O_DIRECTORY, dir_fd=base)
+    made: set[str] = set()
+    for number, rel in enumerate(links):
+        parent = rel.rpartition("/")[0]
+        tree_dir = os.open(f"{bench_writes.V2}/{parent}", os.O_RDONLY | os.O_DIRECTORY
+                           | os.O_NOFOLLOW, dir_fd=base)
+        fd = os.open("link", os.O_RDONLY, dir_fd=tree_dir)
+        os.read(fd, 4096)
+        os.close(fd)
+        if flat:
+            held_dir, held_name = flat_dir, str(number)
+        else:
+            parts = parent.split("/")
+            for depth in range(1, len(parts) + 1):
+                path = "q/v2/" + "/".join(parts[:depth])
+                if path not in made:
+                    os.mkdir(path, 0o700, dir_fd=base)
+                    made.add(path)
+            held_dir = os.open(f"q/v2/{parent}", os.O_RDONLY | os.O_DIRECTORY, dir_fd=base)
+            held_name = "link"
+        fd = os.open(str(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=staging)
+        os.write(fd, b"sha256:" + b"0" * 64)
+        os.close(fd)
+        os.rename("link", held_name, src_dir_fd=tree_dir, dst_dir_fd=held_dir)
+        os.rename(str(number), "link", src_dir_fd=staging, dst_dir_fd=tree_dir)
+        if not flat:
+            os.close(held_dir)
+        os.close(tree_dir)
+    os.sync()
+    print(f"{time.perf_counter() - started:.6f}")
+
+
+def timed_bare(work: Path, base: Path, flat: bool) -> Run:
+    """The bare loop in a process of its own; its time is the loop's and the sync's (what
+    it prints), without the interpreter's start-up and the walk that finds the links."""
+    target = bench_writes.copy(base, work / "t-bare")
+    bench_writes.ready_to_time(False, ())
+    result = measure.run([sys.executable, __file__, "--bare", str(target)]
+                         + (["--flat"] if flat else []), capture=True)
+    return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode)
+
+
+def timed_regfsck(work: Path, base: Path) -> dict[str, Run]:
+    target = bench_writes.copy(base, work / "t-regfsck")
+    plan = bench_writes.regfsck(None, "repair", str(target), "--no-data")
+    applied = bench_writes.regfsck(None, "repair", str(target), "--no-data", "--apply")
+    return {"regfsck_plan": plan, "regfsck_apply": applied}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bare", help=argparse.SUPPRESS)
+    parser.add_argument("--flat", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mb", type=int, default=256)
+    parser.add_argument("--images", type=int, default=150)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--orphans", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    if args.bare:
+        bare_replace(Path(args.bare), args.flat)
+        return 0
+    work = Path(args.workdir) if args.workdir else Path(
+        os.environ.get("TMPDIR", "/tmp")) / f"bench-replace-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    bench_writes.TRASH[:] = [work / "trash"]
+    try:
+        paths = bench_writes.prepare(work, args)
+        groups = {
+            "tar": lambda: {"tar": bench_writes.tar_x(paths["repair_tar"], work / "t-tar", False)},
+            "bare_mirror": lambda: {"bare_mirror": timed_bare(work, paths["repair_base"], False)},
+            "bare_flat": lambda: {"bare_flat": timed_bare(work, paths["repair_base"], True)},
+            "regfsck": lambda: timed_regfsck(work, paths["repair_base"]),
+        }
+        series: dict[str, Series] = {}
+        names = list(groups)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for label, result in groups[name]().items():
+                    series.setdefault(label, Series(label)).runs.append(result)
+                    log(f"  round {r + 1}/{args.rounds} {label}: {result.wall:.2f}s "
+                        f"rc={result.returncode}")
+    finally:
+        bench_writes.empty_trash()
+        if not args.keep:
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+    med = {name: s.median for name, s in series.items()}
+    for name, s in series.items():
+        print(f"{name:<15} median {s.median:6.2f} s   best {s.best:6.2f} s")
+    apply_only = med["regfsck_apply"] - med["regfsck_plan"]
+    print(f"\nregfsck apply - plan: {apply_only:.2f} s")
+    for what, value in (("bare_mirror / tar", med["bare_mirror"] / med["tar"]),
+                        ("bare_flat / tar", med["bare_flat"] / med["tar"]),
+                        ("regfsck (apply - plan) / bare_mirror", apply_only / med["bare_mirror"]),
+                        ("regfsck (apply - plan) / tar", apply_only / med["tar"])):
+        print(f"{what:<40} {value:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
