@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,16 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_writes
 import measure
-from measure import Run, Series, log
-
-LINK_DIRS = ("/_layers/", "/_manifests/revisions/", "/index/")
+from measure import Run
 
 
 def bare_replace(root: Path, flat: bool) -> None:
     """The changes of a journaled replace of every damaged link of `root`, and nothing else."""
-    v2 = root / bench_writes.V2
-    links = sorted(p.relative_to(v2).as_posix() for p in (v2 / "repositories").rglob("link")
-                   if any(part in "/" + p.relative_to(v2).as_posix() for part in LINK_DIRS))
+    links = bench_writes.rewritable_links(root)
     for name in ("q", "q/new", "q/v2", "q/flat"):
         os.mkdir(root / name, 0o700)
     started = time.perf_counter()  # the changes and the sync, not start-up and the walk
@@ -94,7 +91,8 @@ def timed_bare(work: Path, base: Path, flat: bool) -> Run:
     bench_writes.ready_to_time(False, ())
     result = measure.run([sys.executable, __file__, "--bare", str(target)]
                          + (["--flat"] if flat else []), capture=True)
-    return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode)
+    return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
+               cpu=result.cpu)
 
 
 def timed_regfsck(work: Path, base: Path) -> dict[str, Run]:
@@ -125,24 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     bench_writes.TRASH[:] = [work / "trash"]
     try:
         paths = bench_writes.prepare(work, args)
-        groups = {
-            "tar": lambda: {"tar": bench_writes.tar_x(paths["repair_tar"], work / "t-tar", False)},
-            "bare_mirror": lambda: {"bare_mirror": timed_bare(work, paths["repair_base"], False)},
-            "bare_flat": lambda: {"bare_flat": timed_bare(work, paths["repair_base"], True)},
-            "regfsck": lambda: timed_regfsck(work, paths["repair_base"]),
-        }
-        series: dict[str, Series] = {}
-        names = list(groups)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                for label, result in groups[name]().items():
-                    series.setdefault(label, Series(label)).runs.append(result)
-                    log(f"  round {r + 1}/{args.rounds} {label}: {result.wall:.2f}s "
-                        f"rc={result.returncode}")
+        base = paths["repair_base"]
+        series = bench_writes.run_rounds([
+            ("tar", lambda: {"tar": bench_writes.tar_x(paths["repair_tar"], work / "t-tar", False)}),
+            ("bare_mirror", lambda: {"bare_mirror": timed_bare(work, base, False)}),
+            ("bare_flat", lambda: {"bare_flat": timed_bare(work, base, True)}),
+            ("regfsck", lambda: timed_regfsck(work, base)),
+        ], args.rounds)
     finally:
         bench_writes.empty_trash()
         if not args.keep:
-            import shutil
             shutil.rmtree(work, ignore_errors=True)
     med = {name: s.median for name, s in series.items()}
     for name, s in series.items():

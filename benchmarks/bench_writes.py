@@ -96,7 +96,7 @@ def discard(path: Path) -> None:
     """Move `path` out of the way (into the work directory's trash), deleted later."""
     if not path.exists():
         return
-    trash = TRASH[0] if TRASH else path.parent / "trash"
+    trash = TRASH[0]  # set by main
     trash.mkdir(exist_ok=True)
     path.rename(Path(tempfile.mkdtemp(dir=trash)) / path.name)
 
@@ -148,16 +148,36 @@ def tar_x(tar: Path, dest: Path, settle: bool) -> Run:
     return measure.run(["sh", "-c", f"tar xf '{tar}' -C '{dest}' && sync"])
 
 
-def damage_links(root: Path) -> list[str]:
-    """Junk in every `_layers`, revision and tag-index link; returns their v2 paths."""
-    damaged = []
+def rewritable_links(root: Path) -> list[str]:
+    """The v2 paths of every `_layers`, revision and tag-index link of `root` (what repair
+    rewrites when they hold junk)."""
     v2 = root / V2
-    for path in sorted(v2.rglob("link")):
-        rel = path.relative_to(v2).as_posix()
-        if "/_layers/" in rel or "/_manifests/revisions/" in rel or "/index/" in rel:
-            path.write_bytes(b"junk")
-            damaged.append(rel)
+    rels = (path.relative_to(v2).as_posix() for path in sorted(v2.rglob("link")))
+    return [rel for rel in rels
+            if "/_layers/" in rel or "/_manifests/revisions/" in rel or "/index/" in rel]
+
+
+def damage_links(root: Path) -> list[str]:
+    """Junk in every rewritable link; returns their v2 paths."""
+    damaged = rewritable_links(root)
+    for rel in damaged:
+        (root / V2 / rel).write_bytes(b"junk")
     return damaged
+
+
+def run_rounds(groups: list[tuple[str, Callable[[], dict[str, Run]]]],
+               rounds: int) -> dict[str, Series]:
+    """Each group once per round, the order rotated round after round (drift hits all
+    alike); every run of a group logged and kept under its name."""
+    series: dict[str, Series] = {}
+    for r in range(rounds):
+        for _, group in groups[r % len(groups):] + groups[:r % len(groups)]:
+            for name, result in group().items():
+                series.setdefault(name, Series(name)).runs.append(result)
+                log(f"  round {r + 1}/{rounds} {name}: {result.wall:.2f}s "
+                    f"cpu {result.cpu:.2f}s {result.max_rss_kb / 1024:.0f} MB "
+                    f"rc={result.returncode}")
+    return series
 
 
 def add_orphans(root: Path, count: int) -> None:
@@ -272,15 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                args.settle)}),
                    ("tar_repair", lambda: {"tar_repair": tar_x(paths["repair_tar"], work / "t-tar",
                                                                args.settle)})]
-        series: dict[str, Series] = {}
-        for r in range(args.rounds):
-            order = groups[r % len(groups):] + groups[:r % len(groups)]
-            for _, group in order:
-                for name, result in group().items():
-                    series.setdefault(name, Series(name)).runs.append(result)
-                    log(f"  round {r + 1}/{args.rounds} {name}: {result.wall:.2f}s "
-                        f"cpu {result.cpu:.2f}s {result.max_rss_kb / 1024:.0f} MB "
-                        f"rc={result.returncode}")
+        series = run_rounds(groups, args.rounds)
         report(series, bool(args.baseline))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(
