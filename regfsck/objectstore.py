@@ -1873,3 +1873,9 @@ class ObjectRootStorage:
 
     def tree_size(self, path: str) -> int:
         return self.mutator.size_below(path)
+
+    def hold_dirs(self) -> None:
+        """Nothing to hold: an object store has no directories to open."""
+
+    def release_dirs(self) -> None:
+        """Nothing held (see `hold_dirs`)."""

@@ -702,6 +702,7 @@ class Run:
             with contextlib.suppress(StorageError, QuarantineError):
                 self.flush()  # a failure here leaves intents the disk settles below
         self._forget_batch()
+        self.storage.release_dirs()
         self._journal.close()
         self.closed = True
         return [_recover_run(self.root, self.storage, self.files, reason=reason)]
@@ -719,10 +720,14 @@ class Run:
 
     # -- the batch -----------------------------------------------------------
     def _check_open(self) -> None:
+        """Refuse a change once the run is over; else hold the directories the batch
+        opens until its flush ends (`MutableStorage.hold_dirs`: a replace reaches each of
+        its directories several times, and the batch trusts the disk it read until then)."""
         if self.closed:
             raise QuarantineError(f"run {self.run_id} is already finished")
         if self._broken is not None:
             raise QuarantineError(f"run {self.run_id} stopped: {self._broken}")
+        self.storage.hold_dirs()
 
     def _state(self, rel: str) -> str | None:
         """What the queued batch leaves at `rel`: "dir"/"file" (made by it), "gone", or
@@ -818,6 +823,12 @@ class Run:
         ends it by its on_crash policy). A change interrupted otherwise (Ctrl-C) gets no
         line at all: the disk tells whether it happened."""
         self._check_open()
+        try:
+            self._flush()
+        finally:
+            self.storage.release_dirs()
+
+    def _flush(self) -> None:
         batch = self._batch
         if not batch:
             return
@@ -1551,9 +1562,13 @@ class _Reverter:
                 if step.action == "unmake":
                     entry["held"] = step.held
                 writer.write(entry, sync=number == len(batch) - 1)
-            for step in batch:
-                self._do_step(step, by_seq[step.seq], result)
-                writer.write({"ev": "undo-done", "seq": step.seq}, sync=False)
+            self.storage.hold_dirs()  # (a step reaches its directories more than once)
+            try:
+                for step in batch:
+                    self._do_step(step, by_seq[step.seq], result)
+                    writer.write({"ev": "undo-done", "seq": step.seq}, sync=False)
+            finally:
+                self.storage.release_dirs()
 
     def _do_step(self, step: UndoStep, change: _Change, result: UndoResult) -> None:
         original = _v2(change.rel)

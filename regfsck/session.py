@@ -99,6 +99,7 @@ def mutation_session(root: RegistryRoot, *, command: str,
                 yield session
             finally:
                 session.active = False
+                storage.release_dirs()  # (a run left unfinished may still hold some)
     except RegfsckError as exc:
         if tree:
             exc.changing = root

@@ -28,8 +28,10 @@ import errno
 import functools
 import os
 import platform
+import resource
 import stat as stat_module
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -305,6 +307,10 @@ class MutableStorage(Storage, Protocol):
 
     def tree_size(self, path: str) -> int: ...
 
+    def hold_dirs(self) -> None: ...
+
+    def release_dirs(self) -> None: ...
+
 
 def mutable_storage(root: RegistryRoot) -> MutableStorage:
     """The backend a journaled run changes `root` through, rooted at ROOT: the one place
@@ -419,6 +425,11 @@ class FilesystemStorage:
         self.base = Path(v2_dir)
         self._base_str = os.fspath(self.base)
         self._base_dir_fd: int | None = None  # opened at the first use: `_base_fd`
+        # Directories kept open between `hold_dirs` and `release_dirs` (see there): path
+        # below the base -> descriptor, least recently used first; the thread holding them.
+        self._kept: dict[str, int] = {}
+        self._kept_fds: set[int] = set()
+        self._keeper: int | None = None
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
 
@@ -510,7 +521,7 @@ class FilesystemStorage:
         try:
             # One openat2 below the held base where the kernel has it, not one open per
             # level (13 for a link: most of what reading a link before rewriting it cost).
-            dir_fd = self._open_dir(parts[:-1])
+            dir_fd = self._dir(parts[:-1])
             fd = os.open(parts[-1], _OPEN_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
@@ -518,7 +529,7 @@ class FilesystemStorage:
             raise StorageError(exc.errno, f"cannot open {path}: {exc.strerror}", path) from exc
         finally:
             if dir_fd >= 0:
-                os.close(dir_fd)
+                self._done(dir_fd)
         return _regular_file(fd, path)
 
     def open_read(self, path: str) -> BinaryIO:
@@ -705,13 +716,74 @@ class FilesystemStorage:
             raise
         return fd
 
+    # -- directories kept open for a batch of changes ----------------------------
+    def hold_dirs(self) -> None:
+        """Keep the directories this thread opens for changes open until `release_dirs`.
+
+        A journaled replace reaches the same few directories five to ten times: the
+        link's own directory (read, stat, move out, owner, rename in), its quarantine
+        copy's parent, the run's `new/`. Each reach was an `openat2` and a `close`, half
+        of the system calls a link rewrite made (issue 15). Held, each directory is opened
+        once per batch. At most `kept_dirs_limit()` at once (the least recently used is closed).
+
+        A descriptor names the directory it was opened on, not its path: a directory this
+        object moves or removes is forgotten at once, with everything kept below it, so
+        none outlives its path through our own changes. Nothing else may change the tree
+        meanwhile, which holds where a batch of changes runs: under the root lock, with
+        no registry writing (each batch already reads the disk once and trusts it until
+        its flush). Only the holding thread reuses them: hashing threads open their own."""
+        if self._keeper is None:
+            self._keeper = threading.get_ident()
+            if not hasattr(self, "_kept_finalizer"):
+                self._kept_finalizer = weakref.finalize(self, _close_all, self._kept_fds)
+
+    def release_dirs(self) -> None:
+        """Close every directory kept since `hold_dirs` (idempotent)."""
+        self._keeper = None
+        self._kept.clear()
+        _close_all(self._kept_fds)
+
+    def _dir(self, parts: list[str]) -> int:
+        """`_open_dir`, or the directory kept open for this thread (see `hold_dirs`);
+        hand it back with `_done`."""
+        if self._keeper is None or self._keeper != threading.get_ident():
+            return self._open_dir(parts)
+        key = "/".join(parts)
+        kept = self._kept
+        fd = kept.pop(key, None)
+        if fd is None:
+            fd = self._open_dir(parts)
+            self._kept_fds.add(fd)
+            if len(kept) >= kept_dirs_limit():  # the least recently used: never one in use now,
+                oldest = next(iter(kept))  # which was just used (a move holds two)
+                self._kept_fds.discard(old := kept.pop(oldest))
+                os.close(old)
+        kept[key] = fd  # the most recently used last
+        return fd
+
+    def _done(self, fd: int) -> None:
+        """Close a directory from `_dir` unless it is kept."""
+        if fd not in self._kept_fds:
+            os.close(fd)
+
+    def _forget(self, path: str) -> None:
+        """Close the kept directories at `path` and below it: it was moved or removed."""
+        if not self._kept:
+            return
+        below = path + "/"
+        for key in [k for k in self._kept if k == path or k.startswith(below)]:
+            fd = self._kept.pop(key)
+            self._kept_fds.discard(fd)
+            os.close(fd)
+
     def _parent(self, path: str) -> tuple[int, str]:
-        """(descriptor of the parent directory, last component) of a non-root path."""
+        """(descriptor of the parent directory, last component) of a non-root path;
+        hand the descriptor back with `_done`."""
         parts = check_relative(path)
         if not parts:
             raise UnsafePathError("the root directory itself cannot be changed")
         try:
-            return self._open_dir(parts[:-1]), parts[-1]
+            return self._dir(parts[:-1]), parts[-1]
         except OSError as exc:
             raise self._error(exc, "open the directory of", path) from exc
 
@@ -733,7 +805,7 @@ class FilesystemStorage:
         except OSError as exc:
             raise self._error(exc, what, path) from exc
         finally:
-            os.close(dir_fd)
+            self._done(dir_fd)
 
     def lstat_raw(self, path: str) -> os.stat_result | None:
         """Full lstat (mode, owner, times); None when absent. Symlinks on the way are refused."""
@@ -741,7 +813,7 @@ class FilesystemStorage:
         if not parts:
             return os.lstat(self._base_str)
         try:
-            dir_fd = self._open_dir(parts[:-1])
+            dir_fd = self._dir(parts[:-1])
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -753,7 +825,7 @@ class FilesystemStorage:
         except OSError as exc:
             raise self._error(exc, "stat", path) from exc
         finally:
-            os.close(dir_fd)
+            self._done(dir_fd)
 
     def rename_noreplace(self, src: str, dst: str) -> None:
         """Rename `src` to `dst` (same filesystem); never replaces an existing `dst`."""
@@ -761,7 +833,7 @@ class FilesystemStorage:
         try:
             dst_fd, dst_name = self._parent(dst)
         except BaseException:
-            os.close(src_fd)
+            self._done(src_fd)
             raise
         try:
             if not _renameat2_noreplace(src_fd, src_name, dst_fd, dst_name):
@@ -776,8 +848,9 @@ class FilesystemStorage:
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot move {src} to {dst}: {exc.strerror}", src) from exc
         finally:
-            os.close(src_fd)
-            os.close(dst_fd)
+            self._done(src_fd)
+            self._done(dst_fd)
+        self._forget(src)  # (a directory moved: what was kept there is elsewhere now)
 
     def move(self, src: str, dst: str) -> None:
         """The seam's move: a rename that never replaces `dst` (see `rename_noreplace`)."""
@@ -803,6 +876,7 @@ class FilesystemStorage:
             if not stat_module.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             os.rmdir(name, dir_fd=dir_fd)
+            self._forget(path)
 
     def remove_file(self, path: str) -> None:
         """Unlink a file (or a symlink itself, never its target)."""
@@ -827,7 +901,7 @@ class FilesystemStorage:
         """(uid, gid, mode of an entry of that kind) in directory `path`: what a new entry
         there should look like. Reads only until the first such entry (big fan-out dirs)."""
         try:
-            fd = self._open_dir(check_relative(path))
+            fd = self._dir(check_relative(path))
         except OSError as exc:
             raise self._error(exc, "open", path) from exc
         try:
@@ -844,7 +918,7 @@ class FilesystemStorage:
         except OSError as exc:
             raise self._error(exc, "list", path) from exc
         finally:
-            os.close(fd)
+            self._done(fd)
         return st.st_uid, st.st_gid, mode
 
     def adopt(self, path: str, owner: tuple[int, int], mode: int) -> None:
@@ -870,7 +944,7 @@ class FilesystemStorage:
     def fsync_dir(self, path: str) -> None:
         """Make renames and creations inside directory `path` durable."""
         try:
-            fd = self._open_dir(check_relative(path))
+            fd = self._dir(check_relative(path))
         except OSError as exc:
             raise self._error(exc, "open", path) from exc
         try:
@@ -878,7 +952,7 @@ class FilesystemStorage:
         except OSError as exc:
             raise self._error(exc, "sync", path) from exc
         finally:
-            os.close(fd)
+            self._done(fd)
 
     def sync_all(self) -> None:
         """Make every write on the filesystem holding the base durable at once (syncfs(2)).
@@ -908,7 +982,7 @@ class FilesystemStorage:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | getattr(os, "O_CLOEXEC", 0), 0o666, dir_fd=dir_fd)
         except OSError as exc:
-            os.close(dir_fd)
+            self._done(dir_fd)
             raise self._error(exc, "create", path) from exc
         size = 0
         try:
@@ -924,7 +998,7 @@ class FilesystemStorage:
             raise self._error(exc, "write", path) from exc
         finally:
             os.close(fd)
-            os.close(dir_fd)
+            self._done(dir_fd)
         return size
 
     def replace_file(self, path: str, data: bytes) -> None:
@@ -935,14 +1009,18 @@ class FilesystemStorage:
             self.remove_file(tmp)
         self.write_new_file(tmp, [data])
         src_fd, src_name = self._parent(tmp)
-        dst_fd, dst_name = self._parent(path)
+        try:
+            dst_fd, dst_name = self._parent(path)
+        except BaseException:
+            self._done(src_fd)
+            raise
         try:
             os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         except OSError as exc:
             raise self._error(exc, "replace", path) from exc
         finally:
-            os.close(src_fd)
-            os.close(dst_fd)
+            self._done(src_fd)
+            self._done(dst_fd)
 
     def open_append(self, path: str) -> int:
         """Open (creating) a file for appending; returns the raw descriptor (caller closes)."""
@@ -960,7 +1038,8 @@ class FilesystemStorage:
         try:
             return _remove_tree_at(dir_fd, name, path)
         finally:
-            os.close(dir_fd)
+            self._done(dir_fd)
+            self._forget(path)
 
     def tree_size(self, path: str) -> int:
         """Bytes of the regular files below `path` (symlinks not followed)."""
@@ -1053,6 +1132,29 @@ def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
 
 
 _RENAME_NOREPLACE = 1
+
+
+
+@functools.cache
+def kept_dirs_limit() -> int:
+    """How many directories a storage keeps open at once between `hold_dirs` and
+    `release_dirs`: every one a batch of changes reaches (a batch of 256 link rewrites:
+    each link's own, each quarantine copy's parent, `new/`, about 520), within a quarter
+    of the descriptors this process may open (256 under the usual limit of 1024)."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(8, min(1024, soft // 4))
+
+
+def _close_all(fds: set[int]) -> None:
+    """Close and forget every descriptor of `fds` (kept directories; see `hold_dirs`)."""
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 def release_freed_memory() -> None:

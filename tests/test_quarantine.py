@@ -367,6 +367,60 @@ def test_never_writes_through_a_symlink(tree: RegistryRoot, tmp_path: Path) -> N
     assert tree_snapshot(outside) == before_outside
 
 
+def _open_below(root: Path) -> list[str]:
+    """What this process holds open below ROOT (the storage's held ROOT itself aside)."""
+    named = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            named.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # (the listing's own descriptor, closed by now)
+            continue
+    return [path for path in named if path.startswith(f"{root}/")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+def test_a_directory_moved_or_removed_in_a_batch_is_never_reached_through_its_old_descriptor(
+        tree: RegistryRoot) -> None:
+    """Within a batch the storage keeps each directory it reached open (`hold_dirs`). A
+    directory the batch then moves away, or removes, and makes again must get the new
+    file, never the quarantined or deleted directory the old descriptor still names; and
+    no descriptor outlives the run."""
+    before = registry_snapshot(tree.root)
+    layer_dir = "repositories/r/_layers/sha256/aaaa"
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
+        with run.batch():
+            # Read through the run's storage (as repair re-checks a link): keeps the directory.
+            assert run.storage.read_small(f"docker/registry/v2/{layer_dir}/link", 64) == b"sha256:aaaa"
+            run.quarantine(layer_dir)  # queued in the same batch: no flush in between
+            run.create_file(f"{layer_dir}/link", b"sha256:new")
+            run.create_file("repositories/r/_manifests/tags/empty/current/link", b"sha256:bbbb")
+        with run.batch():
+            assert run.storage.lstat_raw("docker/registry/v2/repositories/r/_manifests/tags/empty") \
+                is not None
+            run.quarantine("repositories/r/_manifests/tags/empty")
+            run.create_file("repositories/r/_manifests/tags/empty/x", b"again")
+        run.finish()
+    moved = tree.root / run.path / "v2" / layer_dir
+    assert (moved / "link").read_bytes() == b"sha256:aaaa"  # the old one, alone
+    assert sorted(p.name for p in moved.iterdir()) == ["link"]
+    assert (tree.v2 / layer_dir / "link").read_bytes() == b"sha256:new"
+    assert sorted(p.name for p in (tree.v2 / "repositories/r/_manifests/tags/empty").iterdir()) == ["x"]
+    assert _open_below(tree.root) == []
+    undo(tree)
+    assert registry_snapshot(tree.root) == before
+    assert _open_below(tree.root) == []
+
+    with mutation_session(tree, command="test") as session, Run.begin(session, {}) as run:
+        with run.batch():  # removed, then made again in the next batch
+            run.storage.lstat_raw("docker/registry/v2/repositories/r/_manifests/tags/empty/x")
+        assert run.remove_empty_dirs(["repositories/r/_manifests/tags/empty"]) == [
+            "repositories/r/_manifests/tags/empty"]
+        run.create_file("repositories/r/_manifests/tags/empty/y", b"y")
+        run.finish()
+    assert (tree.v2 / "repositories/r/_manifests/tags/empty/y").read_bytes() == b"y"
+    assert _open_below(tree.root) == []
+
+
 def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
     before = registry_snapshot(tree.root)
     with pytest.raises(RuntimeError), mutation_session(tree, command="test") as session, \
