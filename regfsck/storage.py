@@ -429,6 +429,9 @@ class FilesystemStorage:
         # below the base -> descriptor, least recently used first; the thread holding them.
         self._kept: dict[str, int] = {}
         self._kept_fds: set[int] = set()
+        # Each kept directory and each of its parents -> how many kept are at or below it:
+        # a move asks in one look whether anything kept goes with it (`_forget`).
+        self._kept_below: dict[str, int] = {}
         self._keeper: int | None = None
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
@@ -741,6 +744,7 @@ class FilesystemStorage:
         """Close every directory kept since `hold_dirs` (idempotent)."""
         self._keeper = None
         self._kept.clear()
+        self._kept_below.clear()
         _close_all(self._kept_fds)
 
     def _dir(self, parts: list[str]) -> int:
@@ -753,13 +757,31 @@ class FilesystemStorage:
         fd = kept.pop(key, None)
         if fd is None:
             fd = self._open_dir(parts)
-            self._kept_fds.add(fd)
             if len(kept) >= kept_dirs_limit():  # the least recently used: never one in use now,
-                oldest = next(iter(kept))  # which was just used (a move holds two)
-                self._kept_fds.discard(old := kept.pop(oldest))
-                os.close(old)
+                self._drop_kept(next(iter(kept)))  # which was just used (a move holds two)
+            self._kept_fds.add(fd)
+            below = self._kept_below
+            for depth in range(len(parts), -1, -1):
+                prefix = "/".join(parts[:depth])
+                below[prefix] = below.get(prefix, 0) + 1
         kept[key] = fd  # the most recently used last
         return fd
+
+    def _drop_kept(self, key: str) -> None:
+        fd = self._kept.pop(key)
+        self._kept_fds.discard(fd)
+        below = self._kept_below
+        prefix = key
+        while True:
+            count = below[prefix] - 1
+            if count:
+                below[prefix] = count
+            else:
+                del below[prefix]
+            if not prefix:
+                break
+            prefix = prefix.rpartition("/")[0]
+        os.close(fd)
 
     def _done(self, fd: int) -> None:
         """Close a directory from `_dir` unless it is kept."""
@@ -768,13 +790,14 @@ class FilesystemStorage:
 
     def _forget(self, path: str) -> None:
         """Close the kept directories at `path` and below it: it was moved or removed."""
-        if not self._kept:
+        if not self._kept_below:
+            return
+        path = "/".join(check_relative(path))  # (as `_dir` keys them: "a//b" is "a/b")
+        if path not in self._kept_below:  # (a file, or nothing kept there: one look)
             return
         below = path + "/"
         for key in [k for k in self._kept if k == path or k.startswith(below)]:
-            fd = self._kept.pop(key)
-            self._kept_fds.discard(fd)
-            os.close(fd)
+            self._drop_kept(key)
 
     def _parent(self, path: str) -> tuple[int, str]:
         """(descriptor of the parent directory, last component) of a non-root path;
