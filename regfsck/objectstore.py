@@ -1852,8 +1852,10 @@ class ObjectRootStorage:
     def fsync_dir(self, path: str) -> None:
         """Nothing to do: a completed request is durable (S3 is strongly consistent)."""
 
-    def sync_all(self) -> None:
-        """Nothing to do: every completed request is durable already."""
+    def sync_all(self, path: str) -> bool:
+        """Nothing to do: every completed request is durable already. False all the same:
+        a journal's lines are durable only when it is synced itself (its object written)."""
+        return False
 
     def set_times(self, path: str, mtime_ns: int, mode: int | None = None,
                   owner: tuple[int, int] | None = None) -> None:

@@ -288,7 +288,7 @@ class MutableStorage(Storage, Protocol):
 
     def write_new_file(self, path: str, chunks: Iterable[bytes], *, sync: bool = True) -> int: ...
 
-    def sync_all(self) -> None: ...
+    def sync_all(self, path: str) -> bool: ...
 
     def replace_file(self, path: str, data: bytes) -> None: ...
 
@@ -977,21 +977,29 @@ class FilesystemStorage:
         finally:
             self._done(fd)
 
-    def sync_all(self) -> None:
-        """Make every write on the filesystem holding the base durable at once (syncfs(2)).
+    def sync_all(self, path: str) -> bool:
+        """Make every write on the filesystem holding directory `path` (a run's: its
+        journal and the files it writes ahead, on the tree's filesystem as `Run.begin`
+        checks, whatever ROOT itself is on) durable at once (syncfs(2)).
 
         One cache flush for a whole batch of new files and renames, where an fsync of each
         costs a flush apiece (a few ms each on most disks: the difference between writing
-        at the disk's speed and not). Without syncfs (not Linux), sync(2) of everything."""
+        at the disk's speed and not). Without syncfs (not Linux), sync(2) of everything.
+
+        True when every file there is durable when it returns, a run's journal too (syncfs,
+        or Linux's sync, which waits): the caller needs no fsync of its own after it.
+        Elsewhere sync(2) may return before the writes are done: False."""
         try:
-            fd = os.open(self._base_str, _DIR_FLAGS)
+            fd = self._open_dir(check_relative(path))
         except OSError as exc:
-            raise self._error(exc, "open", ".") from exc
+            raise self._error(exc, "open", path) from exc
         try:
-            if not _syncfs(fd):
-                os.sync()
+            if _syncfs(fd):
+                return True
+            os.sync()
+            return sys.platform.startswith("linux")
         except OSError as exc:
-            raise self._error(exc, "sync the filesystem of", ".") from exc
+            raise self._error(exc, "sync the filesystem of", path) from exc
         finally:
             os.close(fd)
 
