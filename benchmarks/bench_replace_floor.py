@@ -12,6 +12,11 @@ fresh copy, nothing deleted while timing:
   quarantine does), rename the new one in; one sync;
 * bare_flat: the same, the old links kept in one flat quarantine directory (no directory
   made per link);
+* regfsck_run: the same replaces through regfsck's own journaled `Run` (the one mutation
+  path of gc, import, repair and undo: journal, checks, owners and modes, quarantine), in
+  a process of its own, read then `replace_file` for each link as `repair` does, timed
+  like the bare loops: from the first change to the end of `finish` (every batch synced),
+  without the session's opening, the plan and the verify around it in `repair`;
 * regfsck: `regfsck repair --no-data --apply` minus its dry run (`repair --no-data`), timed
   on the same copy first: what applying costs beyond planning.
 
@@ -84,13 +89,33 @@ def bare_replace(root: Path, flat: bool) -> None:
     print(f"{time.perf_counter() - started:.6f}")
 
 
-def timed_bare(work: Path, base: Path, flat: bool) -> Run:
-    """The bare loop in a process of its own; its time is the loop's and the sync's (what
-    it prints), without the interpreter's start-up and the walk that finds the links."""
+def run_replace(root: Path) -> None:
+    """The same replaces through regfsck's `Run`, as `repair`'s Applier makes them: the
+    link read through the run's storage, then `replace_file`, all in one `batch`."""
+    from regfsck.root import locate
+    from regfsck.session import mutation_session
+
+    links = bench_writes.rewritable_links(root)
+    new = b"sha256:" + b"0" * 64
+    with mutation_session(locate(root), command="bench") as session:
+        started = time.perf_counter()
+        run = session.begin({"bench": "replace"})
+        with run.batch():
+            for rel in links:
+                run.settle(rel)
+                run.storage.read_small(f"{bench_writes.V2}/{rel}", 4096)
+                run.replace_file(rel, new)
+        run.finish()
+        print(f"{time.perf_counter() - started:.6f}")
+
+
+def timed_bare(work: Path, base: Path, mode: str) -> Run:
+    """A loop (`--bare`: "mirror", "flat"; or "run") in a process of its own; its time is
+    the loop's and the sync's (what it prints), without the interpreter's start-up and
+    the walk that finds the links."""
     target = bench_writes.copy(base, work / "t-bare")
     bench_writes.ready_to_time(False, ())
-    result = measure.run([sys.executable, __file__, "--bare", str(target)]
-                         + (["--flat"] if flat else []), capture=True)
+    result = measure.run([sys.executable, __file__, "--bare", mode, str(target)], capture=True)
     return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
                cpu=result.cpu)
 
@@ -104,8 +129,7 @@ def timed_regfsck(work: Path, base: Path) -> dict[str, Run]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bare", help=argparse.SUPPRESS)
-    parser.add_argument("--flat", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--mb", type=int, default=256)
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--layers", type=int, default=3)
@@ -115,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if args.bare:
-        bare_replace(Path(args.bare), args.flat)
+        mode, target = args.bare
+        if mode == "run":
+            run_replace(Path(target))
+        else:
+            bare_replace(Path(target), mode == "flat")
         return 0
     work = Path(args.workdir) if args.workdir else Path(
         os.environ.get("TMPDIR", "/tmp")) / f"bench-replace-{os.getpid()}"
@@ -126,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         base = paths["repair_base"]
         series = bench_writes.run_rounds([
             ("tar", lambda: {"tar": bench_writes.tar_x(paths["repair_tar"], work / "t-tar", False)}),
-            ("bare_mirror", lambda: {"bare_mirror": timed_bare(work, base, False)}),
-            ("bare_flat", lambda: {"bare_flat": timed_bare(work, base, True)}),
+            ("bare_mirror", lambda: {"bare_mirror": timed_bare(work, base, "mirror")}),
+            ("bare_flat", lambda: {"bare_flat": timed_bare(work, base, "flat")}),
+            ("regfsck_run", lambda: {"regfsck_run": timed_bare(work, base, "run")}),
             ("regfsck", lambda: timed_regfsck(work, base)),
         ], args.rounds)
     finally:
@@ -141,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nregfsck apply - plan: {apply_only:.2f} s")
     for what, value in (("bare_mirror / tar", med["bare_mirror"] / med["tar"]),
                         ("bare_flat / tar", med["bare_flat"] / med["tar"]),
+                        ("regfsck_run / bare_mirror", med["regfsck_run"] / med["bare_mirror"]),
+                        ("regfsck_run / tar", med["regfsck_run"] / med["tar"]),
                         ("regfsck (apply - plan) / bare_mirror", apply_only / med["bare_mirror"]),
                         ("regfsck (apply - plan) / tar", apply_only / med["tar"])):
         print(f"{what:<40} {value:6.2f}")
