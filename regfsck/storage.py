@@ -792,7 +792,8 @@ class FilesystemStorage:
         """Close the kept directories at `path` and below it: it was moved or removed."""
         if not self._kept_below:
             return
-        path = "/".join(check_relative(path))  # (as `_dir` keys them: "a//b" is "a/b")
+        if "//" in path or path.endswith("/"):  # (as `_dir` keys them: "a//b" is "a/b")
+            path = "/".join(check_relative(path))
         if path not in self._kept_below:  # (a file, or nothing kept there: one look)
             return
         below = path + "/"
@@ -1226,13 +1227,25 @@ def _call_or_unsupported(func: Any, unsupported: tuple[int, ...], *args: Any) ->
     raise OSError(err, os.strerror(err))
 
 
-def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
-    """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it."""
-    func = _libc_call("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+@functools.cache
+def _renameat2() -> Any:
+    return _libc_call("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                       ctypes.c_char_p, ctypes.c_uint)
-    return _call_or_unsupported(func, (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP), src_fd,
-                                os.fsencode(src_name), dst_fd, os.fsencode(dst_name),
-                                _RENAME_NOREPLACE)
+
+
+def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
+    """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it.
+
+    (Once or twice per change: the function is looked up once, and called directly.)"""
+    func = _renameat2()
+    if func is None:
+        return False
+    if func(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 # openat2(2): one number on every architecture sharing the generic system call table
