@@ -6,6 +6,7 @@ real child process with SIGKILL at chosen points between journal writes and rena
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from regfsck.session import MutationSession, mutation_session
 from regfsck.storage import StorageError, UnsafePathError
 from tests.support import REPO_ROOT
 from tests.support.sessions import purge, recover, undo
-from tests.support.snapshot import registry_snapshot
+from tests.support.snapshot import content_snapshot, registry_snapshot
 from tests.support.snapshot import snapshot as tree_snapshot
 from tests.support.tree import build
 
@@ -515,6 +516,71 @@ def test_any_sequence_of_changes_undoes_exactly(tmp_path_factory: pytest.TempPat
         run.finish()
     undo(root)
     assert registry_snapshot(root.root) == before
+
+
+# A fixed vocabulary of paths in `make_tree` (and names made below them), so the same
+# changes can be asked of a run batched and of one that is not.
+VOCAB_DIRS = ["blobs/sha256/aa", "blobs/sha256/aa/aaaa", "blobs/sha256/bb/bbbb",
+              "repositories/r", "repositories/r/_layers/sha256/aaaa",
+              "repositories/r/_manifests/tags/t/current", "repositories/r/_uploads/u1",
+              "repositories/r/_manifests/tags/empty", "repositories/r/_layers"]
+VOCAB_FILES = ["blobs/sha256/aa/aaaa/data", "blobs/sha256/bb/bbbb/data",
+               "repositories/r/_layers/sha256/aaaa/link",
+               "repositories/r/_manifests/tags/t/current/link",
+               "repositories/r/_uploads/u1/data", "repositories/r/_uploads/u1/startedat"]
+BATCH_OPS = st.lists(st.tuples(st.sampled_from(["move", "move_file", "create", "replace",
+                                                "rmdir", "look"]),
+                               st.integers(0, 20), st.integers(0, 2)), max_size=12)
+
+
+def _vocabulary_change(run: Run, op: str, pick: int, name: int, number: int) -> None:
+    """One change named by the vocabulary; "look" reads through the run's storage (what
+    repair does before a rewrite), which keeps the directory open within a batch."""
+    directory, file = VOCAB_DIRS[pick % len(VOCAB_DIRS)], VOCAB_FILES[pick % len(VOCAB_FILES)]
+    if op == "move":
+        run.quarantine(directory)
+    elif op == "move_file":
+        run.quarantine(file)
+    elif op == "create":
+        run.create_file(f"{directory}/n{name}/f", b"made %d" % number)
+    elif op == "replace":
+        run.replace_file(file, b"replaced %d" % number)
+    elif op == "rmdir":
+        run.remove_empty_dirs([f"{directory}/n{name}", directory])
+    else:
+        with contextlib.suppress(StorageError):
+            run.storage.lstat_raw(f"docker/registry/v2/{directory}/n{name}/f")
+            run.storage.read_small(f"docker/registry/v2/{file}", 1 << 16)
+
+
+@settings(max_examples=int(os.environ.get("QUARANTINE_EXAMPLES", "25")), deadline=None)
+@given(ops=BATCH_OPS)
+@example(ops=[("look", 4, 0), ("move", 4, 0), ("create", 4, 0)])  # kept, moved, made again
+@example(ops=[("create", 7, 1), ("look", 7, 1), ("move", 7, 0), ("create", 7, 1)])
+def test_changes_queued_in_one_batch_leave_the_tree_as_made_one_by_one(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, int]]) -> None:
+    """Within a batch the disk does not show the queued changes yet and the storage keeps
+    the directories it reached open (`hold_dirs`): the same changes, with reads through the
+    run's storage between them, leave exactly the tree the same changes made one at a time
+    leave, refuse the same ones, and undo restores the tree either way."""
+    results = []
+    for batched in (False, True):
+        root = make_tree(tmp_path_factory.mktemp("batched") / "root")
+        before = registry_snapshot(root.root)
+        refused = []
+        with mutation_session(root, command="prop") as session, Run.begin(session, {}) as run:
+            with run.batch() if batched else contextlib.nullcontext():
+                for number, (op, pick, name) in enumerate(ops):
+                    try:
+                        _vocabulary_change(run, op, pick, name, number)
+                    except QuarantineError:
+                        refused.append(number)
+            run.finish()
+        assert _open_below(root.root) == []
+        results.append((content_snapshot(root.root / "docker"), refused, run.moved, run.created))
+        undo(root)
+        assert registry_snapshot(root.root) == before
+    assert results[0] == results[1]
 
 
 RUN_OPS = st.lists(st.tuples(st.sampled_from(["move", "create", "replace", "rmdir", "recreate"]),
