@@ -16,7 +16,8 @@ fresh copy, nothing deleted while timing:
   path of gc, import, repair and undo: journal, checks, owners and modes, quarantine), in
   a process of its own, read then `replace_file` for each link as `repair` does, timed
   like the bare loops: from the first change to the end of `finish` (every batch synced),
-  without the session's opening, the plan and the verify around it in `repair`;
+  without the session's opening, the plan and the verify around it in `repair`; with
+  `--baseline DIR`, also another checkout's `Run` (`before:regfsck_run`) in the same rounds;
 * regfsck: `regfsck repair --no-data --apply` minus its dry run (`repair --no-data`), timed
   on the same copy first: what applying costs beyond planning.
 
@@ -89,33 +90,49 @@ def bare_replace(root: Path, flat: bool) -> None:
     print(f"{time.perf_counter() - started:.6f}")
 
 
-def run_replace(root: Path) -> None:
-    """The same replaces through regfsck's `Run`, as `repair`'s Applier makes them: the
-    link read through the run's storage, then `replace_file`, all in one `batch`."""
-    from regfsck.root import locate
-    from regfsck.session import mutation_session
+# The same replaces through regfsck's `Run`, as `repair`'s Applier makes them: each link read
+# through the run's storage, then `replace_file`, all in one `batch`. A program of its own,
+# so that a baseline checkout runs it with its own regfsck (`measure.baseline_run`).
+RUN_REPLACE = """
+import sys, time
+from pathlib import Path
+from regfsck.root import locate
+from regfsck.session import mutation_session
+root, links = Path(sys.argv[1]), Path(sys.argv[2]).read_text().split()
+new = b"sha256:" + b"0" * 64
+with mutation_session(locate(root), command="bench") as session:
+    started = time.perf_counter()
+    run = session.begin({"bench": "replace"})
+    with run.batch():
+        for rel in links:
+            run.settle(rel)
+            run.storage.read_small("docker/registry/v2/" + rel, 4096)
+            run.replace_file(rel, new)
+    run.finish()
+    print(f"{time.perf_counter() - started:.6f}")
+"""
 
-    links = bench_writes.rewritable_links(root)
-    new = b"sha256:" + b"0" * 64
-    with mutation_session(locate(root), command="bench") as session:
-        started = time.perf_counter()
-        run = session.begin({"bench": "replace"})
-        with run.batch():
-            for rel in links:
-                run.settle(rel)
-                run.storage.read_small(f"{bench_writes.V2}/{rel}", 4096)
-                run.replace_file(rel, new)
-        run.finish()
-        print(f"{time.perf_counter() - started:.6f}")
+
+def timed_run(work: Path, base: Path, checkout: str | None) -> Run:
+    """`RUN_REPLACE` on a fresh copy, with this checkout's regfsck or `checkout`'s."""
+    target = bench_writes.copy(base, work / "t-bare")
+    listing = work / "links.txt"
+    listing.write_text("\n".join(bench_writes.rewritable_links(target)))
+    bench_writes.ready_to_time(False, ())
+    cmd = [sys.executable, "-c", RUN_REPLACE, str(target), str(listing)]
+    result = (measure.baseline_run(checkout, cmd, capture=True) if checkout else
+              measure.run(cmd, capture=True, env=measure.clean_env(), cwd="/"))
+    return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
+               cpu=result.cpu)
 
 
-def timed_bare(work: Path, base: Path, mode: str) -> Run:
-    """A loop (`--bare`: "mirror", "flat"; or "run") in a process of its own; its time is
-    the loop's and the sync's (what it prints), without the interpreter's start-up and
-    the walk that finds the links."""
+def timed_bare(work: Path, base: Path, flat: bool) -> Run:
+    """The bare loop in a process of its own; its time is the loop's and the sync's (what
+    it prints), without the interpreter's start-up and the walk that finds the links."""
     target = bench_writes.copy(base, work / "t-bare")
     bench_writes.ready_to_time(False, ())
-    result = measure.run([sys.executable, __file__, "--bare", mode, str(target)], capture=True)
+    result = measure.run([sys.executable, __file__, "--bare", str(target)]
+                         + (["--flat"] if flat else []), capture=True)
     return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
                cpu=result.cpu)
 
@@ -129,7 +146,9 @@ def timed_regfsck(work: Path, base: Path) -> dict[str, Run]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", help=argparse.SUPPRESS)
+    parser.add_argument("--flat", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", help="another regfsck checkout: its Run timed alongside")
     parser.add_argument("--mb", type=int, default=256)
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--layers", type=int, default=3)
@@ -139,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if args.bare:
-        mode, target = args.bare
-        if mode == "run":
-            run_replace(Path(target))
-        else:
-            bare_replace(Path(target), mode == "flat")
+        bare_replace(Path(args.bare), args.flat)
         return 0
     work = Path(args.workdir) if args.workdir else Path(
         os.environ.get("TMPDIR", "/tmp")) / f"bench-replace-{os.getpid()}"
@@ -154,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         base = paths["repair_base"]
         series = bench_writes.run_rounds([
             ("tar", lambda: {"tar": bench_writes.tar_x(paths["repair_tar"], work / "t-tar", False)}),
-            ("bare_mirror", lambda: {"bare_mirror": timed_bare(work, base, "mirror")}),
-            ("bare_flat", lambda: {"bare_flat": timed_bare(work, base, "flat")}),
-            ("regfsck_run", lambda: {"regfsck_run": timed_bare(work, base, "run")}),
+            ("bare_mirror", lambda: {"bare_mirror": timed_bare(work, base, False)}),
+            ("bare_flat", lambda: {"bare_flat": timed_bare(work, base, True)}),
+            ("regfsck_run", lambda: {"regfsck_run": timed_run(work, base, None)}),
+            *([("before:regfsck_run", lambda: {"before:regfsck_run": timed_run(
+                work, base, args.baseline)})] if args.baseline else []),
             ("regfsck", lambda: timed_regfsck(work, base)),
         ], args.rounds)
     finally:
@@ -172,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                         ("bare_flat / tar", med["bare_flat"] / med["tar"]),
                         ("regfsck_run / bare_mirror", med["regfsck_run"] / med["bare_mirror"]),
                         ("regfsck_run / tar", med["regfsck_run"] / med["tar"]),
+                        *([("before:regfsck_run / bare_mirror",
+                            med["before:regfsck_run"] / med["bare_mirror"]),
+                           ("regfsck_run now / before",
+                            med["regfsck_run"] / med["before:regfsck_run"])]
+                          if args.baseline else []),
                         ("regfsck (apply - plan) / bare_mirror", apply_only / med["bare_mirror"]),
                         ("regfsck (apply - plan) / tar", apply_only / med["tar"])):
         print(f"{what:<40} {value:6.2f}")
