@@ -70,7 +70,13 @@ _HOLDS = "holds what was written since the run"
 _EMPTIED_BY = "moved what was inside it"  # "run X moved ..."
 RUN_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 CHUNK = 1 << 20
-BATCH = 256  # changes per journal flush: moves, creations and directory changes alike
+# Changes per journal flush: moves, creations and directory changes alike. A flush costs
+# one filesystem sync (creations) or journal fsync (moves) whatever its size: on journaled
+# ext4 about 10 ms of commit besides the data (9,000 link rewrites: 72 syncs took 1.40 s,
+# 19 took 0.84 s). A batch of link rewrites reaches about as many directories as it has
+# changes, which the storage keeps open for it (`kept_dirs_limit`, up to 1024). gc's sweep
+# queues 256 moves at a time on its own (sweep.BATCH).
+BATCH = 1024
 UNDO_BATCH = BATCH
 JOURNAL_CHUNK = 1 << 20  # bytes of a journal read at a time
 STAGING = "new"  # where a run writes new files before renaming them into the tree

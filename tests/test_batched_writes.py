@@ -30,12 +30,17 @@ from tests.support.tree import copy_tree
 
 pytestmark = pytest.mark.realtools
 
-IMAGES = 150  # x (3 layers + config + manifest) blobs, and their links: > 4 batches of files
+# x (3 layers + config + manifest) blobs, and their links: 3,300 files, more than three
+# batches; 1,200 link rewrites to repair (two changes each): more than two batches.
+IMAGES = 300
 REPO = "many/images"
 
 
 Point = tuple[str, str, int, str]
 MIDDLE = BATCH + BATCH // 2  # a file of the second batch, halfway through it
+# A link rewrite is two changes (the old link out, the new one in): the rewrite halfway
+# through the second batch.
+REWRITE_MIDDLE = 3 * BATCH // 4
 
 # (storage method, substring of its path argument, which matching call, before/after it)
 POINTS: list[Point] = [
@@ -117,7 +122,7 @@ def damaged(real_sample: tuple[Path, SampleInfo], many_layout: Path,
     assert_clean_exit(done, (0,), "import")
     repo = root / "docker/registry/v2/repositories" / REPO
     links = [p for p in repo.rglob("link") if "/_layers/" in str(p) or "/revisions/" in str(p)]
-    assert len(links) > 2 * BATCH
+    assert 2 * len(links) > 2 * BATCH  # two changes each: more than two batches
     for link in links:
         link.write_bytes(b"junk")
     return root
@@ -125,8 +130,8 @@ def damaged(real_sample: tuple[Path, SampleInfo], many_layout: Path,
 
 REPAIR_POINTS: list[Point] = [
     ("sync_all", "", 2, "after"),  # batch 2 journaled and durable, none of it applied
-    ("move", "/_layers/", MIDDLE, "after"),  # an old link out, its new one not in yet
-    ("move", "/new/", MIDDLE, "after"),  # half of batch 2 in place, no "done" journaled
+    ("move", "/_layers/", REWRITE_MIDDLE, "after"),  # an old link out, its new one not in yet
+    ("move", "/new/", REWRITE_MIDDLE, "after"),  # half of batch 2 in place, no "done" journaled
 ]
 
 
