@@ -1881,3 +1881,6 @@ class ObjectRootStorage:
 
     def release_dirs(self) -> None:
         """Nothing held (see `hold_dirs`)."""
+
+    def close(self) -> None:
+        """Nothing to close: no descriptors are held (requests are made as needed)."""

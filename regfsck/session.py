@@ -99,7 +99,7 @@ def mutation_session(root: RegistryRoot, *, command: str,
                 yield session
             finally:
                 session.active = False
-                storage.release_dirs()  # (a run left unfinished may still hold some)
+                storage.close()  # its descriptors now, not when (if ever) it is collected
     except RegfsckError as exc:
         if tree:
             exc.changing = root

@@ -311,6 +311,8 @@ class MutableStorage(Storage, Protocol):
 
     def release_dirs(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def mutable_storage(root: RegistryRoot) -> MutableStorage:
     """The backend a journaled run changes `root` through, rooted at ROOT: the one place
@@ -687,8 +689,21 @@ class FilesystemStorage:
         fd = self._base_dir_fd
         if fd is None:
             fd = self._base_dir_fd = os.open(self._base_str, _DIR_FLAGS)
-            weakref.finalize(self, os.close, fd)
+            self._base_closer = weakref.finalize(self, os.close, fd)
         return fd
+
+    def close(self) -> None:
+        """Close the base and every kept directory now, not when the garbage collector
+        frees this object: it may never, once a scan has frozen a cycle of garbage that
+        points at it (`Scanner.scan`'s `gc.freeze`; an undo plan's closures are one), and
+        each such storage kept its descriptor open for the rest of the process. The owner
+        of a storage calls it at its end (a mutation session); a later use opens the base
+        again."""
+        self.release_dirs()
+        closer = getattr(self, "_base_closer", None)
+        if closer is not None and closer.alive:
+            self._base_dir_fd = None
+            closer()  # os.close, once: the finalizer is spent
 
     def _open_dir(self, parts: list[str]) -> int:
         """Open the directory `parts` below the base, refusing a symlink at every level.

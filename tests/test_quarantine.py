@@ -7,6 +7,7 @@ real child process with SIGKILL at chosen points between journal writes and rena
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -420,6 +421,27 @@ def test_a_directory_moved_or_removed_in_a_batch_is_never_reached_through_its_ol
         run.finish()
     assert (tree.v2 / "repositories/r/_manifests/tags/empty/y").read_bytes() == b"y"
     assert _open_below(tree.root) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+def test_a_session_leaves_no_descriptor_open_once_it_ends(tree: RegistryRoot) -> None:
+    """A session's storage closes its descriptors when the session ends, not when the
+    garbage collector frees it, which it may never do: every scan freezes the garbage
+    cycles that exist at that moment (`gc.freeze`), and an undo plan's closures are such
+    a cycle, pointing at the storage. One descriptor of ROOT stayed open per undo."""
+    for _ in range(3):
+        with mutation_session(tree, command="test") as session, \
+                Run.begin(session, {}) as run:
+            run.quarantine("blobs/sha256/aa/aaaa")
+            run.finish()
+        undo(tree)
+    del session, run
+    gc.collect()
+    named = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            named.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert [path for path in named if path == str(tree.root) or path.startswith(f"{tree.root}/")] == []
 
 
 def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
