@@ -120,10 +120,8 @@ def timed_run(work: Path, base: Path, checkout: str | None) -> Run:
     listing.write_text("\n".join(bench_writes.rewritable_links(target)))
     bench_writes.ready_to_time(False, ())
     cmd = [sys.executable, "-c", RUN_REPLACE, str(target), str(listing)]
-    result = (measure.baseline_run(checkout, cmd, capture=True) if checkout else
-              measure.run(cmd, capture=True, env=measure.clean_env(), cwd="/"))
-    return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
-               cpu=result.cpu)
+    return printed_time(measure.baseline_run(checkout, cmd, capture=True) if checkout else
+                        measure.run(cmd, capture=True, env=measure.clean_env(), cwd="/"))
 
 
 def timed_bare(work: Path, base: Path, flat: bool) -> Run:
@@ -131,8 +129,12 @@ def timed_bare(work: Path, base: Path, flat: bool) -> Run:
     it prints), without the interpreter's start-up and the walk that finds the links."""
     target = bench_writes.copy(base, work / "t-bare")
     bench_writes.ready_to_time(False, ())
-    result = measure.run([sys.executable, __file__, "--bare", str(target)]
-                         + (["--flat"] if flat else []), capture=True)
+    return printed_time(measure.run([sys.executable, __file__, "--bare", str(target)]
+                                    + (["--flat"] if flat else []), capture=True))
+
+
+def printed_time(result: Run) -> Run:
+    """A timed loop's run with the time it printed (its loop and sync alone)."""
     return Run(float(result.stdout.split()[-1]), result.max_rss_kb, result.returncode,
                cpu=result.cpu)
 

@@ -435,6 +435,10 @@ class FilesystemStorage:
         # a move asks in one look whether anything kept goes with it (`_forget`).
         self._kept_below: dict[str, int] = {}
         self._keeper: int | None = None
+        # What closes the base, and the kept directories, if this object is collected
+        # first (`close` runs the first itself); made with what they close.
+        self._base_closer: weakref.finalize[Any, Any] | None = None
+        self._kept_closer: weakref.finalize[Any, Any] | None = None
         self.io_threads = io_threads()
         self.scan_threads = self.io_threads
 
@@ -700,10 +704,9 @@ class FilesystemStorage:
         of a storage calls it at its end (a mutation session); a later use opens the base
         again."""
         self.release_dirs()
-        closer = getattr(self, "_base_closer", None)
-        if closer is not None and closer.alive:
+        if self._base_closer is not None and self._base_closer.alive:
             self._base_dir_fd = None
-            closer()  # os.close, once: the finalizer is spent
+            self._base_closer()  # os.close, once: the finalizer is spent
 
     def _open_dir(self, parts: list[str]) -> int:
         """Open the directory `parts` below the base, refusing a symlink at every level.
@@ -752,8 +755,8 @@ class FilesystemStorage:
         its flush). Only the holding thread reuses them: hashing threads open their own."""
         if self._keeper is None:
             self._keeper = threading.get_ident()
-            if not hasattr(self, "_kept_finalizer"):
-                self._kept_finalizer = weakref.finalize(self, _close_all, self._kept_fds)
+            if self._kept_closer is None:
+                self._kept_closer = weakref.finalize(self, _close_all, self._kept_fds)
 
     def release_dirs(self) -> None:
         """Close every directory kept since `hold_dirs` (idempotent)."""
@@ -1181,13 +1184,13 @@ def _remove_tree_at(parent_fd: int, name: str, shown: str) -> int:
 _RENAME_NOREPLACE = 1
 
 
-
 @functools.cache
 def kept_dirs_limit() -> int:
     """How many directories a storage keeps open at once between `hold_dirs` and
-    `release_dirs`: every one a batch of changes reaches (a batch of 256 link rewrites:
-    each link's own, each quarantine copy's parent, `new/`, about 520), within a quarter
-    of the descriptors this process may open (256 under the usual limit of 1024)."""
+    `release_dirs`: every one a batch of changes reaches (a batch of 1024 changes that
+    rewrite links, 512 rewrites: each link's own directory, each quarantine copy's
+    parent, `new/`, about 1030), within a quarter of the descriptors this process may
+    open (256 under the usual limit of 1024)."""
     try:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (OSError, ValueError):
@@ -1249,18 +1252,11 @@ def _renameat2() -> Any:
 
 
 def _renameat2_noreplace(src_fd: int, src_name: str, dst_fd: int, dst_name: str) -> bool:
-    """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it.
-
-    (Once or twice per change: the function is looked up once, and called directly.)"""
-    func = _renameat2()
-    if func is None:
-        return False
-    if func(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name), _RENAME_NOREPLACE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err))
+    """renameat2(RENAME_NOREPLACE) through libc; False when the system lacks it. (Once
+    or twice per change: the function is looked up once, `_renameat2`.)"""
+    return _call_or_unsupported(_renameat2(), (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP),
+                                src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name),
+                                _RENAME_NOREPLACE)
 
 
 # openat2(2): one number on every architecture sharing the generic system call table

@@ -369,15 +369,20 @@ def test_never_writes_through_a_symlink(tree: RegistryRoot, tmp_path: Path) -> N
     assert tree_snapshot(outside) == before_outside
 
 
-def _open_below(root: Path) -> list[str]:
-    """What this process holds open below ROOT (the storage's held ROOT itself aside)."""
+def _open_paths() -> list[str]:
+    """What this process's descriptors name."""
     named = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             named.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:  # (the listing's own descriptor, closed by now)
             continue
-    return [path for path in named if path.startswith(f"{root}/")]
+    return named
+
+
+def _open_below(root: Path) -> list[str]:
+    """What this process holds open below ROOT (the storage's held ROOT itself aside)."""
+    return [path for path in _open_paths() if path.startswith(f"{root}/")]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
@@ -437,11 +442,8 @@ def test_a_session_leaves_no_descriptor_open_once_it_ends(tree: RegistryRoot) ->
         undo(tree)
     del session, run
     gc.collect()
-    named = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            named.append(os.readlink(f"/proc/self/fd/{fd}"))
-    assert [path for path in named if path == str(tree.root) or path.startswith(f"{tree.root}/")] == []
+    assert [path for path in _open_paths()
+            if path == str(tree.root) or path.startswith(f"{tree.root}/")] == []
 
 
 def test_a_failing_run_is_reverted_by_default(tree: RegistryRoot) -> None:
