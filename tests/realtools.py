@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -148,9 +149,35 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out itself (to every outgoing connection, and to a bind
+    of port 0); the usual Linux range where /proc does not say."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free TCP port on 127.0.0.1 that stays free until a server binds it: one below the
+    kernel's ephemeral range. A port of that range (what binding port 0 gives) is free
+    when picked, but any outgoing connection may then take it as its local port, as an
+    S3 client's pooled connection to moto does for the rest of a test: a registry
+    started on it seconds later (`objectstore.dead_url`: a registry started midway
+    through a run) could not bind it."""
+    ephemeral = _ephemeral_ports()
+    low = 20000 if ephemeral.start > 21024 else 1024
+    candidates = list(range(low, max(low + 1, min(ephemeral.start, 65536))))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

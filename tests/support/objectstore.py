@@ -33,7 +33,6 @@ import hmac
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -129,11 +128,8 @@ def registry_env() -> dict[str, str]:
 
 
 def dead_url() -> str:
-    """A registry URL nothing listens on: a stopped registry."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    """A registry URL nothing listens on: a stopped registry (tests start one there later)."""
+    return f"http://127.0.0.1:{realtools.free_port()}"
 
 
 def _opener() -> urllib.request.OpenerDirector:
