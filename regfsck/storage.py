@@ -431,9 +431,11 @@ class FilesystemStorage:
         # below the base -> descriptor, least recently used first; the thread holding them.
         self._kept: dict[str, int] = {}
         self._kept_fds: set[int] = set()
-        # Each kept directory and each of its parents -> how many kept are at or below it:
-        # a move asks in one look whether anything kept goes with it (`_forget`).
-        self._kept_below: dict[str, int] = {}
+        # Each directory kept since `hold_dirs` and each of its parents, those closed early
+        # too (a superset, emptied by `release_dirs`): a move asks in one look whether
+        # anything kept may go with it (`_forget`), and keeping one more directory adds
+        # only the parents not there yet (a link's directory: one, its own).
+        self._kept_below: set[str] = set()
         self._keeper: int | None = None
         # What closes the base, and the kept directories, if this object is collected
         # first (`close` runs the first itself); made with what they close.
@@ -779,26 +781,16 @@ class FilesystemStorage:
                 self._drop_kept(next(iter(kept)))  # which was just used (a move holds two)
             self._kept_fds.add(fd)
             below = self._kept_below
-            for depth in range(len(parts), -1, -1):
-                prefix = "/".join(parts[:depth])
-                below[prefix] = below.get(prefix, 0) + 1
+            prefix = key
+            while prefix not in below:
+                below.add(prefix)
+                prefix = prefix[:max(prefix.rfind("/"), 0)]
         kept[key] = fd  # the most recently used last
         return fd
 
     def _drop_kept(self, key: str) -> None:
         fd = self._kept.pop(key)
         self._kept_fds.discard(fd)
-        below = self._kept_below
-        prefix = key
-        while True:
-            count = below[prefix] - 1
-            if count:
-                below[prefix] = count
-            else:
-                del below[prefix]
-            if not prefix:
-                break
-            prefix = prefix.rpartition("/")[0]
         os.close(fd)
 
     def _done(self, fd: int) -> None:
@@ -813,7 +805,7 @@ class FilesystemStorage:
         if "//" in path or path.endswith("/"):  # (as `_dir` keys them: "a//b" is "a/b")
             path = "/".join(check_relative(path))
         if path not in self._kept_below:  # (a file, or nothing kept there: one look)
-            return
+            return  # else whatever is kept there now, if anything: a look at each
         below = path + "/"
         for key in [k for k in self._kept if k == path or k.startswith(below)]:
             self._drop_kept(key)
