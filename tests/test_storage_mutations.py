@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from regfsck import storage as storage_module
-from regfsck.storage import FilesystemStorage, StorageError
+from regfsck.storage import FilesystemStorage, StorageError, UnsafePathError
 
 _DEPTH = ["a", "b", "c", "d", "e"]
 
@@ -157,3 +159,49 @@ def test_changes_stay_in_the_tree_first_changed_when_its_path_is_moved(
     assert (moved / "a/second").read_bytes() == b"2"
     assert (moved / "a/b/first").read_bytes() == b"1"
     assert list(base.rglob("*")) == [base / "a"]
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("held") / "base"
+    (base / "a" / "b").mkdir(parents=True)
+    for rel in ("top", "a/file", "a/b/file"):
+        (base / rel).write_bytes(rel.encode())
+    return base
+
+
+def _looked_up(storage: FilesystemStorage, path: str) -> object:
+    """What the storage makes of `path`: refused, or the entry and the parent it names."""
+    try:
+        found = storage.lstat_raw(path)
+        dir_fd, name = storage._parent(path)
+    except UnsafePathError:
+        return "refused"
+    except StorageError as exc:
+        return exc.errno
+    try:
+        return (found.st_ino if found else None, os.fstat(dir_fd).st_ino, name)
+    finally:
+        storage._done(dir_fd)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "file", "top", "missing", ".", "..", "", "x\x00"]),
+                min_size=1, max_size=4))
+def test_a_path_is_refused_or_found_alike_through_a_directory_held_open(
+        small_tree: Path, segments: list[str]) -> None:
+    """Directories held open for a batch (`hold_dirs`) are found again by the path they
+    were kept under: every path, clean or not (empty, '.', '..', NUL, doubled or leading
+    slashes), is refused or resolved exactly as by a storage holding nothing."""
+    path = "/".join(segments)
+    fresh = FilesystemStorage(small_tree)
+    held = FilesystemStorage(small_tree)
+    held.hold_dirs()
+    try:
+        for warm in ("top", "a/file", "a/b/file"):  # "", "a" and "a/b" held
+            held.lstat_raw(warm)
+        for variant in (path, "/" + path, path + "/", path.replace("/", "//")):
+            assert _looked_up(held, variant) == _looked_up(fresh, variant), variant
+    finally:
+        held.close()
+        fresh.close()
