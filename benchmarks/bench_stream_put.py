@@ -81,11 +81,10 @@ def main() -> None:
         return
     if shutil.which("moto_server") is None:
         sys.exit("moto_server not installed (pip install 'moto[server]')")
-    import socket
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.realtools import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

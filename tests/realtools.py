@@ -149,14 +149,13 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _ephemeral_ports() -> range:
-    """The ports the kernel hands out itself (to every outgoing connection, and to a bind
-    of port 0); the usual Linux range where /proc does not say."""
+def _first_ephemeral_port() -> int:
+    """The lowest port the kernel hands out itself (to every outgoing connection, and to a
+    bind of port 0); Linux's usual one where /proc does not say."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
@@ -166,11 +165,8 @@ def free_port() -> int:
     S3 client's pooled connection to moto does for the rest of a test: a registry
     started on it seconds later (`objectstore.dead_url`: a registry started midway
     through a run) could not bind it."""
-    ephemeral = _ephemeral_ports()
-    low = 20000 if ephemeral.start > 21024 else 1024
-    candidates = list(range(low, max(low + 1, min(ephemeral.start, 65536))))
-    random.shuffle(candidates)
-    for port in candidates[:200]:
+    below = range(1024, max(_first_ephemeral_port(), 1025))
+    for port in random.sample(below, min(200, len(below))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
